@@ -1,0 +1,421 @@
+"""00 — Make the embedded demo: a small CNeuroMod-style dataset with a known, planted encoding signal.
+
+The real data (CNeuroMod Shinobi) cannot ship with the code: its ROM is not distributable and the fMRI is
+gigabytes. This script makes a stand-in in the same layout, so that every stage runs on a fresh machine:
+
+    python 00_make_demo.py --work work                       # ~1 minute on 2 cores
+    python 00_make_demo.py --work work --subjects 1 --runs 1 --reps 2 --rep-seconds 8   # tiny, for tests
+
+It writes <work>/demo/ (a BIDS dataset):
+  sub-XX/ses-YYY/gamelogs/sub-XX_ses-YYY_task-airstriker_run-NN_level-1_rep-RR.bk2   real stable-retro replays
+      of Airstriker-Genesis-v0 (its ROM ships with stable-retro), played by a seeded scripted policy
+  sub-XX/ses-YYY/func/..._events.tsv            one row per repetition: trial_type onset duration duration_bk2
+      level stim_file (stim_file relative to the dataset root; one row says "Missing file" as in the real data)
+  derivatives/fmriprep/sub-XX/ses-YYY/func/     fMRIPrep-style 4D BOLD (6 mm MNI grid, TR 1.49 s), brain mask,
+      desc-confounds_timeseries.tsv/.json (24 motion columns, cosine drifts, framewise displacement, ...)
+  atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz (+ .tsv)   a labels atlas of --parcels parcels
+  ground_truth.json, ground_truth/<run>_signals.tsv   which parcels carry which visual property
+
+The planted signal (what a good encoding model should recover): each planted parcel follows one visual
+property of the gameplay frames — mean luminance or motion energy (mean absolute frame difference) in one
+screen quadrant — computed on the raw emulator screens, convolved with nilearn's Glover HRF, sampled at the
+middle of each volume. Nothing here uses our models. The other parcels carry only noise. Every voxel also
+carries head-motion artefacts (a random mixture of the 6 motion parameters) and a slow drift (the run's
+cosine regressor), large enough that confound removal matters, plus a non-steady-state first volume.
+"""
+import argparse
+import json
+import os
+import shutil
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nilearn.glm.first_level import glover_hrf
+from sklearn.cluster import KMeans
+
+from common import DEFAULT_WORK, InputError, run_main, run_stem, write_tsv
+
+GAME = "Airstriker-Genesis-v0"
+TASK = "airstriker"
+SPACE = "MNI152NLin2009cAsym"
+GAMEPLAY_HZ = 60  # CNeuroMod convention: a bk2 holds one input per 60 Hz emulator step
+VOXEL_MM = 6.0
+GRID = (16, 19, 16)  # a coarse MNI-like grid: 96 x 114 x 96 mm
+QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
+PROPERTIES = tuple(f"luminance_{q}" for q in QUADRANTS) + tuple(f"motion_{q}" for q in QUADRANTS)
+MOTION_PARAMS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
+    p.add_argument("--out", default=None, help="dataset root (default: <work>/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subjects", type=int, default=2)
+    p.add_argument("--sessions", type=int, default=5,
+                   help="sessions per subject; ses-004 is validation and ses-005 test in later stages")
+    p.add_argument("--runs", type=int, default=2, help="runs per session")
+    p.add_argument("--reps", type=int, default=3, help="level repetitions per run")
+    p.add_argument("--rep-seconds", type=float, default=20.0,
+                   help="gameplay per repetition (a repetition ends earlier if the game ends)")
+    p.add_argument("--tr", type=float, default=1.49, help="repetition time in seconds")
+    p.add_argument("--parcels", type=int, default=40, help="parcels in the demo atlas")
+    p.add_argument("--planted", type=int, default=10, help="parcels that carry a visual property")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes recording replays (one emulator per process)")
+    p.add_argument("--overwrite", action="store_true", help="remake the demo even if it exists")
+    return p.parse_args()
+
+
+def seed_for(*keys):
+    """A stable integer seed from any keys (Python's hash() is salted per process)."""
+    return zlib.crc32(repr(keys).encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# Gameplay: record .bk2 replays with a scripted policy, and measure the visual properties of each frame
+# --------------------------------------------------------------------------------------------------
+def scripted_actions(n_steps, rng, buttons):
+    """A seeded player: holds a direction for 0.3-1.5 s at a time and fires in bursts. (n_steps, 12) uint8."""
+    index = {name: i for i, name in enumerate(buttons)}
+    actions = np.zeros((n_steps, len(buttons)), np.uint8)
+    t = 0
+    while t < n_steps:
+        hold = min(int(rng.integers(20, 90)), n_steps - t)
+        for direction in rng.choice(["UP", "DOWN", "LEFT", "RIGHT", None], size=2):
+            if direction is not None:
+                actions[t:t + hold, index[direction]] = 1
+        if rng.random() < 0.7:
+            actions[t:t + hold, index["B"]] = (np.arange(hold) // 6) % 2 == 0  # tap fire
+        t += hold
+    return actions
+
+
+def visual_properties(screen, previous_luminance):
+    """Luminance and motion energy per screen quadrant of one (224, 320, 3) uint8 screen.
+
+    Returns (properties (8,), luminance (56, 80)); the frame is subsampled 4x, which is plenty for means.
+    """
+    small = screen[::4, ::4].astype(np.float32) / 255.0                       # (56, 80, 3)
+    luminance = small @ np.array([0.299, 0.587, 0.114], np.float32)         # (56, 80)
+    motion = np.abs(luminance - previous_luminance)
+    h, w = luminance.shape[0] // 2, luminance.shape[1] // 2
+    quadrants = [(slice(0, h), slice(0, w)), (slice(0, h), slice(w, None)),
+                 (slice(h, None), slice(0, w)), (slice(h, None), slice(w, None))]
+    props = [luminance[q].mean() for q in quadrants] + [motion[q].mean() for q in quadrants]
+    return np.array(props, np.float32), luminance
+
+
+_ENV = None  # one emulator per worker process: stable-retro allows only one at a time
+
+
+def record_repetition(job):
+    """Play one repetition from the Level1 state and save it as a .bk2 at job['bk2'].
+
+    Returns (job, properties (n_frames, 8) float32): one row per recorded input, i.e. per frame that
+    stage 01 will render (the screen after each 60 Hz emulator step).
+    """
+    global _ENV
+    import stable_retro as retro
+
+    if _ENV is None:
+        _ENV = retro.make(game=GAME, render_mode=None, use_restricted_actions=retro.Actions.ALL)
+    env = _ENV
+    rng = np.random.default_rng(job["seed"])
+    actions = scripted_actions(job["n_steps"], rng, env.buttons)
+
+    final = Path(job["bk2"])
+    tmp_dir = final.parent / f".rec-{final.stem}"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    env.auto_record(str(tmp_dir))  # reset() starts a movie that logs every input we step with
+    screen, _ = env.reset()
+    luminance = visual_properties(screen, 0.0)[1]
+    props = []
+    for action in actions:
+        screen, _, terminated, truncated, _ = env.step(action)
+        row, luminance = visual_properties(screen, luminance)
+        props.append(row)
+        if terminated or truncated:  # the game is over: the repetition ends, as in the real data
+            break
+    env.stop_record()  # closes (and so writes) the .bk2
+    (recorded,) = tmp_dir.glob("*.bk2")
+    os.replace(recorded, final)
+    tmp_dir.rmdir()
+    return job, np.stack(props)
+
+
+# --------------------------------------------------------------------------------------------------
+# Brain: a coarse MNI grid, a brain mask and a k-means atlas of the mask
+# --------------------------------------------------------------------------------------------------
+def make_brain(n_parcels, seed):
+    """Return (affine (4, 4), mask (X, Y, Z) bool, atlas (X, Y, Z) int32 labels 1..n_parcels)."""
+    affine = np.array([[VOXEL_MM, 0, 0, -45.0], [0, VOXEL_MM, 0, -63.0],
+                       [0, 0, VOXEL_MM, -33.0], [0, 0, 0, 1]])
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in GRID], indexing="ij"), -1)  # (X, Y, Z, 3)
+    centre = (np.array(GRID) - 1) / 2
+    radii = np.array(GRID) / 2 - 0.5
+    mask = (((ijk - centre) / radii) ** 2).sum(-1) <= 1.0
+    kmeans = KMeans(n_clusters=n_parcels, n_init=1, random_state=seed).fit(ijk[mask])
+    # Number parcels by position (x, then y, then z of their centres) so labels do not depend on k-means.
+    order = np.lexsort(kmeans.cluster_centers_.T[::-1])
+    rank = np.empty(n_parcels, int)
+    rank[order] = np.arange(n_parcels)
+    atlas = np.zeros(GRID, np.int32)
+    atlas[mask] = rank[kmeans.labels_] + 1
+    return affine, mask, atlas
+
+
+# --------------------------------------------------------------------------------------------------
+# fMRI: HRF-convolved visual properties in planted parcels, noise, motion and drift in every voxel
+# --------------------------------------------------------------------------------------------------
+def run_timeline(reps, n_volumes, tr):
+    """Place each repetition's per-frame properties on the run's 60 Hz timeline (zeros = black screen).
+
+    Returns (n_volumes * tr * 60, 8) float32.
+    """
+    n_frames = int(np.ceil(n_volumes * tr * GAMEPLAY_HZ))
+    timeline = np.zeros((n_frames, len(PROPERTIES)), np.float32)
+    for rep in reps:
+        start = int(round(rep["onset"] * GAMEPLAY_HZ))
+        props = rep["props"][: n_frames - start]
+        timeline[start:start + len(props)] = props
+    return timeline
+
+
+def planted_signals(timeline, n_volumes, tr):
+    """HRF-convolve each property and sample it at mid-volume times (t + 0.5) * TR. (n_volumes, 8), z-scored."""
+    hrf = glover_hrf(t_r=1.0 / GAMEPLAY_HZ, oversampling=1, time_length=32.0)  # (1920,) at 60 Hz, sums to 1
+    convolved = np.stack([np.convolve(col, hrf)[: len(col)] for col in timeline.T], 1)  # (n_frames, 8)
+    samples = np.round((np.arange(n_volumes) + 0.5) * tr * GAMEPLAY_HZ).astype(int)
+    signals = convolved[np.minimum(samples, len(convolved) - 1)]                       # (T, 8)
+    std = signals.std(0)
+    return (signals - signals.mean(0)) / np.where(std > 0, std, 1.0)
+
+
+def motion_confounds(n_volumes, rng):
+    """fMRIPrep-like head motion: 6 random-walk parameters and their 24-column expansion. DataFrame (T, 24)."""
+    steps = rng.normal(0, 1, (n_volumes, 6)) * [0.05, 0.05, 0.08, 0.001, 0.001, 0.001]  # mm and radians
+    params = np.cumsum(steps, 0)
+    table = {}
+    for name, col in zip(MOTION_PARAMS, params.T):
+        derivative = np.concatenate([[np.nan], np.diff(col)])
+        table[name] = col
+        table[f"{name}_derivative1"] = derivative
+        table[f"{name}_power2"] = col ** 2
+        table[f"{name}_derivative1_power2"] = derivative ** 2
+    table = pd.DataFrame(table)
+    # Power (2012) framewise displacement: rotations as arc length on a 50 mm sphere.
+    fd = (table[[f"{n}_derivative1" for n in MOTION_PARAMS[:3]]].abs().sum(axis=1)
+          + 50 * table[[f"{n}_derivative1" for n in MOTION_PARAMS[3:]]].abs().sum(axis=1))
+    fd.iloc[0] = np.nan
+    table["framewise_displacement"] = fd
+    return table
+
+
+def cosine_drifts(n_volumes, tr, cutoff_s=128.0):
+    """fMRIPrep's discrete cosine high-pass basis (periods longer than cutoff_s). (T, K), K >= 1."""
+    n_basis = max(1, int(np.floor(2 * n_volumes * tr / cutoff_s)))
+    t = np.arange(n_volumes)
+    return np.stack([np.sqrt(2 / n_volumes) * np.cos(np.pi * (t + 0.5) * k / n_volumes)
+                     for k in range(1, n_basis + 1)], 1)
+
+
+def synthesize_bold(signals, confounds, drifts, atlas, mask, planted, gains, rng):
+    """Voxel time series (X, Y, Z, T) float32 in scanner units (mean ~ 600 in the brain, 0 outside).
+
+    Each component is in percent signal change before scaling: planted property (gain ~ 1.2 % per unit),
+    parcel-shared AR(1) noise, voxel white noise, a motion artefact, a slow drift, and a brighter first
+    (non-steady-state) volume.
+    """
+    n_volumes = len(signals)
+    labels = atlas[mask]                                                     # (V,)
+    n_vox = labels.size
+    percent = np.zeros((n_volumes, n_vox))                                   # (T, V)
+    for label, prop in planted.items():
+        in_parcel = labels == label
+        voxel_gain = gains[label] * rng.uniform(0.7, 1.3, in_parcel.sum())
+        percent[:, in_parcel] += signals[:, [PROPERTIES.index(prop)]] * voxel_gain
+    shared = np.zeros((n_volumes, atlas.max() + 1))
+    innovations = rng.normal(0, 0.6, shared.shape)
+    for t in range(n_volumes):
+        shared[t] = 0.5 * shared[t - 1] + innovations[t] if t else innovations[t]
+    percent += shared[:, labels] + rng.normal(0, 1.0, (n_volumes, n_vox))
+    motion = confounds[list(MOTION_PARAMS)].to_numpy()                      # (T, 6)
+    motion = (motion - motion.mean(0)) / (motion.std(0) + 1e-12)
+    # Artefacts shared within a parcel (so they survive parcel averaging) plus a voxel-specific part.
+    motion_loading = rng.normal(0, 2.0, (6, atlas.max() + 1))[:, labels] + rng.normal(0, 1.0, (6, n_vox))
+    percent += motion @ motion_loading
+    drift_loading = rng.normal(0, 8.0, (drifts.shape[1], atlas.max() + 1))[:, labels]
+    percent += drifts @ (drift_loading + rng.normal(0, 2.0, drift_loading.shape))
+    baseline = rng.uniform(400, 800, n_vox)
+    voxels = baseline * (1 + percent / 100)
+    voxels[0] *= 1.6  # T1 saturation not yet reached: fMRIPrep flags it as non_steady_state_outlier00
+    bold = np.zeros(mask.shape + (n_volumes,), np.float32)
+    bold[mask] = voxels.T
+    return bold
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the dataset
+# --------------------------------------------------------------------------------------------------
+def plan_runs(args):
+    """Every run with its repetitions, onsets and recording jobs. List of dicts."""
+    runs = []
+    for s in range(1, args.subjects + 1):
+        for ses in range(1, args.sessions + 1):
+            for r in range(1, args.runs + 1):
+                sub, ses_label, run = f"{s:02d}", f"{ses:03d}", f"{r:02d}"
+                rng = np.random.default_rng(seed_for(args.seed, "onsets", sub, ses_label, run))
+                stem = run_stem(sub, ses_label, TASK, run)
+                onset, reps = float(np.round(rng.uniform(1.5, 3.0), 3)), []
+                for k in range(1, args.reps + 1):
+                    bk2 = f"sub-{sub}/ses-{ses_label}/gamelogs/{stem}_level-1_rep-{k:02d}.bk2"
+                    reps.append({"bk2": bk2, "onset": onset,
+                                 "seed": seed_for(args.seed, "policy", sub, ses_label, run, k),
+                                 "n_steps": int(args.rep_seconds * GAMEPLAY_HZ)})
+                    onset += args.rep_seconds + float(np.round(rng.uniform(2.0, 4.0), 3))
+                runs.append({"sub": sub, "ses": ses_label, "run": run, "stem": stem, "reps": reps})
+    return runs
+
+
+def write_demo(args, root):
+    runs = plan_runs(args)
+    # The real data has "Missing file" rows (lost replays): drop the 2nd repetition of the 2nd run
+    # recorded (or the last one of a tiny demo). Its gameplay still drives the BOLD, as in real life.
+    missing_run = runs[min(1, len(runs) - 1)]
+    missing_rep = missing_run["reps"][min(1, len(missing_run["reps"]) - 1)]
+    missing_rep["missing"] = True
+
+    # --- record every repetition (the slow part: ~1,500 emulator steps/s per process) ---
+    jobs = [dict(rep, bk2=str(root / rep["bk2"])) for run in runs for rep in run["reps"]]
+    for job in jobs:
+        Path(job["bk2"]).parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        props = {job["bk2"]: p for job, p in pool.map(record_repetition, jobs)}
+
+    # --- brain, atlas, which parcels carry what ---
+    affine, mask, atlas = make_brain(args.parcels, args.seed)
+    rng = np.random.default_rng(seed_for(args.seed, "planted"))
+    planted_labels = sorted(rng.choice(np.arange(1, args.parcels + 1), args.planted, replace=False).tolist())
+    planted = {label: PROPERTIES[i % len(PROPERTIES)] for i, label in enumerate(planted_labels)}
+    atlas_dir = root / "atlas"
+    atlas_dir.mkdir(parents=True)
+    atlas_name = f"tpl-{SPACE}_res-06_atlas-demo_dseg"
+    nib.save(nib.Nifti1Image(atlas, affine), atlas_dir / f"{atlas_name}.nii.gz")
+    write_tsv(atlas_dir / f"{atlas_name}.tsv",
+              {"index": range(1, args.parcels + 1), "name": [f"parcel-{i:02d}" for i in range(1, args.parcels + 1)]})
+
+    subjects = sorted({run["sub"] for run in runs})
+    gains = {sub: {label: np.random.default_rng(seed_for(args.seed, "gain", sub, label)).uniform(1.0, 1.5)
+                   for label in planted} for sub in subjects}
+
+    # --- one run at a time: events.tsv, BOLD, mask, confounds, ground-truth signals ---
+    (root / "ground_truth").mkdir()
+    for run in runs:
+        sub, ses, stem = run["sub"], run["ses"], run["stem"]
+        reps = [dict(rep, props=props[str(root / rep["bk2"])]) for rep in run["reps"]]
+        events = pd.DataFrame({
+            "trial_type": "gym-retro_game",
+            "onset": [rep["onset"] for rep in reps],
+            "duration": [len(rep["props"]) / GAMEPLAY_HZ for rep in reps],
+            "duration_bk2": [len(rep["props"]) / GAMEPLAY_HZ for rep in reps],
+            "level": "1",
+            "stim_file": ["Missing file" if rep.get("missing") else rep["bk2"] for rep in reps],
+        })
+        func = root / f"sub-{sub}/ses-{ses}/func"
+        func.mkdir(parents=True, exist_ok=True)
+        write_tsv(func / f"{stem}_events.tsv", events)
+        for rep in reps:
+            if rep.get("missing"):
+                (root / rep["bk2"]).unlink()
+
+        last_offset = max(rep["onset"] + len(rep["props"]) / GAMEPLAY_HZ for rep in reps)
+        n_volumes = int(np.ceil((last_offset + 8.0) / args.tr))  # 8 s tail: the HRF of the last seconds
+        signals = planted_signals(run_timeline(reps, n_volumes, args.tr), n_volumes, args.tr)
+        write_tsv(root / "ground_truth" / f"{stem}_signals.tsv",
+                  pd.DataFrame(signals, columns=PROPERTIES).round(6))
+
+        rng = np.random.default_rng(seed_for(args.seed, "bold", sub, ses, run["run"]))
+        confounds = motion_confounds(n_volumes, rng)
+        drifts = cosine_drifts(n_volumes, args.tr)
+        bold = synthesize_bold(signals, confounds, drifts, atlas, mask, planted, gains[sub], rng)
+        for k, col in enumerate(drifts.T):
+            confounds[f"cosine{k:02d}"] = col
+        brain = bold[mask]                                                      # (V, T)
+        confounds["global_signal"] = brain.mean(0)
+        confounds["csf"] = rng.normal(600, 5, n_volumes)
+        confounds["white_matter"] = rng.normal(600, 5, n_volumes)
+        confounds["non_steady_state_outlier00"] = (np.arange(n_volumes) == 0).astype(float)
+
+        deriv = root / f"derivatives/fmriprep/sub-{sub}/ses-{ses}/func"
+        deriv.mkdir(parents=True, exist_ok=True)
+        prefix = f"{stem}_space-{SPACE}"
+        image = nib.Nifti1Image(bold, affine)
+        image.header.set_xyzt_units("mm", "sec")
+        image.header["pixdim"][4] = args.tr
+        nib.save(image, deriv / f"{prefix}_desc-preproc_bold.nii.gz")
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), deriv / f"{prefix}_desc-brain_mask.nii.gz")
+        (deriv / f"{prefix}_desc-preproc_bold.json").write_text(
+            json.dumps({"RepetitionTime": args.tr, "TaskName": TASK, "SkullStripped": False}, indent=1))
+        write_tsv(deriv / f"{stem}_desc-confounds_timeseries.tsv", confounds.round(8))
+        (deriv / f"{stem}_desc-confounds_timeseries.json").write_text(json.dumps(
+            {f"cosine{k:02d}": {"Method": "Discrete cosine basis", "Cutoff": 128.0} for k in range(drifts.shape[1])},
+            indent=1))
+
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "Airstriker demo (synthetic fMRI, real stable-retro replays)", "BIDSVersion": "1.9.0",
+         "DatasetType": "raw", "GeneratedBy": [{"Name": "00_make_demo.py"}]}, indent=1))
+    truth = {
+        "game": GAME, "task": TASK, "tr_s": args.tr, "seed": args.seed,
+        "atlas": f"atlas/{atlas_name}.nii.gz",
+        "properties": {
+            **{f"luminance_{q}": f"mean luminance (0.299 R + 0.587 G + 0.114 B, in [0, 1]) of the {q.replace('_', ' ')} "
+               "quadrant of the 224 x 320 screen" for q in QUADRANTS},
+            **{f"motion_{q}": f"mean absolute luminance change from the previous 60 Hz frame, {q.replace('_', ' ')} "
+               "quadrant" for q in QUADRANTS}},
+        "signal_model": "property on the run's 60 Hz timeline (0 = black screen), convolved with nilearn's Glover "
+                        "HRF, sampled at (t + 0.5) * TR, z-scored per run; ground_truth/<run>_signals.tsv",
+        "planted": {str(label): prop for label, prop in planted.items()},
+        "planted_gain_percent": {sub: {str(k): round(v, 4) for k, v in g.items()} for sub, g in gains.items()},
+        "noise_parcels": [label for label in range(1, args.parcels + 1) if label not in planted],
+        "missing_file": missing_rep["bk2"],
+        "non_steady_state_volumes": [0],
+        "subjects": subjects,
+    }
+    (root / "ground_truth.json").write_text(json.dumps(truth, indent=1))
+
+
+def main():
+    args = parse_args()
+    root = Path(args.out) if args.out else Path(args.work) / "demo"
+    if args.planted > args.parcels:
+        raise InputError(f"--planted {args.planted} is more than --parcels {args.parcels}")
+    if min(args.subjects, args.sessions, args.runs, args.reps) < 1 or args.rep_seconds <= 0:
+        raise InputError("--subjects, --sessions, --runs, --reps and --rep-seconds must be positive")
+    if root.exists() and not args.overwrite:
+        print(f"{root} exists: nothing to do (--overwrite to remake it)")
+        return
+    # Build in a temporary folder and rename at the end: a demo folder that exists is complete.
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_demo(args, tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    truth = json.loads((root / "ground_truth.json").read_text())
+    n_bk2 = len(list(root.glob("sub-*/ses-*/gamelogs/*.bk2")))
+    print(f"demo written to {root}: {len(truth['subjects'])} subject(s), {n_bk2} replays, "
+          f"{len(truth['planted'])} planted parcels of {args.parcels}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,272 @@
+"""01 — Render gameplay frames from .bk2 replays with stable-retro (paper section 2.2).
+
+    python 01_render_frames.py --work work                          # the demo: <work>/demo
+    python 01_render_frames.py --work work --bids /data/shinobi --resolution 64 --workers 8
+    python 01_render_frames.py --work work --bk2 a.bk2 b.bk2        # explicit replays, no events.tsv
+    sbatch slurm/01_render_frames.sbatch                            # on a cluster (CPU only)
+
+Each repetition is replayed exactly: every 60 Hz emulator step, with the recorded keys. The whole
+224 x 320 screen is squashed (aspect ratio not kept) to a square --resolution by box averaging, and
+saved as one uint8 array (N, H, W, 3) per repetition:
+
+    <work>/frames/<sub>/<ses>/<bk2 stem>.npy
+    <work>/frames/manifest.tsv      one row per repetition (README: "Stage contract")
+
+First-step convention (the same as stable-retro's playback_movie.py): a bk2 starts with the save state
+and one input that stable-retro's reset() consumes; frame i (0-based) is the screen after the emulator
+has applied the (i+1)-th recorded input. A bk2 of K movie steps gives N = K - 1 frames, so a replay
+recorded for n env.step() calls gives exactly those n screens.
+
+Bad input never stops the batch: a corrupt bk2, a missing replay, a game whose ROM is not imported are
+recorded in the manifest (status failed/missing, with the reason) and reported; the exit status is 1
+if any replay failed, unless --allow-missing. "Missing file" rows of events.tsv (lost replays, as in
+the real dataset) are reported and kept in the manifest as status missing; they are not failures.
+"""
+import argparse
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from common import DEFAULT_WORK, InputError, bids_entities, read_tsv, run_main, write_tsv
+
+GAMEPLAY_HZ = 60  # nominal CNeuroMod rate: n_frames = duration_bk2 x 60 (the Genesis runs at 59.92 Hz)
+MISSING = "Missing file"
+MANIFEST_COLUMNS = ["sub", "ses", "task", "run", "level", "rep", "bk2", "onset_s", "duration_s",
+                    "n_frames", "fps", "frames_path", "status", "error"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
+    p.add_argument("--bids", default=None, help="BIDS root with events.tsv and bk2 files (default: <work>/demo)")
+    p.add_argument("--bk2", nargs="+", default=None, help="replay these .bk2 files instead of a BIDS root")
+    p.add_argument("--subjects", nargs="+", default=None, help="only these subject labels, e.g. 01 02")
+    p.add_argument("--resolution", type=int, default=128, help="output frames are resolution x resolution")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="replaying processes (each runs one emulator)")
+    p.add_argument("--overwrite", action="store_true", help="re-render repetitions that already have frames")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="exit 0 even when some replays could not be rendered")
+    return p.parse_args()
+
+
+# --------------------------------------------------------------------------------------------------
+# Which repetitions to render: events.tsv rows of a BIDS dataset, or an explicit list of bk2 files
+# --------------------------------------------------------------------------------------------------
+def repetitions_from_bids(root, subjects):
+    """One dict per gameplay row of every sub-*/ses-*/func/*_events.tsv under root."""
+    events_files = sorted(root.glob("sub-*/ses-*/func/*_events.tsv")) + sorted(root.glob("sub-*/func/*_events.tsv"))
+    if not events_files:
+        raise InputError(f"{root}: no sub-*/ses-*/func/*_events.tsv files (is this a BIDS dataset root?)")
+    reps = []
+    for events_path in events_files:
+        run = bids_entities(events_path)
+        if subjects and run.get("sub") not in subjects:
+            continue
+        events = read_tsv(events_path, required=("onset", "stim_file"))
+        events = events[events["stim_file"].notna()]  # other event types have no replay
+        for k, (_, row) in enumerate(events.iterrows(), start=1):
+            stim = str(row["stim_file"])
+            if stim != MISSING and not stim.endswith(".bk2"):
+                continue
+            bk2 = None if stim == MISSING else resolve_stim_file(stim, root, events_path)
+            names = bids_entities(bk2) if bk2 else {}
+            duration = row.get("duration_bk2", row.get("duration", np.nan))
+            reps.append({
+                "source": f"{events_path} row {k}",
+                "sub": run.get("sub"), "ses": run.get("ses"), "task": run.get("task"), "run": run.get("run"),
+                "level": row.get("level", names.get("level")), "rep": names.get("rep", f"{k:02d}"),
+                "bk2": str(bk2) if bk2 else MISSING, "onset_s": row["onset"], "duration_s": duration,
+            })
+    if subjects and not reps:
+        raise InputError(f"{root}: no events.tsv for subject(s) {', '.join(subjects)}")
+    return reps
+
+
+def resolve_stim_file(stim, root, events_path):
+    """stim_file is relative to the dataset root in CNeuroMod; also accept absolute paths and paths
+    relative to the events file. A path that exists nowhere is kept (root-relative) and fails later."""
+    candidates = [Path(stim), root / stim, events_path.parent / stim,
+                  events_path.parent.parent / "gamelogs" / Path(stim).name]
+    return next((c for c in candidates if c.is_file()), root / stim)
+
+
+def repetitions_from_files(paths):
+    reps = []
+    for path in paths:
+        names = bids_entities(path)
+        reps.append({"sub": names.get("sub"), "ses": names.get("ses"), "task": names.get("task"),
+                     "run": names.get("run"), "level": names.get("level"), "rep": names.get("rep"),
+                     "bk2": str(path), "onset_s": np.nan, "duration_s": np.nan})
+    return reps
+
+
+def frames_path_for(rep, work):
+    sub = f"sub-{rep['sub']}" if rep["sub"] else "sub-unknown"
+    ses = f"ses-{rep['ses']}" if rep["ses"] else "ses-unknown"
+    return work / "frames" / sub / ses / f"{Path(rep['bk2']).name.split('.')[0]}.npy"
+
+
+# --------------------------------------------------------------------------------------------------
+# Replay (paper section 2.2): emulate every recorded input, keep every screen, squash it to a square
+# --------------------------------------------------------------------------------------------------
+_ENV = {"game": None, "env": None}  # one emulator per process (stable-retro allows only one at a time)
+
+
+def emulator_for(game):
+    """The process's emulator for `game`, created once and reused across repetitions."""
+    import stable_retro as retro
+
+    if _ENV["game"] != game:
+        if _ENV["env"] is not None:
+            _ENV["env"].close()
+            _ENV["env"] = None
+        try:
+            retro.data.get_romfile_path(game)
+        except FileNotFoundError:
+            raise InputError(f"the ROM of {game} is not imported into stable-retro; import it with "
+                             f"`python -m stable_retro.import DIR_WITH_ROMS`") from None
+        _ENV["env"] = retro.make(game=game, state=retro.State.NONE, use_restricted_actions=retro.Actions.ALL,
+                                 render_mode=None)
+        _ENV["game"] = game
+    return _ENV["env"]
+
+
+def squash(screen, resolution):
+    """(224, 320, 3) uint8 -> (resolution, resolution, 3) uint8 with PIL's BOX filter: each output pixel is
+    the mean of the screen pixels whose centres fall in its footprint (1.75 x 2.5 pixels at 128 px), so
+    every screen pixel counts once, without the aliasing of point or bilinear sampling."""
+    return np.asarray(Image.fromarray(screen).resize((resolution, resolution), Image.BOX))
+
+
+def replay(bk2_path, resolution, out_path=None):
+    """Replay one .bk2 and return its frames as uint8 (N, resolution, resolution, 3).
+
+    With out_path, frames are written straight into a memory-mapped .npy there (long repetitions do
+    not need to fit in RAM) and the array returned is that memmap.
+    """
+    import stable_retro as retro
+
+    bk2_path = Path(bk2_path)
+    if not bk2_path.is_file():
+        raise InputError(f"{bk2_path}: file not found")
+    try:
+        movie = retro.Movie(str(bk2_path))
+    except RuntimeError:
+        raise InputError(f"{bk2_path}: corrupt or truncated bk2 (stable-retro could not load the movie)") from None
+    n_frames = -1  # the first movie step is consumed by reset() (see the module docstring)
+    while movie.step():
+        n_frames += 1
+    if n_frames < 1:
+        raise InputError(f"{bk2_path}: the replay holds no gameplay input")
+
+    movie = retro.Movie(str(bk2_path))
+    movie.step()
+    try:
+        env = emulator_for(movie.get_game())
+    except InputError as err:
+        raise InputError(f"{bk2_path}: {err}") from None
+    if movie.players != env.players:
+        raise InputError(f"{bk2_path}: {movie.players}-player movie, emulator set up for {env.players}")
+    env.initial_state = movie.get_state()
+    env.reset()
+    shape = (n_frames, resolution, resolution, 3)
+    frames = (np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=shape)
+              if out_path else np.empty(shape, np.uint8))
+    em, n_buttons = env.em, env.num_buttons
+    keys = np.zeros((movie.players, n_buttons), np.uint8)
+    for i in range(n_frames):
+        movie.step()
+        for p in range(movie.players):
+            for b in range(n_buttons):
+                keys[p, b] = movie.get_key(b, p)
+            em.set_button_mask(keys[p], p)
+        em.step()  # exactly what RetroEnv.step does to the emulator, without the reward bookkeeping
+        frames[i] = squash(em.get_screen(), resolution)
+    if out_path:
+        frames.flush()
+    return frames
+
+
+def render_repetition(task):
+    """Worker: render one repetition to its .npy (atomically). Returns the manifest row."""
+    rep, out, resolution, overwrite = task
+    row = dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=np.nan, status="ok", error=np.nan)
+    if rep["bk2"] == MISSING:
+        return dict(row, status="missing", error=f"{rep['source']} says '{MISSING}': no replay to render")
+    out = Path(out)
+    row["frames_path"] = str(out)
+    if out.is_file() and not overwrite:
+        row["n_frames"] = np.load(out, mmap_mode="r").shape[0]
+        return dict(row, error="already rendered")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
+    try:
+        frames = replay(rep["bk2"], resolution, out_path=tmp)
+        row["n_frames"] = len(frames)
+        del frames
+        os.replace(tmp, out)
+    except InputError as err:
+        row.update(status="failed", error=str(err), frames_path=np.nan)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    expected = rep.get("duration_s")
+    if row["status"] == "ok" and pd.notna(expected) and abs(row["n_frames"] / GAMEPLAY_HZ - expected) > 1.0:
+        row["error"] = (f"warning: {row['n_frames']} frames = {row['n_frames'] / GAMEPLAY_HZ:.1f} s, "
+                        f"events.tsv says duration_bk2 = {expected:.1f} s")
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+def main():
+    args = parse_args()
+    work = Path(args.work)
+    if args.resolution < 8:
+        raise InputError(f"--resolution {args.resolution}: must be at least 8")
+    if args.bk2:
+        reps = repetitions_from_files(args.bk2)
+    else:
+        root = Path(args.bids) if args.bids else work / "demo"
+        if not root.is_dir():
+            raise InputError(f"{root}: dataset root does not exist (run 00_make_demo.py, or pass --bids DIR)")
+        reps = repetitions_from_bids(root, args.subjects)
+
+    tasks = [(rep, str(frames_path_for(rep, work)) if rep["bk2"] != MISSING else None,
+              args.resolution, args.overwrite) for rep in reps]
+    workers = max(1, min(args.workers, len(tasks)))
+    print(f"01_render_frames: {len(tasks)} repetitions, {args.resolution} px, {workers} worker(s)")
+    rows = []
+    with ProcessPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(tasks), unit="rep", desc="render", file=sys.stderr) as bar:
+        for row in pool.map(render_repetition, tasks):
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(frames=int(np.nansum([r["n_frames"] for r in rows])))
+            if row["status"] != "ok" or str(row["error"]).startswith("warning"):
+                tqdm.write(f"{row['status']}: {row['error']}", file=sys.stderr)
+
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    ok = manifest["frames_path"].notna()
+    manifest.loc[ok, "frames_path"] = [os.path.relpath(p, work) for p in manifest.loc[ok, "frames_path"]]
+    manifest["n_frames"] = manifest["n_frames"].astype("Int64")
+    write_tsv(work / "frames" / "manifest.tsv", manifest)
+    counts = manifest["status"].value_counts().to_dict()
+    print(f"01_render_frames: wrote {work / 'frames' / 'manifest.tsv'}: "
+          + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    n_failed = counts.get("failed", 0)
+    if n_failed and not args.allow_missing:
+        print(f"error: {n_failed} replay(s) failed (see the manifest's error column; --allow-missing to accept)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,151 @@
+"""01_render_frames.py: exact replays, the resize, the manifest, and bad input."""
+import shutil
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import stable_retro as retro
+
+from conftest import load_stage, run_script
+
+render = load_stage("01_render_frames.py")
+GAME = "Airstriker-Genesis-v0"
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    """A bk2 recorded here with stable-retro's own API, and the screens the player saw (N, 224, 320, 3)."""
+    folder = tmp_path_factory.mktemp("rec")
+    env = retro.make(game=GAME, render_mode=None, use_restricted_actions=retro.Actions.ALL)
+    env.auto_record(str(folder))
+    env.reset()
+    rng = np.random.default_rng(1)
+    screens = []
+    for _ in range(240):
+        screen, *_ = env.step(rng.integers(0, 2, len(env.buttons)))
+        screens.append(screen.copy())
+    env.stop_record()
+    env.close()
+    (bk2,) = folder.glob("*.bk2")
+    return bk2, np.stack(screens)
+
+
+def box_average(image, size):
+    """Independent reference for the squash: output pixel o is the plain mean of the input pixels whose
+    centres fall inside its footprint (o, o + 1] * (n_in / n_out) along each axis (PIL breaks ties at
+    footprint edges towards the left output pixel)."""
+    def weights(n_in, n_out):
+        edges = np.linspace(0, n_in, n_out + 1)
+        centres = np.arange(n_in) + 0.5
+        w = ((centres > edges[:-1, None]) & (centres <= edges[1:, None])).astype(float)  # (n_out, n_in)
+        return w / w.sum(1, keepdims=True)
+    wy, wx = weights(image.shape[0], size), weights(image.shape[1], size)
+    return np.einsum("oi,ijc,pj->opc", wy, image.astype(float), wx)
+
+
+def test_replay_is_exact_and_repeatable(recording):
+    bk2, screens = recording
+    frames = render.replay(bk2, 64)
+    assert frames.shape == (len(screens), 64, 64, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames, render.replay(bk2, 64))
+    # The frames are what the player saw, squashed: replay reproduces the recorded session exactly.
+    expected = np.stack([render.squash(s, 64) for s in screens])
+    np.testing.assert_array_equal(frames, expected)
+    assert frames.std() > 10  # not a blank screen
+
+
+def test_squash_is_a_box_average(recording):
+    _, screens = recording
+    for size in (64, 128):
+        ours = render.squash(screens[100], size).astype(float)
+        assert np.abs(ours - box_average(screens[100], size)).max() <= 1.0
+
+
+def test_frames_on_disk_match_replay(tmp_path, recording):
+    bk2, screens = recording
+    result = run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "32")
+    manifest = pd.read_csv(tmp_path / "frames/manifest.tsv", sep="\t", dtype={"sub": str})
+    assert manifest["status"].tolist() == ["ok"] and manifest["n_frames"].tolist() == [len(screens)]
+    frames = np.load(tmp_path / manifest["frames_path"][0])
+    np.testing.assert_array_equal(frames, render.replay(bk2, 32))
+    assert "1 ok" in result.stdout
+
+
+def test_manifest_agrees_with_events(rendered_work):
+    demo = rendered_work / "demo"
+    manifest = pd.read_csv(rendered_work / "frames/manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
+    rows = []
+    for events_path in sorted(demo.glob("sub-*/ses-*/func/*_events.tsv")):
+        events = pd.read_csv(events_path, sep="\t")
+        sub, ses, task, run = (part.split("-")[1] for part in events_path.name.split("_")[:4])
+        for _, event in events.iterrows():
+            rows.append((sub, ses, task, run, event["onset"], event["duration_bk2"], event["stim_file"]))
+    assert len(manifest) == len(rows)
+    for (_, m), (sub, ses, task, run, onset, duration, stim) in zip(manifest.iterrows(), rows):
+        assert (m["sub"], m["ses"], m["task"], m["run"]) == (sub, ses, task, run)
+        assert float(m["onset_s"]) == pytest.approx(onset)
+        if stim == "Missing file":
+            assert m["status"] == "missing" and m["frames_path"] == "n/a" and "Missing file" in m["error"]
+        else:
+            assert m["status"] == "ok" and m["bk2"].endswith(stim)
+            assert int(m["n_frames"]) == round(duration * 60)
+            frames = np.load(rendered_work / m["frames_path"], mmap_mode="r")
+            assert frames.shape == (int(m["n_frames"]), 32, 32, 3)
+
+
+def test_rerun_skips_and_overwrite_rerenders(tmp_path, recording):
+    bk2, _ = recording
+    run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16")
+    (npy,) = (tmp_path / "frames").rglob("*.npy")
+    stamp = npy.stat().st_mtime_ns
+    run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16")
+    assert npy.stat().st_mtime_ns == stamp
+    run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16", "--overwrite")
+    assert npy.stat().st_mtime_ns != stamp
+    assert [p.name for p in npy.parent.iterdir()] == [npy.name]  # no temporary file left behind
+
+
+def test_bad_replays_are_reported_and_the_batch_goes_on(tmp_path, recording):
+    bk2, _ = recording
+    good = tmp_path / "sub-01_ses-001_task-x_run-01_level-1_rep-01.bk2"
+    shutil.copy(bk2, good)
+    truncated = tmp_path / "sub-01_ses-001_task-x_run-01_level-1_rep-02.bk2"
+    truncated.write_bytes(bk2.read_bytes()[:3000])
+    no_rom = tmp_path / "sub-01_ses-001_task-x_run-01_level-1_rep-03.bk2"
+    with zipfile.ZipFile(bk2) as src, zipfile.ZipFile(no_rom, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "Header.txt":
+                data = data.replace(b"Airstriker-Genesis-v0", b"ShinobiIIIReturnOfTheNinjaMaster-Genesis-v0")
+            dst.writestr(item, data)
+    absent = tmp_path / "sub-01_ses-001_task-x_run-01_level-1_rep-04.bk2"
+    work = tmp_path / "work"
+    result = run_script("01_render_frames.py", "--work", work, "--resolution", "16", "--workers", "2",
+                        "--bk2", good, truncated, no_rom, absent, check=False)
+    assert result.returncode == 1
+    manifest = pd.read_csv(work / "frames/manifest.tsv", sep="\t", dtype={"rep": str})
+    assert manifest["status"].tolist() == ["ok", "failed", "failed", "failed"]
+    errors = manifest["error"].tolist()
+    assert errors[1] == f"{truncated}: corrupt or truncated bk2 (stable-retro could not load the movie)"
+    assert errors[2] == (f"{no_rom}: the ROM of ShinobiIIIReturnOfTheNinjaMaster-Genesis-v0 is not imported "
+                         "into stable-retro; import it with `python -m stable_retro.import DIR_WITH_ROMS`")
+    assert errors[3] == f"{absent}: file not found"
+    for message in errors[1:]:
+        assert f"failed: {message}" in result.stderr
+    assert (work / manifest["frames_path"][0]).is_file()
+    assert sorted(p.name for p in (work / "frames").rglob("*.npy")) == [good.with_suffix(".npy").name]
+    accepted = run_script("01_render_frames.py", "--work", work, "--resolution", "16", "--allow-missing",
+                          "--bk2", good, truncated, check=False)
+    assert accepted.returncode == 0
+
+
+def test_bad_dataset_root(tmp_path):
+    result = run_script("01_render_frames.py", "--work", tmp_path, "--bids", tmp_path / "nope", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: dataset root does not exist " \
+                                    "(run 00_make_demo.py, or pass --bids DIR)"
+    (tmp_path / "empty").mkdir()
+    result = run_script("01_render_frames.py", "--work", tmp_path, "--bids", tmp_path / "empty", check=False)
+    assert result.returncode == 2 and "no sub-*/ses-*/func/*_events.tsv" in result.stderr
+    assert not (tmp_path / "frames").exists()
