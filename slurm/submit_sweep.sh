@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Submit the paper's scaling experiments as SLURM job chains: for each configuration, train (04, GPUs,
+# requeued on preemption and resumed from its checkpoint) -> extract (05, 1 GPU) -> ridge (06, 1 GPU),
+# each starting only when the previous one succeeded; then one CPU job draws the figures and report
+# once every chain has finished. Run from the repo root after stages 01-03:
+#
+#   bash slurm/submit_sweep.sh --work $SCRATCH/work                           # all five experiments
+#   bash slurm/submit_sweep.sh --work $SCRATCH/work --experiments data hidden --train-args "--precision fp16"
+#   DRY_RUN=1 bash slurm/submit_sweep.sh --work work                          # print the sbatch commands only
+#
+# Arguments are those of 07_sweep.py. GPUS_PER_TRAIN_JOB (default 4) GPUs train each configuration.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gpus=${GPUS_PER_TRAIN_JOB:-4}
+dry_run=${DRY_RUN:-0}
+fake_id=1000
+
+submit() {  # submit VAR [sbatch options...] script args...: sets VAR to the job id
+  local var=$1
+  shift
+  if [ "$dry_run" = 1 ]; then
+    fake_id=$((fake_id + 1))
+    echo "sbatch --parsable $*"
+    printf -v "$var" %s "$fake_id"
+  else
+    printf -v "$var" %s "$(sbatch --parsable "$@")"
+  fi
+}
+
+jobs_tsv=$(python3 07_sweep.py --dry-run --jobs-tsv "$@")
+ridge_ids=()
+while IFS=$'\t' read -r name train extract ridge; do
+  # shellcheck disable=SC2086  # the commands are shell-quoted by 07_sweep.py
+  eval "train_args=($train)" && eval "extract_args=($extract)" && eval "ridge_args=($ridge)"
+  submit train_id --job-name "train-$name" --gpus-per-node "$gpus" --ntasks-per-node "$gpus" \
+    slurm/gpu_stage.sbatch "${train_args[@]}"
+  submit extract_id --job-name "extract-$name" --dependency "afterok:$train_id" --gpus-per-node 1 \
+    --ntasks-per-node 1 --time 02:00:00 slurm/gpu_stage.sbatch "${extract_args[@]}"
+  submit ridge_id --job-name "ridge-$name" --dependency "afterok:$extract_id" --gpus-per-node 1 \
+    --ntasks-per-node 1 --time 01:00:00 slurm/gpu_stage.sbatch "${ridge_args[@]}" --device cuda
+  echo "$name: train $train_id -> extract $extract_id -> ridge $ridge_id"
+  ridge_ids+=("$ridge_id")
+done <<< "$jobs_tsv"
+
+submit figures_id --job-name sweep-figures --dependency "afterok:$(IFS=:; echo "${ridge_ids[*]}")" \
+  --cpus-per-task 4 --mem 16G --time 01:00:00 slurm/cpu_stage.sbatch 07_sweep.py --figures-only "$@"
+echo "figures: $figures_id (after ${#ridge_ids[@]} chains)"
