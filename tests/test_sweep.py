@@ -1,0 +1,68 @@
+"""07_sweep.py and slurm/: the job plan, the scaling-law fits, the SLURM templates."""
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import REPO, load_stage, run_script
+
+sweep = load_stage("07_sweep.py")
+
+
+def test_log_linear_fit_recovers_known_parameters():
+    x = np.array([1e4, 1e5, 1e6, 6e6])
+    np.testing.assert_allclose(sweep.fit_log_linear(x, 0.1 + 0.05 * np.log10(x)), [0.1, 0.05], atol=1e-12)
+
+
+def test_saturating_power_fit_recovers_known_parameters():
+    x = np.geomspace(1e15, 1e19, 8)
+    truth = (0.6, 2e3, 0.25)  # r_inf, c, alpha: r goes from ~0.24 to ~0.56 over these 4 decades
+    r = sweep.saturating_power(x, *truth)
+    np.testing.assert_allclose(sweep.fit_saturating_power(x, r), truth, rtol=1e-4)
+
+
+def test_bootstrap_intervals_cover_the_truth_and_shrink_with_more_parcels():
+    rng = np.random.default_rng(0)
+    x = np.geomspace(1e4, 1e7, 5)
+    mean_r = 0.05 + 0.03 * np.log10(x)                                  # (K,)
+
+    def widths(n_parcels):
+        r = mean_r[:, None, None] + rng.normal(0, 0.1, (len(x), 2, n_parcels))  # (K, S, P)
+        fit = sweep.bootstrap_fits(x, r, kind="median", n_boot=60)["log_linear"]
+        est, lo, hi = fit["b"]
+        assert lo <= 0.03 <= hi and lo <= est <= hi
+        return hi - lo
+
+    assert widths(1000) < widths(60) / 2
+
+
+def test_dry_run_lists_each_configuration_once():
+    result = run_script("07_sweep.py", "--work", "w", "--dry-run")
+    names = [line[2:] for line in result.stdout.splitlines() if line.startswith("# ")]
+    assert len(names) == len(set(names))
+    # 4 data + 8 hidden + 5 layers + 4 heads + 2 precision, the paper model (block-4 features) counted once;
+    # the depth sweep's 8-layer run reads the last block, a feature set of its own ("-last").
+    assert len(names) == 4 + (8 - 1) + 5 + (4 - 1) + (2 - 1)
+    assert "h576-l8-a4-f6M-fp32" in names and "h576-l8-a4-f6M-fp32-last" in names
+    lines = result.stdout.splitlines()
+    block = lines[lines.index("# h576-l1-a4-f6M-fp32") + 1: lines.index("# h576-l1-a4-f6M-fp32") + 4]
+    assert block[0].startswith("python 04_train_gpt.py --work w --name h576-l1-a4-f6M-fp32 --hidden-dim 576 --layers 1")
+    assert block[1].endswith("--layer attn_stack.attn_nets.0.post_fc_dp")   # Table 3: last block
+    paper = lines[lines.index("# h576-l8-a4-f6M-fp32") + 2]
+    assert paper.endswith("--layer attn_stack.attn_nets.4.post_fc_dp")      # section 2.3: block 4 of 8
+
+
+def test_slurm_templates_parse_and_submit_chain_dry_run():
+    for script in sorted((REPO / "slurm").iterdir()):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+    result = subprocess.run(["bash", "slurm/submit_sweep.sh", "--work", "w", "--experiments", "heads"],
+                            cwd=REPO, capture_output=True, text=True, env=dict(os.environ, DRY_RUN="1"))
+    assert result.returncode == 0, result.stderr
+    chains = [line for line in result.stdout.splitlines() if "-> extract" in line]
+    assert chains == [f"h576-l8-a{h}-f6M-fp32: train {1001 + 3 * i} -> extract {1002 + 3 * i} -> ridge {1003 + 3 * i}"
+                      for i, h in enumerate((1, 2, 4, 8))]
+    sbatch = [line for line in result.stdout.splitlines() if line.startswith("sbatch")]
+    assert "--dependency afterok:1001 " in sbatch[1] and "--dependency afterok:1002 " in sbatch[2]
+    assert sbatch[-1].startswith("sbatch --parsable --job-name sweep-figures --dependency afterok:1003:1006:1009:1012")
+    assert "04_train_gpt.py" in sbatch[0] and "--resume" in sbatch[0]
