@@ -1,0 +1,435 @@
+"""02 — fMRIPrep BOLD to z-scored parcel time series with nilearn (paper sections 2.1.3-2.1.4).
+
+    python 02_prep_fmri.py --work work                              # the demo: <work>/demo/derivatives/fmriprep
+    python 02_prep_fmri.py --work work --fmriprep /data/shinobi/derivatives/fmriprep \\
+        --atlas MIST_ROI.nii.gz --task shinobi --subjects 01 02 --workers 8
+    python 02_prep_fmri.py --work work --confounds motion high_pass wm_csf --fwhm 6 --overwrite
+
+For every `sub-*/ses-*/func/*_space-<space>_*desc-preproc_bold.nii.gz` under --fmriprep, as in the paper:
+  1. confounds: nilearn's load_confounds(strategy=("motion", "high_pass"), motion="full") = load_confounds'
+     Params24 (6 motion parameters, their derivatives, and the squares of both) + fMRIPrep's cosine
+     drift regressors (periods over 128 s by default; the paper: "slower than 0.01 Hz");
+     the non-steady-state volumes fMRIPrep flags become nilearn's sample_mask;
+  2. NiftiLabelsMasker: 8 mm FWHM Gaussian smoothing, mean of the voxels of each atlas parcel, confound
+     regression and z-scoring of each parcel over the run (standardize="zscore_sample", ddof=1).
+
+Outputs (README: "Stage contract"), all written atomically:
+    <work>/bold/<sub>/<ses>/<run stem>.npy   float32 (T, P): row t = volume t of the BOLD image, column j =
+        the parcel labels.tsv names. Volumes left out by the sample_mask (non-steady-state, scrubbed)
+        are NaN rows: valid rows are np.isfinite(Y).all(1). Parcels with no usable voxel in a run are
+        0.0 on the valid rows (and are reported).
+    <work>/bold/manifest.tsv   sub ses task run n_volumes tr_s split bold_path kept_volumes empty_parcels
+    <work>/bold/labels.tsv     column label name n_voxels (column of the .npy -> atlas label value)
+    <work>/bold/atlas.nii.gz   the atlas as used: resampled (nearest neighbour) to the BOLD grid
+    <work>/bold/prep.json      the settings used; a re-run with other settings needs --overwrite
+
+Voxels inside the atlas that hold NaN or are constant over time (outside the brain in fMRIPrep's MNI
+outputs, dropout) are left out of their parcel's mean and reported; NaN values are set to 0 before
+smoothing. Runs whose .npy exists are skipped unless --overwrite.
+"""
+import argparse
+import json
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import nibabel as nib
+import nilearn
+import numpy as np
+import pandas as pd
+from nilearn.image import resample_img
+from nilearn.interfaces.fmriprep import load_confounds
+from nilearn.maskers import NiftiLabelsMasker
+from tqdm import tqdm
+
+from common import DEFAULT_WORK, InputError, atomic_path, bids_entities, read_tsv, run_main, save_npy, write_tsv
+
+DEFAULT_ATLAS = "demo/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz"  # relative to --work
+CONFOUND_STRATEGIES = ("motion", "high_pass", "wm_csf", "global_signal", "compcor", "scrub")
+MOTION_MODELS = ("basic", "power2", "derivatives", "full")
+STANDARDIZE = "zscore_sample"  # nilearn 0.14 name: z-score with the sample (ddof=1) standard deviation
+MANIFEST_COLUMNS = ["sub", "ses", "task", "run", "n_volumes", "tr_s", "split", "bold_path", "kept_volumes",
+                    "empty_parcels"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
+    p.add_argument("--fmriprep", default=None,
+                   help="fMRIPrep derivatives root (default: <work>/demo/derivatives/fmriprep)")
+    p.add_argument("--atlas", default=None,
+                   help=f"integer labels NIfTI, 0 = background (default: <work>/{DEFAULT_ATLAS}); a sibling .tsv "
+                        "with columns index, name gives parcel names")
+    p.add_argument("--space", default="MNI152NLin2009cAsym",
+                   help="fMRIPrep output space (add _res-2 etc. when several resolutions exist)")
+    p.add_argument("--task", default=None, help="only this task (default: every task found)")
+    p.add_argument("--subjects", nargs="+", default=None, help="only these subject labels, e.g. 01 02")
+    p.add_argument("--sessions", nargs="+", default=None, help="only these session labels, e.g. 001 002")
+    p.add_argument("--confounds", nargs="+", default=["motion", "high_pass"], choices=CONFOUND_STRATEGIES,
+                   help="nilearn load_confounds strategy (paper: motion high_pass)")
+    p.add_argument("--motion", default="full", choices=MOTION_MODELS,
+                   help="motion model of load_confounds (paper: full = Params24)")
+    p.add_argument("--fwhm", type=float, default=8.0, help="Gaussian smoothing FWHM in mm, 0 for none (paper: 8)")
+    p.add_argument("--validation-sessions", nargs="+", default=["004"], help="sessions of the validation split")
+    p.add_argument("--test-sessions", nargs="+", default=["005"], help="sessions of the test split")
+    p.add_argument("--workers", type=int, default=1, help="runs processed in parallel (processes)")
+    p.add_argument("--overwrite", action="store_true", help="recompute runs whose outputs exist")
+    args = p.parse_args(argv)
+    # Accept "sub-01" as well as "01".
+    args.subjects = [x.removeprefix("sub-") for x in args.subjects] if args.subjects else None
+    for name in ("sessions", "validation_sessions", "test_sessions"):
+        if getattr(args, name):
+            setattr(args, name, [x.removeprefix("ses-") for x in getattr(args, name)])
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Plumbing: find the runs, their TR, their confounds, and where their outputs go
+# --------------------------------------------------------------------------------------------------
+def find_runs(fmriprep, space, task, subjects, sessions):
+    """Every preprocessed BOLD run under fmriprep that passes the filters. List of dicts, sorted."""
+    if not fmriprep.is_dir():
+        raise InputError(f"{fmriprep}: fMRIPrep derivatives directory not found")
+    pattern = f"sub-*/ses-*/func/*_space-{space}_*desc-preproc_bold.nii.gz"
+    runs = []
+    for bold in sorted(fmriprep.glob(pattern)):
+        names = bids_entities(bold)
+        if task and names.get("task") != task:
+            continue
+        stem = bold.name.split(f"_space-{space}")[0]  # sub-01_ses-001_task-airstriker_run-01
+        runs.append({"sub": names.get("sub"), "ses": names.get("ses"), "task": names.get("task"),
+                     "run": names.get("run"), "stem": stem, "bold": bold})
+    what = f"{pattern}" + (f" with task {task}" if task else "")
+    if not runs:
+        raise InputError(f"{fmriprep}: no runs found ({what})")
+    for flag, key, wanted in (("--subjects", "sub", subjects), ("--sessions", "ses", sessions)):
+        if wanted:
+            found = sorted({r[key] for r in runs})
+            unknown = [w for w in wanted if w not in found]
+            if unknown:
+                raise InputError(f"{fmriprep}: {flag} {' '.join(unknown)} not found (found: {', '.join(found)})")
+            runs = [r for r in runs if r[key] in wanted]
+    return runs
+
+
+def repetition_time(bold_path, header):
+    """TR in seconds: the BIDS sidecar's RepetitionTime, else the NIfTI header's 4th zoom."""
+    sidecar = Path(str(bold_path).replace(".nii.gz", ".json"))
+    if sidecar.is_file():
+        try:
+            tr = json.loads(sidecar.read_text()).get("RepetitionTime")
+        except json.JSONDecodeError as err:
+            raise InputError(f"{sidecar}: not valid JSON ({err})") from None
+        if tr:
+            return float(tr)
+    tr = float(header.get_zooms()[3]) if len(header.get_zooms()) > 3 else 0.0
+    if header.get_xyzt_units()[1] == "msec":
+        tr /= 1000.0
+    if tr <= 0:
+        raise InputError(f"{bold_path}: no RepetitionTime in a .json sidecar and no TR in the NIfTI header")
+    return tr
+
+
+def load_run_confounds(bold_path, n_volumes, strategy, motion):
+    """nilearn's load_confounds for one run: (confounds DataFrame (T, K), sample_mask (T_kept,) int or None).
+
+    fMRIPrep's non_steady_state_outlier* columns (and, with "scrub", motion outliers) become the
+    sample_mask: the indices of the volumes to keep.
+    """
+    stem = bold_path.name.split("_space-")[0]
+    # fMRIPrep >= 20.2 name, else the older one (nilearn reads both); the first is reported when neither exists
+    candidates = [bold_path.parent / f"{stem}_desc-confounds_{kind}.tsv" for kind in ("timeseries", "regressors")]
+    expected = next((c for c in candidates if c.is_file()), candidates[0])
+    try:
+        confounds, sample_mask = load_confounds(str(bold_path), strategy=tuple(strategy), motion=motion)
+    except ValueError as err:
+        message = str(err).replace("\n", " ")
+        if "Could not find associated confound file" in message:
+            raise InputError(f"{expected}: confounds file not found (fMRIPrep writes it beside "
+                             f"{bold_path.name})") from None
+        if "missing" in message:
+            missing = message.split("missing:")[-1].split(". You may")[0].strip()
+            raise InputError(f"{expected}: missing confound column(s) for --confounds {' '.join(strategy)} "
+                             f"--motion {motion}: {missing}") from None
+        raise InputError(f"{expected}: {message}") from None
+    except KeyError as err:  # some strategies (scrub) index the columns they need directly
+        raise InputError(f"{expected}: missing confound column(s) for --confounds {' '.join(strategy)}: "
+                         f"{err}") from None
+    if len(confounds) != n_volumes:
+        raise InputError(f"{expected}: {len(confounds)} rows but {bold_path.name} has {n_volumes} volumes")
+    not_finite = confounds.columns[~np.isfinite(confounds.to_numpy(dtype=float)).all(0)]
+    if len(not_finite):  # nilearn fills the first row of derivatives only; a hole elsewhere is an error
+        raise InputError(f"{expected}: n/a or infinite values in column(s) {', '.join(not_finite)}")
+    return confounds, sample_mask
+
+
+def split_of(ses, validation_sessions, test_sessions):
+    """Paper section 2.1.4: validation = ses-004, test = ses-005, train = the other sessions."""
+    return "validation" if ses in validation_sessions else "test" if ses in test_sessions else "train"
+
+
+def output_path(work, run):
+    return work / "bold" / f"sub-{run['sub']}" / f"ses-{run['ses']}" / f"{run['stem']}.npy"
+
+
+# --------------------------------------------------------------------------------------------------
+# Atlas (paper section 2.1.4: MIST ATOM): count its labels, resample it to the BOLD grid
+# --------------------------------------------------------------------------------------------------
+def load_atlas(path):
+    """Return (atlas image, labels (P,) int sorted, names (P,) str or None) of an integer labels NIfTI."""
+    if not path.is_file():
+        raise InputError(f"{path}: atlas file not found")
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except Exception as err:  # nibabel raises many types for a file that is not a NIfTI
+        raise InputError(f"{path}: not a readable NIfTI image ({err})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path}: atlas has shape {data.shape}; --atlas needs a 3D image of integer labels "
+                         "(a 4D atlas holds probabilistic maps)")
+    if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+        raise InputError(f"{path}: atlas values are not integers; --atlas needs integer labels (0 = background)")
+    labels = np.unique(data[data != 0]).astype(int)
+    if labels.size == 0:
+        raise InputError(f"{path}: atlas has no non-zero label")
+    atlas = nib.Nifti1Image(data.astype(np.int32), image.affine)
+    names = None
+    sidecar = path.with_name(path.name.split(".")[0] + ".tsv")
+    if sidecar.is_file():
+        table = read_tsv(sidecar, required=("index", "name"))
+        names = table.set_index("index")["name"].reindex(labels).to_numpy(dtype=object)
+    return atlas, labels, names
+
+
+def atlas_on_grid(atlas, shape, affine):
+    """The atlas resampled to a BOLD grid with nearest neighbour, so labels stay labels. (X, Y, Z) int32."""
+    resampled = resample_img(atlas, target_affine=affine, target_shape=shape, interpolation="nearest",
+                             force_resample=True, copy_header=True)
+    return np.asarray(resampled.dataobj).round().astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# One run: paper sections 2.1.3-2.1.4 with nilearn
+# --------------------------------------------------------------------------------------------------
+def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr, fwhm):
+    """Denoised, smoothed, parcel-averaged, z-scored BOLD of one run.
+
+    atlas_grid (X, Y, Z) int labels on the BOLD grid; labels (P,) the atlas labels, in column order;
+    confounds (T, K) DataFrame; sample_mask (T_kept,) indices of the volumes to keep, or None.
+    Returns (Y (T, P) float32 with NaN rows for the volumes not in sample_mask and 0.0 columns for the
+    parcels without a usable voxel, notes (list of str to report)).
+    """
+    image = nib.load(bold_path)
+    data = image.get_fdata(dtype=np.float32)                                   # (X, Y, Z, T)
+    n_volumes = data.shape[3]
+    # --- voxels that cannot enter a parcel mean: NaN anywhere in the run, or constant over time ---
+    in_atlas = atlas_grid > 0
+    voxels = data[in_atlas]                                                     # (V, T)
+    has_nan = ~np.isfinite(voxels).all(1)
+    constant = ~has_nan & (voxels.max(1) == voxels.min(1))
+    notes = []
+    if has_nan.any() or constant.any():
+        notes.append(f"{bold_path}: {int(has_nan.sum())} voxel(s) inside the atlas hold NaN and "
+                     f"{int(constant.sum())} are constant over time; left out of their parcel means")
+    usable = np.zeros(atlas_grid.shape, bool)
+    usable[in_atlas] = ~has_nan & ~constant
+    if not usable.any():
+        raise InputError(f"{bold_path}: no atlas parcel overlaps the brain data (every voxel inside the atlas "
+                         "is constant or NaN): is the atlas in the same space as the BOLD?")
+    if has_nan.any():
+        np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # smoothing would spread NaN
+    del voxels
+    # Remove each voxel's mean: every step below is blind to a constant per voxel (the confounds are
+    # demeaned, the output z-scored), and float32 keeps 7 digits, which a baseline of ~1000 would
+    # otherwise spend before the fluctuations that matter.
+    data -= data.mean(axis=3, keepdims=True)
+
+    # --- the paper's denoising: smoothing, parcel means, confound regression, z-scoring over time ---
+    # The paper z-scores each voxel and then averages; nilearn's masker averages, cleans, then z-scores
+    # each parcel, which is what the encoding model predicts (unit variance per parcel and run).
+    masker = NiftiLabelsMasker(
+        labels_img=nib.Nifti1Image(atlas_grid, image.affine),
+        mask_img=nib.Nifti1Image(usable.astype(np.uint8), image.affine),
+        smoothing_fwhm=fwhm or None, strategy="mean", standardize=STANDARDIZE, detrend=False, t_r=tr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="After applying mask")  # empty parcels: reported below
+        signals = masker.fit_transform(nib.Nifti1Image(data, image.affine), confounds=confounds,
+                                       sample_mask=sample_mask)             # (T_kept, P_present)
+    region_ids = masker.region_ids_  # {column: label, "background": 0}; a property rebuilt at each access
+    present = [region_ids[i] for i in range(signals.shape[1])]
+
+    # --- back to one row per volume and one column per atlas label ---
+    kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask)
+    column_of = {label: j for j, label in enumerate(labels)}
+    series = np.full((n_volumes, len(labels)), np.nan, np.float32)             # (T, P)
+    series[kept] = 0.0
+    series[np.ix_(kept, [column_of[label] for label in present])] = signals
+    empty = sorted(set(labels.tolist()) - set(present))
+    if empty:
+        notes.append(f"{bold_path}: {len(empty)} parcel(s) have no usable voxel (0.0 columns): "
+                     f"labels {' '.join(map(str, empty))}")
+    return series, notes
+
+
+def process_run(job):
+    """Worker: compute and save one run. Returns the notes to report (list of str)."""
+    series, notes = parcel_time_series(job["bold"], job["atlas_grid"], job["labels"], job["confounds"],
+                                          job["sample_mask"], job["tr"], job["fwhm"])
+    save_npy(job["out"], series)
+    return notes
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and manifest: outputs made with other settings are never mixed in silently
+# --------------------------------------------------------------------------------------------------
+def check_settings(out_dir, settings, overwrite):
+    """Compare with bold/prep.json. Other settings: an error, or with --overwrite, remove every earlier
+    run output (a manifest must describe runs made one way)."""
+    prep_json = out_dir / "prep.json"
+    if not prep_json.is_file():
+        return
+    before = json.loads(prep_json.read_text())
+    changed = [k for k in settings if k != "nilearn_version" and before.get(k) != settings[k]]
+    if not changed:
+        return
+    if not overwrite:
+        raise InputError(f"{prep_json}: existing outputs were made with other settings ({', '.join(changed)}); "
+                         "use --overwrite (or another --work)")
+    stale = sorted(out_dir.glob("sub-*/ses-*/*.npy")) + [out_dir / "manifest.tsv"]
+    print(f"settings changed ({', '.join(changed)}): removing the earlier outputs in {out_dir}")
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def manifest_row(run, work, n_volumes, tr, labels):
+    """The manifest row of a run whose .npy is written (valid rows and empty parcels read from it)."""
+    series = np.load(output_path(work, run))                                    # (T, P)
+    valid = np.isfinite(series).all(1)
+    empty = labels[valid.any() & (series[valid] == 0).all(0)]
+    return {"sub": run["sub"], "ses": run["ses"], "task": run["task"], "run": run["run"],
+            "n_volumes": n_volumes, "tr_s": tr, "split": None,
+            "bold_path": str(output_path(work, run).relative_to(work)), "kept_volumes": int(valid.sum()),
+            "empty_parcels": " ".join(map(str, empty)) or None}
+
+
+def earlier_rows(manifest_path, work, batch_paths):
+    """Rows of an existing manifest for runs outside this batch whose .npy still exists (other --subjects)."""
+    if not manifest_path.is_file():
+        return []
+    earlier = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
+    if set(MANIFEST_COLUMNS) - set(earlier.columns):
+        raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); use --overwrite")
+    keep = ~earlier["bold_path"].isin(batch_paths) & earlier["bold_path"].map(lambda p: (work / p).is_file())
+    return earlier[keep].to_dict("records")
+
+
+# --------------------------------------------------------------------------------------------------
+# Main: check every input, then the long part, then the manifest
+# --------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    work = Path(args.work)
+    fmriprep = Path(args.fmriprep) if args.fmriprep else work / "demo/derivatives/fmriprep"
+    atlas_path = Path(args.atlas) if args.atlas else work / DEFAULT_ATLAS
+    out_dir = work / "bold"
+    overlap = set(args.validation_sessions) & set(args.test_sessions)
+    if overlap:
+        raise InputError(f"--validation-sessions and --test-sessions share session(s) {' '.join(sorted(overlap))}")
+    if "compcor" in args.confounds and "high_pass" not in args.confounds:
+        raise InputError("--confounds compcor needs high_pass too (fMRIPrep's CompCor assumes high-passed data)")
+    settings = {"fmriprep": str(fmriprep.resolve()), "space": args.space, "atlas": str(atlas_path.resolve()),
+                "confounds": {"strategy": args.confounds, "motion": args.motion}, "fwhm_mm": args.fwhm,
+                "masker": {"strategy": "mean", "standardize": STANDARDIZE, "detrend": False},
+                "dropped_volumes": "NaN rows (sample_mask of load_confounds)",
+                "empty_parcels": "0.0 on valid rows", "nilearn_version": nilearn.__version__}
+
+    # --- every input is checked before the long part, so that bad input fails fast ---
+    runs = find_runs(fmriprep, args.space, args.task, args.subjects, args.sessions)
+    atlas, labels, names = load_atlas(atlas_path)
+    images, trs = {}, {}
+    for run in runs:
+        image = nib.load(run["bold"])  # the header only: the voxels are read by the worker
+        if image.ndim != 4 or image.shape[3] < 2:
+            raise InputError(f"{run['bold']}: image is {image.ndim}D {image.shape}; a BOLD run must be 4D "
+                             "(x, y, z, time) with several volumes")
+        images[run["stem"]], trs[run["stem"]] = image, repetition_time(run["bold"], image.header)
+    reference = images[runs[0]["stem"]]
+    for run in runs:
+        image = images[run["stem"]]
+        if image.shape[:3] != reference.shape[:3] or not np.allclose(image.affine, reference.affine, atol=1e-3):
+            raise InputError(f"{run['bold']}: voxel grid differs from {runs[0]['bold'].name}; all runs must "
+                             "share one space and resolution (pick one with --space, e.g. ..._res-2)")
+    atlas_grid = atlas_on_grid(atlas, reference.shape[:3], reference.affine)   # (X, Y, Z)
+    voxels_per_label = dict(zip(*np.unique(atlas_grid, return_counts=True)))
+    n_voxels = np.array([voxels_per_label.get(label, 0) for label in labels])
+    if n_voxels.sum() == 0:
+        raise InputError(f"{atlas_path}: no atlas label falls inside the BOLD field of view of "
+                         f"{runs[0]['bold'].name}: is the atlas in {args.space} space?")
+    if (n_voxels == 0).any():
+        print(f"warning: {atlas_path}: {(n_voxels == 0).sum()} label(s) vanish on the BOLD grid (too small): "
+              f"{' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0", file=sys.stderr)
+    check_settings(out_dir, settings, args.overwrite)
+    jobs = []
+    for run in runs:
+        if output_path(work, run).is_file() and not args.overwrite:
+            continue
+        n_volumes = images[run["stem"]].shape[3]
+        confounds, sample_mask = load_run_confounds(run["bold"], n_volumes, args.confounds, args.motion)
+        n_kept = n_volumes if sample_mask is None else len(sample_mask)
+        dof = n_kept - confounds.shape[1] - 1  # the mean is removed too
+        if dof < 1:
+            raise InputError(f"{run['bold']}: {confounds.shape[1]} confound regressors leave no degree of freedom "
+                             f"in {n_kept} kept volumes; use fewer (e.g. --motion basic)")
+        if dof < 10:  # a short run (the tiny demo): the signal cannot survive the regression
+            print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only {dof} "
+                  f"degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
+        jobs.append({"bold": run["bold"], "out": output_path(work, run), "atlas_grid": atlas_grid,
+                     "labels": labels, "confounds": confounds, "sample_mask": sample_mask, "tr": trs[run["stem"]],
+                     "fwhm": args.fwhm})
+
+    # --- shared outputs first: what the columns mean and how they were made ---
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "prep.json") as tmp:
+        tmp.write_text(json.dumps(settings, indent=1))
+    write_tsv(out_dir / "labels.tsv", {"column": np.arange(len(labels)), "label": labels,
+                                       "name": names if names is not None else [None] * len(labels),
+                                       "n_voxels": n_voxels})
+    with atomic_path(out_dir / "atlas.nii.gz") as tmp:
+        nib.save(nib.Nifti1Image(atlas_grid, reference.affine), tmp)
+
+    # --- the long part: one run per job ---
+    print(f"{len(runs)} run(s), {len(labels)} parcels; {len(runs) - len(jobs)} already done, {len(jobs)} to do")
+    notes = []
+    if args.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+            futures = [pool.submit(process_run, job) for job in jobs]
+            try:
+                for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
+                    notes += future.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # a bad run stops the batch; finished runs stay
+                raise
+    else:
+        for job in tqdm(jobs, desc="runs", unit="run"):
+            notes += process_run(job)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+
+    # --- manifest: this batch, plus the runs of earlier calls (other --subjects) ---
+    rows = [manifest_row(run, work, images[run["stem"]].shape[3], trs[run["stem"]], labels) for run in runs]
+    manifest_path = out_dir / "manifest.tsv"
+    rows += earlier_rows(manifest_path, work, [row["bold_path"] for row in rows])
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("bold_path")
+    manifest["split"] = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in manifest["ses"]]
+    write_tsv(manifest_path, manifest)
+    n_volumes, n_kept = manifest["n_volumes"].astype(int).sum(), manifest["kept_volumes"].astype(int).sum()
+    print(f"wrote {out_dir}: {len(manifest)} run(s), {n_kept} of {n_volumes} volumes kept; splits "
+          + ", ".join(f"{k} {v}" for k, v in manifest["split"].value_counts().sort_index().items()))
+
+
+if __name__ == "__main__":
+    run_main(main)
