@@ -6,7 +6,8 @@
 #
 # Variables: WORK (working directory, default work), DATA (BIDS root with events.tsv + bk2 files and
 # derivatives/fmriprep; default: the demo, made by 00_make_demo.py), RESOLUTION (frame size; default 64 on
-# the demo, 128 otherwise), WORKERS (processes for CPU stages; default: all cores).
+# the demo, 128 otherwise), WORKERS (processes for CPU stages; default: all cores), FMRIPREP (fMRIPrep
+# derivatives; default DATA/derivatives/fmriprep), ATLAS (integer labels NIfTI; required for real data).
 # Each stage skips outputs that are already complete, so re-running after a failure or an interruption is
 # cheap; the first stage that fails stops the script with its own error message.
 set -euo pipefail
@@ -42,6 +43,13 @@ fi
 # The demo has one "Missing file" row by design; real datasets have many: they are reported, not fatal.
 stage 01_render_frames 01_render_frames.py --work "$WORK" --bids "$DATA" --resolution "$RESOLUTION" \
   --workers "$WORKERS"
+
+if [ "$DEMO" = 1 ]; then
+  FMRIPREP=${FMRIPREP:-$DATA/derivatives/fmriprep}
+  ATLAS=${ATLAS:-$DATA/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz}
+fi
+stage 02_prep_fmri 02_prep_fmri.py --work "$WORK" --fmriprep "${FMRIPREP:-$DATA/derivatives/fmriprep}" \
+  ${ATLAS:+--atlas "$ATLAS"} --workers "$WORKERS"
 
 echo
 echo "Results are under $WORK/ (frames/manifest.tsv lists every repetition)."

@@ -1,0 +1,554 @@
+"""04 — Train VideoGPT's conditioned GPT prior on cached VQ-VAE codes (paper sections 2.3.1.2, 2.4, 3).
+
+    python 04_train_gpt.py --work work                                         # paper config (Table 2)
+    python 04_train_gpt.py --work work --precision bf16 --compile              # fast path on a GPU
+    python 04_train_gpt.py --work work --train-frames 100000                   # data-size sweep (2.4.1)
+    python 04_train_gpt.py --work work --hidden-dim 255                        # model-size sweep (2.4.2)
+    python 04_train_gpt.py --work work --layers 4 --heads 8 --name my-run
+    python 04_train_gpt.py --work work --resume                                # continue an interrupted run
+    torchrun --nproc-per-node 4 04_train_gpt.py --work work --precision fp16 --resume   # 4 GPUs
+    python 04_train_gpt.py --work work --device cpu --hidden-dim 24 --layers 2 --heads 2 --cond-dim 24 \\
+        --batch-size 4 --max-steps 20                                          # tiny, seconds on a CPU
+
+Inputs: <work>/frames/manifest.tsv with its uint8 (N, H, W, 3) frame arrays (stage 01) and the frozen
+VQ-VAE <work>/vqvae/ckpt.pt (stage 03; --vqvae takes another, e.g. the authors' Lightning checkpoint).
+
+A sample (paper 2.3.1.2) is 32 frames at 15 Hz (every --frame-step-th 60 Hz frame): the first 16
+condition the GPT, which learns to predict the VQ-VAE codes of the last 16. Each repetition is cut into
+consecutive, non-overlapping 16-frame clips (clip j = 60 Hz frames 64j, 64j + 4, ..., 64j + 60) and the
+samples are the pairs (clip j, clip j + 1), as the authors' data module (stride 16) does.
+
+Because the VQ-VAE is frozen and deterministic in eval mode, every clip is encoded once into a code
+cache, <work>/gpt/codes/<sha256 of the VQ-VAE checkpoint>-step<frame step>/<sub>/<ses>/<stem>.npy,
+uint16 (n_clips, t, h, w); a new VQ-VAE gets a new cache, a re-rendered repetition is re-encoded. Training
+then reads codes only: target and conditioning embeddings are codebook lookups (same loss as encoding
+the frames at every step, without the encoder).
+
+Splits: repetitions with status ok outside --test-sessions (the encoding test set; `--test-sessions`
+with no value includes them, as the authors did); the last --val-reps of them in manifest order are held
+out for the validation loss. --train-frames N keeps the first N 60 Hz frames of the remaining training
+repetitions in manifest order (the last one cut), as the paper's 10k/100k/1M/6M data sizes.
+
+Outputs (<work>/gpt/<name>/, name derived from the configuration unless --name):
+    ckpt.pt    model, model_config, optimizer, GradScaler, step, RNG states per rank, args, vqvae_sha256
+    log.csv    step, epoch, lr, train_loss, val_loss, clips_per_s, tokens_per_s, mfu, peak_mem_gb, wall_s
+    loss.png   training and validation cross-entropy against steps
+
+Optimisation (the authors'): Adam(3e-4, betas 0.9/0.999), cosine annealing to 0 over --max-steps,
+gradient clipping at 1.0. --precision fp16 is autocast + GradScaler as in the paper; bf16 needs no scaler.
+--batch-size is per process (global batch = batch-size x processes). The run checkpoints every
+--ckpt-every steps and when SLURM signals preemption (SIGTERM/SIGUSR1), then exits; --resume continues
+it exactly. A finished run is skipped unless --overwrite.
+"""
+import argparse
+import functools
+import hashlib
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import common
+from common import DEFAULT_WORK, InputError, run_main
+
+LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "val_loss", "clips_per_s", "tokens_per_s", "mfu",
+              "peak_mem_gb", "wall_s"]
+
+# Dense peak throughput (TFLOP/s) used for MFU, by GPU name and --precision. fp32 is the non-tensor-core
+# peak (TF32 is off unless --tf32). Other devices: give --peak-tflops, or MFU stays empty.
+PEAK_TFLOPS = {"H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0},
+               "H100": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
+               "H200": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
+               "A100": {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0, "bf16": 312.0},
+               "V100": {"fp32": 15.7, "tf32": 15.7, "fp16": 125.0, "bf16": 15.7}}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
+    p.add_argument("--name", help="run folder under <work>/gpt/ (default: from the configuration)")
+    p.add_argument("--vqvae", help="frozen VQ-VAE checkpoint (default: <work>/vqvae/ckpt.pt)")
+    data = p.add_argument_group("data")
+    data.add_argument("--test-sessions", nargs="*", default=["005"],
+                      help="sessions kept out of training (the encoding test set); none: use every session")
+    data.add_argument("--val-reps", type=int, default=2,
+                      help="last N repetitions (manifest order) held out for the validation loss")
+    data.add_argument("--train-frames", type=int, default=0,
+                      help="60 Hz frames of training repetitions to use, first ones in manifest order (0: all)")
+    data.add_argument("--frame-step", type=int, default=4, help="60 Hz frames per clip frame (4: 15 Hz)")
+    data.add_argument("--encode-batch", type=int, default=32, help="clips per VQ-VAE batch when caching codes")
+    model = p.add_argument_group("model (paper configuration by default: Table 2(b), 40,324,768 parameters)")
+    model.add_argument("--hidden-dim", type=int, default=576, help="multiple of 3 (paper sweep: 6 ... 1024)")
+    model.add_argument("--layers", type=int, default=8, help="attention blocks (paper sweep: 1, 2, 4, 8)")
+    model.add_argument("--heads", type=int, default=4, help="attention heads (paper sweep: 1, 2, 4, 8)")
+    model.add_argument("--cond-dim", type=int, default=common.GPT_COND_DIM,
+                       help="width of the conditioning features (the authors' fixed 240; small for tiny tests)")
+    model.add_argument("--dropout", type=float, default=0.2, help="dropout on the residual branches")
+    model.add_argument("--attn-dropout", type=float, default=0.3, help="dropout on the attention weights")
+    model.add_argument("--checkpoint-activations", action="store_true",
+                       help="recompute attention and MLP in the backward pass (the authors' default; saves memory)")
+    train = p.add_argument_group("training")
+    train.add_argument("--batch-size", type=int, default=64, help="samples per step per process")
+    train.add_argument("--max-steps", type=int, default=200000, help="optimizer steps (cosine period)")
+    train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    train.add_argument("--init-from", help="initial weights: a ckpt.pt of this stage or an authors' Lightning .ckpt")
+    train.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    run.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
+                     help="fp16: autocast + GradScaler (the paper's mixed precision); bf16: autocast")
+    run.add_argument("--tf32", action="store_true", help="TF32 matmuls in fp32 (Ampere and later)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs only)")
+    run.add_argument("--log-every", type=int, default=100, help="steps between log.csv rows")
+    run.add_argument("--val-every", type=int, default=1000, help="steps between validation passes")
+    run.add_argument("--val-samples", type=int, default=2048, help="validation samples per pass (0: all)")
+    run.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    run.add_argument("--resume", action="store_true", help="continue from <work>/gpt/<name>/ckpt.pt if present")
+    run.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
+    args = p.parse_args(argv)
+    args.test_sessions = [s.removeprefix("ses-") for s in args.test_sessions]
+    if args.name is None:
+        args.name = f"h{args.hidden_dim}-l{args.layers}-a{args.heads}"
+        if args.train_frames:
+            args.name += f"-f{args.train_frames}"
+        if args.precision != "fp32":
+            args.name += f"-{args.precision}"
+    for flag in ("batch_size", "max_steps", "log_every", "val_every", "ckpt_every", "frame_step", "encode_batch"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.train_frames < 0 or args.val_reps < 0:
+        raise InputError("--train-frames and --val-reps must not be negative")
+    return args
+
+
+def model_config(args, vqvae):
+    """The VideoGPT keywords of the flags and the VQ-VAE, after checking they describe a valid model."""
+    if args.hidden_dim % 3 or args.hidden_dim < 3:
+        raise InputError(f"--hidden-dim {args.hidden_dim}: must be a positive multiple of 3 "
+                         "(one position table per latent axis t, h, w; paper 2.4.2)")
+    if args.cond_dim % 3 or args.cond_dim < 3:
+        raise InputError(f"--cond-dim {args.cond_dim}: must be a positive multiple of 3")
+    if not 1 <= args.heads <= min(args.hidden_dim, args.cond_dim):
+        raise InputError(f"--heads {args.heads}: must be between 1 and min(--hidden-dim, --cond-dim) so that "
+                         "every head has a channel")
+    if args.layers < 1:
+        raise InputError(f"--layers {args.layers}: must be at least 1")
+    return dict(latent_shape=tuple(vqvae.latent_shape), embedding_dim=vqvae.embedding_dim, n_codes=vqvae.n_codes,
+                hidden_dim=args.hidden_dim, heads=args.heads, layers=args.layers, dropout=args.dropout,
+                attn_dropout=args.attn_dropout, cond_dim=args.cond_dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: repetitions, the --train-frames selection, and the code cache
+# --------------------------------------------------------------------------------------------------
+def _label(value):
+    """Session labels compare as numbers when they are numbers ('005' == 5 read back by pandas)."""
+    text = str(value).removeprefix("ses-")
+    return str(int(text)) if text.isdigit() else text
+
+
+def usable_repetitions(work, test_sessions):
+    """Rows (dicts) of frames/manifest.tsv with status ok outside `test_sessions`, in manifest order."""
+    manifest_path = work / "frames" / "manifest.tsv"
+    manifest = common.read_tsv(manifest_path, required=("sub", "ses", "status", "frames_path", "n_frames"))
+    test = {_label(s) for s in test_sessions}
+    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(_label).isin(test)]
+    if rows.empty:
+        raise InputError(f"{manifest_path}: no repetition with status ok outside test sessions {test_sessions}")
+    return [dict(row) for _, row in rows.iterrows()]
+
+
+def select_training_frames(n_frames, train_frames):
+    """How many leading 60 Hz frames of each training repetition to use.
+
+    n_frames: frame counts of the training repetitions in manifest order. train_frames: the budget
+    (0: everything). Returns a list of the same length summing to exactly `train_frames`: whole
+    repetitions first, the last one used cut to what remains, the rest unused (0).
+    """
+    total = int(sum(n_frames))
+    if train_frames == 0:
+        return [int(n) for n in n_frames]
+    if train_frames > total:
+        raise InputError(f"--train-frames {train_frames}: the training repetitions hold only {total} frames")
+    used, left = [], train_frames
+    for n in n_frames:
+        used.append(min(int(n), left))
+        left -= used[-1]
+    return used
+
+
+def cache_directory(work, vqvae_path, frame_step):
+    """<work>/gpt/codes/<first 16 hex digits of the VQ-VAE checkpoint's sha256>-step<frame step>."""
+    digest = hashlib.sha256()
+    with open(vqvae_path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return work / "gpt" / "codes" / f"{digest.hexdigest()[:16]}-step{frame_step}", digest.hexdigest()
+
+
+def clips_of_frames(frames, start_clips, sequence_length, frame_step):
+    """uint8 clips (B, sequence_length, H, W, 3): clip j = frames j*span, j*span + step, ... with
+    span = sequence_length * frame_step (consecutive, non-overlapping clips)."""
+    span = sequence_length * frame_step
+    return np.stack([frames[j * span:(j + 1) * span:frame_step] for j in start_clips])
+
+
+def to_video(clips, device):
+    """uint8 clips (B, T, H, W, 3) -> the VQ-VAE's input (B, 3, T, H, W) float in [-0.5, 0.5]."""
+    return torch.as_tensor(clips).to(device).permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5
+
+
+@torch.no_grad()
+def encode_repetition(vqvae, frames, frame_step, batch, device):
+    """VQ-VAE codes (n_clips, t, h, w) int64 of the consecutive clips of one repetition's frames."""
+    sequence_length = vqvae.config["sequence_length"]
+    n_clips = len(frames) // (sequence_length * frame_step)
+    codes = [vqvae.encode(to_video(clips_of_frames(frames, range(i, min(i + batch, n_clips)), sequence_length,
+                                                   frame_step), device)).cpu()
+             for i in range(0, n_clips, batch)]
+    return torch.cat(codes) if codes else torch.zeros((0, *vqvae.latent_shape), dtype=torch.long)
+
+
+def cached_codes(work, reps, vqvae, cache_dir, args, ctx):
+    """Codes (n_clips, t, h, w) uint16 of each repetition, from the cache (encoded on first use).
+
+    The ranks share the encoding (repetition i goes to rank i % world size), then wait for each other.
+    A cache file older than its frames (a re-render) is encoded again.
+    """
+    resolution = vqvae.config["resolution"]
+    paths = []
+    for rep in reps:
+        frames_path = work / str(rep["frames_path"])
+        relative = Path(str(rep["frames_path"]))
+        relative = relative.relative_to("frames") if relative.parts[0] == "frames" else Path(relative.name)
+        paths.append((frames_path, cache_dir / relative))
+    todo = [(f, c) for f, c in paths if not c.is_file() or c.stat().st_mtime < f.stat().st_mtime]
+    for frames_path, code_path in tqdm(todo[ctx.rank::ctx.world_size], desc="04 encode clips",
+                                       disable=not ctx.is_main or not todo):
+        frames = np.load(frames_path, mmap_mode="r")
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (resolution, resolution, 3):
+            raise InputError(f"{frames_path}: expected uint8 frames (N, {resolution}, {resolution}, 3) for the "
+                             f"VQ-VAE's resolution {resolution}, got {frames.dtype} {frames.shape}")
+        codes = encode_repetition(vqvae, frames, args.frame_step, args.encode_batch, ctx.device)
+        common.save_npy(code_path, codes.numpy().astype(np.uint16))
+    if ctx.world_size > 1:
+        torch.distributed.barrier()
+    if ctx.is_main and todo:
+        (cache_dir / "cache.json").write_text(json.dumps(dict(
+            vqvae=str(args.vqvae), frame_step=args.frame_step, latent_shape=list(vqvae.latent_shape),
+            n_codes=vqvae.n_codes), indent=1))
+    return [np.load(c) for _, c in paths]
+
+
+class CodeSamples:
+    """Samples (clip j, clip j + 1) of the repetitions: `codes` (n_clips_total, t, h, w) int32 on the
+    device, `starts` (n_samples,) the index of each sample's conditioning clip in `codes`.
+
+    per_rep_codes: list of (n_clips, t, h, w) arrays; used_frames: leading 60 Hz frames of each
+    repetition that may be read (a clip is usable when all its `span` frames are among them).
+    """
+
+    def __init__(self, per_rep_codes, used_frames, span, device):
+        kept, starts, offset = [], [], 0
+        for codes, frames in zip(per_rep_codes, used_frames):
+            n = min(len(codes), frames // span)          # clips inside the used frames
+            if n >= 2:
+                kept.append(codes[:n])
+                starts.append(offset + np.arange(n - 1))
+                offset += n
+        self.codes = torch.as_tensor(np.concatenate(kept).astype(np.int32) if kept else
+                                     np.zeros((0, 1, 1, 1), np.int32)).to(device)
+        self.starts = torch.as_tensor(np.concatenate(starts) if starts else np.zeros(0, np.int64)).to(device)
+
+    def __len__(self):
+        return len(self.starts)
+
+    def batch(self, index):
+        """(conditioning codes, target codes), each (B, t, h, w), of the samples `index` (B,)."""
+        first = self.starts[index]
+        return self.codes[first], self.codes[first + 1]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(seed, epoch, n_samples):
+    """The order (n_samples,) of the samples in one epoch: the same on every rank, fresh each epoch."""
+    return torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(n_samples))
+
+
+def batch_indices(step, n_samples, batch_size, seed, rank, world_size):
+    """The sample indices (batch_size,) of this rank at `step`: a step takes the next global batch of
+    the epoch's permutation and each rank its slice. A function of the step alone, so a resumed run
+    reads the same batches."""
+    global_batch = batch_size * world_size
+    epoch, position = divmod(step, max(1, n_samples // global_batch))
+    start = position * global_batch + rank * batch_size
+    return epoch_permutation(seed, epoch, n_samples)[(start + torch.arange(batch_size)) % n_samples]
+
+
+def embed(codebook, codes):
+    """Codebook lookup: codes (B, t, h, w) -> their embeddings (B, t, h, w, D) (frozen VQ-VAE)."""
+    return F.embedding(codes, codebook)
+
+
+def gpt_loss(model, codebook, cond_codes, target_codes):
+    """Paper eq. 7: mean cross-entropy of the target codes (B, t, h, w) given the conditioning clip's."""
+    logits = model(embed(codebook, target_codes), embed(codebook, cond_codes))   # (B, t, h, w, n_codes)
+    return F.cross_entropy(logits.flatten(0, -2).float(), target_codes.flatten().long())
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements: FLOPs per sample (for MFU), peak memory, validation loss, loss figure
+# --------------------------------------------------------------------------------------------------
+def train_flops_per_sample(config):
+    """FLOPs of one training sample (forward + backward), counted by torch on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = common.VideoGPT(**config)
+        x = torch.zeros(1, *config["latent_shape"], config["embedding_dim"])
+        targets = torch.zeros(1, *config["latent_shape"], dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        logits = model(x, x)
+        F.cross_entropy(logits.flatten(0, -2), targets.flatten()).backward()
+    return counter.get_total_flops()
+
+
+def peak_tflops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    precision = "tf32" if args.precision == "fp32" and args.tf32 else args.precision
+    for key, peaks in PEAK_TFLOPS.items():      # "H100 PCIe" is listed before "H100"
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # Linux: KiB -> GB (host RSS)
+
+
+@torch.no_grad()
+def validation_loss(model, codebook, samples, args, ctx):
+    """Mean cross-entropy over a fixed, evenly spread subset of the validation samples (all ranks share
+    the work; model in eval mode: no dropout)."""
+    n = len(samples) if args.val_samples == 0 else min(args.val_samples, len(samples))
+    chosen = torch.as_tensor(np.linspace(0, len(samples) - 1, n).round().astype(np.int64))[ctx.rank::ctx.world_size]
+    model.eval()
+    total = torch.zeros(2, device=ctx.device, dtype=torch.float64)          # (loss sum, count)
+    for index in chosen.split(args.batch_size):
+        cond, target = samples.batch(index.to(ctx.device))
+        with common.autocast(ctx.device, args.precision):
+            total[0] += gpt_loss(model, codebook, cond, target).double() * len(index)
+        total[1] += len(index)
+    model.train()
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def save_loss_figure(log_path, figure_path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    log = pd.read_csv(log_path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(log["step"], log["train_loss"], label="train")
+    val = log.dropna(subset=["val_loss"])
+    ax.plot(val["step"], val["val_loss"], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats per code)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    with common.atomic_path(figure_path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    work = Path(args.work)
+    args.vqvae = str(args.vqvae or work / "vqvae" / "ckpt.pt")
+    out_dir = work / "gpt" / args.name
+    ckpt_path = out_dir / "ckpt.pt"
+
+    # Skip a finished run (idempotent stages); refuse to silently discard an unfinished one.
+    checkpoint = None
+    if ckpt_path.exists() and not args.overwrite:
+        checkpoint = common.load_checkpoint(ckpt_path)
+        if checkpoint.get("step", 0) >= args.max_steps:
+            common.print0(f"04_train_gpt: {ckpt_path} is complete ({checkpoint['step']} steps); "
+                          "--overwrite to train again")
+            return
+        if not args.resume:
+            raise InputError(f"{ckpt_path}: an unfinished run ({checkpoint['step']} steps) exists: pass "
+                             "--resume to continue it or --overwrite to start over")
+
+    ctx = common.setup_distributed(args.device)
+    try:
+        train(args, ctx, work, out_dir, ckpt_path, checkpoint)
+    finally:
+        common.teardown_distributed()
+
+
+def train(args, ctx, work, out_dir, ckpt_path, checkpoint):
+    device = ctx.device
+    common.seed_everything(args.seed, ctx.rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+
+    # --- the frozen VQ-VAE: its codebook is all the GPT needs once the clips are cached
+    vqvae = common.load_vqvae(args.vqvae).to(device).eval()
+    config = model_config(args, vqvae)
+    if checkpoint is not None and checkpoint.get("model_config") != config:
+        raise InputError(f"{ckpt_path}: saved with model {checkpoint.get('model_config')}, but the flags ask "
+                         f"for {config}: use the same flags or --overwrite")
+    codebook = vqvae.codebook.embeddings.detach().clone().float()             # (n_codes, D)
+
+    # --- data: training / validation repetitions, the --train-frames budget, cached codes
+    reps = usable_repetitions(work, args.test_sessions)
+    if len(reps) <= args.val_reps:
+        raise InputError(f"{work / 'frames' / 'manifest.tsv'}: {len(reps)} usable repetition(s), not enough to "
+                         f"hold out --val-reps {args.val_reps} and still train")
+    train_reps, val_reps = reps[:len(reps) - args.val_reps], reps[len(reps) - args.val_reps:]
+    used = select_training_frames([int(r["n_frames"]) for r in train_reps], args.train_frames)
+    train_reps = [r for r, n in zip(train_reps, used) if n > 0]
+    used = [n for n in used if n > 0]
+    cache_dir, vqvae_sha256 = cache_directory(work, args.vqvae, args.frame_step)
+    span = vqvae.config["sequence_length"] * args.frame_step
+    codes = cached_codes(work, train_reps + val_reps, vqvae, cache_dir, args, ctx)
+    del vqvae
+    train_samples = CodeSamples(codes[:len(train_reps)], used, span, device)
+    val_samples = CodeSamples(codes[len(train_reps):], [int(r["n_frames"]) for r in val_reps], span, device)
+    if len(train_samples) == 0:
+        raise InputError(f"--train-frames {args.train_frames}: no training sample (a sample needs two "
+                         f"consecutive clips, {2 * span} frames of one repetition)")
+    codebook = codebook.to(device)
+    common.print0(f"04_train_gpt: {sum(used)} training frames from {len(train_reps)} repetitions -> "
+                  f"{len(train_samples)} samples; {len(val_samples)} validation samples "
+                  f"({len(val_reps)} repetitions); codes in {cache_dir}")
+
+    # --- model and optimizer (paper 2.3.1.2: Adam 3e-4, betas 0.9/0.999, cosine annealing)
+    model = common.VideoGPT(**config, checkpoint_activations=args.checkpoint_activations).to(device)
+    if args.init_from and checkpoint is None:
+        init_config, init_state, extra = common.load_gpt_checkpoint(args.init_from)
+        if {k: v for k, v in init_config.items() if "dropout" not in k} != \
+                {k: v for k, v in config.items() if "dropout" not in k}:
+            raise InputError(f"{args.init_from}: a model {init_config}, but the flags and VQ-VAE ask for {config}")
+        common.build_gpt(init_config, init_state, args.init_from)            # strict key check, clear error
+        model.load_state_dict(init_state)
+        their_codebook = extra.get("vqvae_state", {}).get("codebook.embeddings")
+        if their_codebook is not None and not torch.allclose(their_codebook.float().to(device), codebook):
+            common.print0(f"04_train_gpt: warning: {args.init_from} was trained with another VQ-VAE codebook "
+                          f"than {args.vqvae}")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                 fused=device.type == "cuda")
+    scaler = common.grad_scaler(device, args.precision)
+    start_step, wall_before = 0, 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_step, wall_before = checkpoint["step"], checkpoint.get("wall_s", 0.0)
+        if not common.restore_rng_states(checkpoint["rng"], ctx):
+            common.print0(f"04_train_gpt: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
+                          "random generators reseeded (the run continues, not bit-for-bit)")
+    raw_model = model
+    if ctx.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    flops_per_sample = train_flops_per_sample(config)
+    peak = peak_tflops(args, device)
+    log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
+    preemption = common.PreemptionFlag()
+    tokens_per_sample = math.prod(config["latent_shape"])
+    run_start = time.perf_counter()
+
+    def save(step):
+        rng = common.gather_rng_states(ctx)   # a collective: every rank takes part
+        if ctx.is_main:
+            common.save_checkpoint(ckpt_path, dict(
+                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                step=step, rng=rng, args=vars(args), model_config=config, kind="gpt", vqvae_sha256=vqvae_sha256,
+                train_frames=sum(used), train_samples=len(train_samples),
+                wall_s=wall_before + time.perf_counter() - run_start))
+
+    # --- loop
+    progress = tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="04 gpt")
+    interval_start, interval_steps = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=device)
+    step = start_step
+    while step < args.max_steps:
+        index = batch_indices(step, len(train_samples), args.batch_size, args.seed, ctx.rank, ctx.world_size)
+        cond, target = train_samples.batch(index.to(device))                 # (B, t, h, w) each
+        lr = common.cosine_lr(step, args.max_steps, args.lr)
+        common.set_lr(optimizer, lr)
+        with common.autocast(device, args.precision):
+            loss = gpt_loss(model, codebook, cond, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach()
+        step += 1
+        interval_steps += 1
+        progress.update(1)
+
+        last = step == args.max_steps
+        if step % args.log_every == 0 or last:
+            val_loss = ""
+            if step % args.val_every == 0 or last:
+                val_loss = validation_loss(raw_model, codebook, val_samples, args, ctx) if len(val_samples) else ""
+            if ctx.world_size > 1:
+                torch.distributed.all_reduce(loss_sum)
+            train_loss = loss_sum.item() / interval_steps / ctx.world_size
+            elapsed = time.perf_counter() - interval_start
+            clips_per_s = interval_steps * args.batch_size * ctx.world_size / elapsed
+            if ctx.is_main:
+                log.log(step=step, epoch=step * args.batch_size * ctx.world_size / len(train_samples), lr=lr,
+                        train_loss=train_loss, val_loss=val_loss, clips_per_s=clips_per_s,
+                        tokens_per_s=clips_per_s * tokens_per_sample,
+                        mfu=clips_per_s * flops_per_sample / (peak * 1e12 * ctx.world_size) if peak else "",
+                        peak_mem_gb=peak_memory_gb(device), wall_s=wall_before + time.perf_counter() - run_start)
+                progress.set_postfix(loss=f"{train_loss:.4f}")
+            loss_sum.zero_()
+            interval_start, interval_steps = time.perf_counter(), 0
+
+        stop = preemption.agreed(ctx)
+        if step % args.ckpt_every == 0 or last or stop:
+            save(step)
+        if stop:
+            common.print0(f"04_train_gpt: preempted at step {step}; checkpoint saved, --resume continues")
+            progress.close()
+            sys.exit(0)
+    progress.close()
+
+    if ctx.is_main:
+        save_loss_figure(out_dir / "log.csv", out_dir / "loss.png", f"GPT {args.name}")
+        print(f"04_train_gpt: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, {out_dir / 'loss.png'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,348 @@
+"""Stage 04 and common.VideoGPT: the conditioned GPT prior (paper 2.3.1.2), its code cache and training."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, load_stage
+
+import common
+
+gpt_stage = load_stage("04_train_gpt.py")
+
+# Two cores shared with other jobs: one thread per process avoids thread contention (10x slower).
+torch.set_num_threads(1)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+RES = 16                                    # frame size of the synthetic data; tiny VQ-VAE latent (4, 4, 4)
+TINY_VQVAE = dict(resolution=RES, sequence_length=16, n_hiddens=16, n_res_layers=1, downsample=(4, 4, 4),
+                  embedding_dim=8, n_codes=32)
+TINY_GPT = dict(latent_shape=(4, 4, 4), embedding_dim=8, n_codes=32, hidden_dim=24, heads=2, layers=2, cond_dim=24)
+TINY_FLAGS = ["--device", "cpu", "--hidden-dim", "24", "--layers", "2", "--heads", "2", "--cond-dim", "24",
+              "--batch-size", "4", "--val-reps", "1"]
+N_FRAMES = [300, 260, 300, 200, 300, 300]   # per repetition, manifest order (the last is the validation one)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A work dir with frames/manifest.tsv (6 ok repetitions of random 16 px frames, one failed row, one
+    in test session 005) and a tiny random VQ-VAE saved as stage 03 saves it."""
+    work = tmp_path_factory.mktemp("gptwork")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, n in enumerate(N_FRAMES + [300]):
+        ses = "005" if i == len(N_FRAMES) else f"{i // 2 + 1:03d}"
+        stem = f"sub-01_ses-{ses}_task-shinobi_run-01_level-1_rep-{i % 2 + 1:02d}"
+        frames_path = f"frames/sub-01/ses-{ses}/{stem}.npy"
+        (work / frames_path).parent.mkdir(parents=True, exist_ok=True)
+        np.save(work / frames_path, rng.integers(0, 256, (n, RES, RES, 3), dtype=np.uint8))
+        rows.append(dict(sub="01", ses=ses, task="shinobi", run="01", level="1", rep=f"{i % 2 + 1:02d}",
+                         bk2=f"{stem}.bk2", onset_s=1.0, n_frames=n, fps=60, frames_path=frames_path,
+                         status="ok", error=""))
+    rows.insert(2, dict(rows[0], rep="03", n_frames=None, frames_path=None, status="failed", error="boom"))
+    common.write_tsv(work / "frames" / "manifest.tsv", rows)
+    torch.manual_seed(0)
+    vqvae = common.VQVAE(**TINY_VQVAE)
+    common.save_checkpoint(work / "vqvae" / "ckpt.pt", dict(model=vqvae.state_dict(), model_config=vqvae.config))
+    return work
+
+
+def run04(*args, check=True):
+    """04_train_gpt.py as a user runs it (single-threaded, see above)."""
+    result = subprocess.run([sys.executable, str(REPO / "04_train_gpt.py"), *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, env=SUBPROCESS_ENV)
+    if check and result.returncode != 0:
+        raise AssertionError(f"04_train_gpt.py exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_log(work, name):
+    return pd.read_csv(work / "gpt" / name / "log.csv")
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+def test_parameter_counts_match_table_2b():
+    model = common.VideoGPT()                      # the paper's configuration is the default
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 40_324_768
+    assert round(counts["resnet"] / 1e5) == 24                  # 2.4 M
+    assert round(counts["fc_in"] / 1e2) == 737                  # 73.7 K
+    assert round(counts["attn_stack"] / 1e5) == 372             # 37.2 M
+    assert round(counts["fc_out"] / 1e3) == 590                 # 589.8 K, printed 589 K by Lightning
+    assert counts["fc_out"] == 576 * 1024 and counts["fc_in"] == 128 * 576
+
+
+def test_state_dict_keys_are_the_authors():
+    """Names written out from the authors' gpt.py / attention.py / resnet.py (emb_cond), minus the
+    derived causal-mask buffers."""
+    block = ["pre_attn_norm.g", "pre_attn_norm.b", "attn.w_qs.weight", "attn.w_ks.weight", "attn.w_vs.weight",
+             "attn.fc.weight", "attn.fc.bias", "pre_enc_norm.g", "pre_enc_norm.b", "enc_attn.w_qs.weight",
+             "enc_attn.w_ks.weight", "enc_attn.w_vs.weight", "enc_attn.fc.weight", "enc_attn.fc.bias",
+             "pre_fc_norm.g", "pre_fc_norm.b", "fc_block.0.weight", "fc_block.0.bias", "fc_block.2.weight",
+             "fc_block.2.bias"]
+    expected = {f"resnet.{m}" for m in ["proj_conv.weight", "conv1.weight", "conv2.weight"]}
+    expected |= {f"resnet.{n}.norm.norm.{p}" for n in ["proj_bnr", "bnr1", "bnr2"] for p in ["weight", "bias"]}
+    expected |= {f"cond_pos_embd.emb.d_{i}" for i in range(3)} | {f"attn_stack.pos_embd.emb.d_{i}" for i in range(3)}
+    expected |= {"fc_in.weight", "attn_stack.right_shift.sos", "norm.g", "norm.b", "fc_out.weight"}
+    expected |= {f"attn_stack.attn_nets.{i}.{k}" for i in range(2) for k in block}
+    assert set(common.VideoGPT(**TINY_GPT).state_dict()) == expected
+
+
+def test_hooks_on_every_block_name_give_table_4_shapes():
+    model = common.VideoGPT().eval()
+    table4 = {"pre_attn_norm": 576, "post_attn_dp": 576, "attn.w_qs": 576, "attn.w_ks": 576, "attn.w_vs": 576,
+              "attn.fc": 576, "pre_enc_norm": 576, "post_enc_dp": 576, "enc_attn.w_qs": 576, "enc_attn.w_ks": 576,
+              "enc_attn.w_vs": 240, "enc_attn.fc": 576, "pre_fc_norm": 576, "post_fc_dp": 576, "fc_block": 576,
+              "fc_block.0": 2304, "fc_block.1": 2304, "fc_block.2": 576}
+    modules = dict(model.named_modules())
+    shapes = {}
+    for name in [f"attn_stack.attn_nets.4.{n}" for n in table4] + ["attn_stack.attn_nets.4.attn.attn",
+                                                                    "attn_stack.attn_nets.5.enc_attn.attn"]:
+        modules[name].register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
+    with torch.no_grad():
+        model(torch.randn(1, 4, 8, 8, 128), torch.randn(1, 4, 8, 8, 128))
+    for name, width in table4.items():
+        assert shapes[f"attn_stack.attn_nets.4.{name}"] == (1, 4, 8, 8, width), name
+    assert shapes["attn_stack.attn_nets.4.attn.attn"] == (1, 4, 4, 8, 8, 144)
+    assert shapes["attn_stack.attn_nets.5.enc_attn.attn"] == (1, 4, 4, 8, 8, 60)
+
+
+def test_changing_a_later_target_code_never_changes_earlier_logits():
+    torch.manual_seed(1)
+    model = common.VideoGPT(**TINY_GPT).eval()
+    torch.nn.init.normal_(model.fc_out.weight)           # zero-initialised: every logit would be 0
+    codebook = torch.randn(32, 8)
+    target = torch.randint(0, 32, (2, 4, 4, 4))
+    cond = torch.randint(0, 32, (2, 4, 4, 4))
+    with torch.no_grad():
+        logits = model(F.embedding(target, codebook), F.embedding(cond, codebook)).flatten(1, 3)  # (B, 64, n)
+        for position in [0, 17, 40, 63]:
+            changed = target.clone().flatten(1)
+            changed[:, position] = (changed[:, position] + 1) % 32
+            changed = changed.view_as(target)
+            new = model(F.embedding(changed, codebook), F.embedding(cond, codebook)).flatten(1, 3)
+            assert torch.equal(new[:, :position + 1], logits[:, :position + 1])   # logit i predicts code i
+            if position < 63:
+                assert not torch.allclose(new[:, position + 1:], logits[:, position + 1:])
+
+
+def explicit_attention(q, k, v, causal):
+    """The authors' scaled_dot_product_attention: explicit softmax with a lower-triangular mask."""
+    attn = q @ k.transpose(-1, -2) / np.sqrt(q.shape[-1])
+    if causal:
+        mask = torch.tril(torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool))
+        attn = attn.masked_fill(~mask, float("-inf"))
+    return F.softmax(attn, dim=-1) @ v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_attention_equals_explicit_softmax_in_fp64(causal):
+    torch.manual_seed(2)
+    attention = common.FullAttention((4, 8, 8), causal=causal, attn_dropout=0.3).eval()
+    q, k, v = (torch.randn(2, 4, 256, d, dtype=torch.float64) for d in (16, 16, 12))
+    out = attention(q, k, v)                                                       # (B, heads, t, h, w, d)
+    expected = explicit_attention(q, k, v, causal).unflatten(2, (4, 8, 8))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    attention.train()                                   # attention dropout is active while training
+    assert not torch.allclose(attention(q, k, v), out)
+
+
+def test_layer_norm_matches_the_authors_formula_to_1e5():
+    norm = common.GPTLayerNorm(576)
+    torch.nn.init.normal_(norm.g)
+    x = torch.randn(3, 10, 576) * 2 + 1
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    authors = (x - mu) * (1e-5 + var.rsqrt()) * norm.g + norm.b
+    torch.testing.assert_close(norm(x), authors, rtol=2e-5, atol=2e-5)
+
+
+def test_tiny_config_overfits_a_few_samples():
+    torch.manual_seed(3)
+    model = common.VideoGPT(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
+    codebook = torch.randn(32, 8)
+    cond, target = torch.randint(0, 32, (2, 4, 4, 4, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(100):
+        loss = gpt_stage.gpt_loss(model, codebook, cond, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - np.log(32)) < 1e-5            # zero-initialised fc_out: uniform predictions
+    assert losses[-1] < 0.01 * losses[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: cached codes, --train-frames
+# --------------------------------------------------------------------------------------------------
+def test_cached_code_loss_equals_on_the_fly_encoding():
+    torch.manual_seed(4)
+    vqvae = common.VQVAE(**TINY_VQVAE).eval()
+    model = common.VideoGPT(**TINY_GPT).eval()
+    torch.nn.init.normal_(model.fc_out.weight)
+    frames = np.random.default_rng(4).integers(0, 256, (200, RES, RES, 3), dtype=np.uint8)   # 3 clips
+    codes = gpt_stage.encode_repetition(vqvae, frames, 4, 2, torch.device("cpu"))
+    assert codes.shape == (3, 4, 4, 4)
+    samples = gpt_stage.CodeSamples([codes.numpy().astype(np.uint16)], [200], 64, "cpu")
+    assert len(samples) == 2
+    codebook = vqvae.codebook.embeddings
+    with torch.no_grad():
+        cond, target = samples.batch(torch.arange(2))
+        cached = gpt_stage.gpt_loss(model, codebook, cond, target)
+        # on the fly, the authors' way: encode both 16-frame clips of each 32-frame window every step
+        video = torch.as_tensor(frames[:192:4]).permute(3, 0, 1, 2).float() / 255 - 0.5      # (3, 48, H, W)
+        windows = torch.stack([video[:, :32], video[:, 16:]])                               # (2, 3, 32, H, W)
+        cond_codes, cond_emb = vqvae.encode(windows[:, :, :16], include_embeddings=True)
+        target_codes, target_emb = vqvae.encode(windows[:, :, 16:], include_embeddings=True)
+        logits = model(target_emb.movedim(1, -1), cond_emb.movedim(1, -1))
+        on_the_fly = F.cross_entropy(logits.movedim(-1, 1), target_codes)
+    assert torch.equal(cond_codes, cond.long()) and torch.equal(target_codes, target.long())
+    torch.testing.assert_close(cached, on_the_fly, rtol=1e-5, atol=1e-6)
+
+
+def test_train_frames_selects_exactly_that_many_leading_frames():
+    n_frames = [300, 260, 300, 200]
+    assert gpt_stage.select_training_frames(n_frames, 0) == n_frames
+    assert gpt_stage.select_training_frames(n_frames, 300) == [300, 0, 0, 0]
+    assert gpt_stage.select_training_frames(n_frames, 700) == [300, 260, 140, 0]
+    assert sum(gpt_stage.select_training_frames(n_frames, 1059)) == 1059
+    with pytest.raises(common.InputError, match="--train-frames 1061: the training repetitions hold only 1060"):
+        gpt_stage.select_training_frames(n_frames, 1061)
+    # samples only read clips whose 64 frames all lie inside the selection: 140 frames -> 2 clips, 1 sample
+    codes = [np.arange(n // 64)[:, None, None, None] * np.ones((1, 4, 4, 4), np.uint16) for n in n_frames]
+    samples = gpt_stage.CodeSamples(codes, [300, 260, 140, 0], 64, "cpu")
+    assert len(samples) == 3 + 3 + 1
+    last_clip_read = {int(samples.codes[i + 1, 0, 0, 0]) for i in samples.starts.tolist()}
+    assert max(last_clip_read) * 64 + 64 <= 300
+
+
+def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
+    seen = torch.cat([gpt_stage.batch_indices(s, 12, 2, 0, r, 2) for s in range(3) for r in range(2)])
+    assert sorted(seen.tolist()) == list(range(12))                   # epoch 0: each sample once
+    assert torch.equal(gpt_stage.batch_indices(4, 12, 2, 0, 1, 2), gpt_stage.batch_indices(4, 12, 2, 0, 1, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage, end to end
+# --------------------------------------------------------------------------------------------------
+def test_training_resumes_exactly_after_sigterm(work, capsys):
+    flags = ["--work", str(work), *TINY_FLAGS, "--max-steps", "40", "--log-every", "1", "--val-every", "20"]
+    run04(*flags, "--name", "straight")
+    straight = read_log(work, "straight")
+    assert (work / "gpt" / "straight" / "loss.png").is_file()
+    assert straight["train_loss"].iloc[-1] < straight["train_loss"].iloc[0]
+    assert straight["val_loss"].notna().sum() == 2 and np.isfinite(straight["val_loss"].dropna()).all()
+    codes_dir = next((work / "gpt" / "codes").iterdir())
+    assert len(list(codes_dir.rglob("*.npy"))) == len(N_FRAMES)          # test session 005 not encoded
+
+    log_path = work / "gpt" / "cut" / "log.csv"
+    process = subprocess.Popen([sys.executable, str(REPO / "04_train_gpt.py"), *map(str, flags), "--name", "cut"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=SUBPROCESS_ENV)
+    while process.poll() is None and not (log_path.is_file() and len(log_path.read_text().splitlines()) > 3):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    stopped = common.load_checkpoint(work / "gpt" / "cut" / "ckpt.pt")["step"]
+    assert 3 <= stopped < 40, "the run ended before SIGTERM arrived: nothing was resumed"
+    assert "preempted" in out
+    with pytest.raises(common.InputError, match="pass --resume to continue it or --overwrite"):
+        gpt_stage.main([*flags, "--name", "cut"])
+    run04(*flags, "--name", "cut", "--resume")
+
+    resumed = read_log(work, "cut")
+    columns = ["step", "epoch", "lr", "train_loss", "val_loss"]
+    pd.testing.assert_frame_equal(resumed[columns], straight[columns])
+    a = common.load_checkpoint(work / "gpt" / "straight" / "ckpt.pt")["model"]
+    b = common.load_checkpoint(work / "gpt" / "cut" / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    gpt_stage.main([*flags, "--name", "cut"])                                # complete: skipped
+    assert "is complete" in capsys.readouterr().out
+
+
+def test_two_process_gloo_torchrun(work):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(REPO / "04_train_gpt.py"), "--work", str(work), *TINY_FLAGS, "--max-steps", "4", "--log-every", "2",
+         "--val-every", "4", "--name", "ddp"],
+        cwd=REPO, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = read_log(work, "ddp")
+    assert log["step"].tolist() == [2, 4]
+    # 5 training repetitions of 4, 4, 4, 3, 4 clips: 14 samples; 2 processes x 4 samples per step
+    assert log["epoch"].iloc[-1] == pytest.approx(4 * 8 / 14, rel=1e-5)
+    assert np.isfinite(log["val_loss"].iloc[-1])
+    assert common.load_checkpoint(work / "gpt" / "ddp" / "ckpt.pt")["step"] == 4
+
+
+def test_authors_lightning_checkpoint_loads_strictly_and_initialises_training(work, tmp_path):
+    torch.manual_seed(5)
+    theirs = common.VideoGPT(**TINY_GPT)
+    state = {f"vqvae.{k}": v for k, v in common.VQVAE(**TINY_VQVAE).state_dict().items()}
+    state.update(theirs.state_dict())
+    for i in range(2):                                   # the authors' FullAttention keeps its causal mask
+        state[f"attn_stack.attn_nets.{i}.attn.attn.mask"] = torch.tril(torch.ones(64, 64))
+    path = tmp_path / "authors.ckpt"
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 1000,
+                "hyper_parameters": {"args": Namespace(hidden_dim=24, heads=2, layers=2, dropout=0.2,
+                                                       attn_dropout=0.3, emb_cond=True, n_cond_frames=0)}}, path)
+    config, gpt_state, extra = common.load_gpt_checkpoint(path)
+    assert config == {**theirs.config}
+    model = common.build_gpt(config, gpt_state, path)    # strict: every key used, none missing
+    assert set(extra["vqvae_state"]) == set(common.VQVAE(**TINY_VQVAE).state_dict())
+    x = torch.randn(2, 4, 4, 4, 8)
+    assert torch.equal(model.eval()(x, x), theirs.eval()(x, x))
+
+    gpt_stage.main(["--work", str(work), *TINY_FLAGS, "--max-steps", "1", "--lr", "1e-12", "--name", "init",
+                    "--init-from", str(path)])
+    trained = common.load_checkpoint(work / "gpt" / "init" / "ckpt.pt")["model"]
+    assert all(torch.allclose(trained[k], v, atol=1e-6) for k, v in theirs.state_dict().items())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hidden-dim", "25"], "--hidden-dim 25: must be a positive multiple of 3"),
+    (["--train-frames", "5000"], "--train-frames 5000: the training repetitions hold only 1360 frames"),
+    (["--vqvae", "missing.pt"], "missing.pt: checkpoint not found"),
+    (["--heads", "30"], "--heads 30: must be between 1 and min(--hidden-dim, --cond-dim)"),
+])
+def test_bad_input_gives_one_line_error(work, flags, message):
+    with pytest.raises(common.InputError) as error:
+        gpt_stage.main(["--work", str(work), *TINY_FLAGS, "--max-steps", "1", "--name", "bad", *flags])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_frames_of_another_resolution_are_refused(work, tmp_path):
+    vqvae = common.VQVAE(**{**TINY_VQVAE, "resolution": 32})
+    path = tmp_path / "vqvae32.pt"
+    common.save_checkpoint(path, dict(model=vqvae.state_dict(), model_config=vqvae.config))
+    with pytest.raises(common.InputError) as error:
+        gpt_stage.main(["--work", str(work), *TINY_FLAGS, "--vqvae", str(path), "--name", "res"])
+    assert "expected uint8 frames (N, 32, 32, 3) for the VQ-VAE's resolution 32, got uint8 (300, 16, 16, 3)" \
+        in str(error.value)
+    assert str(error.value).startswith(str(work / "frames" / "sub-01" / "ses-001"))
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    torch.manual_seed(6)
+    plain = common.VideoGPT(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
+    recomputed = common.VideoGPT(**TINY_GPT, dropout=0.0, attn_dropout=0.0, checkpoint_activations=True)
+    recomputed.load_state_dict(plain.state_dict())
+    torch.nn.init.normal_(plain.fc_out.weight), recomputed.fc_out.weight.data.copy_(plain.fc_out.weight)
+    codebook = torch.randn(32, 8)
+    cond, target = torch.randint(0, 32, (2, 3, 4, 4, 4))
+    for model in (plain, recomputed):
+        gpt_stage.gpt_loss(model, codebook, cond, target).backward()
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
