@@ -1,0 +1,516 @@
+"""05 — Brain features per TR from any layer of a VideoGPT checkpoint (paper sections 2.3, 2.4.2, appendix A).
+
+    python 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt              # the paper's layer
+    python 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt --list-layers  # what can be hooked
+    python 05_extract.py --work work --ckpt work/gpt/h576-l4-a4/ckpt.pt --layer last   # depth sweep (Table 3)
+    python 05_extract.py --work work --ckpt authors_gpt.ckpt --name authors \\
+        --layer attn_stack.attn_nets.4.post_fc_dp attn_stack.attn_nets.4.fc_block.0 --pool space
+    python 05_extract.py --work work --ckpt ... --device cpu --batch-size 4         # no GPU (demo)
+
+Every fMRI run of <work>/bold/manifest.tsv gets one feature row per volume, from the activation of one
+(or several) modules of the GPT prior while it reads the gameplay the subject saw just before.
+
+Alignment (CONTRACT.md "Time conventions"; t counts volumes from 0, TR in seconds):
+  - the run's 60 Hz timeline starts at its first volume; frame i (0-based) of a repetition is 60 Hz
+    frame round(onset_s x 60) + i, shown from that frame's time for 1/60 s. Frames before the run, between
+    repetitions, after the last one, and of repetitions whose replay is "Missing file" are black
+    (a later repetition overwrites an earlier one where rounding makes them overlap by a frame);
+  - row t is the window of 32 frames (2 x the VQ-VAE's sequence_length) at 15 Hz (every --frame-step
+    = 4th 60 Hz frame) whose last frame is the last one shown before the end of volume t, at time
+    (t + 1) x TR: 60 Hz frames e_t - 4 x 31, ..., e_t - 4, e_t with e_t = ceil((t + 1) x TR x 60) - 1.
+    Its first 16 frames condition the GPT, the last 16 are the target clip it reads (paper 2.3.1.2).
+    No haemodynamic delay here: 06 applies it.
+
+Outputs, for each --layer (written atomically; complete runs are skipped unless --overwrite, and
+recomputed when their sidecar names another checkpoint, pooling, dtype or frame step):
+    <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.npy   float16 (T, D), T = n_volumes of the run;
+        D = 147,456 = 4 x 8 x 8 x 576 for attn_stack.attn_nets.4.post_fc_dp of the paper's model
+        (activation flattened in C order from its (T', H', W', C) shape); --pool space/time averages
+        the latent space (H', W') or time (T') axes first.
+    <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.json  checkpoint sha256, layer, per-TR
+        activation shape, pooling, alignment, frame step, the repetitions placed on the timeline.
+"""
+import argparse
+import difflib
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import common
+from common import DEFAULT_WORK, InputError, read_tsv, run_main, run_stem
+
+GAMEPLAY_HZ = 60                                   # frames/manifest.tsv: every emulator step, nominal 60 Hz
+PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"  # paper 2.3: block 4 of 8, output of its MLP branch
+BLOCK_OUTPUT = "post_fc_dp"                        # --layer last = attn_stack.attn_nets.<L-1>.post_fc_dp
+FRAMES_COLUMNS = ("sub", "ses", "task", "run", "rep", "onset_s", "n_frames", "frames_path", "status")
+BOLD_COLUMNS = ("sub", "ses", "task", "run", "n_volumes", "tr_s")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
+    p.add_argument("--ckpt", required=True,
+                   help="GPT checkpoint: ours (<work>/gpt/<name>/ckpt.pt) or the authors' Lightning .ckpt")
+    p.add_argument("--name", default=None,
+                   help="features/<name>/ (default: the folder of ckpt.pt, else the checkpoint's file stem)")
+    p.add_argument("--layer", nargs="+", default=[PAPER_LAYER],
+                   help=f"module name(s) to hook (default {PAPER_LAYER}); 'last' = the last block's {BLOCK_OUTPUT}")
+    p.add_argument("--list-layers", action="store_true", help="print every hookable module and its output shape")
+    p.add_argument("--pool", choices=("none", "space", "time"), default="none",
+                   help="average the activation over latent space (H', W') or time (T') (default none, as the paper)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="dtype of the saved features")
+    p.add_argument("--vqvae", default=None,
+                   help="VQ-VAE checkpoint for one of our GPT checkpoints (default: the one it was trained with)")
+    p.add_argument("--frame-step", type=int, default=None,
+                   help="60 Hz frames per clip frame (default: the GPT's training value, else 4: clips at 15 Hz)")
+    p.add_argument("--batch-size", type=int, default=32, help="TR windows per forward pass")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="autocast dtype of the forward pass (auto: fp16 on GPU, as the paper, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes gathering frames (default 4 on GPU, 0 = in the main process on CPU)")
+    p.add_argument("--subjects", nargs="+", default=None, help="only these subject labels, e.g. 01 02")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="treat repetitions that 01 failed to render as black instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="recompute features that already exist")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Alignment (CONTRACT.md "Time conventions"): which 60 Hz frame each slot of each TR's window shows
+# --------------------------------------------------------------------------------------------------
+def window_frame_indices(n_volumes, tr_s, window, frame_step, fps=GAMEPLAY_HZ):
+    """(n_volumes, window) int64: the run-timeline index (60 Hz frames from the first volume) of each
+    frame of each TR's window. Row t ends with e_t = ceil((t + 1) x TR x fps) - 1, the last frame shown
+    before the end of TR t, and steps back frame_step frames at a time. Negative = before the run."""
+    # round() first: 1.49 x 60 x 100 is 8940.000000000002 in floating point, whose ceil would be one too many
+    ends = np.ceil(np.round(np.arange(1, n_volumes + 1) * tr_s * fps, 6)).astype(np.int64) - 1  # (T,)
+    steps = frame_step * np.arange(-(window - 1), 1)                                            # (window,)
+    return ends[:, None] + steps[None, :]                                                       # (T, window)
+
+
+def repetition_start(onset_s, fps=GAMEPLAY_HZ):
+    """Timeline index of a repetition's first frame: its onset rounded to the nearest 60 Hz frame."""
+    return int(math.floor(onset_s * fps + 0.5))
+
+
+def gather_frames(indices, repetitions, frame_shape, open_frames):
+    """uint8 (*indices.shape, H, W, 3): the frame shown at each timeline index, black where none is.
+
+    repetitions: list of dicts with `start` (timeline index of frame 0), `n_frames`, `frames_path`
+    (None for a black repetition), in onset order. open_frames(path) gives the (N, H, W, 3) array."""
+    out = np.zeros((*indices.shape, *frame_shape), np.uint8)                # (..., H, W, 3)
+    for rep in repetitions:
+        if rep["frames_path"] is None:
+            continue
+        inside = (indices >= rep["start"]) & (indices < rep["start"] + rep["n_frames"])
+        if inside.any():
+            out[inside] = open_frames(rep["frames_path"])[indices[inside] - rep["start"]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Which runs, which repetitions: bold/manifest.tsv (02) x frames/manifest.tsv (01)
+# --------------------------------------------------------------------------------------------------
+def read_manifest(path, required):
+    """A manifest with BIDS labels kept as text ("001" stays "001")."""
+    read_tsv(path, required=required)  # existence and columns, with common's one-line errors
+    return pd.read_csv(path, sep="\t", dtype={"sub": str, "ses": str, "task": str, "run": str, "rep": str},
+                       na_values=["n/a"], keep_default_na=True)
+
+
+def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing):
+    """One dict per fMRI run: labels, n_volumes, tr_s, the repetitions placed on its timeline.
+
+    Raises InputError for a repetition listed as rendered whose frames are missing or of the wrong
+    size or length, a failed one (unless allow_missing), or a run shorter than one window."""
+    frames_tsv, bold_tsv = work / "frames" / "manifest.tsv", work / "bold" / "manifest.tsv"
+    frames = read_manifest(frames_tsv, FRAMES_COLUMNS)
+    bold = read_manifest(bold_tsv, BOLD_COLUMNS)
+    if subjects:
+        bold = bold[bold["sub"].isin(subjects)]
+        if bold.empty:
+            raise InputError(f"{bold_tsv}: no run of subject(s) {', '.join(subjects)}")
+    window_s = window * frame_step / GAMEPLAY_HZ  # 32 frames at 15 Hz: 2.13 s
+    runs = []
+    for _, row in bold.iterrows():
+        labels = dict(sub=row["sub"], ses=row["ses"], task=row["task"], run=row["run"])
+        stem = run_stem(**labels)
+        n_volumes, tr_s = int(row["n_volumes"]), float(row["tr_s"])
+        if n_volumes * tr_s < window_s:
+            raise InputError(f"{bold_tsv}: {stem} lasts {n_volumes} volume(s) x {tr_s:g} s = {n_volumes * tr_s:.2f} s, "
+                             f"shorter than one {window}-frame window ({window_s:.2f} s)")
+        rows = frames[(frames["sub"] == labels["sub"]) & (frames["ses"] == labels["ses"])
+                      & (frames["task"] == labels["task"]) & (frames["run"] == labels["run"])]
+        if rows.empty:
+            raise InputError(f"{frames_tsv}: no repetition of {stem}, which {bold_tsv} lists")
+        reps = []
+        for _, rep in rows.sort_values("onset_s", kind="stable").iterrows():
+            where = f"{frames_tsv}: {stem} rep {rep['rep']}"
+            placed = {"rep": rep["rep"], "status": rep["status"], "onset_s": float(rep["onset_s"]),
+                      "start": repetition_start(float(rep["onset_s"])), "n_frames": 0, "frames_path": None}
+            if rep["status"] == "failed" and not allow_missing:
+                raise InputError(f"{where} failed to render ({rep.get('error', '')}); fix it and re-run "
+                                 f"01_render_frames.py, or pass --allow-missing to show black frames instead")
+            if rep["status"] == "ok":
+                path = work / str(rep["frames_path"])
+                if pd.isna(rep["frames_path"]) or not path.is_file():
+                    raise InputError(f"{where} is listed as rendered but its frames {path} do not exist "
+                                     f"(re-run 01_render_frames.py)")
+                shape = np.load(path, mmap_mode="r").shape
+                if shape[1:] != frame_shape:
+                    raise InputError(f"{path}: frames of shape {shape[1:]}, the checkpoint's VQ-VAE reads "
+                                     f"{frame_shape} (render with 01_render_frames.py --resolution {frame_shape[0]})")
+                if shape[0] != int(rep["n_frames"]):
+                    raise InputError(f"{path}: {shape[0]} frames, {frames_tsv} says {int(rep['n_frames'])} "
+                                     f"(re-render with 01_render_frames.py --overwrite)")
+                placed.update(n_frames=shape[0], frames_path=str(path))
+            reps.append(placed)
+        runs.append(dict(labels, stem=stem, n_volumes=n_volumes, tr_s=tr_s, repetitions=reps,
+                         windows=window_frame_indices(n_volumes, tr_s, window, frame_step)))
+    return runs
+
+
+class TRWindows(torch.utils.data.Dataset):
+    """Item k = the k-th (run, TR) of `runs`, as its window of frames, uint8 (window, H, W, 3)."""
+
+    def __init__(self, runs, frame_shape):
+        self.runs, self.frame_shape = runs, frame_shape
+        self.items = [(r, t) for r, run in enumerate(runs) for t in range(run["n_volumes"])]
+        self._open = {}  # memory-mapped frame files, opened lazily in each loader process
+
+    def open_frames(self, path):
+        if path not in self._open:
+            self._open[path] = np.load(path, mmap_mode="r")
+        return self._open[path]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        r, t = self.items[k]
+        run = self.runs[r]
+        clip = gather_frames(run["windows"][t], run["repetitions"], self.frame_shape, self.open_frames)
+        return torch.from_numpy(clip), r, t                                    # (window, H, W, 3) uint8
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks: record what any named module outputs during a forward pass
+# --------------------------------------------------------------------------------------------------
+def resolve_layers(model, names, n_layers):
+    """Check every --layer against the model's modules; 'last' becomes the last block's output."""
+    modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters()) | dict(model.named_buffers())
+    resolved = []
+    for name in names:
+        if name == "last":
+            name = f"attn_stack.attn_nets.{n_layers - 1}.{BLOCK_OUTPUT}"
+        if name in modules and name:
+            resolved.append(name)
+            continue
+        if name in parameters:
+            owner = name.rsplit(".", 1)[0]
+            raise InputError(f"--layer {name}: a parameter or buffer, not a module (its module is {owner})")
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+        hint = f"closest: {', '.join(close)}" if close else "see --list-layers"
+        raise InputError(f"--layer {name}: no such module in the checkpoint's model ({hint})")
+    return list(dict.fromkeys(resolved))
+
+
+class LayerRecorder:
+    """Forward hooks on named modules; `outputs[name]` lists what each call returned, detached.
+
+    A module that runs several times per sample (the VQ-VAE's, once per clip) is recorded every time.
+    Use as a context manager so that the hooks are removed however the block ends."""
+
+    def __init__(self, model, names):
+        modules = dict(model.named_modules())
+        self.outputs = {name: [] for name in names}
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
+
+    def _hook(self, name):
+        def record(module, inputs, output):
+            self.outputs[name].append(output.detach() if torch.is_tensor(output) else output)
+        return record
+
+    def clear(self):
+        for calls in self.outputs.values():
+            calls.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def per_sample_activation(name, calls, batch_size):
+    """The recorded calls of one module as one tensor (B, ...); several calls are stacked on axis 1."""
+    if not calls:
+        raise InputError(f"--layer {name}: this module does not run when the model reads a clip")
+    if not all(torch.is_tensor(c) for c in calls):
+        raise InputError(f"--layer {name}: returns {type(calls[0]).__name__}, not a tensor; hook one of its submodules")
+    if any(c.shape[0] != batch_size for c in calls):
+        raise InputError(f"--layer {name}: output of shape {tuple(calls[0].shape)} does not have one row per "
+                         f"sample (batch {batch_size}); hook the module that contains it")
+    return calls[0] if len(calls) == 1 else torch.stack(calls, dim=1)
+
+
+def pool_activation(activation, pool, latent_shape, name):
+    """(B, ...) -> (B, D). 'space'/'time' average the latent axes (H', W') or T', found as the
+    right-most run of axes equal to latent_shape = (T', H', W') (channels-last or channels-first)."""
+    if pool != "none":
+        shape = tuple(activation.shape)
+        starts = [a for a in range(1, len(shape) - 2) if shape[a:a + 3] == tuple(latent_shape)]
+        if not starts:
+            raise InputError(f"--pool {pool}: the output of {name} has shape {shape[1:]} per sample, without "
+                             f"the latent (T', H', W') = {tuple(latent_shape)} axes to pool over")
+        a = starts[-1]
+        activation = activation.mean(dim=(a + 1, a + 2) if pool == "space" else (a,))
+    return activation.reshape(activation.shape[0], -1)                            # (B, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model: load a checkpoint (ours or the authors'), run the GPT on a batch of windows
+# --------------------------------------------------------------------------------------------------
+def file_sha256(path, chunk=1 << 24):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path, vqvae_path, work, device):
+    """The GPT prior of a checkpoint with its frozen VQ-VAE attached as `model.vqvae` (the authors'
+    layout: its modules can be hooked as vqvae.encoder...), in eval mode on `device`, and a description.
+
+    Ours (04_train_gpt.py) names its VQ-VAE checkpoint (--vqvae overrides it; default <work>/vqvae/ckpt.pt);
+    the authors' Lightning checkpoint holds its VQ-VAE under `vqvae.`. common.py infers both architectures
+    from the stored configuration and tensor shapes and loads the weights strictly."""
+    config, state, extra = common.load_gpt_checkpoint(path)
+    gpt = common.build_gpt(config, state, path)
+    if extra.get("vqvae_state"):                                      # the authors' Lightning checkpoint
+        checkpoint_format = "lightning"
+        vqvae = common.load_vqvae(vqvae_path or path)
+    else:                                                             # ours
+        checkpoint_format = "ours"
+        # 04 stores the --vqvae path as given (relative to where it ran): also try it under <work>
+        named = (extra.get("args") or {}).get("vqvae")
+        candidates = [Path(vqvae_path)] if vqvae_path else [Path(named), work / named] if named else []
+        candidates.append(work / "vqvae" / "ckpt.pt")
+        vqvae_path = next((c for c in candidates if c.is_file()), candidates[0])
+        if not vqvae_path.is_file():
+            raise InputError(f"{path}: its VQ-VAE {vqvae_path} does not exist (pass --vqvae PATH)")
+        if extra.get("vqvae_sha256") and extra["vqvae_sha256"] != file_sha256(vqvae_path):
+            raise InputError(f"{vqvae_path}: not the VQ-VAE {path} was trained with (sha256 differs; "
+                             f"pass --vqvae PATH to the right one)")
+        vqvae = common.load_vqvae(vqvae_path)
+    latent, width = tuple(vqvae.latent_shape), vqvae.embedding_dim
+    if latent != tuple(config["latent_shape"]) or width != config["embedding_dim"]:
+        raise InputError(f"{path}: the GPT reads {tuple(config['latent_shape'])} tokens of width "
+                         f"{config['embedding_dim']}, its VQ-VAE gives {latent} of width {width}")
+    gpt.vqvae = vqvae                           # a submodule: hookable, moved and switched to eval with the rest
+    gpt.to(device).eval()
+    args = extra.get("args") or {}
+    resolution = vqvae.config["resolution"]
+    info = dict(format=checkpoint_format, config={"gpt": config, "vqvae": vqvae.config},
+                n_layers=config["layers"], latent_shape=latent, frame_shape=(resolution, resolution, 3),
+                window=2 * vqvae.config["sequence_length"], frame_step=args.get("frame_step"))
+    return gpt, info
+
+
+def read_windows(model, clips):
+    """Run the model on uint8 clips (B, window, H, W, 3) as it was trained (paper 2.3.1.2): the first
+    half of each window is the conditioning clip, the second half the target clip; each goes through the
+    frozen VQ-VAE to codes, whose codebook vectors the GPT reads. Returns the logits (B, t, h, w, n_codes)."""
+    video = clips.permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5        # (B, 3, window, H, W) in [-0.5, 0.5]
+    half = video.shape[2] // 2
+    # Two encoder calls rather than one of 2B clips, so that a hooked VQ-VAE module sees B samples per
+    # call: its features are (B, 2, ...), conditioning clip then target clip.
+    cond_codes = model.vqvae.encode(video[:, :, :half])              # (B, t, h, w) long
+    target_codes = model.vqvae.encode(video[:, :, half:])            # (B, t, h, w) long
+    lookup = model.vqvae.codebook.dictionary_lookup                  # codes -> (B, t, h, w, D)
+    return model(lookup(target_codes), lookup(cond_codes))
+
+
+def run_model(model, clips, device, autocast_dtype):
+    """read_windows under no_grad, with autocast to autocast_dtype (None = fp32) on the model's device."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        read_windows(model, clips.to(device, non_blocking=True))
+
+
+def layer_rows(model, clips, recorder, pool, latent_shape, device, autocast_dtype):
+    """{layer: (B, D) float32 tensor on the device, and the per-sample activation shape} for clips
+    uint8 (B, window, H, W, 3): one forward pass, every hooked layer at once."""
+    recorder.clear()
+    run_model(model, clips, device, autocast_dtype)
+    rows = {}
+    for layer, calls in recorder.outputs.items():
+        activation = per_sample_activation(layer, calls, len(clips)).float()   # (B, ...)
+        rows[layer] = pool_activation(activation, pool, latent_shape, layer), tuple(activation.shape[1:])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs: one .npy (T, D) and one .json sidecar per run and layer, written atomically
+# --------------------------------------------------------------------------------------------------
+def output_path(work, name, layer, run):
+    return work / "features" / name / layer / f"sub-{run['sub']}" / f"ses-{run['ses']}" / f"{run['stem']}.npy"
+
+
+def is_complete(npy, expected):
+    """The .npy and its sidecar exist, and the sidecar says they came from the same computation."""
+    sidecar = npy.with_suffix(".json")
+    if not (npy.is_file() and sidecar.is_file()):
+        return False
+    try:
+        written = json.loads(sidecar.read_text())
+    except json.JSONDecodeError:
+        return False
+    return all(written.get(k) == v for k, v in expected.items())
+
+
+class RunWriter:
+    """Collects the rows of one run for every layer in memory-mapped temp files; `close()` renames them
+    to their final names and writes the sidecars once every row is in; `discard()` removes leftovers."""
+
+    def __init__(self, run, paths, dtype):
+        self.run, self.paths, self.dtype = run, paths, dtype
+        self.tmp = {layer: p.with_name(f".{p.name}.tmp-{os.getpid()}.npy") for layer, p in paths.items()}
+        self.arrays, self.shapes = {}, {}
+
+    def write(self, layer, t, rows, activation_shape):
+        """rows (len(t), D) go to rows t of the layer's (n_volumes, D) array."""
+        if layer not in self.arrays:
+            self.tmp[layer].parent.mkdir(parents=True, exist_ok=True)
+            self.arrays[layer] = np.lib.format.open_memmap(self.tmp[layer], mode="w+", dtype=self.dtype,
+                                                           shape=(self.run["n_volumes"], rows.shape[1]))
+            self.shapes[layer] = [int(n) for n in activation_shape]
+        self.arrays[layer][t] = rows
+
+    def close(self, sidecar):
+        for layer, path in self.paths.items():
+            array = self.arrays.pop(layer)
+            n_features = array.shape[1]
+            array.flush()
+            del array
+            os.replace(self.tmp[layer], path)
+            meta = dict(sidecar, layer=layer, activation_shape=self.shapes[layer], n_features=n_features)
+            with common.atomic_path(path.with_suffix(".json")) as tmp:
+                tmp.write_text(json.dumps(meta, indent=1))
+
+    def discard(self):
+        self.arrays.clear()
+        for tmp in self.tmp.values():
+            tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    work = Path(args.work)
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_file():
+        raise InputError(f"{ckpt}: checkpoint not found")
+    if (args.frame_step is not None and args.frame_step < 1) or args.batch_size < 1:
+        raise InputError("--frame-step and --batch-size must be at least 1")
+    try:
+        device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise InputError(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: torch sees no CUDA device")
+    precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    name = args.name or (ckpt.parent.name if ckpt.name == "ckpt.pt" else ckpt.name.split(".")[0])
+
+    model, info = load_model(ckpt, args.vqvae, work, device)
+    frame_step = args.frame_step or info["frame_step"] or 4
+    window, frame_shape = info["window"], info["frame_shape"]
+
+    # --- --list-layers: every module, with its output for one (black) window --------------------------
+    if args.list_layers:
+        names = [n for n, _ in model.named_modules() if n]
+        with LayerRecorder(model, names) as recorder:
+            run_model(model, torch.zeros((1, window, *frame_shape), dtype=torch.uint8), device, autocast_dtype)
+        modules = dict(model.named_modules())
+        print(f"{'module':<48} {'type':<28} output shape for one window")
+        for n in names:
+            calls = recorder.outputs[n]
+            shape = ("not run" if not calls else
+                     " + ".join(str(list(c.shape)) if torch.is_tensor(c) else type(c).__name__ for c in calls))
+            print(f"{n:<48} {type(modules[n]).__name__:<28} {shape}")
+        return
+
+    # --- plan: which runs still need features -------------------------------------------------------
+    layers = resolve_layers(model, args.layer, info["n_layers"])
+    runs = plan_runs(work, args.subjects, frame_shape, window, frame_step, args.allow_missing)
+    sha256 = file_sha256(ckpt)
+    expected = {"checkpoint_sha256": sha256, "pool": args.pool, "dtype": args.dtype, "frame_step": frame_step}
+    todo = []
+    for run in runs:
+        paths = {layer: output_path(work, name, layer, run) for layer in layers}
+        if args.overwrite or not all(is_complete(p, expected) for p in paths.values()):
+            todo.append((run, paths))
+    print(f"05_extract: {ckpt} -> {work / 'features' / name}: {len(layers)} layer(s) {', '.join(layers)}; "
+          f"{len(todo)} of {len(runs)} run(s) to do, {sum(r['n_volumes'] for r, _ in todo)} TRs; "
+          f"{device}, {precision}, batch {args.batch_size}")
+    if not todo:
+        return
+
+    # --- extract: batches of TR windows through the model, hooked rows into each run's files ---------
+    dataset = TRWindows([run for run, _ in todo], frame_shape)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    writers = [RunWriter(run, paths, np.dtype(args.dtype)) for run, paths in todo]
+    rows_left = [run["n_volumes"] for run, _ in todo]
+    try:
+        with LayerRecorder(model, layers) as recorder, \
+                tqdm(total=len(dataset), unit="TR", desc="extract", file=sys.stderr) as bar:
+            for clips, run_index, t in loader:                      # clips (B, window, H, W, 3) uint8
+                features = layer_rows(model, clips, recorder, args.pool, info["latent_shape"], device, autocast_dtype)
+                for layer, (rows, activation_shape) in features.items():
+                    rows = rows.to(getattr(torch, args.dtype)).cpu().numpy()          # (B, D)
+                    if not np.isfinite(rows).all():
+                        raise InputError(f"--layer {layer}: non-finite features (overflow in {args.dtype} or "
+                                         f"{precision}? try --dtype float32 --precision fp32)")
+                    for r in np.unique(run_index.numpy()):
+                        mine = (run_index == r).numpy()
+                        writers[r].write(layer, t.numpy()[mine], rows[mine], activation_shape)
+                for r in run_index.numpy():
+                    rows_left[r] -= 1
+                    if rows_left[r] == 0:
+                        run = todo[r][0]
+                        writers[r].close({
+                            "checkpoint": str(ckpt), **expected, "checkpoint_format": info["format"],
+                            "model": info["config"], "precision": precision,
+                            "run": run["stem"], "n_volumes": run["n_volumes"], "tr_s": run["tr_s"],
+                            "alignment": (f"row t: {window} frames, every {frame_step}th 60 Hz frame, ending "
+                                          f"with frame ceil((t+1) x TR x 60) - 1 of the run's timeline (the last "
+                                          f"frame shown before the end of volume t); first {window // 2} condition, "
+                                          f"last {window // 2} are the target clip; repetition frame i at "
+                                          f"round(onset_s x 60) + i, black elsewhere"),
+                            "fps": GAMEPLAY_HZ, "window_frames": window,
+                            "repetitions": [{k: rep[k] for k in ("rep", "status", "onset_s", "start", "n_frames")}
+                                            for rep in run["repetitions"]]})
+                bar.update(len(clips))
+    finally:
+        for writer in writers:
+            writer.discard()
+    print(f"05_extract: wrote {len(todo)} run(s) x {len(layers)} layer(s) under {work / 'features' / name}")
+
+
+if __name__ == "__main__":
+    run_main(main)
