@@ -255,12 +255,14 @@ def save_checkpoint(path, checkpoint):
         torch.save(checkpoint, tmp)
 
 
-class _StubObject:
+class _StubObject(dict):
     """Stands in for a class that cannot be imported while unpickling (e.g. pytorch_lightning's
-    callbacks inside an authors' checkpoint): we only need the tensors and hyperparameters."""
+    callbacks inside an authors' checkpoint): we only need the tensors and hyperparameters. It is a
+    dict so that dict subclasses (Lightning's AttributeDict of hyper_parameters) keep their items."""
 
     def __init__(self, *args, **kwargs):
-        pass
+        if args and isinstance(args[0], dict):
+            super().__init__(args[0])
 
     def __setstate__(self, state):
         pass
@@ -439,13 +441,14 @@ class MultiHeadAttention(nn.Module):
         nn.init.normal_(self.fc.weight, std=1.0 / math.sqrt(dim * n_layer))
 
     def forward(self, x):                                          # (B, T, H, W, C)
-        def heads(t):
-            t = t.movedim(self.axial_dim, -2)                      # (B, ., ., L, C): L = attended axis
-            self._moved_shape = t.shape
+        moved_shape = x.movedim(self.axial_dim, -2).shape          # (B, ., ., L, C): L = attended axis
+
+        def heads(t):                                              # (B, T, H, W, C) -> (N, heads, L, d)
+            t = t.movedim(self.axial_dim, -2)                      # (B, ., ., L, C)
             return t.reshape(-1, t.shape[-2], self.n_head, t.shape[-1] // self.n_head).transpose(1, 2)
-        q, k, v = heads(self.w_qs(x)), heads(self.w_ks(x)), heads(self.w_vs(x))  # (N, heads, L, d)
+        q, k, v = heads(self.w_qs(x)), heads(self.w_ks(x)), heads(self.w_vs(x))
         out = F.scaled_dot_product_attention(q, k, v)              # softmax(q k^T / sqrt(d)) v
-        out = out.transpose(1, 2).reshape(self._moved_shape)       # (B, ., ., L, C)
+        out = out.transpose(1, 2).reshape(moved_shape)             # (B, ., ., L, C)
         return self.fc(out.movedim(-2, self.axial_dim))            # (B, T, H, W, C)
 
 

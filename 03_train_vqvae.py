@@ -1,0 +1,374 @@
+"""03 — Train VideoGPT's VQ-VAE on 16-frame gameplay clips (paper section 2.3.1.1).
+
+    python 03_train_vqvae.py --work work                                   # paper configuration
+    python 03_train_vqvae.py --work work --precision bf16 --channels-last --compile
+    python 03_train_vqvae.py --work work --resume                          # continue an interrupted run
+    torchrun --nproc-per-node 4 03_train_vqvae.py --work work --resume    # 4 GPUs, one node
+    sbatch slurm/03_train_vqvae.sbatch                                     # multi-node (torchrun in srun)
+    python 03_train_vqvae.py --work work --device cpu --n-hiddens 16 --n-res-layers 1 --resolution 32 \\
+        --sequence-length 8 --downsample 2 4 4 --n-codes 32 --embedding-dim 8 --max-steps 50   # tiny
+
+Input: <work>/frames/manifest.tsv and its uint8 (N, H, W, 3) frame arrays (stage 01). Training uses the
+repetitions with status ok outside --test-sessions (the encoding test set); the last --val-reps of them
+(in manifest order) are held out to measure reconstruction. A clip is --sequence-length frames at 15 Hz
+(every --frame-step-th 60 Hz frame) from a random repetition and start.
+
+Output (<work>/vqvae/):
+    ckpt.pt     model, optimizer, GradScaler, step, RNG states (per rank), args, model_config
+    log.csv     step, lr, losses, perplexity, codes_used, val_mse, val_psnr, clips_per_s, peak_mem_gb
+    recon.png   validation clips (rows: original, reconstruction) at the end of training
+
+Loss (VideoGPT): MSE(x, x_hat) / 0.06 + 0.25 x commitment; the codebook follows an EMA (common.Codebook).
+Adam(3e-4, betas 0.9/0.999) with cosine annealing to 0 over --max-steps (paper eq. 2).
+--batch-size is per process: the global batch is batch-size x number of processes.
+The run checkpoints every --ckpt-every steps and when SLURM signals preemption (SIGTERM/SIGUSR1), then
+exits; `--resume` continues it exactly (same clips, same losses). A finished run is skipped unless
+--overwrite.
+"""
+import argparse
+import math
+import os
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import common
+from common import DEFAULT_WORK, InputError, run_main
+
+LOG_FIELDS = ["step", "lr", "loss", "recon_loss", "commitment_loss", "perplexity", "codes_used",
+              "val_mse", "val_psnr", "clips_per_s", "peak_mem_gb"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
+    data = p.add_argument_group("data")
+    data.add_argument("--test-sessions", nargs="*", default=["005"],
+                      help="sessions left out of training (the encoding test set; none: use all)")
+    data.add_argument("--val-reps", type=int, default=1,
+                      help="last N training repetitions held out for the validation reconstruction error")
+    data.add_argument("--val-clips", type=int, default=32, help="validation clips (fixed, drawn once)")
+    data.add_argument("--frame-step", type=int, default=4, help="60 Hz frames per clip frame (4: 15 Hz)")
+    data.add_argument("--workers", type=int, default=4, help="threads that read clips from disk")
+    model = p.add_argument_group("model (paper configuration by default; Table 2(a) parameter counts)")
+    for name, value in common.VQVAE_PAPER_CONFIG.items():
+        if name == "downsample":
+            model.add_argument("--downsample", nargs=3, type=int, default=list(value),
+                               help="T, H, W downsampling factors, powers of 2 (default: 4 16 16)")
+        else:
+            model.add_argument("--" + name.replace("_", "-"), type=int, default=value,
+                               help=f"default: {value}")
+    train = p.add_argument_group("training")
+    train.add_argument("--batch-size", type=int, default=16, help="clips per step per process")
+    train.add_argument("--max-steps", type=int, default=50000, help="optimizer steps (cosine period)")
+    train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (paper: none)")
+    train.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
+    train.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    run.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
+                     help="fp32, or mixed precision: fp16 (with loss scaling) or bf16")
+    run.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions in fp32 (Ampere+)")
+    run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
+    run.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the fastest kernels")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--log-every", type=int, default=50, help="steps between log.csv rows")
+    run.add_argument("--val-every", type=int, default=1000, help="steps between validation passes")
+    run.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    run.add_argument("--resume", action="store_true", help="continue from <work>/vqvae/ckpt.pt if present")
+    run.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
+    args = p.parse_args(argv)
+    args.test_sessions = [s.removeprefix("ses-") for s in args.test_sessions]
+    return args
+
+
+def model_config(args):
+    """The VQVAE keywords of the flags, after checking they describe a valid model."""
+    config = {name: getattr(args, name) for name in common.VQVAE_PAPER_CONFIG}
+    config["downsample"] = tuple(args.downsample)
+    size = (args.sequence_length, args.resolution, args.resolution)
+    for d, s, axis in zip(args.downsample, size, "THW"):
+        if d < 1 or d & (d - 1) or s % d:
+            raise InputError(f"--downsample: {axis} factor {d} must be a power of 2 dividing {s}")
+    if args.n_hiddens % 4:
+        raise InputError(f"--n-hiddens {args.n_hiddens}: must be a multiple of 4 (n/2 channels, 2 heads)")
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: random clips from the memory-mapped frame arrays of the training repetitions
+# --------------------------------------------------------------------------------------------------
+def _label(value):
+    """Session labels compare as numbers when they are numbers ('005' == 5 read back by pandas)."""
+    text = str(value).removeprefix("ses-")
+    return str(int(text)) if text.isdigit() else text
+
+
+def training_repetitions(work, test_sessions, resolution, clip_span):
+    """Frame arrays of the usable repetitions, in manifest order: list of memory-mapped (N, H, W, 3)."""
+    manifest_path = work / "frames" / "manifest.tsv"
+    manifest = common.read_tsv(manifest_path, required=("ses", "status", "frames_path", "n_frames"))
+    test = {_label(s) for s in test_sessions}
+    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(_label).isin(test)]
+    arrays = []
+    for frames_path in rows["frames_path"]:
+        path = work / str(frames_path)
+        if not path.is_file():
+            raise InputError(f"{manifest_path}: frames file {path} is listed as ok but does not exist")
+        try:
+            frames = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as err:
+            raise InputError(f"{path}: not a readable .npy array ({err})") from None
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (resolution, resolution, 3):
+            raise InputError(f"{path}: expected uint8 frames (N, {resolution}, {resolution}, 3) for "
+                             f"--resolution {resolution}, got {frames.dtype} {frames.shape}")
+        if len(frames) >= clip_span:   # shorter repetitions cannot hold one clip
+            arrays.append(frames)
+    if not arrays:
+        raise InputError(f"{manifest_path}: no ok repetition outside test sessions {test_sessions} has the "
+                         f"{clip_span} frames one clip needs")
+    return arrays
+
+
+class ClipSampler:
+    """Draws clips (B, T, H, W, 3) uint8 from repetitions; clip starts are uniform over all valid starts.
+
+    The clips of step s on rank r depend only on (seed, rank, step): a resumed run draws the same clips
+    as an uninterrupted one, and batches can be read ahead by threads.
+    """
+
+    def __init__(self, arrays, sequence_length, frame_step, workers, pin_memory=False):
+        self.arrays, self.length, self.step, self.pin_memory = arrays, sequence_length, frame_step, pin_memory
+        self.span = (sequence_length - 1) * frame_step + 1                  # 60 Hz frames per clip
+        self.n_starts = np.array([len(a) - self.span + 1 for a in arrays])
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+
+    def starts(self, rng, n):
+        """n (repetition, first frame) pairs."""
+        flat = rng.integers(0, self.n_starts.sum(), size=n)
+        reps = np.searchsorted(np.cumsum(self.n_starts), flat, side="right")
+        firsts = flat - np.concatenate([[0], np.cumsum(self.n_starts)])[reps]
+        return list(zip(reps, firsts))
+
+    def read(self, starts):
+        """The clips at `starts`, read in parallel: uint8 (B, T, H, W, 3) (in pinned memory for CUDA)."""
+        clips = self.pool.map(lambda s: self.arrays[s[0]][s[1]:s[1] + self.span:self.step], starts)
+        batch = torch.from_numpy(np.stack(list(clips)))
+        return batch.pin_memory() if self.pin_memory else batch
+
+    def batch_async(self, seed, rank, step, batch_size):
+        """A future of the uint8 batch of `step` on `rank`."""
+        starts = self.starts(np.random.default_rng([seed, rank, step]), batch_size)
+        return self.pool.submit(self.read, starts)
+
+
+def to_model_input(clips, device, channels_last):
+    """uint8 (B, T, H, W, 3) on the host -> float (B, 3, T, H, W) in [-0.5, 0.5] on `device`.
+    The uint8 batch travels (4x less than float32); the scaling runs on the device."""
+    x = clips.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5
+    return x.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and figures
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(model, clips, args, device):
+    """Reconstruction MSE (on [-0.5, 0.5] pixels) and PSNR (dB, peak-to-peak 1) of the validation clips,
+    with the model in eval mode (BatchNorm running statistics, no codebook update)."""
+    model.eval()
+    squared_error, count = 0.0, 0
+    for i in range(0, len(clips), args.batch_size):
+        x = to_model_input(clips[i:i + args.batch_size], device, args.channels_last)
+        with common.autocast(device, args.precision):
+            _, x_recon, _ = model(x)
+        squared_error += ((x_recon.float().clamp(-0.5, 0.5) - x) ** 2).sum().item()
+        count += x.numel()
+    model.train()
+    mse = squared_error / count
+    return mse, 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def save_recon_figure(model, clips, path, args, device, n_clips=4, n_frames=8):
+    """recon.png: for each of n_clips clips, a row of originals above a row of reconstructions."""
+    model.eval()
+    x = to_model_input(clips[:n_clips], device, args.channels_last)
+    with common.autocast(device, args.precision):
+        _, x_recon, _ = model(x)
+    model.train()
+    frames = np.linspace(0, x.shape[2] - 1, min(n_frames, x.shape[2])).round().astype(int)
+    rows = []
+    for original, recon in zip(x, x_recon.float()):
+        for video in (original, recon):                              # (3, T, H, W)
+            picked = (video[:, frames].clamp(-0.5, 0.5) + 0.5) * 255   # (3, F, H, W)
+            rows.append(picked.permute(2, 1, 3, 0).flatten(1, 2))     # (H, F*W, 3)
+    grid = torch.cat(rows, 0).round().byte().cpu().numpy()            # (2*n*H, F*W, 3)
+    with common.atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # Linux: KiB -> GB (host RSS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    work = Path(args.work)
+    out_dir = work / "vqvae"
+    ckpt_path = out_dir / "ckpt.pt"
+    config = model_config(args)
+
+    # Skip a finished run (idempotent stages); refuse to silently discard an unfinished one.
+    checkpoint = None
+    if ckpt_path.exists() and not args.overwrite:
+        checkpoint = common.load_checkpoint(ckpt_path)
+        if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "vqvae":
+            raise InputError(f"{ckpt_path}: not a checkpoint of 03_train_vqvae.py (--overwrite replaces it)")
+        if checkpoint["model_config"] != config:
+            raise InputError(f"{ckpt_path}: saved with model {checkpoint['model_config']}, but the flags "
+                             f"ask for {config}: use the same flags or --overwrite")
+        if checkpoint["step"] >= args.max_steps:
+            common.print0(f"03_train_vqvae: {ckpt_path} is complete ({checkpoint['step']} steps); "
+                          "--overwrite to train again")
+            return
+        if not args.resume:
+            raise InputError(f"{ckpt_path}: an unfinished run ({checkpoint['step']} steps) exists: pass "
+                             "--resume to continue it or --overwrite to start over")
+
+    if args.overwrite and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
+        ckpt_path.unlink()     # an interrupted --overwrite run must not leave the old run's weights behind
+    ctx = common.setup_distributed(args.device)
+    try:
+        train(args, config, ctx, work, out_dir, ckpt_path, checkpoint)
+    finally:
+        common.teardown_distributed()
+
+
+def train(args, config, ctx, work, out_dir, ckpt_path, checkpoint):
+    device = ctx.device
+    common.seed_everything(args.seed, ctx.rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+
+    # --- data
+    arrays = training_repetitions(work, args.test_sessions, args.resolution,
+                                  (args.sequence_length - 1) * args.frame_step + 1)
+    n_val = args.val_reps if len(arrays) > args.val_reps else 0
+    train_sampler = ClipSampler(arrays[:len(arrays) - n_val], args.sequence_length, args.frame_step,
+                                args.workers, pin_memory=device.type == "cuda")
+    val_source = ClipSampler(arrays[len(arrays) - n_val:], args.sequence_length, args.frame_step, 1) \
+        if n_val else train_sampler
+    val_clips = val_source.read(val_source.starts(np.random.default_rng([args.seed, 10**6]), args.val_clips))
+    if ctx.is_main and not n_val:
+        print(f"03_train_vqvae: only {len(arrays)} repetition(s): validation clips come from training data",
+              file=sys.stderr)
+
+    # --- model, optimizer, mixed precision (paper 2.3.1.1: Adam 3e-4, betas 0.9/0.999)
+    model = common.VQVAE(**config).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    scaler = common.grad_scaler(device, args.precision)
+    start_step = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_step = checkpoint["step"]
+        if not common.restore_rng_states(checkpoint["rng"], ctx):
+            common.print0(f"03_train_vqvae: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
+                          "random generators reseeded (the run continues, not bit-for-bit)")
+    raw_model = model
+    if ctx.world_size > 1:
+        # Buffers are not broadcast: the codebook is kept identical by its own all-reduce.
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        forward_sync_buffers=False)
+    if args.compile:
+        model = torch.compile(model)
+
+    log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
+    preemption = common.PreemptionFlag()
+
+    def save(step):
+        rng = common.gather_rng_states(ctx)   # a collective: every rank takes part
+        if ctx.is_main:
+            common.save_checkpoint(ckpt_path, dict(
+                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                step=step, rng=rng, args=vars(args), model_config=config, kind="vqvae"))
+
+    # --- loop
+    progress = tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="03 vqvae")
+    next_batch = train_sampler.batch_async(args.seed, ctx.rank, start_step, args.batch_size)
+    interval_start, interval_steps = time.perf_counter(), 0
+    step = start_step
+    while step < args.max_steps:
+        x = to_model_input(next_batch.result(), device, args.channels_last)     # (B, 3, T, H, W)
+        if step + 1 < args.max_steps:
+            next_batch = train_sampler.batch_async(args.seed, ctx.rank, step + 1, args.batch_size)
+        lr = common.cosine_lr(step, args.max_steps, args.lr, warmup_steps=args.warmup_steps)
+        common.set_lr(optimizer, lr)
+
+        with common.autocast(device, args.precision):
+            recon_loss, _, vq_output = model(x)
+            loss = recon_loss + vq_output["commitment_loss"]               # paper eq. 1 (EMA codebook)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        interval_steps += 1
+        progress.update(1)
+
+        last = step == args.max_steps
+        if ctx.is_main and (step % args.log_every == 0 or last):
+            val_mse = val_psnr = ""
+            if step % args.val_every == 0 or last:
+                val_mse, val_psnr = validate(raw_model, val_clips, args, device)
+            elapsed = time.perf_counter() - interval_start
+            codebook = raw_model.codebook
+            log.log(step=step, lr=lr, loss=loss.item(), recon_loss=recon_loss.item(),
+                    commitment_loss=vq_output["commitment_loss"].item(),
+                    perplexity=vq_output["perplexity"].item(),
+                    codes_used=(codebook.N >= 1).float().mean().item(), val_mse=val_mse, val_psnr=val_psnr,
+                    clips_per_s=interval_steps * args.batch_size * ctx.world_size / elapsed,
+                    peak_mem_gb=peak_memory_gb(device))
+            progress.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{vq_output['perplexity'].item():.0f}")
+            interval_start, interval_steps = time.perf_counter(), 0
+
+        stop = preemption.agreed(ctx)
+        if step % args.ckpt_every == 0 or last or stop:
+            save(step)
+        if stop:
+            common.print0(f"03_train_vqvae: preempted at step {step}; checkpoint saved, --resume continues")
+            progress.close()
+            sys.exit(0)
+    progress.close()
+
+    if ctx.is_main:
+        save_recon_figure(raw_model, val_clips, out_dir / "recon.png", args, device)
+        print(f"03_train_vqvae: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, "
+              f"{out_dir / 'recon.png'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,580 @@
+"""06 — Ridge encoding: predict each parcel's BOLD from delayed features, score it, test it, map it.
+
+Paper sections 2.3.2-2.3.3 and 3. For each subject: features of TR t-3 (05) predict the parcel BOLD at TR t
+(02) by ridge regression; the penalty is chosen per parcel from {0.1, 1, 100} by exact leave-one-out on the
+training set; the score is Pearson's r between predicted and measured BOLD on the test set.
+
+    python 06_ridge.py --work work --name demo                       # every subject in bold/manifest.tsv
+    python 06_ridge.py --work work --name demo --subjects 01 --delays 1 2 3 4 --cv runs
+    python 06_ridge.py --work work --name demo --split random --test-size 0.1 --seed 0   # the paper's split
+    python 06_ridge.py --work work --name demo --device cuda --n-permutations 1000
+    sbatch --gres=gpu:1 --mem=32G --wrap "python 06_ridge.py --work work --name NAME --device cuda"
+
+Inputs (the stage contract, README):
+  <work>/bold/manifest.tsv       sub ses task run n_volumes tr_s split bold_path ...; split is train,
+                                 validation or test; bold_path -> float32 (T, P), rows of non-steady-state
+                                 volumes may be NaN (dropped here)
+  <work>/bold/labels.tsv         column label name: BOLD column -> atlas label value
+  <work>/bold/atlas.nii.gz       the labels image on the BOLD grid
+  <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.npy   float16/32 (T, D), row t = TR t
+Outputs, per subject, in <work>/results/<name>/sub-XX/ (summary.json is written last and marks it done):
+  r.npy (P,) test Pearson r, alphas.npy (P,) chosen penalty, p_values.npy (P,) permutation p-values,
+  significant.npy (P,) bool (FDR q < --fdr), r_map.nii.gz, r_map.png, summary.json;
+  and <work>/results/<name>/r_by_subject.png (all subjects done so far).
+
+Conventions: features are standardized with training-set means and standard deviations; an intercept is
+fitted (X and Y centered with training means), as scikit-learn's RidgeCV does, so both choose the same
+alphas. Split `session` (default) trains on runs whose manifest split is `train` and tests on `test`;
+`validation` runs are left out unless --train-on-validation. Split `random` pools every run of the subject
+and draws --test-size of the samples at random (paper section 2.3.3; neighbouring TRs are correlated, so
+its scores are optimistic).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common import DEFAULT_WORK, InputError, atomic_path, read_tsv, run_main, run_stem, save_npy
+
+PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"  # paper section 2.3: the 4th of 8 transformer blocks
+PAPER_ALPHAS = (0.1, 1.0, 100.0)  # paper section 2.3.3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
+    p.add_argument("--name", required=True, help="feature set: <work>/features/<name>/")
+    p.add_argument("--layer", default=None,
+                   help=f"feature layer folder (default: {PAPER_LAYER}, or the only layer present)")
+    p.add_argument("--subjects", nargs="+", default=None, help="subject labels, e.g. 01 02 (default: all)")
+    p.add_argument("--delays", type=int, nargs="+", default=[3],
+                   help="feature delays in TRs: 3 = features of TR t-3 predict TR t (paper); several = FIR")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(PAPER_ALPHAS), help="ridge penalty grid")
+    p.add_argument("--cv", choices=("loo", "runs"), default="loo",
+                   help="alpha selection: exact leave-one-out (paper) or leave-one-run-out")
+    p.add_argument("--split", choices=("session", "random"), default="session",
+                   help="session: manifest split column (paper 2.1.4); random: paper 2.3.3's 90/10 split")
+    p.add_argument("--test-size", type=float, default=0.1, help="test fraction for --split random")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random split, PCA and null shifts")
+    p.add_argument("--train-on-validation", action="store_true",
+                   help="with --split session, also train on the runs whose split is `validation`")
+    p.add_argument("--pca", type=int, default=None, metavar="K",
+                   help="replace the standardized features by their first K principal components")
+    p.add_argument("--n-permutations", type=int, default=1000,
+                   help="circular time shifts in the null distribution of r (0: no p-values)")
+    p.add_argument("--min-shift", type=int, default=10,
+                   help="smallest circular shift in TRs for the null (beyond the BOLD autocorrelation)")
+    p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level of the significance mask")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: float64 throughout; cuda: float32 products, float64 decomposition")
+    p.add_argument("--parcel-batch", type=int, default=256, help="parcels solved at once")
+    p.add_argument("--overwrite", action="store_true", help="recompute subjects whose summary.json exists")
+    args = p.parse_args(argv)
+    if min(args.delays) < 0:
+        p.error("--delays must be >= 0")
+    if min(args.alphas) <= 0:
+        p.error("--alphas must be > 0")
+    if not 0 < args.test_size < 1:
+        p.error("--test-size must be between 0 and 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Ridge with exact leave-one-out for every alpha and every parcel at once (paper sections 2.3.2-2.3.3)
+# --------------------------------------------------------------------------------------------------
+# The model of one parcel is y = b0 + X b, b minimizing ||y - b0 - X b||^2 + alpha ||b||^2 (paper Eq. 8;
+# the intercept b0 is not penalized). Its fitted values are H y with the hat matrix
+#     H = 11'/n + Xc (Xc'Xc + alpha I)^-1 Xc'          (Xc: X centered with its training means)
+# and its leave-one-out residual needs no refit: e_i = r_i / (1 - H_ii), r = (I - H) y. Likewise, leaving
+# a whole group g of samples (a run) out gives e_g = [(I - H)_gg]^-1 r_g. One decomposition of X serves
+# every alpha and every parcel:
+#   dual (p > n):  Xc Xc' = Q diag(lam) Q'  ->  I - H = Q diag(alpha / (lam + alpha)) Q' - 11'/n
+#   primal (n >= p): Xc = U diag(s) V'      ->  I - H = I - 11'/n - U diag(s^2 / (s^2 + alpha)) U'
+# (1 is an eigenvector of Xc Xc' with eigenvalue 0: its alpha/(0 + alpha) = 1 term cancels 11'/n.)
+# This is the leave-one-out that scikit-learn's RidgeCV(alphas, alpha_per_target=True, cv=None) computes,
+# with the same criterion (mean squared leave-one-out error) and the same tie rule (the first alpha).
+
+
+def _chunks(n, size):
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def fit_ridge_loo(X_train, Y_train, X_test, alphas, groups=None, device="cpu", dtype=torch.float64,
+                  feature_chunk=4096, row_block=1024, parcel_batch=256):
+    """Ridge per target with the penalty chosen by exact leave-one-out (or leave-one-group-out).
+
+    X_train (n, p), Y_train (n, P), X_test (m, p): numpy arrays, any float dtype (read a block of columns
+    at a time, so a float32 X of the paper's size never exists in float64). groups (n,) or None: with
+    groups, the penalty minimizes the leave-one-group-out error instead. Products of X run in `dtype` on
+    `device`; the decomposition and everything after it in float64. feature_chunk, row_block and
+    parcel_batch bound the memory of temporaries: blocks of columns of X, of rows of the Gram matrix, of
+    targets.
+
+    Returns a dict:
+      alpha (P,) chosen penalty; cv_error (A, P) mean squared held-out error of each alpha;
+      test_prediction (m, P); train_fit (n, P) in-sample fitted values; mode "dual" or "primal".
+    """
+    n, p = X_train.shape
+    f64 = dict(device=device, dtype=torch.float64)
+    alphas = torch.tensor(list(alphas), **f64)  # (A,)
+    y_mean = Y_train.mean(axis=0, dtype=np.float64)  # (P,)
+
+    def centered(c):  # one block of columns of X_train and X_test minus the training means, on the device
+        block = torch.as_tensor(X_train[:, c], device=device).to(dtype)  # (n, chunk)
+        mean = block.mean(dim=0, dtype=torch.float64).to(dtype)  # (chunk,)
+        return block - mean, torch.as_tensor(X_test[:, c], device=device).to(dtype) - mean  # (n, .), (m, .)
+
+    # --- one decomposition for every alpha: an orthonormal basis (n, r) of the samples, and shrink(alpha),
+    #     the weights that turn it into I - H (dual) or H - 11'/n (primal) as in the formulas above ---
+    mode = "dual" if p > n else "primal"
+    if mode == "dual":
+        gram = torch.zeros(n, n, **f64)  # Xc Xc', upper block triangle first
+        gram_test = torch.zeros(X_test.shape[0], n, **f64)  # (X_test - x_mean) Xc'
+        row_blocks = _chunks(n, row_block)
+        for c in _chunks(p, feature_chunk):
+            A, A_test = centered(c)  # (n, chunk), (m, chunk)
+            for rows in row_blocks:  # the Gram matrix is symmetric: blocks on and above the diagonal suffice
+                gram[rows, rows.start:] += (A[rows] @ A[rows.start:].T).double()
+            gram_test += (A_test @ A.T).double()
+        gram.triu_()
+        gram += torch.triu(gram, diagonal=1).T  # mirror the upper triangle
+        # Centering again in float64 makes 1 an exact null vector of the Gram matrix despite rounding.
+        gram -= gram.mean(0, keepdim=True) + gram.mean(1, keepdim=True) - gram.mean()
+        lam, basis = torch.linalg.eigh(gram)  # (n,), (n, n)
+        lam = lam.clamp(min=0)  # Xc Xc' is positive semi-definite; rounding can make 0 slightly negative
+        del gram
+        test_scores = gram_test @ basis  # (m, n): test predictions are test_scores @ diag(1/(lam+alpha)) Q' yc
+        del gram_test
+
+        def shrink(alpha):  # I - H = Q diag(shrink) Q' - 11'/n
+            return alpha / (lam + alpha)
+    else:
+        blocks = [centered(c) for c in _chunks(p, feature_chunk)]
+        Xc = torch.cat([train for train, _ in blocks], dim=1).double()  # (n, p)
+        Xc_test = torch.cat([test for _, test in blocks], dim=1).double()  # (m, p)
+        del blocks
+        basis, s, Vh = torch.linalg.svd(Xc, full_matrices=False)  # (n, p) = (n, r) (r,) (r, p)
+        test_scores = Xc_test @ Vh.T
+        del Xc, Xc_test
+        # (m, r): test predictions are test_scores @ diag(s / (s^2 + alpha)) U' yc
+        s2 = s**2
+
+        def shrink(alpha):  # I - H = I - 11'/n - U diag(shrink) U'
+            return s2 / (s2 + alpha)
+
+    def residual(alpha, QTy, yc):  # r = (I - H) y = (I - H) yc for a batch of targets, (n, b); QTy = basis' yc
+        if mode == "dual":
+            return basis @ (shrink(alpha)[:, None] * QTy)
+        return yc - basis @ (shrink(alpha)[:, None] * QTy)
+
+    # --- (I - H)'s diagonal, or its diagonal blocks for leave-one-group-out: the same for all parcels ---
+    # I - H = base * I + sign * basis diag(shrink) basis' - 11'/n
+    sign = 1.0 if mode == "dual" else -1.0
+    base = 0.0 if mode == "dual" else 1.0
+    if groups is None:
+        basis_sq = basis**2  # (n, r)
+        held_out = [base + sign * (basis_sq @ shrink(a)) - 1.0 / n for a in alphas]  # A x (n,)
+        del basis_sq
+    else:
+        groups = np.asarray(groups)
+        members = [torch.as_tensor(np.flatnonzero(groups == g), device=device) for g in np.unique(groups)]
+        held_out = []  # A x [inverse of (I - H)_gg for each group g]
+        for a in alphas:
+            blocks = []
+            for idx in members:
+                B = basis[idx]  # (n_g, r)
+                block = base * torch.eye(len(idx), **f64) + sign * (B * shrink(a)) @ B.T - 1.0 / n
+                blocks.append(torch.linalg.inv(block))
+            held_out.append(blocks)
+
+    # --- per batch of parcels: held-out errors for every alpha, the best alpha, predictions ---
+    P = Y_train.shape[1]
+    out = dict(alpha=np.empty(P), cv_error=np.empty((len(alphas), P)), test_prediction=np.empty((X_test.shape[0], P)),
+               train_fit=np.empty((n, P)), mode=mode)
+    for b in _chunks(P, parcel_batch):
+        yc = torch.as_tensor(Y_train[:, b], **f64) - torch.as_tensor(y_mean[b], **f64)  # (n, b)
+        QTy = basis.T @ yc  # (r, b)
+        residuals = torch.stack([residual(a, QTy, yc) for a in alphas])  # (A, n, b)
+        if groups is None:
+            errors = torch.stack([r / d[:, None] for r, d in zip(residuals, held_out)])  # (A, n, b)
+        else:
+            errors = torch.stack([torch.cat([inv @ r[idx] for inv, idx in zip(blocks, members)])
+                                  for r, blocks in zip(residuals, held_out)])  # (A, n, b), samples grouped
+        cv_error = (errors**2).mean(dim=1)  # (A, b)
+        best = torch.argmin(cv_error, dim=0)  # (b,) first minimum on ties, as scikit-learn
+        chosen = alphas[best]  # (b,)
+        # Fitted values H y = y - r. Predictions: X_test b with b = Xc' (Xc Xc' + alpha I)^-1 yc (dual) or
+        # b = V diag(s / (s^2 + alpha)) U' yc (primal), each parcel with its own alpha.
+        fit = yc - residuals.gather(0, best[None, None, :].expand(1, n, -1))[0]  # (n, b)
+        if mode == "dual":
+            prediction = test_scores @ (QTy / (lam[:, None] + chosen[None, :]))  # (m, b)
+        else:
+            prediction = test_scores @ (QTy * (s[:, None] / (s2[:, None] + chosen[None, :])))  # (m, b)
+        out["alpha"][b] = chosen.cpu().numpy()
+        out["cv_error"][:, b] = cv_error.cpu().numpy()
+        out["test_prediction"][:, b] = (prediction + torch.as_tensor(y_mean[b], **f64)).cpu().numpy()
+        out["train_fit"][:, b] = (fit + torch.as_tensor(y_mean[b], **f64)).cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores and their null distribution (paper section 2.3.3: Pearson r on the test set)
+# --------------------------------------------------------------------------------------------------
+def pearson_r(a, b):
+    """Pearson r of each column of a (n, P) with the same column of b (n, P): (P,). NaN for a constant column."""
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(axis=0) / np.sqrt((a**2).sum(axis=0) * (b**2).sum(axis=0))
+    r[~np.isfinite(r)] = np.nan
+    return r
+
+
+def circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, n_permutations, min_shift, rng):
+    """Null distribution of the test r: the fitted model applied to circularly time-shifted features.
+
+    Shifting the features of a run by k TRs shifts the model's predictions by k TRs, so the null r of a
+    permutation correlates the test BOLD at TR t with the prediction at TR t + k (modulo the run length,
+    one k per run), which keeps the autocorrelation of both series but breaks their alignment. When the runs
+    allow no more than n_permutations distinct shifts, all of them are used (an exact test).
+    y_test (m, P); prediction_all (N, P) the model's prediction at every sample (fitted values for training
+    samples); run_of, position_of (N,) each sample's run and its index among the run's samples;
+    test_rows (m,) which samples are the test samples. Returns (n_null, P), n_null <= n_permutations.
+    """
+    runs = np.unique(run_of[test_rows])
+    length = {g: int((run_of == g).sum()) for g in runs}
+    start = {g: int(np.flatnonzero(run_of == g)[0]) for g in runs}  # samples of a run are contiguous
+    short = [g for g in runs if length[g] <= 2 * min_shift]
+    if short:
+        raise InputError(f"--min-shift {min_shift}: a test run has only {length[short[0]]} samples; "
+                         "lower --min-shift or use --n-permutations 0")
+    choices = [np.arange(min_shift, length[g] - min_shift + 1) for g in runs]  # allowed shifts of each run
+    if np.prod([float(len(c)) for c in choices]) <= n_permutations:
+        shifts = np.stack(np.meshgrid(*choices, indexing="ij"), axis=-1).reshape(-1, len(runs))  # every combination
+    else:
+        shifts = np.stack([rng.choice(c, n_permutations) for c in choices], axis=1)  # (n_permutations, runs)
+    test_run, test_pos = run_of[test_rows], position_of[test_rows]
+    run_index = np.searchsorted(runs, test_run)  # (m,)
+    starts, lengths = np.array([start[g] for g in runs]), np.array([length[g] for g in runs])
+    null = np.empty((len(shifts), y_test.shape[1]))
+    for i, shift in enumerate(shifts):
+        source = starts[run_index] + (test_pos + shift[run_index]) % lengths[run_index]  # (m,)
+        null[i] = pearson_r(y_test, prediction_all[source])
+    return null
+
+
+def permutation_p_values(r, null, level):
+    """One-sided permutation p-values (P,), Benjamini-Hochberg q-values and the mask q < level."""
+    from scipy.stats import false_discovery_control
+    p_values = (1 + (null >= r[None, :]).sum(axis=0)) / (1 + len(null))
+    p_values[np.isnan(r)] = np.nan
+    q_values = np.full_like(p_values, np.nan)
+    finite = np.isfinite(p_values)
+    if finite.any():
+        q_values[finite] = false_discovery_control(p_values[finite])
+    return p_values, q_values, np.nan_to_num(q_values, nan=1.0) < level
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs: BOLD runs (02) and feature runs (05), matched run by run through the manifest (plumbing)
+# --------------------------------------------------------------------------------------------------
+def find_layer(features_root, layer):
+    """The layer folder: --layer if given, else the paper's layer, else the only layer present."""
+    if not features_root.is_dir():
+        raise InputError(f"{features_root}: feature folder not found (run 05_extract.py)")
+    if layer is not None:
+        if not (features_root / layer).is_dir():
+            raise InputError(f"{features_root / layer}: layer folder not found")
+        return layer
+    present = sorted(d.name for d in features_root.iterdir() if d.is_dir())
+    if PAPER_LAYER in present:
+        return PAPER_LAYER
+    if len(present) == 1:
+        return present[0]
+    raise InputError(f"{features_root}: holds layers {present or 'none'}; choose one with --layer")
+
+
+def load_runs(work, runs, feature_dir, delays):
+    """Read each run's BOLD and features; return the samples each run gives to the delayed design.
+
+    A sample is a TR t with finite BOLD and t >= max(delays): its design row is the concatenation of the
+    features of TRs t - d for d in delays, all from the same run (shifts never cross run boundaries).
+    Returns a list of dicts: stem, bold (T_valid, P) float32, features (T, D) (memory-mapped), rows (T_valid,).
+    """
+    loaded = []
+    for row in runs.itertuples():
+        stem = run_stem(row.sub, row.ses, row.task, row.run)
+        bold_path = work / row.bold_path
+        feature_path = feature_dir / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy"
+        if not bold_path.is_file():
+            raise InputError(f"{bold_path}: BOLD file of run {stem} not found")
+        if not feature_path.is_file():
+            raise InputError(f"{feature_path}: features missing for run {stem}")
+        bold = np.load(bold_path)
+        features = np.load(feature_path, mmap_mode="r")
+        if bold.ndim != 2 or features.ndim != 2:
+            raise InputError(f"{feature_path if features.ndim != 2 else bold_path}: expected a 2-D (T, D) array")
+        if len(features) != len(bold):
+            raise InputError(f"run {stem}: features have {len(features)} rows ({feature_path}) but BOLD has "
+                             f"{len(bold)} volumes ({bold_path})")
+        if not np.isfinite(features).all():
+            raise InputError(f"{feature_path}: features contain NaN or inf")
+        if np.isinf(bold).any():
+            raise InputError(f"{bold_path}: BOLD contains inf")
+        nan_rows = np.isnan(bold).all(axis=1)  # non-steady-state volumes, left out by stage 02
+        if np.isnan(bold[~nan_rows]).any():
+            raise InputError(f"{bold_path}: BOLD has NaN in some parcels of a volume (only whole NaN rows, "
+                             "for non-steady-state volumes, are allowed)")
+        if len(bold) <= max(delays):
+            raise InputError(f"run {stem}: {len(bold)} volumes, not more than the largest delay "
+                             f"{max(delays)}: no sample left")
+        rows = np.flatnonzero(~nan_rows & (np.arange(len(bold)) >= max(delays)))  # (T_valid,)
+        loaded.append(dict(stem=stem, split=row.split, bold=bold[rows], features=features, rows=rows))
+    widths = {run["features"].shape[1] for run in loaded}
+    if len(widths) > 1:
+        raise InputError(f"{feature_dir}: runs have different feature sizes {sorted(widths)}")
+    return loaded
+
+
+def delayed_design(runs, sample_ids, delays, n_features):
+    """Stack the delayed feature rows of the chosen samples into a float32 (len(sample_ids), D * len(delays)).
+
+    sample_ids: list of (run index, row index within the run's valid samples), in output order.
+    """
+    X = np.empty((len(sample_ids), n_features * len(delays)), np.float32)
+    ids = np.array(sample_ids).reshape(-1, 2)  # (N, 2): run index, sample index
+    for g in np.unique(ids[:, 0]):
+        out_rows = np.flatnonzero(ids[:, 0] == g)
+        t = runs[g]["rows"][ids[out_rows, 1]]  # TR of each sample
+        for j, d in enumerate(delays):
+            X[out_rows, j * n_features:(j + 1) * n_features] = runs[g]["features"][t - d]  # (samples, D)
+    return X
+
+
+def split_samples(runs, args, rng):
+    """Assign each sample to train or test; returns two lists of (run index, sample index)."""
+    samples = [(g, k) for g, run in enumerate(runs) for k in range(len(run["rows"]))]
+    if args.split == "random":  # paper 2.3.3: 90% of the samples at random for training
+        test = np.zeros(len(samples), bool)
+        test[rng.choice(len(samples), max(1, round(args.test_size * len(samples))), replace=False)] = True
+        return ([s for s, t in zip(samples, test) if not t], [s for s, t in zip(samples, test) if t])
+    train_splits = {"train", "validation"} if args.train_on_validation else {"train"}
+    return ([s for s in samples if runs[s[0]]["split"] in train_splits],
+            [s for s in samples if runs[s[0]]["split"] == "test"])
+
+
+def standardize(X_train, X_test, chunk=4096):
+    """Scale both to zero mean, unit variance with training statistics, in place; returns # constant columns."""
+    n_constant = 0
+    for c in _chunks(X_train.shape[1], chunk):
+        mean = X_train[:, c].mean(axis=0, dtype=np.float64)
+        std = X_train[:, c].std(axis=0, dtype=np.float64)
+        n_constant += int((std == 0).sum())
+        std[std == 0] = 1.0  # a constant feature carries nothing: it becomes 0
+        X_train[:, c] = (X_train[:, c] - mean) / std
+        X_test[:, c] = (X_test[:, c] - mean) / std
+    return n_constant
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs: brain map, figures (plumbing)
+# --------------------------------------------------------------------------------------------------
+def write_r_map(r, labels, atlas_path, out_dir, title):
+    """r per BOLD column -> r_map.nii.gz through the atlas labels, and an r_map.png of it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+    from nilearn.maskers import NiftiLabelsMasker
+
+    masker = NiftiLabelsMasker(labels_img=str(atlas_path)).fit()
+    atlas_labels = [v for k, v in masker.region_ids_.items() if k != "background"]  # sorted label values
+    value_of = dict(zip(labels, np.nan_to_num(r, nan=0.0)))  # NaN r (constant parcel) -> 0 in the map
+    unknown = sorted(set(labels) - set(atlas_labels))
+    if unknown:
+        raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]} listed in bold/labels.tsv")
+    r_img = masker.inverse_transform(np.array([value_of.get(v, 0.0) for v in atlas_labels]))  # (X, Y, Z)
+    with atomic_path(out_dir / "r_map.nii.gz") as tmp:
+        r_img.to_filename(tmp)
+    fig = plt.figure(figsize=(10, 3.5))
+    vmax = max(float(np.nanmax(np.abs(r))) if np.isfinite(r).any() else 0.0, 1e-3)
+    plotting.plot_stat_map(r_img, figure=fig, title=title, vmax=vmax, cmap="cold_hot", colorbar=True)
+    with atomic_path(out_dir / "r_map.png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def plot_subjects(results_dir):
+    """Bar chart of max and median test r of every subject with a summary.json."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = [json.loads(f.read_text()) for f in sorted(results_dir.glob("sub-*/summary.json"))]
+    if not summaries:
+        return
+    x = np.arange(len(summaries))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(summaries), 3.5))
+    ax.bar(x - 0.2, [s["r_max"] for s in summaries], 0.4, label="max r (paper)")
+    ax.bar(x + 0.2, [s["r_median"] for s in summaries], 0.4, label="median r")
+    ax.set_xticks(x, [s["subject"] for s in summaries])
+    ax.set_ylabel("test Pearson r")
+    ax.set_title(f"{results_dir.name}: encoding per subject")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(results_dir / "r_by_subject.png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# One subject: data, fit, scores, null, maps
+# --------------------------------------------------------------------------------------------------
+def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_dir):
+    start = time.time()
+    rng = np.random.default_rng(args.seed)
+    if args.split == "session":  # only the runs this split uses need features
+        used = {"train", "validation", "test"} if args.train_on_validation else {"train", "test"}
+        runs_table = runs_table[runs_table["split"].isin(used)]
+    runs = load_runs(Path(args.work), runs_table, feature_dir, args.delays)
+    train_ids, test_ids = split_samples(runs, args, rng)
+    if not train_ids or not test_ids:
+        raise InputError(f"{Path(args.work) / 'bold' / 'manifest.tsv'}: sub-{sub} has "
+                         f"{len(train_ids)} training and {len(test_ids)} test samples with --split {args.split}")
+    n_features = runs[0]["features"].shape[1]
+    X_train = delayed_design(runs, train_ids, args.delays, n_features)  # (n, D * delays)
+    X_test = delayed_design(runs, test_ids, args.delays, n_features)  # (m, D * delays)
+    Y_train = np.stack([runs[g]["bold"][k] for g, k in train_ids]).astype(np.float64)  # (n, P)
+    Y_test = np.stack([runs[g]["bold"][k] for g, k in test_ids]).astype(np.float64)  # (m, P)
+    if Y_train.shape[1] != len(labels):
+        raise InputError(f"{Path(args.work) / 'bold' / 'labels.tsv'}: lists {len(labels)} parcels but the BOLD "
+                         f"of sub-{sub} has {Y_train.shape[1]} columns")
+    n_constant = standardize(X_train, X_test)
+
+    dtype = torch.float32 if args.device == "cuda" else torch.float64
+    if args.pca:
+        if args.pca >= min(X_train.shape):
+            raise InputError(f"--pca {args.pca}: must be below min(samples, features) = {min(X_train.shape)}")
+        torch.manual_seed(args.seed)
+        train_t = torch.as_tensor(X_train, device=args.device).to(dtype)
+        _, _, components = torch.pca_lowrank(train_t, q=args.pca, center=False)  # (p, K)
+        X_train = (train_t @ components).cpu().numpy()  # (n, K)
+        X_test = (torch.as_tensor(X_test, device=args.device).to(dtype) @ components).cpu().numpy()  # (m, K)
+        del train_t
+
+    groups = None
+    if args.cv == "runs":
+        groups = np.array([g for g, _ in train_ids])
+        if len(np.unique(groups)) < 2:
+            raise InputError(f"--cv runs: sub-{sub} has only one training run")
+    fit = fit_ridge_loo(X_train, Y_train, X_test, args.alphas, groups=groups, device=args.device, dtype=dtype,
+                        parcel_batch=args.parcel_batch)
+    r = pearson_r(Y_test, fit["test_prediction"])  # (P,)
+
+    # --- null distribution: circular shifts within runs, over all samples (train fitted + test predicted) ---
+    order = train_ids + test_ids  # the rows of prediction_all
+    by_time = sorted(range(len(order)), key=lambda i: order[i])  # samples of each run contiguous, in time
+    prediction_all = np.concatenate([fit["train_fit"], fit["test_prediction"]])[by_time]
+    run_of = np.array([order[i][0] for i in by_time])
+    position_of = np.array([order[i][1] for i in by_time])
+    test_rows = np.array([i for i, j in enumerate(by_time) if j >= len(train_ids)])
+    y_all = np.concatenate([Y_train, Y_test])[by_time]
+    if args.n_permutations > 0:
+        null = circular_shift_null(y_all[test_rows], prediction_all, run_of, position_of, test_rows,
+                                   args.n_permutations, args.min_shift, rng)
+        p_values, _, significant = permutation_p_values(r, null, args.fdr)
+        n_null = len(null)
+    else:
+        n_null = 0
+        p_values = np.full(len(r), np.nan)
+        significant = np.zeros(len(r), bool)
+
+    # --- outputs (summary.json last: it marks the subject as done) ---
+    save_npy(out_dir / "r.npy", r.astype(np.float32))
+    save_npy(out_dir / "alphas.npy", fit["alpha"])
+    save_npy(out_dir / "p_values.npy", p_values)
+    save_npy(out_dir / "significant.npy", significant)
+    write_r_map(r, labels, atlas_path, out_dir, f"sub-{sub} {args.name}: test r (max {np.nanmax(r):.2f})"
+                if np.isfinite(r).any() else f"sub-{sub} {args.name}: test r (all NaN)")
+    values, counts = np.unique(fit["alpha"], return_counts=True)
+    summary = {
+        "subject": f"sub-{sub}",
+        "r_max": float(np.nanmax(r)) if np.isfinite(r).any() else None,
+        "r_median": float(np.nanmedian(r)) if np.isfinite(r).any() else None,
+        "r_mean": float(np.nanmean(r)) if np.isfinite(r).any() else None,
+        "n_parcels": int(len(r)),
+        "n_parcels_nan_r": int(np.isnan(r).sum()),
+        "n_significant": int(significant.sum()),
+        "significance": (f"one-sided permutation p-value against {n_null} circular shifts "
+                         f"(>= {args.min_shift} TRs) of the features within each run, Benjamini-Hochberg "
+                         f"q < {args.fdr}") if args.n_permutations else "not computed (--n-permutations 0)",
+        "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
+        "standardization": (f"features z-scored with training-set means and standard deviations "
+                            f"({n_constant} constant features set to 0); intercept fitted (X and BOLD centered "
+                            "with training means)" + (f"; then the first {args.pca} principal components of the "
+                                                       "training features" if args.pca else "")),
+        "n_train_samples": len(train_ids),
+        "n_test_samples": len(test_ids),
+        "n_features": int(X_train.shape[1]),
+        "solver": f"{fit['mode']} ({'eigendecomposition of X X^T' if fit['mode'] == 'dual' else 'SVD of X'})",
+        "train_runs": sorted({runs[g]["stem"] for g, _ in train_ids}),
+        "test_runs": sorted({runs[g]["stem"] for g, _ in test_ids}),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("subjects", "overwrite")},
+        "layer": feature_dir.name,
+        "seconds": round(time.time() - start, 1),
+    }
+    with atomic_path(out_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main():
+    args = parse_args()
+    work = Path(args.work)
+    manifest_path = work / "bold" / "manifest.tsv"
+    if not manifest_path.is_file():
+        raise InputError(f"{manifest_path}: file not found (run 02_prep_fmri.py)")
+    # sub, ses and run are labels ("001" is not 1): read as strings
+    manifest = pd.read_csv(manifest_path, sep="\t", dtype={"sub": str, "ses": str, "run": str, "task": str})
+    missing = [c for c in ("sub", "ses", "task", "run", "split", "bold_path") if c not in manifest.columns]
+    if missing:
+        raise InputError(f"{manifest_path}: missing column(s) {', '.join(missing)}")
+    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
+    labels = labels["label"].astype(int).tolist()
+    atlas_path = work / "bold" / "atlas.nii.gz"
+    if not atlas_path.is_file():
+        raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
+    layer = find_layer(work / "features" / args.name, args.layer)
+    feature_dir = work / "features" / args.name / layer
+
+    subjects = sorted(manifest["sub"].unique())
+    if args.subjects:
+        wanted = [s.removeprefix("sub-") for s in args.subjects]
+        absent = [s for s in wanted if s not in subjects]
+        if absent:
+            raise InputError(f"{manifest_path}: no runs of sub-{absent[0]}")
+        subjects = wanted
+    results_dir = work / "results" / args.name
+    for sub in subjects:
+        out_dir = results_dir / f"sub-{sub}"
+        if (out_dir / "summary.json").is_file() and not args.overwrite:
+            print(f"sub-{sub}: done already ({out_dir / 'summary.json'}); --overwrite to redo")
+            continue
+        summary = encode_subject(args, sub, manifest[manifest["sub"] == sub], feature_dir, labels, atlas_path,
+                                 out_dir)
+        print(f"sub-{sub}: {summary['n_train_samples']} train / {summary['n_test_samples']} test samples, "
+              f"{summary['n_features']} features, r max {summary['r_max']}, median {summary['r_median']}, "
+              f"{summary['n_significant']}/{summary['n_parcels']} significant, alphas {summary['alphas_chosen']}, "
+              f"{summary['seconds']} s")
+    plot_subjects(results_dir)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,316 @@
+"""Stage 06: ridge with exact leave-one-out against scikit-learn and brute force, delays, scores, the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import pearsonr
+from sklearn.linear_model import Ridge, RidgeCV
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from common import bids_entities, run_stem  # noqa: E402
+from conftest import load_stage  # noqa: E402
+
+ridge = load_stage("06_ridge.py")
+ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def regression_data(n, p, n_targets, seed=0, n_test=15):
+    """X (n, p) correlated features, Y (n, P) whose signal-to-noise ratio falls across targets."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(p, p)) / np.sqrt(p) + np.eye(p)
+    X = rng.normal(size=(n + n_test, p)) @ mixing + 3.0  # non-zero means: the intercept matters
+    weights = rng.normal(size=(p, n_targets)) / np.sqrt(p)
+    noise = rng.normal(size=(n + n_test, n_targets)) * np.logspace(-1, 1.5, n_targets)
+    Y = X @ weights + noise + rng.normal(size=n_targets)
+    return X[:n], Y[:n], X[n:]
+
+
+# --------------------------------------------------------------------------------------------------
+# The closed form against independent references
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, p", [(40, 120), (80, 12)], ids=["wide-dual", "tall-primal"])
+def test_matches_sklearn_ridgecv(n, p):
+    X, Y, X_test = regression_data(n, p, n_targets=12)
+    # blocks of features, Gram rows and targets that divide nothing evenly
+    fit = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, feature_chunk=7, row_block=9, parcel_batch=5)
+    assert fit["mode"] == ("dual" if p > n else "primal")
+    reference = RidgeCV(alphas=ALPHAS, alpha_per_target=True, store_cv_results=True).fit(X, Y)
+    assert len(np.unique(reference.alpha_)) >= 3, "data should make targets choose different alphas"
+    np.testing.assert_array_equal(fit["alpha"], reference.alpha_)
+    np.testing.assert_allclose(fit["cv_error"], reference.cv_results_.mean(axis=0).T, rtol=1e-8)
+    np.testing.assert_allclose(fit["test_prediction"], reference.predict(X_test), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fit["train_fit"], reference.predict(X), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("n, p", [(18, 30), (25, 6)], ids=["wide-dual", "tall-primal"])
+def test_leave_one_out_and_leave_one_run_out_match_refitting(n, p):
+    X, Y, X_test = regression_data(n, p, n_targets=3, seed=1)
+    runs = np.repeat([0, 1, 2], [6, 7, n - 13])
+    loo = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS)
+    by_run = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, groups=runs)
+    for a, alpha in enumerate(ALPHAS):
+        held_one = np.empty_like(Y)
+        held_run = np.empty_like(Y)
+        for i in range(n):  # refit n times without sample i
+            keep = np.arange(n) != i
+            held_one[i] = Ridge(alpha=alpha).fit(X[keep], Y[keep]).predict(X[i:i + 1])[0]
+        for g in np.unique(runs):  # refit once per run without that run
+            out = runs == g
+            held_run[out] = Ridge(alpha=alpha).fit(X[~out], Y[~out]).predict(X[out])
+        np.testing.assert_allclose(loo["cv_error"][a], ((Y - held_one) ** 2).mean(axis=0), rtol=1e-7)
+        np.testing.assert_allclose(by_run["cv_error"][a], ((Y - held_run) ** 2).mean(axis=0), rtol=1e-7)
+
+
+def test_float32_products_choose_the_same_alphas():
+    """The CUDA path (float32 products, float64 decomposition), run here on the CPU."""
+    X, Y, X_test = regression_data(40, 120, n_targets=12)
+    exact = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS)
+    single = ridge.fit_ridge_loo(X.astype(np.float32), Y, X_test.astype(np.float32), ALPHAS, dtype=torch.float32,
+                                 feature_chunk=50)
+    np.testing.assert_array_equal(single["alpha"], exact["alpha"])
+    np.testing.assert_allclose(single["test_prediction"], exact["test_prediction"], rtol=1e-3, atol=1e-3)
+
+
+def test_constant_target_gives_nan_r_not_a_crash():
+    X, Y, X_test = regression_data(30, 50, n_targets=3)
+    Y[:, 1] = 2.5
+    fit = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS)
+    np.testing.assert_allclose(fit["test_prediction"][:, 1], 2.5)
+    r = ridge.pearson_r(np.random.default_rng(0).normal(size=(15, 3)), fit["test_prediction"])
+    assert np.isnan(r[1]) and np.isfinite(r[[0, 2]]).all()
+
+
+def test_pearson_r_matches_scipy():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
+    b[:, 0] += 2 * a[:, 0]
+    expected = [pearsonr(a[:, j], b[:, j])[0] for j in range(4)]
+    np.testing.assert_allclose(ridge.pearson_r(a, b), expected, rtol=1e-12)
+
+
+def test_circular_shift_null_is_the_shifted_prediction():
+    rng = np.random.default_rng(4)
+    # samples: run 0 (8 training samples), run 1 (12 test samples), ordered by run then time
+    run_of, position_of = np.repeat([0, 1], [8, 12]), np.r_[np.arange(8), np.arange(12)]
+    test_rows = np.arange(8, 20)
+    prediction_all, y_test = rng.normal(size=(20, 3)), rng.normal(size=(12, 3))
+    exact = ridge.circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, 100, 2, rng)
+    expected = [ridge.pearson_r(y_test, np.roll(prediction_all[8:], -k, axis=0)) for k in range(2, 11)]
+    np.testing.assert_allclose(exact, expected)  # 9 allowed shifts <= 100 permutations: all of them, once
+    sampled = ridge.circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, 5, 2, rng)
+    assert sampled.shape == (5, 3)
+    assert all(np.isclose(row, expected).all(axis=1).any() for row in sampled)
+
+
+def test_permutation_p_values_and_fdr():
+    r = np.array([0.9, 0.0, np.nan])
+    null = np.random.default_rng(0).normal(0, 0.1, size=(199, 3))
+    p, q, significant = ridge.permutation_p_values(r, null, 0.05)
+    assert p[0] == 1 / 200 and 0.2 < p[1] < 0.8 and np.isnan(p[2])
+    assert significant.tolist() == [True, False, False]
+
+
+# --------------------------------------------------------------------------------------------------
+# A work directory in the stage contract's layout, with a planted signal
+# --------------------------------------------------------------------------------------------------
+N_FEATURES, N_PARCELS, PLANTED, EMPTY = 8, 12, (0, 3, 7), 10  # BOLD columns; EMPTY is constant (0.0)
+LABELS = [2 * c + 3 for c in range(N_PARCELS)]  # atlas label values differ from the column numbers
+
+
+def make_work(root, subjects=("01",), volumes=60, delay=3, seed=0):
+    """Write bold/ (manifest, labels, atlas, runs) and features/demo/<layer>/ for a planted-signal dataset.
+
+    Sessions 001-003 train, 004 validation, 005 test, two runs each. Planted columns follow a fixed linear
+    read-out of the features `delay` TRs earlier plus noise; EMPTY is 0.0 (a parcel without voxels, as 02
+    writes it); the other columns are noise. Volume 0 is NaN.
+    """
+    rng = np.random.default_rng(seed)
+    work = Path(root)
+    readout = rng.normal(size=(N_FEATURES, len(PLANTED)))
+    rows = []
+    for sub in subjects:
+        for ses, split in zip(("001", "002", "003", "004", "005"),
+                              ("train", "train", "train", "validation", "test")):
+            for run in ("01", "02"):
+                stem = run_stem(sub, ses, "airstriker", run)
+                features = rng.normal(size=(volumes, N_FEATURES))
+                bold = rng.normal(size=(volumes, N_PARCELS))
+                bold[delay:, PLANTED] += 1.5 * features[:-delay] @ readout
+                bold[:, EMPTY] = 0.0
+                bold[0] = np.nan  # a non-steady-state volume
+                bold_path = Path("bold") / f"sub-{sub}" / f"ses-{ses}" / f"{stem}.npy"
+                feature_path = work / "features/demo/layer_a" / f"sub-{sub}" / f"ses-{ses}" / f"{stem}.npy"
+                for path, array in ((work / bold_path, bold.astype(np.float32)),
+                                    (feature_path, features.astype(np.float16))):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, array)
+                rows.append(dict(sub=sub, ses=ses, task="airstriker", run=run, n_volumes=volumes, tr_s=1.49,
+                                 split=split, bold_path=str(bold_path), kept_volumes=volumes - 1))
+    pd.DataFrame(rows).to_csv(work / "bold/manifest.tsv", sep="\t", index=False)
+    pd.DataFrame(dict(column=range(N_PARCELS), label=LABELS, name=[f"p{v}" for v in LABELS])).to_csv(
+        work / "bold/labels.tsv", sep="\t", index=False)
+    atlas = np.zeros((8, 9, 8), np.int16)
+    atlas[1:7, 1:8, 1:7] = np.resize(LABELS, (6, 7, 6))  # every label owns several voxels
+    affine = np.diag([12.0, 12.0, 12.0, 1.0])
+    affine[:3, 3] = (-48, -66, -42)
+    nib.save(nib.Nifti1Image(atlas, affine), work / "bold/atlas.nii.gz")
+    return work
+
+
+def run_ridge(work, *flags):
+    return subprocess.run([sys.executable, "06_ridge.py", "--work", str(work), "--name", "demo", *map(str, flags)],
+                          cwd=REPO, capture_output=True, text=True)
+
+
+def test_delays_never_cross_run_boundaries(tmp_path):
+    work = make_work(tmp_path, volumes=12)
+    manifest = pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)
+    runs = ridge.load_runs(work, manifest.iloc[:2], work / "features/demo/layer_a", delays=[1, 3])
+    for run in runs:
+        assert run["rows"].tolist() == list(range(3, 12))  # t >= max delay, and volume 0 (NaN) is gone
+    ids = [(g, k) for g in range(2) for k in range(9)]
+    X = ridge.delayed_design(runs, ids, [1, 3], N_FEATURES)  # (18, 2 * D)
+    for i, (g, k) in enumerate(ids):
+        t = runs[g]["rows"][k]
+        np.testing.assert_array_equal(X[i, :N_FEATURES], runs[g]["features"][t - 1])
+        np.testing.assert_array_equal(X[i, N_FEATURES:], runs[g]["features"][t - 3])
+    # row 0 of run 2 uses run 2's TR 0, not the end of run 1
+    np.testing.assert_array_equal(X[9, N_FEATURES:], runs[1]["features"][0])
+
+
+def test_end_to_end_planted_signal(tmp_path):
+    work = make_work(tmp_path, subjects=("01", "02"))
+    result = run_ridge(work, "--n-permutations", 200, "--min-shift", 5)
+    assert result.returncode == 0, result.stderr
+    for sub in ("01", "02"):
+        out = work / "results/demo" / f"sub-{sub}"
+        r = np.load(out / "r.npy")
+        significant = np.load(out / "significant.npy")
+        noise = np.setdiff1d(np.arange(N_PARCELS), PLANTED + (EMPTY,))
+        assert r.shape == (N_PARCELS,) and np.load(out / "alphas.npy").shape == (N_PARCELS,)
+        assert r[list(PLANTED)].min() > 0.6 and np.abs(r[noise]).max() < 0.35
+        assert significant[list(PLANTED)].all() and not significant[noise].any()
+        assert np.isnan(r[EMPTY]) and np.isnan(np.load(out / "p_values.npy")[EMPTY]) and not significant[EMPTY]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["r_max"] == pytest.approx(float(np.nanmax(r)), abs=1e-6)
+        assert summary["n_significant"] == len(PLANTED) and summary["n_parcels"] == N_PARCELS
+        assert summary["n_parcels_nan_r"] == 1 and summary["r_median"] == pytest.approx(float(np.nanmedian(r)))
+        assert summary["n_train_samples"] == 6 * 57 and summary["n_test_samples"] == 2 * 57  # TR 3.., no ses-004
+        assert summary["layer"] == "layer_a" and "training-set" in summary["standardization"]
+        r_map = nib.load(out / "r_map.nii.gz").get_fdata()
+        atlas = nib.load(work / "bold/atlas.nii.gz").get_fdata()
+        for column, label in enumerate(LABELS):
+            np.testing.assert_allclose(r_map[atlas == label], np.nan_to_num(r[column]), rtol=1e-6)  # NaN -> 0
+        assert (out / "r_map.png").stat().st_size > 0
+    assert (work / "results/demo/r_by_subject.png").stat().st_size > 0
+    # idempotent: a second call skips finished subjects and leaves their files alone
+    before = (work / "results/demo/sub-01/r.npy").stat().st_mtime_ns
+    again = run_ridge(work, "--subjects", "01")
+    assert again.returncode == 0 and "done already" in again.stdout
+    assert (work / "results/demo/sub-01/r.npy").stat().st_mtime_ns == before
+
+
+def test_random_split_fir_pca_and_run_cv(tmp_path):
+    work = make_work(tmp_path)
+    result = run_ridge(work, "--split", "random", "--test-size", "0.2", "--delays", 2, 3, 4, "--pca", 20,
+                       "--cv", "runs", "--n-permutations", 50, "--min-shift", 5)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
+    n_samples = 10 * (60 - 4)  # every run, samples from TR 4 (largest delay) on
+    assert summary["n_test_samples"] == round(0.2 * n_samples)
+    assert summary["n_train_samples"] + summary["n_test_samples"] == n_samples
+    assert summary["n_features"] == 20 and summary["solver"].startswith("primal")
+    r = np.load(work / "results/demo/sub-01/r.npy")
+    assert r[list(PLANTED)].min() > 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line naming the file or run and what is wrong, exit status 2, no results written
+# --------------------------------------------------------------------------------------------------
+STEM = "sub-01_ses-002_task-airstriker_run-01"
+
+
+def feature_file(work, stem=STEM):
+    ses = stem.split("_")[1]
+    return work / "features/demo/layer_a/sub-01" / ses / f"{stem}.npy"
+
+
+def corrupt_lengths(work):
+    np.save(feature_file(work), np.zeros((50, N_FEATURES), np.float16))
+
+
+def corrupt_nan(work):
+    features = np.load(feature_file(work))
+    features[7, 2] = np.nan
+    np.save(feature_file(work), features)
+
+
+def corrupt_bold_inf(work):
+    path = work / "bold/sub-01/ses-002" / f"{STEM}.npy"
+    bold = np.load(path)
+    bold[5, 2] = np.inf
+    np.save(path, bold)
+
+
+def corrupt_missing(work):
+    feature_file(work).unlink()
+
+
+@pytest.mark.parametrize("corrupt, flags, expected", [
+    (corrupt_lengths, [], [STEM, "50 rows", "60 volumes"]),
+    (corrupt_nan, [], [f"{STEM}.npy", "NaN or inf"]),
+    (corrupt_bold_inf, [], [f"bold/sub-01/ses-002/{STEM}.npy", "BOLD contains inf"]),
+    (corrupt_missing, [], [f"{STEM}.npy", f"features missing for run {STEM}"]),
+    (None, ["--delays", 60], ["run sub-01_ses-001", "60 volumes", "largest delay 60"]),
+], ids=["length-mismatch", "nan-features", "inf-bold", "missing-features", "fewer-samples-than-delays"])
+def test_bad_input_clear_error(tmp_path, corrupt, flags, expected):
+    work = make_work(tmp_path)
+    if corrupt:
+        corrupt(work)
+    result = run_ridge(work, *flags)
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message
+    for text in expected:
+        assert text in message
+    assert not (work / "results/demo/sub-01").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo (00) through stage 02, with the demo's true visual properties as features
+# --------------------------------------------------------------------------------------------------
+def test_demo_planted_parcels_beat_noise_parcels(demo_work, tmp_path):
+    """Features = ground_truth/<run>_signals.tsv (already HRF-convolved, so --delays 0) until 05 exists.
+
+    The tiny demo has 30-volume runs: 02 runs with 6 motion regressors and no smoothing here, since the
+    paper's 24 regressors would leave ~3 degrees of freedom per run.
+    """
+    truth = json.loads((demo_work / "demo/ground_truth.json").read_text())
+    (tmp_path / "demo").symlink_to(demo_work / "demo")
+    prep = subprocess.run([sys.executable, "02_prep_fmri.py", "--work", str(tmp_path), "--motion", "basic",
+                           "--fwhm", "0", "--workers", "1"], cwd=REPO, capture_output=True, text=True)
+    assert prep.returncode == 0, prep.stderr
+    for signals in sorted((demo_work / "demo/ground_truth").glob("*_signals.tsv")):
+        stem = signals.name.removesuffix("_signals.tsv")
+        entities = bids_entities(stem)
+        out = tmp_path / "features/truth/signals" / f"sub-{entities['sub']}" / f"ses-{entities['ses']}"
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / f"{stem}.npy", pd.read_csv(signals, sep="\t").to_numpy(np.float32))
+    result = subprocess.run([sys.executable, "06_ridge.py", "--work", str(tmp_path), "--name", "truth",
+                             "--delays", "0", "--min-shift", "3"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    labels = pd.read_csv(tmp_path / "bold/labels.tsv", sep="\t")["label"].to_numpy()
+    planted = np.isin(labels, [int(label) for label in truth["planted"]])
+    out = tmp_path / "results/truth/sub-01"
+    r, p_values = np.load(out / "r.npy"), np.load(out / "p_values.npy")
+    assert np.median(r[planted]) > np.quantile(r[~planted], 0.9) + 0.1
+    assert r[planted].mean() - r[~planted].mean() > 0.25
+    assert np.median(p_values[planted]) < np.median(p_values[~planted])
+    assert not np.load(out / "significant.npy")[~planted].any()
