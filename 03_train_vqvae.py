@@ -151,7 +151,10 @@ class ClipSampler:
         self.arrays, self.length, self.step, self.pin_memory = arrays, sequence_length, frame_step, pin_memory
         self.span = (sequence_length - 1) * frame_step + 1                  # 60 Hz frames per clip
         self.n_starts = np.array([len(a) - self.span + 1 for a in arrays])
-        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.pool = ThreadPoolExecutor(max_workers=workers)   # reads the clips of one batch in parallel
+        # Read-ahead gets a thread of its own: a batch read by a `pool` thread waiting on `pool` would
+        # deadlock when --workers is 1.
+        self.prefetch = ThreadPoolExecutor(max_workers=1)
 
     def starts(self, rng, n):
         """n (repetition, first frame) pairs."""
@@ -169,7 +172,7 @@ class ClipSampler:
     def batch_async(self, seed, rank, step, batch_size):
         """A future of the uint8 batch of `step` on `rank`."""
         starts = self.starts(np.random.default_rng([seed, rank, step]), batch_size)
-        return self.pool.submit(self.read, starts)
+        return self.prefetch.submit(self.read, starts)
 
 
 def to_model_input(clips, device, channels_last):

@@ -1,16 +1,30 @@
-"""What two or more stages share: error reporting, atomic IO, manifests, BIDS names.
+"""What two or more stages share: error reporting, atomic IO, manifests and BIDS names (all stages);
+training plumbing — DDP, checkpoints, preemption, mixed precision (03, 04); and the VideoGPT models —
+the VQ-VAE (03, 04, 05) and the conditioned GPT prior (04, 05), with VideoGPT's module names.
 
-The paper's algorithms live in the numbered stage scripts; this file is plumbing (and, later, the
-VideoGPT models that stages 03, 04 and 05 all need).
+The paper's training and encoding algorithms live in the numbered stage scripts.
 """
 import contextlib
+import csv
+import io
+import math
 import os
+import pickle
+import random
 import re
+import signal
 import sys
+import types
+from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 # The stage scripts start with a digit, so they cannot be imported by name; tests load them with
 # importlib. Everything here is importable as `import common`.
@@ -108,21 +122,6 @@ def run_stem(sub, ses, task, run):
 # resume exactly; SLURM preemption; the cosine schedule; a CSV log; mixed precision. None of this is the
 # paper's algorithm: it only makes long training runs safe and fast.
 # --------------------------------------------------------------------------------------------------
-import csv  # noqa: E402  (torch is imported here, not at the top, so stages without models stay light)
-import io  # noqa: E402
-import math  # noqa: E402
-import pickle  # noqa: E402
-import random  # noqa: E402
-import signal  # noqa: E402
-import types  # noqa: E402
-from argparse import Namespace  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import REPO, load_stage, run_script
 
 import common
 
@@ -309,6 +309,19 @@ def test_cosine_schedule_matches_torch_cosine_annealing():
 # --------------------------------------------------------------------------------------------------
 # The stage script, end to end
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [1, 3])
+def test_clip_sampler_reads_ahead_with_any_number_of_workers(workers):
+    """Regression: with --workers 1 the read-ahead task waited on the only reader thread (deadlock)."""
+    stage = load_stage("03_train_vqvae.py")
+    arrays = [np.arange(n * 2 * 2 * 3, dtype=np.uint8).reshape(n, 2, 2, 3) % 251 for n in (40, 25)]
+    sampler = stage.ClipSampler(arrays, sequence_length=4, frame_step=3, workers=workers)
+    batch = sampler.batch_async(seed=0, rank=0, step=5, batch_size=6).result(timeout=30)    # (B, T, H, W, 3)
+    assert batch.shape == (6, 4, 2, 2, 3)
+    starts = sampler.starts(np.random.default_rng([0, 0, 5]), 6)
+    expected = np.stack([arrays[r][f:f + 10:3] for r, f in starts])
+    np.testing.assert_array_equal(batch.numpy(), expected)
+
+
 def test_script_trains_writes_outputs_and_skips_when_done(tmp_path):
     work = make_frames_work(tmp_path)
     # A broken array in the test session proves that session is never read.
