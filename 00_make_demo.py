@@ -37,12 +37,11 @@ import pandas as pd
 from nilearn.glm.first_level import glover_hrf
 from sklearn.cluster import KMeans
 
-from common import DEFAULT_WORK, InputError, run_main, run_stem, write_tsv
+from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, run_main, run_stem, write_tsv
 
 GAME = "Airstriker-Genesis-v0"
 TASK = "airstriker"
 SPACE = "MNI152NLin2009cAsym"
-GAMEPLAY_HZ = 60  # CNeuroMod convention: a bk2 holds one input per 60 Hz emulator step
 VOXEL_MM = 6.0
 GRID = (16, 19, 16)  # a coarse MNI-like grid: 96 x 114 x 96 mm
 QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")

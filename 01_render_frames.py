@@ -3,7 +3,7 @@
     python 01_render_frames.py --work work                          # the demo: <work>/demo
     python 01_render_frames.py --work work --bids /data/shinobi --resolution 64 --workers 8
     python 01_render_frames.py --work work --bk2 a.bk2 b.bk2        # explicit replays, no events.tsv
-    sbatch slurm/01_render_frames.sbatch                            # on a cluster (CPU only)
+    sbatch slurm/cpu_stage.sbatch 01_render_frames.py --work work --bids /data/shinobi   # SLURM, CPU only
 
 Each repetition is replayed exactly: every 60 Hz emulator step, with the recorded keys. The whole
 224 x 320 screen is squashed (aspect ratio not kept) to a square --resolution by box averaging, and
@@ -33,9 +33,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from common import DEFAULT_WORK, InputError, bids_entities, read_tsv, run_main, write_tsv
+from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, bids_entities, read_tsv, run_main, write_tsv
 
-GAMEPLAY_HZ = 60  # nominal CNeuroMod rate: n_frames = duration_bk2 x 60 (the Genesis runs at 59.92 Hz)
 MISSING = "Missing file"
 MANIFEST_COLUMNS = ["sub", "ses", "task", "run", "level", "rep", "bk2", "onset_s", "duration_s",
                     "n_frames", "fps", "frames_path", "status", "error"]

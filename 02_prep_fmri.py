@@ -4,6 +4,7 @@
     python 02_prep_fmri.py --work work --fmriprep /data/shinobi/derivatives/fmriprep \\
         --atlas MIST_ROI.nii.gz --task shinobi --subjects 01 02 --workers 8
     python 02_prep_fmri.py --work work --confounds motion high_pass wm_csf --fwhm 6 --overwrite
+    sbatch --cpus-per-task 8 slurm/cpu_stage.sbatch 02_prep_fmri.py --work work --fmriprep DIR --atlas ATLAS
 
 For every `sub-*/ses-*/func/*_space-<space>_*desc-preproc_bold.nii.gz` under --fmriprep, as in the paper:
   1. confounds: nilearn's load_confounds(strategy=("motion", "high_pass"), motion="full") = load_confounds'

@@ -4,7 +4,7 @@
     python 03_train_vqvae.py --work work --precision bf16 --channels-last --compile
     python 03_train_vqvae.py --work work --resume                          # continue an interrupted run
     torchrun --nproc-per-node 4 03_train_vqvae.py --work work --resume    # 4 GPUs, one node
-    sbatch slurm/03_train_vqvae.sbatch                                     # multi-node (torchrun in srun)
+    sbatch --nodes 2 slurm/gpu_stage.sbatch 03_train_vqvae.py --work work  # SLURM: torchrun in srun
     python 03_train_vqvae.py --work work --device cpu --n-hiddens 16 --n-res-layers 1 --resolution 32 \\
         --sequence-length 8 --downsample 2 4 4 --n-codes 32 --embedding-dim 8 --max-steps 50   # tiny
 
@@ -28,7 +28,6 @@ exits; `--resume` continues it exactly (same clips, same losses). A finished run
 import argparse
 import math
 import os
-import resource
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -108,18 +107,12 @@ def model_config(args):
 # --------------------------------------------------------------------------------------------------
 # Data: random clips from the memory-mapped frame arrays of the training repetitions
 # --------------------------------------------------------------------------------------------------
-def _label(value):
-    """Session labels compare as numbers when they are numbers ('005' == 5 read back by pandas)."""
-    text = str(value).removeprefix("ses-")
-    return str(int(text)) if text.isdigit() else text
-
-
 def training_repetitions(work, test_sessions, resolution, clip_span):
     """Frame arrays of the usable repetitions, in manifest order: list of memory-mapped (N, H, W, 3)."""
     manifest_path = work / "frames" / "manifest.tsv"
     manifest = common.read_tsv(manifest_path, required=("ses", "status", "frames_path", "n_frames"))
-    test = {_label(s) for s in test_sessions}
-    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(_label).isin(test)]
+    test = {common.session_label(s) for s in test_sessions}
+    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(common.session_label).isin(test)]
     arrays = []
     for frames_path in rows["frames_path"]:
         path = work / str(frames_path)
@@ -203,6 +196,18 @@ def validate(model, clips, args, device):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def distinct_code_maps(model, clips, args, device):
+    """How many of the validation clips get a code map (t, h, w) of their own. A VQ-VAE can reach a low
+    loss on dark, sparse frames (gameplay on a black background) while encoding only position: every
+    clip then gets the same codes and the GPT downstream sees no content at all."""
+    model.eval()
+    codes = torch.cat([model.encode(to_model_input(clips[i:i + args.batch_size], device, args.channels_last))
+                       for i in range(0, len(clips), args.batch_size)])          # (N, t, h, w)
+    model.train()
+    return len(torch.unique(codes.flatten(1), dim=0)), len(codes)
+
+
 def save_recon_figure(model, clips, path, args, device, n_clips=4, n_frames=8):
     """recon.png: for each of n_clips clips, a row of originals above a row of reconstructions."""
     model.eval()
@@ -219,12 +224,6 @@ def save_recon_figure(model, clips, path, args, device, n_clips=4, n_frames=8):
     grid = torch.cat(rows, 0).round().byte().cpu().numpy()            # (2*n*H, F*W, 3)
     with common.atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # Linux: KiB -> GB (host RSS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,7 +353,7 @@ def train(args, config, ctx, work, out_dir, ckpt_path, checkpoint):
                     perplexity=vq_output["perplexity"].item(),
                     codes_used=(codebook.N >= 1).float().mean().item(), val_mse=val_mse, val_psnr=val_psnr,
                     clips_per_s=interval_steps * args.batch_size * ctx.world_size / elapsed,
-                    peak_mem_gb=peak_memory_gb(device))
+                    peak_mem_gb=common.peak_memory_gb(device))
             progress.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{vq_output['perplexity'].item():.0f}")
             interval_start, interval_steps = time.perf_counter(), 0
 
@@ -369,8 +368,13 @@ def train(args, config, ctx, work, out_dir, ckpt_path, checkpoint):
 
     if ctx.is_main:
         save_recon_figure(raw_model, val_clips, out_dir / "recon.png", args, device)
+        distinct, n_clips = distinct_code_maps(raw_model, val_clips, args, device)
         print(f"03_train_vqvae: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, "
-              f"{out_dir / 'recon.png'}")
+              f"{out_dir / 'recon.png'}; {distinct} of {n_clips} validation clips have distinct code maps")
+        if distinct < max(2, n_clips // 4):
+            print(f"03_train_vqvae: warning: the codes hardly depend on the clip ({distinct} distinct code maps "
+                  f"for {n_clips} clips): the VQ-VAE has collapsed onto position; train longer or with a "
+                  f"higher --lr (--overwrite)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
     python 04_train_gpt.py --work work --layers 4 --heads 8 --name my-run
     python 04_train_gpt.py --work work --resume                                # continue an interrupted run
     torchrun --nproc-per-node 4 04_train_gpt.py --work work --precision fp16 --resume   # 4 GPUs
+    sbatch --nodes 2 slurm/gpu_stage.sbatch 04_train_gpt.py --work work --precision fp16   # SLURM, 2 x 4 GPUs
     python 04_train_gpt.py --work work --device cpu --hidden-dim 24 --layers 2 --heads 2 --cond-dim 24 \\
         --batch-size 4 --max-steps 20                                          # tiny, seconds on a CPU
 
@@ -42,10 +43,8 @@ it exactly. A finished run is skipped unless --overwrite.
 """
 import argparse
 import functools
-import hashlib
 import json
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -152,18 +151,12 @@ def model_config(args, vqvae):
 # --------------------------------------------------------------------------------------------------
 # Data: repetitions, the --train-frames selection, and the code cache
 # --------------------------------------------------------------------------------------------------
-def _label(value):
-    """Session labels compare as numbers when they are numbers ('005' == 5 read back by pandas)."""
-    text = str(value).removeprefix("ses-")
-    return str(int(text)) if text.isdigit() else text
-
-
 def usable_repetitions(work, test_sessions):
     """Rows (dicts) of frames/manifest.tsv with status ok outside `test_sessions`, in manifest order."""
     manifest_path = work / "frames" / "manifest.tsv"
     manifest = common.read_tsv(manifest_path, required=("sub", "ses", "status", "frames_path", "n_frames"))
-    test = {_label(s) for s in test_sessions}
-    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(_label).isin(test)]
+    test = {common.session_label(s) for s in test_sessions}
+    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(common.session_label).isin(test)]
     if rows.empty:
         raise InputError(f"{manifest_path}: no repetition with status ok outside test sessions {test_sessions}")
     return [dict(row) for _, row in rows.iterrows()]
@@ -190,11 +183,8 @@ def select_training_frames(n_frames, train_frames):
 
 def cache_directory(work, vqvae_path, frame_step):
     """<work>/gpt/codes/<first 16 hex digits of the VQ-VAE checkpoint's sha256>-step<frame step>."""
-    digest = hashlib.sha256()
-    with open(vqvae_path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return work / "gpt" / "codes" / f"{digest.hexdigest()[:16]}-step{frame_step}", digest.hexdigest()
+    digest = common.file_sha256(vqvae_path)
+    return work / "gpt" / "codes" / f"{digest[:16]}-step{frame_step}", digest
 
 
 def clips_of_frames(frames, start_clips, sequence_length, frame_step):
@@ -334,12 +324,6 @@ def peak_tflops(args, device):
         if key in name:
             return peaks[precision]
     return None
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # Linux: KiB -> GB (host RSS)
 
 
 @torch.no_grad()
@@ -531,7 +515,7 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint):
                         train_loss=train_loss, val_loss=val_loss, clips_per_s=clips_per_s,
                         tokens_per_s=clips_per_s * tokens_per_sample,
                         mfu=clips_per_s * flops_per_sample / (peak * 1e12 * ctx.world_size) if peak else "",
-                        peak_mem_gb=peak_memory_gb(device), wall_s=wall_before + time.perf_counter() - run_start)
+                        peak_mem_gb=common.peak_memory_gb(device), wall_s=wall_before + time.perf_counter() - run_start)
                 progress.set_postfix(loss=f"{train_loss:.4f}")
             loss_sum.zero_()
             interval_start, interval_steps = time.perf_counter(), 0

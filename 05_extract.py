@@ -6,6 +6,7 @@
     python 05_extract.py --work work --ckpt authors_gpt.ckpt --name authors \\
         --layer attn_stack.attn_nets.4.post_fc_dp attn_stack.attn_nets.4.fc_block.0 --pool space
     python 05_extract.py --work work --ckpt ... --device cpu --batch-size 4         # no GPU (demo)
+    sbatch --gpus-per-node 1 slurm/gpu_stage.sbatch 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt
 
 Every fMRI run of <work>/bold/manifest.tsv gets one feature row per volume, from the activation of one
 (or several) modules of the GPT prior while it reads the gameplay the subject saw just before.
@@ -32,7 +33,6 @@ recomputed when their sidecar names another checkpoint, pooling, dtype or frame 
 """
 import argparse
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -45,9 +45,8 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import DEFAULT_WORK, InputError, read_tsv, run_main, run_stem
+from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, read_tsv, run_main, run_stem
 
-GAMEPLAY_HZ = 60                                   # frames/manifest.tsv: every emulator step, nominal 60 Hz
 PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"  # paper 2.3: block 4 of 8, output of its MLP branch
 BLOCK_OUTPUT = "post_fc_dp"                        # --layer last = attn_stack.attn_nets.<L-1>.post_fc_dp
 FRAMES_COLUMNS = ("sub", "ses", "task", "run", "rep", "onset_s", "n_frames", "frames_path", "status")
@@ -283,14 +282,6 @@ def pool_activation(activation, pool, latent_shape, name):
 # --------------------------------------------------------------------------------------------------
 # Model: load a checkpoint (ours or the authors'), run the GPT on a batch of windows
 # --------------------------------------------------------------------------------------------------
-def file_sha256(path, chunk=1 << 24):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_model(path, vqvae_path, work, device):
     """The GPT prior of a checkpoint with its frozen VQ-VAE attached as `model.vqvae` (the authors'
     layout: its modules can be hooked as vqvae.encoder...), in eval mode on `device`, and a description.
@@ -312,7 +303,7 @@ def load_model(path, vqvae_path, work, device):
         vqvae_path = next((c for c in candidates if c.is_file()), candidates[0])
         if not vqvae_path.is_file():
             raise InputError(f"{path}: its VQ-VAE {vqvae_path} does not exist (pass --vqvae PATH)")
-        if extra.get("vqvae_sha256") and extra["vqvae_sha256"] != file_sha256(vqvae_path):
+        if extra.get("vqvae_sha256") and extra["vqvae_sha256"] != common.file_sha256(vqvae_path):
             raise InputError(f"{vqvae_path}: not the VQ-VAE {path} was trained with (sha256 differs; "
                              f"pass --vqvae PATH to the right one)")
         vqvae = common.load_vqvae(vqvae_path)
@@ -457,7 +448,7 @@ def main(argv=None):
     # --- plan: which runs still need features -------------------------------------------------------
     layers = resolve_layers(model, args.layer, info["n_layers"])
     runs = plan_runs(work, args.subjects, frame_shape, window, frame_step, args.allow_missing)
-    sha256 = file_sha256(ckpt)
+    sha256 = common.file_sha256(ckpt)
     expected = {"checkpoint_sha256": sha256, "pool": args.pool, "dtype": args.dtype, "frame_step": frame_step}
     todo = []
     for run in runs:

@@ -54,7 +54,11 @@ DEMO_EXPERIMENTS = {
     "heads": ("heads", [1, 2], "Figure 5"),
     "precision": ("precision", ["fp32", "bf16"], "Figure 6"),
 }
-DEMO_TRAIN_ARGS = "--max-steps 60 --batch-size 8 --log-every 10 --val-every 30 --val-samples 32 --ckpt-every 60"
+DEMO_TRAIN_ARGS = ("--device cpu --cond-dim 24 --max-steps 80 --batch-size 16 --log-every 10 --val-every 40 "
+                   "--val-samples 32 --ckpt-every 80")
+DEMO_EXTRACT_ARGS = "--device cpu"
+# ~300 training TRs x a few thousand standardized features need stronger penalties than the paper's grid.
+DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 --n-permutations 100"
 CLAIMS = {
     "data": "Scaling up the training data of VideoGPT improves brain encoding (section 3.1).",
     "hidden": "Scaling up the hidden dimension improves brain encoding (section 3.2).",
@@ -137,8 +141,9 @@ def commands(args, name, config, layer):
         train += ["--train-frames", config["train_frames"]]
     train += shlex.split((DEMO_TRAIN_ARGS + " " if args.demo else "") + args.train_args)
     extract = ["05_extract.py", "--work", work, "--ckpt", f"{work}/gpt/{model_name}/ckpt.pt", "--name", name,
-               "--layer", layer] + shlex.split(args.extract_args)
-    ridge = ["06_ridge.py", "--work", work, "--name", name, "--layer", layer] + shlex.split(args.ridge_args)
+               "--layer", layer] + shlex.split((DEMO_EXTRACT_ARGS + " " if args.demo else "") + args.extract_args)
+    ridge = ["06_ridge.py", "--work", work, "--name", name, "--layer", layer] + shlex.split(
+        (DEMO_RIDGE_ARGS + " " if args.demo else "") + args.ridge_args)
     return [[str(a) for a in cmd] for cmd in (train, extract, ridge)]
 
 
@@ -279,7 +284,9 @@ def draw_figures(args, per_experiment, jobs):
               f"Brain score: test Pearson r per parcel (06_ridge.py); subjects {', '.join(subs)}.", ""]
     experiments = DEMO_EXPERIMENTS if args.demo else EXPERIMENTS
     for experiment, rows in per_experiment.items():
-        done = [(value, name, runs[name]) for value, _, name, _ in rows if runs[name] is not None]
+        # --train-frames 0 means every training frame
+        done = [(value if value != 0 else "all", name, runs[name]) for value, _, name, _ in rows
+                if runs[name] is not None]
         knob, _, figure = experiments[experiment]
         report += [f"## {experiment}: {knob} ({figure})", "", f"Claim tested: {CLAIMS[experiment]}", ""]
         if not done:

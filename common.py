@@ -6,12 +6,14 @@ The paper's training and encoding algorithms live in the numbered stage scripts.
 """
 import contextlib
 import csv
+import hashlib
 import io
 import math
 import os
 import pickle
 import random
 import re
+import resource
 import signal
 import sys
 import types
@@ -30,6 +32,9 @@ import torch.nn.functional as F
 # importlib. Everything here is importable as `import common`.
 
 DEFAULT_WORK = "work"
+# CNeuroMod convention: a bk2 holds one input per 60 Hz emulator step, and stage 01 renders every step
+# (the Genesis really runs at 59.92 Hz; the data treat it as 60).
+GAMEPLAY_HZ = 60
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +119,22 @@ def bids_entities(path):
 def run_stem(sub, ses, task, run):
     """The BIDS prefix that names one fMRI run: sub-01_ses-002_task-shinobi_run-03."""
     return f"sub-{sub}_ses-{ses}_task-{task}_run-{run}"
+
+
+def session_label(value):
+    """A session label that compares as a number when it is one: '005', 'ses-005' and 5 (as pandas
+    reads 005 back from a TSV) are all '5'."""
+    text = str(value).removeprefix("ses-")
+    return str(int(text)) if text.isdigit() else text
+
+
+def file_sha256(path, chunk=1 << 24):
+    """Hex sha256 of a file, read in chunks (checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,6 +357,13 @@ class CSVLog:
         row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.fields).writerow(row)
+
+
+def peak_memory_gb(device):
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS on the host (GB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # Linux: KiB -> GB
 
 
 def autocast(device, precision):

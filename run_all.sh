@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Run the pipeline end to end. With no arguments: the embedded demo, on CPU, small models.
+# Run the pipeline end to end: 00 -> 06. With no arguments: the embedded demo, on CPU, small models
+# (about 7 minutes on 2 cores), ending with a one-screen summary of the brain scores.
 #
 #   bash run_all.sh                                   # demo: makes work/demo, then every stage
-#   WORK=/scratch/me/shinobi DATA=/data/shinobi RESOLUTION=128 bash run_all.sh
+#   WORK=/scratch/me/shinobi DATA=/data/shinobi ATLAS=/data/atlas/MIST_ROI.nii.gz bash run_all.sh
+#   GPT_ARGS="--precision bf16 --compile" RIDGE_ARGS="--device cuda" DATA=... ATLAS=... bash run_all.sh
 #
-# Variables: WORK (working directory, default work), DATA (BIDS root with events.tsv + bk2 files and
-# derivatives/fmriprep; default: the demo, made by 00_make_demo.py), RESOLUTION (frame size; default 64 on
-# the demo, 128 otherwise), WORKERS (processes for CPU stages; default: all cores), FMRIPREP (fMRIPrep
-# derivatives; default DATA/derivatives/fmriprep), ATLAS (integer labels NIfTI; required for real data).
+# Variables:
+#   WORK        working directory (default: work)
+#   DATA        BIDS root with events.tsv + .bk2 files (default: the demo, made by 00_make_demo.py)
+#   FMRIPREP    fMRIPrep derivatives (default: DATA/derivatives/fmriprep)
+#   ATLAS       integer labels NIfTI (required for real data; the demo ships its own)
+#   RESOLUTION  frame size (default: 64 on the demo, 128 = the paper otherwise)
+#   WORKERS     processes for the CPU stages (default: all cores)
+#   NAME        name of the GPT run, its features and its results (default: demo / paper)
+#   DEMO_ARGS   flags for 00_make_demo.py, e.g. "--subjects 1" for a smaller demo
+#   RENDER_ARGS PREP_ARGS VQVAE_ARGS GPT_ARGS EXTRACT_ARGS RIDGE_ARGS
+#               extra flags for stages 01, 02, 03, 04, 05, 06 (see `python 0N_....py --help`); they come
+#               after this script's own, so they override them.
+# On real data the stages run the paper's configurations (Table 2; GPU stages pick CUDA when there is
+# one). The demo instead trains tiny models on CPU and widens the ridge penalty grid (see README).
 # Each stage skips outputs that are already complete, so re-running after a failure or an interruption is
 # cheap; the first stage that fails stops the script with its own error message.
 set -euo pipefail
@@ -15,20 +27,43 @@ cd "$(dirname "$0")"
 
 WORK=${WORK:-work}
 WORKERS=${WORKERS:-$(nproc)}
+PYTHON=${PYTHON:-python3}
 if [ -z "${DATA:-}" ]; then
+  DEMO=1
   DATA=$WORK/demo
   RESOLUTION=${RESOLUTION:-64}
-  DEMO=1
+  NAME=${NAME:-demo}
+  FMRIPREP=${FMRIPREP:-$DATA/derivatives/fmriprep}
+  ATLAS=${ATLAS:-$DATA/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz}
+  # Tiny models that train in minutes on 2 CPU cores. The VQ-VAE keeps the paper's latent grid
+  # (4 x 8 x 8 tokens per 16-frame clip) but is narrow; its higher learning rate matters: at 3e-4 and
+  # a few hundred steps it encodes only position on the demo's dark, sparse frames (03 warns of this).
+  DEMO_VQVAE="--device cpu --resolution $RESOLUTION --sequence-length 16 --downsample 4 8 8 --n-hiddens 32
+    --n-res-layers 1 --n-codes 64 --embedding-dim 16 --batch-size 8 --max-steps 400 --lr 1e-3
+    --log-every 50 --val-every 200 --ckpt-every 200 --val-clips 16"
+  DEMO_GPT="--device cpu --hidden-dim 48 --layers 2 --heads 2 --cond-dim 48 --batch-size 16 --max-steps 150
+    --log-every 25 --val-every 75 --val-samples 64 --ckpt-every 150"
+  # A 2-layer model has no block 4 (the paper's layer): read the last block, as the depth sweep does.
+  DEMO_EXTRACT="--device cpu --layer last"
+  # The paper's grid {0.1, 1, 100} is far too weak for ~300 training TRs x 12,288 standardized features:
+  # every parcel would pick its top value. 200 circular shifts keep the null cheap.
+  DEMO_RIDGE="--alphas 1e2 1e3 1e4 1e5 1e6 --n-permutations 200 --ground-truth $DATA/ground_truth.json"
 else
-  RESOLUTION=${RESOLUTION:-128}
   DEMO=0
+  RESOLUTION=${RESOLUTION:-128}
+  NAME=${NAME:-paper}
+  FMRIPREP=${FMRIPREP:-$DATA/derivatives/fmriprep}
+  if [ -z "${ATLAS:-}" ]; then
+    echo "run_all.sh: set ATLAS to an integer labels NIfTI (the paper used MIST ATOM)" >&2
+    exit 2
+  fi
+  DEMO_VQVAE="" DEMO_GPT="" DEMO_EXTRACT="" DEMO_RIDGE=""
 fi
-PYTHON=${PYTHON:-python3}
 
 stage() {
   local name=$1
   shift
-  echo "=== $name: $*"
+  echo "=== $name: $PYTHON $*"
   local start=$SECONDS
   if ! "$PYTHON" "$@"; then
     echo "run_all.sh: stage $name failed (its message is above); fix it and re-run: finished stages are skipped" >&2
@@ -37,19 +72,23 @@ stage() {
   echo "=== $name done in $((SECONDS - start)) s"
 }
 
+# shellcheck disable=SC2086  # the *_ARGS variables are lists of flags: word splitting is intended
+{
 if [ "$DEMO" = 1 ]; then
-  stage 00_make_demo 00_make_demo.py --work "$WORK" --workers "$WORKERS"
+  stage 00_make_demo 00_make_demo.py --work "$WORK" --workers "$WORKERS" ${DEMO_ARGS:-}
 fi
 # The demo has one "Missing file" row by design; real datasets have many: they are reported, not fatal.
 stage 01_render_frames 01_render_frames.py --work "$WORK" --bids "$DATA" --resolution "$RESOLUTION" \
-  --workers "$WORKERS"
-
-if [ "$DEMO" = 1 ]; then
-  FMRIPREP=${FMRIPREP:-$DATA/derivatives/fmriprep}
-  ATLAS=${ATLAS:-$DATA/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz}
-fi
-stage 02_prep_fmri 02_prep_fmri.py --work "$WORK" --fmriprep "${FMRIPREP:-$DATA/derivatives/fmriprep}" \
-  ${ATLAS:+--atlas "$ATLAS"} --workers "$WORKERS"
+  --workers "$WORKERS" ${RENDER_ARGS:-}
+stage 02_prep_fmri 02_prep_fmri.py --work "$WORK" --fmriprep "$FMRIPREP" --atlas "$ATLAS" \
+  --workers "$WORKERS" ${PREP_ARGS:-}
+stage 03_train_vqvae 03_train_vqvae.py --work "$WORK" --resume $DEMO_VQVAE ${VQVAE_ARGS:-}
+stage 04_train_gpt 04_train_gpt.py --work "$WORK" --name "$NAME" --resume $DEMO_GPT ${GPT_ARGS:-}
+stage 05_extract 05_extract.py --work "$WORK" --ckpt "$WORK/gpt/$NAME/ckpt.pt" --name "$NAME" \
+  $DEMO_EXTRACT ${EXTRACT_ARGS:-}
+stage 06_ridge 06_ridge.py --work "$WORK" --name "$NAME" $DEMO_RIDGE ${RIDGE_ARGS:-}
+}
 
 echo
-echo "Results are under $WORK/ (frames/manifest.tsv lists every repetition)."
+echo "run_all.sh: done in $SECONDS s. Results: $WORK/results/$NAME/ (per subject: r.npy, r_map.png, summary.json;"
+echo "r_by_subject.png), training logs: $WORK/vqvae/ and $WORK/gpt/$NAME/, features: $WORK/features/$NAME/."

@@ -32,12 +32,12 @@ ridge_ids=()
 while IFS=$'\t' read -r name train extract ridge; do
   # shellcheck disable=SC2086  # the commands are shell-quoted by 07_sweep.py
   eval "train_args=($train)" && eval "extract_args=($extract)" && eval "ridge_args=($ridge)"
-  submit train_id --job-name "train-$name" --gpus-per-node "$gpus" --ntasks-per-node "$gpus" \
+  submit train_id --job-name "train-$name" --gpus-per-node "$gpus" \
     slurm/gpu_stage.sbatch "${train_args[@]}"
   submit extract_id --job-name "extract-$name" --dependency "afterok:$train_id" --gpus-per-node 1 \
-    --ntasks-per-node 1 --time 02:00:00 slurm/gpu_stage.sbatch "${extract_args[@]}"
+    --time 02:00:00 slurm/gpu_stage.sbatch "${extract_args[@]}"
   submit ridge_id --job-name "ridge-$name" --dependency "afterok:$extract_id" --gpus-per-node 1 \
-    --ntasks-per-node 1 --time 01:00:00 slurm/gpu_stage.sbatch "${ridge_args[@]}" --device cuda
+    --time 01:00:00 slurm/gpu_stage.sbatch "${ridge_args[@]}" --device cuda
   echo "$name: train $train_id -> extract $extract_id -> ridge $ridge_id"
   ridge_ids+=("$ridge_id")
 done <<< "$jobs_tsv"

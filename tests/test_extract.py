@@ -229,7 +229,7 @@ def checkpoints(tmp_path_factory):
     ours = folder / "gpt" / "tiny" / "ckpt.pt"
     common.save_checkpoint(ours, dict(model=gpt.state_dict(), model_config=gpt.config, kind="gpt",
                                       args={"vqvae": str(vqvae_path), "frame_step": 4},
-                                      vqvae_sha256=extract.file_sha256(vqvae_path)))
+                                      vqvae_sha256=common.file_sha256(vqvae_path)))
     lightning = folder / "authors.ckpt"
     torch.save({"state_dict": {**{f"vqvae.{k}": v for k, v in vqvae.state_dict().items()}, **gpt.state_dict()},
                 "hyper_parameters": {"args": Namespace(heads=2, dropout=0.2, attn_dropout=0.3, resolution=RES,
@@ -296,7 +296,7 @@ def test_features_are_the_layer_on_the_conventions_window(extracted, checkpoints
         assert detected[differs].mean() > 0.8, detected
     sidecar = json.loads((folder / "attn_stack.attn_nets.1.post_fc_dp" / "sub-01/ses-001"
                           / "sub-01_ses-001_task-airstriker_run-01.json").read_text())
-    assert sidecar["checkpoint_sha256"] == extract.file_sha256(checkpoints["ours"])
+    assert sidecar["checkpoint_sha256"] == common.file_sha256(checkpoints["ours"])
     assert sidecar["activation_shape"] == [2, 4, 4, 12] and sidecar["n_features"] == 384
     assert sidecar["frame_step"] == 4 and sidecar["window_frames"] == 8 and sidecar["n_volumes"] == 12
     assert [r["start"] for r in sidecar["repetitions"]] == [210, 360, 555, 960]

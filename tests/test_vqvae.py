@@ -327,8 +327,9 @@ def test_script_trains_writes_outputs_and_skips_when_done(tmp_path):
     # A broken array in the test session proves that session is never read.
     np.save(work / "frames/sub-01/ses-005/sub-01_ses-005_task-shinobi_run-01_level-1_rep-03.npy",
             np.zeros((80, 16, 16, 3), np.uint8))
-    run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "12", "--log-every", "6",
-               "--val-every", "6", "--lr", "2e-3")
+    first = run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "12", "--log-every", "6",
+                       "--val-every", "6", "--lr", "2e-3")
+    assert "of 4 validation clips have distinct code maps" in first.stdout
     log = read_log(work)
     assert list(log["step"]) == [6, 12]
     assert list(log.columns) == ["step", "lr", "loss", "recon_loss", "commitment_loss", "perplexity",
