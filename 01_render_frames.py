@@ -202,21 +202,21 @@ def render_repetition(task):
         return dict(row, status="missing", error=f"{rep['source']} says '{MISSING}': no replay to render")
     out = Path(out)
     row["frames_path"] = str(out)
-    if out.is_file() and not overwrite:
+    if out.is_file() and not overwrite:  # rendered by an earlier call: its row comes out the same as then
         row["n_frames"] = np.load(out, mmap_mode="r").shape[0]
-        return dict(row, error="already rendered")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
-    try:
-        frames = replay(rep["bk2"], resolution, out_path=tmp)
-        row["n_frames"] = len(frames)
-        del frames
-        os.replace(tmp, out)
-    except InputError as err:
-        row.update(status="failed", error=str(err), frames_path=np.nan)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
+        try:
+            frames = replay(rep["bk2"], resolution, out_path=tmp)
+            row["n_frames"] = len(frames)
+            del frames
+            os.replace(tmp, out)
+        except InputError as err:
+            row.update(status="failed", error=str(err), frames_path=np.nan)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     expected = rep.get("duration_s")
     if row["status"] == "ok" and pd.notna(expected) and abs(row["n_frames"] / GAMEPLAY_HZ - expected) > 1.0:
         row["error"] = (f"warning: {row['n_frames']} frames = {row['n_frames'] / GAMEPLAY_HZ:.1f} s, "

@@ -392,6 +392,15 @@ def main(argv=None):
                      "labels": labels, "confounds": confounds, "sample_mask": sample_mask, "tr": trs[run["stem"]],
                      "fwhm": args.fwhm})
 
+    # --- nothing to do: every run is done and listed (a re-run of a finished stage rewrites nothing) ---
+    manifest_path = out_dir / "manifest.tsv"
+    shared = [out_dir / name for name in ("prep.json", "labels.tsv", "atlas.nii.gz")]
+    if not jobs and manifest_path.is_file() and all(path.is_file() for path in shared):
+        listed = set(pd.read_csv(manifest_path, sep="\t", dtype=str)["bold_path"])
+        if all(str(output_path(work, run).relative_to(work)) in listed for run in runs):
+            print(f"02_prep_fmri: all {len(runs)} run(s) done already ({manifest_path}); --overwrite to redo")
+            return
+
     # --- shared outputs first: what the columns mean and how they were made ---
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "prep.json") as tmp:
@@ -422,7 +431,6 @@ def main(argv=None):
 
     # --- manifest: this batch, plus the runs of earlier calls (other --subjects) ---
     rows = [manifest_row(run, work, images[run["stem"]].shape[3], trs[run["stem"]], labels) for run in runs]
-    manifest_path = out_dir / "manifest.tsv"
     rows += earlier_rows(manifest_path, work, [row["bold_path"] for row in rows])
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("bold_path")
     manifest["split"] = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in manifest["ses"]]

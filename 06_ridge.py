@@ -8,7 +8,7 @@ training set; the score is Pearson's r between predicted and measured BOLD on th
     python 06_ridge.py --work work --name demo --subjects 01 --delays 1 2 3 4 --cv runs
     python 06_ridge.py --work work --name demo --split random --test-size 0.1 --seed 0   # the paper's split
     python 06_ridge.py --work work --name demo --device cuda --n-permutations 1000
-    sbatch --gres=gpu:1 --mem=32G --wrap "python 06_ridge.py --work work --name NAME --device cuda"
+    sbatch --gpus-per-node 1 slurm/gpu_stage.sbatch 06_ridge.py --work work --name NAME --device cuda
 
 Inputs (the stage contract, README):
   <work>/bold/manifest.tsv       sub ses task run n_volumes tr_s split bold_path ...; split is train,
@@ -31,12 +31,15 @@ its scores are optimistic).
 """
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 import torch
+from scipy.linalg import blas, lapack
 
 from common import DEFAULT_WORK, InputError, atomic_path, read_tsv, run_main, run_stem, save_npy
 
@@ -74,6 +77,9 @@ def parse_args(argv=None):
                    help="cpu: float64 throughout; cuda: float32 products, float64 decomposition")
     p.add_argument("--parcel-batch", type=int, default=256, help="parcels solved at once")
     p.add_argument("--overwrite", action="store_true", help="recompute subjects whose summary.json exists")
+    p.add_argument("--ground-truth", metavar="JSON",
+                   help="the demo's ground_truth.json (00_make_demo.py): report whether its planted parcels "
+                        "score above its noise parcels")
     args = p.parse_args(argv)
     if min(args.delays) < 0:
         p.error("--delays must be >= 0")
@@ -93,11 +99,15 @@ def parse_args(argv=None):
 # the intercept b0 is not penalized). Its fitted values are H y with the hat matrix
 #     H = 11'/n + Xc (Xc'Xc + alpha I)^-1 Xc'          (Xc: X centered with its training means)
 # and its leave-one-out residual needs no refit: e_i = r_i / (1 - H_ii), r = (I - H) y. Likewise, leaving
-# a whole group g of samples (a run) out gives e_g = [(I - H)_gg]^-1 r_g. One decomposition of X serves
-# every alpha and every parcel:
-#   dual (p > n):  Xc Xc' = Q diag(lam) Q'  ->  I - H = Q diag(alpha / (lam + alpha)) Q' - 11'/n
+# a whole group g of samples (a run) out gives e_g = [(I - H)_gg]^-1 r_g. I - H in closed form:
+#   dual (p > n), with K = Xc Xc' (n, n) and G = (K + alpha I)^-1: H = 11'/n + K G and I - K G = alpha G, so
+#       I - H = alpha G - 11'/n  and  r = alpha G yc  (yc = y - mean(y), so 11'yc = 0); either
+#     "cholesky", one factorization per alpha: K + alpha I = L L', G = L^-T L^-1, diag(G) = column sums of
+#       squares of L^-1; or
+#     "eigh", one decomposition for every alpha: K = Q diag(lam) Q', alpha G = Q diag(alpha / (lam + alpha)) Q'
 #   primal (n >= p): Xc = U diag(s) V'      ->  I - H = I - 11'/n - U diag(s^2 / (s^2 + alpha)) U'
-# (1 is an eigenvector of Xc Xc' with eigenvalue 0: its alpha/(0 + alpha) = 1 term cancels 11'/n.)
+# (1 is in K's null space, so G 1 = 1 / alpha: subtracting 11'/n leaves the intercept's direction unpenalized,
+# as scikit-learn does by zeroing the weight of K's eigenvector along 1.)
 # This is the leave-one-out that scikit-learn's RidgeCV(alphas, alpha_per_target=True, cv=None) computes,
 # with the same criterion (mean squared leave-one-out error) and the same tie rule (the first alpha).
 
@@ -106,121 +116,270 @@ def _chunks(n, size):
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def _centered_blocks(X_train, X_test, c, device, dtype):
+    """Columns c of X_train and X_test minus the training means, as `dtype` tensors on `device`: (n, .), (m, .)."""
+    block = torch.as_tensor(X_train[:, c], device=device).to(dtype)  # (n, chunk)
+    mean = block.mean(dim=0, dtype=torch.float64).to(dtype)  # (chunk,)
+    return block - mean, torch.as_tensor(X_test[:, c], device=device).to(dtype) - mean
+
+
+def _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block):
+    """K = Xc Xc' (n, n) and K_test = (X_test - x_mean) Xc' (m, n), float64 tensors on `device`.
+
+    X_train (n, p), X_test (m, p): numpy arrays, read feature_chunk columns at a time and centered with the
+    training means. Products run in `dtype`; the chunks' products are summed in float64.
+    """
+    n, p = X_train.shape
+    m = X_test.shape[0]
+    if device == "cpu" and dtype == torch.float64:
+        # BLAS syrk computes one triangle of B B' (half the multiply-adds of torch's general products) and
+        # adds it in place; with the test rows stacked under the training rows, the same call gives K_test
+        # for m^2 extra multiply-adds per feature.
+        gram = np.zeros((n + m, n + m), order="F")  # lower triangle filled: [[K, 0], [K_test, .]]
+        buffer = np.empty((n + m) * min(feature_chunk, p))  # reused: each fresh block would be page-faulted in
+        for c in _chunks(p, feature_chunk):
+            mean = X_train[:, c].mean(axis=0, dtype=np.float64)  # (chunk,)
+            block = buffer[:(n + m) * (c.stop - c.start)].reshape(n + m, -1)  # centered training, then test rows
+            np.subtract(X_train[:, c], mean, out=block[:n])
+            np.subtract(X_test[:, c], mean, out=block[n:])
+            # block.T is block's memory in Fortran order, (chunk, n + m): trans=1 gives block block', no copy
+            gram = blas.dsyrk(1.0, block.T, beta=1.0, c=gram, trans=1, lower=1, overwrite_c=1)
+        K = torch.from_numpy(gram[:n, :n])
+        K += torch.tril(K, diagonal=-1).T  # mirror the lower triangle into the (zero) upper one
+        return K, torch.from_numpy(gram[n:, :n])
+    f64 = dict(device=device, dtype=torch.float64)
+    K = torch.zeros(n, n, **f64)  # upper block triangle first
+    K_test = torch.zeros(m, n, **f64)
+    row_blocks = _chunks(n, row_block)
+    for c in _chunks(p, feature_chunk):
+        A, A_test = _centered_blocks(X_train, X_test, c, device, dtype)  # (n, chunk), (m, chunk)
+        for rows in row_blocks:  # the Gram matrix is symmetric: blocks on and above the diagonal suffice
+            K[rows, rows.start:] += (A[rows] @ A[rows.start:].T).double()
+        K_test += (A_test @ A.T).double()
+    K.triu_()
+    K += torch.triu(K, diagonal=1).T  # mirror the upper triangle
+    return K, K_test
+
+
+def _dual_solver(n, n_targets, n_alphas):
+    """"cholesky" or "eigh": the dual solver that takes less time for these sizes.
+
+    Costs in multiply-adds at the rate of BLAS's general product, from timings with n = 4000 on the project's
+    2-core CPU: an eigendecomposition ~6.5 n^3 (half of its tridiagonal reduction is memory-bound), a Cholesky
+    factorization and triangular inverse ~0.4 n^3 per alpha. Each target then costs n^2 per alpha (Cholesky:
+    two triangular products), plus n^2 once (eigh: Q'y).
+    """
+    cholesky = n_alphas * (0.4 * n**3 + n**2 * n_targets)
+    eigh = 6.5 * n**3 + (n_alphas + 1) * n**2 * n_targets
+    return "cholesky" if cholesky <= eigh else "eigh"
+
+
+def _inverse_cholesky_factor(K, alpha):
+    """F = L^-1 (n, n), lower triangular, where K + alpha I = L L' for K (n, n) symmetric float64: G = F'F.
+
+    Raises numpy's LinAlgError when K + alpha I is not positive definite in floating point (alpha below the
+    rounding errors of K).
+    """
+    n = K.shape[0]
+    if K.is_cuda:
+        eye = torch.eye(n, dtype=K.dtype, device=K.device)
+        L, info = torch.linalg.cholesky_ex(K + alpha * eye)
+        if info.item():
+            raise np.linalg.LinAlgError(f"K + {alpha:g} I is not positive definite")
+        return torch.linalg.solve_triangular(L, eye, upper=False)
+    # LAPACK's triangular inverse (trtri, n^3/6 multiply-adds; torch has none) costs a third of solving L F = I.
+    # K is symmetric: copying it (or K', when K is row-major) into a Fortran array is a copy without transposing.
+    k = K.numpy()
+    shifted = np.array(k.T if k.flags.c_contiguous else k, order="F")  # potrf and trtri overwrite it
+    shifted[np.diag_indices(n)] += alpha
+    L, info = lapack.dpotrf(shifted, lower=1, clean=1, overwrite_a=1)  # clean: zero upper triangle, kept in F
+    if info == 0:
+        F, info = lapack.dtrtri(L, lower=1, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"K + {alpha:g} I is not positive definite")
+    return torch.from_numpy(F)
+
+
+def _times_inverse(F, B):
+    """G B = F'(F B) (n, b) for G = F'F, F (n, n) lower triangular, B (n, b), float64."""
+    if F.is_cuda:
+        return F.T @ (F @ B)
+    # BLAS triangular products (trmm): half the multiply-adds of torch's general products
+    FB = blas.dtrmm(1.0, F.numpy(), np.array(B.numpy(), order="F"), lower=1, overwrite_b=1)
+    return torch.from_numpy(blas.dtrmm(1.0, F.numpy(), FB, lower=1, trans_a=1, overwrite_b=1))
+
+
+def _held_out_errors(residual, held_out, members):
+    """Held-out errors (n, b) from the residuals r = (I - H) y (n, b) of a batch of targets.
+
+    Leave-one-out (members None): r / diag(I - H), held_out = diag(I - H) (n,). Leave-one-group-out:
+    [(I - H)_gg]^-1 r_g for each group g, held_out = those inverses, members = the groups' sample indices;
+    the rows come out in group order.
+    """
+    if members is None:
+        return residual / held_out[:, None]
+    return torch.cat([inv @ residual[idx] for inv, idx in zip(held_out, members)])
+
+
+def _select_cholesky(K, yc, alphas, members, parcel_batch):
+    """Held-out errors of every alpha from one Cholesky factorization of K + alpha I per alpha (dual).
+
+    K (n, n) centered Gram matrix, yc (n, P) centered targets, alphas (A,), members None or the sample indices
+    of each group. Returns cv_error (A, P) and dual (n, P) = G yc, each target with its best alpha (the
+    first of its smallest errors, as argmin). Raises LinAlgError as _inverse_cholesky_factor.
+    """
+    n, P = yc.shape
+    cv_error = torch.empty(len(alphas), P, dtype=yc.dtype, device=yc.device)
+    dual = torch.empty_like(yc)
+    for a, alpha in enumerate(alphas.tolist()):
+        F = _inverse_cholesky_factor(K, alpha)  # G = F'F
+        if members is None:
+            held_out = alpha * torch.einsum("ij,ij->j", F, F) - 1.0 / n  # diag(I - H), without an (n, n) temporary
+        else:  # (I - H)_gg = alpha F_g'F_g - 11'/n; F is lower triangular, so F_g's rows above group g are 0
+            held_out = [torch.linalg.inv(alpha * F[int(idx[0]):, idx].T @ F[int(idx[0]):, idx] - 1.0 / n)
+                        for idx in members]
+        for b in _chunks(P, parcel_batch):
+            solved = _times_inverse(F, yc[:, b])  # G yc (n, b)
+            errors = _held_out_errors(alpha * solved, held_out, members)  # (n, b)
+            cv_error[a, b] = torch.einsum("ij,ij->j", errors, errors) / n
+            if a == 0:
+                dual[:, b] = solved
+            else:  # strictly smaller: a tie keeps the earlier alpha
+                dual[:, b] = torch.where(cv_error[a, b] < cv_error[:a, b].amin(dim=0), solved, dual[:, b])
+    return cv_error, dual
+
+
+def _select_spectral(basis, shrink, sign, yc, alphas, members, parcel_batch):
+    """Held-out errors of every alpha from one decomposition for all of them (dual eigh or primal SVD).
+
+    I - H = base I + sign basis diag(shrink(alpha)) basis' - 11'/n with basis (n, r) orthonormal, sign +1
+    (dual, base 0) or -1 (primal, base 1); yc (n, P) centered targets, alphas (A,), members as _select_cholesky.
+    Returns cv_error (A, P), basis'yc (r, P) and the residuals (n, P) of each target's best alpha.
+    """
+    n, P = yc.shape
+    base = (1 - sign) / 2
+    if members is None:
+        basis_sq = basis**2  # (n, r)
+        held_out = [base + sign * (basis_sq @ shrink(a)) - 1.0 / n for a in alphas]  # A x (n,)
+        del basis_sq
+    else:
+        held_out = [[torch.linalg.inv(base * torch.eye(len(idx), dtype=yc.dtype, device=yc.device)
+                                      + sign * (basis[idx] * shrink(a)) @ basis[idx].T - 1.0 / n)
+                     for idx in members] for a in alphas]  # A x [inverse of (I - H)_gg for each group g]
+    cv_error = torch.empty(len(alphas), P, dtype=yc.dtype, device=yc.device)
+    QTy = torch.empty(basis.shape[1], P, dtype=yc.dtype, device=yc.device)
+    chosen_residual = torch.empty_like(yc)
+    for b in _chunks(P, parcel_batch):
+        QTy[:, b] = basis.T @ yc[:, b]
+        residuals = torch.stack([base * yc[:, b] + sign * basis @ (shrink(a)[:, None] * QTy[:, b])
+                                 for a in alphas])  # (A, n, b)
+        cv_error[:, b] = torch.stack([(_held_out_errors(r, h, members)**2).mean(dim=0)
+                                      for r, h in zip(residuals, held_out)])
+        best = torch.argmin(cv_error[:, b], dim=0)  # (b,) first minimum on ties, as scikit-learn
+        chosen_residual[:, b] = residuals.gather(0, best[None, None, :].expand(1, n, -1))[0]
+    return cv_error, QTy, chosen_residual
+
+
+def _eigh(K):
+    """Eigenvalues (n,), ascending, and eigenvectors (n, n) of K (n, n) symmetric float64, on K's device."""
+    if K.is_cuda:
+        return torch.linalg.eigh(K)
+    # LAPACK's divide and conquer (syevd) in scipy's OpenBLAS takes ~2/3 of the time of torch's (MKL) on our CPUs
+    lam, Q = scipy.linalg.eigh(K.numpy(), driver="evd", check_finite=False)
+    return torch.from_numpy(lam), torch.from_numpy(Q)
+
+
 def fit_ridge_loo(X_train, Y_train, X_test, alphas, groups=None, device="cpu", dtype=torch.float64,
-                  feature_chunk=4096, row_block=1024, parcel_batch=256):
+                  feature_chunk=4096, row_block=1024, parcel_batch=256, solver="auto"):
     """Ridge per target with the penalty chosen by exact leave-one-out (or leave-one-group-out).
 
     X_train (n, p), Y_train (n, P), X_test (m, p): numpy arrays, any float dtype (read a block of columns
     at a time, so a float32 X of the paper's size never exists in float64). groups (n,) or None: with
     groups, the penalty minimizes the leave-one-group-out error instead. Products of X run in `dtype` on
-    `device`; the decomposition and everything after it in float64. feature_chunk, row_block and
-    parcel_batch bound the memory of temporaries: blocks of columns of X, of rows of the Gram matrix, of
-    targets.
+    `device`; the decomposition and everything after it in float64. solver, when p > n: "cholesky" (one
+    factorization of Xc Xc' + alpha I per alpha), "eigh" (one eigendecomposition of Xc Xc' for every alpha)
+    or "auto" (the faster for these sizes: Cholesky for grids of up to ~15 alphas); n >= p uses the SVD of Xc.
+    feature_chunk, row_block and parcel_batch bound the memory of temporaries: blocks of columns of X, of rows
+    of the Gram matrix (device cuda or float32 products), of targets.
 
     Returns a dict:
       alpha (P,) chosen penalty; cv_error (A, P) mean squared held-out error of each alpha;
-      test_prediction (m, P); train_fit (n, P) in-sample fitted values; mode "dual" or "primal".
+      test_prediction (m, P); train_fit (n, P) in-sample fitted values; mode "dual" or "primal";
+      solver "cholesky", "eigh" or "svd"; seconds {phase: wall time}: "products" (the Gram matrices;
+      primal: centered X), "selection" (decompositions, held-out errors of every alpha), "prediction".
     """
+    seconds, clock = {}, [time.perf_counter()]
+
+    def lap(phase):  # wall time since the previous lap, once the device has finished its queued work
+        if device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        seconds[phase] = now - clock[0]
+        clock[0] = now
+
     n, p = X_train.shape
     f64 = dict(device=device, dtype=torch.float64)
     alphas = torch.tensor(list(alphas), **f64)  # (A,)
-    y_mean = Y_train.mean(axis=0, dtype=np.float64)  # (P,)
-
-    def centered(c):  # one block of columns of X_train and X_test minus the training means, on the device
-        block = torch.as_tensor(X_train[:, c], device=device).to(dtype)  # (n, chunk)
-        mean = block.mean(dim=0, dtype=torch.float64).to(dtype)  # (chunk,)
-        return block - mean, torch.as_tensor(X_test[:, c], device=device).to(dtype) - mean  # (n, .), (m, .)
-
-    # --- one decomposition for every alpha: an orthonormal basis (n, r) of the samples, and shrink(alpha),
-    #     the weights that turn it into I - H (dual) or H - 11'/n (primal) as in the formulas above ---
+    y_mean = torch.as_tensor(Y_train.mean(axis=0, dtype=np.float64), **f64)  # (P,)
+    # (n, P) column-major: a batch of targets is one contiguous block, which BLAS reads without a copy
+    yc = (torch.as_tensor(Y_train, **f64) - y_mean).T.contiguous().T
+    members = None if groups is None else [torch.as_tensor(np.flatnonzero(np.asarray(groups) == g), device=device)
+                                           for g in np.unique(groups)]  # sample indices of each group
     mode = "dual" if p > n else "primal"
     if mode == "dual":
-        gram = torch.zeros(n, n, **f64)  # Xc Xc', upper block triangle first
-        gram_test = torch.zeros(X_test.shape[0], n, **f64)  # (X_test - x_mean) Xc'
-        row_blocks = _chunks(n, row_block)
-        for c in _chunks(p, feature_chunk):
-            A, A_test = centered(c)  # (n, chunk), (m, chunk)
-            for rows in row_blocks:  # the Gram matrix is symmetric: blocks on and above the diagonal suffice
-                gram[rows, rows.start:] += (A[rows] @ A[rows.start:].T).double()
-            gram_test += (A_test @ A.T).double()
-        gram.triu_()
-        gram += torch.triu(gram, diagonal=1).T  # mirror the upper triangle
-        # Centering again in float64 makes 1 an exact null vector of the Gram matrix despite rounding.
-        gram -= gram.mean(0, keepdim=True) + gram.mean(1, keepdim=True) - gram.mean()
-        lam, basis = torch.linalg.eigh(gram)  # (n,), (n, n)
-        lam = lam.clamp(min=0)  # Xc Xc' is positive semi-definite; rounding can make 0 slightly negative
-        del gram
-        test_scores = gram_test @ basis  # (m, n): test predictions are test_scores @ diag(1/(lam+alpha)) Q' yc
-        del gram_test
-
-        def shrink(alpha):  # I - H = Q diag(shrink) Q' - 11'/n
-            return alpha / (lam + alpha)
+        K, K_test = _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block)  # (n, n), (m, n)
+        # Centering again in float64 makes 1 an exact null vector of K despite rounding; one vector of means
+        # for rows and columns keeps K exactly symmetric.
+        mean = K.mean(dim=1)  # (n,)
+        K -= mean[:, None] + mean[None, :] - mean.mean()
+        lap("products")
+        solver = _dual_solver(n, Y_train.shape[1], len(alphas)) if solver == "auto" else solver
+        if solver == "cholesky":
+            try:
+                cv_error, dual = _select_cholesky(K, yc, alphas, members, parcel_batch)
+            except np.linalg.LinAlgError:  # an alpha below the rounding errors of K: eigh clamps them
+                solver = "eigh"
     else:
-        blocks = [centered(c) for c in _chunks(p, feature_chunk)]
+        blocks = [_centered_blocks(X_train, X_test, c, device, dtype) for c in _chunks(p, feature_chunk)]
         Xc = torch.cat([train for train, _ in blocks], dim=1).double()  # (n, p)
         Xc_test = torch.cat([test for _, test in blocks], dim=1).double()  # (m, p)
         del blocks
-        basis, s, Vh = torch.linalg.svd(Xc, full_matrices=False)  # (n, p) = (n, r) (r,) (r, p)
-        test_scores = Xc_test @ Vh.T
-        del Xc, Xc_test
-        # (m, r): test predictions are test_scores @ diag(s / (s^2 + alpha)) U' yc
-        s2 = s**2
+        lap("products")
+        solver = "svd"
 
-        def shrink(alpha):  # I - H = I - 11'/n - U diag(shrink) U'
-            return s2 / (s2 + alpha)
-
-    def residual(alpha, QTy, yc):  # r = (I - H) y = (I - H) yc for a batch of targets, (n, b); QTy = basis' yc
-        if mode == "dual":
-            return basis @ (shrink(alpha)[:, None] * QTy)
-        return yc - basis @ (shrink(alpha)[:, None] * QTy)
-
-    # --- (I - H)'s diagonal, or its diagonal blocks for leave-one-group-out: the same for all parcels ---
-    # I - H = base * I + sign * basis diag(shrink) basis' - 11'/n
-    sign = 1.0 if mode == "dual" else -1.0
-    base = 0.0 if mode == "dual" else 1.0
-    if groups is None:
-        basis_sq = basis**2  # (n, r)
-        held_out = [base + sign * (basis_sq @ shrink(a)) - 1.0 / n for a in alphas]  # A x (n,)
-        del basis_sq
+    if solver == "cholesky":
+        best = torch.argmin(cv_error, dim=0)  # (P,) the alpha each dual column was solved with
+        lap("selection")
+        fit = yc - alphas[best] * dual  # H yc = yc - alpha G yc
+        prediction = K_test @ dual  # the primal coefficients Xc' dual are never formed: (m, P)
     else:
-        groups = np.asarray(groups)
-        members = [torch.as_tensor(np.flatnonzero(groups == g), device=device) for g in np.unique(groups)]
-        held_out = []  # A x [inverse of (I - H)_gg for each group g]
-        for a in alphas:
-            blocks = []
-            for idx in members:
-                B = basis[idx]  # (n_g, r)
-                block = base * torch.eye(len(idx), **f64) + sign * (B * shrink(a)) @ B.T - 1.0 / n
-                blocks.append(torch.linalg.inv(block))
-            held_out.append(blocks)
-
-    # --- per batch of parcels: held-out errors for every alpha, the best alpha, predictions ---
-    P = Y_train.shape[1]
-    out = dict(alpha=np.empty(P), cv_error=np.empty((len(alphas), P)), test_prediction=np.empty((X_test.shape[0], P)),
-               train_fit=np.empty((n, P)), mode=mode)
-    for b in _chunks(P, parcel_batch):
-        yc = torch.as_tensor(Y_train[:, b], **f64) - torch.as_tensor(y_mean[b], **f64)  # (n, b)
-        QTy = basis.T @ yc  # (r, b)
-        residuals = torch.stack([residual(a, QTy, yc) for a in alphas])  # (A, n, b)
-        if groups is None:
-            errors = torch.stack([r / d[:, None] for r, d in zip(residuals, held_out)])  # (A, n, b)
+        if solver == "eigh":
+            lam, basis = _eigh(K)  # (n,), (n, n)
+            lam = lam.clamp(min=0)  # K is positive semi-definite; rounding can make 0 slightly negative
+            del K
+            test_scores = K_test @ basis  # (m, n)
+            cv_error, QTy, residual = _select_spectral(basis, lambda a: a / (lam + a), 1, yc, alphas, members,
+                                                       parcel_batch)
         else:
-            errors = torch.stack([torch.cat([inv @ r[idx] for inv, idx in zip(blocks, members)])
-                                  for r, blocks in zip(residuals, held_out)])  # (A, n, b), samples grouped
-        cv_error = (errors**2).mean(dim=1)  # (A, b)
-        best = torch.argmin(cv_error, dim=0)  # (b,) first minimum on ties, as scikit-learn
-        chosen = alphas[best]  # (b,)
-        # Fitted values H y = y - r. Predictions: X_test b with b = Xc' (Xc Xc' + alpha I)^-1 yc (dual) or
-        # b = V diag(s / (s^2 + alpha)) U' yc (primal), each parcel with its own alpha.
-        fit = yc - residuals.gather(0, best[None, None, :].expand(1, n, -1))[0]  # (n, b)
-        if mode == "dual":
-            prediction = test_scores @ (QTy / (lam[:, None] + chosen[None, :]))  # (m, b)
-        else:
-            prediction = test_scores @ (QTy * (s[:, None] / (s2[:, None] + chosen[None, :])))  # (m, b)
-        out["alpha"][b] = chosen.cpu().numpy()
-        out["cv_error"][:, b] = cv_error.cpu().numpy()
-        out["test_prediction"][:, b] = (prediction + torch.as_tensor(y_mean[b], **f64)).cpu().numpy()
-        out["train_fit"][:, b] = (fit + torch.as_tensor(y_mean[b], **f64)).cpu().numpy()
+            basis, s, Vh = torch.linalg.svd(Xc, full_matrices=False)  # (n, p) = (n, r) (r,) (r, p)
+            test_scores = Xc_test @ Vh.T  # (m, r)
+            del Xc, Xc_test
+            s2 = s**2
+            cv_error, QTy, residual = _select_spectral(basis, lambda a: s2 / (s2 + a), -1, yc, alphas, members,
+                                                       parcel_batch)
+        best = torch.argmin(cv_error, dim=0)  # (P,) first minimum on ties, as scikit-learn
+        lap("selection")
+        fit = yc - residual  # H y = y - r
+        # test predictions: X_test b, b = Xc' (Xc Xc' + alpha I)^-1 yc (dual) or V diag(s / (s^2 + alpha)) U' yc
+        # (primal), each target with its own alpha
+        chosen = alphas[best][None, :]  # (1, P)
+        prediction = test_scores @ (QTy / (lam[:, None] + chosen) if solver == "eigh"
+                                    else QTy * (s[:, None] / (s2[:, None] + chosen)))  # (m, P)
+    out = dict(alpha=alphas[best].cpu().numpy(), cv_error=cv_error.cpu().numpy(),
+               test_prediction=(prediction + y_mean).cpu().numpy(), train_fit=(fit + y_mean).cpu().numpy(),
+               mode=mode, solver=solver)
+    lap("prediction")
+    out["seconds"] = seconds
     return out
 
 
@@ -437,7 +596,59 @@ def plot_subjects(results_dir):
 # --------------------------------------------------------------------------------------------------
 # One subject: data, fit, scores, null, maps
 # --------------------------------------------------------------------------------------------------
-def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_dir):
+def read_planted_labels(path):
+    """The atlas labels that carry a planted signal in 00_make_demo.py's ground_truth.json: a set of ints."""
+    path = Path(path)
+    try:
+        planted = json.loads(path.read_text())["planted"]
+        return {int(label) for label in planted}
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: not a ground truth file (expected JSON with a 'planted' object of atlas "
+                         f"labels, as 00_make_demo.py writes)") from None
+
+
+def planted_recovery(r, significant, labels, planted_labels):
+    """How the planted parcels of a synthetic dataset score against its noise parcels.
+
+    r (P,) test r, significant (P,) bool, labels: the atlas label of each of the P columns. The planted
+    parcels are recovered when a planted parcel beats a noise parcel in at least 80% of the (planted,
+    noise) pairs, i.e. the area under the ROC curve of r as a detector of planted parcels is >= 0.8.
+    """
+    is_planted = np.array([label in planted_labels for label in labels])
+    r_planted, r_noise = r[is_planted], r[~is_planted]
+    beats = float(np.mean(r_planted[:, None] > r_noise[None, :])) if len(r_planted) and len(r_noise) else float("nan")
+    return {"planted_columns": np.flatnonzero(is_planted).tolist(),
+            "planted_r_median": float(np.nanmedian(r_planted)), "noise_r_median": float(np.nanmedian(r_noise)),
+            "noise_r_max": float(np.nanmax(r_noise)),
+            "planted_significant": int(significant[is_planted].sum()), "n_planted": int(is_planted.sum()),
+            "noise_significant": int(significant[~is_planted].sum()), "n_noise": int((~is_planted).sum()),
+            "planted_beats_noise": beats, "recovered": bool(beats >= 0.8)}
+
+
+def print_summary(results_dir, subjects):
+    """One screen: per subject, max and median r, significant parcels, and the planted parcels if known."""
+    print(f"\n06_ridge: test Pearson r per parcel in {results_dir}")
+    print(f"{'subject':<9}{'r max':>7}{'r median':>10}{'significant':>13}   planted parcels (demo)")
+    for sub in subjects:
+        path = results_dir / f"sub-{sub}" / "summary.json"
+        if not path.is_file():
+            continue
+        s = json.loads(path.read_text())
+        fmt = lambda v: f"{v:.3f}" if v is not None else "nan"  # noqa: E731
+        line = (f"{s['subject']:<9}{fmt(s['r_max']):>7}{fmt(s['r_median']):>10}"
+                f"{str(s['n_significant']) + '/' + str(s['n_parcels']):>13}   ")
+        truth = s.get("ground_truth")
+        if truth:
+            line += (f"{'recovered' if truth['recovered'] else 'NOT recovered'}: median r {truth['planted_r_median']:.2f} "
+                     f"vs {truth['noise_r_median']:.2f} (noise), beats noise in {truth['planted_beats_noise']:.0%} "
+                     f"of pairs, {truth['planted_significant']}/{truth['n_planted']} significant "
+                     f"({truth['noise_significant']}/{truth['n_noise']} noise)")
+        print(line)
+
+
+def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_dir, planted_labels=None):
     start = time.time()
     rng = np.random.default_rng(args.seed)
     if args.split == "session":  # only the runs this split uses need features
@@ -516,6 +727,7 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
                          f"(>= {args.min_shift} TRs) of the features within each run, Benjamini-Hochberg "
                          f"q < {args.fdr}") if args.n_permutations else "not computed (--n-permutations 0)",
         "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
+
         "standardization": (f"features z-scored with training-set means and standard deviations "
                             f"({n_constant} constant features set to 0); intercept fitted (X and BOLD centered "
                             "with training means)" + (f"; then the first {args.pca} principal components of the "
@@ -523,13 +735,22 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
         "n_train_samples": len(train_ids),
         "n_test_samples": len(test_ids),
         "n_features": int(X_train.shape[1]),
-        "solver": f"{fit['mode']} ({'eigendecomposition of X X^T' if fit['mode'] == 'dual' else 'SVD of X'})",
+        "solver": {"cholesky": "dual (a Cholesky factorization of X X^T + alpha I for each alpha)",
+                   "eigh": "dual (eigendecomposition of X X^T)", "svd": "primal (SVD of X)"}[fit["solver"]],
         "train_runs": sorted({runs[g]["stem"] for g, _ in train_ids}),
         "test_runs": sorted({runs[g]["stem"] for g, _ in test_ids}),
         "settings": {k: v for k, v in vars(args).items() if k not in ("subjects", "overwrite")},
         "layer": feature_dir.name,
         "seconds": round(time.time() - start, 1),
     }
+    if planted_labels is not None:
+        summary["ground_truth"] = planted_recovery(r, significant, labels, planted_labels)
+    # Parcels without signal rightly take the largest penalty; when every parcel does (or every one the
+    # smallest), the best penalty for the parcels with signal probably lies outside the grid.
+    for edge, direction in ((max(args.alphas), "larger"), (min(args.alphas), "smaller")):
+        if len(set(args.alphas)) > 1 and np.all(fit["alpha"] == edge):
+            print(f"06_ridge: warning: sub-{sub}: every parcel chose alpha {edge:g}, the edge of the grid: "
+                  f"add {direction} --alphas", file=sys.stderr)
     with atomic_path(out_dir / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     return summary
@@ -551,6 +772,7 @@ def main():
     atlas_path = work / "bold" / "atlas.nii.gz"
     if not atlas_path.is_file():
         raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
+    planted_labels = read_planted_labels(args.ground_truth) if args.ground_truth else None
     layer = find_layer(work / "features" / args.name, args.layer)
     feature_dir = work / "features" / args.name / layer
 
@@ -568,12 +790,13 @@ def main():
             print(f"sub-{sub}: done already ({out_dir / 'summary.json'}); --overwrite to redo")
             continue
         summary = encode_subject(args, sub, manifest[manifest["sub"] == sub], feature_dir, labels, atlas_path,
-                                 out_dir)
+                                 out_dir, planted_labels)
         print(f"sub-{sub}: {summary['n_train_samples']} train / {summary['n_test_samples']} test samples, "
               f"{summary['n_features']} features, r max {summary['r_max']}, median {summary['r_median']}, "
               f"{summary['n_significant']}/{summary['n_parcels']} significant, alphas {summary['alphas_chosen']}, "
               f"{summary['seconds']} s")
     plot_subjects(results_dir)
+    print_summary(results_dir, subjects)
 
 
 if __name__ == "__main__":

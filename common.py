@@ -83,10 +83,15 @@ def save_npy(path, array):
 
 
 def write_tsv(path, table):
-    """Write a DataFrame (or list of dicts) as a tab-separated file, atomically; 'n/a' for missing."""
-    table = pd.DataFrame(table)
+    """Write a DataFrame (or list of dicts) as a tab-separated file, atomically; 'n/a' for missing.
+    A file that already holds exactly this text is left alone, so a re-run that changes nothing does not
+    touch its manifests (nor wake up tools that watch modification times)."""
+    text = pd.DataFrame(table).to_csv(sep="\t", index=False, na_rep="n/a")
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+        tmp.write_text(text)
 
 
 def read_tsv(path, required=()):

@@ -9,9 +9,11 @@ Targets (issue 7): >= 5x faster than RidgeCV(alphas, alpha_per_target=True) on t
 machines, with identical chosen alphas; the paper scale (sub-01: 15,313 training TRs x 147,456 features x
 1,095 parcels) under 60 s on one H100. Both solvers see the same data: features mixing latent components of decaying
 variance plus noise (so the penalty matters, as with real features) and targets whose signal-to-noise ratio varies
-(so parcels choose different alphas). The time of each includes fitting and predicting the test samples.
+(so parcels choose different alphas). The time of each includes fitting and predicting the test samples; ours
+is also split into its phases (Gram matrices, alpha selection, fitted values and test predictions).
 Timings need a quiet machine: on an oversubscribed one (load average above the core count), multi-threaded
-eigendecompositions (MKL in torch, OpenBLAS in numpy) slow down many times; the header prints the load.
+LAPACK (factorizations, eigendecompositions) slows down many times; the header prints the load and the threads
+of torch and of each BLAS library loaded.
 """
 import argparse
 import importlib.util
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -71,16 +74,19 @@ def main():
         vars(args).update(PAPER_SCALE, skip_sklearn=True)
     ridge = load_stage("06_ridge.py")
     if args.threads:  # on a shared machine, multi-threaded LAPACK can be many times slower than one thread
-        from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads)
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.device == "cuda" else torch.float64
     X, Y, X_test, Y_test = make_data(args.n, args.p, args.targets, args.n_test, args.rank,
                                      np.float32 if args.device == "cuda" else np.float64)
+    # 06_ridge runs its CPU products and factorizations in scipy's OpenBLAS, a few in torch (MKL); scikit-learn
+    # runs in numpy's and scipy's OpenBLAS: the header shows each library's thread count
+    blas_threads = ", ".join(f"{info['internal_api']} in {Path(info['filepath']).parent.name} {info['num_threads']}"
+                             for info in threadpool_info() if info["user_api"] == "blas")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; n={args.n} p={args.p} "
-          f"targets={args.targets} test={args.n_test} alphas={args.alphas}; torch threads {torch.get_num_threads()}; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"targets={args.targets} test={args.n_test} alphas={args.alphas}; threads: torch {torch.get_num_threads()}, "
+          f"{blas_threads}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
     if args.device == "cuda":  # warm up the CUDA context and kernels outside the timing
         ridge.fit_ridge_loo(X[:64, :256], Y[:64, :8], X_test[:8, :256], args.alphas, device="cuda", dtype=dtype)
@@ -91,7 +97,10 @@ def main():
         torch.cuda.synchronize()
     ours = time.perf_counter() - start
     r = ridge.pearson_r(Y_test, fit["test_prediction"])
-    rows = [("06_ridge " + fit["mode"] + f" ({args.device}, {str(dtype).split('.')[1]} products)", ours)]
+    rows = [(f"06_ridge {fit['mode']} {fit['solver']} ({args.device}, {str(dtype).split('.')[1]} products)", ours)]
+    phases = {"products": "Gram matrices (train, test rows)" if fit["mode"] == "dual" else "centered X",
+              "selection": f"alpha selection ({len(args.alphas)} alphas)", "prediction": "fit and test prediction"}
+    rows += [(f"  {phases[phase]}", seconds) for phase, seconds in fit["seconds"].items()]
 
     if not args.skip_sklearn:
         from sklearn.linear_model import RidgeCV

@@ -241,8 +241,10 @@ def test_rerun_skips_and_other_settings_need_overwrite(tmp_path, capsys):
     manifest = pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)
     assert manifest["ses"].tolist() == ["001", "002"] and manifest["run"].tolist() == ["01", "01"]
     capsys.readouterr()
+    shared = {p: p.stat().st_mtime_ns for p in (work / "bold").glob("*.*")}   # manifest, labels, atlas, prep.json
     prep.main(flags(data, work, *basic))
-    assert "2 already done, 0 to do" in capsys.readouterr().out
+    assert "all 2 run(s) done already" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (work / "bold").glob("*.*")} == shared   # nothing rewritten
     with pytest.raises(InputError, match=r"prep.json: existing outputs were made with other settings \(fwhm_mm\)"):
         prep.main(flags(data, work, *basic, "--fwhm", "6"))
     assert first.stat().st_mtime_ns == stamp

@@ -35,12 +35,18 @@ def regression_data(n, p, n_targets, seed=0, n_test=15):
 # --------------------------------------------------------------------------------------------------
 # The closed form against independent references
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n, p", [(40, 120), (80, 12)], ids=["wide-dual", "tall-primal"])
-def test_matches_sklearn_ridgecv(n, p):
+SOLVERS = [(40, 120, "cholesky"), (40, 120, "eigh"), (80, 12, "svd")]  # n, p, solver
+SOLVER_IDS = ["wide-dual-cholesky", "wide-dual-eigh", "tall-primal"]
+
+
+@pytest.mark.parametrize("n, p, solver", SOLVERS, ids=SOLVER_IDS)
+def test_matches_sklearn_ridgecv(n, p, solver):
     X, Y, X_test = regression_data(n, p, n_targets=12)
     # blocks of features, Gram rows and targets that divide nothing evenly
-    fit = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, feature_chunk=7, row_block=9, parcel_batch=5)
-    assert fit["mode"] == ("dual" if p > n else "primal")
+    fit = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, feature_chunk=7, row_block=9, parcel_batch=5,
+                              solver="auto" if solver == "svd" else solver)
+    assert fit["mode"] == ("dual" if p > n else "primal") and fit["solver"] == solver
+    assert set(fit["seconds"]) == {"products", "selection", "prediction"}
     reference = RidgeCV(alphas=ALPHAS, alpha_per_target=True, store_cv_results=True).fit(X, Y)
     assert len(np.unique(reference.alpha_)) >= 3, "data should make targets choose different alphas"
     np.testing.assert_array_equal(fit["alpha"], reference.alpha_)
@@ -49,12 +55,14 @@ def test_matches_sklearn_ridgecv(n, p):
     np.testing.assert_allclose(fit["train_fit"], reference.predict(X), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("n, p", [(18, 30), (25, 6)], ids=["wide-dual", "tall-primal"])
-def test_leave_one_out_and_leave_one_run_out_match_refitting(n, p):
+@pytest.mark.parametrize("n, p, solver", [(18, 30, "cholesky"), (18, 30, "eigh"), (25, 6, "svd")], ids=SOLVER_IDS)
+def test_leave_one_out_and_leave_one_run_out_match_refitting(n, p, solver):
     X, Y, X_test = regression_data(n, p, n_targets=3, seed=1)
     runs = np.repeat([0, 1, 2], [6, 7, n - 13])
-    loo = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS)
-    by_run = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, groups=runs)
+    choice = "auto" if solver == "svd" else solver
+    loo = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, solver=choice)
+    by_run = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, groups=runs, solver=choice)
+    assert loo["solver"] == by_run["solver"] == solver
     for a, alpha in enumerate(ALPHAS):
         held_one = np.empty_like(Y)
         held_run = np.empty_like(Y)
@@ -66,6 +74,21 @@ def test_leave_one_out_and_leave_one_run_out_match_refitting(n, p):
             held_run[out] = Ridge(alpha=alpha).fit(X[~out], Y[~out]).predict(X[out])
         np.testing.assert_allclose(loo["cv_error"][a], ((Y - held_one) ** 2).mean(axis=0), rtol=1e-7)
         np.testing.assert_allclose(by_run["cv_error"][a], ((Y - held_run) ** 2).mean(axis=0), rtol=1e-7)
+
+
+def test_dual_solver_choice_and_cholesky_fallback(monkeypatch):
+    assert ridge._dual_solver(4000, 1095, 3) == "cholesky"  # the paper's grid: 3 factorizations
+    assert ridge._dual_solver(4000, 1095, 40) == "eigh"  # one decomposition serves a long grid
+    X, Y, X_test = regression_data(40, 120, n_targets=12)
+    eigh = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, solver="eigh")
+
+    def not_positive_definite(K, alpha):  # as when an alpha is below the rounding errors of K
+        raise np.linalg.LinAlgError("not positive definite")
+    monkeypatch.setattr(ridge, "_inverse_cholesky_factor", not_positive_definite)
+    fallback = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, solver="cholesky")
+    assert fallback["solver"] == "eigh"
+    np.testing.assert_array_equal(fallback["alpha"], eigh["alpha"])
+    np.testing.assert_array_equal(fallback["test_prediction"], eigh["test_prediction"])
 
 
 def test_float32_products_choose_the_same_alphas():
@@ -286,8 +309,33 @@ def test_bad_input_clear_error(tmp_path, corrupt, flags, expected):
 # --------------------------------------------------------------------------------------------------
 # The demo (00) through stage 02, with the demo's true visual properties as features
 # --------------------------------------------------------------------------------------------------
+def test_planted_recovery_against_hand_counts():
+    r = np.array([0.5, 0.1, 0.3, -0.2, 0.4, 0.35])
+    significant = np.array([True, False, False, False, True, False])
+    labels = [1, 2, 3, 4, 5, 6]
+    truth = ridge.planted_recovery(r, significant, labels, planted_labels={1, 5, 6})
+    # planted r 0.5, 0.4, 0.35 against noise 0.1, 0.3, -0.2: all 9 pairs won
+    assert truth["planted_columns"] == [0, 4, 5] and truth["planted_beats_noise"] == 1.0 and truth["recovered"]
+    assert truth["planted_r_median"] == pytest.approx(0.4) and truth["noise_r_max"] == pytest.approx(0.3)
+    assert (truth["planted_significant"], truth["noise_significant"]) == (2, 0)
+    swapped = ridge.planted_recovery(r, significant, labels, planted_labels={2, 3, 4})
+    assert swapped["planted_beats_noise"] == 0.0 and not swapped["recovered"]
+    mixed = ridge.planted_recovery(r, significant, labels, planted_labels={1, 2})   # 0.5 wins 4, 0.1 wins 1
+    assert mixed["planted_beats_noise"] == pytest.approx(5 / 8) and not mixed["recovered"]
+
+
+def test_ground_truth_file_errors(tmp_path):
+    work = make_work(tmp_path)
+    missing = run_ridge(work, "--ground-truth", tmp_path / "none.json")
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'none.json'}: file not found"
+    (tmp_path / "bad.json").write_text('{"subjects": ["01"]}')
+    bad = run_ridge(work, "--ground-truth", tmp_path / "bad.json")
+    assert bad.returncode == 2 and "not a ground truth file" in bad.stderr
+
+
 def test_demo_planted_parcels_beat_noise_parcels(demo_work, tmp_path):
-    """Features = ground_truth/<run>_signals.tsv (already HRF-convolved, so --delays 0) until 05 exists.
+    """Features = ground_truth/<run>_signals.tsv (already HRF-convolved, so --delays 0): stages 02 and 06
+    checked without any model (tests/test_run_all.py does it with the GPT's features).
 
     The tiny demo has 30-volume runs: 02 runs with 6 motion regressors and no smoothing here, since the
     paper's 24 regressors would leave ~3 degrees of freedom per run.
@@ -304,7 +352,8 @@ def test_demo_planted_parcels_beat_noise_parcels(demo_work, tmp_path):
         out.mkdir(parents=True, exist_ok=True)
         np.save(out / f"{stem}.npy", pd.read_csv(signals, sep="\t").to_numpy(np.float32))
     result = subprocess.run([sys.executable, "06_ridge.py", "--work", str(tmp_path), "--name", "truth",
-                             "--delays", "0", "--min-shift", "3"], cwd=REPO, capture_output=True, text=True)
+                             "--delays", "0", "--min-shift", "3", "--ground-truth", str(demo_work / "demo/ground_truth.json")],
+                            cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     labels = pd.read_csv(tmp_path / "bold/labels.tsv", sep="\t")["label"].to_numpy()
     planted = np.isin(labels, [int(label) for label in truth["planted"]])
@@ -314,3 +363,6 @@ def test_demo_planted_parcels_beat_noise_parcels(demo_work, tmp_path):
     assert r[planted].mean() - r[~planted].mean() > 0.25
     assert np.median(p_values[planted]) < np.median(p_values[~planted])
     assert not np.load(out / "significant.npy")[~planted].any()
+    recovery = json.loads((out / "summary.json").read_text())["ground_truth"]
+    assert recovery["planted_columns"] == np.flatnonzero(planted).tolist() and recovery["recovered"]
+    assert "sub-01" in result.stdout and "recovered: median r" in result.stdout
