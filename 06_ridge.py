@@ -144,19 +144,20 @@ def _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block):
             np.subtract(X_test[:, c], mean, out=block[n:])
             # block.T is block's memory in Fortran order, (chunk, n + m): trans=1 gives block block', no copy
             gram = blas.dsyrk(1.0, block.T, beta=1.0, c=gram, trans=1, lower=1, overwrite_c=1)
-        K = torch.from_numpy(gram[:n, :n])
-        K += torch.tril(K, diagonal=-1).T  # mirror the lower triangle into the (zero) upper one
-        return K, torch.from_numpy(gram[n:, :n])
-    f64 = dict(device=device, dtype=torch.float64)
-    K = torch.zeros(n, n, **f64)  # upper block triangle first
-    K_test = torch.zeros(m, n, **f64)
-    row_blocks = _chunks(n, row_block)
-    for c in _chunks(p, feature_chunk):
-        A, A_test = _centered_blocks(X_train, X_test, c, device, dtype)  # (n, chunk), (m, chunk)
-        for rows in row_blocks:  # the Gram matrix is symmetric: blocks on and above the diagonal suffice
-            K[rows, rows.start:] += (A[rows] @ A[rows.start:].T).double()
-        K_test += (A_test @ A.T).double()
-    K.triu_()
+        # K is symmetric: its lower triangle in column-major order is the upper triangle of a row-major K
+        K = torch.from_numpy(gram[:n, :n].T)
+        K_test = torch.from_numpy(gram[n:, :n])
+    else:
+        f64 = dict(device=device, dtype=torch.float64)
+        K = torch.zeros(n, n, **f64)  # upper block triangle first
+        K_test = torch.zeros(m, n, **f64)
+        row_blocks = _chunks(n, row_block)
+        for c in _chunks(p, feature_chunk):
+            A, A_test = _centered_blocks(X_train, X_test, c, device, dtype)  # (n, chunk), (m, chunk)
+            for rows in row_blocks:  # the Gram matrix is symmetric: blocks on and above the diagonal suffice
+                K[rows, rows.start:] += (A[rows] @ A[rows.start:].T).double()
+            K_test += (A_test @ A.T).double()
+        K.triu_()  # the diagonal blocks were computed whole
     K += torch.triu(K, diagonal=1).T  # mirror the upper triangle
     return K, K_test
 
@@ -174,23 +175,28 @@ def _dual_solver(n, n_targets, n_alphas):
     return "cholesky" if cholesky <= eigh else "eigh"
 
 
-def _inverse_cholesky_factor(K, alpha):
-    """F = L^-1 (n, n), lower triangular, where K + alpha I = L L' for K (n, n) symmetric float64: G = F'F.
+def _fortran_copy(K):
+    """K (n, n) symmetric, on the CPU, as a new column-major numpy array, copied without transposing memory."""
+    k = K.numpy()
+    return np.array(k.T if k.strides[1] == k.itemsize else k, order="F")  # a row-major K' is K, column-major
 
-    Raises numpy's LinAlgError when K + alpha I is not positive definite in floating point (alpha below the
+
+def _inverse_cholesky_factor(K, alpha, shift):
+    """F = L^-1 (n, n), lower triangular, where K + shift 11' + alpha I = L L' for K (n, n) symmetric float64.
+
+    Raises numpy's LinAlgError when that matrix is not positive definite in floating point (alpha below the
     rounding errors of K).
     """
     n = K.shape[0]
     if K.is_cuda:
         eye = torch.eye(n, dtype=K.dtype, device=K.device)
-        L, info = torch.linalg.cholesky_ex(K + alpha * eye)
+        L, info = torch.linalg.cholesky_ex(K + shift + alpha * eye)
         if info.item():
             raise np.linalg.LinAlgError(f"K + {alpha:g} I is not positive definite")
         return torch.linalg.solve_triangular(L, eye, upper=False)
-    # LAPACK's triangular inverse (trtri, n^3/6 multiply-adds; torch has none) costs a third of solving L F = I.
-    # K is symmetric: copying it (or K', when K is row-major) into a Fortran array is a copy without transposing.
-    k = K.numpy()
-    shifted = np.array(k.T if k.flags.c_contiguous else k, order="F")  # potrf and trtri overwrite it
+    # LAPACK's triangular inverse (trtri, n^3/6 multiply-adds; torch has none) costs a third of solving L F = I
+    shifted = _fortran_copy(K)  # potrf and trtri overwrite it
+    shifted += shift
     shifted[np.diag_indices(n)] += alpha
     L, info = lapack.dpotrf(shifted, lower=1, clean=1, overwrite_a=1)  # clean: zero upper triangle, kept in F
     if info == 0:
@@ -227,19 +233,27 @@ def _select_cholesky(K, yc, alphas, members, parcel_batch):
     K (n, n) centered Gram matrix, yc (n, P) centered targets, alphas (A,), members None or the sample indices
     of each group. Returns cv_error (A, P) and dual (n, P) = G yc, each target with its best alpha (the
     first of its smallest errors, as argmin). Raises LinAlgError as _inverse_cholesky_factor.
+
+    The factorization is of S = K + s 11' + alpha I instead (s: K's mean eigenvalue / n). As K 1 = 0, 1 is an
+    eigenvector of S with eigenvalue n s + alpha, so G = S^-1 + (1/alpha - 1/(n s + alpha)) 11'/n, which gives
+    G yc = S^-1 yc and I - H = alpha S^-1 - c 11', c = alpha / (n (n s + alpha)). In G itself the intercept's
+    direction weighs 1/alpha, and subtracting 11'/n from alpha diag(G) would cancel leading digits where
+    1 - H_ii is small (small alpha); in S^-1 it weighs no more than the other directions.
     """
     n, P = yc.shape
+    shift = float(K.diagonal().sum()) / n**2
     cv_error = torch.empty(len(alphas), P, dtype=yc.dtype, device=yc.device)
     dual = torch.empty_like(yc)
     for a, alpha in enumerate(alphas.tolist()):
-        F = _inverse_cholesky_factor(K, alpha)  # G = F'F
+        F = _inverse_cholesky_factor(K, alpha, shift)  # S^-1 = F'F
+        c = alpha / (n * (n * shift + alpha))
         if members is None:
-            held_out = alpha * torch.einsum("ij,ij->j", F, F) - 1.0 / n  # diag(I - H), without an (n, n) temporary
-        else:  # (I - H)_gg = alpha F_g'F_g - 11'/n; F is lower triangular, so F_g's rows above group g are 0
-            held_out = [torch.linalg.inv(alpha * F[int(idx[0]):, idx].T @ F[int(idx[0]):, idx] - 1.0 / n)
+            held_out = alpha * torch.einsum("ij,ij->j", F, F) - c  # diag(I - H), without an (n, n) temporary
+        else:  # (I - H)_gg = alpha F_g'F_g - c 11'; F is lower triangular, so F_g's rows above group g are 0
+            held_out = [torch.linalg.inv(alpha * F[int(idx[0]):, idx].T @ F[int(idx[0]):, idx] - c)
                         for idx in members]
         for b in _chunks(P, parcel_batch):
-            solved = _times_inverse(F, yc[:, b])  # G yc (n, b)
+            solved = _times_inverse(F, yc[:, b])  # G yc = S^-1 yc (n, b)
             errors = _held_out_errors(alpha * solved, held_out, members)  # (n, b)
             cv_error[a, b] = torch.einsum("ij,ij->j", errors, errors) / n
             if a == 0:
@@ -285,7 +299,7 @@ def _eigh(K):
     if K.is_cuda:
         return torch.linalg.eigh(K)
     # LAPACK's divide and conquer (syevd) in scipy's OpenBLAS takes ~2/3 of the time of torch's (MKL) on our CPUs
-    lam, Q = scipy.linalg.eigh(K.numpy(), driver="evd", check_finite=False)
+    lam, Q = scipy.linalg.eigh(_fortran_copy(K), driver="evd", overwrite_a=True, check_finite=False)
     return torch.from_numpy(lam), torch.from_numpy(Q)
 
 
@@ -356,6 +370,9 @@ def fit_ridge_loo(X_train, Y_train, X_test, alphas, groups=None, device="cpu", d
         if solver == "eigh":
             lam, basis = _eigh(K)  # (n,), (n, n)
             lam = lam.clamp(min=0)  # K is positive semi-definite; rounding can make 0 slightly negative
+            # 1, the intercept's direction, is K's null vector: its eigenvalue is 0, not eigh's rounding error
+            # (scikit-learn likewise leaves the eigenvector closest to 1 unpenalized)
+            lam[torch.argmax(basis.sum(dim=0).abs())] = 0
             del K
             test_scores = K_test @ basis  # (m, n)
             cv_error, QTy, residual = _select_spectral(basis, lambda a: a / (lam + a), 1, yc, alphas, members,

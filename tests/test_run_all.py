@@ -84,7 +84,7 @@ def test_demo_sweep_draws_every_figure_and_the_report(pipeline):
     work, _ = pipeline
     result = subprocess.run(
         ["python", "07_sweep.py", "--work", str(work), "--demo", "--experiments", "hidden", "precision",
-         "--train-args", "--max-steps 20", "--n-boot", "50"],
+         "--train-args", "--max-steps 10", "--ridge-args", "--n-permutations 0", "--n-boot", "20"],
         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = work / "figures"
