@@ -165,13 +165,14 @@ def _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block):
 def _dual_solver(n, n_targets, n_alphas):
     """"cholesky" or "eigh": the dual solver that takes less time for these sizes.
 
-    Costs in multiply-adds at the rate of BLAS's general product, from timings with n = 4000 on the project's
-    2-core CPU: an eigendecomposition ~6.5 n^3 (half of its tridiagonal reduction is memory-bound), a Cholesky
-    factorization and triangular inverse ~0.4 n^3 per alpha. Each target then costs n^2 per alpha (Cholesky:
-    two triangular products), plus n^2 once (eigh: Q'y).
+    Times in multiply-adds at the rate of BLAS's general product, fitted to timings with n = 4000 and 1095
+    targets on the project's 2-core CPU (the two break even at ~25 alphas): an eigendecomposition ~6.5 n^3 (half
+    of its tridiagonal reduction is memory-bound), a Cholesky factorization and triangular inverse ~0.4 n^3 per
+    alpha; each target then ~1.8 n^2 per alpha with Cholesky (two triangular products, held-out errors) and
+    ~2.3 n^2 per alpha and once more (Q'y) with eigh (torch's products, held-out errors of every alpha).
     """
-    cholesky = n_alphas * (0.4 * n**3 + n**2 * n_targets)
-    eigh = 6.5 * n**3 + (n_alphas + 1) * n**2 * n_targets
+    cholesky = n_alphas * (0.4 * n**3 + 1.8 * n**2 * n_targets)
+    eigh = 6.5 * n**3 + 2.3 * (n_alphas + 1) * n**2 * n_targets
     return "cholesky" if cholesky <= eigh else "eigh"
 
 
@@ -312,7 +313,7 @@ def fit_ridge_loo(X_train, Y_train, X_test, alphas, groups=None, device="cpu", d
     groups, the penalty minimizes the leave-one-group-out error instead. Products of X run in `dtype` on
     `device`; the decomposition and everything after it in float64. solver, when p > n: "cholesky" (one
     factorization of Xc Xc' + alpha I per alpha), "eigh" (one eigendecomposition of Xc Xc' for every alpha)
-    or "auto" (the faster for these sizes: Cholesky for grids of up to ~15 alphas); n >= p uses the SVD of Xc.
+    or "auto" (the faster for these sizes: Cholesky below ~25 alphas at n = 4000); n >= p uses the SVD of Xc.
     feature_chunk, row_block and parcel_batch bound the memory of temporaries: blocks of columns of X, of rows
     of the Gram matrix (device cuda or float32 products), of targets.
 
