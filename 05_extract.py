@@ -120,21 +120,14 @@ def gather_frames(indices, repetitions, frame_shape, open_frames):
 # --------------------------------------------------------------------------------------------------
 # Which runs, which repetitions: bold/manifest.tsv (02) x frames/manifest.tsv (01)
 # --------------------------------------------------------------------------------------------------
-def read_manifest(path, required):
-    """A manifest with BIDS labels kept as text ("001" stays "001")."""
-    read_tsv(path, required=required)  # existence and columns, with common's one-line errors
-    return pd.read_csv(path, sep="\t", dtype={"sub": str, "ses": str, "task": str, "run": str, "rep": str},
-                       na_values=["n/a"], keep_default_na=True)
-
-
 def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing):
     """One dict per fMRI run: labels, n_volumes, tr_s, the repetitions placed on its timeline.
 
     Raises InputError for a repetition listed as rendered whose frames are missing or of the wrong
     size or length, a failed one (unless allow_missing), or a run shorter than one window."""
     frames_tsv, bold_tsv = work / "frames" / "manifest.tsv", work / "bold" / "manifest.tsv"
-    frames = read_manifest(frames_tsv, FRAMES_COLUMNS)
-    bold = read_manifest(bold_tsv, BOLD_COLUMNS)
+    frames = read_tsv(frames_tsv, required=FRAMES_COLUMNS)
+    bold = read_tsv(bold_tsv, required=BOLD_COLUMNS)
     if subjects:
         bold = bold[bold["sub"].isin(subjects)]
         if bold.empty:

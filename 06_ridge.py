@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import scipy.linalg
 import torch
 from scipy.linalg import blas, lapack
@@ -780,11 +779,7 @@ def main():
     manifest_path = work / "bold" / "manifest.tsv"
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: file not found (run 02_prep_fmri.py)")
-    # sub, ses and run are labels ("001" is not 1): read as strings
-    manifest = pd.read_csv(manifest_path, sep="\t", dtype={"sub": str, "ses": str, "run": str, "task": str})
-    missing = [c for c in ("sub", "ses", "task", "run", "split", "bold_path") if c not in manifest.columns]
-    if missing:
-        raise InputError(f"{manifest_path}: missing column(s) {', '.join(missing)}")
+    manifest = read_tsv(manifest_path, required=("sub", "ses", "task", "run", "split", "bold_path"))
     labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
     labels = labels["label"].astype(int).tolist()
     atlas_path = work / "bold" / "atlas.nii.gz"

@@ -94,13 +94,18 @@ def write_tsv(path, table):
         tmp.write_text(text)
 
 
+BIDS_LABEL_COLUMNS = ("sub", "ses", "task", "run", "rep", "level")  # labels, not numbers: "001" stays "001"
+
+
 def read_tsv(path, required=()):
-    """Read a BIDS-style TSV ('n/a' is missing). Fails clearly when it is absent or lacks columns."""
+    """Read a BIDS-style TSV ('n/a' is missing), with the BIDS label columns present kept as text.
+    Fails clearly when it is absent or lacks columns."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=True)
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=True,
+                            dtype={column: str for column in BIDS_LABEL_COLUMNS})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not a readable TSV file ({str(err).splitlines()[0]})") from None
     missing = [c for c in required if c not in table.columns]

@@ -53,6 +53,20 @@ def test_dry_run_lists_each_configuration_once():
     assert paper.endswith("--layer attn_stack.attn_nets.4.post_fc_dp")      # section 2.3: block 4 of 8
 
 
+@pytest.mark.parametrize("demo", [False, True])
+def test_every_sweep_configuration_is_a_model_04_accepts(demo):
+    """A dry run checks no settings: each planned training command must pass 04's model checks."""
+    train_gpt = load_stage("04_train_gpt.py")
+    vqvae = type("VQVAE", (), dict(latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024))()
+    args = type("Args", (), dict(experiments=list(sweep.EXPERIMENTS), demo=demo, work="w", train_args="",
+                                 extract_args="", ridge_args=""))()
+    _, jobs = sweep.plan(args)
+    for name, (config, layer) in jobs.items():
+        train_command = sweep.commands(args, name, config, layer)[0]
+        config = train_gpt.model_config(train_gpt.parse_args(train_command[1:]), vqvae)
+        assert int(layer.split(".")[2]) < config["layers"], name
+
+
 def test_slurm_templates_parse_and_submit_chain_dry_run():
     for script in sorted((REPO / "slurm").iterdir()):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
