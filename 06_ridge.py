@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import scipy.linalg
 import torch
@@ -573,9 +574,6 @@ def write_r_map(r, labels, atlas_path, out_dir, title):
     masker = NiftiLabelsMasker(labels_img=str(atlas_path)).fit()
     atlas_labels = [v for k, v in masker.region_ids_.items() if k != "background"]  # sorted label values
     value_of = dict(zip(labels, np.nan_to_num(r, nan=0.0)))  # NaN r (constant parcel) -> 0 in the map
-    unknown = sorted(set(labels) - set(atlas_labels))
-    if unknown:
-        raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]} listed in bold/labels.tsv")
     r_img = masker.inverse_transform(np.array([value_of.get(v, 0.0) for v in atlas_labels]))  # (X, Y, Z)
     with atomic_path(out_dir / "r_map.nii.gz") as tmp:
         r_img.to_filename(tmp)
@@ -785,6 +783,10 @@ def main():
     atlas_path = work / "bold" / "atlas.nii.gz"
     if not atlas_path.is_file():
         raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
+    # checked before any subject is fitted, so that a mismatch leaves no results behind
+    unknown = sorted(set(labels) - set(np.unique(np.asarray(nib.load(atlas_path).dataobj)).tolist()))
+    if unknown:
+        raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} listed in bold/labels.tsv")
     planted_labels = read_planted_labels(args.ground_truth) if args.ground_truth else None
     layer = find_layer(work / "features" / args.name, args.layer)
     feature_dir = work / "features" / args.name / layer

@@ -284,6 +284,19 @@ def corrupt_bold_inf(work):
     np.save(path, bold)
 
 
+def corrupt_bold_partial_nan(work):
+    path = work / "bold/sub-01/ses-002" / f"{STEM}.npy"
+    bold = np.load(path)
+    bold[5, 2] = np.nan  # whole NaN volumes are dropped; a NaN parcel inside a kept volume is an error
+    np.save(path, bold)
+
+
+def corrupt_atlas_labels(work):
+    labels = pd.read_csv(work / "bold/labels.tsv", sep="\t")
+    labels.loc[3, "label"] = 999
+    labels.to_csv(work / "bold/labels.tsv", sep="\t", index=False)
+
+
 def corrupt_missing(work):
     feature_file(work).unlink()
 
@@ -292,9 +305,11 @@ def corrupt_missing(work):
     (corrupt_lengths, [], [STEM, "50 rows", "60 volumes"]),
     (corrupt_nan, [], [f"{STEM}.npy", "NaN or inf"]),
     (corrupt_bold_inf, [], [f"bold/sub-01/ses-002/{STEM}.npy", "BOLD contains inf"]),
+    (corrupt_bold_partial_nan, [], [f"bold/sub-01/ses-002/{STEM}.npy", "NaN in some parcels"]),
+    (corrupt_atlas_labels, [], ["bold/atlas.nii.gz", "no parcel with label 999"]),
     (corrupt_missing, [], [f"{STEM}.npy", f"features missing for run {STEM}"]),
     (None, ["--delays", 60], ["run sub-01_ses-001", "60 volumes", "largest delay 60"]),
-], ids=["length-mismatch", "nan-features", "inf-bold", "missing-features", "fewer-samples-than-delays"])
+], ids=["length-mismatch", "nan-features", "inf-bold", "partial-nan-bold", "label-not-in-atlas", "missing-features", "fewer-samples-than-delays"])
 def test_bad_input_clear_error(tmp_path, corrupt, flags, expected):
     work = make_work(tmp_path)
     if corrupt:
