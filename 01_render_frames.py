@@ -225,6 +225,29 @@ def render_repetition(task):
 
 
 # --------------------------------------------------------------------------------------------------
+# Earlier calls: frames of another resolution, manifest rows of other subjects (plumbing)
+# --------------------------------------------------------------------------------------------------
+def check_earlier_resolution(frame_paths, resolution):
+    """Existing frames are skipped, so they must already be resolution x resolution."""
+    for path in map(Path, frame_paths):
+        if path.is_file():
+            height = np.load(path, mmap_mode="r").shape[1]
+            if height != resolution:
+                raise InputError(f"{path}: rendered at {height} px, not --resolution {resolution}; pass "
+                                 "--overwrite to re-render (or use another --work)")
+
+
+def rows_of_other_subjects(manifest_path, subjects):
+    """Rows of an existing manifest for subjects outside this call (a DataFrame, maybe empty)."""
+    if not manifest_path.is_file():
+        return pd.DataFrame(columns=MANIFEST_COLUMNS)
+    earlier = read_tsv(manifest_path)
+    if list(earlier.columns) != MANIFEST_COLUMNS:
+        raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); delete it")
+    return earlier[~earlier["sub"].fillna("").isin({s or "" for s in subjects})]
+
+
+# --------------------------------------------------------------------------------------------------
 def main():
     args = parse_args()
     work = Path(args.work)
@@ -240,23 +263,35 @@ def main():
 
     tasks = [(rep, str(frames_path_for(rep, work)) if rep["bk2"] != MISSING else None,
               args.resolution, args.overwrite) for rep in reps]
+    if not args.overwrite:
+        check_earlier_resolution([out for _, out, _, _ in tasks if out], args.resolution)
+    manifest_path = work / "frames" / "manifest.tsv"
+    earlier = rows_of_other_subjects(manifest_path, {rep["sub"] for rep in reps})  # read before rendering
     workers = max(1, min(args.workers, len(tasks)))
     print(f"01_render_frames: {len(tasks)} repetitions, {args.resolution} px, {workers} worker(s)")
+    # the bar counts frames; its total comes from events.tsv's durations when every replay has one
+    durations = [rep["duration_s"] for rep in reps if rep["bk2"] != MISSING]
+    expected = round(GAMEPLAY_HZ * sum(durations)) if durations and all(pd.notna(durations)) else None
     rows = []
     with ProcessPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(tasks), unit="rep", desc="render", file=sys.stderr) as bar:
+            tqdm(total=expected, unit="frame", unit_scale=True, desc="render", file=sys.stderr) as bar:
         for row in pool.map(render_repetition, tasks):
             rows.append(row)
-            bar.update(1)
-            bar.set_postfix(frames=int(np.nansum([r["n_frames"] for r in rows])))
+            bar.update(0 if pd.isna(row["n_frames"]) else int(row["n_frames"]))
+            bar.set_postfix(reps=f"{len(rows)}/{len(tasks)}")
             if row["status"] != "ok" or str(row["error"]).startswith("warning"):
                 tqdm.write(f"{row['status']}: {row['error']}", file=sys.stderr)
+        bar.total = bar.n  # the durations are rounded: end at 100%
+        bar.refresh()
 
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     ok = manifest["frames_path"].notna()
     manifest.loc[ok, "frames_path"] = [os.path.relpath(p, work) for p in manifest.loc[ok, "frames_path"]]
+    # one manifest for subjects rendered in separate calls, in the order one call over all of them gives
+    manifest = pd.concat([earlier, manifest]) if len(earlier) else manifest
+    manifest = manifest.sort_values("sub", kind="stable", na_position="last")
     manifest["n_frames"] = manifest["n_frames"].astype("Int64")
-    write_tsv(work / "frames" / "manifest.tsv", manifest)
+    write_tsv(manifest_path, manifest)
     counts = manifest["status"].value_counts().to_dict()
     print(f"01_render_frames: wrote {work / 'frames' / 'manifest.tsv'}: "
           + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))

@@ -106,6 +106,35 @@ def test_rerun_skips_and_overwrite_rerenders(tmp_path, recording):
     assert [p.name for p in npy.parent.iterdir()] == [npy.name]  # no temporary file left behind
 
 
+def test_subjects_rendered_in_separate_calls_share_one_manifest(tmp_path, recording):
+    bk2, _ = recording
+    replays = {}
+    for sub in ("01", "02"):
+        replays[sub] = tmp_path / f"sub-{sub}_ses-001_task-x_run-01_level-1_rep-01.bk2"
+        shutil.copy(bk2, replays[sub])
+    together, apart = tmp_path / "together", tmp_path / "apart"
+    run_script("01_render_frames.py", "--work", together, "--bk2", replays["01"], replays["02"], "--resolution", "16")
+    for sub in ("02", "01"):  # the later call must keep the other subject's row, in the same order
+        run_script("01_render_frames.py", "--work", apart, "--bk2", replays[sub], "--resolution", "16")
+    assert (apart / "frames/manifest.tsv").read_text() == (together / "frames/manifest.tsv").read_text()
+    manifest = pd.read_csv(apart / "frames/manifest.tsv", sep="\t", dtype={"sub": str})
+    assert manifest["sub"].tolist() == ["01", "02"] and (manifest["status"] == "ok").all()
+
+
+def test_frames_of_another_resolution_are_not_silently_kept(tmp_path, recording):
+    bk2, _ = recording
+    run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16")
+    (npy,) = (tmp_path / "frames").rglob("*.npy")
+    manifest = (tmp_path / "frames/manifest.tsv").read_text()
+    result = run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "24", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {npy}: rendered at 16 px, not --resolution 24; pass --overwrite "
+                                     "to re-render (or use another --work)")
+    assert (tmp_path / "frames/manifest.tsv").read_text() == manifest and np.load(npy).shape[1:] == (16, 16, 3)
+    run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "24", "--overwrite")
+    assert np.load(npy).shape[1:] == (24, 24, 3)
+
+
 def test_bad_replays_are_reported_and_the_batch_goes_on(tmp_path, recording):
     bk2, _ = recording
     good = tmp_path / "sub-01_ses-001_task-x_run-01_level-1_rep-01.bk2"
