@@ -1029,9 +1029,14 @@ def load_gpt_checkpoint(path, map_location="cpu"):
         hparams = ckpt.get("hyper_parameters") or {}
         args = hparams.get("args", hparams) if isinstance(hparams, dict) else hparams
         args = args if isinstance(args, dict) else vars(args)
-        if "resnet.conv1.weight" not in state or "fc_in.weight" not in state:
+        # the weights that gpt_config_from_state reads the model's sizes from
+        needed = ["resnet.conv1.weight", "fc_in.weight", "fc_out.weight", "attn_stack.pos_embd.emb.d_0"]
+        missing = [k for k in needed if k not in state]
+        if not any(k.startswith("attn_stack.attn_nets.") for k in state):
+            missing.append("attn_stack.attn_nets.*")
+        if missing:
             raise InputError(f"{path}: not a VideoGPT prior with embedding conditioning (emb_cond): "
-                             "no resnet.conv1.weight / fc_in.weight in its state_dict")
+                             f"no {', '.join(missing)} in its state_dict")
         gpt_state = {k: v for k, v in state.items()
                      if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
         config = gpt_config_from_state(gpt_state, heads=args.get("heads", 4), dropout=args.get("dropout", 0.2),

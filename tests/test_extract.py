@@ -376,6 +376,23 @@ def test_checkpoint_of_another_architecture(checkpoints, tmp_path):
     assert str(checkpoints["vqvae_path"]) in line and "not a GPT checkpoint" in line
 
 
+def test_gpt_checkpoints_that_do_not_fit(checkpoints, tmp_path):
+    """A Lightning file without the prior's attention blocks, and a GPT whose weights miss one tensor."""
+    state = {k: v for k, v in torch.load(checkpoints["lightning"], weights_only=False)["state_dict"].items()
+             if not k.startswith("attn_stack.")}
+    torch.save({"state_dict": state, "hyper_parameters": {}}, tmp_path / "partial.ckpt")
+    line = error_line(run_script("05_extract.py", "--work", tmp_path, "--ckpt", tmp_path / "partial.ckpt",
+                                 check=False))
+    assert line == (f"error: {tmp_path / 'partial.ckpt'}: not a VideoGPT prior with embedding conditioning "
+                    "(emb_cond): no attn_stack.pos_embd.emb.d_0, attn_stack.attn_nets.* in its state_dict")
+    ours = common.load_checkpoint(checkpoints["ours"])
+    del ours["model"]["attn_stack.attn_nets.0.fc_block.0.weight"]
+    common.save_checkpoint(tmp_path / "gpt.pt", ours)
+    line = error_line(run_script("05_extract.py", "--work", tmp_path, "--ckpt", tmp_path / "gpt.pt", check=False))
+    assert line.startswith(f"error: {tmp_path / 'gpt.pt'}: weights do not fit a VideoGPT with ")
+    assert "attn_stack.attn_nets.0.fc_block.0.weight" in line
+
+
 def test_bad_runs_through_the_script(checkpoints, tmp_path):
     work = make_work(tmp_path / "a", runs={"001": 12, "002": 1})
     flags = ["--work", work, "--ckpt", checkpoints["ours"], "--layer", "last"]
