@@ -373,7 +373,6 @@ def main(argv=None):
     if (n_voxels == 0).any():
         print(f"warning: {atlas_path}: {(n_voxels == 0).sum()} label(s) vanish on the BOLD grid (too small): "
               f"{' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0", file=sys.stderr)
-    check_settings(out_dir, settings, args.overwrite)
     jobs = []
     for run in runs:
         if output_path(work, run).is_file() and not args.overwrite:
@@ -391,6 +390,8 @@ def main(argv=None):
         jobs.append({"bold": run["bold"], "out": output_path(work, run), "atlas_grid": atlas_grid,
                      "labels": labels, "confounds": confounds, "sample_mask": sample_mask, "tr": trs[run["stem"]],
                      "fwhm": args.fwhm})
+
+    check_settings(out_dir, settings, args.overwrite)  # after every check: --overwrite removes earlier outputs
 
     # --- nothing to do: every run is done and listed (a re-run of a finished stage rewrites nothing) ---
     manifest_path = out_dir / "manifest.tsv"

@@ -248,6 +248,13 @@ def test_rerun_skips_and_other_settings_need_overwrite(tmp_path, capsys):
     with pytest.raises(InputError, match=r"prep.json: existing outputs were made with other settings \(fwhm_mm\)"):
         prep.main(flags(data, work, *basic, "--fwhm", "6"))
     assert first.stat().st_mtime_ns == stamp
+    # --overwrite with other settings and a bad input: the error comes before anything is removed
+    (confounds,) = [p for p in data["fmriprep"].rglob("*desc-confounds*.tsv") if "ses-002" in p.name]
+    confounds.rename(confounds.with_suffix(".hidden"))
+    with pytest.raises(InputError, match="confounds file not found"):
+        prep.main(flags(data, work, *basic, "--fwhm", "6", "--overwrite"))
+    assert first.stat().st_mtime_ns == stamp and second.exists() and (work / "bold/manifest.tsv").exists()
+    confounds.with_suffix(".hidden").rename(confounds)
     # --overwrite with other settings: runs made the old way are removed, not listed beside the new ones.
     prep.main(flags(data, work, *basic, "--fwhm", "6", "--overwrite", "--sessions", "001"))
     assert first.stat().st_mtime_ns != stamp and not second.exists()
