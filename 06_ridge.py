@@ -689,10 +689,11 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
         if args.pca >= min(X_train.shape):
             raise InputError(f"--pca {args.pca}: must be below min(samples, features) = {min(X_train.shape)}")
         torch.manual_seed(args.seed)
-        train_t = torch.as_tensor(X_train, device=args.device).to(dtype)
+        # float32, like the features: on the CPU the (n, p) training matrix is used in place, not copied
+        train_t = torch.as_tensor(X_train, device=args.device)  # (n, p)
         _, _, components = torch.pca_lowrank(train_t, q=args.pca, center=False)  # (p, K)
         X_train = (train_t @ components).cpu().numpy()  # (n, K)
-        X_test = (torch.as_tensor(X_test, device=args.device).to(dtype) @ components).cpu().numpy()  # (m, K)
+        X_test = (torch.as_tensor(X_test, device=args.device) @ components).cpu().numpy()  # (m, K)
         del train_t
 
     groups = None

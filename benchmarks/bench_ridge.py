@@ -7,7 +7,7 @@
 
 Targets (issue 7): >= 5x faster than RidgeCV(alphas, alpha_per_target=True) on the project's 2-core CPU
 machines, with identical chosen alphas; the paper scale (sub-01: 15,313 training TRs x 147,456 features x
-1,095 parcels) under 60 s on one H100. Both solvers see the same data: features mixing latent components of decaying
+1,095 parcels) under 60 s on one H100, in 24 GB of host memory (the peak memory line). Both solvers see the same data: features mixing latent components of decaying
 variance plus noise (so the penalty matters, as with real features) and targets whose signal-to-noise ratio varies
 (so parcels choose different alphas). The time of each includes fitting and predicting the test samples; ours
 is also split into its phases (Gram matrices, alpha selection, fitted values and test predictions).
@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -77,8 +78,12 @@ def main():
         threadpool_limits(args.threads)
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.device == "cuda" else torch.float64
+    # float32 features, as 05 writes them, except when scikit-learn must see the same float64 data (it
+    # computes in the dtype of X)
     X, Y, X_test, Y_test = make_data(args.n, args.p, args.targets, args.n_test, args.rank,
-                                     np.float32 if args.device == "cuda" else np.float64)
+                                     np.float32 if args.device == "cuda" or args.skip_sklearn else np.float64)
+    data_gb = (X.nbytes + X_test.nbytes + Y.nbytes + Y_test.nbytes) / 1e9
+    rss_before_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB
     # 06_ridge runs its CPU products and factorizations in scipy's OpenBLAS, a few in torch (MKL); scikit-learn
     # runs in numpy's and scipy's OpenBLAS: the header shows each library's thread count
     blas_threads = ", ".join(f"{info['internal_api']} in {Path(info['filepath']).parent.name} {info['num_threads']}"
@@ -96,6 +101,12 @@ def main():
     if args.device == "cuda":
         torch.cuda.synchronize()
     ours = time.perf_counter() - start
+    # the peak RSS only grows: what the fit added above the data's own peak is its working memory
+    rss_after_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    memory = (f"peak memory: process {rss_after_gb:.1f} GB (data {data_gb:.1f} GB; the fit raised the peak by "
+              f"{rss_after_gb - rss_before_gb:.1f} GB)")
+    if args.device == "cuda":
+        memory += f"; CUDA {torch.cuda.max_memory_allocated() / 1e9:.1f} GB allocated at most"
     r = ridge.pearson_r(Y_test, fit["test_prediction"])
     rows = [(f"06_ridge {fit['mode']} {fit['solver']} ({args.device}, {str(dtype).split('.')[1]} products)", ours)]
     phases = {"products": "Gram matrices (train, test rows)" if fit["mode"] == "dual" else "centered X",
@@ -113,6 +124,7 @@ def main():
     print(f"{'solver':<48} {'seconds':>9}")
     for name, seconds in rows:
         print(f"{name:<48} {seconds:>9.2f}")
+    print(memory)
     values, counts = np.unique(fit["alpha"], return_counts=True)
     print(f"alphas chosen: {dict(zip(values.tolist(), counts.tolist()))}; test r median {np.nanmedian(r):.3f}")
     if not args.skip_sklearn:
