@@ -265,8 +265,6 @@ def main():
               args.resolution, args.overwrite) for rep in reps]
     if not args.overwrite:
         check_earlier_resolution([out for _, out, _, _ in tasks if out], args.resolution)
-    manifest_path = work / "frames" / "manifest.tsv"
-    earlier = rows_of_other_subjects(manifest_path, {rep["sub"] for rep in reps})  # read before rendering
     workers = max(1, min(args.workers, len(tasks)))
     print(f"01_render_frames: {len(tasks)} repetitions, {args.resolution} px, {workers} worker(s)")
     # the bar counts frames; its total comes from events.tsv's durations when every replay has one
@@ -287,7 +285,10 @@ def main():
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     ok = manifest["frames_path"].notna()
     manifest.loc[ok, "frames_path"] = [os.path.relpath(p, work) for p in manifest.loc[ok, "frames_path"]]
-    # one manifest for subjects rendered in separate calls, in the order one call over all of them gives
+    # one manifest for subjects rendered in separate calls, in the order one call over all of them gives;
+    # read only now, so that jobs rendering other subjects at the same time have most likely finished
+    manifest_path = work / "frames" / "manifest.tsv"
+    earlier = rows_of_other_subjects(manifest_path, {rep["sub"] for rep in reps})
     manifest = pd.concat([earlier, manifest]) if len(earlier) else manifest
     manifest = manifest.sort_values("sub", kind="stable", na_position="last")
     manifest["n_frames"] = manifest["n_frames"].astype("Int64")

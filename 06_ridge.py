@@ -800,6 +800,7 @@ def main():
             raise InputError(f"{manifest_path}: no runs of sub-{absent[0]}")
         subjects = wanted
     results_dir = work / "results" / args.name
+    fitted = 0
     for sub in subjects:
         out_dir = results_dir / f"sub-{sub}"
         if (out_dir / "summary.json").is_file() and not args.overwrite:
@@ -807,11 +808,13 @@ def main():
             continue
         summary = encode_subject(args, sub, manifest[manifest["sub"] == sub], feature_dir, labels, atlas_path,
                                  out_dir, planted_labels)
+        fitted += 1
         print(f"sub-{sub}: {summary['n_train_samples']} train / {summary['n_test_samples']} test samples, "
               f"{summary['n_features']} features, r max {summary['r_max']}, median {summary['r_median']}, "
               f"{summary['n_significant']}/{summary['n_parcels']} significant, alphas {summary['alphas_chosen']}, "
               f"{summary['seconds']} s")
-    plot_subjects(results_dir)
+    if fitted or not (results_dir / "r_by_subject.png").is_file():  # a re-run of finished subjects rewrites nothing
+        plot_subjects(results_dir)
     print_summary(results_dir, subjects)
 
 
