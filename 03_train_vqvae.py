@@ -18,7 +18,8 @@ Output (<work>/vqvae/):
     log.csv     step, lr, losses, perplexity, codes_used, val_mse, val_psnr, clips_per_s, peak_mem_gb
     recon.png   validation clips (rows: original, reconstruction) at the end of training
 
-Loss (VideoGPT): MSE(x, x_hat) / 0.06 + 0.25 x commitment; the codebook follows an EMA (common.Codebook).
+Loss (VideoGPT): MSE(x, x_hat) / 0.06 + 0.25 x commitment; the codebook follows an EMA (common.Codebook);
+each constant is a flag (--data-variance, --beta, --ema-decay, --ema-epsilon, --restart-below).
 Adam(3e-4, betas 0.9/0.999) with cosine annealing to 0 over --max-steps (paper eq. 2).
 --batch-size is per process: the global batch is batch-size x number of processes.
 The run checkpoints every --ckpt-every steps and when SLURM signals preemption (SIGTERM/SIGUSR1), then
@@ -66,10 +67,18 @@ def parse_args(argv=None):
         else:
             model.add_argument("--" + name.replace("_", "-"), type=int, default=value,
                                help=f"default: {value}")
+    loss = p.add_argument_group("loss and codebook (VideoGPT's values; paper eqs. 1 and 3-6)")
+    loss.add_argument("--beta", type=float, default=0.25, help="commitment loss weight (eq. 1)")
+    loss.add_argument("--ema-decay", type=float, default=0.99, help="codebook EMA decay (eqs. 3-4)")
+    loss.add_argument("--ema-epsilon", type=float, default=1e-7, help="Laplace smoothing of the EMA counts")
+    loss.add_argument("--restart-below", type=float, default=1.0,
+                      help="a code whose EMA count falls below this restarts from an encoder output")
+    loss.add_argument("--data-variance", type=float, default=0.06, help="the reconstruction MSE is divided by it")
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=16, help="clips per step per process")
     train.add_argument("--max-steps", type=int, default=50000, help="optimizer steps (cosine period)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
+    train.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="(paper: 0.9 0.999)")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (paper: none)")
     train.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     train.add_argument("--seed", type=int, default=0)
@@ -102,6 +111,14 @@ def model_config(args):
     if args.n_hiddens % 4:
         raise InputError(f"--n-hiddens {args.n_hiddens}: must be a multiple of 4 (n/2 channels, 2 heads)")
     return config
+
+
+def loss_hyperparameters(args):
+    """The VQVAE keywords that shape training, not the weights (not stored in the model's config)."""
+    if not 0 <= args.ema_decay < 1:
+        raise InputError(f"--ema-decay {args.ema_decay}: must be in [0, 1)")
+    return dict(beta=args.beta, ema_decay=args.ema_decay, ema_epsilon=args.ema_epsilon,
+                restart_below=args.restart_below, data_variance=args.data_variance)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +251,7 @@ def main(argv=None):
     work = Path(args.work)
     out_dir = work / "vqvae"
     ckpt_path = out_dir / "ckpt.pt"
-    config = model_config(args)
+    config, loss_settings = model_config(args), loss_hyperparameters(args)
 
     # Skip a finished run (idempotent stages); refuse to silently discard an unfinished one.
     checkpoint = None
@@ -257,12 +274,12 @@ def main(argv=None):
         ckpt_path.unlink()     # an interrupted --overwrite run must not leave the old run's weights behind
     ctx = common.setup_distributed(args.device)
     try:
-        train(args, config, ctx, work, out_dir, ckpt_path, checkpoint)
+        train(args, config, loss_settings, ctx, work, out_dir, ckpt_path, checkpoint)
     finally:
         common.teardown_distributed()
 
 
-def train(args, config, ctx, work, out_dir, ckpt_path, checkpoint):
+def train(args, config, loss_settings, ctx, work, out_dir, ckpt_path, checkpoint):
     device = ctx.device
     common.seed_everything(args.seed, ctx.rank)
     if device.type == "cuda":
@@ -283,10 +300,10 @@ def train(args, config, ctx, work, out_dir, ckpt_path, checkpoint):
               file=sys.stderr)
 
     # --- model, optimizer, mixed precision (paper 2.3.1.1: Adam 3e-4, betas 0.9/0.999)
-    model = common.VQVAE(**config).to(device)
+    model = common.VQVAE(**config, **loss_settings).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas))
     scaler = common.grad_scaler(device, args.precision)
     start_step = 0
     if checkpoint is not None:

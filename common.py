@@ -530,13 +530,13 @@ class Codebook(nn.Module):
     over DDP ranks, so every rank keeps the same codebook. Distances and EMA run in fp32 under autocast.
     """
 
-    def __init__(self, n_codes, embedding_dim, decay=0.99, epsilon=1e-7, restart_below=1.0):
+    def __init__(self, n_codes, embedding_dim, decay=0.99, epsilon=1e-7, restart_below=1.0, beta=0.25):
         super().__init__()
         self.register_buffer("embeddings", torch.randn(n_codes, embedding_dim))
         self.register_buffer("N", torch.zeros(n_codes))
         self.register_buffer("z_avg", self.embeddings.clone())
         self.n_codes, self.embedding_dim = n_codes, embedding_dim
-        self.decay, self.epsilon, self.restart_below = decay, epsilon, restart_below
+        self.decay, self.epsilon, self.restart_below, self.beta = decay, epsilon, restart_below, beta
         self._need_init = True    # the first training batch initialises the codebook
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -597,7 +597,7 @@ class Codebook(nn.Module):
             if self.training:
                 self._ema_update(flat.detach(), onehot)
             quantized = quantized.view(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)  # (B, D, t, h, w)
-            commitment_loss = 0.25 * F.mse_loss(z, quantized.detach())
+            commitment_loss = self.beta * F.mse_loss(z, quantized.detach())  # paper eq. 1
             embeddings_st = z + (quantized - z).detach()                  # straight-through estimator
         return dict(embeddings=embeddings_st, encodings=codes.view(z.shape[0], *z.shape[2:]),
                     commitment_loss=commitment_loss, perplexity=perplexity)
@@ -659,12 +659,16 @@ class Decoder(nn.Module):
 class VQVAE(nn.Module):
     """VideoGPT's VQ-VAE: encoder, pre_vq_conv, codebook, post_vq_conv, decoder (paper 2.3.1.1).
 
-    Input clips x: (B, 3, sequence_length, resolution, resolution) in [-0.5, 0.5]. Every keyword is a
-    hyperparameter of Table 2; `config` holds them (checkpoints store it to rebuild the model).
+    Input clips x: (B, 3, sequence_length, resolution, resolution) in [-0.5, 0.5]. The keywords before *
+    are the architecture of Table 2; `config` holds them (checkpoints store it to rebuild the model). Those
+    after * only shape training (VideoGPT's values by default): the commitment weight beta (paper eq. 1),
+    the codebook EMA's decay and Laplace smoothing epsilon (eqs. 3-6), the EMA count below which a code
+    restarts, and the data variance that normalises the reconstruction MSE.
     """
 
     def __init__(self, resolution=128, sequence_length=16, n_hiddens=240, n_res_layers=4,
-                 downsample=(4, 16, 16), embedding_dim=128, n_codes=1024):
+                 downsample=(4, 16, 16), embedding_dim=128, n_codes=1024, *,
+                 beta=0.25, ema_decay=0.99, ema_epsilon=1e-7, restart_below=1.0, data_variance=0.06):
         super().__init__()
         downsample = tuple(int(d) for d in downsample)
         self.config = dict(resolution=resolution, sequence_length=sequence_length, n_hiddens=n_hiddens,
@@ -675,7 +679,8 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(n_hiddens, n_res_layers, downsample)
         self.pre_vq_conv = SamePadConv3d(n_hiddens, embedding_dim, 1)
         self.post_vq_conv = SamePadConv3d(embedding_dim, n_hiddens, 1)
-        self.codebook = Codebook(n_codes, embedding_dim)
+        self.codebook = Codebook(n_codes, embedding_dim, ema_decay, ema_epsilon, restart_below, beta)
+        self.data_variance = data_variance
 
     @property
     def latent_shape(self):
@@ -697,11 +702,11 @@ class VQVAE(nn.Module):
 
     def forward(self, x):
         """Returns (recon_loss, x_recon, vq_output) as VideoGPT; the training loss is
-        recon_loss + vq_output['commitment_loss'] (paper eq. 1 with beta = 0.25; the EMA replaces the
-        codebook term). recon_loss = MSE / 0.06, VideoGPT's normalisation by the data variance."""
+        recon_loss + vq_output['commitment_loss'] (paper eq. 1, beta x commitment; the EMA replaces the
+        codebook term). recon_loss = MSE / data_variance (0.06: VideoGPT's normalisation)."""
         vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
         x_recon = self.decoder(self.post_vq_conv(vq_output["embeddings"]))
-        recon_loss = F.mse_loss(x_recon.float(), x.float()) / 0.06
+        recon_loss = F.mse_loss(x_recon.float(), x.float()) / self.data_variance
         return recon_loss, x_recon, vq_output
 
 

@@ -19,6 +19,7 @@ from conftest import REPO, load_stage, run_script
 
 import common
 
+vqvae_stage = load_stage("03_train_vqvae.py")
 TINY = dict(resolution=32, sequence_length=8, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
             embedding_dim=8, n_codes=32)
 TINY_FLAGS = ["--device", "cpu", "--n-hiddens", "16", "--n-res-layers", "1", "--resolution", "32",
@@ -147,6 +148,29 @@ def test_one_ema_step_equals_hand_computation():
     np.testing.assert_allclose(out["embeddings"].reshape(2, 5).T.detach().numpy(), quantized, atol=1e-6)
     probs = n_total / 5
     assert out["perplexity"].item() == pytest.approx(math.exp(-(probs * np.log(probs)).sum()), rel=1e-5)
+
+
+def test_loss_and_codebook_flags_reach_the_model():
+    """03's flags for the constants of paper eqs. 1 and 3-6: one EMA step at decay 0.5, beta 0.5, by hand."""
+    args = vqvae_stage.parse_args(["--beta", "0.5", "--ema-decay", "0.5", "--ema-epsilon", "0.1",
+                                   "--restart-below", "0.5", "--data-variance", "2"])
+    model = common.VQVAE(embedding_dim=2, n_codes=4, n_hiddens=16, n_res_layers=1, resolution=16,
+                         sequence_length=4, downsample=(2, 4, 4), **vqvae_stage.loss_hyperparameters(args))
+    assert model.data_variance == 2 and model.codebook.restart_below == 0.5
+    codebook = small_codebook()
+    codebook.beta, codebook.decay, codebook.epsilon = (model.codebook.beta, model.codebook.decay,
+                                                       model.codebook.epsilon)
+    vectors = torch.tensor([[0.1, 0.1], [0.9, 0.2], [1.2, -0.1], [0.1, 0.8], [4.0, 6.0]])
+    out = codebook(vectors.T.reshape(1, 2, 1, 1, 5))
+    N = 0.5 * 2 + 0.5 * np.array([1., 2., 1., 1.])
+    z_avg = 0.5 * np.array([[0., 0.], [2., 0.], [0., 2.], [10., 10.]]) + 0.5 * np.array(
+        [[0.1, 0.1], [2.1, 0.1], [0.1, 0.8], [4.0, 6.0]])
+    weights = (N + 0.1) / (N.sum() + 4 * 0.1) * N.sum()
+    np.testing.assert_allclose(codebook.embeddings.numpy(), z_avg / weights[:, None], rtol=1e-6)
+    quantized = np.array([[0., 0.], [1., 0.], [1., 0.], [0., 1.], [5., 5.]])
+    assert out["commitment_loss"].item() == pytest.approx(0.5 * ((vectors.numpy() - quantized) ** 2).mean())
+    with pytest.raises(common.InputError, match="--ema-decay 1.0: must be in"):
+        vqvae_stage.loss_hyperparameters(vqvae_stage.parse_args(["--ema-decay", "1"]))
 
 
 def test_dead_code_is_restarted_from_encoder_outputs():
@@ -312,9 +336,8 @@ def test_cosine_schedule_matches_torch_cosine_annealing():
 @pytest.mark.parametrize("workers", [1, 3])
 def test_clip_sampler_reads_ahead_with_any_number_of_workers(workers):
     """Regression: with --workers 1 the read-ahead task waited on the only reader thread (deadlock)."""
-    stage = load_stage("03_train_vqvae.py")
     arrays = [np.arange(n * 2 * 2 * 3, dtype=np.uint8).reshape(n, 2, 2, 3) % 251 for n in (40, 25)]
-    sampler = stage.ClipSampler(arrays, sequence_length=4, frame_step=3, workers=workers)
+    sampler = vqvae_stage.ClipSampler(arrays, sequence_length=4, frame_step=3, workers=workers)
     batch = sampler.batch_async(seed=0, rank=0, step=5, batch_size=6).result(timeout=30)    # (B, T, H, W, 3)
     assert batch.shape == (6, 4, 2, 2, 3)
     starts = sampler.starts(np.random.default_rng([0, 0, 5]), 6)
