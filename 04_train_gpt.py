@@ -99,6 +99,7 @@ def parse_args(argv=None):
     train.add_argument("--batch-size", type=int, default=64, help="samples per step per process")
     train.add_argument("--max-steps", type=int, default=200000, help="optimizer steps (cosine period)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
+    train.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="(paper: 0.9 0.999)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     train.add_argument("--init-from", help="initial weights: a ckpt.pt of this stage or an authors' Lightning .ckpt")
     train.add_argument("--seed", type=int, default=0)
@@ -442,7 +443,7 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint):
         if their_codebook is not None and not torch.allclose(their_codebook.float().to(device), codebook):
             common.print0(f"04_train_gpt: warning: {args.init_from} was trained with another VQ-VAE codebook "
                           f"than {args.vqvae}")
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
                                  fused=device.type == "cuda")
     scaler = common.grad_scaler(device, args.precision)
     start_step, wall_before = 0, 0.0
