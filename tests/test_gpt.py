@@ -309,6 +309,11 @@ def test_authors_lightning_checkpoint_loads_strictly_and_initialises_training(wo
                     "--init-from", str(path)])
     trained = common.load_checkpoint(work / "gpt" / "init" / "ckpt.pt")["model"]
     assert all(torch.allclose(trained[k], v, atol=1e-6) for k, v in theirs.state_dict().items())
+    # and from one of ours: the run just made, into a fresh one
+    gpt_stage.main(["--work", str(work), *TINY_FLAGS, "--max-steps", "1", "--lr", "1e-12", "--name", "init2",
+                    "--init-from", str(work / "gpt" / "init" / "ckpt.pt")])
+    again = common.load_checkpoint(work / "gpt" / "init2" / "ckpt.pt")["model"]
+    assert all(torch.allclose(again[k], v, atol=1e-6) for k, v in theirs.state_dict().items())
 
 
 @pytest.mark.parametrize("flags, message", [
