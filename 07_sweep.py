@@ -186,6 +186,9 @@ def fit_log_linear(x, r):
     return np.linalg.lstsq(design, r, rcond=None)[0]
 
 
+SATURATING_BOUNDS = ([-1.0, 0.0, 1e-3], [2.0, 10.0, 5.0])  # r_inf, c (for x over its geometric mean), alpha
+
+
 def fit_saturating_power(x, r):
     """Least-squares (r_inf, c, alpha) of r = r_inf - c x^(-alpha); NaNs when it does not converge (K >= 3).
 
@@ -200,10 +203,21 @@ def fit_saturating_power(x, r):
     start = (r.max() + 0.05, max(r.max() - r.min(), 1e-3), 0.5)
     try:
         (r_inf, c, alpha), _ = curve_fit(saturating_power, x / scale, r, p0=start,
-                                         bounds=([-1.0, 0.0, 1e-3], [2.0, 10.0, 5.0]), maxfev=20000)
+                                         bounds=SATURATING_BOUNDS, maxfev=20000)
     except (RuntimeError, ValueError):
         return np.full(3, np.nan)
     return np.array([r_inf, c * scale ** alpha, alpha])
+
+
+def saturating_bounds_hit(x, params):
+    """The names of the parameters of a fit_saturating_power result that sit on a bound of its search: the
+    data did not pin them down (too few points, or no curvature), so their values mean little."""
+    r_inf, c, alpha = params
+    scale = np.exp(np.log(np.asarray(x, float)).mean())
+    searched = (r_inf, c / scale ** alpha, alpha)  # c as the search saw it
+    # within 0.1% of the search's width: the optimizer stops near a bound, not on it
+    return [name for name, value, low, high in zip(("r_inf", "c", "alpha"), searched, *SATURATING_BOUNDS)
+            if min(value - low, high - value) <= 1e-3 * (high - low)]
 
 
 def brain_score(r, kind):
@@ -217,7 +231,8 @@ def bootstrap_fits(x, r, kind="max", n_boot=1000, seed=0):
 
     x: (K,) compute, data or parameters; r: (K, S, P) test r per configuration, subject and parcel (one
     resample of parcels applies to every configuration, keeping them paired).
-    Returns {"log_linear": {"a": [est, lo, hi], "b": ...}, "saturating_power": {"r_inf": ..., "c": ..., "alpha": ...}}.
+    Returns {"log_linear": {"a": [est, lo, hi], "b": ...}, "saturating_power": {"r_inf": ..., "c": ..., "alpha": ...}}
+    and "saturating_power_at_bound": the names of the point estimate's parameters stuck on a search bound.
     """
     rng = np.random.default_rng(seed)
     n_parcels = r.shape[-1]
@@ -232,6 +247,8 @@ def bootstrap_fits(x, r, kind="max", n_boot=1000, seed=0):
         lo, hi = (np.percentile(samples[ok], [2.5, 97.5], axis=0) if ok.any()
                   else (np.full(len(names), np.nan),) * 2)
         out[law] = {n: [float(e), float(a), float(b)] for n, e, a, b in zip(names, estimate, lo, hi)}
+        if law == "saturating_power":
+            out["saturating_power_at_bound"] = saturating_bounds_hit(x, estimate) if np.isfinite(estimate).all() else []
     return out
 
 
@@ -398,7 +415,11 @@ def scaling_section(args, per_experiment, runs, figures):
     for key, fit in fits.items():
         for law in ("log_linear", "saturating_power"):
             for param, (est, lo, hi) in fit[law].items():
-                lines.append(f"| {key} | {law} | {param} | {est:.4g} | [{lo:.4g}, {hi:.4g}] |")
+                stuck = " (on a search bound)" if law == "saturating_power" and param in fit["saturating_power_at_bound"] else ""
+                lines.append(f"| {key} | {law} | {param} | {est:.4g}{stuck} | [{lo:.4g}, {hi:.4g}] |")
+    if any(fit["saturating_power_at_bound"] for fit in fits.values()):
+        lines += ["", "A saturating-law parameter on a bound of its search was not determined by the data "
+                      "(too few configurations, or no curvature): read the log-linear law instead."]
     return lines + [""]
 
 

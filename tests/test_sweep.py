@@ -22,6 +22,16 @@ def test_saturating_power_fit_recovers_known_parameters():
     np.testing.assert_allclose(sweep.fit_saturating_power(x, r), truth, rtol=1e-4)
 
 
+def test_saturating_fit_reports_parameters_stuck_on_a_bound():
+    x = np.geomspace(1e15, 1e19, 8)
+    assert sweep.saturating_bounds_hit(x, sweep.fit_saturating_power(x, sweep.saturating_power(x, 0.6, 2e3, 0.25))) == []
+    straight = 0.1 + 0.05 * np.log10(x / x[0])            # no curvature: r_inf runs off to its upper bound
+    params = sweep.fit_saturating_power(x, straight)
+    assert "r_inf" in sweep.saturating_bounds_hit(x, params) and params[0] == pytest.approx(2.0)
+    fits = sweep.bootstrap_fits(x[:4], np.repeat(straight[:4, None, None], 3, axis=2), n_boot=5)
+    assert "r_inf" in fits["saturating_power_at_bound"]
+
+
 def test_bootstrap_intervals_cover_the_truth_and_shrink_with_more_parcels():
     rng = np.random.default_rng(0)
     x = np.geomspace(1e4, 1e7, 5)
