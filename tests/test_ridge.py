@@ -103,6 +103,22 @@ def test_float32_products_choose_the_same_alphas():
     np.testing.assert_allclose(single["test_prediction"], exact["test_prediction"], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the solver's CUDA branches")
+@pytest.mark.parametrize("n, p, solver", SOLVERS, ids=SOLVER_IDS)
+def test_cuda_matches_the_cpu(n, p, solver):
+    """On a GPU: float64 products equal the CPU's closely, float32 products choose the same alphas."""
+    X, Y, X_test = regression_data(n, p, n_targets=12)
+    cpu = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, solver=solver)
+    double = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, device="cuda", solver=solver)
+    single = ridge.fit_ridge_loo(X.astype(np.float32), Y, X_test.astype(np.float32), ALPHAS, device="cuda",
+                                 dtype=torch.float32, solver=solver)
+    assert double["solver"] == single["solver"] == cpu["solver"] == solver
+    np.testing.assert_array_equal(double["alpha"], cpu["alpha"])
+    np.testing.assert_allclose(double["test_prediction"], cpu["test_prediction"], rtol=1e-8, atol=1e-10)
+    np.testing.assert_array_equal(single["alpha"], cpu["alpha"])
+    np.testing.assert_allclose(single["test_prediction"], cpu["test_prediction"], rtol=1e-3, atol=1e-3)
+
+
 def test_constant_target_gives_nan_r_not_a_crash():
     X, Y, X_test = regression_data(30, 50, n_targets=3)
     Y[:, 1] = 2.5
