@@ -62,21 +62,17 @@ def test_layout_and_events(demo_root):
     assert len(truth["planted"]) == 10 and len(truth["noise_parcels"]) == 30
 
 
-def test_deterministic_for_a_seed(tmp_path):
+def test_deterministic_for_a_seed_kept_on_rerun_and_bad_flags_fail(tmp_path):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         run_script("00_make_demo.py", "--out", tmp_path / name, "--seed", seed, *TINY)
     a, b, c = (demo_fingerprint(tmp_path / name) for name in "abc")
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
     assert any(a[k] != c.get(k) for k in a), "another seed should give another demo"
-
-
-def test_existing_demo_is_kept_and_bad_flags_fail(tmp_path):
-    run_script("00_make_demo.py", "--out", tmp_path / "d", *TINY)
-    before = (tmp_path / "d" / "ground_truth.json").stat().st_mtime_ns
-    again = run_script("00_make_demo.py", "--out", tmp_path / "d", *TINY)
+    before = (tmp_path / "a" / "ground_truth.json").stat().st_mtime_ns
+    again = run_script("00_make_demo.py", "--out", tmp_path / "a", "--seed", 0, *TINY)
     assert "nothing to do" in again.stdout
-    assert (tmp_path / "d" / "ground_truth.json").stat().st_mtime_ns == before
+    assert (tmp_path / "a" / "ground_truth.json").stat().st_mtime_ns == before
     bad = run_script("00_make_demo.py", "--out", tmp_path / "e", "--parcels", "3", "--planted", "5", check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --planted 5 is more than --parcels 3"
     assert not (tmp_path / "e").exists()

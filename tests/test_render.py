@@ -94,15 +94,21 @@ def test_manifest_agrees_with_events(rendered_work):
             assert frames.shape == (int(m["n_frames"]), 32, 32, 3)
 
 
-def test_rerun_skips_and_overwrite_rerenders(tmp_path, recording):
+def test_rerun_skips_other_resolution_fails_and_overwrite_rerenders(tmp_path, recording):
     bk2, _ = recording
     run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16")
     (npy,) = (tmp_path / "frames").rglob("*.npy")
-    stamp = npy.stat().st_mtime_ns
+    stamp, manifest = npy.stat().st_mtime_ns, (tmp_path / "frames/manifest.tsv").read_text()
     run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16")
     assert npy.stat().st_mtime_ns == stamp
-    run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16", "--overwrite")
-    assert npy.stat().st_mtime_ns != stamp
+    # frames of another resolution are not silently kept
+    result = run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "24", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {npy}: rendered at 16 px, not --resolution 24; pass --overwrite "
+                                     "to re-render (or use another --work)")
+    assert npy.stat().st_mtime_ns == stamp and (tmp_path / "frames/manifest.tsv").read_text() == manifest
+    run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "24", "--overwrite")
+    assert npy.stat().st_mtime_ns != stamp and np.load(npy).shape[1:] == (24, 24, 3)
     assert [p.name for p in npy.parent.iterdir()] == [npy.name]  # no temporary file left behind
 
 
@@ -119,20 +125,6 @@ def test_subjects_rendered_in_separate_calls_share_one_manifest(tmp_path, record
     assert (apart / "frames/manifest.tsv").read_text() == (together / "frames/manifest.tsv").read_text()
     manifest = pd.read_csv(apart / "frames/manifest.tsv", sep="\t", dtype={"sub": str})
     assert manifest["sub"].tolist() == ["01", "02"] and (manifest["status"] == "ok").all()
-
-
-def test_frames_of_another_resolution_are_not_silently_kept(tmp_path, recording):
-    bk2, _ = recording
-    run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16")
-    (npy,) = (tmp_path / "frames").rglob("*.npy")
-    manifest = (tmp_path / "frames/manifest.tsv").read_text()
-    result = run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "24", check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: {npy}: rendered at 16 px, not --resolution 24; pass --overwrite "
-                                     "to re-render (or use another --work)")
-    assert (tmp_path / "frames/manifest.tsv").read_text() == manifest and np.load(npy).shape[1:] == (16, 16, 3)
-    run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "24", "--overwrite")
-    assert np.load(npy).shape[1:] == (24, 24, 3)
 
 
 def test_bad_replays_are_reported_and_the_batch_goes_on(tmp_path, recording):
