@@ -289,6 +289,7 @@ def main():
     # read only now, so that jobs rendering other subjects at the same time have most likely finished
     manifest_path = work / "frames" / "manifest.tsv"
     earlier = rows_of_other_subjects(manifest_path, {rep["sub"] for rep in reps})
+    n_failed = int((manifest["status"] == "failed").sum())  # this call's replays decide the exit status
     manifest = pd.concat([earlier, manifest]) if len(earlier) else manifest
     manifest = manifest.sort_values("sub", kind="stable", na_position="last")
     manifest["n_frames"] = manifest["n_frames"].astype("Int64")
@@ -296,7 +297,6 @@ def main():
     counts = manifest["status"].value_counts().to_dict()
     print(f"01_render_frames: wrote {work / 'frames' / 'manifest.tsv'}: "
           + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    n_failed = counts.get("failed", 0)
     if n_failed and not args.allow_missing:
         print(f"error: {n_failed} replay(s) failed (see the manifest's error column; --allow-missing to accept)",
               file=sys.stderr)

@@ -684,7 +684,6 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
                          f"of sub-{sub} has {Y_train.shape[1]} columns")
     n_constant = standardize(X_train, X_test)
 
-    dtype = torch.float32 if args.device == "cuda" else torch.float64
     if args.pca:
         if args.pca >= min(X_train.shape):
             raise InputError(f"--pca {args.pca}: must be below min(samples, features) = {min(X_train.shape)}")
@@ -701,6 +700,7 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
         groups = np.array([g for g, _ in train_ids])
         if len(np.unique(groups)) < 2:
             raise InputError(f"--cv runs: sub-{sub} has only one training run")
+    dtype = torch.float32 if args.device == "cuda" else torch.float64  # of the products of X (see fit_ridge_loo)
     fit = fit_ridge_loo(X_train, Y_train, X_test, args.alphas, groups=groups, device=args.device, dtype=dtype,
                         parcel_batch=args.parcel_batch)
     r = pearson_r(Y_test, fit["test_prediction"])  # (P,)

@@ -41,7 +41,7 @@ def box_average(image, size):
         w = ((centres > edges[:-1, None]) & (centres <= edges[1:, None])).astype(float)  # (n_out, n_in)
         return w / w.sum(1, keepdims=True)
     wy, wx = weights(image.shape[0], size), weights(image.shape[1], size)
-    return np.einsum("oi,ijc,pj->opc", wy, image.astype(float), wx)
+    return np.einsum("oi,ijc,pj->opc", wy, image.astype(float), wx, optimize=True)  # two products, not one 5-loop
 
 
 def test_replay_is_exact_and_repeatable(recording):
@@ -118,13 +118,21 @@ def test_subjects_rendered_in_separate_calls_share_one_manifest(tmp_path, record
     for sub in ("01", "02"):
         replays[sub] = tmp_path / f"sub-{sub}_ses-001_task-x_run-01_level-1_rep-01.bk2"
         shutil.copy(bk2, replays[sub])
+    replays["03"] = tmp_path / "sub-03_ses-001_task-x_run-01_level-1_rep-01.bk2"
+    replays["03"].write_bytes(bk2.read_bytes()[:3000])  # a truncated replay: a failed row
     together, apart = tmp_path / "together", tmp_path / "apart"
-    run_script("01_render_frames.py", "--work", together, "--bk2", replays["01"], replays["02"], "--resolution", "16")
-    for sub in ("02", "01"):  # the later call must keep the other subject's row, in the same order
-        run_script("01_render_frames.py", "--work", apart, "--bk2", replays[sub], "--resolution", "16")
+    flags = ("--resolution", "16")
+    assert run_script("01_render_frames.py", "--work", together, "--bk2", *replays.values(), *flags,
+                      check=False).returncode == 1
+    # each later call keeps the rows of the others; sub-03's failure fails only its own call
+    assert run_script("01_render_frames.py", "--work", apart, "--bk2", replays["03"], *flags,
+                      check=False).returncode == 1
+    for sub in ("02", "01"):
+        run_script("01_render_frames.py", "--work", apart, "--bk2", replays[sub], *flags)
     assert (apart / "frames/manifest.tsv").read_text() == (together / "frames/manifest.tsv").read_text()
     manifest = pd.read_csv(apart / "frames/manifest.tsv", sep="\t", dtype={"sub": str})
-    assert manifest["sub"].tolist() == ["01", "02"] and (manifest["status"] == "ok").all()
+    assert manifest["sub"].tolist() == ["01", "02", "03"]
+    assert manifest["status"].tolist() == ["ok", "ok", "failed"]
 
 
 def test_bad_replays_are_reported_and_the_batch_goes_on(tmp_path, recording):
