@@ -397,7 +397,7 @@ def main(argv=None):
     manifest_path = out_dir / "manifest.tsv"
     shared = [out_dir / name for name in ("prep.json", "labels.tsv", "atlas.nii.gz")]
     if not jobs and manifest_path.is_file() and all(path.is_file() for path in shared):
-        listed = set(pd.read_csv(manifest_path, sep="\t", dtype=str)["bold_path"])
+        listed = set(read_tsv(manifest_path, required=("bold_path",))["bold_path"])
         if all(str(output_path(work, run).relative_to(work)) in listed for run in runs):
             print(f"02_prep_fmri: all {len(runs)} run(s) done already ({manifest_path}); --overwrite to redo")
             return

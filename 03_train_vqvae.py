@@ -213,7 +213,6 @@ def validate(model, clips, args, device):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def distinct_code_maps(model, clips, args, device):
     """How many of the validation clips get a code map (t, h, w) of their own. A VQ-VAE can reach a low
     loss on dark, sparse frames (gameplay on a black background) while encoding only position: every

@@ -651,8 +651,8 @@ def print_summary(results_dir, subjects):
         if not path.is_file():
             continue
         s = json.loads(path.read_text())
-        fmt = lambda v: f"{v:.3f}" if v is not None else "nan"  # noqa: E731
-        line = (f"{s['subject']:<9}{fmt(s['r_max']):>7}{fmt(s['r_median']):>10}"
+        r_max, r_median = (f"{v:.3f}" if v is not None else "nan" for v in (s["r_max"], s["r_median"]))
+        line = (f"{s['subject']:<9}{r_max:>7}{r_median:>10}"
                 f"{str(s['n_significant']) + '/' + str(s['n_parcels']):>13}   ")
         truth = s.get("ground_truth")
         if truth:
@@ -743,7 +743,6 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
                          f"(>= {args.min_shift} TRs) of the features within each run, Benjamini-Hochberg "
                          f"q < {args.fdr}") if args.n_permutations else "not computed (--n-permutations 0)",
         "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
-
         "standardization": (f"features z-scored with training-set means and standard deviations "
                             f"({n_constant} constant features set to 0); intercept fitted (X and BOLD centered "
                             "with training means)" + (f"; then the first {args.pca} principal components of the "

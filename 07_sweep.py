@@ -189,6 +189,11 @@ def fit_log_linear(x, r):
 SATURATING_BOUNDS = ([-1.0, 0.0, 1e-3], [2.0, 10.0, 5.0])  # r_inf, c (for x over its geometric mean), alpha
 
 
+def geometric_mean(x):
+    """The saturating law is fitted to x / geometric_mean(x), for conditioning (x spans many decades)."""
+    return np.exp(np.log(np.asarray(x, float)).mean())
+
+
 def fit_saturating_power(x, r):
     """Least-squares (r_inf, c, alpha) of r = r_inf - c x^(-alpha); NaNs when it does not converge (K >= 3).
 
@@ -199,7 +204,7 @@ def fit_saturating_power(x, r):
     x, r = np.asarray(x, float), np.asarray(r, float)
     if len(x) < 3:
         return np.full(3, np.nan)
-    scale = np.exp(np.log(x).mean())
+    scale = geometric_mean(x)
     start = (r.max() + 0.05, max(r.max() - r.min(), 1e-3), 0.5)
     try:
         (r_inf, c, alpha), _ = curve_fit(saturating_power, x / scale, r, p0=start,
@@ -213,7 +218,7 @@ def saturating_bounds_hit(x, params):
     """The names of the parameters of a fit_saturating_power result that sit on a bound of its search: the
     data did not pin them down (too few points, or no curvature), so their values mean little."""
     r_inf, c, alpha = params
-    scale = np.exp(np.log(np.asarray(x, float)).mean())
+    scale = geometric_mean(x)
     searched = (r_inf, c / scale ** alpha, alpha)  # c as the search saw it
     # within 0.1% of the search's width: the optimizer stops near a bound, not on it
     return [name for name, value, low, high in zip(("r_inf", "c", "alpha"), searched, *SATURATING_BOUNDS)

@@ -132,8 +132,8 @@ def run_stem(sub, ses, task, run):
 
 
 def session_label(value):
-    """A session label that compares as a number when it is one: '005', 'ses-005' and 5 (as pandas
-    reads 005 back from a TSV) are all '5'."""
+    """A session label that compares as a number when it is one: '005' (a manifest), 'ses-005' and '5'
+    (as a flag may give it) are all '5'."""
     text = str(value).removeprefix("ses-")
     return str(int(text)) if text.isdigit() else text
 

@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import common  # noqa: E402
 PAPER_SCALE = dict(n=15313, p=147456, targets=1095, n_test=1513)  # paper Table 1, sub-01; 576 x 256 features
 
 
@@ -83,7 +83,7 @@ def main():
     X, Y, X_test, Y_test = make_data(args.n, args.p, args.targets, args.n_test, args.rank,
                                      np.float32 if args.device == "cuda" or args.skip_sklearn else np.float64)
     data_gb = (X.nbytes + X_test.nbytes + Y.nbytes + Y_test.nbytes) / 1e9
-    rss_before_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB -> GB
+    rss_before_gb = common.peak_memory_gb(torch.device("cpu"))  # the process's peak RSS so far
     # 06_ridge runs its CPU products and factorizations in scipy's OpenBLAS, a few in torch (MKL); scikit-learn
     # runs in numpy's and scipy's OpenBLAS: the header shows each library's thread count
     blas_threads = ", ".join(f"{info['internal_api']} in {Path(info['filepath']).parent.name} {info['num_threads']}"
@@ -102,7 +102,7 @@ def main():
         torch.cuda.synchronize()
     ours = time.perf_counter() - start
     # the peak RSS only grows: what the fit added above the data's own peak is its working memory
-    rss_after_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    rss_after_gb = common.peak_memory_gb(torch.device("cpu"))
     memory = (f"peak memory: process {rss_after_gb:.1f} GB (data {data_gb:.1f} GB; the fit raised the peak by "
               f"{rss_after_gb - rss_before_gb:.1f} GB)")
     if args.device == "cuda":
