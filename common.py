@@ -6,6 +6,7 @@ The paper's training and encoding algorithms live in the numbered stage scripts.
 """
 import contextlib
 import csv
+import gc
 import hashlib
 import io
 import math
@@ -199,6 +200,10 @@ def setup_distributed(device="auto"):
 def teardown_distributed():
     """Leave the process group (if one was started)."""
     if dist.is_initialized():
+        # Collect first: reference cycles (autograd graphs, DDP's reducer) can keep gloo work objects alive
+        # until interpreter exit, where freeing them aborts the process ("terminate called without an
+        # active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 

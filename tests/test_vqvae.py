@@ -414,24 +414,28 @@ TORCHRUN_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {repo!r})
     import common
+
+    def check(ctx):
+        common.seed_everything(0, ctx.rank)
+        model = torch.nn.parallel.DistributedDataParallel(common.VQVAE(**{tiny!r}), forward_sync_buffers=False)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for step in range(2):
+            x = torch.rand(2, 3, 8, 32, 32) - 0.5          # different clips on each rank (seed + rank)
+            recon_loss, _, vq = model(x)
+            optimizer.zero_grad(); (recon_loss + vq["commitment_loss"]).backward(); optimizer.step()
+        codebook = model.module.codebook
+        for name in ("embeddings", "N", "z_avg"):
+            gathered = [torch.zeros_like(getattr(codebook, name)) for _ in range(2)]
+            dist.all_gather(gathered, getattr(codebook, name))
+            assert torch.equal(gathered[0], gathered[1]), name
+        # the batches differ, so identity comes from the all-reduce, not from identical inputs
+        gathered = [torch.zeros_like(x) for _ in range(2)]
+        dist.all_gather(gathered, x)
+        assert not torch.equal(gathered[0], gathered[1])
+        common.print0("codebooks identical")
+
     ctx = common.setup_distributed("cpu")
-    common.seed_everything(0, ctx.rank)
-    model = torch.nn.parallel.DistributedDataParallel(common.VQVAE(**{tiny!r}), forward_sync_buffers=False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(2):
-        x = torch.rand(2, 3, 8, 32, 32) - 0.5          # different clips on each rank (seed + rank)
-        recon_loss, _, vq = model(x)
-        optimizer.zero_grad(); (recon_loss + vq["commitment_loss"]).backward(); optimizer.step()
-    codebook = model.module.codebook
-    for name in ("embeddings", "N", "z_avg"):
-        gathered = [torch.zeros_like(getattr(codebook, name)) for _ in range(2)]
-        dist.all_gather(gathered, getattr(codebook, name))
-        assert torch.equal(gathered[0], gathered[1]), name
-    # the batches differ, so identity comes from the all-reduce, not from identical inputs
-    gathered = [torch.zeros_like(x) for _ in range(2)]
-    dist.all_gather(gathered, x)
-    assert not torch.equal(gathered[0], gathered[1])
-    common.print0("codebooks identical")
+    check(ctx)   # in a function: the DDP module is gone before its process group (gloo aborts otherwise)
     common.teardown_distributed()
 """)
 
