@@ -26,6 +26,7 @@ import argparse
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,10 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+import common
 from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, bids_entities, read_tsv, run_main, write_tsv
 
+STAGE = "01_render_frames"
 MISSING = "Missing file"
 MANIFEST_COLUMNS = ["sub", "ses", "task", "run", "level", "rep", "bk2", "onset_s", "duration_s",
                     "n_frames", "fps", "frames_path", "status", "error"]
@@ -75,6 +78,9 @@ def repetitions_from_bids(root, subjects):
             stim = str(row["stim_file"])
             if stim != MISSING and not stim.endswith(".bk2"):
                 continue
+            if pd.isna(row["onset"]):   # 05 could not place this repetition on the run's timeline
+                raise InputError(f"{events_path}: row {k} ({Path(stim).name}) has onset n/a; every gameplay "
+                                 "row needs its onset in seconds")
             bk2 = None if stim == MISSING else resolve_stim_file(stim, root, events_path)
             names = bids_entities(bk2) if bk2 else {}
             duration = row.get("duration_bk2", row.get("duration", np.nan))
@@ -177,8 +183,7 @@ def replay(bk2_path, resolution, out_path=None):
     env.initial_state = movie.get_state()
     env.reset()
     shape = (n_frames, resolution, resolution, 3)
-    frames = (np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=shape)
-              if out_path else np.empty(shape, np.uint8))
+    frames = common.open_npy_for_writing(out_path, np.uint8, shape) if out_path else np.empty(shape, np.uint8)
     em, n_buttons = env.em, env.num_buttons
     keys = np.zeros((movie.players, n_buttons), np.uint8)
     for i in range(n_frames):
@@ -195,48 +200,57 @@ def replay(bk2_path, resolution, out_path=None):
 
 
 def render_repetition(task):
-    """Worker: render one repetition to its .npy (atomically). Returns the manifest row."""
-    rep, out, resolution, overwrite = task
-    row = dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=np.nan, status="ok", error=np.nan)
-    if rep["bk2"] == MISSING:
-        return dict(row, status="missing", error=f"{rep['source']} says '{MISSING}': no replay to render")
+    """Worker: render one repetition to its .npy (atomically), then its record. Returns the manifest row."""
+    rep, out, resolution, settings, inputs = task
+    row = dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=str(out), status="ok", error=np.nan)
     out = Path(out)
-    row["frames_path"] = str(out)
-    if out.is_file() and not overwrite:  # rendered by an earlier call: its row comes out the same as then
-        row["n_frames"] = np.load(out, mmap_mode="r").shape[0]
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npy")
-        try:
-            frames = replay(rep["bk2"], resolution, out_path=tmp)
-            row["n_frames"] = len(frames)
-            del frames
-            os.replace(tmp, out)
-        except InputError as err:
-            row.update(status="failed", error=str(err), frames_path=np.nan)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    expected = rep.get("duration_s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = common.temporary_path(out)
+    try:
+        frames = replay(rep["bk2"], resolution, out_path=tmp)
+        row["n_frames"] = len(frames)
+        del frames
+        os.replace(tmp, out)
+        common.write_record(out, common.new_record(STAGE, settings, inputs, out, n_frames=row["n_frames"],
+                                                   bk2=rep["bk2"], stable_retro=version("stable-retro")))
+    except InputError as err:
+        row.update(status="failed", error=str(err), frames_path=np.nan)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return check_duration(row)
+
+
+def check_duration(row):
+    """Flag a rendered repetition whose length disagrees with events.tsv's duration_bk2 by over 1 s."""
+    expected = row.get("duration_s")
     if row["status"] == "ok" and pd.notna(expected) and abs(row["n_frames"] / GAMEPLAY_HZ - expected) > 1.0:
         row["error"] = (f"warning: {row['n_frames']} frames = {row['n_frames'] / GAMEPLAY_HZ:.1f} s, "
                         f"events.tsv says duration_bk2 = {expected:.1f} s")
     return row
 
 
+def plan_repetition(rep, work, resolution, overwrite):
+    """What to do with one repetition: ("row", manifest row) when nothing needs rendering (a "Missing file"
+    row, or frames whose record says they came from this bk2 at this --resolution), else ("render",
+    the task for render_repetition). Frames of another --resolution are an InputError."""
+    if rep["bk2"] == MISSING:
+        return "row", dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=np.nan, status="missing",
+                           error=f"{rep['source']} says '{MISSING}': no replay to render")
+    out = frames_path_for(rep, work)
+    settings = {"--resolution": resolution}
+    record = common.read_record(common.record_path(out))
+    inputs = {}
+    if Path(rep["bk2"]).is_file():   # a missing replay fails in the worker, with its message
+        inputs["bk2"] = common.fingerprint(rep["bk2"], (record or {}).get("inputs", {}).get("bk2"))
+    if common.is_up_to_date(out, record, STAGE, settings, inputs, overwrite, say=lambda line: tqdm.write(line)):
+        return "row", check_duration(dict(rep, n_frames=record["n_frames"], fps=GAMEPLAY_HZ, frames_path=str(out),
+                                          status="ok", error=np.nan))
+    return "render", (rep, str(out), resolution, settings, inputs)
+
+
 # --------------------------------------------------------------------------------------------------
 # Earlier calls: frames of another resolution, manifest rows of other subjects (plumbing)
 # --------------------------------------------------------------------------------------------------
-def check_earlier_resolution(frame_paths, resolution):
-    """Existing frames are skipped, so they must already be resolution x resolution."""
-    for path in map(Path, frame_paths):
-        if path.is_file():
-            height = np.load(path, mmap_mode="r").shape[1]
-            if height != resolution:
-                raise InputError(f"{path}: rendered at {height} px, not --resolution {resolution}; pass "
-                                 "--overwrite to re-render (or use another --work)")
-
-
 def rows_of_other_subjects(manifest_path, subjects):
     """Rows of an existing manifest for subjects outside this call (a DataFrame, maybe empty)."""
     if not manifest_path.is_file():
@@ -261,22 +275,30 @@ def main():
             raise InputError(f"{root}: dataset root does not exist (run 00_make_demo.py, or pass --bids DIR)")
         reps = repetitions_from_bids(root, args.subjects)
 
-    tasks = [(rep, str(frames_path_for(rep, work)) if rep["bk2"] != MISSING else None,
-              args.resolution, args.overwrite) for rep in reps]
-    if not args.overwrite:
-        check_earlier_resolution([out for _, out, _, _ in tasks if out], args.resolution)
+    common.remove_stale_temporaries(work / "frames")
+    # Every repetition is planned before any is rendered: a flag that disagrees with earlier frames stops
+    # the stage here, with nothing written.
+    plans = [plan_repetition(rep, work, args.resolution, args.overwrite) for rep in reps]
+    tasks = [plan for kind, plan in plans if kind == "render"]
     workers = max(1, min(args.workers, len(tasks)))
-    print(f"01_render_frames: {len(tasks)} repetitions, {args.resolution} px, {workers} worker(s)")
+    print(f"{STAGE}: {len(reps)} repetitions, {len(tasks)} to render at {args.resolution} px, {workers} worker(s)")
     # the bar counts frames; its total comes from events.tsv's durations when every replay has one
-    durations = [rep["duration_s"] for rep in reps if rep["bk2"] != MISSING]
+    durations = [rep["duration_s"] for rep, *_ in tasks]
     expected = round(GAMEPLAY_HZ * sum(durations)) if durations and all(pd.notna(durations)) else None
-    rows = []
+    rows, n_rendered = [], 0
     with ProcessPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=expected, unit="frame", unit_scale=True, desc="render", file=sys.stderr) as bar:
-        for row in pool.map(render_repetition, tasks):
+            tqdm(total=expected, unit="frame", unit_scale=True, desc="render", file=sys.stderr,
+                 disable=not tasks) as bar:
+        rendered = pool.map(render_repetition, tasks)
+        for kind, plan in plans:
+            if kind == "row":
+                rows.append(plan)
+                continue
+            row = next(rendered)
             rows.append(row)
+            n_rendered += 1
             bar.update(0 if pd.isna(row["n_frames"]) else int(row["n_frames"]))
-            bar.set_postfix(reps=f"{len(rows)}/{len(tasks)}")
+            bar.set_postfix(reps=f"{n_rendered}/{len(tasks)}")
             if row["status"] != "ok" or str(row["error"]).startswith("warning"):
                 tqdm.write(f"{row['status']}: {row['error']}", file=sys.stderr)
         bar.total = bar.n  # the durations are rounded: end at 100%
@@ -295,12 +317,12 @@ def main():
     manifest["n_frames"] = manifest["n_frames"].astype("Int64")
     write_tsv(manifest_path, manifest)
     counts = manifest["status"].value_counts().to_dict()
-    print(f"01_render_frames: wrote {work / 'frames' / 'manifest.tsv'}: "
+    print(f"{STAGE}: wrote {work / 'frames' / 'manifest.tsv'}: "
           + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     if n_failed and not args.allow_missing:
         print(f"error: {n_failed} replay(s) failed (see the manifest's error column; --allow-missing to accept)",
               file=sys.stderr)
-        sys.exit(1)
+        sys.exit(common.EXIT_SOME_FAILED)
 
 
 if __name__ == "__main__":

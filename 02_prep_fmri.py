@@ -44,8 +44,10 @@ from nilearn.interfaces.fmriprep import load_confounds
 from nilearn.maskers import NiftiLabelsMasker
 from tqdm import tqdm
 
+import common
 from common import DEFAULT_WORK, InputError, atomic_path, bids_entities, read_tsv, run_main, save_npy, write_tsv
 
+STAGE = "02_prep_fmri"
 DEFAULT_ATLAS = "demo/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz"  # relative to --work
 CONFOUND_STRATEGIES = ("motion", "high_pass", "wm_csf", "global_signal", "compcor", "scrub")
 MOTION_MODELS = ("basic", "power2", "derivatives", "full")
@@ -180,13 +182,8 @@ def output_path(work, run):
 # --------------------------------------------------------------------------------------------------
 def load_atlas(path):
     """Return (atlas image, labels (P,) int sorted, names (P,) str or None) of an integer labels NIfTI."""
-    if not path.is_file():
-        raise InputError(f"{path}: atlas file not found")
-    try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
-    except Exception as err:  # nibabel raises many types for a file that is not a NIfTI
-        raise InputError(f"{path}: not a readable NIfTI image ({err})") from None
+    image = common.load_nifti(path)
+    data = common.nifti_data(image, path, dtype=np.float64)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -224,12 +221,17 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
     Returns (Y (T, P) float32 with NaN rows for the volumes not in sample_mask and 0.0 columns for the
     parcels without a usable voxel, notes (list of str to report)).
     """
-    image = nib.load(bold_path)
-    data = image.get_fdata(dtype=np.float32)                                   # (X, Y, Z, T)
+    image = common.load_nifti(bold_path)
+    data = common.nifti_data(image, bold_path)                                  # (X, Y, Z, T)
     n_volumes = data.shape[3]
     # --- voxels that cannot enter a parcel mean: NaN anywhere in the run, or constant over time ---
     in_atlas = atlas_grid > 0
     voxels = data[in_atlas]                                                     # (V, T)
+    empty_volumes = np.flatnonzero(~np.isfinite(voxels).any(axis=0))
+    if len(empty_volumes):   # a damaged image: every voxel would drop out below, and the atlas get the blame
+        raise InputError(f"{bold_path}: volume {empty_volumes[0]} (0-based) is NaN in every voxel of the atlas"
+                         + (f", and {len(empty_volumes) - 1} other volume(s)" if len(empty_volumes) > 1 else "")
+                         + "; the image is damaged")
     has_nan = ~np.isfinite(voxels).all(1)
     constant = ~has_nan & (voxels.max(1) == voxels.min(1))
     notes = []
@@ -277,38 +279,55 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
 
 
 def process_run(job):
-    """Worker: compute and save one run. Returns the notes to report (list of str)."""
+    """Worker: compute and save one run, then its record. Returns the notes to report (list of str)."""
+    inputs = {role: common.hash_file(path) for role, path in job["inputs"].items()}   # in parallel, here
     series, notes = parcel_time_series(job["bold"], job["atlas_grid"], job["labels"], job["confounds"],
                                           job["sample_mask"], job["tr"], job["fwhm"])
     save_npy(job["out"], series)
+    common.write_record(job["out"], common.new_record(STAGE, job["settings"], inputs, job["out"],
+                                                      tr_s=job["tr"], nilearn=nilearn.__version__))
     return notes
+
+
+def run_inputs(run, atlas_path):
+    """{role: path} of the files one run's output is made from: the BOLD image, its confounds file (the one
+    load_confounds reads), the BIDS sidecar with the TR when it exists, and the atlas."""
+    stem = run["bold"].name.split("_space-")[0]
+    candidates = [run["bold"].parent / f"{stem}_desc-confounds_{kind}.tsv" for kind in ("timeseries", "regressors")]
+    inputs = {"bold": run["bold"], "confounds": next((c for c in candidates if c.is_file()), candidates[0]),
+              "atlas": atlas_path}
+    sidecar = Path(str(run["bold"]).replace(".nii.gz", ".json"))
+    if sidecar.is_file():
+        inputs["bold_sidecar"] = sidecar
+    return inputs
 
 
 # --------------------------------------------------------------------------------------------------
 # Settings and manifest: outputs made with other settings are never mixed in silently
 # --------------------------------------------------------------------------------------------------
 def check_settings(out_dir, settings, overwrite):
-    """Compare with bold/prep.json. Other settings: an error, or with --overwrite, remove every earlier
-    run output (a manifest must describe runs made one way)."""
+    """Compare with bold/prep.json, the record of the flags the existing outputs were made with. Other
+    flags: an InputError naming the first, or with --overwrite, remove every earlier run output (a
+    manifest must describe runs made one way)."""
     prep_json = out_dir / "prep.json"
-    if not prep_json.is_file():
+    before = common.read_record(prep_json)
+    if before is None:
         return
-    before = json.loads(prep_json.read_text())
-    changed = [k for k in settings if k != "nilearn_version" and before.get(k) != settings[k]]
+    changed = common.changed_settings(before, settings)
     if not changed:
         return
     if not overwrite:
-        raise InputError(f"{prep_json}: existing outputs were made with other settings ({', '.join(changed)}); "
-                         "use --overwrite (or another --work)")
-    stale = sorted(out_dir.glob("sub-*/ses-*/*.npy")) + [out_dir / "manifest.tsv"]
-    print(f"settings changed ({', '.join(changed)}): removing the earlier outputs in {out_dir}")
+        raise common.flags_differ_error(prep_json, before, settings, changed)
+    stale = sorted(out_dir.glob("sub-*/ses-*/*.npy")) + sorted(out_dir.glob("sub-*/ses-*/*.json")) \
+        + [out_dir / "manifest.tsv"]
+    print(f"flags changed ({', '.join(changed)}): removing the earlier outputs in {out_dir}")
     for path in stale:
         path.unlink(missing_ok=True)
 
 
 def manifest_row(run, work, n_volumes, tr, labels):
     """The manifest row of a run whose .npy is written (valid rows and empty parcels read from it)."""
-    series = np.load(output_path(work, run))                                    # (T, P)
+    series = common.load_npy(output_path(work, run), mmap=False)                 # (T, P)
     valid = np.isfinite(series).all(1)
     empty = labels[valid.any() & (series[valid] == 0).all(0)]
     return {"sub": run["sub"], "ses": run["ses"], "task": run["task"], "run": run["run"],
@@ -342,18 +361,16 @@ def main(argv=None):
         raise InputError(f"--validation-sessions and --test-sessions share session(s) {' '.join(sorted(overlap))}")
     if "compcor" in args.confounds and "high_pass" not in args.confounds:
         raise InputError("--confounds compcor needs high_pass too (fMRIPrep's CompCor assumes high-passed data)")
-    settings = {"fmriprep": str(fmriprep.resolve()), "space": args.space, "atlas": str(atlas_path.resolve()),
-                "confounds": {"strategy": args.confounds, "motion": args.motion}, "fwhm_mm": args.fwhm,
-                "masker": {"strategy": "mean", "standardize": STANDARDIZE, "detrend": False},
-                "dropped_volumes": "NaN rows (sample_mask of load_confounds)",
-                "empty_parcels": "0.0 on valid rows", "nilearn_version": nilearn.__version__}
+    # the flags that shape each run's output (its inputs' contents are compared by fingerprint)
+    settings = {"--space": args.space, "--confounds": args.confounds, "--motion": args.motion, "--fwhm": args.fwhm}
+    common.remove_stale_temporaries(out_dir)
 
     # --- every input is checked before the long part, so that bad input fails fast ---
     runs = find_runs(fmriprep, args.space, args.task, args.subjects, args.sessions)
     atlas, labels, names = load_atlas(atlas_path)
     images, trs = {}, {}
     for run in runs:
-        image = nib.load(run["bold"])  # the header only: the voxels are read by the worker
+        image = common.load_nifti(run["bold"])  # the header only: the voxels are read by the worker
         if image.ndim != 4 or image.shape[3] < 2:
             raise InputError(f"{run['bold']}: image is {image.ndim}D {image.shape}; a BOLD run must be 4D "
                              "(x, y, z, time) with several volumes")
@@ -375,8 +392,14 @@ def main(argv=None):
               f"{' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0", file=sys.stderr)
     jobs = []
     for run in runs:
-        if output_path(work, run).is_file() and not args.overwrite:
-            continue
+        out, inputs = output_path(work, run), run_inputs(run, atlas_path)
+        record = common.read_record(common.record_path(out))
+        if record is not None and out.is_file() and not args.overwrite:
+            known = record.get("inputs", {})
+            current = {role: common.fingerprint(path, known.get(role)) for role, path in inputs.items()
+                       if Path(path).is_file()}
+            if common.is_up_to_date(out, record, STAGE, settings, current, False):
+                continue
         n_volumes = images[run["stem"]].shape[3]
         confounds, sample_mask = load_run_confounds(run["bold"], n_volumes, args.confounds, args.motion)
         n_kept = n_volumes if sample_mask is None else len(sample_mask)
@@ -387,9 +410,9 @@ def main(argv=None):
         if dof < 10:  # a short run (the tiny demo): the signal cannot survive the regression
             print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only {dof} "
                   f"degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
-        jobs.append({"bold": run["bold"], "out": output_path(work, run), "atlas_grid": atlas_grid,
-                     "labels": labels, "confounds": confounds, "sample_mask": sample_mask, "tr": trs[run["stem"]],
-                     "fwhm": args.fwhm})
+        jobs.append({"bold": run["bold"], "out": out, "atlas_grid": atlas_grid, "inputs": inputs,
+                     "settings": settings, "labels": labels, "confounds": confounds, "sample_mask": sample_mask,
+                     "tr": trs[run["stem"]], "fwhm": args.fwhm})
 
     check_settings(out_dir, settings, args.overwrite)  # after every check: --overwrite removes earlier outputs
 
@@ -404,8 +427,12 @@ def main(argv=None):
 
     # --- shared outputs first: what the columns mean and how they were made ---
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "prep.json") as tmp:
-        tmp.write_text(json.dumps(settings, indent=1))
+    common.write_json(out_dir / "prep.json", {
+        "stage": STAGE, "settings": settings, "fmriprep": str(fmriprep.resolve()), "atlas": str(atlas_path.resolve()),
+        "confounds": f"nilearn load_confounds(strategy={tuple(args.confounds)}, motion={args.motion!r})",
+        "masker": {"strategy": "mean", "standardize": STANDARDIZE, "detrend": False, "smoothing_fwhm": args.fwhm},
+        "dropped_volumes": "NaN rows (sample_mask of load_confounds)", "empty_parcels": "0.0 on valid rows",
+        "nilearn_version": nilearn.__version__})
     write_tsv(out_dir / "labels.tsv", {"column": np.arange(len(labels)), "label": labels,
                                        "name": names if names is not None else [None] * len(labels),
                                        "n_voxels": n_voxels})

@@ -43,6 +43,7 @@ from tqdm import tqdm
 import common
 from common import DEFAULT_WORK, InputError, run_main
 
+STAGE = "03_train_vqvae"
 LOG_FIELDS = ["step", "lr", "loss", "recon_loss", "commitment_loss", "perplexity", "codes_used",
               "val_mse", "val_psnr", "clips_per_s", "peak_mem_gb"]
 
@@ -125,29 +126,27 @@ def loss_hyperparameters(args):
 # Data: random clips from the memory-mapped frame arrays of the training repetitions
 # --------------------------------------------------------------------------------------------------
 def training_repetitions(work, test_sessions, resolution, clip_span):
-    """Frame arrays of the usable repetitions, in manifest order: list of memory-mapped (N, H, W, 3)."""
+    """The usable repetitions, in manifest order: (paths, memory-mapped uint8 (N, H, W, 3) arrays)."""
     manifest_path = work / "frames" / "manifest.tsv"
     manifest = common.read_tsv(manifest_path, required=("ses", "status", "frames_path", "n_frames"))
     test = {common.session_label(s) for s in test_sessions}
     rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(common.session_label).isin(test)]
-    arrays = []
+    paths, arrays = [], []
     for frames_path in rows["frames_path"]:
         path = work / str(frames_path)
         if not path.is_file():
             raise InputError(f"{manifest_path}: frames file {path} is listed as ok but does not exist")
-        try:
-            frames = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as err:
-            raise InputError(f"{path}: not a readable .npy array ({err})") from None
+        frames = common.load_npy(path, advice="re-render it with 01_render_frames.py")
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (resolution, resolution, 3):
             raise InputError(f"{path}: expected uint8 frames (N, {resolution}, {resolution}, 3) for "
                              f"--resolution {resolution}, got {frames.dtype} {frames.shape}")
         if len(frames) >= clip_span:   # shorter repetitions cannot hold one clip
+            paths.append(path)
             arrays.append(frames)
     if not arrays:
         raise InputError(f"{manifest_path}: no ok repetition outside test sessions {test_sessions} has the "
                          f"{clip_span} frames one clip needs")
-    return arrays
+    return paths, arrays
 
 
 class ClipSampler:
@@ -251,34 +250,38 @@ def main(argv=None):
     out_dir = work / "vqvae"
     ckpt_path = out_dir / "ckpt.pt"
     config, loss_settings = model_config(args), loss_hyperparameters(args)
+    common.remove_stale_temporaries(out_dir)
 
-    # Skip a finished run (idempotent stages); refuse to silently discard an unfinished one.
-    checkpoint = None
-    if ckpt_path.exists() and not args.overwrite:
-        checkpoint = common.load_checkpoint(ckpt_path)
-        if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "vqvae":
-            raise InputError(f"{ckpt_path}: not a checkpoint of 03_train_vqvae.py (--overwrite replaces it)")
-        if checkpoint["model_config"] != config:
-            raise InputError(f"{ckpt_path}: saved with model {checkpoint['model_config']}, but the flags "
-                             f"ask for {config}: use the same flags or --overwrite")
-        if checkpoint["step"] >= args.max_steps:
-            common.print0(f"03_train_vqvae: {ckpt_path} is complete ({checkpoint['step']} steps); "
-                          "--overwrite to train again")
-            return
-        if not args.resume:
-            raise InputError(f"{ckpt_path}: an unfinished run ({checkpoint['step']} steps) exists: pass "
-                             "--resume to continue it or --overwrite to start over")
+    # What this run is made of: its flags and the exact frames it reads. A finished run made the same
+    # way is skipped; an unfinished one is resumed (--resume); one made from other frames starts over.
+    paths, arrays = training_repetitions(work, args.test_sessions, args.resolution,
+                                         (args.sequence_length - 1) * args.frame_step + 1)
+    settings = common.settings_of(args)
+    inputs = common.input_fingerprints(work, paths)
+    checkpoint, complete = common.checkpoint_to_resume(ckpt_path, STAGE, settings, inputs, args.resume, args.overwrite)
+    if complete:
+        common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and frames); "
+                      "--overwrite to train again")
+        return
+    if checkpoint is None and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
+        # a run that starts over must not leave the old run's weights behind if it is interrupted at once
+        ckpt_path.unlink()
+        common.record_path(ckpt_path).unlink(missing_ok=True)
 
-    if args.overwrite and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
-        ckpt_path.unlink()     # an interrupted --overwrite run must not leave the old run's weights behind
     ctx = common.setup_distributed(args.device)
     try:
-        train(args, config, loss_settings, ctx, work, out_dir, ckpt_path, checkpoint)
+        stopped = train(args, config, loss_settings, ctx, out_dir, ckpt_path, checkpoint, arrays,
+                        dict(stage=STAGE, settings=settings, inputs=inputs))
     finally:
         common.teardown_distributed()
+    if stopped:
+        step, signal_name = stopped
+        common.exit_interrupted(STAGE, step, args.max_steps, signal_name)
 
 
-def train(args, config, loss_settings, ctx, work, out_dir, ckpt_path, checkpoint):
+def train(args, config, loss_settings, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance):
+    """The training loop. Returns None when --max-steps is reached, or (step, signal name) when a signal
+    stopped it early (its checkpoint saved)."""
     device = ctx.device
     common.seed_everything(args.seed, ctx.rank)
     if device.type == "cuda":
@@ -286,8 +289,6 @@ def train(args, config, loss_settings, ctx, work, out_dir, ckpt_path, checkpoint
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
     # --- data
-    arrays = training_repetitions(work, args.test_sessions, args.resolution,
-                                  (args.sequence_length - 1) * args.frame_step + 1)
     n_val = args.val_reps if len(arrays) > args.val_reps else 0
     train_sampler = ClipSampler(arrays[:len(arrays) - n_val], args.sequence_length, args.frame_step,
                                 args.workers, pin_memory=device.type == "cuda")
@@ -295,7 +296,7 @@ def train(args, config, loss_settings, ctx, work, out_dir, ckpt_path, checkpoint
         if n_val else train_sampler
     val_clips = val_source.read(val_source.starts(np.random.default_rng([args.seed, 10**6]), args.val_clips))
     if ctx.is_main and not n_val:
-        print(f"03_train_vqvae: only {len(arrays)} repetition(s): validation clips come from training data",
+        print(f"{STAGE}: only {len(arrays)} repetition(s): validation clips come from training data",
               file=sys.stderr)
 
     # --- model, optimizer, mixed precision (paper 2.3.1.1: Adam 3e-4, betas 0.9/0.999)
@@ -311,7 +312,7 @@ def train(args, config, loss_settings, ctx, work, out_dir, ckpt_path, checkpoint
         scaler.load_state_dict(checkpoint["scaler"])
         start_step = checkpoint["step"]
         if not common.restore_rng_states(checkpoint["rng"], ctx):
-            common.print0(f"03_train_vqvae: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
+            common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
                           "random generators reseeded (the run continues, not bit-for-bit)")
     raw_model = model
     if ctx.world_size > 1:
@@ -329,7 +330,8 @@ def train(args, config, loss_settings, ctx, work, out_dir, ckpt_path, checkpoint
         if ctx.is_main:
             common.save_checkpoint(ckpt_path, dict(
                 model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                step=step, rng=rng, args=vars(args), model_config=config, kind="vqvae"))
+                step=step, max_steps=args.max_steps, complete=step >= args.max_steps, rng=rng, args=vars(args),
+                model_config=config, kind=STAGE, provenance=provenance))
 
     # --- loop
     progress = tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="03 vqvae")
@@ -376,19 +378,18 @@ def train(args, config, loss_settings, ctx, work, out_dir, ckpt_path, checkpoint
         stop = preemption.agreed(ctx)
         if step % args.ckpt_every == 0 or last or stop:
             save(step)
-        if stop:
-            common.print0(f"03_train_vqvae: preempted at step {step}; checkpoint saved, --resume continues")
+        if stop and not last:
             progress.close()
-            sys.exit(0)
+            return step, preemption.name
     progress.close()
 
     if ctx.is_main:
         save_recon_figure(raw_model, val_clips, out_dir / "recon.png", args, device)
         distinct, n_clips = distinct_code_maps(raw_model, val_clips, args, device)
-        print(f"03_train_vqvae: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, "
+        print(f"{STAGE}: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, "
               f"{out_dir / 'recon.png'}; {distinct} of {n_clips} validation clips have distinct code maps")
         if distinct < max(2, n_clips // 4):
-            print(f"03_train_vqvae: warning: the codes hardly depend on the clip ({distinct} distinct code maps "
+            print(f"{STAGE}: warning: the codes hardly depend on the clip ({distinct} distinct code maps "
                   f"for {n_clips} clips): the VQ-VAE has collapsed onto position; train longer or with a "
                   f"higher --lr (--overwrite)", file=sys.stderr)
 

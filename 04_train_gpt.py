@@ -43,9 +43,8 @@ it exactly. A finished run is skipped unless --overwrite.
 """
 import argparse
 import functools
-import json
 import math
-import sys
+import os
 import time
 from pathlib import Path
 
@@ -58,6 +57,7 @@ from tqdm import tqdm
 import common
 from common import DEFAULT_WORK, InputError, run_main
 
+STAGE = "04_train_gpt"
 LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "val_loss", "clips_per_s", "tokens_per_s", "mfu",
               "peak_mem_gb", "wall_s"]
 
@@ -102,6 +102,8 @@ def parse_args(argv=None):
     train.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="(paper: 0.9 0.999)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     train.add_argument("--init-from", help="initial weights: a ckpt.pt of this stage or an authors' Lightning .ckpt")
+    train.add_argument("--allow-unfinished", action="store_true",
+                       help="use a VQ-VAE whose training was interrupted (refused by default)")
     train.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -182,10 +184,9 @@ def select_training_frames(n_frames, train_frames):
     return used
 
 
-def cache_directory(work, vqvae_path, frame_step):
+def cache_directory(work, vqvae_sha256, frame_step):
     """<work>/gpt/codes/<first 16 hex digits of the VQ-VAE checkpoint's sha256>-step<frame step>."""
-    digest = common.file_sha256(vqvae_path)
-    return work / "gpt" / "codes" / f"{digest[:16]}-step{frame_step}", digest
+    return work / "gpt" / "codes" / f"{vqvae_sha256[:16]}-step{frame_step}"
 
 
 def clips_of_frames(frames, start_clips, sequence_length, frame_step):
@@ -211,23 +212,24 @@ def encode_repetition(vqvae, frames, frame_step, batch, device):
     return torch.cat(codes) if codes else torch.zeros((0, *vqvae.latent_shape), dtype=torch.long)
 
 
-def cached_codes(work, reps, vqvae, cache_dir, args, ctx):
+def cached_codes(work, reps, frames_sha256, vqvae, cache_dir, args, ctx):
     """Codes (n_clips, t, h, w) uint16 of each repetition, from the cache (encoded on first use).
 
+    A cache file is named after the sha256 of the frames it encodes, <sub>/<ses>/<stem>.<sha256[:16]>.npy
+    under a folder named after the VQ-VAE, so re-rendered frames or another VQ-VAE never meet old codes.
     The ranks share the encoding (repetition i goes to rank i % world size), then wait for each other.
-    A cache file older than its frames (a re-render) is encoded again.
     """
     resolution = vqvae.config["resolution"]
     paths = []
-    for rep in reps:
+    for rep, digest in zip(reps, frames_sha256):
         frames_path = work / str(rep["frames_path"])
         relative = Path(str(rep["frames_path"]))
         relative = relative.relative_to("frames") if relative.parts[0] == "frames" else Path(relative.name)
-        paths.append((frames_path, cache_dir / relative))
-    todo = [(f, c) for f, c in paths if not c.is_file() or c.stat().st_mtime < f.stat().st_mtime]
+        paths.append((frames_path, cache_dir / relative.with_name(f"{relative.name.split('.')[0]}.{digest[:16]}.npy")))
+    todo = [(f, c) for f, c in paths if not c.is_file()]
     for frames_path, code_path in tqdm(todo[ctx.rank::ctx.world_size], desc="04 encode clips",
                                        disable=not ctx.is_main or not todo):
-        frames = np.load(frames_path, mmap_mode="r")
+        frames = common.load_npy(frames_path, advice="re-render it with 01_render_frames.py")
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (resolution, resolution, 3):
             raise InputError(f"{frames_path}: expected uint8 frames (N, {resolution}, {resolution}, 3) for the "
                              f"VQ-VAE's resolution {resolution}, got {frames.dtype} {frames.shape}")
@@ -235,11 +237,7 @@ def cached_codes(work, reps, vqvae, cache_dir, args, ctx):
         common.save_npy(code_path, codes.numpy().astype(np.uint16))
     if ctx.world_size > 1:
         torch.distributed.barrier()
-    if ctx.is_main and todo:
-        (cache_dir / "cache.json").write_text(json.dumps(dict(
-            vqvae=str(args.vqvae), frame_step=args.frame_step, latent_shape=list(vqvae.latent_shape),
-            n_codes=vqvae.n_codes), indent=1))
-    return [np.load(c) for _, c in paths]
+    return [common.load_npy(c, mmap=False, advice="delete it: it is a cache") for _, c in paths]
 
 
 class CodeSamples:
@@ -370,63 +368,80 @@ def save_loss_figure(log_path, figure_path, title):
 def main(argv=None):
     args = parse_args(argv)
     work = Path(args.work)
-    args.vqvae = str(args.vqvae or work / "vqvae" / "ckpt.pt")
+    vqvae_path = Path(args.vqvae or work / "vqvae" / "ckpt.pt")
+    args.vqvae = str(vqvae_path)   # saved in the checkpoint's args: 05 finds the VQ-VAE there
     out_dir = work / "gpt" / args.name
     ckpt_path = out_dir / "ckpt.pt"
+    common.remove_stale_temporaries(out_dir)
+    common.remove_stale_temporaries(work / "gpt" / "codes")
 
-    # Skip a finished run (idempotent stages); refuse to silently discard an unfinished one.
-    checkpoint = None
-    if ckpt_path.exists() and not args.overwrite:
-        checkpoint = common.load_checkpoint(ckpt_path)
-        if checkpoint.get("step", 0) >= args.max_steps:
-            common.print0(f"04_train_gpt: {ckpt_path} is complete ({checkpoint['step']} steps); "
-                          "--overwrite to train again")
-            return
-        if not args.resume:
-            raise InputError(f"{ckpt_path}: an unfinished run ({checkpoint['step']} steps) exists: pass "
-                             "--resume to continue it or --overwrite to start over")
-
-    ctx = common.setup_distributed(args.device)
-    try:
-        train(args, ctx, work, out_dir, ckpt_path, checkpoint)
-    finally:
-        common.teardown_distributed()
-
-
-def train(args, ctx, work, out_dir, ckpt_path, checkpoint):
-    device = ctx.device
-    common.seed_everything(args.seed, ctx.rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-
-    # --- the frozen VQ-VAE: its codebook is all the GPT needs once the clips are cached
-    vqvae = common.load_vqvae(args.vqvae).to(device).eval()
+    # What this run is made of: its flags, the frozen VQ-VAE, the frames of its repetitions and the initial
+    # weights. A finished run made the same way is skipped; an unfinished one is resumed (--resume); one
+    # made from other inputs starts over.
+    vqvae = common.load_vqvae(vqvae_path, allow_unfinished=args.allow_unfinished)
     config = model_config(args, vqvae)
-    if checkpoint is not None and checkpoint.get("model_config") != config:
-        raise InputError(f"{ckpt_path}: saved with model {checkpoint.get('model_config')}, but the flags ask "
-                         f"for {config}: use the same flags or --overwrite")
-    codebook = vqvae.codebook.embeddings.detach().clone().float()             # (n_codes, D)
-
-    # --- data: training / validation repetitions, the --train-frames budget, cached codes
     reps = usable_repetitions(work, args.test_sessions)
     if len(reps) <= args.val_reps:
         raise InputError(f"{work / 'frames' / 'manifest.tsv'}: {len(reps)} usable repetition(s), not enough to "
                          f"hold out --val-reps {args.val_reps} and still train")
     train_reps, val_reps = reps[:len(reps) - args.val_reps], reps[len(reps) - args.val_reps:]
     used = select_training_frames([int(r["n_frames"]) for r in train_reps], args.train_frames)
-    train_reps = [r for r, n in zip(train_reps, used) if n > 0]
-    used = [n for n in used if n > 0]
-    cache_dir, vqvae_sha256 = cache_directory(work, args.vqvae, args.frame_step)
+    train_reps, used = [r for r, n in zip(train_reps, used) if n > 0], [n for n in used if n > 0]
+    frames_paths = [work / str(r["frames_path"]) for r in train_reps + val_reps]
+    for path in frames_paths:
+        if not path.is_file():
+            raise InputError(f"{work / 'frames' / 'manifest.tsv'}: frames file {path} is listed as ok but does "
+                             "not exist (re-run 01_render_frames.py)")
+    settings = common.settings_of(args, common.RUN_CONTROL_FLAGS | {"vqvae", "init_from"})
+    inputs = common.input_fingerprints(work, [vqvae_path, *frames_paths, *([args.init_from] if args.init_from else [])])
+    checkpoint, complete = common.checkpoint_to_resume(ckpt_path, STAGE, settings, inputs, args.resume, args.overwrite)
+    if complete:
+        common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and inputs); "
+                      "--overwrite to train again")
+        return
+    if checkpoint is None and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
+        # a run that starts over must not leave the old run's weights behind if it is interrupted at once
+        ckpt_path.unlink()
+        common.record_path(ckpt_path).unlink(missing_ok=True)
+    data = dict(vqvae=vqvae, vqvae_sha256=inputs[os.path.relpath(vqvae_path, work)]["sha256"], train_reps=train_reps,
+                val_reps=val_reps, used=used,
+                frames_sha256=[inputs[os.path.relpath(p, work)]["sha256"] for p in frames_paths])
+
+    ctx = common.setup_distributed(args.device)
+    try:
+        stopped = train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data,
+                        dict(stage=STAGE, settings=settings, inputs=inputs))
+    finally:
+        common.teardown_distributed()
+    if stopped:
+        step, signal_name = stopped
+        common.exit_interrupted(STAGE, step, args.max_steps, signal_name)
+
+
+def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provenance):
+    """The training loop. Returns None when --max-steps is reached, or (step, signal name) when a signal
+    stopped it early (its checkpoint saved)."""
+    device = ctx.device
+    common.seed_everything(args.seed, ctx.rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+
+    # --- the frozen VQ-VAE: its codebook is all the GPT needs once the clips are cached
+    vqvae = data["vqvae"].to(device).eval()
+    codebook = vqvae.codebook.embeddings.detach().clone().float()             # (n_codes, D)
+
+    # --- data: training / validation repetitions, the --train-frames budget, cached codes
+    train_reps, val_reps, used = data["train_reps"], data["val_reps"], data["used"]
+    cache_dir = cache_directory(work, data["vqvae_sha256"], args.frame_step)
     span = vqvae.config["sequence_length"] * args.frame_step
-    codes = cached_codes(work, train_reps + val_reps, vqvae, cache_dir, args, ctx)
-    del vqvae
+    codes = cached_codes(work, train_reps + val_reps, data["frames_sha256"], vqvae, cache_dir, args, ctx)
+    del vqvae, data["vqvae"]
     train_samples = CodeSamples(codes[:len(train_reps)], used, span, device)
     val_samples = CodeSamples(codes[len(train_reps):], [int(r["n_frames"]) for r in val_reps], span, device)
     if len(train_samples) == 0:
         raise InputError(f"--train-frames {args.train_frames}: no training sample (a sample needs two "
                          f"consecutive clips, {2 * span} frames of one repetition)")
-    codebook = codebook.to(device)
-    common.print0(f"04_train_gpt: {sum(used)} training frames from {len(train_reps)} repetitions -> "
+    common.print0(f"{STAGE}: {sum(used)} training frames from {len(train_reps)} repetitions -> "
                   f"{len(train_samples)} samples; {len(val_samples)} validation samples "
                   f"({len(val_reps)} repetitions); codes in {cache_dir}")
 
@@ -440,20 +455,26 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint):
         common.build_gpt(init_config, init_state, args.init_from)            # strict key check, clear error
         model.load_state_dict(init_state)
         their_codebook = extra.get("vqvae_state", {}).get("codebook.embeddings")
-        if their_codebook is not None and not torch.allclose(their_codebook.float().to(device), codebook):
-            common.print0(f"04_train_gpt: warning: {args.init_from} was trained with another VQ-VAE codebook "
+        if their_codebook is not None and not torch.allclose(their_codebook.float().to(device), codebook.to(device)):
+            common.print0(f"{STAGE}: warning: {args.init_from} was trained with another VQ-VAE codebook "
                           f"than {args.vqvae}")
+    codebook = codebook.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
                                  fused=device.type == "cuda")
     scaler = common.grad_scaler(device, args.precision)
     start_step, wall_before = 0, 0.0
+    # the train_loss of a log row averages the steps since the previous row, also across a resume
+    loss_sum, interval_steps = torch.zeros((), device=device), 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_step, wall_before = checkpoint["step"], checkpoint.get("wall_s", 0.0)
+        interval_steps = checkpoint["log_interval"]["steps"]
+        if ctx.is_main:   # the saved sum covers every rank: it enters the next all-reduce once
+            loss_sum += checkpoint["log_interval"]["loss_sum"]
         if not common.restore_rng_states(checkpoint["rng"], ctx):
-            common.print0(f"04_train_gpt: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
+            common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
                           "random generators reseeded (the run continues, not bit-for-bit)")
     raw_model = model
     if ctx.world_size > 1:
@@ -469,18 +490,22 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint):
     run_start = time.perf_counter()
 
     def save(step):
-        rng = common.gather_rng_states(ctx)   # a collective: every rank takes part
+        rng = common.gather_rng_states(ctx)   # collectives: every rank takes part
+        interval_loss = loss_sum.clone()
+        if ctx.world_size > 1:
+            torch.distributed.all_reduce(interval_loss)
         if ctx.is_main:
             common.save_checkpoint(ckpt_path, dict(
                 model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                step=step, rng=rng, args=vars(args), model_config=config, kind="gpt", vqvae_sha256=vqvae_sha256,
+                step=step, max_steps=args.max_steps, complete=step >= args.max_steps, rng=rng, args=vars(args),
+                model_config=config, kind=STAGE, provenance=provenance, vqvae_sha256=data["vqvae_sha256"],
                 train_frames=sum(used), train_samples=len(train_samples),
+                log_interval={"loss_sum": interval_loss.item(), "steps": interval_steps},
                 wall_s=wall_before + time.perf_counter() - run_start))
 
     # --- loop
     progress = tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="04 gpt")
-    interval_start, interval_steps = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=device)
+    interval_start = time.perf_counter()
     step = start_step
     while step < args.max_steps:
         index = batch_indices(step, len(train_samples), args.batch_size, args.seed, ctx.rank, ctx.world_size)
@@ -524,15 +549,14 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint):
         stop = preemption.agreed(ctx)
         if step % args.ckpt_every == 0 or last or stop:
             save(step)
-        if stop:
-            common.print0(f"04_train_gpt: preempted at step {step}; checkpoint saved, --resume continues")
+        if stop and not last:
             progress.close()
-            sys.exit(0)
+            return step, preemption.name
     progress.close()
 
     if ctx.is_main:
         save_loss_figure(out_dir / "log.csv", out_dir / "loss.png", f"GPT {args.name}")
-        print(f"04_train_gpt: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, {out_dir / 'loss.png'}")
+        print(f"{STAGE}: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, {out_dir / 'loss.png'}")
 
 
 if __name__ == "__main__":

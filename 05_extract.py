@@ -33,7 +33,6 @@ recomputed when their sidecar names another checkpoint, pooling, dtype or frame 
 """
 import argparse
 import difflib
-import json
 import math
 import os
 import sys
@@ -47,6 +46,7 @@ from tqdm import tqdm
 import common
 from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, read_tsv, run_main, run_stem
 
+STAGE = "05_extract"
 PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"  # paper 2.3: block 4 of 8, output of its MLP branch
 BLOCK_OUTPUT = "post_fc_dp"                        # --layer last = attn_stack.attn_nets.<L-1>.post_fc_dp
 FRAMES_COLUMNS = ("sub", "ses", "task", "run", "rep", "onset_s", "n_frames", "frames_path", "status")
@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--subjects", nargs="+", default=None, help="only these subject labels, e.g. 01 02")
     p.add_argument("--allow-missing", action="store_true",
                    help="treat repetitions that 01 failed to render as black instead of stopping")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="use a GPT or VQ-VAE whose training was interrupted (refused by default)")
     p.add_argument("--overwrite", action="store_true", help="recompute features that already exist")
     return p.parse_args(argv)
 
@@ -158,7 +160,7 @@ def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing):
                 if pd.isna(rep["frames_path"]) or not path.is_file():
                     raise InputError(f"{where} is listed as rendered but its frames {path} do not exist "
                                      f"(re-run 01_render_frames.py)")
-                shape = np.load(path, mmap_mode="r").shape
+                shape = common.load_npy(path, advice="re-render it with 01_render_frames.py --overwrite").shape
                 if shape[1:] != frame_shape:
                     raise InputError(f"{path}: frames of shape {shape[1:]}, the checkpoint's VQ-VAE reads "
                                      f"{frame_shape} (render with 01_render_frames.py --resolution {frame_shape[0]})")
@@ -182,7 +184,7 @@ class TRWindows(torch.utils.data.Dataset):
 
     def open_frames(self, path):
         if path not in self._open:
-            self._open[path] = np.load(path, mmap_mode="r")
+            self._open[path] = common.load_npy(path)
         return self._open[path]
 
     def __len__(self):
@@ -275,18 +277,21 @@ def pool_activation(activation, pool, latent_shape, name):
 # --------------------------------------------------------------------------------------------------
 # Model: load a checkpoint (ours or the authors'), run the GPT on a batch of windows
 # --------------------------------------------------------------------------------------------------
-def load_model(path, vqvae_path, work, device):
+def load_model(path, vqvae_path, work, device, allow_unfinished=False):
     """The GPT prior of a checkpoint with its frozen VQ-VAE attached as `model.vqvae` (the authors'
     layout: its modules can be hooked as vqvae.encoder...), in eval mode on `device`, and a description.
 
     Ours (04_train_gpt.py) names its VQ-VAE checkpoint (--vqvae overrides it; default <work>/vqvae/ckpt.pt);
     the authors' Lightning checkpoint holds its VQ-VAE under `vqvae.`. common.py infers both architectures
-    from the stored configuration and tensor shapes and loads the weights strictly."""
+    from the stored configuration and tensor shapes and loads the weights strictly. A GPT or VQ-VAE whose
+    training was interrupted is refused unless allow_unfinished."""
     config, state, extra = common.load_gpt_checkpoint(path)
+    common.require_complete(extra, path, "04_train_gpt.py", "--allow-unfinished", allow_unfinished)
     gpt = common.build_gpt(config, state, path)
     if extra.get("vqvae_state"):                                      # the authors' Lightning checkpoint
         checkpoint_format = "lightning"
-        vqvae = common.load_vqvae(vqvae_path or path)
+        vqvae_path = Path(vqvae_path or path)
+        vqvae = common.load_vqvae(vqvae_path, allow_unfinished=allow_unfinished)
     else:                                                             # ours
         checkpoint_format = "ours"
         # 04 stores the --vqvae path as given (relative to where it ran): also try it under <work>
@@ -296,10 +301,10 @@ def load_model(path, vqvae_path, work, device):
         vqvae_path = next((c for c in candidates if c.is_file()), candidates[0])
         if not vqvae_path.is_file():
             raise InputError(f"{path}: its VQ-VAE {vqvae_path} does not exist (pass --vqvae PATH)")
-        if extra.get("vqvae_sha256") and extra["vqvae_sha256"] != common.file_sha256(vqvae_path):
+        if extra.get("vqvae_sha256") and extra["vqvae_sha256"] != common.fingerprint(vqvae_path)["sha256"]:
             raise InputError(f"{vqvae_path}: not the VQ-VAE {path} was trained with (sha256 differs; "
                              f"pass --vqvae PATH to the right one)")
-        vqvae = common.load_vqvae(vqvae_path)
+        vqvae = common.load_vqvae(vqvae_path, allow_unfinished=allow_unfinished)
     latent, width = tuple(vqvae.latent_shape), vqvae.embedding_dim
     if latent != tuple(config["latent_shape"]) or width != config["embedding_dim"]:
         raise InputError(f"{path}: the GPT reads {tuple(config['latent_shape'])} tokens of width "
@@ -308,7 +313,7 @@ def load_model(path, vqvae_path, work, device):
     gpt.to(device).eval()
     args = extra.get("args") or {}
     resolution = vqvae.config["resolution"]
-    info = dict(format=checkpoint_format, config={"gpt": config, "vqvae": vqvae.config},
+    info = dict(format=checkpoint_format, vqvae_path=vqvae_path, config={"gpt": config, "vqvae": vqvae.config},
                 n_layers=config["layers"], latent_shape=latent, frame_shape=(resolution, resolution, 3),
                 window=2 * vqvae.config["sequence_length"], frame_step=args.get("frame_step"))
     return gpt, info
@@ -353,46 +358,35 @@ def output_path(work, name, layer, run):
     return work / "features" / name / layer / f"sub-{run['sub']}" / f"ses-{run['ses']}" / f"{run['stem']}.npy"
 
 
-def is_complete(npy, expected):
-    """The .npy and its sidecar exist, and the sidecar says they came from the same computation."""
-    sidecar = npy.with_suffix(".json")
-    if not (npy.is_file() and sidecar.is_file()):
-        return False
-    try:
-        written = json.loads(sidecar.read_text())
-    except json.JSONDecodeError:
-        return False
-    return all(written.get(k) == v for k, v in expected.items())
-
-
 class RunWriter:
     """Collects the rows of one run for every layer in memory-mapped temp files; `close()` renames them
-    to their final names and writes the sidecars once every row is in; `discard()` removes leftovers."""
+    to their final names and writes their records once every row is in; `discard()` removes leftovers."""
 
     def __init__(self, run, paths, dtype):
         self.run, self.paths, self.dtype = run, paths, dtype
-        self.tmp = {layer: p.with_name(f".{p.name}.tmp-{os.getpid()}.npy") for layer, p in paths.items()}
+        self.tmp = {layer: common.temporary_path(p) for layer, p in paths.items()}
         self.arrays, self.shapes = {}, {}
 
     def write(self, layer, t, rows, activation_shape):
         """rows (len(t), D) go to rows t of the layer's (n_volumes, D) array."""
         if layer not in self.arrays:
             self.tmp[layer].parent.mkdir(parents=True, exist_ok=True)
-            self.arrays[layer] = np.lib.format.open_memmap(self.tmp[layer], mode="w+", dtype=self.dtype,
-                                                           shape=(self.run["n_volumes"], rows.shape[1]))
+            self.arrays[layer] = common.open_npy_for_writing(self.tmp[layer], self.dtype,
+                                                             (self.run["n_volumes"], rows.shape[1]))
             self.shapes[layer] = [int(n) for n in activation_shape]
         self.arrays[layer][t] = rows
 
-    def close(self, sidecar):
+    def close(self, records):
+        """records: {layer: (settings, inputs, details)} of each output."""
         for layer, path in self.paths.items():
             array = self.arrays.pop(layer)
             n_features = array.shape[1]
             array.flush()
             del array
             os.replace(self.tmp[layer], path)
-            meta = dict(sidecar, layer=layer, activation_shape=self.shapes[layer], n_features=n_features)
-            with common.atomic_path(path.with_suffix(".json")) as tmp:
-                tmp.write_text(json.dumps(meta, indent=1))
+            settings, inputs, details = records[layer]
+            common.write_record(path, common.new_record(STAGE, settings, inputs, path, **details, layer=layer,
+                                                        activation_shape=self.shapes[layer], n_features=n_features))
 
     def discard(self):
         self.arrays.clear()
@@ -420,7 +414,8 @@ def main(argv=None):
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     name = args.name or (ckpt.parent.name if ckpt.name == "ckpt.pt" else ckpt.name.split(".")[0])
 
-    model, info = load_model(ckpt, args.vqvae, work, device)
+    common.remove_stale_temporaries(work / "features" / name)
+    model, info = load_model(ckpt, args.vqvae, work, device, args.allow_unfinished)
     frame_step = args.frame_step or info["frame_step"] or 4
     window, frame_shape = info["window"], info["frame_shape"]
 
@@ -439,16 +434,26 @@ def main(argv=None):
         return
 
     # --- plan: which runs still need features -------------------------------------------------------
+    # A run's features are skipped when their record says they were made with these flags from these
+    # exact inputs: the checkpoint, its VQ-VAE, the frames of the run's repetitions and its timeline.
     layers = resolve_layers(model, args.layer, info["n_layers"])
     runs = plan_runs(work, args.subjects, frame_shape, window, frame_step, args.allow_missing)
-    sha256 = common.file_sha256(ckpt)
-    expected = {"checkpoint_sha256": sha256, "pool": args.pool, "dtype": args.dtype, "frame_step": frame_step}
-    todo = []
+    models = common.input_fingerprints(work, [ckpt, info["vqvae_path"]])
+    todo, records = [], {}
     for run in runs:
+        frames = sorted({rep["frames_path"] for rep in run["repetitions"] if rep["frames_path"]})
+        inputs = {**models, **common.input_fingerprints(work, frames),
+                  "timeline": {"n_volumes": run["n_volumes"], "tr_s": run["tr_s"],
+                               "repetitions": [{k: rep[k] for k in ("rep", "status", "start", "n_frames")}
+                                               for rep in run["repetitions"]]}}
         paths = {layer: output_path(work, name, layer, run) for layer in layers}
-        if args.overwrite or not all(is_complete(p, expected) for p in paths.values()):
+        settings = {layer: {"--layer": layer, "--pool": args.pool, "--dtype": args.dtype, "--frame-step": frame_step,
+                            "--precision": precision} for layer in layers}
+        if not all(common.is_up_to_date(path, common.read_record(common.record_path(path)), STAGE,
+                                         settings[layer], inputs, args.overwrite) for layer, path in paths.items()):
             todo.append((run, paths))
-    print(f"05_extract: {ckpt} -> {work / 'features' / name}: {len(layers)} layer(s) {', '.join(layers)}; "
+            records[run["stem"]] = {layer: (settings[layer], inputs) for layer in layers}
+    print(f"{STAGE}: {ckpt} -> {work / 'features' / name}: {len(layers)} layer(s) {', '.join(layers)}; "
           f"{len(todo)} of {len(runs)} run(s) to do, {sum(r['n_volumes'] for r, _ in todo)} TRs; "
           f"{device}, {precision}, batch {args.batch_size}")
     if not todo:
@@ -477,9 +482,8 @@ def main(argv=None):
                     rows_left[r] -= 1
                     if rows_left[r] == 0:
                         run = todo[r][0]
-                        writers[r].close({
-                            "checkpoint": str(ckpt), **expected, "checkpoint_format": info["format"],
-                            "model": info["config"], "precision": precision,
+                        details = {
+                            "checkpoint": str(ckpt), "checkpoint_format": info["format"], "model": info["config"],
                             "run": run["stem"], "n_volumes": run["n_volumes"], "tr_s": run["tr_s"],
                             "alignment": (f"row t: {window} frames, every {frame_step}th 60 Hz frame, ending "
                                           f"with frame ceil((t+1) x TR x 60) - 1 of the run's timeline (the last "
@@ -488,12 +492,13 @@ def main(argv=None):
                                           f"round(onset_s x 60) + i, black elsewhere"),
                             "fps": GAMEPLAY_HZ, "window_frames": window,
                             "repetitions": [{k: rep[k] for k in ("rep", "status", "onset_s", "start", "n_frames")}
-                                            for rep in run["repetitions"]]})
+                                            for rep in run["repetitions"]]}
+                        writers[r].close({layer: (*records[run["stem"]][layer], details) for layer in layers})
                 bar.update(len(clips))
     finally:
         for writer in writers:
             writer.discard()
-    print(f"05_extract: wrote {len(todo)} run(s) x {len(layers)} layer(s) under {work / 'features' / name}")
+    print(f"{STAGE}: wrote {len(todo)} run(s) x {len(layers)} layer(s) under {work / 'features' / name}")
 
 
 if __name__ == "__main__":

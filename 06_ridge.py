@@ -35,16 +35,19 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import scipy.linalg
 import torch
 from scipy.linalg import blas, lapack
 
-from common import DEFAULT_WORK, InputError, atomic_path, read_tsv, run_main, run_stem, save_npy
+import common
+from common import DEFAULT_WORK, InputError, atomic_path, load_npy, read_tsv, run_main, run_stem, save_npy
 
+STAGE = "06_ridge"
 PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"  # paper section 2.3: the 4th of 8 transformer blocks
 PAPER_ALPHAS = (0.1, 1.0, 100.0)  # paper section 2.3.3
+# what a subject's folder holds besides summary.json, which lists them with their fingerprints
+OUTPUT_FILES = ("r.npy", "alphas.npy", "p_values.npy", "significant.npy", "r_map.nii.gz", "r_map.png")
 
 
 def parse_args(argv=None):
@@ -406,11 +409,12 @@ def fit_ridge_loo(X_train, Y_train, X_test, alphas, groups=None, device="cpu", d
 # --------------------------------------------------------------------------------------------------
 def pearson_r(a, b):
     """Pearson r of each column of a (n, P) with the same column of b (n, P): (P,). NaN for a constant column."""
+    constant = (np.ptp(a, axis=0) == 0) | (np.ptp(b, axis=0) == 0)   # centering could leave rounding noise
     a = a - a.mean(axis=0)
     b = b - b.mean(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (a * b).sum(axis=0) / np.sqrt((a**2).sum(axis=0) * (b**2).sum(axis=0))
-    r[~np.isfinite(r)] = np.nan
+    r[~np.isfinite(r) | constant] = np.nan
     return r
 
 
@@ -478,24 +482,28 @@ def find_layer(features_root, layer):
     raise InputError(f"{features_root}: holds layers {present or 'none'}; choose one with --layer")
 
 
-def load_runs(work, runs, feature_dir, delays):
+def run_files(work, runs, feature_dir):
+    """[(stem, split, BOLD path, feature path)] of the manifest rows `runs`, in manifest order."""
+    return [(stem := run_stem(row.sub, row.ses, row.task, row.run), row.split, work / row.bold_path,
+             feature_dir / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy") for row in runs.itertuples()]
+
+
+def load_runs(files, delays):
     """Read each run's BOLD and features; return the samples each run gives to the delayed design.
 
-    A sample is a TR t with finite BOLD and t >= max(delays): its design row is the concatenation of the
-    features of TRs t - d for d in delays, all from the same run (shifts never cross run boundaries).
-    Returns a list of dicts: stem, bold (T_valid, P) float32, features (T, D) (memory-mapped), rows (T_valid,).
+    files: run_files(...). A sample is a TR t with finite BOLD and t >= max(delays): its design row is the
+    concatenation of the features of TRs t - d for d in delays, all from the same run (shifts never cross
+    run boundaries). Returns a list of dicts: stem, split, bold (T_valid, P) float32, features (T, D)
+    (memory-mapped), rows (T_valid,).
     """
     loaded = []
-    for row in runs.itertuples():
-        stem = run_stem(row.sub, row.ses, row.task, row.run)
-        bold_path = work / row.bold_path
-        feature_path = feature_dir / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy"
+    for stem, split, bold_path, feature_path in files:
         if not bold_path.is_file():
             raise InputError(f"{bold_path}: BOLD file of run {stem} not found")
         if not feature_path.is_file():
             raise InputError(f"{feature_path}: features missing for run {stem}")
-        bold = np.load(bold_path)
-        features = np.load(feature_path, mmap_mode="r")
+        bold = np.array(load_npy(bold_path, advice="re-run 02_prep_fmri.py --overwrite"))
+        features = load_npy(feature_path, advice="re-run 05_extract.py --overwrite")
         if bold.ndim != 2 or features.ndim != 2:
             raise InputError(f"{feature_path if features.ndim != 2 else bold_path}: expected a 2-D (T, D) array")
         if len(features) != len(bold):
@@ -513,10 +521,10 @@ def load_runs(work, runs, feature_dir, delays):
             raise InputError(f"run {stem}: {len(bold)} volumes, not more than the largest delay "
                              f"{max(delays)}: no sample left")
         rows = np.flatnonzero(~nan_rows & (np.arange(len(bold)) >= max(delays)))  # (T_valid,)
-        loaded.append(dict(stem=stem, split=row.split, bold=bold[rows], features=features, rows=rows))
+        loaded.append(dict(stem=stem, split=split, bold=bold[rows], features=features, rows=rows))
     widths = {run["features"].shape[1] for run in loaded}
     if len(widths) > 1:
-        raise InputError(f"{feature_dir}: runs have different feature sizes {sorted(widths)}")
+        raise InputError(f"{files[0][3].parents[2]}: runs have different feature sizes {sorted(widths)}")
     return loaded
 
 
@@ -663,13 +671,21 @@ def print_summary(results_dir, subjects):
         print(line)
 
 
-def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_dir, planted_labels=None):
-    start = time.time()
-    rng = np.random.default_rng(args.seed)
-    if args.split == "session":  # only the runs this split uses need features
+def runs_used(args, runs_table):
+    """The manifest rows of one subject that --split uses (session: train and test runs, plus validation
+    runs with --train-on-validation; random: every run)."""
+    if args.split == "session":
         used = {"train", "validation", "test"} if args.train_on_validation else {"train", "test"}
         runs_table = runs_table[runs_table["split"].isin(used)]
-    runs = load_runs(Path(args.work), runs_table, feature_dir, args.delays)
+    return runs_table
+
+
+def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, planted_labels=None):
+    """Fit, score, test and map one subject; write its outputs, then summary.json (its record: `record`
+    is (settings, inputs) as main computed them). files: run_files(...) of the runs used."""
+    start = time.time()
+    rng = np.random.default_rng(args.seed)
+    runs = load_runs(files, args.delays)
     train_ids, test_ids = split_samples(runs, args, rng)
     if not train_ids or not test_ids:
         raise InputError(f"{Path(args.work) / 'bold' / 'manifest.tsv'}: sub-{sub} has "
@@ -683,6 +699,9 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
         raise InputError(f"{Path(args.work) / 'bold' / 'labels.tsv'}: lists {len(labels)} parcels but the BOLD "
                          f"of sub-{sub} has {Y_train.shape[1]} columns")
     n_constant = standardize(X_train, X_test)
+    if n_constant == X_train.shape[1]:   # e.g. every window black: nothing to predict the BOLD from
+        print(f"{STAGE}: warning: sub-{sub}: all {n_constant} features are constant over the training samples: "
+              "no prediction is possible, r is NaN for every parcel", file=sys.stderr)
 
     if args.pca:
         if args.pca >= min(X_train.shape):
@@ -704,6 +723,8 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
     fit = fit_ridge_loo(X_train, Y_train, X_test, args.alphas, groups=groups, device=args.device, dtype=dtype,
                         parcel_batch=args.parcel_batch)
     r = pearson_r(Y_test, fit["test_prediction"])  # (P,)
+    if n_constant == X_train.shape[1]:
+        r[:] = np.nan   # a constant prediction has no correlation, whatever rounding leaves in it
 
     # --- null distribution: circular shifts within runs, over all samples (train fitted + test predicted) ---
     order = train_ids + test_ids  # the rows of prediction_all
@@ -723,7 +744,8 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
         p_values = np.full(len(r), np.nan)
         significant = np.zeros(len(r), bool)
 
-    # --- outputs (summary.json last: it marks the subject as done) ---
+    # --- outputs (summary.json last: it is the subject's record, and marks it as done) ---
+    common.remove_stale_temporaries(out_dir)
     save_npy(out_dir / "r.npy", r.astype(np.float32))
     save_npy(out_dir / "alphas.npy", fit["alpha"])
     save_npy(out_dir / "p_values.npy", p_values)
@@ -731,7 +753,9 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
     write_r_map(r, labels, atlas_path, out_dir, f"sub-{sub} {args.name}: test r (max {np.nanmax(r):.2f})"
                 if np.isfinite(r).any() else f"sub-{sub} {args.name}: test r (all NaN)")
     values, counts = np.unique(fit["alpha"], return_counts=True)
+    settings, inputs = record
     summary = {
+        "stage": STAGE,
         "subject": f"sub-{sub}",
         "r_max": float(np.nanmax(r)) if np.isfinite(r).any() else None,
         "r_median": float(np.nanmedian(r)) if np.isfinite(r).any() else None,
@@ -754,20 +778,21 @@ def encode_subject(args, sub, runs_table, feature_dir, labels, atlas_path, out_d
                    "eigh": "dual (eigendecomposition of X X^T)", "svd": "primal (SVD of X)"}[fit["solver"]],
         "train_runs": sorted({runs[g]["stem"] for g, _ in train_ids}),
         "test_runs": sorted({runs[g]["stem"] for g, _ in test_ids}),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("subjects", "overwrite")},
-        "layer": feature_dir.name,
+        "layer": files[0][3].parents[2].name,
         "seconds": round(time.time() - start, 1),
+        "settings": settings,
+        "inputs": inputs,
+        "outputs": {name: common.hash_file(out_dir / name) for name in OUTPUT_FILES},
     }
     if planted_labels is not None:
         summary["ground_truth"] = planted_recovery(r, significant, labels, planted_labels)
     # Parcels without signal rightly take the largest penalty; when every parcel does (or every one the
     # smallest), the best penalty for the parcels with signal probably lies outside the grid.
     for edge, direction in ((max(args.alphas), "larger"), (min(args.alphas), "smaller")):
-        if len(set(args.alphas)) > 1 and np.all(fit["alpha"] == edge):
+        if len(set(args.alphas)) > 1 and np.all(fit["alpha"] == edge) and n_constant < X_train.shape[1]:
             print(f"06_ridge: warning: sub-{sub}: every parcel chose alpha {edge:g}, the edge of the grid: "
                   f"add {direction} --alphas", file=sys.stderr)
-    with atomic_path(out_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1))
+    common.write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -784,7 +809,8 @@ def main():
     if not atlas_path.is_file():
         raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
     # checked before any subject is fitted, so that a mismatch leaves no results behind
-    unknown = sorted(set(labels) - set(np.unique(np.asarray(nib.load(atlas_path).dataobj)).tolist()))
+    atlas = common.load_nifti(atlas_path)
+    unknown = sorted(set(labels) - set(np.unique(common.nifti_data(atlas, atlas_path)).tolist()))
     if unknown:
         raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} listed in bold/labels.tsv")
     planted_labels = read_planted_labels(args.ground_truth) if args.ground_truth else None
@@ -799,14 +825,29 @@ def main():
             raise InputError(f"{manifest_path}: no runs of sub-{absent[0]}")
         subjects = wanted
     results_dir = work / "results" / args.name
+    # What a subject's results are made of: these flags, and the exact bytes of every BOLD and feature
+    # file of the runs used (fingerprints from 02's and 05's records), the atlas and its labels. Finished
+    # subjects made the same way are skipped; a changed input makes them again.
+    settings = common.settings_of(args, {"work", "name", "subjects", "device", "parcel_batch", "overwrite",
+                                         "ground_truth", "layer"}) | {"--layer": layer}
+    shared = [work / "bold" / "labels.tsv", atlas_path] + ([Path(args.ground_truth)] if args.ground_truth else [])
     fitted = 0
     for sub in subjects:
         out_dir = results_dir / f"sub-{sub}"
-        if (out_dir / "summary.json").is_file() and not args.overwrite:
-            print(f"sub-{sub}: done already ({out_dir / 'summary.json'}); --overwrite to redo")
+        files = run_files(work, runs_used(args, manifest[manifest["sub"] == sub]), feature_dir)
+        for stem, _, bold_path, feature_path in files:
+            for path, what in ((bold_path, "BOLD file"), (feature_path, "features")):
+                if not path.is_file():
+                    raise InputError(f"{path}: {what} of run {stem} not found")
+        earlier = common.read_record(out_dir / "summary.json")
+        inputs = common.input_fingerprints(work, [*shared, *(p for f in files for p in f[2:])],
+                                           (earlier or {}).get("inputs"))
+        inputs["splits"] = {stem: split for stem, split, _, _ in files}
+        if common.is_up_to_date(out_dir / "summary.json", earlier, STAGE, settings, inputs, args.overwrite):
+            print(f"sub-{sub}: done already with these flags and inputs ({out_dir / 'summary.json'}); "
+                  "--overwrite to redo")
             continue
-        summary = encode_subject(args, sub, manifest[manifest["sub"] == sub], feature_dir, labels, atlas_path,
-                                 out_dir, planted_labels)
+        summary = encode_subject(args, sub, files, labels, atlas_path, out_dir, (settings, inputs), planted_labels)
         fitted += 1
         print(f"sub-{sub}: {summary['n_train_samples']} train / {summary['n_test_samples']} test samples, "
               f"{summary['n_features']} features, r max {summary['r_max']}, median {summary['r_median']}, "

@@ -9,6 +9,7 @@ import csv
 import gc
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -16,6 +17,7 @@ import random
 import re
 import resource
 import signal
+import socket
 import sys
 import types
 from argparse import Namespace
@@ -39,48 +41,109 @@ GAMEPLAY_HZ = 60
 
 
 # --------------------------------------------------------------------------------------------------
-# Errors: bad input gives one clear line naming the file and what is wrong, and a non-zero exit.
+# Errors and exit statuses. Every stage ends with one of these (README, "Re-runs, provenance and
+# preemption"); a wrong result must never end with 0.
 # --------------------------------------------------------------------------------------------------
+EXIT_OK = 0            # done, or nothing left to do
+EXIT_SOME_FAILED = 1   # finished, but some items failed (01: replays that could not be rendered)
+EXIT_BAD_INPUT = 2     # one line `error: <file>: <what is wrong>`; nothing was written
+EXIT_INTERRUPTED = 75  # a signal stopped training before --max-steps: checkpoint saved, re-run resumes
+                       # (75 is EX_TEMPFAIL of sysexits.h: "try again later")
+
+
 class InputError(Exception):
     """Bad input. The message names the file (or flag) and what is wrong, on one line."""
 
 
 def run_main(main):
-    """Call `main()`; an InputError becomes `error: <message>` on stderr and exit status 2."""
+    """Call `main()`. Bad input, and a file that cannot be read or written (read-only folder, full disk),
+    become one line `error: <file>: <what is wrong>` on stderr and exit status 2."""
     try:
         main()
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    except OSError as err:
+        where = err.filename if err.filename is not None else "a file"
+        print(f"error: {where}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 # --------------------------------------------------------------------------------------------------
 # Atomic writes: an output exists under its final name only once it is complete, so an interrupted
 # stage never leaves a half-written file that a re-run would mistake for a finished one.
 # --------------------------------------------------------------------------------------------------
+HOST = socket.gethostname().split(".")[0]
+_TEMPORARY = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_-]+?)-(?P<pid>\d+)(\.|$)")
+
+
+def temporary_path(path):
+    """Where `path` is written before its rename: `.r_map.nii.gz.tmp-<host>-<pid>.nii.gz` beside it.
+    It keeps the final suffix (np.save and nibabel look at it) and says which process on which machine
+    owns it, so that a later run can remove it once that process is gone."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}{''.join(path.suffixes)}")
+
+
+def _process_is_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:    # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files that killed runs left under `folder` (recursively): those written on
+    this machine by a process that no longer exists. Temporaries of other machines (a shared cluster
+    filesystem) are left alone: their process may still be writing. Returns the paths removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.rglob(".*.tmp-*"):
+        match = _TEMPORARY.search(path.name)
+        if match and match["host"] == HOST and not _process_is_alive(int(match["pid"])) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it to `path` when the block succeeds.
-
-    The temporary name keeps the final suffix (np.save and nibabel look at it), e.g.
-    `r_map.nii.gz` is written as `.r_map.nii.gz.tmp-1234.nii.gz`.
-    """
+    """Yield a temporary path beside `path`; rename it to `path` when the block succeeds. On failure the
+    temporary is removed, and a write that fails (full disk, read-only folder) is an InputError naming
+    `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    tmp = temporary_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write it ({err.strerror or err})") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def save_npy(path, array):
     """np.save to `path` atomically."""
     with atomic_path(path) as tmp:
         np.save(tmp, array)
+
+
+def open_npy_for_writing(path, dtype, shape):
+    """A writable memory-mapped .npy of `shape` at `path`, its disk space reserved now.
+
+    Without the reservation a memory map is a sparse file, and a full disk shows up only when a page is
+    written back: the process dies of SIGBUS, with no message and a large temporary file left behind.
+    posix_fallocate makes a full disk an OSError here, before any work is done."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    return array
 
 
 def write_tsv(path, table):
@@ -95,6 +158,15 @@ def write_tsv(path, table):
         tmp.write_text(text)
 
 
+def write_json(path, value):
+    """json.dump to `path` atomically, indented for a human reader."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Readers that turn a damaged or foreign file into one line naming it
+# --------------------------------------------------------------------------------------------------
 BIDS_LABEL_COLUMNS = ("sub", "ses", "task", "run", "rep", "level")  # labels, not numbers: "001" stays "001"
 
 
@@ -113,6 +185,44 @@ def read_tsv(path, required=()):
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
     return table
+
+
+def load_npy(path, mmap=True, advice=""):
+    """np.load an array we wrote (memory-mapped by default). A missing, truncated or foreign file is an
+    InputError naming it; `advice` (e.g. "re-run 01_render_frames.py") ends the message."""
+    path = Path(path)
+    advice = f"; {advice}" if advice else ""
+    if not path.is_file():
+        raise InputError(f"{path}: file not found{advice}")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        reason = "truncated" if "mmap length" in str(err) or "Failed to read all data" in str(err) else \
+            "empty" if isinstance(err, EOFError) else "not a .npy array"
+        first = str(err).split(". ")[0].splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: {reason} ({first}){advice}") from None
+
+
+def load_nifti(path):
+    """nibabel.load a NIfTI image (header only; nibabel reads the voxels on demand); a missing or
+    unreadable file is an InputError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        import nibabel   # imported here: the training stages and the GPU machines do without it
+        return nibabel.load(path)
+    except Exception as err:   # nibabel raises many types (ImageFileError, OSError, EOFError ...)
+        raise InputError(f"{path}: not a readable NIfTI image ({str(err).splitlines()[0]})") from None
+
+
+def nifti_data(image, path, dtype=np.float32):
+    """The voxels of a loaded NIfTI image as a `dtype` array; a truncated file is an InputError naming it."""
+    try:
+        return image.get_fdata(dtype=dtype)
+    except Exception as err:   # gzip: EOFError, zlib.error, OSError; a short file: ValueError
+        raise InputError(f"{path}: cannot read its voxels (truncated or damaged: "
+                         f"{str(err).splitlines()[0] or type(err).__name__})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,6 +256,149 @@ def file_sha256(path, chunk=1 << 24):
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance: a stage skips an output only when the output's record says it was made exactly as the
+# stage would make it now: the same flags, and the same bytes in every input. Each output that a later
+# run may skip has a record beside it, `<output stem>.json`:
+#     {"stage": "05_extract", "settings": {"--pool": "none", ...},            the flags that shape it
+#      "inputs": {"gpt/demo/ckpt.pt": {"sha256": ..., "size": ..., "mtime_ns": ...}, ...},
+#      "output": {"sha256": ..., "size": ..., "mtime_ns": ...}, ...}        the output itself
+# An input's sha256 comes from its own record when it has one (its producer hashed it once), so a change
+# anywhere upstream changes a fingerprint that every stage downstream compares. Size and mtime only
+# let a record vouch for a file without reading it again, as git's index does; content decides.
+# --------------------------------------------------------------------------------------------------
+def record_path(output):
+    """The record of an output: `x.npy` -> `x.json`, `ckpt.pt` -> `ckpt.json`."""
+    output = Path(output)
+    return output.with_name(output.name.split(".")[0] + ".json")
+
+
+def read_record(path):
+    """The record at `path`, or None when there is none. A file that is not one of our records (a BIDS
+    sidecar, or a record cut short by a crash) also gives None: the output is then made again."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "stage" in record and "settings" in record else None
+
+
+def hash_file(path):
+    """The fingerprint of a file, computed from its bytes: {"sha256", "size", "mtime_ns"}."""
+    stat = Path(path).stat()
+    return {"sha256": file_sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def fingerprint(path, known=None):
+    """The fingerprint of a file, without reading it when a record vouches for it: `known` (what an earlier
+    record of ours said of this input) or the file's own record (what its producer wrote), as long as
+    the file still has the size and modification time that record saw. Otherwise it is hashed."""
+    path = Path(path)
+    stat = path.stat()
+    own = (read_record(record_path(path)) or {}).get("output")
+    for candidate in (known, own):
+        if isinstance(candidate, dict) and candidate.get("size") == stat.st_size \
+                and candidate.get("mtime_ns") == stat.st_mtime_ns and "sha256" in candidate:
+            return {k: candidate[k] for k in ("sha256", "size", "mtime_ns")}
+    return hash_file(path)
+
+
+def input_fingerprints(work, paths, earlier=None):
+    """{path relative to work: fingerprint} of input files; `earlier` is an older record's inputs,
+    whose fingerprints are reused for files that have not been touched since."""
+    earlier = earlier or {}
+    fingerprints = {}
+    for path in paths:
+        name = os.path.relpath(path, work)
+        fingerprints[name] = fingerprint(path, earlier.get(name))
+    return fingerprints
+
+
+def _content(value):
+    return value["sha256"] if isinstance(value, dict) and "sha256" in value else value
+
+
+def changed_settings(record, settings):
+    """The flags whose value differs between a record and `settings`, in the order of `settings`."""
+    before = record.get("settings", {})
+    return [k for k in [*settings, *(k for k in before if k not in settings)] if before.get(k) != settings.get(k)]
+
+
+def changed_inputs(record, inputs):
+    """The inputs whose content differs between a record and `inputs` (added and removed ones too)."""
+    before = record.get("inputs", {})
+    return [k for k in [*inputs, *(k for k in before if k not in inputs)]
+            if _content(before.get(k)) != _content(inputs.get(k))]
+
+
+def flags_differ_error(output, record, settings, changed):
+    """The InputError for an output made with other flags: names the first differing flag."""
+    flag = changed[0]
+    before, now = record["settings"].get(flag), settings.get(flag)
+    others = f" (and {len(changed) - 1} other flag(s): {', '.join(changed[1:])})" if len(changed) > 1 else ""
+    return InputError(f"{output}: made with {flag} {_show(before)}, not {_show(now)}{others}: pass the same "
+                      f"flags, or --overwrite to redo it")
+
+
+def _show(value):
+    if value is None:
+        return "(unset)"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def is_up_to_date(output, record, stage, settings, inputs, overwrite, say=print):
+    """Whether `output` can be skipped: its record exists, describes the file as it is, and equals what
+    `stage` would make now with `settings` from `inputs`.
+
+    The one rule every stage applies: different flags -> InputError naming the flag (unless --overwrite);
+    a changed input, a missing or damaged record, or a changed output file -> False (made again, and said
+    through `say`); otherwise True. `record` is read_record(...) of the output (or the checkpoint's own).
+    """
+    output = Path(output)
+    if overwrite or not output.exists():
+        return False
+    if record is None or record.get("stage") != stage:
+        say(f"{stage}: {output} has no record of how it was made: making it again")
+        return False
+    flags = changed_settings(record, settings)
+    if flags:
+        raise flags_differ_error(output, record, settings, flags)
+    changed = changed_inputs(record, inputs)
+    if changed:
+        more = f" and {len(changed) - 1} other input(s)" if len(changed) > 1 else ""
+        say(f"{stage}: {changed[0]}{more} changed since {output} was made: making it again")
+        return False
+    # the output itself (or, for a folder of outputs, each file the record lists) as the record saw it
+    made = {output: record.get("output")} if record.get("output") else {}
+    made |= {output.parent / name: fp for name, fp in record.get("outputs", {}).items()}
+    for path, recorded in made.items():
+        if not path.is_file():
+            say(f"{stage}: {path} is missing: making {output} again")
+            return False
+        stat = path.stat()
+        if (recorded.get("size"), recorded.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns) \
+                and hash_file(path)["sha256"] != recorded.get("sha256"):
+            say(f"{stage}: {path} changed since it was made (damaged?): making {output} again")
+            return False
+    return True
+
+
+def new_record(stage, settings, inputs, output=None, **details):
+    """A record (dict) for `output`, fingerprinted from its bytes now that it is written; `details` are
+    extra fields for the reader (never compared). Library versions are kept for the reader too."""
+    record = {"stage": stage, "settings": settings, "inputs": inputs, **details,
+              "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__}}
+    if output is not None:
+        record["output"] = hash_file(output)
+    return record
+
+
+def write_record(output, record):
+    """Write the record of `output` beside it (after the output itself: a crash in between leaves an
+    output without a record, which the next run makes again)."""
+    write_json(record_path(output), record)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,31 +473,91 @@ def seed_everything(seed, rank=0):
     torch.manual_seed(seed + rank)
 
 
-def unwrap(model):
-    """The plain module inside a DistributedDataParallel and/or torch.compile wrapper."""
-    model = getattr(model, "module", model)       # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)     # torch.compile
-
-
 class PreemptionFlag:
     """Remembers that SIGTERM or SIGUSR1 arrived (SLURM sends one before it kills or requeues a job:
-    `#SBATCH --signal=B:USR1@120`), so the training loop can save a checkpoint and exit cleanly."""
+    `#SBATCH --signal=B:USR1@120`), so the training loop can save a checkpoint and stop cleanly."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
-        self.raised = False
+        self.name = None
         for signum in signals:
             signal.signal(signum, self._handler)
 
     def _handler(self, signum, frame):
-        self.raised = True
+        self.name = signal.Signals(signum).name
 
     def agreed(self, ctx):
         """True on every rank as soon as any rank got the signal (all ranks must stop at the same step)."""
         if ctx.world_size == 1:
-            return self.raised
-        flag = torch.tensor([float(self.raised)], device=ctx.device)
+            return self.name is not None
+        flag = torch.tensor([float(self.name is not None)], device=ctx.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def exit_interrupted(stage, step, max_steps, signal_name):
+    """End a training run that a signal stopped before --max-steps, after its checkpoint was saved: one
+    line that says how to continue, and exit status 75 (EXIT_INTERRUPTED), so that `run_all.sh` and a
+    SLURM `afterok` chain stop instead of going on with an unfinished model.
+
+    Under torchrun the ranks' status does not reach the batch script (torchrun exits 1 for any failing
+    rank), so the line is also written to the file $RESUMABLE_MARKER names, when set: that is how
+    slurm/gpu_stage.sbatch knows to requeue the job.
+    """
+    line = (f"{stage}: interrupted at step {step} of {max_steps} by {signal_name or 'a signal'}; "
+            f"checkpoint saved: re-run to resume")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
+        if os.environ.get("RESUMABLE_MARKER"):
+            Path(os.environ["RESUMABLE_MARKER"]).write_text(line + "\n")
+    sys.exit(EXIT_INTERRUPTED)
+
+
+# Flags that choose the hardware, the speed or the logging of a training run: never part of its record,
+# so a run may be resumed on another device, with torch.compile, or with other log intervals.
+RUN_CONTROL_FLAGS = {"work", "device", "workers", "tf32", "channels_last", "cudnn_benchmark", "compile",
+                     "log_every", "val_every", "val_clips", "val_samples", "ckpt_every", "resume", "overwrite",
+                     "peak_tflops", "encode_batch", "allow_unfinished_vqvae", "name"}
+
+
+def settings_of(args, leave_out=RUN_CONTROL_FLAGS):
+    """The flags of an argparse namespace that shape the result, as {"--flag": value}, JSON-normalised
+    (tuples become lists) so that they compare equal to the same flags read back from a record."""
+    settings = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in leave_out}
+    return json.loads(json.dumps(settings))
+
+
+def checkpoint_to_resume(ckpt_path, stage, settings, inputs, resume, overwrite):
+    """What a training stage does with the checkpoint at `ckpt_path`. Returns (checkpoint, complete):
+    (None, False) to train from step 0 (no checkpoint, --overwrite, or it was trained on other inputs);
+    (checkpoint, True) when that run is complete (the stage skips it); (checkpoint, False) to resume it
+    (--resume). Raises InputError when the flags differ, or an unfinished run exists without --resume."""
+    ckpt_path = Path(ckpt_path)
+    if overwrite or not ckpt_path.exists():
+        return None, False
+    checkpoint = load_checkpoint(ckpt_path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != stage:
+        raise InputError(f"{ckpt_path}: not a checkpoint of {stage} (--overwrite replaces it)")
+    if "provenance" not in checkpoint:
+        raise InputError(f"{ckpt_path}: written by an older version of {stage}, without a record of its "
+                         "inputs: --overwrite to train again (or choose another --work)")
+    if not is_up_to_date(ckpt_path, checkpoint["provenance"], stage, settings, inputs, False, say=print0):
+        print0(f"{stage}: training from step 0")
+        return None, False
+    if checkpoint["complete"]:
+        return checkpoint, True
+    if not resume:
+        raise InputError(f"{ckpt_path}: an unfinished run ({checkpoint['step']} of {checkpoint['max_steps']} "
+                         "steps) exists: pass --resume to continue it or --overwrite to start over")
+    return checkpoint, False
+
+
+def require_complete(checkpoint, path, producer, allow_flag, allowed=False):
+    """Refuse a checkpoint whose training was interrupted (complete False), unless `allowed` (the user
+    passed `allow_flag` on purpose). Checkpoints of other origins (the authors') count as complete."""
+    if isinstance(checkpoint, dict) and checkpoint.get("complete") is False and not allowed:
+        raise InputError(f"{path}: unfinished training (step {checkpoint.get('step')} of "
+                         f"{checkpoint.get('max_steps')}): re-run {producer} to finish it, or pass {allow_flag} "
+                         "to use it as it is")
 
 
 def rng_state():
@@ -283,11 +596,19 @@ def restore_rng_states(states, ctx):
 def save_checkpoint(path, checkpoint):
     """torch.save(checkpoint) atomically: a kill during the write leaves the previous file intact.
 
-    The stages save a dict with: model (state dict), optimizer, scaler, step, rng (list by rank), args
-    (vars of the argparse namespace) and model_config (the keyword arguments that rebuild the model).
+    The stages save a dict with: model (state dict), optimizer, scaler, step, max_steps, complete, rng
+    (list by rank), args (vars of the argparse namespace), model_config (the keyword arguments that
+    rebuild the model) and provenance (the record: stage, settings, inputs), which is also written
+    beside it as `ckpt.json` with the checkpoint's own fingerprint.
     """
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as err:   # torch's zip writer reports a full disk as a RuntimeError
+            raise InputError(f"{path}: cannot write it ({str(err).splitlines()[0]})") from None
+    if "provenance" in checkpoint:    # its record beside it: what it was made from, whether it is complete
+        write_record(path, dict(checkpoint["provenance"], complete=checkpoint["complete"], step=checkpoint["step"],
+                                max_steps=checkpoint["max_steps"], output=hash_file(path)))
 
 
 class _StubObject(dict):
@@ -742,13 +1063,15 @@ def _vqvae_config_from_lightning(state, hparams, path, gpt_state=None):
     return config
 
 
-def load_vqvae(path, map_location="cpu"):
+def load_vqvae(path, map_location="cpu", allow_unfinished=False):
     """A VQVAE in eval mode from (a) a stage-03 checkpoint (`model` + `model_config`), (b) a VideoGPT /
     authors' Lightning VQ-VAE checkpoint (`state_dict` + `hyper_parameters`), or (c) an authors'
-    Lightning GPT checkpoint, which holds its VQ-VAE under the prefix `vqvae.`. Keys match strictly."""
+    Lightning GPT checkpoint, which holds its VQ-VAE under the prefix `vqvae.`. Keys match strictly.
+    A stage-03 run that was interrupted is refused unless allow_unfinished (flag --allow-unfinished)."""
     ckpt = load_checkpoint(path, map_location)
     if not isinstance(ckpt, dict):
         raise InputError(f"{path}: not a VQ-VAE checkpoint (a {type(ckpt).__name__}, not a dict)")
+    require_complete(ckpt, path, "03_train_vqvae.py", "--allow-unfinished", allow_unfinished)
     if "model" in ckpt and "model_config" in ckpt:
         config, state = ckpt["model_config"], ckpt["model"]
     elif "state_dict" in ckpt:

@@ -20,8 +20,9 @@
 #               after this script's own, so they override them.
 # On real data the stages run the paper's configurations (Table 2; GPU stages pick CUDA when there is
 # one). The demo instead trains tiny models on CPU and widens the ridge penalty grid (see README).
-# Each stage skips outputs that are already complete, so re-running after a failure or an interruption is
-# cheap; the first stage that fails stops the script with its own error message.
+# Each stage skips an output whose record says it was made with the same flags from the same inputs, so
+# re-running after a failure or an interruption is cheap and never keeps a stale result; the first stage
+# that does not finish stops the script with its own message (and its exit status).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -60,16 +61,31 @@ else
   DEMO_VQVAE="" DEMO_GPT="" DEMO_EXTRACT="" DEMO_RIDGE=""
 fi
 
+# stage NAME SCRIPT ARGS...: run one stage; stop here unless it finished. Exit statuses (common.py):
+# 0 done, 1 some items failed, 2 bad input, 75 training interrupted by a signal (resumable).
 stage() {
   local name=$1
   shift
   echo "=== $name: $PYTHON $*"
-  local start=$SECONDS
-  if ! "$PYTHON" "$@"; then
-    echo "run_all.sh: stage $name failed (its message is above); fix it and re-run: finished stages are skipped" >&2
-    exit 1
+  local start=$SECONDS status=0
+  "$PYTHON" "$@" || status=$?
+  if [ "$status" = 75 ]; then
+    echo "run_all.sh: $name interrupted at $(progress_of "$name"): re-run to resume" >&2
+    exit 75
+  elif [ "$status" != 0 ]; then
+    echo "run_all.sh: stage $name failed (exit $status; its message is above); fix it and re-run:" \
+      "finished stages are skipped" >&2
+    exit "$status"
   fi
   echo "=== $name done in $((SECONDS - start)) s"
+}
+
+# progress_of NAME: "step k of N" from the record beside the checkpoint of training stage NAME
+progress_of() {
+  local record=$WORK/vqvae/ckpt.json
+  [ "$1" = 04_train_gpt ] && record=$WORK/gpt/$NAME/ckpt.json
+  "$PYTHON" -c 'import json, sys; r = json.load(open(sys.argv[1])); print("step", r["step"], "of", r["max_steps"])' \
+    "$record" 2>/dev/null || echo "an unknown step"
 }
 
 # shellcheck disable=SC2086  # the *_ARGS variables are lists of flags: word splitting is intended

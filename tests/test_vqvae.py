@@ -350,8 +350,8 @@ def test_script_trains_writes_outputs_and_skips_when_done(tmp_path):
     # A broken array in the test session proves that session is never read.
     np.save(work / "frames/sub-01/ses-005/sub-01_ses-005_task-shinobi_run-01_level-1_rep-03.npy",
             np.zeros((80, 16, 16, 3), np.uint8))
-    first = run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "12", "--log-every", "6",
-                       "--val-every", "6", "--lr", "2e-3")
+    flags = [*TINY_FLAGS, "--max-steps", "12", "--lr", "2e-3"]
+    first = run_script("03_train_vqvae.py", "--work", work, *flags, "--log-every", "6", "--val-every", "6")
     assert "of 4 validation clips have distinct code maps" in first.stdout
     log = read_log(work)
     assert list(log["step"]) == [6, 12]
@@ -364,13 +364,26 @@ def test_script_trains_writes_outputs_and_skips_when_done(tmp_path):
     assert Image.open(work / "vqvae/recon.png").size == (8 * 32, 4 * 2 * 32)    # 8 frames x (4 clips x 2)
     model = common.load_vqvae(work / "vqvae/ckpt.pt")
     assert model.config == dict(TINY)
-    again = run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "12")
-    assert "is complete (12 steps)" in again.stdout
-    flags = [*TINY_FLAGS, "--max-steps", "12"]
-    flags[flags.index("--n-codes") + 1] = "64"
-    other_model = run_script("03_train_vqvae.py", "--work", work, *flags, check=False)
-    assert last_error_line(other_model).startswith(f"error: {work / 'vqvae/ckpt.pt'}: saved with model {{")
-    assert last_error_line(other_model).endswith("'n_codes': 64}: use the same flags or --overwrite")
+    # the same flags and frames: skipped (other log intervals and workers do not matter)
+    again = run_script("03_train_vqvae.py", "--work", work, *flags, "--log-every", "3", "--workers", "1")
+    assert "is complete (12 steps, same flags and frames)" in again.stdout
+    assert common.read_record(work / "vqvae/ckpt.json")["complete"] is True
+    # another model flag: refused with the flag named, nothing changed
+    other = [*flags]
+    other[other.index("--n-codes") + 1] = "64"
+    before = (work / "vqvae/ckpt.pt").stat().st_mtime_ns
+    line = last_error_line(run_script("03_train_vqvae.py", "--work", work, *other, check=False))
+    assert line == (f"error: {work / 'vqvae/ckpt.pt'}: made with --n-codes 32, not 64: pass the same flags, or "
+                    "--overwrite to redo it")
+    assert (work / "vqvae/ckpt.pt").stat().st_mtime_ns == before
+    # other frames (a re-rendered repetition): trained again from step 0, and said
+    path = work / "frames/sub-01/ses-001/sub-01_ses-001_task-shinobi_run-01_level-1_rep-00.npy"
+    frames = np.load(path)
+    np.save(path, 255 - frames)
+    retrained = run_script("03_train_vqvae.py", "--work", work, *flags)
+    assert "changed since" in retrained.stdout and "training from step 0" in retrained.stdout
+    assert common.load_checkpoint(work / "vqvae/ckpt.pt")["provenance"]["inputs"][
+        str(path.relative_to(work))]["sha256"] == common.file_sha256(path)
 
 
 def test_resume_after_sigterm_reproduces_uninterrupted_losses(tmp_path):
@@ -388,16 +401,24 @@ def test_resume_after_sigterm_reproduces_uninterrupted_losses(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)         # what SLURM sends before preemption
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
-    stopped_at = common.load_checkpoint(killed / "vqvae/ckpt.pt")["step"]
+    assert process.returncode == common.EXIT_INTERRUPTED == 75, stderr   # not 0: a chain must not go on
+    interrupted = common.load_checkpoint(killed / "vqvae/ckpt.pt")
+    stopped_at = interrupted["step"]
     assert 3 <= stopped_at < 30, "the run was not interrupted: the kill came too late"
-    assert f"preempted at step {stopped_at}" in stdout
+    assert interrupted["complete"] is False and common.read_record(killed / "vqvae/ckpt.json")["complete"] is False
+    assert stderr.strip().splitlines()[-1] == (f"03_train_vqvae: interrupted at step {stopped_at} of 30 by SIGTERM; "
+                                               "checkpoint saved: re-run to resume")
 
     not_resumed = run_script("03_train_vqvae.py", "--work", killed, *flags, check=False)
     assert not_resumed.returncode == 2
     assert not_resumed.stderr.strip().splitlines()[-1] == (
-        f"error: {killed / 'vqvae/ckpt.pt'}: an unfinished run ({stopped_at} steps) exists: pass --resume "
+        f"error: {killed / 'vqvae/ckpt.pt'}: an unfinished run ({stopped_at} of 30 steps) exists: pass --resume "
         "to continue it or --overwrite to start over")
+    # the next stage refuses the unfinished VQ-VAE
+    gpt = run_script("04_train_gpt.py", "--work", killed, "--device", "cpu", "--hidden-dim", "24", "--cond-dim", "24",
+                     "--layers", "1", "--heads", "2", "--max-steps", "2", check=False)
+    assert last_error_line(gpt) == (f"error: {killed / 'vqvae/ckpt.pt'}: unfinished training (step {stopped_at} of 30): "
+                                    "re-run 03_train_vqvae.py to finish it, or pass --allow-unfinished to use it as it is")
 
     run_script("03_train_vqvae.py", "--work", killed, *flags, "--resume")
     a, b = read_log(straight), read_log(killed)
