@@ -604,8 +604,10 @@ def plot_subjects(results_dir):
         return
     x = np.arange(len(summaries))
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(summaries), 3.5))
-    ax.bar(x - 0.2, [s["r_max"] for s in summaries], 0.4, label="max r (paper)")
-    ax.bar(x + 0.2, [s["r_median"] for s in summaries], 0.4, label="median r")
+    def score(s, key):   # None when every parcel's r is NaN
+        return np.nan if s[key] is None else s[key]
+    ax.bar(x - 0.2, [score(s, "r_max") for s in summaries], 0.4, label="max r (paper)")
+    ax.bar(x + 0.2, [score(s, "r_median") for s in summaries], 0.4, label="median r")
     ax.set_xticks(x, [s["subject"] for s in summaries])
     ax.set_ylabel("test Pearson r")
     ax.set_title(f"{results_dir.name}: encoding per subject")
@@ -836,9 +838,10 @@ def main():
         out_dir = results_dir / f"sub-{sub}"
         files = run_files(work, runs_used(args, manifest[manifest["sub"] == sub]), feature_dir)
         for stem, _, bold_path, feature_path in files:
-            for path, what in ((bold_path, "BOLD file"), (feature_path, "features")):
-                if not path.is_file():
-                    raise InputError(f"{path}: {what} of run {stem} not found")
+            if not bold_path.is_file():
+                raise InputError(f"{bold_path}: BOLD file of run {stem} not found")
+            if not feature_path.is_file():
+                raise InputError(f"{feature_path}: features missing for run {stem}")
         earlier = common.read_record(out_dir / "summary.json")
         inputs = common.input_fingerprints(work, [*shared, *(p for f in files for p in f[2:])],
                                            (earlier or {}).get("inputs"))

@@ -1,5 +1,6 @@
 """05_extract.py: TR alignment on a timeline whose frames encode their own time, hooks, outputs, bad input."""
 import json
+import os
 from argparse import Namespace
 
 import numpy as np
@@ -294,12 +295,21 @@ def test_features_are_the_layer_on_the_conventions_window(extracted, checkpoints
         differs = [not np.array_equal(a, b) for a, b in zip(*windows)]
         detected = np.abs(features[1] - shifted[1].reshape(n_volumes, -1)).max(1) > 1e-4     # (T,)
         assert detected[differs].mean() > 0.8, detected
-    sidecar = json.loads((folder / "attn_stack.attn_nets.1.post_fc_dp" / "sub-01/ses-001"
-                          / "sub-01_ses-001_task-airstriker_run-01.json").read_text())
-    assert sidecar["checkpoint_sha256"] == common.file_sha256(checkpoints["ours"])
-    assert sidecar["activation_shape"] == [2, 4, 4, 12] and sidecar["n_features"] == 384
-    assert sidecar["frame_step"] == 4 and sidecar["window_frames"] == 8 and sidecar["n_volumes"] == 12
-    assert [r["start"] for r in sidecar["repetitions"]] == [210, 360, 555, 960]
+    npy = folder / "attn_stack.attn_nets.1.post_fc_dp" / "sub-01/ses-001/sub-01_ses-001_task-airstriker_run-01.npy"
+    record = common.read_record(npy.with_suffix(".json"))
+    assert record["stage"] == "05_extract" and record["output"]["sha256"] == common.file_sha256(npy)
+    assert record["settings"] == {"--layer": "attn_stack.attn_nets.1.post_fc_dp", "--pool": "none",
+                                  "--dtype": "float32", "--frame-step": 4, "--precision": "fp32"}
+    inputs = record["inputs"]
+    assert inputs[os.path.relpath(checkpoints["ours"], work)]["sha256"] == common.file_sha256(checkpoints["ours"])
+    assert inputs[os.path.relpath(checkpoints["vqvae_path"], work)]["sha256"] == common.file_sha256(
+        checkpoints["vqvae_path"])
+    frames = sorted(k for k in inputs if k.startswith("frames/"))
+    assert frames == [f"frames/sub-01/ses-001/sub-01_ses-001_task-airstriker_run-01_level-1_rep-{i}.npy"
+                      for i in (1, 3, 4)]   # rep 2 is "Missing file": black, no input
+    assert record["activation_shape"] == [2, 4, 4, 12] and record["n_features"] == 384
+    assert record["window_frames"] == 8 and record["n_volumes"] == 12
+    assert [r["start"] for r in record["repetitions"]] == [210, 360, 555, 960]
 
 
 def test_idempotent_and_deterministic(extracted, checkpoints):
@@ -313,6 +323,23 @@ def test_idempotent_and_deterministic(extracted, checkpoints):
     extract.main(flags + ["--overwrite", "--batch-size", "3"])  # the same computation again: the same bytes
     np.testing.assert_array_equal(np.load(layer / "sub-01_ses-001_task-airstriker_run-01.npy"), first)
     assert not list(work.rglob(".*tmp*"))  # no temp file left behind
+    # another --pool for the same feature set: refused, naming the flag
+    with pytest.raises(extract.InputError) as error:
+        extract.main(flags + ["--pool", "space"])
+    assert str(error.value) == (f"{layer / 'sub-01_ses-001_task-airstriker_run-01.npy'}: made with --pool none, "
+                                "not space: pass the same flags, or --overwrite to redo it")
+    # re-rendered frames of one repetition of run ses-002: that run alone is made again
+    other = work / "features/tiny/attn_stack.attn_nets.1.post_fc_dp/sub-01/ses-002/sub-01_ses-002_task-airstriker_run-01.npy"
+    other_mtime, other_before = other.stat().st_mtime_ns, np.load(other)
+    mtime = (layer / "sub-01_ses-001_task-airstriker_run-01.npy").stat().st_mtime_ns
+    frames = work / "frames/sub-01/ses-002/sub-01_ses-002_task-airstriker_run-01_level-1_rep-1.npy"
+    np.save(frames, 255 - np.load(frames))
+    extract.main(flags)
+    assert other.stat().st_mtime_ns != other_mtime
+    assert (layer / "sub-01_ses-001_task-airstriker_run-01.npy").stat().st_mtime_ns == mtime
+    np.save(frames, 255 - np.load(frames))   # as it was, for the other tests: made again
+    extract.main(flags)
+    np.testing.assert_array_equal(np.load(other), other_before)
 
 
 def test_lightning_checkpoint_loads_and_gives_the_same_features(extracted, checkpoints):

@@ -14,6 +14,7 @@ from sklearn.linear_model import Ridge, RidgeCV
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import common
 from common import bids_entities, run_stem  # noqa: E402
 from conftest import load_stage  # noqa: E402
 
@@ -213,7 +214,7 @@ def run_ridge(work, *flags):
 def test_delays_never_cross_run_boundaries(tmp_path):
     work = make_work(tmp_path, volumes=12)
     manifest = pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)
-    runs = ridge.load_runs(work, manifest.iloc[:2], work / "features/demo/layer_a", delays=[1, 3])
+    runs = ridge.load_runs(ridge.run_files(work, manifest.iloc[:2], work / "features/demo/layer_a"), delays=[1, 3])
     for run in runs:
         assert run["rows"].tolist() == list(range(3, 12))  # t >= max delay, and volume 0 (NaN) is gone
     ids = [(g, k) for g in range(2) for k in range(9)]
@@ -252,10 +253,31 @@ def test_end_to_end_planted_signal(tmp_path):
         assert (out / "r_map.png").stat().st_size > 0
     assert (work / "results/demo/r_by_subject.png").stat().st_size > 0
     # idempotent: a second call skips finished subjects and leaves their files alone
+    flags = ["--n-permutations", 200, "--min-shift", 5]
     before = (work / "results/demo/sub-01/r.npy").stat().st_mtime_ns
-    again = run_ridge(work, "--subjects", "01")
+    again = run_ridge(work, *flags, "--subjects", "01")
     assert again.returncode == 0 and "done already" in again.stdout
     assert (work / "results/demo/sub-01/r.npy").stat().st_mtime_ns == before
+    summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
+    assert summary["stage"] == "06_ridge" and summary["settings"]["--alphas"] == [0.1, 1.0, 100.0]
+    assert summary["inputs"]["features/demo/layer_a/sub-01/ses-005/sub-01_ses-005_task-airstriker_run-02.npy"][
+        "sha256"] == common.file_sha256(work / "features/demo/layer_a/sub-01/ses-005/sub-01_ses-005_task-airstriker_run-02.npy")
+    # other flags for the same results: refused, naming the flag, nothing touched
+    other = run_ridge(work, "--n-permutations", 200, "--min-shift", 5, "--alphas", 1, 10)
+    assert other.returncode == 2 and other.stderr.strip() == (
+        f"error: {work / 'results/demo/sub-01/summary.json'}: made with --alphas 0.1 1.0 100.0, not 1.0 10.0: pass "
+        "the same flags, or --overwrite to redo it")
+    assert (work / "results/demo/sub-01/r.npy").stat().st_mtime_ns == before
+    # new features of one run of sub-01 (05 recomputed them), a lost output of sub-02: both made again
+    path = feature_file(work, "sub-01_ses-005_task-airstriker_run-02")
+    np.save(path, np.load(path)[:, ::-1])
+    (work / "results/demo/sub-02/r_map.png").unlink()
+    redo = run_ridge(work, *flags)
+    assert redo.returncode == 0, redo.stderr
+    assert "features/demo/layer_a/sub-01/ses-005/sub-01_ses-005_task-airstriker_run-02.npy changed since" in redo.stdout
+    assert "r_map.png is missing" in redo.stdout and "done already" not in redo.stdout
+    assert (work / "results/demo/sub-01/r.npy").stat().st_mtime_ns != before
+    assert (work / "results/demo/sub-02/r_map.png").is_file()
 
 
 def test_random_split_fir_pca_and_run_cv(tmp_path):
@@ -317,6 +339,19 @@ def corrupt_missing(work):
     feature_file(work).unlink()
 
 
+def corrupt_bold_garbage(work):
+    (work / "bold/sub-01/ses-002" / f"{STEM}.npy").write_bytes(np.random.default_rng(0).bytes(3000))
+
+
+def corrupt_truncated_features(work):
+    data = feature_file(work).read_bytes()
+    feature_file(work).write_bytes(data[:len(data) // 2])
+
+
+def corrupt_atlas_garbage(work):
+    (work / "bold/atlas.nii.gz").write_bytes(np.random.default_rng(0).bytes(3000))
+
+
 @pytest.mark.parametrize("corrupt, flags, expected", [
     (corrupt_lengths, [], [STEM, "50 rows", "60 volumes"]),
     (corrupt_nan, [], [f"{STEM}.npy", "NaN or inf"]),
@@ -324,8 +359,12 @@ def corrupt_missing(work):
     (corrupt_bold_partial_nan, [], [f"bold/sub-01/ses-002/{STEM}.npy", "NaN in some parcels"]),
     (corrupt_atlas_labels, [], ["bold/atlas.nii.gz", "no parcel with label 999"]),
     (corrupt_missing, [], [f"{STEM}.npy", f"features missing for run {STEM}"]),
+    (corrupt_bold_garbage, [], [f"bold/sub-01/ses-002/{STEM}.npy: not a .npy array", "02_prep_fmri.py"]),
+    (corrupt_truncated_features, [], [f"{STEM}.npy: truncated", "re-run 05_extract.py"]),
+    (corrupt_atlas_garbage, [], ["bold/atlas.nii.gz: not a readable NIfTI image"]),
     (None, ["--delays", 60], ["run sub-01_ses-001", "60 volumes", "largest delay 60"]),
-], ids=["length-mismatch", "nan-features", "inf-bold", "partial-nan-bold", "label-not-in-atlas", "missing-features", "fewer-samples-than-delays"])
+], ids=["length-mismatch", "nan-features", "inf-bold", "partial-nan-bold", "label-not-in-atlas", "missing-features",
+        "garbage-bold", "truncated-features", "garbage-atlas", "fewer-samples-than-delays"])
 def test_bad_input_clear_error(tmp_path, corrupt, flags, expected):
     work = make_work(tmp_path)
     if corrupt:
@@ -337,6 +376,19 @@ def test_bad_input_clear_error(tmp_path, corrupt, flags, expected):
     for text in expected:
         assert text in message
     assert not (work / "results/demo/sub-01").exists()
+
+
+def test_constant_features_give_nan_r_and_say_so(tmp_path):
+    work = make_work(tmp_path)
+    for path in (work / "features/demo/layer_a").rglob("*.npy"):
+        np.save(path, np.full((60, N_FEATURES), 0.5, np.float16))   # e.g. every window black
+    result = run_ridge(work, "--n-permutations", 20, "--min-shift", 5)
+    assert result.returncode == 0, result.stderr
+    assert "all 8 features are constant over the training samples: no prediction is possible, r is NaN" in result.stderr
+    assert "edge of the grid" not in result.stderr   # no advice about alphas: they are not the problem
+    assert np.isnan(np.load(work / "results/demo/sub-01/r.npy")).all()
+    summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
+    assert summary["r_max"] is None and summary["n_parcels_nan_r"] == N_PARCELS and summary["n_significant"] == 0
 
 
 # --------------------------------------------------------------------------------------------------
