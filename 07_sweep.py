@@ -14,7 +14,7 @@ Experiments (paper section 2.4; each varies one knob of the paper configuration,
     precision  --precision fp32, fp16: training time and brain score    (Figure 6)
 A configuration shared by several experiments (the paper model appears in all five) trains once. Its
 name spells it out, e.g. h576-l8-a4-f6M-fp32, and names its folders: gpt/<name>/, features/<name>/,
-results/<name>/. A configuration whose results exist for every subject is skipped. The frozen VQ-VAE
+results/<name>/. Each stage of a configuration skips what its records vouch for (see the README). The frozen VQ-VAE
 (<work>/vqvae/ckpt.pt) and the parcel time series (<work>/bold/) must exist: run stages 01-03 first.
 
 Figures (<work>/figures/): <experiment>_loss.png (GPT train/validation loss, Fig. 2a-6a),
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import common
 from common import DEFAULT_WORK, InputError, read_tsv, run_main
 
 REPO = Path(__file__).resolve().parent
@@ -159,17 +160,20 @@ def finished(work, name, subs):
 
 
 def run_jobs(args, jobs):
-    subs = subjects(args.work)
+    subjects(args.work)   # bold/manifest.tsv must exist: stage 02 has run
     if not (Path(args.work) / "vqvae" / "ckpt.pt").is_file():
         raise InputError(f"{Path(args.work) / 'vqvae' / 'ckpt.pt'}: no VQ-VAE checkpoint (run 03_train_vqvae.py first)")
+    # Every stage runs: each one skips what its records say is up to date, so a configuration whose VQ-VAE,
+    # frames or flags changed is made again instead of being kept because its results exist.
     for i, (name, (config, layer)) in enumerate(jobs.items(), 1):
-        if finished(args.work, name, subs):
-            print(f"[{i}/{len(jobs)}] {name}: results exist, skipped")
-            continue
         for cmd in commands(args, name, config, layer):
             print(f"[{i}/{len(jobs)}] {name}: python {shlex.join(cmd)}", flush=True)
-            if subprocess.run([sys.executable, *cmd], cwd=REPO).returncode != 0:
-                raise InputError(f"{cmd[0]} failed for configuration {name} (its message is above)")
+            status = subprocess.run([sys.executable, *cmd], cwd=REPO).returncode
+            if status == common.EXIT_INTERRUPTED:
+                print(f"07_sweep: {cmd[0]} of configuration {name} was interrupted: re-run to resume", file=sys.stderr)
+                sys.exit(status)
+            if status != 0:
+                raise InputError(f"{cmd[0]} failed for configuration {name} (exit {status}; its message is above)")
 
 
 # --------------------------------------------------------------------------------------------------

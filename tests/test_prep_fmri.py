@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import common
 from common import InputError
 from conftest import load_stage, run_script
 
@@ -180,9 +181,18 @@ def test_labels_and_atlas_match_the_atlas(synthetic):
     np.testing.assert_array_equal(np.asarray(used.dataobj), data["on_grid"])
     np.testing.assert_allclose(used.affine, BOLD_AFFINE)
     assert labels["n_voxels"].tolist() == [(data["on_grid"] == k).sum() for k in sorted(LABELS)]
-    settings = json.loads((work / "bold/prep.json").read_text())
-    assert settings["confounds"] == {"strategy": ["motion", "high_pass"], "motion": "basic"}
-    assert settings["fwhm_mm"] == 8.0 and settings["atlas"] == str(data["atlas"].resolve())
+    prep_json = json.loads((work / "bold/prep.json").read_text())
+    assert prep_json["settings"] == {"--space": SPACE, "--confounds": ["motion", "high_pass"], "--motion": "basic",
+                                     "--fwhm": 8.0}
+    assert prep_json["atlas"] == str(data["atlas"].resolve())
+    # each run's record: the flags, and the fingerprint of every file it was made from
+    run = data["runs"]["001"]
+    npy = work / f"bold/sub-01/ses-001/{run['stem']}.npy"
+    record = json.loads(npy.with_suffix(".json").read_text())
+    assert record["stage"] == "02_prep_fmri" and record["settings"] == prep_json["settings"]
+    assert sorted(record["inputs"]) == ["atlas", "bold", "bold_sidecar", "confounds"]
+    assert record["inputs"]["bold"]["sha256"] == common.file_sha256(run["bold"])
+    assert record["output"]["sha256"] == common.file_sha256(npy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,9 +255,18 @@ def test_rerun_skips_and_other_settings_need_overwrite(tmp_path, capsys):
     prep.main(flags(data, work, *basic))
     assert "all 2 run(s) done already" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (work / "bold").glob("*.*")} == shared   # nothing rewritten
-    with pytest.raises(InputError, match=r"prep.json: existing outputs were made with other settings \(fwhm_mm\)"):
+    with pytest.raises(InputError, match=r"ses-001_task-synth_run-01.npy: made with --fwhm 8.0, not 6.0: pass the "
+                                         r"same flags, or --overwrite to redo it$"):
         prep.main(flags(data, work, *basic, "--fwhm", "6"))
     assert first.stat().st_mtime_ns == stamp
+    # a BOLD image that changed (fMRIPrep re-run): that run alone is made again
+    image = nib.load(data["runs"]["002"]["bold"])
+    nib.save(nib.Nifti1Image(image.get_fdata(dtype=np.float32)[..., ::-1], image.affine, image.header),
+             data["runs"]["002"]["bold"])
+    second_stamp = second.stat().st_mtime_ns
+    prep.main(flags(data, work, *basic))
+    assert "bold changed since" in capsys.readouterr().out
+    assert first.stat().st_mtime_ns == stamp and second.stat().st_mtime_ns != second_stamp
     # --overwrite with other settings and a bad input: the error comes before anything is removed
     (confounds,) = [p for p in data["fmriprep"].rglob("*desc-confounds*.tsv") if "ses-002" in p.name]
     confounds.rename(confounds.with_suffix(".hidden"))
@@ -259,7 +278,7 @@ def test_rerun_skips_and_other_settings_need_overwrite(tmp_path, capsys):
     prep.main(flags(data, work, *basic, "--fwhm", "6", "--overwrite", "--sessions", "001"))
     assert first.stat().st_mtime_ns != stamp and not second.exists()
     assert pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)["ses"].tolist() == ["001"]
-    assert json.loads((work / "bold/prep.json").read_text())["fwhm_mm"] == 6.0
+    assert json.loads((work / "bold/prep.json").read_text())["settings"]["--fwhm"] == 6.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,6 +373,32 @@ def test_nan_and_constant_voxels_are_left_out_and_reported(data, tmp_path, capsy
     assert corr(y[:, column(tmp_path, 7)], planted_signal(len(run["kept"]))[run["kept"]]) > 0.8
     manifest = pd.read_csv(tmp_path / "bold/manifest.tsv", sep="\t", dtype=str)
     assert manifest["empty_parcels"].tolist() == ["12"]
+
+
+def test_damaged_images_are_named(data, tmp_path):
+    bold = data["runs"]["002"]["bold"]
+    content = bold.read_bytes()
+    bold.write_bytes(np.random.default_rng(0).bytes(len(content)))      # not a NIfTI at all
+    expect_error(data, tmp_path / "a", rf"{bold.name}: not a readable NIfTI image", "--motion", "basic")
+    # the header reads, the voxels do not: found while the runs are processed (reading every voxel twice
+    # would double the stage's I/O), so the run before it is finished and kept, the damaged one is not
+    bold.write_bytes(content[:len(content) * 2 // 3])
+    with pytest.raises(InputError, match=rf"{bold.name}: cannot read its voxels \(truncated or damaged"):
+        prep.main(flags(data, tmp_path / "b", "--motion", "basic", "--workers", "1"))
+    written = sorted(p.name for p in (tmp_path / "b/bold").rglob("*") if p.is_file() and p.parent.name.startswith("ses"))
+    assert written == ["sub-01_ses-001_task-synth_run-01.json", "sub-01_ses-001_task-synth_run-01.npy"]
+    data["atlas"].write_bytes(b"\x1f\x8b" + b"0" * 100)                 # a gzip header, then garbage
+    expect_error(data, tmp_path / "c", rf"{data['atlas'].name}: not a readable NIfTI image")
+
+
+def test_volume_of_nan_is_named(data, tmp_path):
+    run = data["runs"]["001"]
+    image = nib.load(run["bold"])
+    bold = image.get_fdata(dtype=np.float32)
+    bold[..., 17] = np.nan
+    nib.save(nib.Nifti1Image(bold, image.affine, image.header), run["bold"])
+    expect_error(data, tmp_path, rf"{run['bold'].name}: volume 17 \(0-based\) is NaN in every voxel of the atlas; "
+                                 r"the image is damaged$", "--motion", "basic", "--sessions", "001")
 
 
 def test_more_confounds_than_volumes(data, tmp_path):

@@ -1,5 +1,6 @@
 """01_render_frames.py: exact replays, the resize, the manifest, and bad input."""
 import shutil
+import subprocess
 import zipfile
 
 import numpy as np
@@ -7,6 +8,7 @@ import pandas as pd
 import pytest
 import stable_retro as retro
 
+import common
 from conftest import load_stage, run_script
 
 render = load_stage("01_render_frames.py")
@@ -104,12 +106,28 @@ def test_rerun_skips_other_resolution_fails_and_overwrite_rerenders(tmp_path, re
     # frames of another resolution are not silently kept
     result = run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "24", check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: {npy}: rendered at 16 px, not --resolution 24; pass --overwrite "
-                                     "to re-render (or use another --work)")
+    assert result.stderr.strip() == (f"error: {npy}: made with --resolution 16, not 24: pass the same flags, or "
+                                     "--overwrite to redo it")
     assert npy.stat().st_mtime_ns == stamp and (tmp_path / "frames/manifest.tsv").read_text() == manifest
+    # frames cut short (a full disk, a bad copy) and a killed run's temporary file: repaired by a re-run
+    rendered = np.load(npy)
+    npy.write_bytes(npy.read_bytes()[:5000])
+    dead = subprocess.Popen(["true"])   # a process that has ended: its temporary files are garbage
+    dead.wait()
+    stale = npy.with_name(f".{npy.name}.tmp-{common.HOST}-{dead.pid}.npy")
+    foreign = npy.with_name(f".{npy.name}.tmp-othermachine-{dead.pid}.npy")   # maybe still being written
+    stale.write_bytes(b"x"), foreign.write_bytes(b"x")
+    repaired = run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16")
+    assert "changed since it was made (damaged?)" in repaired.stdout
+    np.testing.assert_array_equal(np.load(npy), rendered)
+    assert not stale.exists() and foreign.exists()
+    foreign.unlink()
     run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "24", "--overwrite")
     assert npy.stat().st_mtime_ns != stamp and np.load(npy).shape[1:] == (24, 24, 3)
-    assert [p.name for p in npy.parent.iterdir()] == [npy.name]  # no temporary file left behind
+    assert sorted(p.name for p in npy.parent.iterdir()) == sorted([npy.name, npy.with_suffix(".json").name])
+    record = common.read_record(npy.with_suffix(".json"))   # no temporary file left behind; the record:
+    assert record["settings"] == {"--resolution": 24} and record["n_frames"] == len(rendered)
+    assert record["inputs"]["bk2"]["sha256"] == common.file_sha256(bk2)
 
 
 def test_subjects_rendered_in_separate_calls_share_one_manifest(tmp_path, recording):
