@@ -6,11 +6,17 @@ that the whole pipeline runs in about two minutes on 2 cores.
 """
 import json
 import os
+import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import common
 from conftest import REPO
 
 REDUCED = {
@@ -25,7 +31,7 @@ REDUCED = {
 
 def run_all(work, **env):
     return subprocess.run(["bash", "run_all.sh"], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, WORK=str(work), OMP_NUM_THREADS="2", **REDUCED, **env))
+                          env=dict(os.environ, WORK=str(work), OMP_NUM_THREADS="2", **{**REDUCED, **env}))
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +81,68 @@ def test_run_all_again_skips_every_stage(pipeline):
 
 def test_run_all_stops_at_the_first_failing_stage(tmp_path):
     result = run_all(tmp_path, DATA=str(tmp_path / "no_such_dataset"), ATLAS=str(tmp_path / "atlas.nii.gz"))
-    assert result.returncode == 1
-    assert "stage 01_render_frames failed" in result.stderr
+    assert result.returncode == 2                      # 01's status: bad input
+    assert "stage 01_render_frames failed (exit 2" in result.stderr
     assert "=== 02_prep_fmri" not in result.stdout
+
+
+def processes_running(script, work):
+    """PIDs of the processes whose command line runs `script` on `work` (read from /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(script.encode()) for a in args) and str(work).encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_sigterm_to_03_stops_run_all_and_the_rerun_equals_an_uninterrupted_run(pipeline, tmp_path):
+    work = tmp_path / "work"
+    process = subprocess.Popen(["bash", "run_all.sh"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, WORK=str(work), OMP_NUM_THREADS="2", **REDUCED))
+    log = work / "vqvae" / "log.csv"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None and not (
+            log.is_file() and len(log.read_text().splitlines()) >= 2):    # 03 has logged step 50 of 300
+        time.sleep(0.2)
+    (pid,) = processes_running("03_train_vqvae.py", work)
+    os.kill(pid, signal.SIGTERM)                       # what SLURM sends before it preempts a job
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 75, stderr[-2000:]
+    step = common.read_record(work / "vqvae" / "ckpt.json")["step"]
+    assert 50 <= step < 300
+    assert stderr.strip().splitlines()[-1] == f"run_all.sh: 03_train_vqvae interrupted at step {step} of 300: re-run to resume"
+    assert "=== 04_train_gpt" not in stdout and not (work / "gpt").exists()   # nothing trained on it
+
+    again = run_all(work)
+    assert again.returncode == 0, again.stderr[-3000:]
+    uninterrupted, _ = pipeline
+    a = common.load_checkpoint(uninterrupted / "vqvae" / "ckpt.pt")["model"]
+    b = common.load_checkpoint(work / "vqvae" / "ckpt.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    np.testing.assert_allclose(np.load(work / "results/demo/sub-01/r.npy"),
+                               np.load(uninterrupted / "results/demo/sub-01/r.npy"), rtol=1e-4, atol=1e-5)
+
+
+def test_a_changed_gpt_flag_is_refused_then_overwrite_remakes_04_05_06(pipeline, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(pipeline[0], work)               # copy2 keeps modification times: records still vouch
+    before = json.loads((work / "results/demo/sub-01/summary.json").read_text())
+    changed = dict(GPT_ARGS=REDUCED["GPT_ARGS"] + " --lr 1e-3")
+    refused = run_all(work, **changed)
+    assert refused.returncode == 2
+    assert (f"error: {work / 'gpt/demo/ckpt.pt'}: made with --lr 0.0003, not 0.001: pass the same flags, or "
+            "--overwrite to redo it") in refused.stderr
+    redone = run_all(work, GPT_ARGS=changed["GPT_ARGS"] + " --overwrite")
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    assert "10 of 10 run(s) to do" in redone.stdout      # 05: every run's features, from the new checkpoint
+    assert "sub-01: done already" not in redone.stdout   # 06: the subject fitted again
+    after = json.loads((work / "results/demo/sub-01/summary.json").read_text())
+    assert after["r_max"] != before["r_max"] and after["inputs"] != before["inputs"]
 
 
 def test_demo_sweep_draws_every_figure_and_the_report(pipeline):
