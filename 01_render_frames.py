@@ -151,11 +151,12 @@ def squash(screen, resolution):
     return np.asarray(Image.fromarray(screen).resize((resolution, resolution), Image.BOX))
 
 
-def replay(bk2_path, resolution, out_path=None):
+def replay(bk2_path, resolution, out_path=None, final=None):
     """Replay one .bk2 and return its frames as uint8 (N, resolution, resolution, 3).
 
     With out_path, frames are written straight into a memory-mapped .npy there (long repetitions do
-    not need to fit in RAM) and the array returned is that memmap.
+    not need to fit in RAM) and the array returned is that memmap; `final` names it in errors. A bad
+    replay is an InputError; a file that cannot be written, an OSError.
     """
     import stable_retro as retro
 
@@ -183,7 +184,7 @@ def replay(bk2_path, resolution, out_path=None):
     env.initial_state = movie.get_state()
     env.reset()
     shape = (n_frames, resolution, resolution, 3)
-    frames = common.open_npy_for_writing(out_path, np.uint8, shape) if out_path else np.empty(shape, np.uint8)
+    frames = common.open_npy_for_writing(out_path, np.uint8, shape, final) if out_path else np.empty(shape, np.uint8)
     em, n_buttons = env.em, env.num_buttons
     keys = np.zeros((movie.players, n_buttons), np.uint8)
     for i in range(n_frames):
@@ -207,14 +208,15 @@ def render_repetition(task):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = common.temporary_path(out)
     try:
-        frames = replay(rep["bk2"], resolution, out_path=tmp)
+        try:
+            frames = replay(rep["bk2"], resolution, out_path=tmp, final=out)
+        except InputError as err:   # a bad replay: a failed row, and the batch goes on
+            return dict(row, status="failed", error=str(err), frames_path=np.nan)
         row["n_frames"] = len(frames)
         del frames
-        os.replace(tmp, out)
+        os.replace(tmp, out)        # a write that fails (full disk) stops the stage: OSError
         common.write_record(out, common.new_record(STAGE, settings, inputs, out, n_frames=row["n_frames"],
                                                    bk2=rep["bk2"], stable_retro=version("stable-retro")))
-    except InputError as err:
-        row.update(status="failed", error=str(err), frames_path=np.nan)
     finally:
         tmp.unlink(missing_ok=True)
     return check_duration(row)

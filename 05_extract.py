@@ -372,7 +372,7 @@ class RunWriter:
         if layer not in self.arrays:
             self.tmp[layer].parent.mkdir(parents=True, exist_ok=True)
             self.arrays[layer] = common.open_npy_for_writing(self.tmp[layer], self.dtype,
-                                                             (self.run["n_volumes"], rows.shape[1]))
+                                                             (self.run["n_volumes"], rows.shape[1]), self.paths[layer])
             self.shapes[layer] = [int(n) for n in activation_shape]
         self.arrays[layer][t] = rows
 

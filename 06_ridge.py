@@ -748,53 +748,55 @@ def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, plante
 
     # --- outputs (summary.json last: it is the subject's record, and marks it as done) ---
     common.remove_stale_temporaries(out_dir)
-    save_npy(out_dir / "r.npy", r.astype(np.float32))
-    save_npy(out_dir / "alphas.npy", fit["alpha"])
-    save_npy(out_dir / "p_values.npy", p_values)
-    save_npy(out_dir / "significant.npy", significant)
-    write_r_map(r, labels, atlas_path, out_dir, f"sub-{sub} {args.name}: test r (max {np.nanmax(r):.2f})"
-                if np.isfinite(r).any() else f"sub-{sub} {args.name}: test r (all NaN)")
-    values, counts = np.unique(fit["alpha"], return_counts=True)
-    settings, inputs = record
-    summary = {
-        "stage": STAGE,
-        "subject": f"sub-{sub}",
-        "r_max": float(np.nanmax(r)) if np.isfinite(r).any() else None,
-        "r_median": float(np.nanmedian(r)) if np.isfinite(r).any() else None,
-        "r_mean": float(np.nanmean(r)) if np.isfinite(r).any() else None,
-        "n_parcels": int(len(r)),
-        "n_parcels_nan_r": int(np.isnan(r).sum()),
-        "n_significant": int(significant.sum()),
-        "significance": (f"one-sided permutation p-value against {n_null} circular shifts "
-                         f"(>= {args.min_shift} TRs) of the features within each run, Benjamini-Hochberg "
-                         f"q < {args.fdr}") if args.n_permutations else "not computed (--n-permutations 0)",
-        "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
-        "standardization": (f"features z-scored with training-set means and standard deviations "
-                            f"({n_constant} constant features set to 0); intercept fitted (X and BOLD centered "
-                            "with training means)" + (f"; then the first {args.pca} principal components of the "
-                                                       "training features" if args.pca else "")),
-        "n_train_samples": len(train_ids),
-        "n_test_samples": len(test_ids),
-        "n_features": int(X_train.shape[1]),
-        "solver": {"cholesky": "dual (a Cholesky factorization of X X^T + alpha I for each alpha)",
-                   "eigh": "dual (eigendecomposition of X X^T)", "svd": "primal (SVD of X)"}[fit["solver"]],
-        "train_runs": sorted({runs[g]["stem"] for g, _ in train_ids}),
-        "test_runs": sorted({runs[g]["stem"] for g, _ in test_ids}),
-        "layer": files[0][3].parents[2].name,
-        "seconds": round(time.time() - start, 1),
-        "settings": settings,
-        "inputs": inputs,
-        "outputs": {name: common.hash_file(out_dir / name) for name in OUTPUT_FILES},
-    }
-    if planted_labels is not None:
-        summary["ground_truth"] = planted_recovery(r, significant, labels, planted_labels)
-    # Parcels without signal rightly take the largest penalty; when every parcel does (or every one the
-    # smallest), the best penalty for the parcels with signal probably lies outside the grid.
-    for edge, direction in ((max(args.alphas), "larger"), (min(args.alphas), "smaller")):
-        if len(set(args.alphas)) > 1 and np.all(fit["alpha"] == edge) and n_constant < X_train.shape[1]:
-            print(f"06_ridge: warning: sub-{sub}: every parcel chose alpha {edge:g}, the edge of the grid: "
-                  f"add {direction} --alphas", file=sys.stderr)
-    common.write_json(out_dir / "summary.json", summary)
+    # a subject is all or nothing: a failed write (full disk) removes what this attempt wrote
+    with common.all_or_nothing([out_dir / name for name in (*OUTPUT_FILES, "summary.json")]):
+        save_npy(out_dir / "r.npy", r.astype(np.float32))
+        save_npy(out_dir / "alphas.npy", fit["alpha"])
+        save_npy(out_dir / "p_values.npy", p_values)
+        save_npy(out_dir / "significant.npy", significant)
+        write_r_map(r, labels, atlas_path, out_dir, f"sub-{sub} {args.name}: test r (max {np.nanmax(r):.2f})"
+                    if np.isfinite(r).any() else f"sub-{sub} {args.name}: test r (all NaN)")
+        values, counts = np.unique(fit["alpha"], return_counts=True)
+        settings, inputs = record
+        summary = {
+            "stage": STAGE,
+            "subject": f"sub-{sub}",
+            "r_max": float(np.nanmax(r)) if np.isfinite(r).any() else None,
+            "r_median": float(np.nanmedian(r)) if np.isfinite(r).any() else None,
+            "r_mean": float(np.nanmean(r)) if np.isfinite(r).any() else None,
+            "n_parcels": int(len(r)),
+            "n_parcels_nan_r": int(np.isnan(r).sum()),
+            "n_significant": int(significant.sum()),
+            "significance": (f"one-sided permutation p-value against {n_null} circular shifts "
+                             f"(>= {args.min_shift} TRs) of the features within each run, Benjamini-Hochberg "
+                             f"q < {args.fdr}") if args.n_permutations else "not computed (--n-permutations 0)",
+            "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
+            "standardization": (f"features z-scored with training-set means and standard deviations "
+                                f"({n_constant} constant features set to 0); intercept fitted (X and BOLD centered "
+                                "with training means)" + (f"; then the first {args.pca} principal components of the "
+                                                           "training features" if args.pca else "")),
+            "n_train_samples": len(train_ids),
+            "n_test_samples": len(test_ids),
+            "n_features": int(X_train.shape[1]),
+            "solver": {"cholesky": "dual (a Cholesky factorization of X X^T + alpha I for each alpha)",
+                       "eigh": "dual (eigendecomposition of X X^T)", "svd": "primal (SVD of X)"}[fit["solver"]],
+            "train_runs": sorted({runs[g]["stem"] for g, _ in train_ids}),
+            "test_runs": sorted({runs[g]["stem"] for g, _ in test_ids}),
+            "layer": files[0][3].parents[2].name,
+            "seconds": round(time.time() - start, 1),
+            "settings": settings,
+            "inputs": inputs,
+            "outputs": {name: common.hash_file(out_dir / name) for name in OUTPUT_FILES},
+        }
+        if planted_labels is not None:
+            summary["ground_truth"] = planted_recovery(r, significant, labels, planted_labels)
+        # Parcels without signal rightly take the largest penalty; when every parcel does (or every one the
+        # smallest), the best penalty for the parcels with signal probably lies outside the grid.
+        for edge, direction in ((max(args.alphas), "larger"), (min(args.alphas), "smaller")):
+            if len(set(args.alphas)) > 1 and np.all(fit["alpha"] == edge) and n_constant < X_train.shape[1]:
+                print(f"06_ridge: warning: sub-{sub}: every parcel chose alpha {edge:g}, the edge of the grid: "
+                      f"add {direction} --alphas", file=sys.stderr)
+        common.write_json(out_dir / "summary.json", summary)
     return summary
 
 

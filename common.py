@@ -134,15 +134,20 @@ def save_npy(path, array):
         np.save(tmp, array)
 
 
-def open_npy_for_writing(path, dtype, shape):
-    """A writable memory-mapped .npy of `shape` at `path`, its disk space reserved now.
+def open_npy_for_writing(tmp, dtype, shape, final):
+    """A writable memory-mapped .npy of `shape` at the temporary path `tmp`, its disk space reserved now.
 
     Without the reservation a memory map is a sparse file, and a full disk shows up only when a page is
     written back: the process dies of SIGBUS, with no message and a large temporary file left behind.
-    posix_fallocate makes a full disk an OSError here, before any work is done."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    with open(path, "r+b") as f:
-        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    posix_fallocate makes a full disk an error here, before any work is done: an OSError naming `final`
+    (the output the temporary becomes), after the temporary is removed."""
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write it ({err.strerror or err})", str(final)) from None
     return array
 
 
@@ -156,6 +161,18 @@ def write_tsv(path, table):
         return
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def all_or_nothing(paths):
+    """Remove the files `paths` when the block fails: a set of outputs that belong together is complete
+    or absent, never half there."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, value):

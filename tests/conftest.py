@@ -31,6 +31,19 @@ def load_stage(filename):
     return module
 
 
+def processes_running(script, work):
+    """PIDs of the processes whose command line runs `script` on `work` (read from /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(script.encode()) for a in args) and str(work).encode() in args:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
 @pytest.fixture(scope="session")
 def demo_work(tmp_path_factory):
     """A work directory holding demo/ made by 00_make_demo.py with TINY_DEMO_FLAGS."""
@@ -50,3 +63,38 @@ def rendered_work(demo_work):
     """demo_work after 01_render_frames.py at 32 px (frames/manifest.tsv and the .npy files)."""
     run_script("01_render_frames.py", "--work", demo_work, "--resolution", "32", "--workers", "2")
     return demo_work
+
+
+# --------------------------------------------------------------------------------------------------
+# A read-only folder, a full disk: each in a private mount namespace (`unshare -rm`, no privileges
+# needed), because root ignores file permissions and the tests may run as root.
+# --------------------------------------------------------------------------------------------------
+def _namespaces_work():
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+needs_namespaces = pytest.mark.skipif(not _namespaces_work(),
+                                      reason="needs `unshare -rm` (user namespaces) to mount a read-only folder "
+                                             "or a small full filesystem")
+FILES_LEFT = "--- files left:"
+
+
+def run_confined(script, *args, read_only=None, full=None, full_bytes=64 * 1024):
+    """Run a stage script as a user would, with the folder `read_only` mounted read-only, or an empty
+    filesystem of `full_bytes` mounted on the folder `full` (a disk that fills at once). Returns the
+    CompletedProcess and, for `full`, the files left in it after the run (relative paths)."""
+    mounts = []
+    if read_only is not None:
+        mounts.append(f'mount --bind -o ro "{read_only}" "{read_only}"')
+    if full is not None:
+        Path(full).mkdir(parents=True, exist_ok=True)
+        mounts.append(f'mount -t tmpfs -o size={full_bytes} tmpfs "{full}"')
+    command = " ".join(f'"{a}"' for a in [sys.executable, str(REPO / script), *map(str, args)])
+    listing = f'; echo "{FILES_LEFT}"; cd "{full}" && find . -type f' if full is not None else ""
+    shell = " && ".join(mounts) + f" && {{ {command}; status=$?{listing}; exit $status; }}"
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", shell], cwd=REPO, capture_output=True, text=True)
+    left = []
+    if full is not None and FILES_LEFT in result.stdout:
+        result.stdout, listing_out = result.stdout.split(FILES_LEFT)
+        left = sorted(line[2:] for line in listing_out.split() if line.startswith("./"))
+    return result, left

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import load_stage, run_script
+from conftest import load_stage, needs_namespaces, run_confined, run_script
 
 extract = load_stage("05_extract.py")
 TR = 1.49
@@ -431,3 +431,38 @@ def test_bad_runs_through_the_script(checkpoints, tmp_path):
     line = error_line(run_script("05_extract.py", *flags[:1], work, *flags[2:], check=False))
     assert "rep 1 is listed as rendered but its frames" in line and "do not exist" in line
     assert not (work / "features").exists()  # nothing half-written
+
+
+@needs_namespaces
+def test_read_only_work_and_full_disk(extracted, checkpoints):
+    work, _ = extracted
+    flags = ["--work", work, "--ckpt", checkpoints["ours"], "--dtype", "float32", "--layer", "last"]
+    result, _ = run_confined("05_extract.py", *flags, "--name", "ro", read_only=work)
+    assert error_line_after_progress(result) == f"error: {work / 'features/ro'}: Read-only file system"
+    # 12 x 384 float32 features (18 kB) do not fit in 8 kB: without the disk space reserved up front, the
+    # memory map would kill the process with SIGBUS, without a word, and leave its temporary file behind
+    result, left = run_confined("05_extract.py", *flags, "--name", "full", full=work / "features/full",
+                                full_bytes=8 * 1024)
+    npy = work / "features/full/attn_stack.attn_nets.1.post_fc_dp/sub-01/ses-001/sub-01_ses-001_task-airstriker_run-01.npy"
+    assert error_line_after_progress(result) == f"error: {npy}: cannot write it (No space left on device)"
+    assert left == []
+
+
+def error_line_after_progress(result):
+    """The last line on stderr (above it: the progress bar), and exit status 2."""
+    assert result.returncode == 2, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_truncated_or_unfinished_checkpoint(checkpoints, tmp_path, extracted):
+    work, _ = extracted
+    truncated = tmp_path / "gpt.pt"
+    truncated.write_bytes(checkpoints["ours"].read_bytes()[:5000])
+    line = error_line(run_script("05_extract.py", "--work", work, "--ckpt", truncated, check=False))
+    assert line.startswith(f"error: {truncated}: not a readable torch checkpoint (")
+    unfinished = common.load_checkpoint(checkpoints["ours"])
+    unfinished.update(step=3, max_steps=10, complete=False)
+    common.save_checkpoint(tmp_path / "unfinished.pt", unfinished)
+    line = error_line(run_script("05_extract.py", "--work", work, "--ckpt", tmp_path / "unfinished.pt", check=False))
+    assert line == (f"error: {tmp_path / 'unfinished.pt'}: unfinished training (step 3 of 10): re-run 04_train_gpt.py "
+                    "to finish it, or pass --allow-unfinished to use it as it is")

@@ -24,7 +24,7 @@ import pytest
 
 import common
 from common import InputError
-from conftest import load_stage, run_script
+from conftest import load_stage, needs_namespaces, run_confined, run_script
 
 prep = load_stage("02_prep_fmri.py")
 
@@ -447,3 +447,12 @@ def test_demo_end_to_end_keeps_planted_signal(demo_work, tmp_path):
     noise_r = [abs(corr(y[:, col[label]], signals[prop])) for label in truth["noise_parcels"]
                for prop in set(truth["planted"].values())]
     assert min(planted_r) > 0.3 and np.mean(noise_r) < 0.15, (planted_r, np.mean(noise_r))
+
+
+@needs_namespaces
+def test_read_only_work(data, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    result, _ = run_confined("02_prep_fmri.py", *flags(data, work, "--motion", "basic"), read_only=work)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {work / 'bold'}: Read-only file system"

@@ -9,7 +9,7 @@ import pytest
 import stable_retro as retro
 
 import common
-from conftest import load_stage, run_script
+from conftest import load_stage, needs_namespaces, run_confined, run_script
 
 render = load_stage("01_render_frames.py")
 GAME = "Airstriker-Genesis-v0"
@@ -196,3 +196,37 @@ def test_bad_dataset_root(tmp_path):
     result = run_script("01_render_frames.py", "--work", tmp_path, "--bids", tmp_path / "empty", check=False)
     assert result.returncode == 2 and "no sub-*/ses-*/func/*_events.tsv" in result.stderr
     assert not (tmp_path / "frames").exists()
+
+
+def test_onset_na_in_events_is_an_error_before_anything_is_rendered(tmp_path, recording):
+    bk2, _ = recording
+    func = tmp_path / "bids/sub-01/ses-001/func"
+    func.mkdir(parents=True)
+    shutil.copy(bk2, tmp_path / "bids/sub-01_ses-001_task-x_run-01_level-1_rep-01.bk2")
+    events = func / "sub-01_ses-001_task-x_run-01_events.tsv"
+    events.write_text("trial_type\tonset\tduration\tstim_file\n"
+                      "gym-retro_game\tn/a\t4.0\tsub-01_ses-001_task-x_run-01_level-1_rep-01.bk2\n")
+    result = run_script("01_render_frames.py", "--work", tmp_path / "work", "--bids", tmp_path / "bids", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {events}: row 1 (sub-01_ses-001_task-x_run-01_level-1_rep-01.bk2) has onset n/a; every gameplay "
+        "row needs its onset in seconds")
+    assert not (tmp_path / "work/frames").exists()
+
+
+@needs_namespaces
+def test_read_only_work_and_full_disk(tmp_path, recording):
+    bk2, _ = recording
+    work = tmp_path / "work"
+    work.mkdir()
+    result, _ = run_confined("01_render_frames.py", "--work", work, "--bk2", bk2, "--resolution", "16",
+                             read_only=work)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {work / 'frames'}: Read-only file system"
+    # 240 frames of 16 x 16 x 3 need 180 kB: the disk is full at once, and the frames file says so
+    result, left = run_confined("01_render_frames.py", "--work", work, "--bk2", bk2, "--resolution", "16",
+                                full=work / "frames", full_bytes=64 * 1024)
+    assert result.returncode == 2
+    npy = work / "frames/sub-unknown/ses-unknown/Airstriker-Genesis-v0-Level1-000000.npy"
+    assert result.stderr.strip().splitlines()[-1] == f"error: {npy}: cannot write it (No space left on device)"
+    assert left == []                                    # its temporary file does not hold the space

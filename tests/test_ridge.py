@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common
 from common import bids_entities, run_stem  # noqa: E402
-from conftest import load_stage  # noqa: E402
+from conftest import load_stage, needs_namespaces, run_confined  # noqa: E402
 
 ridge = load_stage("06_ridge.py")
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -451,3 +451,18 @@ def test_demo_planted_parcels_beat_noise_parcels(demo_work, tmp_path):
     recovery = json.loads((out / "summary.json").read_text())["ground_truth"]
     assert recovery["planted_columns"] == np.flatnonzero(planted).tolist() and recovery["recovered"]
     assert "sub-01" in result.stdout and "recovered: median r" in result.stdout
+
+
+@needs_namespaces
+def test_read_only_work_and_full_disk(tmp_path):
+    work = make_work(tmp_path)
+    flags = ["--work", work, "--name", "demo", "--n-permutations", 20, "--min-shift", 5]
+    result, _ = run_confined("06_ridge.py", *flags, read_only=work)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {work / 'results'}: Read-only file system"
+    # room for the small arrays, not for the brain map: the subject is all or nothing
+    result, left = run_confined("06_ridge.py", *flags, full=work / "results", full_bytes=12 * 1024)
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {work / 'results/demo/sub-01'}/") and line.endswith(
+        ": cannot write it (No space left on device)")
+    assert left == []

@@ -10,14 +10,13 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import REPO
+from conftest import REPO, processes_running
 
 REDUCED = {
     "DEMO_ARGS": "--subjects 1",
@@ -84,19 +83,6 @@ def test_run_all_stops_at_the_first_failing_stage(tmp_path):
     assert result.returncode == 2                      # 01's status: bad input
     assert "stage 01_render_frames failed (exit 2" in result.stderr
     assert "=== 02_prep_fmri" not in result.stdout
-
-
-def processes_running(script, work):
-    """PIDs of the processes whose command line runs `script` on `work` (read from /proc)."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith(script.encode()) for a in args) and str(work).encode() in args:
-            pids.append(int(cmdline.parent.name))
-    return pids
 
 
 def test_sigterm_to_03_stops_run_all_and_the_rerun_equals_an_uninterrupted_run(pipeline, tmp_path):

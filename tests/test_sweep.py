@@ -90,3 +90,36 @@ def test_slurm_templates_parse_and_submit_chain_dry_run():
     assert "--dependency afterok:1001 " in sbatch[1] and "--dependency afterok:1002 " in sbatch[2]
     assert sbatch[-1].startswith("sbatch --parsable --job-name sweep-figures --dependency afterok:1003:1006:1009:1012")
     assert "04_train_gpt.py" in sbatch[0] and "--resume" in sbatch[0]
+
+
+FAKE_SLURM = {  # stand-ins for SLURM's commands, each recording how it was called
+    "srun": 'echo "srun $*" >> "$CALLS"; while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"',
+    "scontrol": 'echo "scontrol $*" >> "$CALLS"; [ "$1" = show ] && echo node1; true',
+    "scancel": 'echo "scancel $*" >> "$CALLS"',
+    # the ranks: interrupted after a checkpoint (resume line in the marker, torchrun's status 1), or failed
+    "torchrun": 'echo "torchrun $*" >> "$CALLS"; [ "$OUTCOME" = interrupted ] && '
+                'echo "04_train_gpt: interrupted at step 7 of 9 by SIGTERM; checkpoint saved: re-run to resume" '
+                '> "$RESUMABLE_MARKER"; exit 1',
+}
+
+
+@pytest.mark.parametrize("outcome", ["interrupted", "failed"])
+def test_gpu_stage_requeues_an_interrupted_run_and_fails_a_failed_one(tmp_path, outcome):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), OUTCOME=outcome,
+               SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node1", SLURM_GPUS_ON_NODE="4")
+    result = subprocess.run(["bash", "slurm/gpu_stage.sbatch", "04_train_gpt.py", "--work", "w"], cwd=REPO,
+                            capture_output=True, text=True, env=env)
+    log = calls.read_text().splitlines()
+    assert any(line.startswith("torchrun --nnodes 1 --nproc-per-node 4") and line.endswith("--work w --resume")
+               for line in log)
+    if outcome == "interrupted":
+        assert result.returncode == 0 and "scontrol requeue 42" in log
+        assert "interrupted at step 7 of 9" in result.stdout and "requeueing job 42" in result.stdout
+    else:
+        assert result.returncode == 1 and not any("requeue" in line for line in log)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, load_stage, run_script
+from conftest import REPO, load_stage, needs_namespaces, processes_running, run_confined, run_script
 
 import common
 
@@ -481,6 +481,31 @@ def test_two_process_gloo_torchrun(tmp_path):
     assert len(common.load_checkpoint(work / "vqvae/ckpt.pt")["rng"]) == 2   # one RNG state per rank
 
 
+def test_interrupted_under_torchrun_leaves_the_resume_line_for_the_batch_script(tmp_path):
+    """torchrun reports any failing rank as its own exit status 1, so status 75 cannot reach a SLURM batch
+    script: the ranks also write their resume line to $RESUMABLE_MARKER (slurm/gpu_stage.sbatch reads it)."""
+    work = make_frames_work(tmp_path / "work")
+    marker = tmp_path / "marker"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "03_train_vqvae.py",
+         "--work", str(work), *TINY_FLAGS, "--max-steps", "300", "--log-every", "1", "--batch-size", "2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", RESUMABLE_MARKER=str(marker)))
+    log_path = work / "vqvae" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log_path.exists() and len(log_path.read_text().splitlines()) > 3):
+        time.sleep(0.05)
+    for pid in processes_running("03_train_vqvae.py", work):   # SLURM signals every process of the step
+        os.kill(pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0                  # never 0: an afterok chain must not go on
+    record = common.read_record(work / "vqvae/ckpt.json")
+    assert record["complete"] is False and 3 <= record["step"] < 300
+    assert marker.read_text() == (f"03_train_vqvae: interrupted at step {record['step']} of 300 by SIGTERM; "
+                                  "checkpoint saved: re-run to resume\n")
+    assert 'train_vqvae.py", line' not in stderr and 'common.py", line' not in stderr   # no traceback of ours
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input: one line naming the file or flag, exit status 2
 # --------------------------------------------------------------------------------------------------
@@ -523,3 +548,20 @@ def test_bad_downsample_flag(tmp_path):
     flags[i + 1:i + 4] = ["3", "4", "4"]
     line = last_error_line(run_script("03_train_vqvae.py", "--work", tmp_path, *flags, check=False))
     assert line == "error: --downsample: T factor 3 must be a power of 2 dividing 8"
+
+
+@needs_namespaces
+def test_read_only_work(tmp_path):
+    work = make_frames_work(tmp_path)
+    result, _ = run_confined("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "2", read_only=work)
+    assert last_error_line(result) == f"error: {work / 'vqvae'}: Read-only file system"
+
+
+def test_truncated_checkpoint_is_named_by_03_and_04(tmp_path):
+    work = make_frames_work(tmp_path)
+    run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "2")
+    ckpt = work / "vqvae/ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:20000])
+    for script, extra in (("03_train_vqvae.py", TINY_FLAGS), ("04_train_gpt.py", ["--device", "cpu"])):
+        line = last_error_line(run_script(script, "--work", work, *extra, "--max-steps", "2", check=False))
+        assert line.startswith(f"error: {ckpt}: not a readable torch checkpoint ("), script
