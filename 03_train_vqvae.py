@@ -334,54 +334,53 @@ def train(args, config, loss_settings, ctx, out_dir, ckpt_path, checkpoint, arra
                 model_config=config, kind=STAGE, provenance=provenance))
 
     # --- loop
-    progress = tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="03 vqvae")
-    next_batch = train_sampler.batch_async(args.seed, ctx.rank, start_step, args.batch_size)
-    interval_start, interval_steps = time.perf_counter(), 0
-    step = start_step
-    while step < args.max_steps:
-        x = to_model_input(next_batch.result(), device, args.channels_last)     # (B, 3, T, H, W)
-        if step + 1 < args.max_steps:
-            next_batch = train_sampler.batch_async(args.seed, ctx.rank, step + 1, args.batch_size)
-        lr = common.cosine_lr(step, args.max_steps, args.lr, warmup_steps=args.warmup_steps)
-        common.set_lr(optimizer, lr)
+    # the bar is closed however the loop ends, so that an error message stays the last line printed
+    with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="03 vqvae") as progress:
+        next_batch = train_sampler.batch_async(args.seed, ctx.rank, start_step, args.batch_size)
+        interval_start, interval_steps = time.perf_counter(), 0
+        step = start_step
+        while step < args.max_steps:
+            x = to_model_input(next_batch.result(), device, args.channels_last)     # (B, 3, T, H, W)
+            if step + 1 < args.max_steps:
+                next_batch = train_sampler.batch_async(args.seed, ctx.rank, step + 1, args.batch_size)
+            lr = common.cosine_lr(step, args.max_steps, args.lr, warmup_steps=args.warmup_steps)
+            common.set_lr(optimizer, lr)
 
-        with common.autocast(device, args.precision):
-            recon_loss, _, vq_output = model(x)
-            loss = recon_loss + vq_output["commitment_loss"]               # paper eq. 1 (EMA codebook)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        interval_steps += 1
-        progress.update(1)
+            with common.autocast(device, args.precision):
+                recon_loss, _, vq_output = model(x)
+                loss = recon_loss + vq_output["commitment_loss"]               # paper eq. 1 (EMA codebook)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            interval_steps += 1
+            progress.update(1)
 
-        last = step == args.max_steps
-        if ctx.is_main and (step % args.log_every == 0 or last):
-            val_mse = val_psnr = ""
-            if step % args.val_every == 0 or last:
-                val_mse, val_psnr = validate(raw_model, val_clips, args, device)
-            elapsed = time.perf_counter() - interval_start
-            codebook = raw_model.codebook
-            log.log(step=step, lr=lr, loss=loss.item(), recon_loss=recon_loss.item(),
-                    commitment_loss=vq_output["commitment_loss"].item(),
-                    perplexity=vq_output["perplexity"].item(),
-                    codes_used=(codebook.N >= 1).float().mean().item(), val_mse=val_mse, val_psnr=val_psnr,
-                    clips_per_s=interval_steps * args.batch_size * ctx.world_size / elapsed,
-                    peak_mem_gb=common.peak_memory_gb(device))
-            progress.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{vq_output['perplexity'].item():.0f}")
-            interval_start, interval_steps = time.perf_counter(), 0
+            last = step == args.max_steps
+            if ctx.is_main and (step % args.log_every == 0 or last):
+                val_mse = val_psnr = ""
+                if step % args.val_every == 0 or last:
+                    val_mse, val_psnr = validate(raw_model, val_clips, args, device)
+                elapsed = time.perf_counter() - interval_start
+                codebook = raw_model.codebook
+                log.log(step=step, lr=lr, loss=loss.item(), recon_loss=recon_loss.item(),
+                        commitment_loss=vq_output["commitment_loss"].item(),
+                        perplexity=vq_output["perplexity"].item(),
+                        codes_used=(codebook.N >= 1).float().mean().item(), val_mse=val_mse, val_psnr=val_psnr,
+                        clips_per_s=interval_steps * args.batch_size * ctx.world_size / elapsed,
+                        peak_mem_gb=common.peak_memory_gb(device))
+                progress.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{vq_output['perplexity'].item():.0f}")
+                interval_start, interval_steps = time.perf_counter(), 0
 
-        stop = preemption.agreed(ctx)
-        if step % args.ckpt_every == 0 or last or stop:
-            save(step)
-        if stop and not last:
-            progress.close()
-            return step, preemption.name
-    progress.close()
+            stop = preemption.agreed(ctx)
+            if step % args.ckpt_every == 0 or last or stop:
+                save(step)
+            if stop and not last:
+                return step, preemption.name
 
     if ctx.is_main:
         save_recon_figure(raw_model, val_clips, out_dir / "recon.png", args, device)

@@ -504,55 +504,54 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provena
                 wall_s=wall_before + time.perf_counter() - run_start))
 
     # --- loop
-    progress = tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="04 gpt")
-    interval_start = time.perf_counter()
-    step = start_step
-    while step < args.max_steps:
-        index = batch_indices(step, len(train_samples), args.batch_size, args.seed, ctx.rank, ctx.world_size)
-        cond, target = train_samples.batch(index.to(device))                 # (B, t, h, w) each
-        lr = common.cosine_lr(step, args.max_steps, args.lr)
-        common.set_lr(optimizer, lr)
-        with common.autocast(device, args.precision):
-            loss = gpt_loss(model, codebook, cond, target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss.detach()
-        step += 1
-        interval_steps += 1
-        progress.update(1)
+    # the bar is closed however the loop ends, so that an error message stays the last line printed
+    with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="04 gpt") as progress:
+        interval_start = time.perf_counter()
+        step = start_step
+        while step < args.max_steps:
+            index = batch_indices(step, len(train_samples), args.batch_size, args.seed, ctx.rank, ctx.world_size)
+            cond, target = train_samples.batch(index.to(device))                 # (B, t, h, w) each
+            lr = common.cosine_lr(step, args.max_steps, args.lr)
+            common.set_lr(optimizer, lr)
+            with common.autocast(device, args.precision):
+                loss = gpt_loss(model, codebook, cond, target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+            step += 1
+            interval_steps += 1
+            progress.update(1)
 
-        last = step == args.max_steps
-        if step % args.log_every == 0 or last:
-            val_loss = ""
-            if step % args.val_every == 0 or last:
-                val_loss = validation_loss(raw_model, codebook, val_samples, args, ctx) if len(val_samples) else ""
-            if ctx.world_size > 1:
-                torch.distributed.all_reduce(loss_sum)
-            train_loss = loss_sum.item() / interval_steps / ctx.world_size
-            elapsed = time.perf_counter() - interval_start
-            clips_per_s = interval_steps * args.batch_size * ctx.world_size / elapsed
-            if ctx.is_main:
-                log.log(step=step, epoch=step * args.batch_size * ctx.world_size / len(train_samples), lr=lr,
-                        train_loss=train_loss, val_loss=val_loss, clips_per_s=clips_per_s,
-                        tokens_per_s=clips_per_s * tokens_per_sample,
-                        mfu=clips_per_s * flops_per_sample / (peak * 1e12 * ctx.world_size) if peak else "",
-                        peak_mem_gb=common.peak_memory_gb(device), wall_s=wall_before + time.perf_counter() - run_start)
-                progress.set_postfix(loss=f"{train_loss:.4f}")
-            loss_sum.zero_()
-            interval_start, interval_steps = time.perf_counter(), 0
+            last = step == args.max_steps
+            if step % args.log_every == 0 or last:
+                val_loss = ""
+                if step % args.val_every == 0 or last:
+                    val_loss = validation_loss(raw_model, codebook, val_samples, args, ctx) if len(val_samples) else ""
+                if ctx.world_size > 1:
+                    torch.distributed.all_reduce(loss_sum)
+                train_loss = loss_sum.item() / interval_steps / ctx.world_size
+                elapsed = time.perf_counter() - interval_start
+                clips_per_s = interval_steps * args.batch_size * ctx.world_size / elapsed
+                if ctx.is_main:
+                    log.log(step=step, epoch=step * args.batch_size * ctx.world_size / len(train_samples), lr=lr,
+                            train_loss=train_loss, val_loss=val_loss, clips_per_s=clips_per_s,
+                            tokens_per_s=clips_per_s * tokens_per_sample,
+                            mfu=clips_per_s * flops_per_sample / (peak * 1e12 * ctx.world_size) if peak else "",
+                            peak_mem_gb=common.peak_memory_gb(device), wall_s=wall_before + time.perf_counter() - run_start)
+                    progress.set_postfix(loss=f"{train_loss:.4f}")
+                loss_sum.zero_()
+                interval_start, interval_steps = time.perf_counter(), 0
 
-        stop = preemption.agreed(ctx)
-        if step % args.ckpt_every == 0 or last or stop:
-            save(step)
-        if stop and not last:
-            progress.close()
-            return step, preemption.name
-    progress.close()
+            stop = preemption.agreed(ctx)
+            if step % args.ckpt_every == 0 or last or stop:
+                save(step)
+            if stop and not last:
+                return step, preemption.name
 
     if ctx.is_main:
         save_loss_figure(out_dir / "log.csv", out_dir / "loss.png", f"GPT {args.name}")

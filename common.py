@@ -16,6 +16,7 @@ import pickle
 import random
 import re
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -621,8 +622,10 @@ def save_checkpoint(path, checkpoint):
     with atomic_path(path) as tmp:
         try:
             torch.save(checkpoint, tmp)
-        except RuntimeError as err:   # torch's zip writer reports a full disk as a RuntimeError
-            raise InputError(f"{path}: cannot write it ({str(err).splitlines()[0]})") from None
+        except RuntimeError as err:   # torch's zip writer reports a full disk as a RuntimeError of its own
+            reason = "No space left on device" if shutil.disk_usage(tmp.parent).free < 1 << 20 else \
+                f"torch: {str(err).splitlines()[0]}"
+            raise InputError(f"{path}: cannot write it ({reason})") from None
     if "provenance" in checkpoint:    # its record beside it: what it was made from, whether it is complete
         write_record(path, dict(checkpoint["provenance"], complete=checkpoint["complete"], step=checkpoint["step"],
                                 max_steps=checkpoint["max_steps"], output=hash_file(path)))

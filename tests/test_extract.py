@@ -446,6 +446,19 @@ def test_read_only_work_and_full_disk(extracted, checkpoints):
     npy = work / "features/full/attn_stack.attn_nets.1.post_fc_dp/sub-01/ses-001/sub-01_ses-001_task-airstriker_run-01.npy"
     assert error_line_after_progress(result) == f"error: {npy}: cannot write it (No space left on device)"
     assert left == []
+    run_script("05_extract.py", *flags, "--name", "full")   # with room on the disk, a re-run finishes
+    assert np.load(npy).shape == (12, 384)
+
+
+def test_truncated_frames_are_named(checkpoints, tmp_path):
+    work = make_work(tmp_path)
+    frames = work / "frames/sub-01/ses-002/sub-01_ses-002_task-airstriker_run-01_level-1_rep-1.npy"
+    frames.write_bytes(frames.read_bytes()[:4000])
+    line = error_line(run_script("05_extract.py", "--work", work, "--ckpt", checkpoints["ours"], "--layer", "last",
+                                 check=False))
+    assert line.startswith(f"error: {frames}: truncated (") and line.endswith(
+        "re-render it with 01_render_frames.py --overwrite")
+    assert not (work / "features").exists()
 
 
 def error_line_after_progress(result):

@@ -1,5 +1,6 @@
 """Stage 04 and common.VideoGPT: the conditioned GPT prior (paper 2.3.1.2), its code cache and training."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,6 +330,18 @@ def test_bad_input_gives_one_line_error(work, flags, message):
     with pytest.raises(common.InputError) as error:
         gpt_stage.main(["--work", str(work), *TINY_FLAGS, "--max-steps", "1", "--name", "bad", *flags])
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_truncated_frames_are_named(work, tmp_path):
+    copy = tmp_path / "work"
+    shutil.copytree(work / "frames", copy / "frames")
+    shutil.copytree(work / "vqvae", copy / "vqvae")
+    frames = copy / "frames/sub-01/ses-002/sub-01_ses-002_task-shinobi_run-01_level-1_rep-01.npy"
+    frames.write_bytes(frames.read_bytes()[:3000])
+    with pytest.raises(common.InputError) as error:
+        gpt_stage.main(["--work", str(copy), *TINY_FLAGS, "--max-steps", "1", "--name", "cut"])
+    assert str(error.value).startswith(f"{frames}: truncated (") and "01_render_frames.py" in str(error.value)
+    assert not (copy / "gpt/cut/ckpt.pt").exists()
 
 
 def test_frames_of_another_resolution_are_refused(work, tmp_path):

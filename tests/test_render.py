@@ -230,3 +230,5 @@ def test_read_only_work_and_full_disk(tmp_path, recording):
     npy = work / "frames/sub-unknown/ses-unknown/Airstriker-Genesis-v0-Level1-000000.npy"
     assert result.stderr.strip().splitlines()[-1] == f"error: {npy}: cannot write it (No space left on device)"
     assert left == []                                    # its temporary file does not hold the space
+    run_script("01_render_frames.py", "--work", work, "--bk2", bk2, "--resolution", "16")   # with room: done
+    assert np.load(npy).shape == (240, 16, 16, 3)

@@ -551,10 +551,17 @@ def test_bad_downsample_flag(tmp_path):
 
 
 @needs_namespaces
-def test_read_only_work(tmp_path):
+def test_read_only_work_and_full_disk(tmp_path):
     work = make_frames_work(tmp_path)
     result, _ = run_confined("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "2", read_only=work)
     assert last_error_line(result) == f"error: {work / 'vqvae'}: Read-only file system"
+    # room for the log, not for the checkpoint (torch reports a full disk as a RuntimeError of its zip writer)
+    result, left = run_confined("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "2",
+                                full=work / "vqvae", full_bytes=64 * 1024)
+    assert last_error_line(result) == f"error: {work / 'vqvae/ckpt.pt'}: cannot write it (No space left on device)"
+    assert left == ["log.csv"]      # the log of what ran; no checkpoint, no temporary file
+    run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "2")   # a re-run with room
+    assert common.read_record(work / "vqvae/ckpt.json")["complete"] is True
 
 
 def test_truncated_checkpoint_is_named_by_03_and_04(tmp_path):
