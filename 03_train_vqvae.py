@@ -21,7 +21,7 @@ Output (<work>/vqvae/):
 Loss (VideoGPT): MSE(x, x_hat) / 0.06 + 0.25 x commitment; the codebook follows an EMA (common.Codebook);
 each constant is a flag (--data-variance, --beta, --ema-decay, --ema-epsilon, --restart-below).
 Adam(3e-4, betas 0.9/0.999) with cosine annealing to 0 over --max-steps (paper eq. 2).
---batch-size is per process: the global batch is batch-size x number of processes.
+--batch-size counts the clips of one optimizer step over all processes (each process reads its share).
 The run checkpoints every --ckpt-every steps and when SLURM signals preemption (SIGTERM/SIGUSR1), then
 exits; `--resume` continues it exactly (same clips, same losses). A finished run is skipped unless
 --overwrite.
@@ -76,7 +76,8 @@ def parse_args(argv=None):
                       help="a code whose EMA count falls below this restarts from an encoder output")
     loss.add_argument("--data-variance", type=float, default=0.06, help="the reconstruction MSE is divided by it")
     train = p.add_argument_group("training")
-    train.add_argument("--batch-size", type=int, default=16, help="clips per step per process")
+    train.add_argument("--batch-size", type=int, default=16,
+                       help="clips per optimizer step, over all processes (split evenly between them)")
     train.add_argument("--max-steps", type=int, default=50000, help="optimizer steps (cosine period)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
     train.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="(paper: 0.9 0.999)")
@@ -152,8 +153,9 @@ def training_repetitions(work, test_sessions, resolution, clip_span):
 class ClipSampler:
     """Draws clips (B, T, H, W, 3) uint8 from repetitions; clip starts are uniform over all valid starts.
 
-    The clips of step s on rank r depend only on (seed, rank, step): a resumed run draws the same clips
-    as an uninterrupted one, and batches can be read ahead by threads.
+    The global batch of step s depends only on (seed, step), and rank r of N reads its r-th N-th of it:
+    a resumed run draws the same clips as an uninterrupted one, on any number of processes, and batches
+    can be read ahead by threads.
     """
 
     def __init__(self, arrays, sequence_length, frame_step, workers, pin_memory=False):
@@ -178,9 +180,10 @@ class ClipSampler:
         batch = torch.from_numpy(np.stack(list(clips)))
         return batch.pin_memory() if self.pin_memory else batch
 
-    def batch_async(self, seed, rank, step, batch_size):
-        """A future of the uint8 batch of `step` on `rank`."""
-        starts = self.starts(np.random.default_rng([seed, rank, step]), batch_size)
+    def batch_async(self, seed, step, global_batch, rank=0, world_size=1):
+        """A future of this rank's share, uint8 (global_batch / world_size, T, H, W, 3), of step's batch."""
+        per_rank = global_batch // world_size
+        starts = self.starts(np.random.default_rng([seed, step]), global_batch)[rank * per_rank:(rank + 1) * per_rank]
         return self.prefetch.submit(self.read, starts)
 
 
@@ -200,8 +203,8 @@ def validate(model, clips, args, device):
     with the model in eval mode (BatchNorm running statistics, no codebook update)."""
     model.eval()
     squared_error, count = 0.0, 0
-    for i in range(0, len(clips), args.batch_size):
-        x = to_model_input(clips[i:i + args.batch_size], device, args.channels_last)
+    for i in range(0, len(clips), args.per_rank_batch):
+        x = to_model_input(clips[i:i + args.per_rank_batch], device, args.channels_last)
         with common.autocast(device, args.precision):
             _, x_recon, _ = model(x)
         squared_error += ((x_recon.float().clamp(-0.5, 0.5) - x) ** 2).sum().item()
@@ -217,8 +220,8 @@ def distinct_code_maps(model, clips, args, device):
     loss on dark, sparse frames (gameplay on a black background) while encoding only position: every
     clip then gets the same codes and the GPT downstream sees no content at all."""
     model.eval()
-    codes = torch.cat([model.encode(to_model_input(clips[i:i + args.batch_size], device, args.channels_last))
-                       for i in range(0, len(clips), args.batch_size)])          # (N, t, h, w)
+    codes = torch.cat([model.encode(to_model_input(clips[i:i + args.per_rank_batch], device, args.channels_last))
+                       for i in range(0, len(clips), args.per_rank_batch)])      # (N, t, h, w)
     model.train()
     return len(torch.unique(codes.flatten(1), dim=0)), len(codes)
 
@@ -270,6 +273,7 @@ def main(argv=None):
 
     ctx = common.setup_distributed(args.device)
     try:
+        args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
         stopped = train(args, config, loss_settings, ctx, out_dir, ckpt_path, checkpoint, arrays,
                         dict(stage=STAGE, settings=settings, inputs=inputs))
     finally:
@@ -336,13 +340,13 @@ def train(args, config, loss_settings, ctx, out_dir, ckpt_path, checkpoint, arra
     # --- loop
     # the bar is closed however the loop ends, so that an error message stays the last line printed
     with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="03 vqvae") as progress:
-        next_batch = train_sampler.batch_async(args.seed, ctx.rank, start_step, args.batch_size)
+        next_batch = train_sampler.batch_async(args.seed, start_step, args.batch_size, ctx.rank, ctx.world_size)
         interval_start, interval_steps = time.perf_counter(), 0
         step = start_step
         while step < args.max_steps:
             x = to_model_input(next_batch.result(), device, args.channels_last)     # (B, 3, T, H, W)
             if step + 1 < args.max_steps:
-                next_batch = train_sampler.batch_async(args.seed, ctx.rank, step + 1, args.batch_size)
+                next_batch = train_sampler.batch_async(args.seed, step + 1, args.batch_size, ctx.rank, ctx.world_size)
             lr = common.cosine_lr(step, args.max_steps, args.lr, warmup_steps=args.warmup_steps)
             common.set_lr(optimizer, lr)
 
@@ -371,7 +375,7 @@ def train(args, config, loss_settings, ctx, out_dir, ckpt_path, checkpoint, arra
                         commitment_loss=vq_output["commitment_loss"].item(),
                         perplexity=vq_output["perplexity"].item(),
                         codes_used=(codebook.N >= 1).float().mean().item(), val_mse=val_mse, val_psnr=val_psnr,
-                        clips_per_s=interval_steps * args.batch_size * ctx.world_size / elapsed,
+                        clips_per_s=interval_steps * args.batch_size / elapsed,
                         peak_mem_gb=common.peak_memory_gb(device))
                 progress.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{vq_output['perplexity'].item():.0f}")
                 interval_start, interval_steps = time.perf_counter(), 0

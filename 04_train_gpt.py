@@ -37,7 +37,7 @@ Outputs (<work>/gpt/<name>/, name derived from the configuration unless --name):
 
 Optimisation (the authors'): Adam(3e-4, betas 0.9/0.999), cosine annealing to 0 over --max-steps,
 gradient clipping at 1.0. --precision fp16 is autocast + GradScaler as in the paper; bf16 needs no scaler.
---batch-size is per process (global batch = batch-size x processes). The run checkpoints every
+--batch-size counts the samples of one optimizer step over all processes. The run checkpoints every
 --ckpt-every steps and when SLURM signals preemption (SIGTERM/SIGUSR1), then exits; --resume continues
 it exactly. A finished run is skipped unless --overwrite.
 """
@@ -96,7 +96,8 @@ def parse_args(argv=None):
     model.add_argument("--checkpoint-activations", action="store_true",
                        help="recompute attention and MLP in the backward pass (the authors' default; saves memory)")
     train = p.add_argument_group("training")
-    train.add_argument("--batch-size", type=int, default=64, help="samples per step per process")
+    train.add_argument("--batch-size", type=int, default=64,
+                       help="samples per optimizer step, over all processes (the authors': 16 per GPU x 4 GPUs)")
     train.add_argument("--max-steps", type=int, default=200000, help="optimizer steps (cosine period)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
     train.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="(paper: 0.9 0.999)")
@@ -275,14 +276,14 @@ def epoch_permutation(seed, epoch, n_samples):
     return torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(n_samples))
 
 
-def batch_indices(step, n_samples, batch_size, seed, rank, world_size):
-    """The sample indices (batch_size,) of this rank at `step`: a step takes the next global batch of
-    the epoch's permutation and each rank its slice. A function of the step alone, so a resumed run
-    reads the same batches."""
-    global_batch = batch_size * world_size
+def batch_indices(step, n_samples, global_batch, seed, rank=0, world_size=1):
+    """The sample indices (global_batch / world_size,) of this rank at `step`: a step takes the next
+    global_batch samples of the epoch's permutation and each rank its slice. A function of the step
+    alone, so a resumed run reads the same batches, and the same on any number of processes."""
+    per_rank = global_batch // world_size
     epoch, position = divmod(step, max(1, n_samples // global_batch))
-    start = position * global_batch + rank * batch_size
-    return epoch_permutation(seed, epoch, n_samples)[(start + torch.arange(batch_size)) % n_samples]
+    start = position * global_batch + rank * per_rank
+    return epoch_permutation(seed, epoch, n_samples)[(start + torch.arange(per_rank)) % n_samples]
 
 
 def embed(codebook, codes):
@@ -333,7 +334,7 @@ def validation_loss(model, codebook, samples, args, ctx):
     chosen = torch.as_tensor(np.linspace(0, len(samples) - 1, n).round().astype(np.int64))[ctx.rank::ctx.world_size]
     model.eval()
     total = torch.zeros(2, device=ctx.device, dtype=torch.float64)          # (loss sum, count)
-    for index in chosen.split(args.batch_size):
+    for index in chosen.split(args.per_rank_batch):
         cond, target = samples.batch(index.to(ctx.device))
         with common.autocast(ctx.device, args.precision):
             total[0] += gpt_loss(model, codebook, cond, target).double() * len(index)
@@ -409,6 +410,7 @@ def main(argv=None):
 
     ctx = common.setup_distributed(args.device)
     try:
+        args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
         stopped = train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data,
                         dict(stage=STAGE, settings=settings, inputs=inputs))
     finally:
@@ -536,9 +538,9 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provena
                     torch.distributed.all_reduce(loss_sum)
                 train_loss = loss_sum.item() / interval_steps / ctx.world_size
                 elapsed = time.perf_counter() - interval_start
-                clips_per_s = interval_steps * args.batch_size * ctx.world_size / elapsed
+                clips_per_s = interval_steps * args.batch_size / elapsed
                 if ctx.is_main:
-                    log.log(step=step, epoch=step * args.batch_size * ctx.world_size / len(train_samples), lr=lr,
+                    log.log(step=step, epoch=step * args.batch_size / len(train_samples), lr=lr,
                             train_loss=train_loss, val_loss=val_loss, clips_per_s=clips_per_s,
                             tokens_per_s=clips_per_s * tokens_per_sample,
                             mfu=clips_per_s * flops_per_sample / (peak * 1e12 * ctx.world_size) if peak else "",

@@ -278,7 +278,7 @@ def load_run(work, name, config, subs):
     ckpt = torch.load(work / "gpt" / model_name / "ckpt.pt", map_location="cpu", weights_only=False)
     n_params = sum(v.numel() for k, v in ckpt["model"].items() if not k.startswith("vqvae."))
     train = _stage("04_train_gpt.py")
-    batch = ckpt["args"]["batch_size"] * len(ckpt["rng"])  # per-process batch x processes (one RNG state each)
+    batch = ckpt["args"]["batch_size"]  # samples per optimizer step, over all processes
     compute = float(train.train_flops_per_sample(ckpt["model_config"])) * batch * ckpt["step"]
     frames = config["train_frames"] or ckpt.get("train_frames") or np.nan
     return {"log": log, "summaries": summaries, "r": r, "params": n_params, "compute": compute,

@@ -158,13 +158,24 @@ def test_fused_attention_equals_explicit_softmax_in_fp64(causal):
     assert not torch.allclose(attention(q, k, v), out)
 
 
-def test_layer_norm_matches_the_authors_formula_to_1e5():
+@pytest.mark.parametrize("scale", [1.0, 0.02, 0.005])   # unit variance; the start token; codebook scale
+def test_layer_norm_is_the_authors_formula_not_torchs(scale):
+    """Against VideoGPT's formula written out in float64 numpy: (x - mu) * (1e-5 + 1 / sqrt(var)) * g + b."""
+    torch.manual_seed(0)
     norm = common.GPTLayerNorm(576)
-    torch.nn.init.normal_(norm.g)
-    x = torch.randn(3, 10, 576) * 2 + 1
-    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
-    authors = (x - mu) * (1e-5 + var.rsqrt()) * norm.g + norm.b
-    torch.testing.assert_close(norm(x), authors, rtol=2e-5, atol=2e-5)
+    torch.nn.init.normal_(norm.g), torch.nn.init.normal_(norm.b)
+    x = torch.randn(3, 10, 576) * scale + 0.1 * scale
+    xs, g, b = x.double().numpy(), norm.g.detach().double().numpy(), norm.b.detach().double().numpy()
+    centered = xs - xs.mean(-1, keepdims=True)
+    authors = centered * (1e-5 + 1 / np.sqrt((centered ** 2).mean(-1, keepdims=True))) * g + b
+    ours = norm(x).detach().double().numpy()
+    np.testing.assert_allclose(ours, authors, rtol=1e-5, atol=1e-6)
+    # and not torch's LayerNorm, from which it differs most where the variance is small
+    torchs = F.layer_norm(x, (576,), norm.g, norm.b, eps=1e-5).detach().double().numpy()
+    relative = np.abs(torchs - authors).max() / np.abs(authors).max()
+    assert relative > (1e-3 if scale < 0.1 else 5e-6), relative
+    # mixed precision: computed in fp32, returned in the input's dtype
+    assert norm(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_tiny_config_overfits_a_few_samples():
@@ -229,9 +240,14 @@ def test_train_frames_selects_exactly_that_many_leading_frames():
 
 
 def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
-    seen = torch.cat([gpt_stage.batch_indices(s, 12, 2, 0, r, 2) for s in range(3) for r in range(2)])
+    # 12 samples, a global batch of 4 on 2 processes: 3 steps per epoch, 2 samples per process and step
+    seen = torch.cat([gpt_stage.batch_indices(s, 12, 4, 0, r, 2) for s in range(3) for r in range(2)])
     assert sorted(seen.tolist()) == list(range(12))                   # epoch 0: each sample once
-    assert torch.equal(gpt_stage.batch_indices(4, 12, 2, 0, 1, 2), gpt_stage.batch_indices(4, 12, 2, 0, 1, 2))
+    assert torch.equal(gpt_stage.batch_indices(4, 12, 4, 0, 1, 2), gpt_stage.batch_indices(4, 12, 4, 0, 1, 2))
+    # --batch-size is global: the 2 processes read together what one process reads alone
+    for step in range(5):
+        together = torch.cat([gpt_stage.batch_indices(step, 12, 4, 0, r, 2) for r in range(2)])
+        assert torch.equal(together, gpt_stage.batch_indices(step, 12, 4, 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,18 +293,30 @@ def test_training_resumes_exactly_after_sigterm(work, capsys):
 
 
 def test_two_process_gloo_torchrun(work):
+    """--batch-size is the global batch: 2 processes train as one with the same batch (without dropout,
+    whose masks are drawn per process, to the rounding of the gradient all-reduce)."""
+    flags = ["--work", str(work), *TINY_FLAGS, "--batch-size", "8", "--max-steps", "4", "--log-every", "1",
+             "--val-every", "4", "--dropout", "0", "--attn-dropout", "0"]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "04_train_gpt.py"), "--work", str(work), *TINY_FLAGS, "--max-steps", "4", "--log-every", "2",
-         "--val-every", "4", "--name", "ddp"],
+         str(REPO / "04_train_gpt.py"), *flags, "--name", "ddp"],
         cwd=REPO, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    log = read_log(work, "ddp")
-    assert log["step"].tolist() == [2, 4]
-    # 5 training repetitions of 4, 4, 4, 3, 4 clips: 14 samples; 2 processes x 4 samples per step
-    assert log["epoch"].iloc[-1] == pytest.approx(4 * 8 / 14, rel=1e-5)
-    assert np.isfinite(log["val_loss"].iloc[-1])
+    assert "batch 8 per optimizer step = 2 process(es) x 4" in result.stdout
+    run04(*flags, "--name", "single")
+    ddp, single = read_log(work, "ddp"), read_log(work, "single")
+    assert ddp["step"].tolist() == [1, 2, 3, 4]
+    # 5 training repetitions of 4, 4, 4, 3, 4 clips: 14 samples; 8 samples per step
+    assert ddp["epoch"].iloc[-1] == pytest.approx(4 * 8 / 14, rel=1e-5)
+    np.testing.assert_allclose(ddp["train_loss"], single["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(ddp["val_loss"].dropna(), single["val_loss"].dropna(), rtol=1e-5)
     assert common.load_checkpoint(work / "gpt" / "ddp" / "ckpt.pt")["step"] == 4
+    uneven = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(REPO / "04_train_gpt.py"), *flags, "--batch-size", "7", "--name", "uneven"],
+        cwd=REPO, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert uneven.returncode != 0
+    assert "error: --batch-size 7: does not divide evenly between 2 processes" in uneven.stderr
 
 
 def test_authors_lightning_checkpoint_loads_strictly_and_initialises_training(work, tmp_path):

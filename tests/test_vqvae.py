@@ -338,11 +338,14 @@ def test_clip_sampler_reads_ahead_with_any_number_of_workers(workers):
     """Regression: with --workers 1 the read-ahead task waited on the only reader thread (deadlock)."""
     arrays = [np.arange(n * 2 * 2 * 3, dtype=np.uint8).reshape(n, 2, 2, 3) % 251 for n in (40, 25)]
     sampler = vqvae_stage.ClipSampler(arrays, sequence_length=4, frame_step=3, workers=workers)
-    batch = sampler.batch_async(seed=0, rank=0, step=5, batch_size=6).result(timeout=30)    # (B, T, H, W, 3)
+    batch = sampler.batch_async(seed=0, step=5, global_batch=6).result(timeout=30)    # (B, T, H, W, 3)
     assert batch.shape == (6, 4, 2, 2, 3)
-    starts = sampler.starts(np.random.default_rng([0, 0, 5]), 6)
+    starts = sampler.starts(np.random.default_rng([0, 5]), 6)
     expected = np.stack([arrays[r][f:f + 10:3] for r, f in starts])
     np.testing.assert_array_equal(batch.numpy(), expected)
+    # the global batch: 3 processes read 2 clips each, together the batch one process reads alone
+    shares = [sampler.batch_async(0, 5, 6, rank, 3).result(timeout=30) for rank in range(3)]
+    np.testing.assert_array_equal(torch.cat(shares).numpy(), expected)
 
 
 def test_script_trains_writes_outputs_and_skips_when_done(tmp_path):
