@@ -28,7 +28,9 @@ the frames at every step, without the encoder).
 Splits: repetitions with status ok outside --test-sessions (the encoding test set; `--test-sessions`
 with no value includes them, as the authors did); the last --val-reps of them in manifest order are held
 out for the validation loss. --train-frames N keeps the first N 60 Hz frames of the remaining training
-repetitions in manifest order (the last one cut), as the paper's 10k/100k/1M/6M data sizes.
+repetitions (the last one cut), taken in the authors' order (subject, then game level, then session:
+their 100k subset is sub-01's level 1 only), as the paper's 10k/100k/1M/6M data sizes (Figure 2);
+--subset-order manifest takes them in manifest order instead. The checkpoint's record lists them.
 
 Outputs (<work>/gpt/<name>/, name derived from the configuration unless --name):
     ckpt.pt    model, model_config, optimizer, GradScaler, step, RNG states per rank, args, vqvae_sha256
@@ -45,6 +47,7 @@ import argparse
 import functools
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -82,7 +85,11 @@ def parse_args(argv=None):
     data.add_argument("--val-reps", type=int, default=2,
                       help="last N repetitions (manifest order) held out for the validation loss")
     data.add_argument("--train-frames", type=int, default=0,
-                      help="60 Hz frames of training repetitions to use, first ones in manifest order (0: all)")
+                      help="60 Hz frames of training repetitions to use, the first ones in --subset-order (0: all; "
+                           "paper: 10k, 100k, 1M, 6M)")
+    data.add_argument("--subset-order", choices=("authors", "manifest"), default="authors",
+                      help="order in which --train-frames takes repetitions: the authors' (subject, then level, "
+                           "then session) or frames/manifest.tsv's (subject, session, run, repetition)")
     data.add_argument("--frame-step", type=int, default=4, help="60 Hz frames per clip frame (4: 15 Hz)")
     data.add_argument("--encode-batch", type=int, default=32, help="clips per VQ-VAE batch when caching codes")
     model = p.add_argument_group("model (paper configuration by default: Table 2(b), 40,324,768 parameters)")
@@ -166,10 +173,25 @@ def usable_repetitions(work, test_sessions):
     return [dict(row) for _, row in rows.iterrows()]
 
 
+def natural_key(label):
+    """A sort key that orders '2' before '10' and keeps text labels comparable: 'level-10' -> ('level-', 10, '')."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(label)))
+
+
+def in_subset_order(reps, order):
+    """The training repetitions in the order --train-frames takes them. "authors": the authors' cumulative
+    data-size subsets (paper Figure 2), subject, then game level, then session (then run and repetition):
+    their 100k-frame subset is sub-01's level 1 only. "manifest": frames/manifest.tsv's order (subject,
+    session, run, repetition), which mixes levels."""
+    if order == "manifest":
+        return list(reps)
+    return sorted(reps, key=lambda r: tuple(natural_key(r.get(k, "")) for k in ("sub", "level", "ses", "run", "rep")))
+
+
 def select_training_frames(n_frames, train_frames):
     """How many leading 60 Hz frames of each training repetition to use.
 
-    n_frames: frame counts of the training repetitions in manifest order. train_frames: the budget
+    n_frames: frame counts of the training repetitions in --subset-order. train_frames: the budget
     (0: everything). Returns a list of the same length summing to exactly `train_frames`: whole
     repetitions first, the last one used cut to what remains, the rest unused (0).
     """
@@ -385,7 +407,9 @@ def main(argv=None):
     if len(reps) <= args.val_reps:
         raise InputError(f"{work / 'frames' / 'manifest.tsv'}: {len(reps)} usable repetition(s), not enough to "
                          f"hold out --val-reps {args.val_reps} and still train")
+    # validation: the last --val-reps in manifest order, the same whatever the data size
     train_reps, val_reps = reps[:len(reps) - args.val_reps], reps[len(reps) - args.val_reps:]
+    train_reps = in_subset_order(train_reps, args.subset_order)
     used = select_training_frames([int(r["n_frames"]) for r in train_reps], args.train_frames)
     train_reps, used = [r for r, n in zip(train_reps, used) if n > 0], [n for n in used if n > 0]
     frames_paths = [work / str(r["frames_path"]) for r in train_reps + val_reps]
@@ -411,8 +435,11 @@ def main(argv=None):
     ctx = common.setup_distributed(args.device)
     try:
         args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
+        # the record says which frames this data size means, repetition by repetition
+        subset = [{"frames_path": str(r["frames_path"]), "sub": r["sub"], "ses": r["ses"], "frames_used": n,
+                   "level": r["level"] if isinstance(r.get("level"), str) else None} for r, n in zip(train_reps, used)]
         stopped = train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data,
-                        dict(stage=STAGE, settings=settings, inputs=inputs))
+                        dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset))
     finally:
         common.teardown_distributed()
     if stopped:

@@ -239,6 +239,17 @@ def test_train_frames_selects_exactly_that_many_leading_frames():
     assert max(last_clip_read) * 64 + 64 <= 300
 
 
+def test_subsets_follow_the_authors_order_subject_level_session():
+    reps = [dict(sub=sub, ses=ses, level=level, run="01", rep=rep) for sub, ses, level, rep in [
+        ("01", "001", "1", "01"), ("01", "001", "4", "02"), ("01", "001", "1", "03"), ("01", "002", "5", "01"),
+        ("01", "002", "1", "02"), ("01", "010", "1", "01"), ("02", "001", "1", "01"), ("01", "003", "10", "01")]]
+    ordered = [(r["sub"], r["level"], r["ses"], r["rep"]) for r in gpt_stage.in_subset_order(reps, "authors")]
+    assert ordered == [("01", "1", "001", "01"), ("01", "1", "001", "03"), ("01", "1", "002", "02"),
+                       ("01", "1", "010", "01"), ("01", "4", "001", "02"), ("01", "5", "002", "01"),
+                       ("01", "10", "003", "01"), ("02", "1", "001", "01")]   # level 10 after 5: numbers
+    assert gpt_stage.in_subset_order(reps, "manifest") == reps
+
+
 def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
     # 12 samples, a global batch of 4 on 2 processes: 3 steps per epoch, 2 samples per process and step
     seen = torch.cat([gpt_stage.batch_indices(s, 12, 4, 0, r, 2) for s in range(3) for r in range(2)])
@@ -263,6 +274,8 @@ def test_training_resumes_exactly_after_sigterm(work, capsys):
     assert straight["val_loss"].notna().sum() == 2 and np.isfinite(straight["val_loss"].dropna()).all()
     codes_dir = next((work / "gpt" / "codes").iterdir())
     assert len(list(codes_dir.rglob("*.npy"))) == len(N_FRAMES)          # test session 005 not encoded
+    subset = common.read_record(work / "gpt" / "straight" / "ckpt.json")["training_repetitions"]
+    assert [r["frames_used"] for r in subset] == N_FRAMES[:-1]            # every training repetition, whole
 
     log_path = work / "gpt" / "cut" / "log.csv"
     process = subprocess.Popen([sys.executable, str(REPO / "04_train_gpt.py"), *map(str, flags), "--name", "cut"],
