@@ -20,7 +20,8 @@ Output (<work>/vqvae/):
 
 Loss (VideoGPT): MSE(x, x_hat) / 0.06 + 0.25 x commitment; the codebook follows an EMA (common.Codebook);
 each constant is a flag (--data-variance, --beta, --ema-decay, --ema-epsilon, --restart-below).
-Adam(3e-4, betas 0.9/0.999) with cosine annealing to 0 over --max-steps (paper eq. 2).
+Adam(3e-4, betas 0.9/0.999) with cosine annealing to 0 over --max-steps (paper eq. 2; the authors' code
+kept 3e-4 constant: --lr-schedule constant).
 --batch-size counts the clips of one optimizer step over all processes (each process reads its share).
 The run checkpoints every --ckpt-every steps and when SLURM signals preemption (SIGTERM/SIGUSR1), then
 exits; `--resume` continues it exactly (same clips, same losses). A finished run is skipped unless
@@ -81,6 +82,9 @@ def parse_args(argv=None):
     train.add_argument("--max-steps", type=int, default=50000, help="optimizer steps (cosine period)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
     train.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="(paper: 0.9 0.999)")
+    train.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                       help="cosine annealing to 0 over --max-steps (the paper, eq. 2) or constant (the authors' "
+                            "VQ-VAE code)")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (paper: none)")
     train.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     train.add_argument("--seed", type=int, default=0)
@@ -185,6 +189,14 @@ class ClipSampler:
         per_rank = global_batch // world_size
         starts = self.starts(np.random.default_rng([seed, step]), global_batch)[rank * per_rank:(rank + 1) * per_rank]
         return self.prefetch.submit(self.read, starts)
+
+
+def learning_rate(step, args):
+    """The learning rate of `step`: the paper's cosine annealing to 0 over --max-steps (eq. 2), or the
+    constant rate of the authors' VQ-VAE code; either after the optional linear warmup."""
+    if args.lr_schedule == "constant":
+        return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+    return common.cosine_lr(step, args.max_steps, args.lr, warmup_steps=args.warmup_steps)
 
 
 def to_model_input(clips, device, channels_last):
@@ -347,7 +359,7 @@ def train(args, config, loss_settings, ctx, out_dir, ckpt_path, checkpoint, arra
             x = to_model_input(next_batch.result(), device, args.channels_last)     # (B, 3, T, H, W)
             if step + 1 < args.max_steps:
                 next_batch = train_sampler.batch_async(args.seed, step + 1, args.batch_size, ctx.rank, ctx.world_size)
-            lr = common.cosine_lr(step, args.max_steps, args.lr, warmup_steps=args.warmup_steps)
+            lr = learning_rate(step, args)
             common.set_lr(optimizer, lr)
 
             with common.autocast(device, args.precision):

@@ -73,7 +73,8 @@ def parse_args(argv=None):
                    help="60 Hz frames per clip frame (default: the GPT's training value, else 4: clips at 15 Hz)")
     p.add_argument("--batch-size", type=int, default=32, help="TR windows per forward pass")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                   help="autocast dtype of the forward pass (auto: fp16 on GPU, as the paper, fp32 on CPU)")
+                   help="autocast dtype of the GPT's forward pass (auto: fp16 on GPU, as the paper, fp32 on CPU); "
+                        "the VQ-VAE always encodes in fp32, as 04 did")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes gathering frames (default 4 on GPU, 0 = in the main process on CPU)")
@@ -319,22 +320,32 @@ def load_model(path, vqvae_path, work, device, allow_unfinished=False):
     return gpt, info
 
 
+def encode_windows(vqvae, clips):
+    """VQ-VAE codes of each window's conditioning clip (first half) and target clip (second half):
+    (B, t, h, w) long each, from uint8 clips (B, window, H, W, 3).
+
+    Always in fp32, whatever --precision says for the GPT: 04 trained the GPT on codes computed in fp32,
+    and an encoder run in fp16 can pick another code where two are nearly tied. Two encoder calls rather
+    than one of 2B clips, so that a hooked VQ-VAE module sees B samples per call: its features are
+    (B, 2, ...), conditioning clip then target clip."""
+    video = clips.permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5        # (B, 3, window, H, W) in [-0.5, 0.5]
+    half = video.shape[2] // 2
+    with torch.autocast(video.device.type, enabled=False):
+        return vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])
+
+
 def read_windows(model, clips):
     """Run the model on uint8 clips (B, window, H, W, 3) as it was trained (paper 2.3.1.2): the first
     half of each window is the conditioning clip, the second half the target clip; each goes through the
     frozen VQ-VAE to codes, whose codebook vectors the GPT reads. Returns the logits (B, t, h, w, n_codes)."""
-    video = clips.permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5        # (B, 3, window, H, W) in [-0.5, 0.5]
-    half = video.shape[2] // 2
-    # Two encoder calls rather than one of 2B clips, so that a hooked VQ-VAE module sees B samples per
-    # call: its features are (B, 2, ...), conditioning clip then target clip.
-    cond_codes = model.vqvae.encode(video[:, :, :half])              # (B, t, h, w) long
-    target_codes = model.vqvae.encode(video[:, :, half:])            # (B, t, h, w) long
+    cond_codes, target_codes = encode_windows(model.vqvae, clips)   # (B, t, h, w) each
     lookup = model.vqvae.codebook.dictionary_lookup                  # codes -> (B, t, h, w, D)
     return model(lookup(target_codes), lookup(cond_codes))
 
 
 def run_model(model, clips, device, autocast_dtype):
-    """read_windows under no_grad, with autocast to autocast_dtype (None = fp32) on the model's device."""
+    """read_windows under no_grad, with the GPT under autocast to autocast_dtype (None = fp32) on the
+    model's device."""
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         read_windows(model, clips.to(device, non_blocking=True))
 

@@ -22,9 +22,9 @@ Outputs, per subject, in <work>/results/<name>/sub-XX/ (summary.json is written 
   significant.npy (P,) bool (FDR q < --fdr), r_map.nii.gz, r_map.png, summary.json;
   and <work>/results/<name>/r_by_subject.png (all subjects done so far).
 
-Conventions: features are standardized with training-set means and standard deviations; an intercept is
-fitted (X and Y centered with training means), as scikit-learn's RidgeCV does, so both choose the same
-alphas. Split `session` (default) trains on runs whose manifest split is `train` and tests on `test`;
+Conventions: features are standardized with training-set means and standard deviations (the paper does
+not say; --no-standardize fits them as they are); an intercept is fitted (X and Y centered with training
+means), as scikit-learn's RidgeCV does, so both choose the same alphas. Split `session` (default) trains on runs whose manifest split is `train` and tests on `test`;
 `validation` runs are left out unless --train-on-validation. Split `random` pools every run of the subject
 and draws --test-size of the samples at random (paper section 2.3.3; neighbouring TRs are correlated, so
 its scores are optimistic).
@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the random split, PCA and null shifts")
     p.add_argument("--train-on-validation", action="store_true",
                    help="with --split session, also train on the runs whose split is `validation`")
+    p.add_argument("--no-standardize", action="store_true",
+                   help="fit the features as they are instead of z-scoring them with training statistics (the "
+                        "paper does not say; z-scoring changes what an alpha of the grid means)")
     p.add_argument("--pca", type=int, default=None, metavar="K",
                    help="replace the standardized features by their first K principal components")
     p.add_argument("--n-permutations", type=int, default=1000,
@@ -555,16 +558,18 @@ def split_samples(runs, args, rng):
             [s for s in samples if runs[s[0]]["split"] == "test"])
 
 
-def standardize(X_train, X_test, chunk=4096):
-    """Scale both to zero mean, unit variance with training statistics, in place; returns # constant columns."""
+def standardize(X_train, X_test, scale=True, chunk=4096):
+    """Scale both to zero mean, unit variance with training statistics, in place (scale False: leave them
+    as they are); returns the number of columns that are constant over the training samples."""
     n_constant = 0
     for c in _chunks(X_train.shape[1], chunk):
-        mean = X_train[:, c].mean(axis=0, dtype=np.float64)
         std = X_train[:, c].std(axis=0, dtype=np.float64)
         n_constant += int((std == 0).sum())
-        std[std == 0] = 1.0  # a constant feature carries nothing: it becomes 0
-        X_train[:, c] = (X_train[:, c] - mean) / std
-        X_test[:, c] = (X_test[:, c] - mean) / std
+        if scale:
+            mean = X_train[:, c].mean(axis=0, dtype=np.float64)
+            std[std == 0] = 1.0  # a constant feature carries nothing: it becomes 0
+            X_train[:, c] = (X_train[:, c] - mean) / std
+            X_test[:, c] = (X_test[:, c] - mean) / std
     return n_constant
 
 
@@ -700,7 +705,7 @@ def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, plante
     if Y_train.shape[1] != len(labels):
         raise InputError(f"{Path(args.work) / 'bold' / 'labels.tsv'}: lists {len(labels)} parcels but the BOLD "
                          f"of sub-{sub} has {Y_train.shape[1]} columns")
-    n_constant = standardize(X_train, X_test)
+    n_constant = standardize(X_train, X_test, scale=not args.no_standardize)
     if n_constant == X_train.shape[1]:   # e.g. every window black: nothing to predict the BOLD from
         print(f"{STAGE}: warning: sub-{sub}: all {n_constant} features are constant over the training samples: "
               "no prediction is possible, r is NaN for every parcel", file=sys.stderr)
@@ -771,10 +776,12 @@ def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, plante
                              f"(>= {args.min_shift} TRs) of the features within each run, Benjamini-Hochberg "
                              f"q < {args.fdr}") if args.n_permutations else "not computed (--n-permutations 0)",
             "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
-            "standardization": (f"features z-scored with training-set means and standard deviations "
-                                f"({n_constant} constant features set to 0); intercept fitted (X and BOLD centered "
-                                "with training means)" + (f"; then the first {args.pca} principal components of the "
-                                                           "training features" if args.pca else "")),
+            "standardization": ((f"features z-scored with training-set means and standard deviations "
+                                 f"({n_constant} constant features set to 0)" if not args.no_standardize else
+                                 "features as 05 wrote them (--no-standardize)")
+                                + "; intercept fitted (X and BOLD centered with training means)"
+                                + (f"; then the first {args.pca} principal components of the training features"
+                                   if args.pca else "")),
             "n_train_samples": len(train_ids),
             "n_test_samples": len(test_ids),
             "n_features": int(X_train.shape[1]),

@@ -366,6 +366,25 @@ def test_pooling_and_float16_match_the_full_features(extracted, checkpoints):
         np.testing.assert_allclose(pooled, full.mean(axes).reshape(12, -1), rtol=2e-3, atol=2e-3)
 
 
+def test_codes_are_computed_in_fp32_whatever_the_precision():
+    """04 trains the GPT on codes the VQ-VAE computed in fp32; 05 must read the same codes when the GPT
+    runs in reduced precision. Here bf16 autocast of the encoder flips a good share of the codes."""
+    torch.manual_seed(0)
+    vqvae = common.VQVAE(**{**TINY_VQVAE, "n_codes": 256}).eval()
+    clips = torch.randint(0, 256, (16, WINDOW, RES, RES, 3), dtype=torch.uint8)
+    video = clips.permute(0, 4, 1, 2, 3).float() / 255 - 0.5                   # (B, 3, window, H, W)
+    half = WINDOW // 2
+    with torch.no_grad():
+        z = vqvae.pre_vq_conv(vqvae.encoder(video[:, :, :half])).movedim(1, -1).reshape(-1, TINY_VQVAE["embedding_dim"])
+        vqvae.codebook.embeddings.copy_(z[torch.randperm(len(z))[:256]])      # codes used, some nearly tied
+        fp32 = [vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])]   # as 04 caches them
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            naive = vqvae.encode(video[:, :, :half])
+            cond, target = extract.encode_windows(vqvae, clips)
+    assert (naive != fp32[0]).float().mean() > 0.05          # the hazard is real
+    assert torch.equal(cond, fp32[0]) and torch.equal(target, fp32[1])
+
+
 def test_list_layers(checkpoints, tmp_path):
     result = run_script("05_extract.py", "--work", tmp_path, "--ckpt", checkpoints["ours"], "--list-layers")
     shapes = {line.split()[0]: line.split(None, 2)[2] for line in result.stdout.splitlines()[1:]}

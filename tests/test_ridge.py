@@ -378,6 +378,47 @@ def test_bad_input_clear_error(tmp_path, corrupt, flags, expected):
     assert not (work / "results/demo/sub-01").exists()
 
 
+@pytest.mark.parametrize("standardize", [True, False])
+def test_script_equals_scikit_learn_on_the_delayed_features(tmp_path, standardize):
+    """The whole stage against an independent pipeline: the delayed design written out here, z-scored
+    (or not: --no-standardize) with scikit-learn, RidgeCV with a penalty per parcel, Pearson r by scipy."""
+    from sklearn.preprocessing import StandardScaler
+    work = make_work(tmp_path, volumes=40)
+    scales = np.logspace(-1, 1, N_FEATURES)   # features of unequal scales: z-scoring them changes the fit
+    for path in (work / "features/demo/layer_a").rglob("*.npy"):
+        np.save(path, (np.load(path) * scales).astype(np.float16))
+    flags = ["--n-permutations", 0, "--alphas", 0.1, 10, 1000] + ([] if standardize else ["--no-standardize"])
+    result = run_ridge(work, *flags)
+    assert result.returncode == 0, result.stderr
+    manifest = pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)
+    X, Y = {"train": [], "test": []}, {"train": [], "test": []}
+    for row in manifest.itertuples():
+        if row.split not in X:   # validation runs are left out
+            continue
+        stem = run_stem(row.sub, row.ses, row.task, row.run)
+        features = np.load(work / "features/demo/layer_a" / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy")
+        bold = np.load(work / row.bold_path)
+        X[row.split].append(features[:-3].astype(np.float64))   # samples: volumes t = 3 ... 39, features of t - 3
+        Y[row.split].append(bold[3:].astype(np.float64))
+    X = {k: np.concatenate(v) for k, v in X.items()}
+    Y = {k: np.concatenate(v) for k, v in Y.items()}
+    if standardize:
+        scaler = StandardScaler().fit(X["train"])
+        X = {k: scaler.transform(v) for k, v in X.items()}
+    reference = RidgeCV(alphas=[0.1, 10, 1000], alpha_per_target=True).fit(X["train"], Y["train"])
+    prediction = reference.predict(X["test"])
+    r = np.load(work / "results/demo/sub-01/r.npy")
+    alphas = np.load(work / "results/demo/sub-01/alphas.npy")
+    for j in range(N_PARCELS):
+        if j == EMPTY:
+            assert np.isnan(r[j])
+            continue
+        assert alphas[j] == reference.alpha_[j]
+        assert r[j] == pytest.approx(pearsonr(Y["test"][:, j], prediction[:, j])[0], abs=1e-5)
+    summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
+    assert summary["standardization"].startswith("features z-scored" if standardize else "features as 05 wrote them")
+
+
 def test_constant_features_give_nan_r_and_say_so(tmp_path):
     work = make_work(tmp_path)
     for path in (work / "features/demo/layer_a").rglob("*.npy"):

@@ -320,6 +320,15 @@ def test_csv_log_drops_rows_after_the_resumed_checkpoint(tmp_path):
     assert pd.read_csv(tmp_path / "log.csv").empty
 
 
+def test_constant_schedule_of_the_authors_vqvae(tmp_path):
+    work = make_frames_work(tmp_path)
+    run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "4", "--log-every", "1",
+               "--lr-schedule", "constant", "--lr", "2e-4")
+    assert read_log(work)["lr"].tolist() == [2e-4] * 4
+    args = Namespace(lr_schedule="constant", lr=1e-3, warmup_steps=4, max_steps=10)
+    assert [vqvae_stage.learning_rate(s, args) for s in (0, 3, 9)] == [2.5e-4, 1e-3, 1e-3]
+
+
 def test_cosine_schedule_matches_torch_cosine_annealing():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.Adam([parameter], lr=3e-4)
