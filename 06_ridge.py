@@ -797,12 +797,20 @@ def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, plante
         }
         if planted_labels is not None:
             summary["ground_truth"] = planted_recovery(r, significant, labels, planted_labels)
-        # Parcels without signal rightly take the largest penalty; when every parcel does (or every one the
-        # smallest), the best penalty for the parcels with signal probably lies outside the grid.
-        for edge, direction in ((max(args.alphas), "larger"), (min(args.alphas), "smaller")):
-            if len(set(args.alphas)) > 1 and np.all(fit["alpha"] == edge) and n_constant < X_train.shape[1]:
-                print(f"06_ridge: warning: sub-{sub}: every parcel chose alpha {edge:g}, the edge of the grid: "
+        # Parcels without signal rightly take the largest penalty, whatever the grid. When every parcel sits
+        # on an edge of the grid, or a parcel with signal (significant) does, its best penalty probably lies
+        # outside the grid.
+        for edge, direction, side in ((max(args.alphas), "larger", "largest"), (min(args.alphas), "smaller", "smallest")):
+            on_edge = fit["alpha"] == edge
+            summary[f"parcels_at_{side}_alpha"] = int(on_edge.sum())
+            if len(set(args.alphas)) < 2 or n_constant == X_train.shape[1]:
+                continue
+            if on_edge.all():
+                print(f"{STAGE}: warning: sub-{sub}: every parcel chose alpha {edge:g}, the edge of the grid: "
                       f"add {direction} --alphas", file=sys.stderr)
+            elif (on_edge & significant).any():
+                print(f"{STAGE}: warning: sub-{sub}: {int((on_edge & significant).sum())} significant parcel(s) "
+                      f"chose alpha {edge:g}, the edge of the grid: add {direction} --alphas", file=sys.stderr)
         common.write_json(out_dir / "summary.json", summary)
     return summary
 

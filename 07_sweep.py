@@ -61,7 +61,7 @@ DEMO_TRAIN_ARGS = ("--device cpu --cond-dim 24 --max-steps 80 --batch-size 16 --
                    "--val-samples 32 --ckpt-every 80")
 DEMO_EXTRACT_ARGS = "--device cpu"
 # ~300 training TRs x a few thousand standardized features need stronger penalties than the paper's grid.
-DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 --n-permutations 100"
+DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 1e7 1e8 --n-permutations 100"
 CLAIMS = {
     "data": "Scaling up the training data of VideoGPT improves brain encoding (section 3.1).",
     "hidden": "Scaling up the hidden dimension improves brain encoding (section 3.2).",

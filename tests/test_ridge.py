@@ -419,6 +419,16 @@ def test_script_equals_scikit_learn_on_the_delayed_features(tmp_path, standardiz
     assert summary["standardization"].startswith("features z-scored" if standardize else "features as 05 wrote them")
 
 
+def test_significant_parcels_on_the_edge_of_the_grid_are_reported(tmp_path):
+    work = make_work(tmp_path)
+    result = run_ridge(work, "--alphas", "1e-3", "1e-2", "--n-permutations", 200, "--min-shift", 5)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "06_ridge: warning: sub-01: 3 significant parcel(s) chose alpha 0.01, the edge of the grid: add larger --alphas")
+    summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
+    assert summary["parcels_at_largest_alpha"] == 11 and summary["parcels_at_smallest_alpha"] == 1
+
+
 def test_constant_features_give_nan_r_and_say_so(tmp_path):
     work = make_work(tmp_path)
     for path in (work / "features/demo/layer_a").rglob("*.npy"):
