@@ -14,18 +14,16 @@ repetitions with status ok outside --test-sessions (the encoding test set); the 
 (every --frame-step-th 60 Hz frame) from a random repetition and start.
 
 Output (<work>/vqvae/):
-    ckpt.pt     model, optimizer, GradScaler, step, RNG states (per rank), args, model_config
+    ckpt.pt     model, optimizer, GradScaler, step, RNG states (per rank), args, model_config, record
+    ckpt.json   the record: flags, fingerprints of the frames, complete or not (README: provenance)
     log.csv     step, lr, losses, perplexity, codes_used, val_mse, val_psnr, clips_per_s, peak_mem_gb
     recon.png   validation clips (rows: original, reconstruction) at the end of training
 
-Loss (VideoGPT): MSE(x, x_hat) / 0.06 + 0.25 x commitment; the codebook follows an EMA (common.Codebook);
-each constant is a flag (--data-variance, --beta, --ema-decay, --ema-epsilon, --restart-below).
-Adam(3e-4, betas 0.9/0.999) with cosine annealing to 0 over --max-steps (paper eq. 2; the authors' code
-kept 3e-4 constant: --lr-schedule constant).
---batch-size counts the clips of one optimizer step over all processes (each process reads its share).
-The run checkpoints every --ckpt-every steps and when SLURM signals preemption (SIGTERM/SIGUSR1), then
-exits; `--resume` continues it exactly (same clips, same losses). A finished run is skipped unless
---overwrite.
+Loss (VideoGPT): MSE(x, x_hat) / 0.06 + beta x commitment (eq. 1); the codebook follows an EMA (eqs. 3-6,
+common.Codebook). Adam(3e-4, betas 0.9/0.999), cosine annealing to 0 over --max-steps (eq. 2; the
+authors' code kept 3e-4 constant: --lr-schedule constant). --batch-size counts the clips of one optimizer
+step over all processes. The run checkpoints every --ckpt-every steps and on SIGTERM/SIGUSR1 (SLURM's
+preemption), then exits with status 75; --resume continues it exactly (same clips, same losses).
 """
 import argparse
 import math
@@ -47,6 +45,7 @@ from common import DEFAULT_WORK, InputError, run_main
 STAGE = "03_train_vqvae"
 LOG_FIELDS = ["step", "lr", "loss", "recon_loss", "commitment_loss", "perplexity", "codes_used",
               "val_mse", "val_psnr", "clips_per_s", "peak_mem_gb"]
+ADAM_BETAS = (0.9, 0.999)   # paper 2.3.1.1
 
 
 def parse_args(argv=None):
@@ -55,38 +54,36 @@ def parse_args(argv=None):
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
     data = p.add_argument_group("data")
     data.add_argument("--test-sessions", nargs="*", default=["005"],
-                      help="sessions left out of training (the encoding test set; none: use all)")
+                      help="sessions left out of training (the encoding test set; none: use all, as the authors)")
     data.add_argument("--val-reps", type=int, default=1,
                       help="last N training repetitions held out for the validation reconstruction error")
     data.add_argument("--val-clips", type=int, default=32, help="validation clips (fixed, drawn once)")
-    data.add_argument("--frame-step", type=int, default=4, help="60 Hz frames per clip frame (4: 15 Hz)")
+    data.add_argument("--frame-step", type=int, default=4, help="60 Hz frames per clip frame (4: clips at 15 Hz)")
     data.add_argument("--workers", type=int, default=4, help="threads that read clips from disk")
-    model = p.add_argument_group("model (paper configuration by default; Table 2(a) parameter counts)")
-    for name, value in common.VQVAE_PAPER_CONFIG.items():
-        if name == "downsample":
-            model.add_argument("--downsample", nargs=3, type=int, default=list(value),
-                               help="T, H, W downsampling factors, powers of 2 (default: 4 16 16)")
-        else:
-            model.add_argument("--" + name.replace("_", "-"), type=int, default=value,
-                               help=f"default: {value}")
-    loss = p.add_argument_group("loss and codebook (VideoGPT's values; paper eqs. 1 and 3-6)")
-    loss.add_argument("--beta", type=float, default=0.25, help="commitment loss weight (eq. 1)")
-    loss.add_argument("--ema-decay", type=float, default=0.99, help="codebook EMA decay (eqs. 3-4)")
-    loss.add_argument("--ema-epsilon", type=float, default=1e-7, help="Laplace smoothing of the EMA counts")
-    loss.add_argument("--restart-below", type=float, default=1.0,
-                      help="a code whose EMA count falls below this restarts from an encoder output")
-    loss.add_argument("--data-variance", type=float, default=0.06, help="the reconstruction MSE is divided by it")
-    train = p.add_argument_group("training")
+    paper = common.VQVAE_PAPER_CONFIG
+    model = p.add_argument_group("model (the authors' configuration by default: Table 2(a)'s parameter counts)")
+    model.add_argument("--resolution", type=int, default=paper["resolution"],
+                       help="frame height and width in pixels (default 128; the paper also used 64)")
+    model.add_argument("--sequence-length", type=int, default=paper["sequence_length"],
+                       help="frames per clip (default 16: 1.07 s at 15 Hz)")
+    model.add_argument("--n-hiddens", type=int, default=paper["n_hiddens"],
+                       help="channels of the encoder's and decoder's convolutions and attention (default 240)")
+    model.add_argument("--n-res-layers", type=int, default=paper["n_res_layers"],
+                       help="attention residual blocks in the encoder and in the decoder (default 4)")
+    model.add_argument("--downsample", nargs=3, type=int, default=list(paper["downsample"]),
+                       help="T, H, W downsampling factors, powers of 2 (default 4 16 16: a 4 x 8 x 8 code grid)")
+    model.add_argument("--embedding-dim", type=int, default=paper["embedding_dim"],
+                       help="width of a codebook vector (default 128)")
+    model.add_argument("--n-codes", type=int, default=paper["n_codes"], help="codebook size K (default 1024)")
+    train = p.add_argument_group("training (paper section 2.3.1.1 and VideoGPT)")
+    train.add_argument("--beta", type=float, default=0.25, help="commitment loss weight (eq. 1; default 0.25)")
+    train.add_argument("--ema-decay", type=float, default=0.99, help="codebook EMA decay gamma (eqs. 3-4; 0.99)")
     train.add_argument("--batch-size", type=int, default=16,
                        help="clips per optimizer step, over all processes (split evenly between them)")
     train.add_argument("--max-steps", type=int, default=50000, help="optimizer steps (cosine period)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
-    train.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="(paper: 0.9 0.999)")
     train.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
-                       help="cosine annealing to 0 over --max-steps (the paper, eq. 2) or constant (the authors' "
-                            "VQ-VAE code)")
-    train.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (paper: none)")
-    train.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
+                       help="cosine annealing to 0 over --max-steps (the paper, eq. 2) or constant (the authors' code)")
     train.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -106,6 +103,141 @@ def parse_args(argv=None):
     return args
 
 
+# --------------------------------------------------------------------------------------------------
+# Training (paper section 2.3.1.1)
+# --------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    work = Path(args.work)
+    out_dir = work / "vqvae"
+    ckpt_path = out_dir / "ckpt.pt"
+    config = model_config(args)
+    common.remove_stale_temporaries(out_dir)
+
+    # What this run is made of: its flags and the exact frames it reads. A finished run made the same
+    # way is skipped; an unfinished one is resumed (--resume); one made from other frames starts over.
+    paths, arrays = read_frames(work, args)
+    settings = common.settings_of(args)
+    inputs = common.input_fingerprints(work, paths)
+    checkpoint, complete = common.checkpoint_to_resume(ckpt_path, STAGE, settings, inputs, args.resume, args.overwrite)
+    if complete:
+        common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and frames); "
+                      "--overwrite to train again")
+        return
+    if checkpoint is None and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
+        # a run that starts over must not leave the old run's weights behind if it is interrupted at once
+        ckpt_path.unlink()
+        common.record_path(ckpt_path).unlink(missing_ok=True)
+
+    ctx = common.setup_distributed(args.device)
+    try:
+        args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
+        stopped = train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays,
+                        dict(stage=STAGE, settings=settings, inputs=inputs))
+    finally:
+        common.teardown_distributed()
+    if stopped:
+        step, signal_name = stopped
+        common.exit_interrupted(STAGE, step, args.max_steps, signal_name)
+
+
+def train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance):
+    """The training loop. Returns None when --max-steps is reached, or (step, signal name) when a signal
+    stopped it early (its checkpoint saved)."""
+    device = ctx.device
+    common.seed_everything(args.seed, ctx.rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    train_sampler, val_clips = samplers(arrays, args, ctx)
+    model = common.VQVAE(**config, beta=args.beta, ema_decay=args.ema_decay).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS)
+    scaler = common.grad_scaler(device, args.precision)
+    start_step = resume(checkpoint, model, optimizer, scaler, ctx)
+    raw_model = model
+    if ctx.world_size > 1:
+        # Buffers are not broadcast: the codebook is kept identical by its own all-reduce.
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        forward_sync_buffers=False)
+    if args.compile:
+        model = torch.compile(model)
+    log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
+    preemption = common.PreemptionFlag()
+
+    def save(step):
+        rng = common.gather_rng_states(ctx)   # a collective: every rank takes part
+        if ctx.is_main:
+            common.save_checkpoint(ckpt_path, dict(
+                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                step=step, max_steps=args.max_steps, complete=step >= args.max_steps, rng=rng, args=vars(args),
+                model_config=config, kind=STAGE, provenance=provenance))
+
+    # --- loop; the bar is closed however it ends, so that an error message stays the last line printed
+    with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="03 vqvae") as progress:
+        next_batch = train_sampler.batch_async(args.seed, start_step, args.batch_size, ctx.rank, ctx.world_size)
+        interval_start, interval_steps = time.perf_counter(), 0
+        step = start_step
+        while step < args.max_steps:
+            x = to_model_input(next_batch.result(), device, args.channels_last)     # (B, 3, T, H, W)
+            if step + 1 < args.max_steps:   # read the next batch while this one trains
+                next_batch = train_sampler.batch_async(args.seed, step + 1, args.batch_size, ctx.rank, ctx.world_size)
+            lr = learning_rate(step, args)
+            common.set_lr(optimizer, lr)
+
+            with common.autocast(device, args.precision):
+                recon_loss, _, vq_output = model(x)
+                loss = recon_loss + vq_output["commitment_loss"]               # paper eq. 1 (EMA codebook)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            interval_steps += 1
+            progress.update(1)
+
+            last = step == args.max_steps
+            if ctx.is_main and (step % args.log_every == 0 or last):
+                val_mse = val_psnr = ""
+                if step % args.val_every == 0 or last:
+                    val_mse, val_psnr = validate(raw_model, val_clips, args, device)
+                elapsed = time.perf_counter() - interval_start
+                log.log(step=step, lr=lr, loss=loss.item(), recon_loss=recon_loss.item(),
+                        commitment_loss=vq_output["commitment_loss"].item(),
+                        perplexity=vq_output["perplexity"].item(),
+                        codes_used=(raw_model.codebook.N >= 1).float().mean().item(), val_mse=val_mse,
+                        val_psnr=val_psnr, clips_per_s=interval_steps * args.batch_size / elapsed,
+                        peak_mem_gb=common.peak_memory_gb(device))
+                progress.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{vq_output['perplexity'].item():.0f}")
+                interval_start, interval_steps = time.perf_counter(), 0
+
+            stop = preemption.agreed(ctx)
+            if step % args.ckpt_every == 0 or last or stop:
+                save(step)
+            if stop and not last:
+                return step, preemption.name
+
+    if ctx.is_main:
+        save_recon_figure(raw_model, val_clips, out_dir / "recon.png", args, device)
+        distinct, n_clips = distinct_code_maps(raw_model, val_clips, args, device)
+        print(f"{STAGE}: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, "
+              f"{out_dir / 'recon.png'}; {distinct} of {n_clips} validation clips have distinct code maps")
+        if distinct < max(2, n_clips // 4):
+            print(f"{STAGE}: warning: the codes hardly depend on the clip ({distinct} distinct code maps "
+                  f"for {n_clips} clips): the VQ-VAE has collapsed onto position; train longer or with a "
+                  f"higher --lr (--overwrite)", file=sys.stderr)
+
+
+def learning_rate(step, args):
+    """The learning rate of `step`: the paper's cosine annealing to 0 over --max-steps (eq. 2), or the
+    constant rate of the authors' VQ-VAE code."""
+    return args.lr if args.lr_schedule == "constant" else common.cosine_lr(step, args.max_steps, args.lr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up: flags to model, frames to clips, a checkpoint to resume
+# --------------------------------------------------------------------------------------------------
 def model_config(args):
     """The VQVAE keywords of the flags, after checking they describe a valid model."""
     config = {name: getattr(args, name) for name in common.VQVAE_PAPER_CONFIG}
@@ -116,42 +248,58 @@ def model_config(args):
             raise InputError(f"--downsample: {axis} factor {d} must be a power of 2 dividing {s}")
     if args.n_hiddens % 4:
         raise InputError(f"--n-hiddens {args.n_hiddens}: must be a multiple of 4 (n/2 channels, 2 heads)")
+    if not 0 <= args.ema_decay < 1:
+        raise InputError(f"--ema-decay {args.ema_decay}: must be in [0, 1)")
     return config
 
 
-def loss_hyperparameters(args):
-    """The VQVAE keywords that shape training, not the weights (not stored in the model's config)."""
-    if not 0 <= args.ema_decay < 1:
-        raise InputError(f"--ema-decay {args.ema_decay}: must be in [0, 1)")
-    return dict(beta=args.beta, ema_decay=args.ema_decay, ema_epsilon=args.ema_epsilon,
-                restart_below=args.restart_below, data_variance=args.data_variance)
-
-
-# --------------------------------------------------------------------------------------------------
-# Data: random clips from the memory-mapped frame arrays of the training repetitions
-# --------------------------------------------------------------------------------------------------
-def training_repetitions(work, test_sessions, resolution, clip_span):
-    """The usable repetitions, in manifest order: (paths, memory-mapped uint8 (N, H, W, 3) arrays)."""
-    manifest_path = work / "frames" / "manifest.tsv"
-    manifest = common.read_tsv(manifest_path, required=("ses", "status", "frames_path", "n_frames"))
-    test = {common.session_label(s) for s in test_sessions}
-    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(common.session_label).isin(test)]
+def read_frames(work, args):
+    """The frames of the training repetitions that hold at least one clip: (paths, memory-mapped uint8
+    (N, H, W, 3) arrays), in manifest order."""
+    clip_span = (args.sequence_length - 1) * args.frame_step + 1   # 60 Hz frames one clip covers
     paths, arrays = [], []
-    for frames_path in rows["frames_path"]:
-        path = work / str(frames_path)
-        if not path.is_file():
-            raise InputError(f"{manifest_path}: frames file {path} is listed as ok but does not exist")
+    for rep in common.training_repetitions(work, args.test_sessions):
+        path = work / str(rep["frames_path"])
         frames = common.load_npy(path, advice="re-render it with 01_render_frames.py")
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (resolution, resolution, 3):
-            raise InputError(f"{path}: expected uint8 frames (N, {resolution}, {resolution}, 3) for "
-                             f"--resolution {resolution}, got {frames.dtype} {frames.shape}")
-        if len(frames) >= clip_span:   # shorter repetitions cannot hold one clip
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (args.resolution, args.resolution, 3):
+            raise InputError(f"{path}: expected uint8 frames (N, {args.resolution}, {args.resolution}, 3) for "
+                             f"--resolution {args.resolution}, got {frames.dtype} {frames.shape}")
+        if len(frames) >= clip_span:
             paths.append(path)
             arrays.append(frames)
     if not arrays:
-        raise InputError(f"{manifest_path}: no ok repetition outside test sessions {test_sessions} has the "
-                         f"{clip_span} frames one clip needs")
+        raise InputError(f"{work / 'frames' / 'manifest.tsv'}: no ok repetition outside test sessions "
+                         f"{args.test_sessions} has the {clip_span} frames one clip needs")
     return paths, arrays
+
+
+def samplers(arrays, args, ctx):
+    """The sampler of training clips and the fixed validation clips uint8 (val_clips, T, H, W, 3): drawn
+    once from the last --val-reps repetitions (from the training ones if there are too few)."""
+    n_val = args.val_reps if len(arrays) > args.val_reps else 0
+    train_sampler = ClipSampler(arrays[:len(arrays) - n_val], args.sequence_length, args.frame_step,
+                                args.workers, pin_memory=ctx.device.type == "cuda")
+    val_source = ClipSampler(arrays[len(arrays) - n_val:], args.sequence_length, args.frame_step, 1) \
+        if n_val else train_sampler
+    val_clips = val_source.read(val_source.starts(np.random.default_rng([args.seed, 10**6]), args.val_clips))
+    if ctx.is_main and not n_val:
+        print(f"{STAGE}: only {len(arrays)} repetition(s): validation clips come from training data",
+              file=sys.stderr)
+    return train_sampler, val_clips
+
+
+def resume(checkpoint, model, optimizer, scaler, ctx):
+    """Load a checkpoint's weights, optimizer, loss scaler and random generators; returns its step (0
+    without a checkpoint)."""
+    if checkpoint is None:
+        return 0
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if not common.restore_rng_states(checkpoint["rng"], ctx):
+        common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
+                      "random generators reseeded (the run continues, not bit-for-bit)")
+    return checkpoint["step"]
 
 
 class ClipSampler:
@@ -191,18 +339,10 @@ class ClipSampler:
         return self.prefetch.submit(self.read, starts)
 
 
-def learning_rate(step, args):
-    """The learning rate of `step`: the paper's cosine annealing to 0 over --max-steps (eq. 2), or the
-    constant rate of the authors' VQ-VAE code; either after the optional linear warmup."""
-    if args.lr_schedule == "constant":
-        return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
-    return common.cosine_lr(step, args.max_steps, args.lr, warmup_steps=args.warmup_steps)
-
-
 def to_model_input(clips, device, channels_last):
-    """uint8 (B, T, H, W, 3) on the host -> float (B, 3, T, H, W) in [-0.5, 0.5] on `device`.
-    The uint8 batch travels (4x less than float32); the scaling runs on the device."""
-    x = clips.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5
+    """uint8 clips (B, T, H, W, 3) on the host -> the VQ-VAE's input (B, 3, T, H, W) on `device`: the
+    uint8 batch travels, the scaling to [-0.5, 0.5] runs on the device."""
+    x = common.video_from_uint8(clips.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
 
 
@@ -254,159 +394,6 @@ def save_recon_figure(model, clips, path, args, device, n_clips=4, n_frames=8):
     grid = torch.cat(rows, 0).round().byte().cpu().numpy()            # (2*n*H, F*W, 3)
     with common.atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------------
-def main(argv=None):
-    args = parse_args(argv)
-    work = Path(args.work)
-    out_dir = work / "vqvae"
-    ckpt_path = out_dir / "ckpt.pt"
-    config, loss_settings = model_config(args), loss_hyperparameters(args)
-    common.remove_stale_temporaries(out_dir)
-
-    # What this run is made of: its flags and the exact frames it reads. A finished run made the same
-    # way is skipped; an unfinished one is resumed (--resume); one made from other frames starts over.
-    paths, arrays = training_repetitions(work, args.test_sessions, args.resolution,
-                                         (args.sequence_length - 1) * args.frame_step + 1)
-    settings = common.settings_of(args)
-    inputs = common.input_fingerprints(work, paths)
-    checkpoint, complete = common.checkpoint_to_resume(ckpt_path, STAGE, settings, inputs, args.resume, args.overwrite)
-    if complete:
-        common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and frames); "
-                      "--overwrite to train again")
-        return
-    if checkpoint is None and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
-        # a run that starts over must not leave the old run's weights behind if it is interrupted at once
-        ckpt_path.unlink()
-        common.record_path(ckpt_path).unlink(missing_ok=True)
-
-    ctx = common.setup_distributed(args.device)
-    try:
-        args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
-        stopped = train(args, config, loss_settings, ctx, out_dir, ckpt_path, checkpoint, arrays,
-                        dict(stage=STAGE, settings=settings, inputs=inputs))
-    finally:
-        common.teardown_distributed()
-    if stopped:
-        step, signal_name = stopped
-        common.exit_interrupted(STAGE, step, args.max_steps, signal_name)
-
-
-def train(args, config, loss_settings, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance):
-    """The training loop. Returns None when --max-steps is reached, or (step, signal name) when a signal
-    stopped it early (its checkpoint saved)."""
-    device = ctx.device
-    common.seed_everything(args.seed, ctx.rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-
-    # --- data
-    n_val = args.val_reps if len(arrays) > args.val_reps else 0
-    train_sampler = ClipSampler(arrays[:len(arrays) - n_val], args.sequence_length, args.frame_step,
-                                args.workers, pin_memory=device.type == "cuda")
-    val_source = ClipSampler(arrays[len(arrays) - n_val:], args.sequence_length, args.frame_step, 1) \
-        if n_val else train_sampler
-    val_clips = val_source.read(val_source.starts(np.random.default_rng([args.seed, 10**6]), args.val_clips))
-    if ctx.is_main and not n_val:
-        print(f"{STAGE}: only {len(arrays)} repetition(s): validation clips come from training data",
-              file=sys.stderr)
-
-    # --- model, optimizer, mixed precision (paper 2.3.1.1: Adam 3e-4, betas 0.9/0.999)
-    model = common.VQVAE(**config, **loss_settings).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas))
-    scaler = common.grad_scaler(device, args.precision)
-    start_step = 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_step = checkpoint["step"]
-        if not common.restore_rng_states(checkpoint["rng"], ctx):
-            common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
-                          "random generators reseeded (the run continues, not bit-for-bit)")
-    raw_model = model
-    if ctx.world_size > 1:
-        # Buffers are not broadcast: the codebook is kept identical by its own all-reduce.
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        forward_sync_buffers=False)
-    if args.compile:
-        model = torch.compile(model)
-
-    log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
-    preemption = common.PreemptionFlag()
-
-    def save(step):
-        rng = common.gather_rng_states(ctx)   # a collective: every rank takes part
-        if ctx.is_main:
-            common.save_checkpoint(ckpt_path, dict(
-                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                step=step, max_steps=args.max_steps, complete=step >= args.max_steps, rng=rng, args=vars(args),
-                model_config=config, kind=STAGE, provenance=provenance))
-
-    # --- loop
-    # the bar is closed however the loop ends, so that an error message stays the last line printed
-    with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="03 vqvae") as progress:
-        next_batch = train_sampler.batch_async(args.seed, start_step, args.batch_size, ctx.rank, ctx.world_size)
-        interval_start, interval_steps = time.perf_counter(), 0
-        step = start_step
-        while step < args.max_steps:
-            x = to_model_input(next_batch.result(), device, args.channels_last)     # (B, 3, T, H, W)
-            if step + 1 < args.max_steps:
-                next_batch = train_sampler.batch_async(args.seed, step + 1, args.batch_size, ctx.rank, ctx.world_size)
-            lr = learning_rate(step, args)
-            common.set_lr(optimizer, lr)
-
-            with common.autocast(device, args.precision):
-                recon_loss, _, vq_output = model(x)
-                loss = recon_loss + vq_output["commitment_loss"]               # paper eq. 1 (EMA codebook)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            interval_steps += 1
-            progress.update(1)
-
-            last = step == args.max_steps
-            if ctx.is_main and (step % args.log_every == 0 or last):
-                val_mse = val_psnr = ""
-                if step % args.val_every == 0 or last:
-                    val_mse, val_psnr = validate(raw_model, val_clips, args, device)
-                elapsed = time.perf_counter() - interval_start
-                codebook = raw_model.codebook
-                log.log(step=step, lr=lr, loss=loss.item(), recon_loss=recon_loss.item(),
-                        commitment_loss=vq_output["commitment_loss"].item(),
-                        perplexity=vq_output["perplexity"].item(),
-                        codes_used=(codebook.N >= 1).float().mean().item(), val_mse=val_mse, val_psnr=val_psnr,
-                        clips_per_s=interval_steps * args.batch_size / elapsed,
-                        peak_mem_gb=common.peak_memory_gb(device))
-                progress.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{vq_output['perplexity'].item():.0f}")
-                interval_start, interval_steps = time.perf_counter(), 0
-
-            stop = preemption.agreed(ctx)
-            if step % args.ckpt_every == 0 or last or stop:
-                save(step)
-            if stop and not last:
-                return step, preemption.name
-
-    if ctx.is_main:
-        save_recon_figure(raw_model, val_clips, out_dir / "recon.png", args, device)
-        distinct, n_clips = distinct_code_maps(raw_model, val_clips, args, device)
-        print(f"{STAGE}: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, "
-              f"{out_dir / 'recon.png'}; {distinct} of {n_clips} validation clips have distinct code maps")
-        if distinct < max(2, n_clips // 4):
-            print(f"{STAGE}: warning: the codes hardly depend on the clip ({distinct} distinct code maps "
-                  f"for {n_clips} clips): the VQ-VAE has collapsed onto position; train longer or with a "
-                  f"higher --lr (--overwrite)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,9 @@ VQ-VAE <work>/vqvae/ckpt.pt (stage 03; --vqvae takes another, e.g. the authors' 
 A sample (paper 2.3.1.2) is 32 frames at 15 Hz (every --frame-step-th 60 Hz frame): the first 16
 condition the GPT, which learns to predict the VQ-VAE codes of the last 16. Each repetition is cut into
 consecutive, non-overlapping 16-frame clips (clip j = 60 Hz frames 64j, 64j + 4, ..., 64j + 60) and the
-samples are the pairs (clip j, clip j + 1), as the authors' data module (stride 16) does.
-
-Because the VQ-VAE is frozen and deterministic in eval mode, every clip is encoded once into a code
-cache, <work>/gpt/codes/<sha256 of the VQ-VAE checkpoint>-step<frame step>/<sub>/<ses>/<stem>.npy,
-uint16 (n_clips, t, h, w); a new VQ-VAE gets a new cache, a re-rendered repetition is re-encoded. Training
-then reads codes only: target and conditioning embeddings are codebook lookups (same loss as encoding
-the frames at every step, without the encoder).
+samples are the pairs (clip j, clip j + 1), as the authors' data module (stride 16) does. The VQ-VAE is
+frozen, so every clip is encoded once, in fp32, into a cache of codes named after the VQ-VAE and the
+frames it encodes; training then reads codes only (the same loss as encoding at every step).
 
 Splits: repetitions with status ok outside --test-sessions (the encoding test set; `--test-sessions`
 with no value includes them, as the authors did); the last --val-reps of them in manifest order are held
@@ -33,15 +29,16 @@ their 100k subset is sub-01's level 1 only), as the paper's 10k/100k/1M/6M data 
 --subset-order manifest takes them in manifest order instead. The checkpoint's record lists them.
 
 Outputs (<work>/gpt/<name>/, name derived from the configuration unless --name):
-    ckpt.pt    model, model_config, optimizer, GradScaler, step, RNG states per rank, args, vqvae_sha256
+    ckpt.pt    model, model_config, optimizer, GradScaler, step, RNG states per rank, args, record
+    ckpt.json  the record: flags, fingerprints of the VQ-VAE and frames, the subset, complete or not
     log.csv    step, epoch, lr, train_loss, val_loss, clips_per_s, tokens_per_s, mfu, peak_mem_gb, wall_s
     loss.png   training and validation cross-entropy against steps
 
 Optimisation (the authors'): Adam(3e-4, betas 0.9/0.999), cosine annealing to 0 over --max-steps,
-gradient clipping at 1.0. --precision fp16 is autocast + GradScaler as in the paper; bf16 needs no scaler.
---batch-size counts the samples of one optimizer step over all processes. The run checkpoints every
---ckpt-every steps and when SLURM signals preemption (SIGTERM/SIGUSR1), then exits; --resume continues
-it exactly. A finished run is skipped unless --overwrite.
+gradient clipping at 1.0, --batch-size 64 samples per optimizer step over all processes (16 per GPU on 4
+GPUs). --precision fp16 is autocast + GradScaler as in the paper; bf16 needs no scaler. The run
+checkpoints every --ckpt-every steps and on SIGTERM/SIGUSR1 (SLURM's preemption), then exits with status
+75; --resume continues it exactly.
 """
 import argparse
 import functools
@@ -63,9 +60,11 @@ from common import DEFAULT_WORK, InputError, run_main
 STAGE = "04_train_gpt"
 LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "val_loss", "clips_per_s", "tokens_per_s", "mfu",
               "peak_mem_gb", "wall_s"]
+ADAM_BETAS = (0.9, 0.999)   # paper 2.3.1.2
+ENCODE_BATCH = 32           # clips per VQ-VAE forward pass when the code cache is filled
 
-# Dense peak throughput (TFLOP/s) used for MFU, by GPU name and --precision. fp32 is the non-tensor-core
-# peak (TF32 is off unless --tf32). Other devices: give --peak-tflops, or MFU stays empty.
+# Dense peak throughput (TFLOP/s) for the MFU column, by GPU name and --precision. fp32 is the
+# non-tensor-core peak (TF32 is off unless --tf32). On other devices MFU stays empty.
 PEAK_TFLOPS = {"H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "fp16": 756.0, "bf16": 756.0},
                "H100": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
                "H200": {"fp32": 66.9, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4},
@@ -90,11 +89,10 @@ def parse_args(argv=None):
     data.add_argument("--subset-order", choices=("authors", "manifest"), default="authors",
                       help="order in which --train-frames takes repetitions: the authors' (subject, then level, "
                            "then session) or frames/manifest.tsv's (subject, session, run, repetition)")
-    data.add_argument("--frame-step", type=int, default=4, help="60 Hz frames per clip frame (4: 15 Hz)")
-    data.add_argument("--encode-batch", type=int, default=32, help="clips per VQ-VAE batch when caching codes")
+    data.add_argument("--frame-step", type=int, default=4, help="60 Hz frames per clip frame (4: clips at 15 Hz)")
     model = p.add_argument_group("model (paper configuration by default: Table 2(b), 40,324,768 parameters)")
     model.add_argument("--hidden-dim", type=int, default=576, help="multiple of 3 (paper sweep: 6 ... 1024)")
-    model.add_argument("--layers", type=int, default=8, help="attention blocks (paper sweep: 1, 2, 4, 8)")
+    model.add_argument("--layers", type=int, default=8, help="attention blocks (paper sweep: 1, 2, 4, 8, 16)")
     model.add_argument("--heads", type=int, default=4, help="attention heads (paper sweep: 1, 2, 4, 8)")
     model.add_argument("--cond-dim", type=int, default=common.GPT_COND_DIM,
                        help="width of the conditioning features (the authors' fixed 240; small for tiny tests)")
@@ -107,8 +105,7 @@ def parse_args(argv=None):
                        help="samples per optimizer step, over all processes (the authors': 16 per GPU x 4 GPUs)")
     train.add_argument("--max-steps", type=int, default=200000, help="optimizer steps (cosine period)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
-    train.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="(paper: 0.9 0.999)")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (the authors': 1; 0: none)")
     train.add_argument("--init-from", help="initial weights: a ckpt.pt of this stage or an authors' Lightning .ckpt")
     train.add_argument("--allow-unfinished", action="store_true",
                        help="use a VQ-VAE whose training was interrupted (refused by default)")
@@ -119,7 +116,6 @@ def parse_args(argv=None):
                      help="fp16: autocast + GradScaler (the paper's mixed precision); bf16: autocast")
     run.add_argument("--tf32", action="store_true", help="TF32 matmuls in fp32 (Ampere and later)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs only)")
     run.add_argument("--log-every", type=int, default=100, help="steps between log.csv rows")
     run.add_argument("--val-every", type=int, default=1000, help="steps between validation passes")
     run.add_argument("--val-samples", type=int, default=2048, help="validation samples per pass (0: all)")
@@ -134,7 +130,7 @@ def parse_args(argv=None):
             args.name += f"-f{args.train_frames}"
         if args.precision != "fp32":
             args.name += f"-{args.precision}"
-    for flag in ("batch_size", "max_steps", "log_every", "val_every", "ckpt_every", "frame_step", "encode_batch"):
+    for flag in ("batch_size", "max_steps", "log_every", "val_every", "ckpt_every", "frame_step"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if args.train_frames < 0 or args.val_reps < 0:
@@ -142,6 +138,163 @@ def parse_args(argv=None):
     return args
 
 
+# --------------------------------------------------------------------------------------------------
+# Training (paper sections 2.3.1.2 and 2.4)
+# --------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    work = Path(args.work)
+    vqvae_path = Path(args.vqvae or work / "vqvae" / "ckpt.pt")
+    args.vqvae = str(vqvae_path)   # saved in the checkpoint's args: 05 finds the VQ-VAE there
+    out_dir = work / "gpt" / args.name
+    ckpt_path = out_dir / "ckpt.pt"
+    common.remove_stale_temporaries(out_dir)
+    common.remove_stale_temporaries(work / "gpt" / "codes")
+
+    # What this run is made of: its flags, the frozen VQ-VAE, the frames of its repetitions and the initial
+    # weights. A finished run made the same way is skipped; an unfinished one is resumed (--resume); one
+    # made from other inputs starts over.
+    vqvae = common.load_vqvae(vqvae_path, allow_unfinished=args.allow_unfinished)
+    config = model_config(args, vqvae)
+    train_reps, val_reps, used = training_data(work, args)
+    frames_paths = [work / str(r["frames_path"]) for r in train_reps + val_reps]
+    settings = common.settings_of(args, common.RUN_CONTROL_FLAGS | {"vqvae", "init_from"})
+    inputs = common.input_fingerprints(work, [vqvae_path, *frames_paths, *([args.init_from] if args.init_from else [])])
+    checkpoint, complete = common.checkpoint_to_resume(ckpt_path, STAGE, settings, inputs, args.resume, args.overwrite)
+    if complete:
+        common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and inputs); "
+                      "--overwrite to train again")
+        return
+    if checkpoint is None and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
+        # a run that starts over must not leave the old run's weights behind if it is interrupted at once
+        ckpt_path.unlink()
+        common.record_path(ckpt_path).unlink(missing_ok=True)
+    data = dict(vqvae=vqvae, vqvae_sha256=inputs[os.path.relpath(vqvae_path, work)]["sha256"], train_reps=train_reps,
+                val_reps=val_reps, used=used,
+                frames_sha256=[inputs[os.path.relpath(p, work)]["sha256"] for p in frames_paths])
+    # the record says which frames this data size means, repetition by repetition
+    subset = [{"frames_path": str(r["frames_path"]), "sub": r["sub"], "ses": r["ses"], "frames_used": n,
+               "level": r["level"] if isinstance(r.get("level"), str) else None} for r, n in zip(train_reps, used)]
+
+    ctx = common.setup_distributed(args.device)
+    try:
+        args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
+        stopped = train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data,
+                        dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset))
+    finally:
+        common.teardown_distributed()
+    if stopped:
+        step, signal_name = stopped
+        common.exit_interrupted(STAGE, step, args.max_steps, signal_name)
+
+
+def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provenance):
+    """The training loop. Returns None when --max-steps is reached, or (step, signal name) when a signal
+    stopped it early (its checkpoint saved)."""
+    device = ctx.device
+    common.seed_everything(args.seed, ctx.rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    codebook, train_samples, val_samples = code_samples(args, ctx, work, data)   # (n_codes, D), samples
+    model = common.VideoGPT(**config, checkpoint_activations=args.checkpoint_activations).to(device)
+    if args.init_from and checkpoint is None:
+        load_initial_weights(model, args.init_from, config, codebook)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=device.type == "cuda")
+    scaler = common.grad_scaler(device, args.precision)
+    # loss_sum, interval_steps: the train_loss of a log row averages the steps since the previous row,
+    # also across a resume
+    start_step, wall_before, loss_sum, interval_steps = resume(checkpoint, model, optimizer, scaler, ctx)
+    raw_model = model
+    if ctx.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    flops_per_sample, peak = train_flops_per_sample(config), peak_tflops(args, device)
+    tokens_per_sample = math.prod(config["latent_shape"])
+    log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
+    preemption = common.PreemptionFlag()
+    run_start = time.perf_counter()
+
+    def save(step):
+        rng = common.gather_rng_states(ctx)   # collectives: every rank takes part
+        interval_loss = loss_sum.clone()
+        if ctx.world_size > 1:
+            torch.distributed.all_reduce(interval_loss)
+        if ctx.is_main:
+            common.save_checkpoint(ckpt_path, dict(
+                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                step=step, max_steps=args.max_steps, complete=step >= args.max_steps, rng=rng, args=vars(args),
+                model_config=config, kind=STAGE, provenance=provenance, vqvae_sha256=data["vqvae_sha256"],
+                train_frames=sum(data["used"]), train_samples=len(train_samples),
+                log_interval={"loss_sum": interval_loss.item(), "steps": interval_steps},
+                wall_s=wall_before + time.perf_counter() - run_start))
+
+    # --- loop; the bar is closed however it ends, so that an error message stays the last line printed
+    with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="04 gpt") as progress:
+        interval_start = time.perf_counter()
+        step = start_step
+        while step < args.max_steps:
+            index = batch_indices(step, len(train_samples), args.batch_size, args.seed, ctx.rank, ctx.world_size)
+            cond, target = train_samples.batch(index.to(device))                 # (B, t, h, w) each
+            lr = common.cosine_lr(step, args.max_steps, args.lr)                 # paper eq. 2
+            common.set_lr(optimizer, lr)
+            with common.autocast(device, args.precision):
+                loss = gpt_loss(model, codebook, cond, target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+            step += 1
+            interval_steps += 1
+            progress.update(1)
+
+            last = step == args.max_steps
+            if step % args.log_every == 0 or last:
+                val_loss = ""
+                if step % args.val_every == 0 or last:
+                    val_loss = validation_loss(raw_model, codebook, val_samples, args, ctx) if len(val_samples) else ""
+                if ctx.world_size > 1:
+                    torch.distributed.all_reduce(loss_sum)
+                train_loss = loss_sum.item() / interval_steps / ctx.world_size
+                elapsed = time.perf_counter() - interval_start
+                clips_per_s = interval_steps * args.batch_size / elapsed
+                if ctx.is_main:
+                    log.log(step=step, epoch=step * args.batch_size / len(train_samples), lr=lr,
+                            train_loss=train_loss, val_loss=val_loss, clips_per_s=clips_per_s,
+                            tokens_per_s=clips_per_s * tokens_per_sample,
+                            mfu=clips_per_s * flops_per_sample / (peak * 1e12 * ctx.world_size) if peak else "",
+                            peak_mem_gb=common.peak_memory_gb(device),
+                            wall_s=wall_before + time.perf_counter() - run_start)
+                    progress.set_postfix(loss=f"{train_loss:.4f}")
+                loss_sum.zero_()
+                interval_start, interval_steps = time.perf_counter(), 0
+
+            stop = preemption.agreed(ctx)
+            if step % args.ckpt_every == 0 or last or stop:
+                save(step)
+            if stop and not last:
+                return step, preemption.name
+
+    if ctx.is_main:
+        save_loss_figure(out_dir / "log.csv", out_dir / "loss.png", f"GPT {args.name}")
+        print(f"{STAGE}: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, {out_dir / 'loss.png'}")
+
+
+def gpt_loss(model, codebook, cond_codes, target_codes):
+    """Paper eq. 7: mean cross-entropy of the target clip's codes (B, t, h, w), each predicted from the
+    codes before it (causal attention) and from the conditioning clip's codes (cross-attention). The GPT
+    reads codebook vectors, codes (B, t, h, w) -> (B, t, h, w, D), as the authors' emb_cond model does."""
+    logits = model(F.embedding(target_codes, codebook), F.embedding(cond_codes, codebook))  # (B, t, h, w, n_codes)
+    return F.cross_entropy(logits.flatten(0, -2).float(), target_codes.flatten().long())
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up: flags to model, the training data, a checkpoint to resume, initial weights
+# --------------------------------------------------------------------------------------------------
 def model_config(args, vqvae):
     """The VideoGPT keywords of the flags and the VQ-VAE, after checking they describe a valid model."""
     if args.hidden_dim % 3 or args.hidden_dim < 3:
@@ -159,18 +312,18 @@ def model_config(args, vqvae):
                 attn_dropout=args.attn_dropout, cond_dim=args.cond_dim)
 
 
-# --------------------------------------------------------------------------------------------------
-# Data: repetitions, the --train-frames selection, and the code cache
-# --------------------------------------------------------------------------------------------------
-def usable_repetitions(work, test_sessions):
-    """Rows (dicts) of frames/manifest.tsv with status ok outside `test_sessions`, in manifest order."""
-    manifest_path = work / "frames" / "manifest.tsv"
-    manifest = common.read_tsv(manifest_path, required=("sub", "ses", "status", "frames_path", "n_frames"))
-    test = {common.session_label(s) for s in test_sessions}
-    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(common.session_label).isin(test)]
-    if rows.empty:
-        raise InputError(f"{manifest_path}: no repetition with status ok outside test sessions {test_sessions}")
-    return [dict(row) for _, row in rows.iterrows()]
+def training_data(work, args):
+    """(training repetitions in --subset-order, validation repetitions, leading 60 Hz frames used of each
+    training repetition): rows of frames/manifest.tsv as dicts. Validation is the last --val-reps in
+    manifest order, the same whatever the data size."""
+    reps = common.training_repetitions(work, args.test_sessions)
+    if len(reps) <= args.val_reps:
+        raise InputError(f"{work / 'frames' / 'manifest.tsv'}: {len(reps)} usable repetition(s), not enough to "
+                         f"hold out --val-reps {args.val_reps} and still train")
+    train_reps, val_reps = reps[:len(reps) - args.val_reps], reps[len(reps) - args.val_reps:]
+    train_reps = in_subset_order(train_reps, args.subset_order)
+    used = select_training_frames([int(r["n_frames"]) for r in train_reps], args.train_frames)
+    return [r for r, n in zip(train_reps, used) if n > 0], val_reps, [n for n in used if n > 0]
 
 
 def natural_key(label):
@@ -207,6 +360,60 @@ def select_training_frames(n_frames, train_frames):
     return used
 
 
+def resume(checkpoint, model, optimizer, scaler, ctx):
+    """Load a checkpoint's weights, optimizer, loss scaler and random generators. Returns (step, wall
+    seconds trained before, loss sum (a tensor) and steps of the log interval in progress); zeros
+    without a checkpoint."""
+    loss_sum = torch.zeros((), device=ctx.device)
+    if checkpoint is None:
+        return 0, 0.0, loss_sum, 0
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    if ctx.is_main:   # the saved sum covers every rank: it enters the next all-reduce once
+        loss_sum += checkpoint["log_interval"]["loss_sum"]
+    if not common.restore_rng_states(checkpoint["rng"], ctx):
+        common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
+                      "random generators reseeded (the run continues, not bit-for-bit)")
+    return checkpoint["step"], checkpoint.get("wall_s", 0.0), loss_sum, checkpoint["log_interval"]["steps"]
+
+
+def load_initial_weights(model, path, config, codebook):
+    """--init-from: start from the weights of another GPT checkpoint (ours, or the authors' Lightning
+    one) of the same architecture; its dropout rates may differ."""
+    init_config, init_state, extra = common.load_gpt_checkpoint(path)
+    if {k: v for k, v in init_config.items() if "dropout" not in k} != \
+            {k: v for k, v in config.items() if "dropout" not in k}:
+        raise InputError(f"{path}: a model {init_config}, but the flags and VQ-VAE ask for {config}")
+    common.load_weights(model, init_state, path, f"a VideoGPT with {config}")
+    their_codebook = extra.get("vqvae_state", {}).get("codebook.embeddings")
+    if their_codebook is not None and not torch.allclose(their_codebook.float().to(codebook.device), codebook):
+        common.print0(f"{STAGE}: warning: {path} was trained with another VQ-VAE codebook than this run's")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: the code cache and the samples
+# --------------------------------------------------------------------------------------------------
+def code_samples(args, ctx, work, data):
+    """The frozen VQ-VAE's codebook (n_codes, D) on the device, and the training and validation samples
+    (CodeSamples) from the cached codes of their repetitions (encoded now where the cache lacks them)."""
+    vqvae = data.pop("vqvae").to(ctx.device).eval()
+    codebook = vqvae.codebook.embeddings.detach().clone().float()                # (n_codes, D)
+    train_reps, val_reps, used = data["train_reps"], data["val_reps"], data["used"]
+    cache_dir = cache_directory(work, data["vqvae_sha256"], args.frame_step)
+    span = vqvae.config["sequence_length"] * args.frame_step                     # 60 Hz frames per clip
+    codes = cached_codes(work, train_reps + val_reps, data["frames_sha256"], vqvae, cache_dir, args, ctx)
+    train_samples = CodeSamples(codes[:len(train_reps)], used, span, ctx.device)
+    val_samples = CodeSamples(codes[len(train_reps):], [int(r["n_frames"]) for r in val_reps], span, ctx.device)
+    if len(train_samples) == 0:
+        raise InputError(f"--train-frames {args.train_frames}: no training sample (a sample needs two "
+                         f"consecutive clips, {2 * span} frames of one repetition)")
+    common.print0(f"{STAGE}: {sum(used)} training frames from {len(train_reps)} repetitions -> "
+                  f"{len(train_samples)} samples; {len(val_samples)} validation samples "
+                  f"({len(val_reps)} repetitions); codes in {cache_dir}")
+    return codebook.to(ctx.device), train_samples, val_samples
+
+
 def cache_directory(work, vqvae_sha256, frame_step):
     """<work>/gpt/codes/<first 16 hex digits of the VQ-VAE checkpoint's sha256>-step<frame step>."""
     return work / "gpt" / "codes" / f"{vqvae_sha256[:16]}-step{frame_step}"
@@ -219,18 +426,13 @@ def clips_of_frames(frames, start_clips, sequence_length, frame_step):
     return np.stack([frames[j * span:(j + 1) * span:frame_step] for j in start_clips])
 
 
-def to_video(clips, device):
-    """uint8 clips (B, T, H, W, 3) -> the VQ-VAE's input (B, 3, T, H, W) float in [-0.5, 0.5]."""
-    return torch.as_tensor(clips).to(device).permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5
-
-
 @torch.no_grad()
-def encode_repetition(vqvae, frames, frame_step, batch, device):
-    """VQ-VAE codes (n_clips, t, h, w) int64 of the consecutive clips of one repetition's frames."""
+def encode_repetition(vqvae, frames, frame_step, device, batch=ENCODE_BATCH):
+    """VQ-VAE codes (n_clips, t, h, w) int64 of the consecutive clips of one repetition's frames, in fp32."""
     sequence_length = vqvae.config["sequence_length"]
     n_clips = len(frames) // (sequence_length * frame_step)
-    codes = [vqvae.encode(to_video(clips_of_frames(frames, range(i, min(i + batch, n_clips)), sequence_length,
-                                                   frame_step), device)).cpu()
+    codes = [vqvae.encode(common.video_from_uint8(torch.as_tensor(
+                 clips_of_frames(frames, range(i, min(i + batch, n_clips)), sequence_length, frame_step)).to(device))).cpu()
              for i in range(0, n_clips, batch)]
     return torch.cat(codes) if codes else torch.zeros((0, *vqvae.latent_shape), dtype=torch.long)
 
@@ -256,7 +458,7 @@ def cached_codes(work, reps, frames_sha256, vqvae, cache_dir, args, ctx):
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (resolution, resolution, 3):
             raise InputError(f"{frames_path}: expected uint8 frames (N, {resolution}, {resolution}, 3) for the "
                              f"VQ-VAE's resolution {resolution}, got {frames.dtype} {frames.shape}")
-        codes = encode_repetition(vqvae, frames, args.frame_step, args.encode_batch, ctx.device)
+        codes = encode_repetition(vqvae, frames, args.frame_step, ctx.device)
         common.save_npy(code_path, codes.numpy().astype(np.uint16))
     if ctx.world_size > 1:
         torch.distributed.barrier()
@@ -308,19 +510,8 @@ def batch_indices(step, n_samples, global_batch, seed, rank=0, world_size=1):
     return epoch_permutation(seed, epoch, n_samples)[(start + torch.arange(per_rank)) % n_samples]
 
 
-def embed(codebook, codes):
-    """Codebook lookup: codes (B, t, h, w) -> their embeddings (B, t, h, w, D) (frozen VQ-VAE)."""
-    return F.embedding(codes, codebook)
-
-
-def gpt_loss(model, codebook, cond_codes, target_codes):
-    """Paper eq. 7: mean cross-entropy of the target codes (B, t, h, w) given the conditioning clip's."""
-    logits = model(embed(codebook, target_codes), embed(codebook, cond_codes))   # (B, t, h, w, n_codes)
-    return F.cross_entropy(logits.flatten(0, -2).float(), target_codes.flatten().long())
-
-
 # --------------------------------------------------------------------------------------------------
-# Measurements: FLOPs per sample (for MFU), peak memory, validation loss, loss figure
+# Measurements: FLOPs per sample (for MFU), validation loss, loss figure
 # --------------------------------------------------------------------------------------------------
 def train_flops_per_sample(config):
     """FLOPs of one training sample (forward + backward), counted by torch on the meta device."""
@@ -336,8 +527,7 @@ def train_flops_per_sample(config):
 
 
 def peak_tflops(args, device):
-    if args.peak_tflops:
-        return args.peak_tflops
+    """The device's dense peak TFLOP/s at --precision (PEAK_TFLOPS), or None where it is not listed."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -368,6 +558,7 @@ def validation_loss(model, codebook, samples, args, ctx):
 
 
 def save_loss_figure(log_path, figure_path, title):
+    """loss.png: training and validation cross-entropy (nats per code) against optimizer steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -377,214 +568,12 @@ def save_loss_figure(log_path, figure_path, title):
     ax.plot(log["step"], log["train_loss"], label="train")
     val = log.dropna(subset=["val_loss"])
     ax.plot(val["step"], val["val_loss"], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats per code)", title=title)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats per code)", title=title)
     ax.legend()
     fig.tight_layout()
     with common.atomic_path(figure_path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------------
-def main(argv=None):
-    args = parse_args(argv)
-    work = Path(args.work)
-    vqvae_path = Path(args.vqvae or work / "vqvae" / "ckpt.pt")
-    args.vqvae = str(vqvae_path)   # saved in the checkpoint's args: 05 finds the VQ-VAE there
-    out_dir = work / "gpt" / args.name
-    ckpt_path = out_dir / "ckpt.pt"
-    common.remove_stale_temporaries(out_dir)
-    common.remove_stale_temporaries(work / "gpt" / "codes")
-
-    # What this run is made of: its flags, the frozen VQ-VAE, the frames of its repetitions and the initial
-    # weights. A finished run made the same way is skipped; an unfinished one is resumed (--resume); one
-    # made from other inputs starts over.
-    vqvae = common.load_vqvae(vqvae_path, allow_unfinished=args.allow_unfinished)
-    config = model_config(args, vqvae)
-    reps = usable_repetitions(work, args.test_sessions)
-    if len(reps) <= args.val_reps:
-        raise InputError(f"{work / 'frames' / 'manifest.tsv'}: {len(reps)} usable repetition(s), not enough to "
-                         f"hold out --val-reps {args.val_reps} and still train")
-    # validation: the last --val-reps in manifest order, the same whatever the data size
-    train_reps, val_reps = reps[:len(reps) - args.val_reps], reps[len(reps) - args.val_reps:]
-    train_reps = in_subset_order(train_reps, args.subset_order)
-    used = select_training_frames([int(r["n_frames"]) for r in train_reps], args.train_frames)
-    train_reps, used = [r for r, n in zip(train_reps, used) if n > 0], [n for n in used if n > 0]
-    frames_paths = [work / str(r["frames_path"]) for r in train_reps + val_reps]
-    for path in frames_paths:
-        if not path.is_file():
-            raise InputError(f"{work / 'frames' / 'manifest.tsv'}: frames file {path} is listed as ok but does "
-                             "not exist (re-run 01_render_frames.py)")
-    settings = common.settings_of(args, common.RUN_CONTROL_FLAGS | {"vqvae", "init_from"})
-    inputs = common.input_fingerprints(work, [vqvae_path, *frames_paths, *([args.init_from] if args.init_from else [])])
-    checkpoint, complete = common.checkpoint_to_resume(ckpt_path, STAGE, settings, inputs, args.resume, args.overwrite)
-    if complete:
-        common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and inputs); "
-                      "--overwrite to train again")
-        return
-    if checkpoint is None and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
-        # a run that starts over must not leave the old run's weights behind if it is interrupted at once
-        ckpt_path.unlink()
-        common.record_path(ckpt_path).unlink(missing_ok=True)
-    data = dict(vqvae=vqvae, vqvae_sha256=inputs[os.path.relpath(vqvae_path, work)]["sha256"], train_reps=train_reps,
-                val_reps=val_reps, used=used,
-                frames_sha256=[inputs[os.path.relpath(p, work)]["sha256"] for p in frames_paths])
-
-    ctx = common.setup_distributed(args.device)
-    try:
-        args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
-        # the record says which frames this data size means, repetition by repetition
-        subset = [{"frames_path": str(r["frames_path"]), "sub": r["sub"], "ses": r["ses"], "frames_used": n,
-                   "level": r["level"] if isinstance(r.get("level"), str) else None} for r, n in zip(train_reps, used)]
-        stopped = train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data,
-                        dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset))
-    finally:
-        common.teardown_distributed()
-    if stopped:
-        step, signal_name = stopped
-        common.exit_interrupted(STAGE, step, args.max_steps, signal_name)
-
-
-def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provenance):
-    """The training loop. Returns None when --max-steps is reached, or (step, signal name) when a signal
-    stopped it early (its checkpoint saved)."""
-    device = ctx.device
-    common.seed_everything(args.seed, ctx.rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-
-    # --- the frozen VQ-VAE: its codebook is all the GPT needs once the clips are cached
-    vqvae = data["vqvae"].to(device).eval()
-    codebook = vqvae.codebook.embeddings.detach().clone().float()             # (n_codes, D)
-
-    # --- data: training / validation repetitions, the --train-frames budget, cached codes
-    train_reps, val_reps, used = data["train_reps"], data["val_reps"], data["used"]
-    cache_dir = cache_directory(work, data["vqvae_sha256"], args.frame_step)
-    span = vqvae.config["sequence_length"] * args.frame_step
-    codes = cached_codes(work, train_reps + val_reps, data["frames_sha256"], vqvae, cache_dir, args, ctx)
-    del vqvae, data["vqvae"]
-    train_samples = CodeSamples(codes[:len(train_reps)], used, span, device)
-    val_samples = CodeSamples(codes[len(train_reps):], [int(r["n_frames"]) for r in val_reps], span, device)
-    if len(train_samples) == 0:
-        raise InputError(f"--train-frames {args.train_frames}: no training sample (a sample needs two "
-                         f"consecutive clips, {2 * span} frames of one repetition)")
-    common.print0(f"{STAGE}: {sum(used)} training frames from {len(train_reps)} repetitions -> "
-                  f"{len(train_samples)} samples; {len(val_samples)} validation samples "
-                  f"({len(val_reps)} repetitions); codes in {cache_dir}")
-
-    # --- model and optimizer (paper 2.3.1.2: Adam 3e-4, betas 0.9/0.999, cosine annealing)
-    model = common.VideoGPT(**config, checkpoint_activations=args.checkpoint_activations).to(device)
-    if args.init_from and checkpoint is None:
-        init_config, init_state, extra = common.load_gpt_checkpoint(args.init_from)
-        if {k: v for k, v in init_config.items() if "dropout" not in k} != \
-                {k: v for k, v in config.items() if "dropout" not in k}:
-            raise InputError(f"{args.init_from}: a model {init_config}, but the flags and VQ-VAE ask for {config}")
-        common.build_gpt(init_config, init_state, args.init_from)            # strict key check, clear error
-        model.load_state_dict(init_state)
-        their_codebook = extra.get("vqvae_state", {}).get("codebook.embeddings")
-        if their_codebook is not None and not torch.allclose(their_codebook.float().to(device), codebook.to(device)):
-            common.print0(f"{STAGE}: warning: {args.init_from} was trained with another VQ-VAE codebook "
-                          f"than {args.vqvae}")
-    codebook = codebook.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
-                                 fused=device.type == "cuda")
-    scaler = common.grad_scaler(device, args.precision)
-    start_step, wall_before = 0, 0.0
-    # the train_loss of a log row averages the steps since the previous row, also across a resume
-    loss_sum, interval_steps = torch.zeros((), device=device), 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_step, wall_before = checkpoint["step"], checkpoint.get("wall_s", 0.0)
-        interval_steps = checkpoint["log_interval"]["steps"]
-        if ctx.is_main:   # the saved sum covers every rank: it enters the next all-reduce once
-            loss_sum += checkpoint["log_interval"]["loss_sum"]
-        if not common.restore_rng_states(checkpoint["rng"], ctx):
-            common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
-                          "random generators reseeded (the run continues, not bit-for-bit)")
-    raw_model = model
-    if ctx.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-
-    flops_per_sample = train_flops_per_sample(config)
-    peak = peak_tflops(args, device)
-    log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
-    preemption = common.PreemptionFlag()
-    tokens_per_sample = math.prod(config["latent_shape"])
-    run_start = time.perf_counter()
-
-    def save(step):
-        rng = common.gather_rng_states(ctx)   # collectives: every rank takes part
-        interval_loss = loss_sum.clone()
-        if ctx.world_size > 1:
-            torch.distributed.all_reduce(interval_loss)
-        if ctx.is_main:
-            common.save_checkpoint(ckpt_path, dict(
-                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                step=step, max_steps=args.max_steps, complete=step >= args.max_steps, rng=rng, args=vars(args),
-                model_config=config, kind=STAGE, provenance=provenance, vqvae_sha256=data["vqvae_sha256"],
-                train_frames=sum(used), train_samples=len(train_samples),
-                log_interval={"loss_sum": interval_loss.item(), "steps": interval_steps},
-                wall_s=wall_before + time.perf_counter() - run_start))
-
-    # --- loop
-    # the bar is closed however the loop ends, so that an error message stays the last line printed
-    with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="04 gpt") as progress:
-        interval_start = time.perf_counter()
-        step = start_step
-        while step < args.max_steps:
-            index = batch_indices(step, len(train_samples), args.batch_size, args.seed, ctx.rank, ctx.world_size)
-            cond, target = train_samples.batch(index.to(device))                 # (B, t, h, w) each
-            lr = common.cosine_lr(step, args.max_steps, args.lr)
-            common.set_lr(optimizer, lr)
-            with common.autocast(device, args.precision):
-                loss = gpt_loss(model, codebook, cond, target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-            step += 1
-            interval_steps += 1
-            progress.update(1)
-
-            last = step == args.max_steps
-            if step % args.log_every == 0 or last:
-                val_loss = ""
-                if step % args.val_every == 0 or last:
-                    val_loss = validation_loss(raw_model, codebook, val_samples, args, ctx) if len(val_samples) else ""
-                if ctx.world_size > 1:
-                    torch.distributed.all_reduce(loss_sum)
-                train_loss = loss_sum.item() / interval_steps / ctx.world_size
-                elapsed = time.perf_counter() - interval_start
-                clips_per_s = interval_steps * args.batch_size / elapsed
-                if ctx.is_main:
-                    log.log(step=step, epoch=step * args.batch_size / len(train_samples), lr=lr,
-                            train_loss=train_loss, val_loss=val_loss, clips_per_s=clips_per_s,
-                            tokens_per_s=clips_per_s * tokens_per_sample,
-                            mfu=clips_per_s * flops_per_sample / (peak * 1e12 * ctx.world_size) if peak else "",
-                            peak_mem_gb=common.peak_memory_gb(device), wall_s=wall_before + time.perf_counter() - run_start)
-                    progress.set_postfix(loss=f"{train_loss:.4f}")
-                loss_sum.zero_()
-                interval_start, interval_steps = time.perf_counter(), 0
-
-            stop = preemption.agreed(ctx)
-            if step % args.ckpt_every == 0 or last or stop:
-                save(step)
-            if stop and not last:
-                return step, preemption.name
-
-    if ctx.is_main:
-        save_loss_figure(out_dir / "log.csv", out_dir / "loss.png", f"GPT {args.name}")
-        print(f"{STAGE}: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, {out_dir / 'loss.png'}")
 
 
 if __name__ == "__main__":

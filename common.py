@@ -1,6 +1,11 @@
-"""What two or more stages share: error reporting, atomic IO, manifests and BIDS names (all stages);
-training plumbing — DDP, checkpoints, preemption, mixed precision (03, 04); and the VideoGPT models —
-the VQ-VAE (03, 04, 05) and the conditioned GPT prior (04, 05), with VideoGPT's module names.
+"""What two or more stages share, in this order:
+
+1. plumbing for every stage: errors and exit statuses, atomic writes, readers that name a damaged file,
+   BIDS names and the frames manifest, provenance records (what an output was made from);
+2. training plumbing (03, 04): DDP, preemption, checkpoints, learning-rate schedule, mixed precision;
+3. the VideoGPT VQ-VAE (paper section 2.3.1.1; 03, 04, 05);
+4. the conditioned GPT prior (paper section 2.3.1.2; 04, 05), with VideoGPT's module names;
+5. loaders for our checkpoints and for the authors' PyTorch Lightning ones.
 
 The paper's training and encoding algorithms live in the numbered stage scripts.
 """
@@ -39,6 +44,9 @@ DEFAULT_WORK = "work"
 # CNeuroMod convention: a bk2 holds one input per 60 Hz emulator step, and stage 01 renders every step
 # (the Genesis really runs at 59.92 Hz; the data treat it as 60).
 GAMEPLAY_HZ = 60
+# Paper section 2.3: the features are the output of the MLP branch of block 4 of the GPT's 8 (mid-level
+# features; appendix A compares the modules of that block). 05 extracts it, 06 and 07 read it.
+PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,7 +252,8 @@ def nifti_data(image, path, dtype=np.float32):
 
 
 # --------------------------------------------------------------------------------------------------
-# BIDS names: sub-01_ses-002_task-shinobi_run-03_level-1_rep-02.bk2 -> {"sub": "01", ...}
+# BIDS names (sub-01_ses-002_task-shinobi_run-03_level-1_rep-02.bk2 -> {"sub": "01", ...}), the frames
+# manifest
 # --------------------------------------------------------------------------------------------------
 _ENTITY = re.compile(r"(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)")
 
@@ -267,13 +276,21 @@ def session_label(value):
     return str(int(text)) if text.isdigit() else text
 
 
-def file_sha256(path, chunk=1 << 24):
-    """Hex sha256 of a file, read in chunks (checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def training_repetitions(work, test_sessions):
+    """The repetitions 03 and 04 train on: rows (dicts) of frames/manifest.tsv with status ok outside
+    `test_sessions` (the encoding test set, which the models must not see), in manifest order."""
+    manifest_path = Path(work) / "frames" / "manifest.tsv"
+    manifest = read_tsv(manifest_path, required=("sub", "ses", "status", "frames_path", "n_frames"))
+    test = {session_label(s) for s in test_sessions}
+    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(session_label).isin(test)]
+    if rows.empty:
+        raise InputError(f"{manifest_path}: no repetition with status ok outside test sessions {list(test_sessions)}")
+    reps = [dict(row) for _, row in rows.iterrows()]
+    for rep in reps:
+        if not (Path(work) / str(rep["frames_path"])).is_file():
+            raise InputError(f"{manifest_path}: frames file {Path(work) / str(rep['frames_path'])} is listed as ok "
+                             "but does not exist (re-run 01_render_frames.py)")
+    return reps
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +304,15 @@ def file_sha256(path, chunk=1 << 24):
 # anywhere upstream changes a fingerprint that every stage downstream compares. Size and mtime only
 # let a record vouch for a file without reading it again, as git's index does; content decides.
 # --------------------------------------------------------------------------------------------------
+def file_sha256(path, chunk=1 << 24):
+    """Hex sha256 of a file, read in chunks (checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def record_path(output):
     """The record of an output: `x.npy` -> `x.json`, `ckpt.pt` -> `ckpt.json`."""
     output = Path(output)
@@ -544,7 +570,7 @@ def exit_interrupted(stage, step, max_steps, signal_name):
 # so a run may be resumed on another device, with torch.compile, or with other log intervals.
 RUN_CONTROL_FLAGS = {"work", "device", "workers", "tf32", "channels_last", "cudnn_benchmark", "compile",
                      "log_every", "val_every", "val_clips", "val_samples", "ckpt_every", "resume", "overwrite",
-                     "peak_tflops", "encode_batch", "allow_unfinished_vqvae", "name"}
+                     "allow_unfinished", "name"}
 
 
 def settings_of(args, leave_out=RUN_CONTROL_FLAGS):
@@ -641,56 +667,10 @@ def save_checkpoint(path, checkpoint):
                                 max_steps=checkpoint["max_steps"], output=hash_file(path)))
 
 
-class _StubObject(dict):
-    """Stands in for a class that cannot be imported while unpickling (e.g. pytorch_lightning's
-    callbacks inside an authors' checkpoint): we only need the tensors and hyperparameters. It is a
-    dict so that dict subclasses (Lightning's AttributeDict of hyper_parameters) keep their items."""
-
-    def __init__(self, *args, **kwargs):
-        if args and isinstance(args[0], dict):
-            super().__init__(args[0])
-
-    def __setstate__(self, state):
-        pass
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_StubObject,), {"__module__": module})
-
-
-_tolerant_pickle = types.ModuleType("tolerant_pickle")
-_tolerant_pickle.Unpickler = _TolerantUnpickler
-_tolerant_pickle.load = lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load()
-_tolerant_pickle.loads = lambda data, **kwargs: _TolerantUnpickler(io.BytesIO(data), **kwargs).load()
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load a checkpoint we wrote or a PyTorch Lightning one (its pytorch_lightning objects are
-    replaced by stubs when pytorch_lightning is not installed). Fails with one line on a bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except (ModuleNotFoundError, AttributeError):
-            return torch.load(path, map_location=map_location, weights_only=False,
-                              pickle_module=_tolerant_pickle)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a readable torch checkpoint ({first})") from None
-
-
-def cosine_lr(step, max_steps, base_lr, min_lr=0.0, warmup_steps=0):
-    """Learning rate at `step` (paper eq. 2, CosineAnnealingLR over max_steps), after an optional
-    linear warmup: base_lr at the end of warmup, min_lr at max_steps."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+def cosine_lr(step, max_steps, base_lr, min_lr=0.0):
+    """Learning rate at `step`: paper eq. 2 (torch's CosineAnnealingLR over max_steps), base_lr at step 0,
+    min_lr at max_steps."""
+    progress = min(1.0, step / max(1, max_steps))
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -751,6 +731,12 @@ def grad_scaler(device, precision):
 # checkpoints and the authors' load with strict key matching. Videos are (B, C, T, H, W) floats in
 # [-0.5, 0.5]; latents are (B, embedding_dim, t, h, w) with (t, h, w) = (T, H, W) / downsample.
 # --------------------------------------------------------------------------------------------------
+def video_from_uint8(frames):
+    """uint8 frames (B, T, H, W, 3) -> the VQ-VAE's input video (B, 3, T, H, W), float in [-0.5, 0.5]
+    (VideoGPT's scaling), computed where `frames` is: send the uint8 batch to the GPU, 4x smaller."""
+    return frames.permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5
+
+
 # The paper's model (checked against Table 2(a)'s parameter counts; Table 2(c) misprints it).
 VQVAE_PAPER_CONFIG = dict(resolution=128, sequence_length=16, n_hiddens=240, n_res_layers=4,
                           downsample=(4, 16, 16), embedding_dim=128, n_codes=1024)
@@ -878,6 +864,12 @@ class AttentionResidualBlock(nn.Module):
         return x + self.block(x)
 
 
+# VideoGPT's constants of the VQ-VAE's training, which the paper's experiments never change:
+EMA_EPSILON = 1e-7     # Laplace smoothing of the codebook's EMA counts (eq. 6): an unused code keeps a size
+RESTART_BELOW = 1.0    # a code whose EMA count falls below this restarts from a random encoder output
+DATA_VARIANCE = 0.06   # the reconstruction MSE of eq. 1 is divided by it (VideoGPT's normalisation)
+
+
 class Codebook(nn.Module):
     """Vector quantiser with an EMA codebook (paper eqs. 3-6; van den Oord et al. 2017).
 
@@ -886,7 +878,8 @@ class Codebook(nn.Module):
     over DDP ranks, so every rank keeps the same codebook. Distances and EMA run in fp32 under autocast.
     """
 
-    def __init__(self, n_codes, embedding_dim, decay=0.99, epsilon=1e-7, restart_below=1.0, beta=0.25):
+    def __init__(self, n_codes, embedding_dim, decay=0.99, epsilon=EMA_EPSILON, restart_below=RESTART_BELOW,
+                 beta=0.25):
         super().__init__()
         self.register_buffer("embeddings", torch.randn(n_codes, embedding_dim))
         self.register_buffer("N", torch.zeros(n_codes))
@@ -1018,13 +1011,12 @@ class VQVAE(nn.Module):
     Input clips x: (B, 3, sequence_length, resolution, resolution) in [-0.5, 0.5]. The keywords before *
     are the architecture of Table 2; `config` holds them (checkpoints store it to rebuild the model). Those
     after * only shape training (VideoGPT's values by default): the commitment weight beta (paper eq. 1),
-    the codebook EMA's decay and Laplace smoothing epsilon (eqs. 3-6), the EMA count below which a code
-    restarts, and the data variance that normalises the reconstruction MSE.
+    the codebook EMA's decay (eqs. 3-4), and the constants above.
     """
 
     def __init__(self, resolution=128, sequence_length=16, n_hiddens=240, n_res_layers=4,
-                 downsample=(4, 16, 16), embedding_dim=128, n_codes=1024, *,
-                 beta=0.25, ema_decay=0.99, ema_epsilon=1e-7, restart_below=1.0, data_variance=0.06):
+                 downsample=(4, 16, 16), embedding_dim=128, n_codes=1024, *, beta=0.25, ema_decay=0.99,
+                 ema_epsilon=EMA_EPSILON, restart_below=RESTART_BELOW, data_variance=DATA_VARIANCE):
         super().__init__()
         downsample = tuple(int(d) for d in downsample)
         self.config = dict(resolution=resolution, sequence_length=sequence_length, n_hiddens=n_hiddens,
@@ -1059,67 +1051,11 @@ class VQVAE(nn.Module):
     def forward(self, x):
         """Returns (recon_loss, x_recon, vq_output) as VideoGPT; the training loss is
         recon_loss + vq_output['commitment_loss'] (paper eq. 1, beta x commitment; the EMA replaces the
-        codebook term). recon_loss = MSE / data_variance (0.06: VideoGPT's normalisation)."""
+        codebook term). recon_loss = MSE / data_variance (DATA_VARIANCE: VideoGPT's normalisation)."""
         vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
         x_recon = self.decoder(self.post_vq_conv(vq_output["embeddings"]))
         recon_loss = F.mse_loss(x_recon.float(), x.float()) / self.data_variance
         return recon_loss, x_recon, vq_output
-
-
-def _vqvae_config_from_lightning(state, hparams, path, gpt_state=None):
-    """The VQVAE keywords of an authors' Lightning checkpoint: sizes from the weights' shapes, the
-    rest from its hyper_parameters (resolution, sequence_length, and downsample for a VQ-VAE; for a GPT,
-    downsample = clip shape / latent shape, read from the GPT's position embeddings `gpt_state`)."""
-    args = hparams.get("args", hparams) if isinstance(hparams, dict) else hparams
-    args = vars(args) if isinstance(args, Namespace) else dict(args or {})
-    try:
-        n_codes, embedding_dim = state["codebook.embeddings"].shape
-        n_hiddens = state["encoder.conv_last.conv.weight"].shape[0]
-    except KeyError as err:
-        raise InputError(f"{path}: no VQ-VAE weights (missing {err.args[0]})") from None
-    n_res_layers = len({k.split(".")[2] for k in state if k.startswith("encoder.res_stack.")
-                        and ".block." in k})
-    config = dict(n_hiddens=n_hiddens, n_res_layers=n_res_layers, embedding_dim=embedding_dim,
-                  n_codes=n_codes, resolution=args.get("resolution", 128),
-                  sequence_length=args.get("sequence_length", 16))
-    if "downsample" in args and "n_codes" in args:                        # a VQ-VAE's own args
-        config["downsample"] = tuple(args["downsample"])
-    elif gpt_state is not None and "attn_stack.pos_embd.emb.d_0" in gpt_state:
-        latent = [gpt_state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3)]  # (t, h, w)
-        size = (config["sequence_length"], config["resolution"], config["resolution"])
-        config["downsample"] = tuple(s // t for s, t in zip(size, latent))
-    else:
-        raise InputError(f"{path}: cannot tell the VQ-VAE's downsample factors from the checkpoint")
-    return config
-
-
-def load_vqvae(path, map_location="cpu", allow_unfinished=False):
-    """A VQVAE in eval mode from (a) a stage-03 checkpoint (`model` + `model_config`), (b) a VideoGPT /
-    authors' Lightning VQ-VAE checkpoint (`state_dict` + `hyper_parameters`), or (c) an authors'
-    Lightning GPT checkpoint, which holds its VQ-VAE under the prefix `vqvae.`. Keys match strictly.
-    A stage-03 run that was interrupted is refused unless allow_unfinished (flag --allow-unfinished)."""
-    ckpt = load_checkpoint(path, map_location)
-    if not isinstance(ckpt, dict):
-        raise InputError(f"{path}: not a VQ-VAE checkpoint (a {type(ckpt).__name__}, not a dict)")
-    require_complete(ckpt, path, "03_train_vqvae.py", "--allow-unfinished", allow_unfinished)
-    if "model" in ckpt and "model_config" in ckpt:
-        config, state = ckpt["model_config"], ckpt["model"]
-    elif "state_dict" in ckpt:
-        state = ckpt["state_dict"]
-        gpt_state = None
-        if any(k.startswith("vqvae.") for k in state):
-            gpt_state = state
-            state = {k[len("vqvae."):]: v for k, v in state.items() if k.startswith("vqvae.")}
-        config = _vqvae_config_from_lightning(state, ckpt.get("hyper_parameters") or {}, path, gpt_state)
-    else:
-        raise InputError(f"{path}: not a VQ-VAE checkpoint (neither model + model_config nor state_dict)")
-    model = VQVAE(**config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise InputError(f"{path}: weights do not fit a VQ-VAE with {config} ({detail})") from None
-    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1370,6 +1306,116 @@ class VideoGPT(nn.Module):
         return self.fc_out(self.norm(h))                         # (B, t, h, w, n_codes)
 
 
+# --------------------------------------------------------------------------------------------------
+# --- Loading checkpoints: ours, VideoGPT's and the authors' PyTorch Lightning ones ---
+# Ours hold `model` + `model_config`; a Lightning checkpoint holds `state_dict` + `hyper_parameters`,
+# from which the architecture is read (sizes from the tensors' shapes). Every load is strict: a key
+# that is missing or left over is a one-line error naming the file.
+# --------------------------------------------------------------------------------------------------
+class _StubObject(dict):
+    """Stands in for a class that cannot be imported while unpickling (e.g. pytorch_lightning's
+    callbacks inside an authors' checkpoint): we only need the tensors and hyperparameters. It is a
+    dict so that dict subclasses (Lightning's AttributeDict of hyper_parameters) keep their items."""
+
+    def __init__(self, *args, **kwargs):
+        if args and isinstance(args[0], dict):
+            super().__init__(args[0])
+
+    def __setstate__(self, state):
+        pass
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_StubObject,), {"__module__": module})
+
+
+_tolerant_pickle = types.ModuleType("tolerant_pickle")
+_tolerant_pickle.Unpickler = _TolerantUnpickler
+_tolerant_pickle.load = lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load()
+_tolerant_pickle.loads = lambda data, **kwargs: _TolerantUnpickler(io.BytesIO(data), **kwargs).load()
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load a checkpoint we wrote or a PyTorch Lightning one (its pytorch_lightning objects are
+    replaced by stubs when pytorch_lightning is not installed). Fails with one line on a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except (ModuleNotFoundError, AttributeError):
+            return torch.load(path, map_location=map_location, weights_only=False,
+                              pickle_module=_tolerant_pickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: not a readable torch checkpoint ({first})") from None
+
+
+def load_weights(model, state, path, what):
+    """model.load_state_dict(state) with strict key matching; a mismatch is an InputError naming `path`."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise InputError(f"{path}: weights do not fit {what} ({detail})") from None
+    return model
+
+
+def _vqvae_config_from_lightning(state, hparams, path, gpt_state=None):
+    """The VQVAE keywords of an authors' Lightning checkpoint: sizes from the weights' shapes, the
+    rest from its hyper_parameters (resolution, sequence_length, and downsample for a VQ-VAE; for a GPT,
+    downsample = clip shape / latent shape, read from the GPT's position embeddings `gpt_state`)."""
+    args = hparams.get("args", hparams) if isinstance(hparams, dict) else hparams
+    args = vars(args) if isinstance(args, Namespace) else dict(args or {})
+    try:
+        n_codes, embedding_dim = state["codebook.embeddings"].shape
+        n_hiddens = state["encoder.conv_last.conv.weight"].shape[0]
+    except KeyError as err:
+        raise InputError(f"{path}: no VQ-VAE weights (missing {err.args[0]})") from None
+    n_res_layers = len({k.split(".")[2] for k in state if k.startswith("encoder.res_stack.")
+                        and ".block." in k})
+    config = dict(n_hiddens=n_hiddens, n_res_layers=n_res_layers, embedding_dim=embedding_dim,
+                  n_codes=n_codes, resolution=args.get("resolution", 128),
+                  sequence_length=args.get("sequence_length", 16))
+    if "downsample" in args and "n_codes" in args:                        # a VQ-VAE's own args
+        config["downsample"] = tuple(args["downsample"])
+    elif gpt_state is not None and "attn_stack.pos_embd.emb.d_0" in gpt_state:
+        latent = [gpt_state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3)]  # (t, h, w)
+        size = (config["sequence_length"], config["resolution"], config["resolution"])
+        config["downsample"] = tuple(s // t for s, t in zip(size, latent))
+    else:
+        raise InputError(f"{path}: cannot tell the VQ-VAE's downsample factors from the checkpoint")
+    return config
+
+
+def load_vqvae(path, map_location="cpu", allow_unfinished=False):
+    """A VQVAE in eval mode from (a) a stage-03 checkpoint (`model` + `model_config`), (b) a VideoGPT /
+    authors' Lightning VQ-VAE checkpoint (`state_dict` + `hyper_parameters`), or (c) an authors'
+    Lightning GPT checkpoint, which holds its VQ-VAE under the prefix `vqvae.`. Keys match strictly.
+    A stage-03 run that was interrupted is refused unless allow_unfinished (flag --allow-unfinished)."""
+    ckpt = load_checkpoint(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{path}: not a VQ-VAE checkpoint (a {type(ckpt).__name__}, not a dict)")
+    require_complete(ckpt, path, "03_train_vqvae.py", "--allow-unfinished", allow_unfinished)
+    if "model" in ckpt and "model_config" in ckpt:
+        config, state = ckpt["model_config"], ckpt["model"]
+    elif "state_dict" in ckpt:
+        state = ckpt["state_dict"]
+        gpt_state = None
+        if any(k.startswith("vqvae.") for k in state):
+            gpt_state = state
+            state = {k[len("vqvae."):]: v for k, v in state.items() if k.startswith("vqvae.")}
+        config = _vqvae_config_from_lightning(state, ckpt.get("hyper_parameters") or {}, path, gpt_state)
+    else:
+        raise InputError(f"{path}: not a VQ-VAE checkpoint (neither model + model_config nor state_dict)")
+    return load_weights(VQVAE(**config), state, path, f"a VQ-VAE with {config}").eval()
+
+
 def gpt_config_from_state(state, heads, dropout=0.2, attn_dropout=0.3):
     """VideoGPT(**config) arguments for a GPT state dict: widths, depth and latent shape are read from
     the weights; the number of heads and the dropouts are not in the weights, so they are given."""
@@ -1422,10 +1468,4 @@ def load_gpt_checkpoint(path, map_location="cpu"):
 def build_gpt(config, state=None, path="checkpoint", checkpoint_activations=False):
     """VideoGPT(**config), with `state` loaded strictly when given (a clear error names `path`)."""
     model = VideoGPT(**config, checkpoint_activations=checkpoint_activations)
-    if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            detail = " ".join(str(err).split())[:300]
-            raise InputError(f"{path}: weights do not fit a VideoGPT with {config} ({detail})") from None
-    return model
+    return model if state is None else load_weights(model, state, path, f"a VideoGPT with {config}")

@@ -114,8 +114,7 @@ def main():
             print(f"{batch_size:>5} {label:>9}  failed: {str(err).splitlines()[0][:80]}")
             continue
         flops = stage04.train_flops_per_sample(config) * clips_per_s
-        run_args = argparse.Namespace(peak_tflops=args.peak_tflops, precision=precision, tf32=args.tf32)
-        peak = stage04.peak_tflops(run_args, device)
+        peak = args.peak_tflops or stage04.peak_tflops(argparse.Namespace(precision=precision, tf32=args.tf32), device)
         mfu = f"{flops / (peak * 1e12):6.1%}" if peak else f"{'n/a':>6}"
         print(f"{batch_size:>5} {label:>9} {clips_per_s:>9.1f} {clips_per_s * 256:>10.0f} {flops / 1e12:>8.2f} "
               f"{mfu} {peak_gb:>8.2f}")

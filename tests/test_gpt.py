@@ -204,7 +204,7 @@ def test_cached_code_loss_equals_on_the_fly_encoding():
     model = common.VideoGPT(**TINY_GPT).eval()
     torch.nn.init.normal_(model.fc_out.weight)
     frames = np.random.default_rng(4).integers(0, 256, (200, RES, RES, 3), dtype=np.uint8)   # 3 clips
-    codes = gpt_stage.encode_repetition(vqvae, frames, 4, 2, torch.device("cpu"))
+    codes = gpt_stage.encode_repetition(vqvae, frames, 4, torch.device("cpu"), batch=2)
     assert codes.shape == (3, 4, 4, 4)
     samples = gpt_stage.CodeSamples([codes.numpy().astype(np.uint16)], [200], 64, "cpu")
     assert len(samples) == 2

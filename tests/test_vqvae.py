@@ -151,12 +151,13 @@ def test_one_ema_step_equals_hand_computation():
 
 
 def test_loss_and_codebook_flags_reach_the_model():
-    """03's flags for the constants of paper eqs. 1 and 3-6: one EMA step at decay 0.5, beta 0.5, by hand."""
-    args = vqvae_stage.parse_args(["--beta", "0.5", "--ema-decay", "0.5", "--ema-epsilon", "0.1",
-                                   "--restart-below", "0.5", "--data-variance", "2"])
+    """03's flags for the constants of paper eqs. 1 and 3-4 (beta, EMA decay): one EMA step at decay 0.5,
+    beta 0.5, by hand; and the smoothing epsilon at another value than VideoGPT's, through the model's keyword."""
+    args = vqvae_stage.parse_args(["--beta", "0.5", "--ema-decay", "0.5"])
     model = common.VQVAE(embedding_dim=2, n_codes=4, n_hiddens=16, n_res_layers=1, resolution=16,
-                         sequence_length=4, downsample=(2, 4, 4), **vqvae_stage.loss_hyperparameters(args))
-    assert model.data_variance == 2 and model.codebook.restart_below == 0.5
+                         sequence_length=4, downsample=(2, 4, 4), beta=args.beta, ema_decay=args.ema_decay,
+                         ema_epsilon=0.1)
+    assert model.data_variance == common.DATA_VARIANCE and model.codebook.restart_below == common.RESTART_BELOW
     codebook = small_codebook()
     codebook.beta, codebook.decay, codebook.epsilon = (model.codebook.beta, model.codebook.decay,
                                                        model.codebook.epsilon)
@@ -170,7 +171,7 @@ def test_loss_and_codebook_flags_reach_the_model():
     quantized = np.array([[0., 0.], [1., 0.], [1., 0.], [0., 1.], [5., 5.]])
     assert out["commitment_loss"].item() == pytest.approx(0.5 * ((vectors.numpy() - quantized) ** 2).mean())
     with pytest.raises(common.InputError, match="--ema-decay 1.0: must be in"):
-        vqvae_stage.loss_hyperparameters(vqvae_stage.parse_args(["--ema-decay", "1"]))
+        vqvae_stage.model_config(vqvae_stage.parse_args(["--ema-decay", "1"]))
 
 
 def test_dead_code_is_restarted_from_encoder_outputs():
@@ -325,8 +326,8 @@ def test_constant_schedule_of_the_authors_vqvae(tmp_path):
     run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "4", "--log-every", "1",
                "--lr-schedule", "constant", "--lr", "2e-4")
     assert read_log(work)["lr"].tolist() == [2e-4] * 4
-    args = Namespace(lr_schedule="constant", lr=1e-3, warmup_steps=4, max_steps=10)
-    assert [vqvae_stage.learning_rate(s, args) for s in (0, 3, 9)] == [2.5e-4, 1e-3, 1e-3]
+    args = Namespace(lr_schedule="cosine", lr=1e-3, max_steps=10)
+    assert vqvae_stage.learning_rate(0, args) == 1e-3 and vqvae_stage.learning_rate(5, args) == pytest.approx(5e-4)
 
 
 def test_cosine_schedule_matches_torch_cosine_annealing():
@@ -544,7 +545,7 @@ def test_listed_frames_file_missing(tmp_path):
     (work / "frames/sub-01/ses-002/sub-01_ses-002_task-shinobi_run-01_level-1_rep-01.npy").unlink()
     line = last_error_line(run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, check=False))
     assert line.startswith(f"error: {work / 'frames/manifest.tsv'}: frames file ") and line.endswith(
-        "rep-01.npy is listed as ok but does not exist")
+        "rep-01.npy is listed as ok but does not exist (re-run 01_render_frames.py)")
 
 
 def test_repetitions_too_short_for_a_clip(tmp_path):
