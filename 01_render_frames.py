@@ -60,66 +60,6 @@ def parse_args():
 
 
 # --------------------------------------------------------------------------------------------------
-# Which repetitions to render: events.tsv rows of a BIDS dataset, or an explicit list of bk2 files
-# --------------------------------------------------------------------------------------------------
-def repetitions_from_bids(root, subjects):
-    """One dict per gameplay row of every sub-*/ses-*/func/*_events.tsv under root."""
-    events_files = sorted(root.glob("sub-*/ses-*/func/*_events.tsv")) + sorted(root.glob("sub-*/func/*_events.tsv"))
-    if not events_files:
-        raise InputError(f"{root}: no sub-*/ses-*/func/*_events.tsv files (is this a BIDS dataset root?)")
-    reps = []
-    for events_path in events_files:
-        run = bids_entities(events_path)
-        if subjects and run.get("sub") not in subjects:
-            continue
-        events = read_tsv(events_path, required=("onset", "stim_file"))
-        events = events[events["stim_file"].notna()]  # other event types have no replay
-        for k, (_, row) in enumerate(events.iterrows(), start=1):
-            stim = str(row["stim_file"])
-            if stim != MISSING and not stim.endswith(".bk2"):
-                continue
-            if pd.isna(row["onset"]):   # 05 could not place this repetition on the run's timeline
-                raise InputError(f"{events_path}: row {k} ({Path(stim).name}) has onset n/a; every gameplay "
-                                 "row needs its onset in seconds")
-            bk2 = None if stim == MISSING else resolve_stim_file(stim, root, events_path)
-            names = bids_entities(bk2) if bk2 else {}
-            duration = row.get("duration_bk2", row.get("duration", np.nan))
-            reps.append({
-                "source": f"{events_path} row {k}",
-                "sub": run.get("sub"), "ses": run.get("ses"), "task": run.get("task"), "run": run.get("run"),
-                "level": row.get("level", names.get("level")), "rep": names.get("rep", f"{k:02d}"),
-                "bk2": str(bk2) if bk2 else MISSING, "onset_s": row["onset"], "duration_s": duration,
-            })
-    if subjects and not reps:
-        raise InputError(f"{root}: no events.tsv for subject(s) {', '.join(subjects)}")
-    return reps
-
-
-def resolve_stim_file(stim, root, events_path):
-    """stim_file is relative to the dataset root in CNeuroMod; also accept absolute paths and paths
-    relative to the events file. A path that exists nowhere is kept (root-relative) and fails later."""
-    candidates = [Path(stim), root / stim, events_path.parent / stim,
-                  events_path.parent.parent / "gamelogs" / Path(stim).name]
-    return next((c for c in candidates if c.is_file()), root / stim)
-
-
-def repetitions_from_files(paths):
-    reps = []
-    for path in paths:
-        names = bids_entities(path)
-        reps.append({"sub": names.get("sub"), "ses": names.get("ses"), "task": names.get("task"),
-                     "run": names.get("run"), "level": names.get("level"), "rep": names.get("rep"),
-                     "bk2": str(path), "onset_s": np.nan, "duration_s": np.nan})
-    return reps
-
-
-def frames_path_for(rep, work):
-    sub = f"sub-{rep['sub']}" if rep["sub"] else "sub-unknown"
-    ses = f"ses-{rep['ses']}" if rep["ses"] else "ses-unknown"
-    return work / "frames" / sub / ses / f"{Path(rep['bk2']).name.split('.')[0]}.npy"
-
-
-# --------------------------------------------------------------------------------------------------
 # Replay (paper section 2.2): emulate every recorded input, keep every screen, squash it to a square
 # --------------------------------------------------------------------------------------------------
 _ENV = {"game": None, "env": None}  # one emulator per process (stable-retro allows only one at a time)
@@ -251,18 +191,7 @@ def plan_repetition(rep, work, resolution, overwrite):
 
 
 # --------------------------------------------------------------------------------------------------
-# Earlier calls: frames of another resolution, manifest rows of other subjects (plumbing)
-# --------------------------------------------------------------------------------------------------
-def rows_of_other_subjects(manifest_path, subjects):
-    """Rows of an existing manifest for subjects outside this call (a DataFrame, maybe empty)."""
-    if not manifest_path.is_file():
-        return pd.DataFrame(columns=MANIFEST_COLUMNS)
-    earlier = read_tsv(manifest_path)
-    if list(earlier.columns) != MANIFEST_COLUMNS:
-        raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); delete it")
-    return earlier[~earlier["sub"].fillna("").isin({s or "" for s in subjects})]
-
-
+# The stage: plan every repetition, render the rest in parallel, write the manifest
 # --------------------------------------------------------------------------------------------------
 def main():
     args = parse_args()
@@ -325,6 +254,79 @@ def main():
         print(f"error: {n_failed} replay(s) failed (see the manifest's error column; --allow-missing to accept)",
               file=sys.stderr)
         sys.exit(common.EXIT_SOME_FAILED)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which repetitions to render: events.tsv rows of a BIDS dataset, or an explicit list of bk2 files
+# --------------------------------------------------------------------------------------------------
+def repetitions_from_bids(root, subjects):
+    """One dict per gameplay row of every sub-*/ses-*/func/*_events.tsv under root."""
+    events_files = sorted(root.glob("sub-*/ses-*/func/*_events.tsv")) + sorted(root.glob("sub-*/func/*_events.tsv"))
+    if not events_files:
+        raise InputError(f"{root}: no sub-*/ses-*/func/*_events.tsv files (is this a BIDS dataset root?)")
+    reps = []
+    for events_path in events_files:
+        run = bids_entities(events_path)
+        if subjects and run.get("sub") not in subjects:
+            continue
+        events = read_tsv(events_path, required=("onset", "stim_file"))
+        events = events[events["stim_file"].notna()]  # other event types have no replay
+        for k, (_, row) in enumerate(events.iterrows(), start=1):
+            stim = str(row["stim_file"])
+            if stim != MISSING and not stim.endswith(".bk2"):
+                continue
+            if pd.isna(row["onset"]):   # 05 could not place this repetition on the run's timeline
+                raise InputError(f"{events_path}: row {k} ({Path(stim).name}) has onset n/a; every gameplay "
+                                 "row needs its onset in seconds")
+            bk2 = None if stim == MISSING else resolve_stim_file(stim, root, events_path)
+            names = bids_entities(bk2) if bk2 else {}
+            duration = row.get("duration_bk2", row.get("duration", np.nan))
+            reps.append({
+                "source": f"{events_path} row {k}",
+                "sub": run.get("sub"), "ses": run.get("ses"), "task": run.get("task"), "run": run.get("run"),
+                "level": row.get("level", names.get("level")), "rep": names.get("rep", f"{k:02d}"),
+                "bk2": str(bk2) if bk2 else MISSING, "onset_s": row["onset"], "duration_s": duration,
+            })
+    if subjects and not reps:
+        raise InputError(f"{root}: no events.tsv for subject(s) {', '.join(subjects)}")
+    return reps
+
+
+def resolve_stim_file(stim, root, events_path):
+    """stim_file is relative to the dataset root in CNeuroMod; also accept absolute paths and paths
+    relative to the events file. A path that exists nowhere is kept (root-relative) and fails later."""
+    candidates = [Path(stim), root / stim, events_path.parent / stim,
+                  events_path.parent.parent / "gamelogs" / Path(stim).name]
+    return next((c for c in candidates if c.is_file()), root / stim)
+
+
+def repetitions_from_files(paths):
+    reps = []
+    for path in paths:
+        names = bids_entities(path)
+        reps.append({"sub": names.get("sub"), "ses": names.get("ses"), "task": names.get("task"),
+                     "run": names.get("run"), "level": names.get("level"), "rep": names.get("rep"),
+                     "bk2": str(path), "onset_s": np.nan, "duration_s": np.nan})
+    return reps
+
+
+def frames_path_for(rep, work):
+    sub = f"sub-{rep['sub']}" if rep["sub"] else "sub-unknown"
+    ses = f"ses-{rep['ses']}" if rep["ses"] else "ses-unknown"
+    return work / "frames" / sub / ses / f"{Path(rep['bk2']).name.split('.')[0]}.npy"
+
+
+# --------------------------------------------------------------------------------------------------
+# Earlier calls: manifest rows of other subjects (plumbing)
+# --------------------------------------------------------------------------------------------------
+def rows_of_other_subjects(manifest_path, subjects):
+    """Rows of an existing manifest for subjects outside this call (a DataFrame, maybe empty)."""
+    if not manifest_path.is_file():
+        return pd.DataFrame(columns=MANIFEST_COLUMNS)
+    earlier = read_tsv(manifest_path)
+    if list(earlier.columns) != MANIFEST_COLUMNS:
+        raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); delete it")
+    return earlier[~earlier["sub"].fillna("").isin({s or "" for s in subjects})]
 
 
 if __name__ == "__main__":

@@ -89,6 +89,219 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------------
+# One run: paper sections 2.1.3-2.1.4 with nilearn
+# --------------------------------------------------------------------------------------------------
+def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr, fwhm):
+    """Denoised, smoothed, parcel-averaged, z-scored BOLD of one run.
+
+    atlas_grid (X, Y, Z) int labels on the BOLD grid; labels (P,) the atlas labels, in column order;
+    confounds (T, K) DataFrame; sample_mask (T_kept,) indices of the volumes to keep, or None.
+    Returns (Y (T, P) float32 with NaN rows for the volumes not in sample_mask and 0.0 columns for the
+    parcels without a usable voxel, notes (list of str to report)).
+    """
+    image = common.load_nifti(bold_path)
+    data = common.nifti_data(image, bold_path)                                  # (X, Y, Z, T)
+    n_volumes = data.shape[3]
+    # --- voxels that cannot enter a parcel mean: NaN anywhere in the run, or constant over time ---
+    in_atlas = atlas_grid > 0
+    voxels = data[in_atlas]                                                     # (V, T)
+    empty_volumes = np.flatnonzero(~np.isfinite(voxels).any(axis=0))
+    if len(empty_volumes):   # a damaged image: every voxel would drop out below, and the atlas get the blame
+        raise InputError(f"{bold_path}: volume {empty_volumes[0]} (0-based) is NaN in every voxel of the atlas"
+                         + (f", and {len(empty_volumes) - 1} other volume(s)" if len(empty_volumes) > 1 else "")
+                         + "; the image is damaged")
+    has_nan = ~np.isfinite(voxels).all(1)
+    constant = ~has_nan & (voxels.max(1) == voxels.min(1))
+    notes = []
+    if has_nan.any() or constant.any():
+        notes.append(f"{bold_path}: {int(has_nan.sum())} voxel(s) inside the atlas hold NaN and "
+                     f"{int(constant.sum())} are constant over time; left out of their parcel means")
+    usable = np.zeros(atlas_grid.shape, bool)
+    usable[in_atlas] = ~has_nan & ~constant
+    if not usable.any():
+        raise InputError(f"{bold_path}: no atlas parcel overlaps the brain data (every voxel inside the atlas "
+                         "is constant or NaN): is the atlas in the same space as the BOLD?")
+    if has_nan.any():
+        np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # smoothing would spread NaN
+    del voxels
+    # Remove each voxel's mean: every step below is blind to a constant per voxel (the confounds are
+    # demeaned, the output z-scored), and float32 keeps 7 digits, which a baseline of ~1000 would
+    # otherwise spend before the fluctuations that matter.
+    data -= data.mean(axis=3, keepdims=True)
+
+    # --- the paper's denoising: smoothing, parcel means, confound regression, z-scoring over time ---
+    # The paper z-scores each voxel and then averages; nilearn's masker averages, cleans, then z-scores
+    # each parcel, which is what the encoding model predicts (unit variance per parcel and run).
+    masker = NiftiLabelsMasker(
+        labels_img=nib.Nifti1Image(atlas_grid, image.affine),
+        mask_img=nib.Nifti1Image(usable.astype(np.uint8), image.affine),
+        smoothing_fwhm=fwhm or None, strategy="mean", standardize=STANDARDIZE, detrend=False, t_r=tr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="After applying mask")  # empty parcels: reported below
+        signals = masker.fit_transform(nib.Nifti1Image(data, image.affine), confounds=confounds,
+                                       sample_mask=sample_mask)             # (T_kept, P_present)
+    region_ids = masker.region_ids_  # {column: label, "background": 0}; a property rebuilt at each access
+    present = [region_ids[i] for i in range(signals.shape[1])]
+
+    # --- back to one row per volume and one column per atlas label ---
+    kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask)
+    column_of = {label: j for j, label in enumerate(labels)}
+    series = np.full((n_volumes, len(labels)), np.nan, np.float32)             # (T, P)
+    series[kept] = 0.0
+    series[np.ix_(kept, [column_of[label] for label in present])] = signals
+    empty = sorted(set(labels.tolist()) - set(present))
+    if empty:
+        notes.append(f"{bold_path}: {len(empty)} parcel(s) have no usable voxel (0.0 columns): "
+                     f"labels {' '.join(map(str, empty))}")
+    return series, notes
+
+
+def process_run(job):
+    """Worker: compute and save one run, then its record. Returns the notes to report (list of str)."""
+    inputs = {role: common.hash_file(path) for role, path in job["inputs"].items()}   # in parallel, here
+    series, notes = parcel_time_series(job["bold"], job["atlas_grid"], job["labels"], job["confounds"],
+                                          job["sample_mask"], job["tr"], job["fwhm"])
+    save_npy(job["out"], series)
+    common.write_record(job["out"], common.new_record(STAGE, job["settings"], inputs, job["out"],
+                                                      tr_s=job["tr"], nilearn=nilearn.__version__))
+    return notes
+
+
+def run_inputs(run, atlas_path):
+    """{role: path} of the files one run's output is made from: the BOLD image, its confounds file (the one
+    load_confounds reads), the BIDS sidecar with the TR when it exists, and the atlas."""
+    stem = run["bold"].name.split("_space-")[0]
+    candidates = [run["bold"].parent / f"{stem}_desc-confounds_{kind}.tsv" for kind in ("timeseries", "regressors")]
+    inputs = {"bold": run["bold"], "confounds": next((c for c in candidates if c.is_file()), candidates[0]),
+              "atlas": atlas_path}
+    sidecar = Path(str(run["bold"]).replace(".nii.gz", ".json"))
+    if sidecar.is_file():
+        inputs["bold_sidecar"] = sidecar
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage: check every input, then the long part, then the manifest
+# --------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    work = Path(args.work)
+    fmriprep = Path(args.fmriprep) if args.fmriprep else work / "demo/derivatives/fmriprep"
+    atlas_path = Path(args.atlas) if args.atlas else work / DEFAULT_ATLAS
+    out_dir = work / "bold"
+    overlap = set(args.validation_sessions) & set(args.test_sessions)
+    if overlap:
+        raise InputError(f"--validation-sessions and --test-sessions share session(s) {' '.join(sorted(overlap))}")
+    if "compcor" in args.confounds and "high_pass" not in args.confounds:
+        raise InputError("--confounds compcor needs high_pass too (fMRIPrep's CompCor assumes high-passed data)")
+    # the flags that shape each run's output (its inputs' contents are compared by fingerprint)
+    settings = {"--space": args.space, "--confounds": args.confounds, "--motion": args.motion, "--fwhm": args.fwhm}
+    common.remove_stale_temporaries(out_dir)
+
+    # --- every input is checked before the long part, so that bad input fails fast ---
+    runs = find_runs(fmriprep, args.space, args.task, args.subjects, args.sessions)
+    atlas, labels, names = load_atlas(atlas_path)
+    images, trs = {}, {}
+    for run in runs:
+        image = common.load_nifti(run["bold"])  # the header only: the voxels are read by the worker
+        if image.ndim != 4 or image.shape[3] < 2:
+            raise InputError(f"{run['bold']}: image is {image.ndim}D {image.shape}; a BOLD run must be 4D "
+                             "(x, y, z, time) with several volumes")
+        images[run["stem"]], trs[run["stem"]] = image, repetition_time(run["bold"], image.header)
+    reference = images[runs[0]["stem"]]
+    for run in runs:
+        image = images[run["stem"]]
+        if image.shape[:3] != reference.shape[:3] or not np.allclose(image.affine, reference.affine, atol=1e-3):
+            raise InputError(f"{run['bold']}: voxel grid differs from {runs[0]['bold'].name}; all runs must "
+                             "share one space and resolution (pick one with --space, e.g. ..._res-2)")
+    atlas_grid = atlas_on_grid(atlas, reference.shape[:3], reference.affine)   # (X, Y, Z)
+    voxels_per_label = dict(zip(*np.unique(atlas_grid, return_counts=True)))
+    n_voxels = np.array([voxels_per_label.get(label, 0) for label in labels])
+    if n_voxels.sum() == 0:
+        raise InputError(f"{atlas_path}: no atlas label falls inside the BOLD field of view of "
+                         f"{runs[0]['bold'].name}: is the atlas in {args.space} space?")
+    if (n_voxels == 0).any():
+        print(f"warning: {atlas_path}: {(n_voxels == 0).sum()} label(s) vanish on the BOLD grid (too small): "
+              f"{' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0", file=sys.stderr)
+    jobs = []
+    for run in runs:
+        out, inputs = output_path(work, run), run_inputs(run, atlas_path)
+        record = common.read_record(common.record_path(out))
+        if record is not None and out.is_file() and not args.overwrite:
+            known = record.get("inputs", {})
+            current = {role: common.fingerprint(path, known.get(role)) for role, path in inputs.items()
+                       if Path(path).is_file()}
+            if common.is_up_to_date(out, record, STAGE, settings, current, False):
+                continue
+        n_volumes = images[run["stem"]].shape[3]
+        confounds, sample_mask = load_run_confounds(run["bold"], n_volumes, args.confounds, args.motion)
+        n_kept = n_volumes if sample_mask is None else len(sample_mask)
+        dof = n_kept - confounds.shape[1] - 1  # the mean is removed too
+        if dof < 1:
+            raise InputError(f"{run['bold']}: {confounds.shape[1]} confound regressors leave no degree of freedom "
+                             f"in {n_kept} kept volumes; use fewer (e.g. --motion basic)")
+        if dof < 10:  # a short run (the tiny demo): the signal cannot survive the regression
+            print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only {dof} "
+                  f"degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
+        jobs.append({"bold": run["bold"], "out": out, "atlas_grid": atlas_grid, "inputs": inputs,
+                     "settings": settings, "labels": labels, "confounds": confounds, "sample_mask": sample_mask,
+                     "tr": trs[run["stem"]], "fwhm": args.fwhm})
+
+    check_settings(out_dir, settings, args.overwrite)  # after every check: --overwrite removes earlier outputs
+
+    # --- nothing to do: every run is done and listed (a re-run of a finished stage rewrites nothing) ---
+    manifest_path = out_dir / "manifest.tsv"
+    shared = [out_dir / name for name in ("prep.json", "labels.tsv", "atlas.nii.gz")]
+    if not jobs and manifest_path.is_file() and all(path.is_file() for path in shared):
+        listed = set(read_tsv(manifest_path, required=("bold_path",))["bold_path"])
+        if all(str(output_path(work, run).relative_to(work)) in listed for run in runs):
+            print(f"02_prep_fmri: all {len(runs)} run(s) done already ({manifest_path}); --overwrite to redo")
+            return
+
+    # --- shared outputs first: what the columns mean and how they were made ---
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common.write_json(out_dir / "prep.json", {
+        "stage": STAGE, "settings": settings, "fmriprep": str(fmriprep.resolve()), "atlas": str(atlas_path.resolve()),
+        "confounds": f"nilearn load_confounds(strategy={tuple(args.confounds)}, motion={args.motion!r})",
+        "masker": {"strategy": "mean", "standardize": STANDARDIZE, "detrend": False, "smoothing_fwhm": args.fwhm},
+        "dropped_volumes": "NaN rows (sample_mask of load_confounds)", "empty_parcels": "0.0 on valid rows",
+        "nilearn_version": nilearn.__version__})
+    write_tsv(out_dir / "labels.tsv", {"column": np.arange(len(labels)), "label": labels,
+                                       "name": names if names is not None else [None] * len(labels),
+                                       "n_voxels": n_voxels})
+    with atomic_path(out_dir / "atlas.nii.gz") as tmp:
+        nib.save(nib.Nifti1Image(atlas_grid, reference.affine), tmp)
+
+    # --- the long part: one run per job ---
+    print(f"{len(runs)} run(s), {len(labels)} parcels; {len(runs) - len(jobs)} already done, {len(jobs)} to do")
+    notes = []
+    if args.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+            futures = [pool.submit(process_run, job) for job in jobs]
+            try:
+                for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
+                    notes += future.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # a bad run stops the batch; finished runs stay
+                raise
+    else:
+        for job in tqdm(jobs, desc="runs", unit="run"):
+            notes += process_run(job)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+
+    # --- manifest: this batch, plus the runs of earlier calls (other --subjects) ---
+    rows = [manifest_row(run, work, images[run["stem"]].shape[3], trs[run["stem"]], labels) for run in runs]
+    rows += earlier_rows(manifest_path, work, [row["bold_path"] for row in rows])
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("bold_path")
+    manifest["split"] = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in manifest["ses"]]
+    write_tsv(manifest_path, manifest)
+    n_volumes, n_kept = manifest["n_volumes"].astype(int).sum(), manifest["kept_volumes"].astype(int).sum()
+    print(f"wrote {out_dir}: {len(manifest)} run(s), {n_kept} of {n_volumes} volumes kept; splits "
+          + ", ".join(f"{k} {v}" for k, v in manifest["split"].value_counts().sort_index().items()))
+
+
+# --------------------------------------------------------------------------------------------------
 # Plumbing: find the runs, their TR, their confounds, and where their outputs go
 # --------------------------------------------------------------------------------------------------
 def find_runs(fmriprep, space, task, subjects, sessions):
@@ -211,99 +424,7 @@ def atlas_on_grid(atlas, shape, affine):
 
 
 # --------------------------------------------------------------------------------------------------
-# One run: paper sections 2.1.3-2.1.4 with nilearn
-# --------------------------------------------------------------------------------------------------
-def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr, fwhm):
-    """Denoised, smoothed, parcel-averaged, z-scored BOLD of one run.
-
-    atlas_grid (X, Y, Z) int labels on the BOLD grid; labels (P,) the atlas labels, in column order;
-    confounds (T, K) DataFrame; sample_mask (T_kept,) indices of the volumes to keep, or None.
-    Returns (Y (T, P) float32 with NaN rows for the volumes not in sample_mask and 0.0 columns for the
-    parcels without a usable voxel, notes (list of str to report)).
-    """
-    image = common.load_nifti(bold_path)
-    data = common.nifti_data(image, bold_path)                                  # (X, Y, Z, T)
-    n_volumes = data.shape[3]
-    # --- voxels that cannot enter a parcel mean: NaN anywhere in the run, or constant over time ---
-    in_atlas = atlas_grid > 0
-    voxels = data[in_atlas]                                                     # (V, T)
-    empty_volumes = np.flatnonzero(~np.isfinite(voxels).any(axis=0))
-    if len(empty_volumes):   # a damaged image: every voxel would drop out below, and the atlas get the blame
-        raise InputError(f"{bold_path}: volume {empty_volumes[0]} (0-based) is NaN in every voxel of the atlas"
-                         + (f", and {len(empty_volumes) - 1} other volume(s)" if len(empty_volumes) > 1 else "")
-                         + "; the image is damaged")
-    has_nan = ~np.isfinite(voxels).all(1)
-    constant = ~has_nan & (voxels.max(1) == voxels.min(1))
-    notes = []
-    if has_nan.any() or constant.any():
-        notes.append(f"{bold_path}: {int(has_nan.sum())} voxel(s) inside the atlas hold NaN and "
-                     f"{int(constant.sum())} are constant over time; left out of their parcel means")
-    usable = np.zeros(atlas_grid.shape, bool)
-    usable[in_atlas] = ~has_nan & ~constant
-    if not usable.any():
-        raise InputError(f"{bold_path}: no atlas parcel overlaps the brain data (every voxel inside the atlas "
-                         "is constant or NaN): is the atlas in the same space as the BOLD?")
-    if has_nan.any():
-        np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # smoothing would spread NaN
-    del voxels
-    # Remove each voxel's mean: every step below is blind to a constant per voxel (the confounds are
-    # demeaned, the output z-scored), and float32 keeps 7 digits, which a baseline of ~1000 would
-    # otherwise spend before the fluctuations that matter.
-    data -= data.mean(axis=3, keepdims=True)
-
-    # --- the paper's denoising: smoothing, parcel means, confound regression, z-scoring over time ---
-    # The paper z-scores each voxel and then averages; nilearn's masker averages, cleans, then z-scores
-    # each parcel, which is what the encoding model predicts (unit variance per parcel and run).
-    masker = NiftiLabelsMasker(
-        labels_img=nib.Nifti1Image(atlas_grid, image.affine),
-        mask_img=nib.Nifti1Image(usable.astype(np.uint8), image.affine),
-        smoothing_fwhm=fwhm or None, strategy="mean", standardize=STANDARDIZE, detrend=False, t_r=tr)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="After applying mask")  # empty parcels: reported below
-        signals = masker.fit_transform(nib.Nifti1Image(data, image.affine), confounds=confounds,
-                                       sample_mask=sample_mask)             # (T_kept, P_present)
-    region_ids = masker.region_ids_  # {column: label, "background": 0}; a property rebuilt at each access
-    present = [region_ids[i] for i in range(signals.shape[1])]
-
-    # --- back to one row per volume and one column per atlas label ---
-    kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask)
-    column_of = {label: j for j, label in enumerate(labels)}
-    series = np.full((n_volumes, len(labels)), np.nan, np.float32)             # (T, P)
-    series[kept] = 0.0
-    series[np.ix_(kept, [column_of[label] for label in present])] = signals
-    empty = sorted(set(labels.tolist()) - set(present))
-    if empty:
-        notes.append(f"{bold_path}: {len(empty)} parcel(s) have no usable voxel (0.0 columns): "
-                     f"labels {' '.join(map(str, empty))}")
-    return series, notes
-
-
-def process_run(job):
-    """Worker: compute and save one run, then its record. Returns the notes to report (list of str)."""
-    inputs = {role: common.hash_file(path) for role, path in job["inputs"].items()}   # in parallel, here
-    series, notes = parcel_time_series(job["bold"], job["atlas_grid"], job["labels"], job["confounds"],
-                                          job["sample_mask"], job["tr"], job["fwhm"])
-    save_npy(job["out"], series)
-    common.write_record(job["out"], common.new_record(STAGE, job["settings"], inputs, job["out"],
-                                                      tr_s=job["tr"], nilearn=nilearn.__version__))
-    return notes
-
-
-def run_inputs(run, atlas_path):
-    """{role: path} of the files one run's output is made from: the BOLD image, its confounds file (the one
-    load_confounds reads), the BIDS sidecar with the TR when it exists, and the atlas."""
-    stem = run["bold"].name.split("_space-")[0]
-    candidates = [run["bold"].parent / f"{stem}_desc-confounds_{kind}.tsv" for kind in ("timeseries", "regressors")]
-    inputs = {"bold": run["bold"], "confounds": next((c for c in candidates if c.is_file()), candidates[0]),
-              "atlas": atlas_path}
-    sidecar = Path(str(run["bold"]).replace(".nii.gz", ".json"))
-    if sidecar.is_file():
-        inputs["bold_sidecar"] = sidecar
-    return inputs
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings and manifest: outputs made with other settings are never mixed in silently
+# Settings and manifest: outputs made with other flags are never mixed in silently
 # --------------------------------------------------------------------------------------------------
 def check_settings(out_dir, settings, overwrite):
     """Compare with bold/prep.json, the record of the flags the existing outputs were made with. Other
@@ -345,127 +466,6 @@ def earlier_rows(manifest_path, work, batch_paths):
         raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); use --overwrite")
     keep = ~earlier["bold_path"].isin(batch_paths) & earlier["bold_path"].map(lambda p: (work / p).is_file())
     return earlier[keep].to_dict("records")
-
-
-# --------------------------------------------------------------------------------------------------
-# Main: check every input, then the long part, then the manifest
-# --------------------------------------------------------------------------------------------------
-def main(argv=None):
-    args = parse_args(argv)
-    work = Path(args.work)
-    fmriprep = Path(args.fmriprep) if args.fmriprep else work / "demo/derivatives/fmriprep"
-    atlas_path = Path(args.atlas) if args.atlas else work / DEFAULT_ATLAS
-    out_dir = work / "bold"
-    overlap = set(args.validation_sessions) & set(args.test_sessions)
-    if overlap:
-        raise InputError(f"--validation-sessions and --test-sessions share session(s) {' '.join(sorted(overlap))}")
-    if "compcor" in args.confounds and "high_pass" not in args.confounds:
-        raise InputError("--confounds compcor needs high_pass too (fMRIPrep's CompCor assumes high-passed data)")
-    # the flags that shape each run's output (its inputs' contents are compared by fingerprint)
-    settings = {"--space": args.space, "--confounds": args.confounds, "--motion": args.motion, "--fwhm": args.fwhm}
-    common.remove_stale_temporaries(out_dir)
-
-    # --- every input is checked before the long part, so that bad input fails fast ---
-    runs = find_runs(fmriprep, args.space, args.task, args.subjects, args.sessions)
-    atlas, labels, names = load_atlas(atlas_path)
-    images, trs = {}, {}
-    for run in runs:
-        image = common.load_nifti(run["bold"])  # the header only: the voxels are read by the worker
-        if image.ndim != 4 or image.shape[3] < 2:
-            raise InputError(f"{run['bold']}: image is {image.ndim}D {image.shape}; a BOLD run must be 4D "
-                             "(x, y, z, time) with several volumes")
-        images[run["stem"]], trs[run["stem"]] = image, repetition_time(run["bold"], image.header)
-    reference = images[runs[0]["stem"]]
-    for run in runs:
-        image = images[run["stem"]]
-        if image.shape[:3] != reference.shape[:3] or not np.allclose(image.affine, reference.affine, atol=1e-3):
-            raise InputError(f"{run['bold']}: voxel grid differs from {runs[0]['bold'].name}; all runs must "
-                             "share one space and resolution (pick one with --space, e.g. ..._res-2)")
-    atlas_grid = atlas_on_grid(atlas, reference.shape[:3], reference.affine)   # (X, Y, Z)
-    voxels_per_label = dict(zip(*np.unique(atlas_grid, return_counts=True)))
-    n_voxels = np.array([voxels_per_label.get(label, 0) for label in labels])
-    if n_voxels.sum() == 0:
-        raise InputError(f"{atlas_path}: no atlas label falls inside the BOLD field of view of "
-                         f"{runs[0]['bold'].name}: is the atlas in {args.space} space?")
-    if (n_voxels == 0).any():
-        print(f"warning: {atlas_path}: {(n_voxels == 0).sum()} label(s) vanish on the BOLD grid (too small): "
-              f"{' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0", file=sys.stderr)
-    jobs = []
-    for run in runs:
-        out, inputs = output_path(work, run), run_inputs(run, atlas_path)
-        record = common.read_record(common.record_path(out))
-        if record is not None and out.is_file() and not args.overwrite:
-            known = record.get("inputs", {})
-            current = {role: common.fingerprint(path, known.get(role)) for role, path in inputs.items()
-                       if Path(path).is_file()}
-            if common.is_up_to_date(out, record, STAGE, settings, current, False):
-                continue
-        n_volumes = images[run["stem"]].shape[3]
-        confounds, sample_mask = load_run_confounds(run["bold"], n_volumes, args.confounds, args.motion)
-        n_kept = n_volumes if sample_mask is None else len(sample_mask)
-        dof = n_kept - confounds.shape[1] - 1  # the mean is removed too
-        if dof < 1:
-            raise InputError(f"{run['bold']}: {confounds.shape[1]} confound regressors leave no degree of freedom "
-                             f"in {n_kept} kept volumes; use fewer (e.g. --motion basic)")
-        if dof < 10:  # a short run (the tiny demo): the signal cannot survive the regression
-            print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only {dof} "
-                  f"degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
-        jobs.append({"bold": run["bold"], "out": out, "atlas_grid": atlas_grid, "inputs": inputs,
-                     "settings": settings, "labels": labels, "confounds": confounds, "sample_mask": sample_mask,
-                     "tr": trs[run["stem"]], "fwhm": args.fwhm})
-
-    check_settings(out_dir, settings, args.overwrite)  # after every check: --overwrite removes earlier outputs
-
-    # --- nothing to do: every run is done and listed (a re-run of a finished stage rewrites nothing) ---
-    manifest_path = out_dir / "manifest.tsv"
-    shared = [out_dir / name for name in ("prep.json", "labels.tsv", "atlas.nii.gz")]
-    if not jobs and manifest_path.is_file() and all(path.is_file() for path in shared):
-        listed = set(read_tsv(manifest_path, required=("bold_path",))["bold_path"])
-        if all(str(output_path(work, run).relative_to(work)) in listed for run in runs):
-            print(f"02_prep_fmri: all {len(runs)} run(s) done already ({manifest_path}); --overwrite to redo")
-            return
-
-    # --- shared outputs first: what the columns mean and how they were made ---
-    out_dir.mkdir(parents=True, exist_ok=True)
-    common.write_json(out_dir / "prep.json", {
-        "stage": STAGE, "settings": settings, "fmriprep": str(fmriprep.resolve()), "atlas": str(atlas_path.resolve()),
-        "confounds": f"nilearn load_confounds(strategy={tuple(args.confounds)}, motion={args.motion!r})",
-        "masker": {"strategy": "mean", "standardize": STANDARDIZE, "detrend": False, "smoothing_fwhm": args.fwhm},
-        "dropped_volumes": "NaN rows (sample_mask of load_confounds)", "empty_parcels": "0.0 on valid rows",
-        "nilearn_version": nilearn.__version__})
-    write_tsv(out_dir / "labels.tsv", {"column": np.arange(len(labels)), "label": labels,
-                                       "name": names if names is not None else [None] * len(labels),
-                                       "n_voxels": n_voxels})
-    with atomic_path(out_dir / "atlas.nii.gz") as tmp:
-        nib.save(nib.Nifti1Image(atlas_grid, reference.affine), tmp)
-
-    # --- the long part: one run per job ---
-    print(f"{len(runs)} run(s), {len(labels)} parcels; {len(runs) - len(jobs)} already done, {len(jobs)} to do")
-    notes = []
-    if args.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            futures = [pool.submit(process_run, job) for job in jobs]
-            try:
-                for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
-                    notes += future.result()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # a bad run stops the batch; finished runs stay
-                raise
-    else:
-        for job in tqdm(jobs, desc="runs", unit="run"):
-            notes += process_run(job)
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
-
-    # --- manifest: this batch, plus the runs of earlier calls (other --subjects) ---
-    rows = [manifest_row(run, work, images[run["stem"]].shape[3], trs[run["stem"]], labels) for run in runs]
-    rows += earlier_rows(manifest_path, work, [row["bold_path"] for row in rows])
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("bold_path")
-    manifest["split"] = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in manifest["ses"]]
-    write_tsv(manifest_path, manifest)
-    n_volumes, n_kept = manifest["n_volumes"].astype(int).sum(), manifest["kept_volumes"].astype(int).sum()
-    print(f"wrote {out_dir}: {len(manifest)} run(s), {n_kept} of {n_volumes} volumes kept; splits "
-          + ", ".join(f"{k} {v}" for k, v in manifest["split"].value_counts().sort_index().items()))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
 Every fMRI run of <work>/bold/manifest.tsv gets one feature row per volume, from the activation of one
 (or several) modules of the GPT prior while it reads the gameplay the subject saw just before.
 
-Alignment (CONTRACT.md "Time conventions"; t counts volumes from 0, TR in seconds):
+Alignment (docs/CONTRACT.md, "Time conventions"; t counts volumes from 0, TR in seconds):
   - the run's 60 Hz timeline starts at its first volume; frame i (0-based) of a repetition is 60 Hz
     frame round(onset_s x 60) + i, shown from that frame's time for 1/60 s. Frames before the run, between
     repetitions, after the last one, and of repetitions whose replay is "Missing file" are black
@@ -44,10 +44,9 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, read_tsv, run_main, run_stem
+from common import DEFAULT_WORK, GAMEPLAY_HZ, PAPER_LAYER, InputError, read_tsv, run_main, run_stem
 
 STAGE = "05_extract"
-PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"  # paper 2.3: block 4 of 8, output of its MLP branch
 BLOCK_OUTPUT = "post_fc_dp"                        # --layer last = attn_stack.attn_nets.<L-1>.post_fc_dp
 FRAMES_COLUMNS = ("sub", "ses", "task", "run", "rep", "onset_s", "n_frames", "frames_path", "status")
 BOLD_COLUMNS = ("sub", "ses", "task", "run", "n_volumes", "tr_s")
@@ -88,7 +87,7 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Alignment (CONTRACT.md "Time conventions"): which 60 Hz frame each slot of each TR's window shows
+# Alignment (docs/CONTRACT.md, "Time conventions"): which 60 Hz frame each slot of each TR's window shows
 # --------------------------------------------------------------------------------------------------
 def window_frame_indices(n_volumes, tr_s, window, frame_step, fps=GAMEPLAY_HZ):
     """(n_volumes, window) int64: the run-timeline index (60 Hz frames from the first volume) of each
@@ -121,290 +120,7 @@ def gather_frames(indices, repetitions, frame_shape, open_frames):
 
 
 # --------------------------------------------------------------------------------------------------
-# Which runs, which repetitions: bold/manifest.tsv (02) x frames/manifest.tsv (01)
-# --------------------------------------------------------------------------------------------------
-def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing):
-    """One dict per fMRI run: labels, n_volumes, tr_s, the repetitions placed on its timeline.
-
-    Raises InputError for a repetition listed as rendered whose frames are missing or of the wrong
-    size or length, a failed one (unless allow_missing), or a run shorter than one window."""
-    frames_tsv, bold_tsv = work / "frames" / "manifest.tsv", work / "bold" / "manifest.tsv"
-    frames = read_tsv(frames_tsv, required=FRAMES_COLUMNS)
-    bold = read_tsv(bold_tsv, required=BOLD_COLUMNS)
-    if subjects:
-        bold = bold[bold["sub"].isin(subjects)]
-        if bold.empty:
-            raise InputError(f"{bold_tsv}: no run of subject(s) {', '.join(subjects)}")
-    window_s = window * frame_step / GAMEPLAY_HZ  # 32 frames at 15 Hz: 2.13 s
-    runs = []
-    for _, row in bold.iterrows():
-        labels = dict(sub=row["sub"], ses=row["ses"], task=row["task"], run=row["run"])
-        stem = run_stem(**labels)
-        n_volumes, tr_s = int(row["n_volumes"]), float(row["tr_s"])
-        if n_volumes * tr_s < window_s:
-            raise InputError(f"{bold_tsv}: {stem} lasts {n_volumes} volume(s) x {tr_s:g} s = {n_volumes * tr_s:.2f} s, "
-                             f"shorter than one {window}-frame window ({window_s:.2f} s)")
-        rows = frames[(frames["sub"] == labels["sub"]) & (frames["ses"] == labels["ses"])
-                      & (frames["task"] == labels["task"]) & (frames["run"] == labels["run"])]
-        if rows.empty:
-            raise InputError(f"{frames_tsv}: no repetition of {stem}, which {bold_tsv} lists")
-        reps = []
-        for _, rep in rows.sort_values("onset_s", kind="stable").iterrows():
-            where = f"{frames_tsv}: {stem} rep {rep['rep']}"
-            placed = {"rep": rep["rep"], "status": rep["status"], "onset_s": float(rep["onset_s"]),
-                      "start": repetition_start(float(rep["onset_s"])), "n_frames": 0, "frames_path": None}
-            if rep["status"] == "failed" and not allow_missing:
-                raise InputError(f"{where} failed to render ({rep.get('error', '')}); fix it and re-run "
-                                 f"01_render_frames.py, or pass --allow-missing to show black frames instead")
-            if rep["status"] == "ok":
-                path = work / str(rep["frames_path"])
-                if pd.isna(rep["frames_path"]) or not path.is_file():
-                    raise InputError(f"{where} is listed as rendered but its frames {path} do not exist "
-                                     f"(re-run 01_render_frames.py)")
-                shape = common.load_npy(path, advice="re-render it with 01_render_frames.py --overwrite").shape
-                if shape[1:] != frame_shape:
-                    raise InputError(f"{path}: frames of shape {shape[1:]}, the checkpoint's VQ-VAE reads "
-                                     f"{frame_shape} (render with 01_render_frames.py --resolution {frame_shape[0]})")
-                if shape[0] != int(rep["n_frames"]):
-                    raise InputError(f"{path}: {shape[0]} frames, {frames_tsv} says {int(rep['n_frames'])} "
-                                     f"(re-render with 01_render_frames.py --overwrite)")
-                placed.update(n_frames=shape[0], frames_path=str(path))
-            reps.append(placed)
-        runs.append(dict(labels, stem=stem, n_volumes=n_volumes, tr_s=tr_s, repetitions=reps,
-                         windows=window_frame_indices(n_volumes, tr_s, window, frame_step)))
-    return runs
-
-
-class TRWindows(torch.utils.data.Dataset):
-    """Item k = the k-th (run, TR) of `runs`, as its window of frames, uint8 (window, H, W, 3)."""
-
-    def __init__(self, runs, frame_shape):
-        self.runs, self.frame_shape = runs, frame_shape
-        self.items = [(r, t) for r, run in enumerate(runs) for t in range(run["n_volumes"])]
-        self._open = {}  # memory-mapped frame files, opened lazily in each loader process
-
-    def open_frames(self, path):
-        if path not in self._open:
-            self._open[path] = common.load_npy(path)
-        return self._open[path]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, k):
-        r, t = self.items[k]
-        run = self.runs[r]
-        clip = gather_frames(run["windows"][t], run["repetitions"], self.frame_shape, self.open_frames)
-        return torch.from_numpy(clip), r, t                                    # (window, H, W, 3) uint8
-
-
-# --------------------------------------------------------------------------------------------------
-# Hooks: record what any named module outputs during a forward pass
-# --------------------------------------------------------------------------------------------------
-def resolve_layers(model, names, n_layers):
-    """Check every --layer against the model's modules; 'last' becomes the last block's output."""
-    modules = dict(model.named_modules())
-    parameters = dict(model.named_parameters()) | dict(model.named_buffers())
-    resolved = []
-    for name in names:
-        if name == "last":
-            name = f"attn_stack.attn_nets.{n_layers - 1}.{BLOCK_OUTPUT}"
-        if name in modules and name:
-            resolved.append(name)
-            continue
-        if name in parameters:
-            owner = name.rsplit(".", 1)[0]
-            raise InputError(f"--layer {name}: a parameter or buffer, not a module (its module is {owner})")
-        close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
-        hint = f"closest: {', '.join(close)}" if close else "see --list-layers"
-        raise InputError(f"--layer {name}: no such module in the checkpoint's model ({hint})")
-    return list(dict.fromkeys(resolved))
-
-
-class LayerRecorder:
-    """Forward hooks on named modules; `outputs[name]` lists what each call returned, detached.
-
-    A module that runs several times per sample (the VQ-VAE's, once per clip) is recorded every time.
-    Use as a context manager so that the hooks are removed however the block ends."""
-
-    def __init__(self, model, names):
-        modules = dict(model.named_modules())
-        self.outputs = {name: [] for name in names}
-        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
-
-    def _hook(self, name):
-        def record(module, inputs, output):
-            self.outputs[name].append(output.detach() if torch.is_tensor(output) else output)
-        return record
-
-    def clear(self):
-        for calls in self.outputs.values():
-            calls.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-
-def per_sample_activation(name, calls, batch_size):
-    """The recorded calls of one module as one tensor (B, ...); several calls are stacked on axis 1."""
-    if not calls:
-        raise InputError(f"--layer {name}: this module does not run when the model reads a clip")
-    if not all(torch.is_tensor(c) for c in calls):
-        raise InputError(f"--layer {name}: returns {type(calls[0]).__name__}, not a tensor; hook one of its submodules")
-    if any(c.shape[0] != batch_size for c in calls):
-        raise InputError(f"--layer {name}: output of shape {tuple(calls[0].shape)} does not have one row per "
-                         f"sample (batch {batch_size}); hook the module that contains it")
-    return calls[0] if len(calls) == 1 else torch.stack(calls, dim=1)
-
-
-def pool_activation(activation, pool, latent_shape, name):
-    """(B, ...) -> (B, D). 'space'/'time' average the latent axes (H', W') or T', found as the
-    right-most run of axes equal to latent_shape = (T', H', W') (channels-last or channels-first)."""
-    if pool != "none":
-        shape = tuple(activation.shape)
-        starts = [a for a in range(1, len(shape) - 2) if shape[a:a + 3] == tuple(latent_shape)]
-        if not starts:
-            raise InputError(f"--pool {pool}: the output of {name} has shape {shape[1:]} per sample, without "
-                             f"the latent (T', H', W') = {tuple(latent_shape)} axes to pool over")
-        a = starts[-1]
-        activation = activation.mean(dim=(a + 1, a + 2) if pool == "space" else (a,))
-    return activation.reshape(activation.shape[0], -1)                            # (B, D)
-
-
-# --------------------------------------------------------------------------------------------------
-# Model: load a checkpoint (ours or the authors'), run the GPT on a batch of windows
-# --------------------------------------------------------------------------------------------------
-def load_model(path, vqvae_path, work, device, allow_unfinished=False):
-    """The GPT prior of a checkpoint with its frozen VQ-VAE attached as `model.vqvae` (the authors'
-    layout: its modules can be hooked as vqvae.encoder...), in eval mode on `device`, and a description.
-
-    Ours (04_train_gpt.py) names its VQ-VAE checkpoint (--vqvae overrides it; default <work>/vqvae/ckpt.pt);
-    the authors' Lightning checkpoint holds its VQ-VAE under `vqvae.`. common.py infers both architectures
-    from the stored configuration and tensor shapes and loads the weights strictly. A GPT or VQ-VAE whose
-    training was interrupted is refused unless allow_unfinished."""
-    config, state, extra = common.load_gpt_checkpoint(path)
-    common.require_complete(extra, path, "04_train_gpt.py", "--allow-unfinished", allow_unfinished)
-    gpt = common.build_gpt(config, state, path)
-    if extra.get("vqvae_state"):                                      # the authors' Lightning checkpoint
-        checkpoint_format = "lightning"
-        vqvae_path = Path(vqvae_path or path)
-        vqvae = common.load_vqvae(vqvae_path, allow_unfinished=allow_unfinished)
-    else:                                                             # ours
-        checkpoint_format = "ours"
-        # 04 stores the --vqvae path as given (relative to where it ran): also try it under <work>
-        named = (extra.get("args") or {}).get("vqvae")
-        candidates = [Path(vqvae_path)] if vqvae_path else [Path(named), work / named] if named else []
-        candidates.append(work / "vqvae" / "ckpt.pt")
-        vqvae_path = next((c for c in candidates if c.is_file()), candidates[0])
-        if not vqvae_path.is_file():
-            raise InputError(f"{path}: its VQ-VAE {vqvae_path} does not exist (pass --vqvae PATH)")
-        if extra.get("vqvae_sha256") and extra["vqvae_sha256"] != common.fingerprint(vqvae_path)["sha256"]:
-            raise InputError(f"{vqvae_path}: not the VQ-VAE {path} was trained with (sha256 differs; "
-                             f"pass --vqvae PATH to the right one)")
-        vqvae = common.load_vqvae(vqvae_path, allow_unfinished=allow_unfinished)
-    latent, width = tuple(vqvae.latent_shape), vqvae.embedding_dim
-    if latent != tuple(config["latent_shape"]) or width != config["embedding_dim"]:
-        raise InputError(f"{path}: the GPT reads {tuple(config['latent_shape'])} tokens of width "
-                         f"{config['embedding_dim']}, its VQ-VAE gives {latent} of width {width}")
-    gpt.vqvae = vqvae                           # a submodule: hookable, moved and switched to eval with the rest
-    gpt.to(device).eval()
-    args = extra.get("args") or {}
-    resolution = vqvae.config["resolution"]
-    info = dict(format=checkpoint_format, vqvae_path=vqvae_path, config={"gpt": config, "vqvae": vqvae.config},
-                n_layers=config["layers"], latent_shape=latent, frame_shape=(resolution, resolution, 3),
-                window=2 * vqvae.config["sequence_length"], frame_step=args.get("frame_step"))
-    return gpt, info
-
-
-def encode_windows(vqvae, clips):
-    """VQ-VAE codes of each window's conditioning clip (first half) and target clip (second half):
-    (B, t, h, w) long each, from uint8 clips (B, window, H, W, 3).
-
-    Always in fp32, whatever --precision says for the GPT: 04 trained the GPT on codes computed in fp32,
-    and an encoder run in fp16 can pick another code where two are nearly tied. Two encoder calls rather
-    than one of 2B clips, so that a hooked VQ-VAE module sees B samples per call: its features are
-    (B, 2, ...), conditioning clip then target clip."""
-    video = clips.permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5        # (B, 3, window, H, W) in [-0.5, 0.5]
-    half = video.shape[2] // 2
-    with torch.autocast(video.device.type, enabled=False):
-        return vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])
-
-
-def read_windows(model, clips):
-    """Run the model on uint8 clips (B, window, H, W, 3) as it was trained (paper 2.3.1.2): the first
-    half of each window is the conditioning clip, the second half the target clip; each goes through the
-    frozen VQ-VAE to codes, whose codebook vectors the GPT reads. Returns the logits (B, t, h, w, n_codes)."""
-    cond_codes, target_codes = encode_windows(model.vqvae, clips)   # (B, t, h, w) each
-    lookup = model.vqvae.codebook.dictionary_lookup                  # codes -> (B, t, h, w, D)
-    return model(lookup(target_codes), lookup(cond_codes))
-
-
-def run_model(model, clips, device, autocast_dtype):
-    """read_windows under no_grad, with the GPT under autocast to autocast_dtype (None = fp32) on the
-    model's device."""
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        read_windows(model, clips.to(device, non_blocking=True))
-
-
-def layer_rows(model, clips, recorder, pool, latent_shape, device, autocast_dtype):
-    """{layer: (B, D) float32 tensor on the device, and the per-sample activation shape} for clips
-    uint8 (B, window, H, W, 3): one forward pass, every hooked layer at once."""
-    recorder.clear()
-    run_model(model, clips, device, autocast_dtype)
-    rows = {}
-    for layer, calls in recorder.outputs.items():
-        activation = per_sample_activation(layer, calls, len(clips)).float()   # (B, ...)
-        rows[layer] = pool_activation(activation, pool, latent_shape, layer), tuple(activation.shape[1:])
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------
-# Outputs: one .npy (T, D) and one .json sidecar per run and layer, written atomically
-# --------------------------------------------------------------------------------------------------
-def output_path(work, name, layer, run):
-    return work / "features" / name / layer / f"sub-{run['sub']}" / f"ses-{run['ses']}" / f"{run['stem']}.npy"
-
-
-class RunWriter:
-    """Collects the rows of one run for every layer in memory-mapped temp files; `close()` renames them
-    to their final names and writes their records once every row is in; `discard()` removes leftovers."""
-
-    def __init__(self, run, paths, dtype):
-        self.run, self.paths, self.dtype = run, paths, dtype
-        self.tmp = {layer: common.temporary_path(p) for layer, p in paths.items()}
-        self.arrays, self.shapes = {}, {}
-
-    def write(self, layer, t, rows, activation_shape):
-        """rows (len(t), D) go to rows t of the layer's (n_volumes, D) array."""
-        if layer not in self.arrays:
-            self.tmp[layer].parent.mkdir(parents=True, exist_ok=True)
-            self.arrays[layer] = common.open_npy_for_writing(self.tmp[layer], self.dtype,
-                                                             (self.run["n_volumes"], rows.shape[1]), self.paths[layer])
-            self.shapes[layer] = [int(n) for n in activation_shape]
-        self.arrays[layer][t] = rows
-
-    def close(self, records):
-        """records: {layer: (settings, inputs, details)} of each output."""
-        for layer, path in self.paths.items():
-            array = self.arrays.pop(layer)
-            n_features = array.shape[1]
-            array.flush()
-            del array
-            os.replace(self.tmp[layer], path)
-            settings, inputs, details = records[layer]
-            common.write_record(path, common.new_record(STAGE, settings, inputs, path, **details, layer=layer,
-                                                        activation_shape=self.shapes[layer], n_features=n_features))
-
-    def discard(self):
-        self.arrays.clear()
-        for tmp in self.tmp.values():
-            tmp.unlink(missing_ok=True)
-
-
+# Extraction: every TR's window through the model, the hooked rows into each run's file
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
@@ -510,6 +226,291 @@ def main(argv=None):
         for writer in writers:
             writer.discard()
     print(f"{STAGE}: wrote {len(todo)} run(s) x {len(layers)} layer(s) under {work / 'features' / name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model: load a checkpoint (ours or the authors'), run the GPT on a batch of windows
+# --------------------------------------------------------------------------------------------------
+def load_model(path, vqvae_path, work, device, allow_unfinished=False):
+    """The GPT prior of a checkpoint with its frozen VQ-VAE attached as `model.vqvae` (the authors'
+    layout: its modules can be hooked as vqvae.encoder...), in eval mode on `device`, and a description.
+
+    Ours (04_train_gpt.py) names its VQ-VAE checkpoint (--vqvae overrides it; default <work>/vqvae/ckpt.pt);
+    the authors' Lightning checkpoint holds its VQ-VAE under `vqvae.`. common.py infers both architectures
+    from the stored configuration and tensor shapes and loads the weights strictly. A GPT or VQ-VAE whose
+    training was interrupted is refused unless allow_unfinished."""
+    config, state, extra = common.load_gpt_checkpoint(path)
+    common.require_complete(extra, path, "04_train_gpt.py", "--allow-unfinished", allow_unfinished)
+    gpt = common.build_gpt(config, state, path)
+    if extra.get("vqvae_state"):                                      # the authors' Lightning checkpoint
+        checkpoint_format = "lightning"
+        vqvae_path = Path(vqvae_path or path)
+        vqvae = common.load_vqvae(vqvae_path, allow_unfinished=allow_unfinished)
+    else:                                                             # ours
+        checkpoint_format = "ours"
+        # 04 stores the --vqvae path as given (relative to where it ran): also try it under <work>
+        named = (extra.get("args") or {}).get("vqvae")
+        candidates = [Path(vqvae_path)] if vqvae_path else [Path(named), work / named] if named else []
+        candidates.append(work / "vqvae" / "ckpt.pt")
+        vqvae_path = next((c for c in candidates if c.is_file()), candidates[0])
+        if not vqvae_path.is_file():
+            raise InputError(f"{path}: its VQ-VAE {vqvae_path} does not exist (pass --vqvae PATH)")
+        if extra.get("vqvae_sha256") and extra["vqvae_sha256"] != common.fingerprint(vqvae_path)["sha256"]:
+            raise InputError(f"{vqvae_path}: not the VQ-VAE {path} was trained with (sha256 differs; "
+                             f"pass --vqvae PATH to the right one)")
+        vqvae = common.load_vqvae(vqvae_path, allow_unfinished=allow_unfinished)
+    latent, width = tuple(vqvae.latent_shape), vqvae.embedding_dim
+    if latent != tuple(config["latent_shape"]) or width != config["embedding_dim"]:
+        raise InputError(f"{path}: the GPT reads {tuple(config['latent_shape'])} tokens of width "
+                         f"{config['embedding_dim']}, its VQ-VAE gives {latent} of width {width}")
+    gpt.vqvae = vqvae                           # a submodule: hookable, moved and switched to eval with the rest
+    gpt.to(device).eval()
+    args = extra.get("args") or {}
+    resolution = vqvae.config["resolution"]
+    info = dict(format=checkpoint_format, vqvae_path=vqvae_path, config={"gpt": config, "vqvae": vqvae.config},
+                n_layers=config["layers"], latent_shape=latent, frame_shape=(resolution, resolution, 3),
+                window=2 * vqvae.config["sequence_length"], frame_step=args.get("frame_step"))
+    return gpt, info
+
+
+def encode_windows(vqvae, clips):
+    """VQ-VAE codes of each window's conditioning clip (first half) and target clip (second half):
+    (B, t, h, w) long each, from uint8 clips (B, window, H, W, 3).
+
+    Always in fp32, whatever --precision says for the GPT: 04 trained the GPT on codes computed in fp32,
+    and an encoder run in fp16 can pick another code where two are nearly tied. Two encoder calls rather
+    than one of 2B clips, so that a hooked VQ-VAE module sees B samples per call: its features are
+    (B, 2, ...), conditioning clip then target clip."""
+    video = common.video_from_uint8(clips)                           # (B, 3, window, H, W) in [-0.5, 0.5]
+    half = video.shape[2] // 2
+    with torch.autocast(video.device.type, enabled=False):
+        return vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])
+
+
+def read_windows(model, clips):
+    """Run the model on uint8 clips (B, window, H, W, 3) as it was trained (paper 2.3.1.2): the first
+    half of each window is the conditioning clip, the second half the target clip; each goes through the
+    frozen VQ-VAE to codes, whose codebook vectors the GPT reads. Returns the logits (B, t, h, w, n_codes)."""
+    cond_codes, target_codes = encode_windows(model.vqvae, clips)   # (B, t, h, w) each
+    lookup = model.vqvae.codebook.dictionary_lookup                  # codes -> (B, t, h, w, D)
+    return model(lookup(target_codes), lookup(cond_codes))
+
+
+def run_model(model, clips, device, autocast_dtype):
+    """read_windows under no_grad, with the GPT under autocast to autocast_dtype (None = fp32) on the
+    model's device."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        read_windows(model, clips.to(device, non_blocking=True))
+
+
+def layer_rows(model, clips, recorder, pool, latent_shape, device, autocast_dtype):
+    """{layer: (B, D) float32 tensor on the device, and the per-sample activation shape} for clips
+    uint8 (B, window, H, W, 3): one forward pass, every hooked layer at once."""
+    recorder.clear()
+    run_model(model, clips, device, autocast_dtype)
+    rows = {}
+    for layer, calls in recorder.outputs.items():
+        activation = per_sample_activation(layer, calls, len(clips)).float()   # (B, ...)
+        rows[layer] = pool_activation(activation, pool, latent_shape, layer), tuple(activation.shape[1:])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks: record what any named module outputs during a forward pass
+# --------------------------------------------------------------------------------------------------
+def resolve_layers(model, names, n_layers):
+    """Check every --layer against the model's modules; 'last' becomes the last block's output."""
+    modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters()) | dict(model.named_buffers())
+    resolved = []
+    for name in names:
+        if name == "last":
+            name = f"attn_stack.attn_nets.{n_layers - 1}.{BLOCK_OUTPUT}"
+        if name in modules and name:
+            resolved.append(name)
+            continue
+        if name in parameters:
+            owner = name.rsplit(".", 1)[0]
+            raise InputError(f"--layer {name}: a parameter or buffer, not a module (its module is {owner})")
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+        hint = f"closest: {', '.join(close)}" if close else "see --list-layers"
+        raise InputError(f"--layer {name}: no such module in the checkpoint's model ({hint})")
+    return list(dict.fromkeys(resolved))
+
+
+class LayerRecorder:
+    """Forward hooks on named modules; `outputs[name]` lists what each call returned, detached.
+
+    A module that runs several times per sample (the VQ-VAE's, once per clip) is recorded every time.
+    Use as a context manager so that the hooks are removed however the block ends."""
+
+    def __init__(self, model, names):
+        modules = dict(model.named_modules())
+        self.outputs = {name: [] for name in names}
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
+
+    def _hook(self, name):
+        def record(module, inputs, output):
+            self.outputs[name].append(output.detach() if torch.is_tensor(output) else output)
+        return record
+
+    def clear(self):
+        for calls in self.outputs.values():
+            calls.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def per_sample_activation(name, calls, batch_size):
+    """The recorded calls of one module as one tensor (B, ...); several calls are stacked on axis 1."""
+    if not calls:
+        raise InputError(f"--layer {name}: this module does not run when the model reads a clip")
+    if not all(torch.is_tensor(c) for c in calls):
+        raise InputError(f"--layer {name}: returns {type(calls[0]).__name__}, not a tensor; hook one of its submodules")
+    if any(c.shape[0] != batch_size for c in calls):
+        raise InputError(f"--layer {name}: output of shape {tuple(calls[0].shape)} does not have one row per "
+                         f"sample (batch {batch_size}); hook the module that contains it")
+    return calls[0] if len(calls) == 1 else torch.stack(calls, dim=1)
+
+
+def pool_activation(activation, pool, latent_shape, name):
+    """(B, ...) -> (B, D). 'space'/'time' average the latent axes (H', W') or T', found as the
+    right-most run of axes equal to latent_shape = (T', H', W') (channels-last or channels-first)."""
+    if pool != "none":
+        shape = tuple(activation.shape)
+        starts = [a for a in range(1, len(shape) - 2) if shape[a:a + 3] == tuple(latent_shape)]
+        if not starts:
+            raise InputError(f"--pool {pool}: the output of {name} has shape {shape[1:]} per sample, without "
+                             f"the latent (T', H', W') = {tuple(latent_shape)} axes to pool over")
+        a = starts[-1]
+        activation = activation.mean(dim=(a + 1, a + 2) if pool == "space" else (a,))
+    return activation.reshape(activation.shape[0], -1)                            # (B, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which runs, which repetitions: bold/manifest.tsv (02) x frames/manifest.tsv (01)
+# --------------------------------------------------------------------------------------------------
+def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing):
+    """One dict per fMRI run: labels, n_volumes, tr_s, the repetitions placed on its timeline.
+
+    Raises InputError for a repetition listed as rendered whose frames are missing or of the wrong
+    size or length, a failed one (unless allow_missing), or a run shorter than one window."""
+    frames_tsv, bold_tsv = work / "frames" / "manifest.tsv", work / "bold" / "manifest.tsv"
+    frames = read_tsv(frames_tsv, required=FRAMES_COLUMNS)
+    bold = read_tsv(bold_tsv, required=BOLD_COLUMNS)
+    if subjects:
+        bold = bold[bold["sub"].isin(subjects)]
+        if bold.empty:
+            raise InputError(f"{bold_tsv}: no run of subject(s) {', '.join(subjects)}")
+    window_s = window * frame_step / GAMEPLAY_HZ  # 32 frames at 15 Hz: 2.13 s
+    runs = []
+    for _, row in bold.iterrows():
+        labels = dict(sub=row["sub"], ses=row["ses"], task=row["task"], run=row["run"])
+        stem = run_stem(**labels)
+        n_volumes, tr_s = int(row["n_volumes"]), float(row["tr_s"])
+        if n_volumes * tr_s < window_s:
+            raise InputError(f"{bold_tsv}: {stem} lasts {n_volumes} volume(s) x {tr_s:g} s = {n_volumes * tr_s:.2f} s, "
+                             f"shorter than one {window}-frame window ({window_s:.2f} s)")
+        rows = frames[(frames["sub"] == labels["sub"]) & (frames["ses"] == labels["ses"])
+                      & (frames["task"] == labels["task"]) & (frames["run"] == labels["run"])]
+        if rows.empty:
+            raise InputError(f"{frames_tsv}: no repetition of {stem}, which {bold_tsv} lists")
+        reps = []
+        for _, rep in rows.sort_values("onset_s", kind="stable").iterrows():
+            where = f"{frames_tsv}: {stem} rep {rep['rep']}"
+            placed = {"rep": rep["rep"], "status": rep["status"], "onset_s": float(rep["onset_s"]),
+                      "start": repetition_start(float(rep["onset_s"])), "n_frames": 0, "frames_path": None}
+            if rep["status"] == "failed" and not allow_missing:
+                raise InputError(f"{where} failed to render ({rep.get('error', '')}); fix it and re-run "
+                                 f"01_render_frames.py, or pass --allow-missing to show black frames instead")
+            if rep["status"] == "ok":
+                path = work / str(rep["frames_path"])
+                if pd.isna(rep["frames_path"]) or not path.is_file():
+                    raise InputError(f"{where} is listed as rendered but its frames {path} do not exist "
+                                     f"(re-run 01_render_frames.py)")
+                shape = common.load_npy(path, advice="re-render it with 01_render_frames.py --overwrite").shape
+                if shape[1:] != frame_shape:
+                    raise InputError(f"{path}: frames of shape {shape[1:]}, the checkpoint's VQ-VAE reads "
+                                     f"{frame_shape} (render with 01_render_frames.py --resolution {frame_shape[0]})")
+                if shape[0] != int(rep["n_frames"]):
+                    raise InputError(f"{path}: {shape[0]} frames, {frames_tsv} says {int(rep['n_frames'])} "
+                                     f"(re-render with 01_render_frames.py --overwrite)")
+                placed.update(n_frames=shape[0], frames_path=str(path))
+            reps.append(placed)
+        runs.append(dict(labels, stem=stem, n_volumes=n_volumes, tr_s=tr_s, repetitions=reps,
+                         windows=window_frame_indices(n_volumes, tr_s, window, frame_step)))
+    return runs
+
+
+class TRWindows(torch.utils.data.Dataset):
+    """Item k = the k-th (run, TR) of `runs`, as its window of frames, uint8 (window, H, W, 3)."""
+
+    def __init__(self, runs, frame_shape):
+        self.runs, self.frame_shape = runs, frame_shape
+        self.items = [(r, t) for r, run in enumerate(runs) for t in range(run["n_volumes"])]
+        self._open = {}  # memory-mapped frame files, opened lazily in each loader process
+
+    def open_frames(self, path):
+        if path not in self._open:
+            self._open[path] = common.load_npy(path)
+        return self._open[path]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        r, t = self.items[k]
+        run = self.runs[r]
+        clip = gather_frames(run["windows"][t], run["repetitions"], self.frame_shape, self.open_frames)
+        return torch.from_numpy(clip), r, t                                    # (window, H, W, 3) uint8
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs: one .npy (T, D) and its record (.json) per run and layer, written atomically
+# --------------------------------------------------------------------------------------------------
+def output_path(work, name, layer, run):
+    return work / "features" / name / layer / f"sub-{run['sub']}" / f"ses-{run['ses']}" / f"{run['stem']}.npy"
+
+
+class RunWriter:
+    """Collects the rows of one run for every layer in memory-mapped temp files; `close()` renames them
+    to their final names and writes their records once every row is in; `discard()` removes leftovers."""
+
+    def __init__(self, run, paths, dtype):
+        self.run, self.paths, self.dtype = run, paths, dtype
+        self.tmp = {layer: common.temporary_path(p) for layer, p in paths.items()}
+        self.arrays, self.shapes = {}, {}
+
+    def write(self, layer, t, rows, activation_shape):
+        """rows (len(t), D) go to rows t of the layer's (n_volumes, D) array."""
+        if layer not in self.arrays:
+            self.tmp[layer].parent.mkdir(parents=True, exist_ok=True)
+            self.arrays[layer] = common.open_npy_for_writing(self.tmp[layer], self.dtype,
+                                                             (self.run["n_volumes"], rows.shape[1]), self.paths[layer])
+            self.shapes[layer] = [int(n) for n in activation_shape]
+        self.arrays[layer][t] = rows
+
+    def close(self, records):
+        """records: {layer: (settings, inputs, details)} of each output."""
+        for layer, path in self.paths.items():
+            array = self.arrays.pop(layer)
+            n_features = array.shape[1]
+            array.flush()
+            del array
+            os.replace(self.tmp[layer], path)
+            settings, inputs, details = records[layer]
+            common.write_record(path, common.new_record(STAGE, settings, inputs, path, **details, layer=layer,
+                                                        activation_shape=self.shapes[layer], n_features=n_features))
+
+    def discard(self):
+        self.arrays.clear()
+        for tmp in self.tmp.values():
+            tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,9 @@ import numpy as np
 import pandas as pd
 
 import common
-from common import DEFAULT_WORK, InputError, read_tsv, run_main
+from common import DEFAULT_WORK, PAPER_LAYER, InputError, read_tsv, run_main
 
 REPO = Path(__file__).resolve().parent
-PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"
 PAPER_CONFIG = {"hidden_dim": 576, "layers": 8, "heads": 4, "train_frames": 6_000_000, "precision": "fp32"}
 EXPERIMENTS = {  # experiment -> (knob, values, the paper's figure)
     "data": ("train_frames", [10_000, 100_000, 1_000_000, 6_000_000], "Figure 2"),
