@@ -10,7 +10,7 @@ Each repetition is replayed exactly: every 60 Hz emulator step, with the recorde
 saved as one uint8 array (N, H, W, 3) per repetition:
 
     <work>/frames/<sub>/<ses>/<bk2 stem>.npy
-    <work>/frames/manifest.tsv      one row per repetition (README: "Stage contract")
+    <work>/frames/manifest.tsv      one row per repetition (docs/CONTRACT.md)
 
 First-step convention (the same as stable-retro's playback_movie.py): a bk2 starts with the save state
 and one input that stable-retro's reset() consumes; frame i (0-based) is the screen after the emulator

@@ -14,7 +14,7 @@ For every `sub-*/ses-*/func/*_space-<space>_*desc-preproc_bold.nii.gz` under --f
   2. NiftiLabelsMasker: 8 mm FWHM Gaussian smoothing, mean of the voxels of each atlas parcel, confound
      regression and z-scoring of each parcel over the run (standardize="zscore_sample", ddof=1).
 
-Outputs (README: "Stage contract"), all written atomically:
+Outputs (docs/CONTRACT.md), all written atomically:
     <work>/bold/<sub>/<ses>/<run stem>.npy   float32 (T, P): row t = volume t of the BOLD image, column j =
         the parcel labels.tsv names. Volumes left out by the sample_mask (non-steady-state, scrubbed)
         are NaN rows: valid rows are np.isfinite(Y).all(1). Parcels with no usable voxel in a run are

@@ -431,9 +431,10 @@ def encode_repetition(vqvae, frames, frame_step, device, batch=ENCODE_BATCH):
     """VQ-VAE codes (n_clips, t, h, w) int64 of the consecutive clips of one repetition's frames, in fp32."""
     sequence_length = vqvae.config["sequence_length"]
     n_clips = len(frames) // (sequence_length * frame_step)
-    codes = [vqvae.encode(common.video_from_uint8(torch.as_tensor(
-                 clips_of_frames(frames, range(i, min(i + batch, n_clips)), sequence_length, frame_step)).to(device))).cpu()
-             for i in range(0, n_clips, batch)]
+    codes = []
+    for i in range(0, n_clips, batch):
+        clips = clips_of_frames(frames, range(i, min(i + batch, n_clips)), sequence_length, frame_step)  # (B, T, H, W, 3)
+        codes.append(vqvae.encode(common.video_from_uint8(torch.as_tensor(clips).to(device))).cpu())  # (B, t, h, w)
     return torch.cat(codes) if codes else torch.zeros((0, *vqvae.latent_shape), dtype=torch.long)
 
 

@@ -10,7 +10,7 @@ training set; the score is Pearson's r between predicted and measured BOLD on th
     python 06_ridge.py --work work --name demo --device cuda --n-permutations 1000
     sbatch --gpus-per-node 1 slurm/gpu_stage.sbatch 06_ridge.py --work work --name NAME --device cuda
 
-Inputs (the stage contract, README):
+Inputs (docs/CONTRACT.md):
   <work>/bold/manifest.tsv       sub ses task run n_volumes tr_s split bold_path ...; split is train,
                                  validation or test; bold_path -> float32 (T, P), rows of non-steady-state
                                  volumes may be NaN (dropped here)
@@ -24,10 +24,10 @@ Outputs, per subject, in <work>/results/<name>/sub-XX/ (summary.json is written 
 
 Conventions: features are standardized with training-set means and standard deviations (the paper does
 not say; --no-standardize fits them as they are); an intercept is fitted (X and Y centered with training
-means), as scikit-learn's RidgeCV does, so both choose the same alphas. Split `session` (default) trains on runs whose manifest split is `train` and tests on `test`;
-`validation` runs are left out unless --train-on-validation. Split `random` pools every run of the subject
-and draws --test-size of the samples at random (paper section 2.3.3; neighbouring TRs are correlated, so
-its scores are optimistic).
+means), as scikit-learn's RidgeCV does, so both choose the same alphas. Split `session` (default) trains
+on runs whose manifest split is `train` and tests on `test`; `validation` runs are left out unless
+--train-on-validation. Split `random` pools every run of the subject and draws --test-size of the samples
+at random (paper section 2.3.3; neighbouring TRs are correlated, so its scores are optimistic).
 """
 import argparse
 import json
@@ -567,7 +567,8 @@ def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, plante
         # Parcels without signal rightly take the largest penalty, whatever the grid. When every parcel sits
         # on an edge of the grid, or a parcel with signal (significant) does, its best penalty probably lies
         # outside the grid.
-        for edge, direction, side in ((max(args.alphas), "larger", "largest"), (min(args.alphas), "smaller", "smallest")):
+        for edge, direction, side in ((max(args.alphas), "larger", "largest"),
+                                      (min(args.alphas), "smaller", "smallest")):
             on_edge = fit["alpha"] == edge
             summary[f"parcels_at_{side}_alpha"] = int(on_edge.sum())
             if len(set(args.alphas)) < 2 or n_constant == X_train.shape[1]:

@@ -14,8 +14,9 @@ Experiments (paper section 2.4; each varies one knob of the paper configuration,
     precision  --precision fp32, fp16: training time and brain score    (Figure 6)
 A configuration shared by several experiments (the paper model appears in all five) trains once. Its
 name spells it out, e.g. h576-l8-a4-f6M-fp32, and names its folders: gpt/<name>/, features/<name>/,
-results/<name>/. Each stage of a configuration skips what its records vouch for (see the README). The frozen VQ-VAE
-(<work>/vqvae/ckpt.pt) and the parcel time series (<work>/bold/) must exist: run stages 01-03 first.
+results/<name>/. Each stage of a configuration skips what its records vouch for (see the README). The
+frozen VQ-VAE (<work>/vqvae/ckpt.pt) and the parcel time series (<work>/bold/) must exist: run stages
+01-03 first.
 
 Figures (<work>/figures/): <experiment>_loss.png (GPT train/validation loss, Fig. 2a-6a),
 <experiment>_scores.png (per-subject max and median r, Fig. 2b-6b), <experiment>_maps.png (r maps,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the pipeline end to end: 00 -> 06. With no arguments: the embedded demo, on CPU, small models
-# (about 7 minutes on 2 cores), ending with a one-screen summary of the brain scores.
+# (a few minutes on 2 cores), ending with a one-screen summary of the brain scores.
 #
 #   bash run_all.sh                                   # demo: makes work/demo, then every stage
 #   WORK=/scratch/me/shinobi DATA=/data/shinobi ATLAS=/data/atlas/MIST_ROI.nii.gz bash run_all.sh

@@ -3,7 +3,7 @@
     python benchmarks/bench_render.py                 # records a 60 s replay, then times it
     python benchmarks/bench_render.py --seconds 20
 
-Target (issue 2): >= 1,000 frames/s per worker at 128 px. "emulator only" is the same replay loop without
+Target: >= 1,000 frames/s per worker at 128 px. "emulator only" is the same replay loop without
 the resize, the floor that rendering cannot beat.
 """
 import argparse

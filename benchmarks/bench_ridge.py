@@ -5,7 +5,7 @@
     python benchmarks/bench_ridge.py --threads 1                      # both solvers on one thread
     python benchmarks/bench_ridge.py --device cuda --paper-scale      # n=15313, p=147456: GPU, no scikit-learn
 
-Targets (issue 7): >= 5x faster than RidgeCV(alphas, alpha_per_target=True) on the project's 2-core CPU
+Targets: >= 5x faster than RidgeCV(alphas, alpha_per_target=True) on the project's 2-core CPU
 machines, with identical chosen alphas; the paper scale (sub-01: 15,313 training TRs x 147,456 features x
 1,095 parcels) under 60 s on one H100, in 24 GB of host memory (the peak memory line). Both solvers see the same data: features mixing latent components of decaying
 variance plus noise (so the penalty matters, as with real features) and targets whose signal-to-noise ratio varies

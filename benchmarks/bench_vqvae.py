@@ -6,7 +6,7 @@
 
 One step = forward, loss, backward and Adam update on random clips, exactly as 03_train_vqvae.py does it
 (EMA codebook included). FLOPs per clip are counted by torch.utils.flop_counter on one step (convolutions,
-matmuls and attention; forward + backward). Reference (issue 4): the authors' implementation on one H100
+matmuls and attention; forward + backward). Reference: the authors' implementation on one H100
 80GB: 28.8 clips/s fp32 (no TF32), 70.5 fp16, 70.4 bf16, 740 GFLOP per clip; target >= 250 clips/s.
 """
 import argparse
