@@ -210,6 +210,9 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provena
     if args.compile:
         model = torch.compile(model)
     flops_per_sample, peak = train_flops_per_sample(config), peak_tflops(args, device)
+    # for the reader of the record (and 07's scaling laws): the model's size and the compute of one sample
+    provenance.update(n_parameters=sum(p.numel() for p in raw_model.parameters()),
+                      train_flops_per_sample=flops_per_sample)
     tokens_per_sample = math.prod(config["latent_shape"])
     log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
     preemption = common.PreemptionFlag()

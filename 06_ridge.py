@@ -513,8 +513,12 @@ def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, plante
                                    args.n_permutations, args.min_shift, rng)
         p_values, _, significant = permutation_p_values(r, null, args.fdr)
         n_null = len(null)
+        # the chance level of the subject's scores: 95th percentile of the max (median) null r over parcels
+        null_levels = {"max_r_95": float(np.quantile(np.nanmax(null, axis=1), 0.95)),
+                       "median_r_95": float(np.quantile(np.nanmedian(null, axis=1), 0.95)),
+                       "n_permutations": n_null} if np.isfinite(null).any(axis=1).all() else None
     else:
-        n_null = 0
+        n_null, null_levels = 0, None
         p_values = np.full(len(r), np.nan)
         significant = np.zeros(len(r), bool)
 
@@ -542,6 +546,7 @@ def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, plante
             "significance": (f"one-sided permutation p-value against {n_null} circular shifts "
                              f"(>= {args.min_shift} TRs) of the features within each run, Benjamini-Hochberg "
                              f"q < {args.fdr}") if args.n_permutations else "not computed (--n-permutations 0)",
+            "null": null_levels,
             "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
             "standardization": ((f"features z-scored with training-set means and standard deviations "
                                  f"({n_constant} constant features set to 0)" if not args.no_standardize else

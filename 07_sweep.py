@@ -18,11 +18,16 @@ results/<name>/. Each stage of a configuration skips what its records vouch for 
 frozen VQ-VAE (<work>/vqvae/ckpt.pt) and the parcel time series (<work>/bold/) must exist: run stages
 01-03 first.
 
-Figures (<work>/figures/): <experiment>_loss.png (GPT train/validation loss, Fig. 2a-6a),
-<experiment>_scores.png (per-subject max and median r, Fig. 2b-6b), <experiment>_maps.png (r maps,
-Fig. 2c-6c), precision.md (time, speedup, r difference), scaling.png + scaling.json (beyond the paper:
-brain score against training compute, data and parameters, with r = a + b log10 x and r = r_inf - c x^-alpha
-fitted and 95% bootstrap intervals over parcels), report.md tying each figure to the claim it tests.
+Figures (<work>/figures/), per experiment:
+    <experiment>_loss.png    train (solid) and validation (dashed) cross-entropy against steps (Fig. 2a-6a)
+    <experiment>_scores.png  per-subject max and median r with 95% bootstrap intervals over parcels and the
+                             permutation null's 95% level; lines over the scale, bars for precision (Fig. 2b-6b)
+    <experiment>_maps.png    glass brains, one row per configuration, one column per subject, one shared
+                             colour scale; parcels that are not significant (FDR) are faded (Fig. 2c-6c)
+and precision.md (time, speedup, r difference); scaling.png + scaling.json (beyond the paper: the score
+against training compute, data and parameters, r = a + b log10 x and r = r_inf - c x^-alpha with 95%
+bands, each law drawn only where the data determine it); report.md: per experiment the paper's claim, a
+verdict computed from the numbers and their intervals, the figures and a table.
 """
 import argparse
 import json
@@ -240,15 +245,16 @@ def bootstrap_fits(x, r, kind="max", n_boot=1000, seed=0):
 
     x: (K,) compute, data or parameters; r: (K, S, P) test r per configuration, subject and parcel (one
     resample of parcels applies to every configuration, keeping them paired).
-    Returns {"log_linear": {"a": [est, lo, hi], "b": ...}, "saturating_power": {"r_inf": ..., "c": ..., "alpha": ...}}
-    and "saturating_power_at_bound": the names of the point estimate's parameters stuck on a search bound.
+    Returns {"log_linear": {"a": [est, lo, hi], "b": ...}, "saturating_power": {"r_inf": ..., "c": ..., "alpha": ...},
+    "saturating_power_at_bound": the names of the point estimate's parameters stuck on a search bound,
+    "samples": {law: (n_ok, n_params) parameters of the resamples that converged} (for confidence bands)}.
     """
     rng = np.random.default_rng(seed)
     n_parcels = r.shape[-1]
     laws = {"log_linear": (fit_log_linear, ("a", "b")),
             "saturating_power": (fit_saturating_power, ("r_inf", "c", "alpha"))}
     resamples = [r[..., rng.integers(0, n_parcels, n_parcels)] for _ in range(n_boot)]
-    out = {}
+    out = {"samples": {}}
     for law, (fit, names) in laws.items():
         estimate = fit(x, brain_score(r, kind))
         samples = np.array([fit(x, brain_score(sample, kind)) for sample in resamples])  # (n_boot, n_params)
@@ -256,52 +262,105 @@ def bootstrap_fits(x, r, kind="max", n_boot=1000, seed=0):
         lo, hi = (np.percentile(samples[ok], [2.5, 97.5], axis=0) if ok.any()
                   else (np.full(len(names), np.nan),) * 2)
         out[law] = {n: [float(e), float(a), float(b)] for n, e, a, b in zip(names, estimate, lo, hi)}
+        out["samples"][law] = samples[ok]
         if law == "saturating_power":
             out["saturating_power_at_bound"] = saturating_bounds_hit(x, estimate) if np.isfinite(estimate).all() else []
     return out
+
+
+def score_interval(r, kind, n_boot=1000, seed=0):
+    """The brain score of one subject's r (P,) and its 95% bootstrap interval over parcels: (est, lo, hi)."""
+    rng = np.random.default_rng(seed)
+    reduce = np.nanmax if kind == "max" else np.nanmedian
+    samples = [reduce(r[rng.integers(0, len(r), len(r))]) for _ in range(n_boot)]
+    return float(reduce(r)), *np.percentile(samples, [2.5, 97.5]).tolist()
+
+
+def omitted_fits(x, fit):
+    """Why a fitted law is not drawn: {law: reason} for the laws the data do not determine."""
+    reasons = {}
+    if len(x) < 3:
+        reasons["log_linear"] = f"{len(x)} configurations: a line through 2 points tests nothing"
+    r_inf = fit["saturating_power"]["r_inf"][0]
+    if len(x) < 4:
+        reasons["saturating_power"] = f"{len(x)} configurations for 3 parameters"
+    elif not np.isfinite(r_inf):
+        reasons["saturating_power"] = "the fit did not converge"
+    elif fit["saturating_power_at_bound"]:
+        reasons["saturating_power"] = f"{', '.join(fit['saturating_power_at_bound'])} on a bound of the search"
+    elif r_inf > 1:
+        reasons["saturating_power"] = f"r_inf = {r_inf:.2f} > 1 is not a correlation"
+    return reasons
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading finished runs
 # --------------------------------------------------------------------------------------------------
 def load_run(work, name, config, subs):
-    """What the figures need from one configuration, or None when it has not finished."""
-    import torch
-
+    """What the figures need from one configuration, or None when it has not finished: the training log,
+    per subject the summary, r (P,) and the significance mask (P,), and the model's size and compute (from
+    the checkpoint's record, which 04 writes beside it)."""
     work = Path(work)
     if not finished(work, name, subs):
         return None
     model_name = config_name(config)
     log = pd.read_csv(work / "gpt" / model_name / "log.csv")
     summaries = {s: json.loads((work / "results" / name / f"sub-{s}" / "summary.json").read_text()) for s in subs}
-    r = np.stack([np.load(work / "results" / name / f"sub-{s}" / "r.npy") for s in subs])   # (S, P)
-    ckpt = torch.load(work / "gpt" / model_name / "ckpt.pt", map_location="cpu", weights_only=False)
-    n_params = sum(v.numel() for k, v in ckpt["model"].items() if not k.startswith("vqvae."))
-    train = _stage("04_train_gpt.py")
-    batch = ckpt["args"]["batch_size"]  # samples per optimizer step, over all processes
-    compute = float(train.train_flops_per_sample(ckpt["model_config"])) * batch * ckpt["step"]
-    frames = config["train_frames"] or ckpt.get("train_frames") or np.nan
-    return {"log": log, "summaries": summaries, "r": r, "params": n_params, "compute": compute,
-            "frames": frames, "wall_s": float(log["wall_s"].dropna().iloc[-1]) if len(log) else np.nan}
-
-
-def _stage(filename):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"stage_{filename[:2]}", REPO / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    r = np.stack([np.load(work / "results" / name / f"sub-{s}" / "r.npy") for s in subs])              # (S, P)
+    significant = np.stack([np.load(work / "results" / name / f"sub-{s}" / "significant.npy") for s in subs])
+    record = common.read_record(work / "gpt" / model_name / "ckpt.json")
+    if record is None or "n_parameters" not in record:
+        raise InputError(f"{work / 'gpt' / model_name / 'ckpt.json'}: no record of the model's size (a checkpoint "
+                         "of an older 04_train_gpt.py: re-run it with --overwrite)")
+    compute = float(record["train_flops_per_sample"]) * record["settings"]["--batch-size"] * record["step"]
+    frames = config["train_frames"] or sum(r["frames_used"] for r in record["training_repetitions"])
+    return {"log": log, "summaries": summaries, "r": r, "significant": significant, "params": record["n_parameters"],
+            "compute": compute, "frames": frames,
+            "wall_s": float(log["wall_s"].dropna().iloc[-1]) if len(log) else np.nan}
 
 
 # --------------------------------------------------------------------------------------------------
 # Figures and report
 # --------------------------------------------------------------------------------------------------
+SCALE_KNOBS = {"train_frames": "training frames (60 Hz)", "hidden_dim": "hidden size", "layers": "layers",
+               "heads": "attention heads"}   # the experiments whose x axis is a scale: lines, not bars
+
+
+def knob_value(value, run):
+    """The numeric x of a configuration: its knob's value (--train-frames 0, "all", is its frame count)."""
+    return run["frames"] if value in (0, "all") else value
+
+
+def short_number(v):
+    """A compact tick label: 2000 -> '2k', 1.5e6 -> '1.5M', 4.6e10 -> '4.6e10'."""
+    if abs(v) >= 1e9:
+        mantissa, exponent = f"{v:.2g}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if abs(v) >= size:
+            return f"{v / size:.3g}{unit}"
+    return f"{v:g}"
+
+
+def log_axis(ax, values):
+    """A readable log x axis: ticks at the values themselves when they span less than two decades (the
+    default minor labels would run into each other), else at powers of ten."""
+    import matplotlib.ticker as ticker
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    values = np.unique(np.asarray(values, float))
+    if values.max() / values.min() < 100:
+        ax.xaxis.set_major_locator(ticker.FixedLocator(values))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: short_number(v)))
+    else:
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, numticks=7))
+
+
 def draw_figures(args, per_experiment, jobs):
+    """Per experiment: loss curves, scores, brain maps (the paper's Figures 2-6) and the report's section;
+    then the scaling laws over every finished configuration."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from nilearn import plotting
 
     work = Path(args.work)
     figures = work / "figures"
@@ -309,56 +368,25 @@ def draw_figures(args, per_experiment, jobs):
     subs = subjects(work)
     runs = {name: load_run(work, name, config, subs) for name, (config, _) in jobs.items()}
     report = ["# Scaling experiments", "",
-              f"Brain score: test Pearson r per parcel (06_ridge.py); subjects {', '.join(subs)}.", ""]
+              f"Brain score: test Pearson r per parcel (06_ridge.py), {args.score} over parcels unless said; "
+              f"subjects {', '.join(subs)}; 95% intervals from {args.n_boot} bootstrap resamples of parcels.", ""]
     experiments = DEMO_EXPERIMENTS if args.demo else EXPERIMENTS
     for experiment, rows in per_experiment.items():
-        # --train-frames 0 means every training frame
-        done = [(value if value != 0 else "all", name, runs[name]) for value, _, name, _ in rows
-                if runs[name] is not None]
+        done = [(value, name, runs[name]) for value, _, name, _ in rows if runs[name] is not None]
         knob, _, figure = experiments[experiment]
-        report += [f"## {experiment}: {knob} ({figure})", "", f"Claim tested: {CLAIMS[experiment]}", ""]
+        report += [f"## {experiment}: {knob} ({figure})", "", f"**Claim** (the paper): {CLAIMS[experiment]}", ""]
         if not done:
             report += ["No finished configuration yet.", ""]
             continue
-        # (a) loss curves
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for value, name, run in done:
-            line, = ax.plot(run["log"]["step"], run["log"]["train_loss"], label=f"{knob}={value} train")
-            val = run["log"].dropna(subset=["val_loss"])
-            ax.plot(val["step"], val["val_loss"], "--", color=line.get_color(), label=f"{knob}={value} val")
-        ax.set(xlabel="step", ylabel="cross-entropy", title=f"GPT loss, {experiment} ({figure}a)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(figures / f"{experiment}_loss.png", dpi=120)
-        plt.close(fig)
-        # (b) per-subject bars of max and median r
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        width = 0.8 / len(done)
-        for k, (value, name, run) in enumerate(done):
-            x = np.arange(len(subs)) + k * width
-            axes[0].bar(x, [run["summaries"][s]["r_max"] for s in subs], width, label=f"{knob}={value}")
-            axes[1].bar(x, [run["summaries"][s]["r_median"] for s in subs], width, label=f"{knob}={value}")
-        for ax, title in zip(axes, ("max r over parcels", "median r over parcels")):
-            ax.set_xticks(np.arange(len(subs)) + 0.4 - width / 2, [f"sub-{s}" for s in subs])
-            ax.set(title=f"{title} ({figure}b)", ylabel="Pearson r")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(figures / f"{experiment}_scores.png", dpi=120)
-        plt.close(fig)
-        # (c) brain maps: one row per configuration, one column per subject
-        fig, axes = plt.subplots(len(done), len(subs), figsize=(4 * len(subs), 1.8 * len(done)), squeeze=False)
-        vmax = max(np.nanmax(run["r"]) for _, _, run in done)
-        for k, (value, name, run) in enumerate(done):
-            for j, s in enumerate(subs):
-                plotting.plot_glass_brain(str(work / "results" / name / f"sub-{s}" / "r_map.nii.gz"),
-                                          axes=axes[k, j], display_mode="z", colorbar=False, vmax=vmax,
-                                          plot_abs=False, cmap="cold_hot", title=f"sub-{s} {knob}={value}")
-        fig.savefig(figures / f"{experiment}_maps.png", dpi=100)
-        plt.close(fig)
+        report += [f"**Verdict**: {verdict(experiment, knob, done, args)}", ""]
+        loss_figure(experiment, knob, figure, done, figures / f"{experiment}_loss.png")
+        scores_figure(experiment, knob, figure, done, subs, args, figures / f"{experiment}_scores.png")
+        maps_figure(experiment, knob, figure, done, subs, work, figures / f"{experiment}_maps.png")
         table = ["| " + knob + " | " + " | ".join(f"sub-{s} max r" for s in subs) + " | median r (mean) |",
                  "|" + " --- |" * (len(subs) + 2)]
         for value, name, run in done:
-            table.append(f"| {value} | " + " | ".join(f"{run['summaries'][s]['r_max']:.3f}" for s in subs)
+            table.append(f"| {'all' if value == 0 else value} | "
+                         + " | ".join(f"{run['summaries'][s]['r_max']:.3f}" for s in subs)
                          + f" | {np.mean([run['summaries'][s]['r_median'] for s in subs]):.3f} |")
         report += [f"![]({experiment}_loss.png) ![]({experiment}_scores.png)", "", *table, "",
                    f"![]({experiment}_maps.png)", ""]
@@ -370,6 +398,129 @@ def draw_figures(args, per_experiment, jobs):
         report += scaling_section(args, per_experiment, finished_runs, figures)
     (figures / "report.md").write_text("\n".join(report) + "\n")
     print(f"07_sweep: figures and report in {figures}")
+
+
+def verdict(experiment, knob, done, args):
+    """One sentence: is the paper's claim supported on this data, from the numbers and their intervals."""
+    if len(done) < 2:
+        return "none yet: fewer than 2 finished configurations."
+    r = np.stack([run["r"] for _, _, run in done])                                       # (K, S, P)
+    if experiment == "precision":
+        (ref_value, _, ref), (value, _, other) = done[0], done[1]
+        difference = brain_score(other["r"], args.score) - brain_score(ref["r"], args.score)
+        rng = np.random.default_rng(0)
+        samples = [brain_score(other["r"][:, idx], args.score) - brain_score(ref["r"][:, idx], args.score)
+                   for idx in (rng.integers(0, r.shape[-1], r.shape[-1]) for _ in range(args.n_boot))]
+        lo, hi = np.percentile(samples, [2.5, 97.5])
+        speedup = ref["wall_s"] / other["wall_s"]
+        unhurt = lo <= 0 <= hi or lo > 0
+        supported = speedup > 1 and unhurt
+        return (f"{'supported' if supported else 'not supported'} on this data: {value} trained {speedup:.2f}x as "
+                f"fast as {ref_value}, and its {args.score} r differs by {difference:+.3f} (95% CI [{lo:+.3f}, "
+                f"{hi:+.3f}]{', which includes 0' if lo <= 0 <= hi else ''}).")
+    x = np.array([knob_value(value, run) for value, _, run in done], float)
+    est, lo, hi = bootstrap_fits(x, r, args.score, args.n_boot)["log_linear"]["b"]
+    trend = (f"the {args.score} r changes by {est:+.3f} per tenfold {SCALE_KNOBS[knob]} (95% CI [{lo:+.3f}, "
+             f"{hi:+.3f}], {len(done)} configurations)")
+    if experiment in ("data", "hidden"):          # the claim: more improves encoding
+        return f"{'supported' if lo > 0 else 'not supported'} on this data: {trend}."
+    if experiment == "layers":                    # the claim: more layers do not reliably improve it
+        return f"{'not supported' if lo > 0 else 'supported'} on this data: {trend}."
+    # heads: a modest effect, i.e. none that the data can tell from zero
+    return f"{'supported' if lo <= 0 <= hi else 'not supported'} on this data: {trend}."
+
+
+def loss_figure(experiment, knob, figure, done, path):
+    """(a) of the paper's figure: training (solid) and validation (dashed) cross-entropy per configuration."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for value, name, run in done:
+        line, = ax.plot(run["log"]["step"], run["log"]["train_loss"], label=f"{knob} = {'all' if value == 0 else value}")
+        val = run["log"].dropna(subset=["val_loss"])
+        ax.plot(val["step"], val["val_loss"], "--o", markersize=3, color=line.get_color())
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats per code)",
+           title=f"GPT loss, {experiment} ({figure}a): train solid, validation dashed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def scores_figure(experiment, knob, figure, done, subs, args, path):
+    """(b): max and median r per subject with 95% bootstrap intervals over parcels and the permutation
+    null's 95% level (dotted); lines over the scale when the knob is one, bars otherwise."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, kind in zip(axes, ("max", "median")):
+        for j, s in enumerate(subs):
+            color = colors[j % len(colors)]
+            scores = np.array([score_interval(run["r"][j], kind, args.n_boot) for _, _, run in done])   # (K, 3)
+            nulls = [(run["summaries"][s].get("null") or {}).get(f"{kind}_r_95") for _, _, run in done]
+            if knob in SCALE_KNOBS:
+                x = np.array([knob_value(value, run) for value, _, run in done], float)
+                ax.errorbar(x, scores[:, 0], yerr=[scores[:, 0] - scores[:, 1], scores[:, 2] - scores[:, 0]],
+                            fmt="-o", color=color, capsize=3, label=f"sub-{s}")
+                if all(n is not None for n in nulls):
+                    ax.plot(x, nulls, ":", color=color, label=f"sub-{s} null 95%")
+            else:
+                width = 0.8 / len(subs)
+                x = np.arange(len(done)) + j * width
+                ax.bar(x, scores[:, 0], width, yerr=[scores[:, 0] - scores[:, 1], scores[:, 2] - scores[:, 0]],
+                       color=color, capsize=3, label=f"sub-{s}")
+                for xi, n in zip(x, nulls):
+                    if n is not None:
+                        ax.hlines(n, xi - width / 2, xi + width / 2, colors="k", linestyles=":")
+        if knob in SCALE_KNOBS:
+            log_axis(ax, [knob_value(value, run) for value, _, run in done]) if knob in ("train_frames", "hidden_dim") \
+                else ax.set_xticks([knob_value(value, run) for value, _, run in done])
+            ax.set_xlabel(SCALE_KNOBS[knob])
+        else:
+            ax.set_xticks(np.arange(len(done)) + 0.4 - 0.4 / len(subs), [str(value) for value, _, _ in done])
+            ax.set_xlabel(f"{knob} (dotted: the permutation null's 95% level)")
+        ax.set(ylabel=f"{kind} test r over parcels", title=f"{kind} r ({figure}b)")
+        ax.axhline(0, color="0.7", linewidth=0.8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def maps_figure(experiment, knob, figure, done, subs, work, path):
+    """(c): glass brains of test r, one row per configuration, one column per subject, one symmetric colour
+    scale with its colorbar; parcels not significant (FDR, 06) are faded."""
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from nilearn import plotting
+
+    atlas = common.load_nifti(work / "bold" / "atlas.nii.gz")
+    grid = np.asarray(atlas.dataobj)
+    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")["label"]
+    voxels = [grid == int(label) for label in labels]
+    vmax = max(float(np.nanmax(np.abs(run["r"]))) for _, _, run in done) or 1.0
+
+    def image(values):   # per-parcel values (P,) -> a NIfTI image on the atlas grid
+        data = np.zeros(grid.shape, np.float32)
+        for inside, v in zip(voxels, values):
+            data[inside] = v
+        return nib.Nifti1Image(data, atlas.affine)
+
+    fig, axes = plt.subplots(len(done), len(subs), figsize=(3.4 * len(subs) + 0.8, 2.9 * len(done)), squeeze=False)
+    for k, (value, name, run) in enumerate(done):
+        for j, s in enumerate(subs):
+            r = np.nan_to_num(run["r"][j])
+            fade = np.where(run["significant"][j], 1.0, 0.3)
+            plotting.plot_glass_brain(image(r), axes=axes[k, j], display_mode="z", colorbar=False, plot_abs=False,
+                                      vmin=-vmax, vmax=vmax, threshold=0, cmap="cold_hot", transparency=image(fade),
+                                      title=f"sub-{s}, {knob} = {'all' if value == 0 else value}")
+    fig.subplots_adjust(right=1 - 0.8 / fig.get_figwidth())
+    bar = fig.add_axes([1 - 0.65 / fig.get_figwidth(), 0.15, 0.15 / fig.get_figwidth(), 0.7])
+    fig.colorbar(ScalarMappable(Normalize(-vmax, vmax), "cold_hot"), cax=bar, label="test r")
+    fig.suptitle(f"{experiment} ({figure}c): faded parcels are not significant (FDR q < 0.05)", fontsize=10)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def precision_table(done, subs, figures):
@@ -384,7 +535,8 @@ def precision_table(done, subs, figures):
 
 
 def scaling_section(args, per_experiment, runs, figures):
-    """Brain score against compute (every run), data (data experiment) and parameters (hidden experiment)."""
+    """Brain score against compute (every run), data (data experiment) and parameters (hidden experiment),
+    with both laws and their 95% bands where the data determine them (the figure says why not, otherwise)."""
     import matplotlib.pyplot as plt
 
     axes_spec = [("compute", "training compute (FLOPs)", list(runs))]
@@ -393,32 +545,47 @@ def scaling_section(args, per_experiment, runs, figures):
         names = [name for _, _, name, _ in per_experiment.get(experiment, []) if name in runs]
         axes_spec.append((key, label, names))
     fits = {}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (key, label, names) in zip(axes, axes_spec):
         names = [n for n in names if np.isfinite(runs[n][key]) and runs[n][key] > 0]
+        ax.set(xlabel=label, ylabel=f"{args.score} r (mean over subjects)")
         if len(names) < 2:
             ax.set_title(f"{label}: fewer than 2 finished runs")
             continue
         x = np.array([runs[n][key] for n in names], float)
         r = np.stack([runs[n]["r"] for n in names])                                    # (K, S, P)
         fit = bootstrap_fits(x, r, args.score, args.n_boot)
-        fits[key] = {"runs": names, "x": x.tolist(), "score": brain_score(r, args.score).tolist(), **fit}
+        samples = fit.pop("samples")
+        omitted = omitted_fits(x, fit)
+        fits[key] = {"runs": names, "x": x.tolist(), "score": brain_score(r, args.score).tolist(), **fit,
+                     "omitted": omitted}
         grid = np.geomspace(x.min(), x.max(), 100)
         ax.scatter(x, brain_score(r, args.score), color="k", zorder=3)
-        a, b = fit["log_linear"]["a"][0], fit["log_linear"]["b"][0]
-        ax.plot(grid, a + b * np.log10(grid), label=f"r = {a:.3f} + {b:.3f} log10 x")
-        r_inf, c, alpha = (fit["saturating_power"][k][0] for k in ("r_inf", "c", "alpha"))
-        if np.isfinite(r_inf):
-            ax.plot(grid, saturating_power(grid, r_inf, c, alpha), "--", label=f"r_inf = {r_inf:.3f}, alpha = {alpha:.2f}")
-        ax.set(xscale="log", xlabel=label, ylabel=f"{args.score} r (mean over subjects)")
-        ax.legend(fontsize=7)
+        for law, style in (("log_linear", "-"), ("saturating_power", "--")):
+            if law in omitted or not len(samples[law]):
+                continue
+            curve = (lambda p: p[0] + p[1] * np.log10(grid)) if law == "log_linear" else \
+                (lambda p: saturating_power(grid, *p))
+            estimate = [fit[law][name][0] for name in fit[law]]
+            band = np.percentile([curve(p) for p in samples[law]], [2.5, 97.5], axis=0)
+            line, = ax.plot(grid, curve(estimate), style, label=(
+                f"r = {estimate[0]:.3f} + {estimate[1]:.3f} log10 x" if law == "log_linear"
+                else f"r_inf = {estimate[0]:.3f}, alpha = {estimate[2]:.2f}"))
+            ax.fill_between(grid, *band, color=line.get_color(), alpha=0.2)
+        if omitted:
+            ax.text(0.02, 0.02, "not drawn: " + "; ".join(f"{law.replace('_', ' ')} ({why})" for law, why in omitted.items()),
+                    transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
+        log_axis(ax, x)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(figures / "scaling.png", dpi=120)
     plt.close(fig)
     (figures / "scaling.json").write_text(json.dumps(fits, indent=1))
     lines = ["## Scaling laws (beyond the paper)", "", "![](scaling.png)", "",
-             f"Brain score = {args.score} r over parcels, mean over subjects; 95% intervals from "
-             f"{args.n_boot} bootstrap resamples of parcels. Compute = FLOPs of one training sample "
+             f"Brain score = {args.score} r over parcels, mean over subjects; 95% intervals and bands from "
+             f"{args.n_boot} bootstrap resamples of parcels (for the max r they lie at or below the estimate: a "
+             "resample's maximum cannot exceed the observed one). Compute = FLOPs of one training sample "
              "(forward + backward, counted by torch) x samples seen.", "",
              "| x | law | parameter | estimate | 95% interval |", "| --- | --- | --- | --- | --- |"]
     for key, fit in fits.items():
@@ -426,9 +593,9 @@ def scaling_section(args, per_experiment, runs, figures):
             for param, (est, lo, hi) in fit[law].items():
                 stuck = " (on a search bound)" if law == "saturating_power" and param in fit["saturating_power_at_bound"] else ""
                 lines.append(f"| {key} | {law} | {param} | {est:.4g}{stuck} | [{lo:.4g}, {hi:.4g}] |")
-    if any(fit["saturating_power_at_bound"] for fit in fits.values()):
-        lines += ["", "A saturating-law parameter on a bound of its search was not determined by the data "
-                      "(too few configurations, or no curvature): read the log-linear law instead."]
+    for key, fit in fits.items():
+        for law, why in fit["omitted"].items():
+            lines.append(f"- {key}: the {law.replace('_', ' ')} law is not drawn: {why}.")
     return lines + [""]
 
 

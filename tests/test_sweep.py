@@ -1,4 +1,5 @@
 """07_sweep.py and slurm/: the job plan, the scaling-law fits, the SLURM templates."""
+import json
 import os
 import subprocess
 
@@ -123,3 +124,69 @@ def test_gpu_stage_requeues_an_interrupted_run_and_fails_a_failed_one(tmp_path, 
         assert "interrupted at step 7 of 9" in result.stdout and "requeueing job 42" in result.stdout
     else:
         assert result.returncode == 1 and not any("requeue" in line for line in log)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures and report from a synthetic results tree with a clear trend
+# --------------------------------------------------------------------------------------------------
+def synthetic_sweep(work, slope=0.08, seed=0):
+    """The files 02, 04 and 06 leave behind, for every configuration of the demo sweep: 2 subjects, 12
+    parcels of which 4 carry signal; their r grows by `slope` per tenfold hidden size and data."""
+    import nibabel as nib
+    import pandas as pd
+    import common
+
+    rng = np.random.default_rng(seed)
+    subs, n_parcels = ("01", "02"), 12
+    (work / "bold").mkdir(parents=True)
+    pd.DataFrame({"sub": subs}).to_csv(work / "bold/manifest.tsv", sep="\t", index=False)
+    atlas = np.zeros((8, 9, 8), np.int16)
+    atlas[1:7, 1:8, 1:7] = np.resize(np.arange(1, n_parcels + 1), (6, 7, 6))
+    nib.save(nib.Nifti1Image(atlas, np.diag([12.0, 12.0, 12.0, 1.0])), work / "bold/atlas.nii.gz")
+    pd.DataFrame({"column": range(n_parcels), "label": range(1, n_parcels + 1)}).to_csv(
+        work / "bold/labels.tsv", sep="\t", index=False)
+    args = type("Args", (), dict(demo=True, experiments=list(sweep.DEMO_EXPERIMENTS)))()
+    _, jobs = sweep.plan(args)
+    for name, (config, _) in jobs.items():
+        frames = config["train_frames"] or 30000
+        gpt = work / "gpt" / sweep.config_name(config)
+        gpt.mkdir(parents=True, exist_ok=True)
+        steps = np.arange(10, 90, 10)
+        pd.DataFrame({"step": steps, "train_loss": 4 - np.log10(config["hidden_dim"]) * steps / 100,
+                      "val_loss": np.where(steps % 40 == 0, 4.2 - np.log10(config["hidden_dim"]) * steps / 120, np.nan),
+                      "wall_s": steps * (0.5 if config["precision"] == "bf16" else 1.0)}).to_csv(gpt / "log.csv", index=False)
+        common.write_json(gpt / "ckpt.json", {
+            "stage": "04_train_gpt", "settings": {"--batch-size": 16}, "inputs": {}, "step": 80, "complete": True,
+            "n_parameters": 1000 * config["hidden_dim"] ** 2, "train_flops_per_sample": 1e6 * config["hidden_dim"] ** 2,
+            "training_repetitions": [{"frames_used": frames}]})
+        level = slope * (np.log10(config["hidden_dim"]) + np.log10(frames))
+        for j, sub in enumerate(subs):
+            out = work / "results" / name / f"sub-{sub}"
+            out.mkdir(parents=True)
+            r = rng.normal(0, 0.05, n_parcels)
+            r[:4] += level + 0.05 * j                               # the parcels with signal
+            significant = r > 0.15
+            np.save(out / "r.npy", r.astype(np.float32))
+            np.save(out / "significant.npy", significant)
+            common.write_json(out / "summary.json", {"r_max": float(r.max()), "r_median": float(np.median(r)),
+                                                     "null": {"max_r_95": 0.12, "median_r_95": 0.02}})
+    return work
+
+
+def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
+    work = synthetic_sweep(tmp_path)
+    result = run_script("07_sweep.py", "--work", work, "--demo", "--figures-only", "--n-boot", "50")
+    figures = work / "figures"
+    for experiment in sweep.DEMO_EXPERIMENTS:
+        for kind in ("loss", "scores", "maps"):
+            assert (figures / f"{experiment}_{kind}.png").stat().st_size > 10_000, (experiment, kind)
+    report = (figures / "report.md").read_text()
+    sections = report.split("\n## ")
+    hidden = next(s for s in sections if s.startswith("hidden"))
+    assert "**Verdict**: supported on this data: the max r changes by +" in hidden
+    precision = next(s for s in sections if s.startswith("precision"))
+    assert "bf16 trained 2.00x as fast as fp32" in precision
+    fits = json.loads((figures / "scaling.json").read_text())
+    assert fits["params"]["omitted"] == {"saturating_power": "3 configurations for 3 parameters"}
+    assert fits["params"]["log_linear"]["b"][1] > 0           # r grows with the model: the interval excludes 0
+    assert "not drawn" in report and result.returncode == 0
