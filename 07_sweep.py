@@ -173,7 +173,7 @@ def run_jobs(args, jobs):
     for i, (name, (config, layer)) in enumerate(jobs.items(), 1):
         for cmd in commands(args, name, config, layer):
             print(f"[{i}/{len(jobs)}] {name}: python {shlex.join(cmd)}", flush=True)
-            status = subprocess.run([sys.executable, *cmd], cwd=REPO).returncode
+            status = subprocess.run([sys.executable, str(REPO / cmd[0]), *cmd[1:]]).returncode   # paths as given
             if status == common.EXIT_INTERRUPTED:
                 print(f"07_sweep: {cmd[0]} of configuration {name} was interrupted: re-run to resume", file=sys.stderr)
                 sys.exit(status)
@@ -507,18 +507,23 @@ def maps_figure(experiment, knob, figure, done, subs, work, path):
             data[inside] = v
         return nib.Nifti1Image(data, atlas.affine)
 
-    fig, axes = plt.subplots(len(done), len(subs), figsize=(3.4 * len(subs) + 0.8, 2.9 * len(done)), squeeze=False)
+    width = max(3.4 * len(subs) + 0.8, 6.0)   # room for the title with one subject
+    fig, axes = plt.subplots(len(done), len(subs), figsize=(width, 2.9 * len(done) + 0.4), squeeze=False)
+    tested = all(run["summaries"][s].get("null") for _, _, run in done for s in subs)
     for k, (value, name, run) in enumerate(done):
         for j, s in enumerate(subs):
             r = np.nan_to_num(run["r"][j])
-            fade = np.where(run["significant"][j], 1.0, 0.3)
-            plotting.plot_glass_brain(image(r), axes=axes[k, j], display_mode="z", colorbar=False, plot_abs=False,
-                                      vmin=-vmax, vmax=vmax, threshold=0, cmap="cold_hot", transparency=image(fade),
-                                      title=f"sub-{s}, {knob} = {'all' if value == 0 else value}")
+            shown = run["significant"][j] if tested else np.ones(len(r), bool)
+            display = plotting.plot_glass_brain(None, axes=axes[k, j], display_mode="z", plot_abs=False,
+                                                title=f"sub-{s}, {knob} = {'all' if value == 0 else value}")
+            for values, transparency in ((np.where(shown, 0, r), 0.3), (np.where(shown, r, 0), 1.0)):
+                display.add_overlay(image(values), cmap="cold_hot", vmin=-vmax, vmax=vmax, threshold=1e-6,
+                                    transparency=transparency)
     fig.subplots_adjust(right=1 - 0.8 / fig.get_figwidth())
     bar = fig.add_axes([1 - 0.65 / fig.get_figwidth(), 0.15, 0.15 / fig.get_figwidth(), 0.7])
     fig.colorbar(ScalarMappable(Normalize(-vmax, vmax), "cold_hot"), cax=bar, label="test r")
-    fig.suptitle(f"{experiment} ({figure}c): faded parcels are not significant (FDR q < 0.05)", fontsize=10)
+    fig.suptitle(f"{experiment} ({figure}c): test r; " + ("faded parcels are not significant (FDR q < 0.05)" if tested
+                 else "no significance tested (06 --n-permutations 0)"), fontsize=10)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -550,7 +555,9 @@ def scaling_section(args, per_experiment, runs, figures):
         names = [n for n in names if np.isfinite(runs[n][key]) and runs[n][key] > 0]
         ax.set(xlabel=label, ylabel=f"{args.score} r (mean over subjects)")
         if len(names) < 2:
-            ax.set_title(f"{label}: fewer than 2 finished runs")
+            ax.text(0.5, 0.5, f"{label}:\nfewer than 2 finished configurations", ha="center", va="center",
+                    transform=ax.transAxes)
+            ax.axis("off")
             continue
         x = np.array([runs[n][key] for n in names], float)
         r = np.stack([runs[n]["r"] for n in names])                                    # (K, S, P)
