@@ -103,7 +103,8 @@ def parse_args(argv=None):
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=64,
                        help="samples per optimizer step, over all processes (the authors': 16 per GPU x 4 GPUs)")
-    train.add_argument("--max-steps", type=int, default=200000, help="optimizer steps (cosine period)")
+    train.add_argument("--max-steps", type=int, default=200000,
+                       help="optimizer steps (cosine period); 0 saves the initial weights (the untrained control)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (the authors': 1; 0: none)")
     train.add_argument("--init-from", help="initial weights: a ckpt.pt of this stage or an authors' Lightning .ckpt")
@@ -130,9 +131,11 @@ def parse_args(argv=None):
             args.name += f"-f{args.train_frames}"
         if args.precision != "fp32":
             args.name += f"-{args.precision}"
-    for flag in ("batch_size", "max_steps", "log_every", "val_every", "ckpt_every", "frame_step"):
+    for flag in ("batch_size", "log_every", "val_every", "ckpt_every", "frame_step"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.max_steps < 0:
+        raise InputError(f"--max-steps {args.max_steps}: must not be negative (0: the untrained model, a control)")
     if args.train_frames < 0 or args.val_reps < 0:
         raise InputError("--train-frames and --val-reps must not be negative")
     return args
@@ -232,6 +235,8 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provena
                 log_interval={"loss_sum": interval_loss.item(), "steps": interval_steps},
                 wall_s=wall_before + time.perf_counter() - run_start))
 
+    if args.max_steps == 0:   # the untrained control: its initial weights are the result
+        save(0)
     # --- loop; the bar is closed however it ends, so that an error message stays the last line printed
     with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="04 gpt") as progress:
         interval_start = time.perf_counter()

@@ -6,6 +6,8 @@
     python 05_extract.py --work work --ckpt authors_gpt.ckpt --name authors \\
         --layer attn_stack.attn_nets.4.post_fc_dp attn_stack.attn_nets.4.fc_block.0 --pool space
     python 05_extract.py --work work --ckpt ... --device cpu --batch-size 4         # no GPU (demo)
+    python 05_extract.py --work work --ckpt ... --layer vqvae.codebook --name vqvae   # control: the VQ-VAE alone
+    python 05_extract.py --work work --features lowlevel                             # control: no model at all
     sbatch --gpus-per-node 1 slurm/gpu_stage.sbatch 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt
 
 Every fMRI run of <work>/bold/manifest.tsv gets one feature row per volume, from the activation of one
@@ -22,16 +24,18 @@ Alignment (docs/CONTRACT.md, "Time conventions"; t counts volumes from 0, TR in 
     Its first 16 frames condition the GPT, the last 16 are the target clip it reads (paper 2.3.1.2).
     No haemodynamic delay here: 06 applies it.
 
-Outputs, for each --layer (written atomically; complete runs are skipped unless --overwrite, and
-recomputed when their sidecar names another checkpoint, pooling, dtype or frame step):
+Outputs, for each --layer (written atomically; a run whose record says it was made from the same
+checkpoint, frames and timeline with the same flags is skipped, one made from other inputs is made again):
     <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.npy   float16 (T, D), T = n_volumes of the run;
         D = 147,456 = 4 x 8 x 8 x 576 for attn_stack.attn_nets.4.post_fc_dp of the paper's model
         (activation flattened in C order from its (T', H', W', C) shape); --pool space/time averages
-        the latent space (H', W') or time (T') axes first.
-    <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.json  checkpoint sha256, layer, per-TR
-        activation shape, pooling, alignment, frame step, the repetitions placed on the timeline.
+        the latent space (H', W') or time (T') axes first. vqvae.codebook: the codebook vectors of the
+        window's two clips, (2, D, t, h, w). lowlevel: 32 x 8 x 8 luminances and 8 x 8 motion energies.
+    <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.json  its record: flags, fingerprints of the
+        checkpoint, VQ-VAE and frames, per-TR activation shape, alignment, the repetitions placed.
 """
 import argparse
+import contextlib
 import difflib
 import math
 import os
@@ -41,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
@@ -56,8 +61,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
-    p.add_argument("--ckpt", required=True,
-                   help="GPT checkpoint: ours (<work>/gpt/<name>/ckpt.pt) or the authors' Lightning .ckpt")
+    p.add_argument("--ckpt", help="GPT checkpoint: ours (<work>/gpt/<name>/ckpt.pt) or the authors' Lightning .ckpt")
+    p.add_argument("--features", choices=("model", "lowlevel"), default="model",
+                   help="model: a layer of the GPT (or its VQ-VAE); lowlevel: a control without any model, the "
+                        "window's frames as a grayscale grid and their motion energy (no --ckpt)")
     p.add_argument("--name", default=None,
                    help="features/<name>/ (default: the folder of ckpt.pt, else the checkpoint's file stem)")
     p.add_argument("--layer", nargs="+", default=[PAPER_LAYER],
@@ -125,8 +132,10 @@ def gather_frames(indices, repetitions, frame_shape, open_frames):
 def main(argv=None):
     args = parse_args(argv)
     work = Path(args.work)
-    ckpt = Path(args.ckpt)
-    if not ckpt.is_file():
+    if args.features == "model" and not args.ckpt:
+        raise InputError("--ckpt: required for --features model (the GPT whose layers are read)")
+    ckpt = Path(args.ckpt) if args.ckpt else None
+    if ckpt is not None and not ckpt.is_file():
         raise InputError(f"{ckpt}: checkpoint not found")
     if (args.frame_step is not None and args.frame_step < 1) or args.batch_size < 1:
         raise InputError("--frame-step and --batch-size must be at least 1")
@@ -139,15 +148,19 @@ def main(argv=None):
     precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    name = args.name or (ckpt.parent.name if ckpt.name == "ckpt.pt" else ckpt.name.split(".")[0])
+    name = args.name or ("lowlevel" if ckpt is None else ckpt.parent.name if ckpt.name == "ckpt.pt"
+                         else ckpt.name.split(".")[0])
 
     common.remove_stale_temporaries(work / "features" / name)
-    model, info = load_model(ckpt, args.vqvae, work, device, args.allow_unfinished)
+    if args.features == "lowlevel":
+        model, info = None, lowlevel_info(work)
+    else:
+        model, info = load_model(ckpt, args.vqvae, work, device, args.allow_unfinished)
     frame_step = args.frame_step or info["frame_step"] or 4
     window, frame_shape = info["window"], info["frame_shape"]
 
     # --- --list-layers: every module, with its output for one (black) window --------------------------
-    if args.list_layers:
+    if args.list_layers and model is not None:
         names = [n for n, _ in model.named_modules() if n]
         with LayerRecorder(model, names) as recorder:
             run_model(model, torch.zeros((1, window, *frame_shape), dtype=torch.uint8), device, autocast_dtype)
@@ -163,9 +176,9 @@ def main(argv=None):
     # --- plan: which runs still need features -------------------------------------------------------
     # A run's features are skipped when their record says they were made with these flags from these
     # exact inputs: the checkpoint, its VQ-VAE, the frames of the run's repetitions and its timeline.
-    layers = resolve_layers(model, args.layer, info["n_layers"])
+    layers = ["lowlevel"] if model is None else resolve_layers(model, args.layer, info["n_layers"])
     runs = plan_runs(work, args.subjects, frame_shape, window, frame_step, args.allow_missing)
-    models = common.input_fingerprints(work, [ckpt, info["vqvae_path"]])
+    models = {} if model is None else common.input_fingerprints(work, [ckpt, info["vqvae_path"]])
     todo, records = [], {}
     for run in runs:
         frames = sorted({rep["frames_path"] for rep in run["repetitions"] if rep["frames_path"]})
@@ -193,10 +206,15 @@ def main(argv=None):
     writers = [RunWriter(run, paths, np.dtype(args.dtype)) for run, paths in todo]
     rows_left = [run["n_volumes"] for run, _ in todo]
     try:
-        with LayerRecorder(model, layers) as recorder, \
+        with (LayerRecorder(model, layers) if model is not None else contextlib.nullcontext()) as recorder, \
                 tqdm(total=len(dataset), unit="TR", desc="extract", file=sys.stderr) as bar:
             for clips, run_index, t in loader:                      # clips (B, window, H, W, 3) uint8
-                features = layer_rows(model, clips, recorder, args.pool, info["latent_shape"], device, autocast_dtype)
+                if model is None:                                   # the low-level control: no model
+                    rows = lowlevel_rows(clips.to(device))
+                    features = {"lowlevel": (rows, tuple(rows.shape[1:]))}
+                else:
+                    features = layer_rows(model, clips, recorder, args.pool, info["latent_shape"], device,
+                                          autocast_dtype)
                 for layer, (rows, activation_shape) in features.items():
                     rows = rows.to(getattr(torch, args.dtype)).cpu().numpy()          # (B, D)
                     if not np.isfinite(rows).all():
@@ -211,6 +229,7 @@ def main(argv=None):
                         run = todo[r][0]
                         details = {
                             "checkpoint": str(ckpt), "checkpoint_format": info["format"], "model": info["config"],
+                            "features": args.features,
                             "run": run["stem"], "n_volumes": run["n_volumes"], "tr_s": run["tr_s"],
                             "alignment": (f"row t: {window} frames, every {frame_step}th 60 Hz frame, ending "
                                           f"with frame ceil((t+1) x TR x 60) - 1 of the run's timeline (the last "
@@ -226,6 +245,35 @@ def main(argv=None):
         for writer in writers:
             writer.discard()
     print(f"{STAGE}: wrote {len(todo)} run(s) x {len(layers)} layer(s) under {work / 'features' / name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The low-level vision control (--features lowlevel): what the windows show, without any model
+# --------------------------------------------------------------------------------------------------
+LOWLEVEL_GRID = 8   # the screen as 8 x 8 regions
+
+
+def lowlevel_rows(clips, grid=LOWLEVEL_GRID):
+    """Model-free features of windows uint8 (B, window, H, W, 3): the luminance of every frame on a grid x grid
+    of screen regions (mean gray level in [0, 1]), then the motion energy of each region (mean absolute
+    difference of consecutive frames over the window). Returns float32 (B, window * grid^2 + grid^2)."""
+    gray = clips.float().mean(dim=-1) / 255.0                                    # (B, window, H, W)
+    luminance = F.adaptive_avg_pool2d(gray, grid)                                 # (B, window, grid, grid)
+    motion = F.adaptive_avg_pool2d((gray[:, 1:] - gray[:, :-1]).abs(), grid)      # (B, window - 1, grid, grid)
+    return torch.cat([luminance.flatten(1), motion.mean(dim=1).flatten(1)], dim=1)
+
+
+def lowlevel_info(work):
+    """What the alignment needs without a model: the frames' shape (from the first rendered repetition),
+    the window of the paper's GPT (2 x 16 frames) and its frame step (4: 15 Hz)."""
+    frames_tsv = work / "frames" / "manifest.tsv"
+    manifest = read_tsv(frames_tsv, required=FRAMES_COLUMNS)
+    ok = manifest[manifest["status"] == "ok"]
+    if ok.empty:
+        raise InputError(f"{frames_tsv}: no rendered repetition")
+    shape = common.load_npy(work / str(ok["frames_path"].iloc[0]), advice="re-run 01_render_frames.py").shape
+    return dict(format="none", vqvae_path=None, config={"features": "lowlevel", "grid": LOWLEVEL_GRID}, n_layers=0,
+                latent_shape=None, frame_shape=tuple(shape[1:]), window=2 * 16, frame_step=4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,6 +399,10 @@ class LayerRecorder:
 
     def _hook(self, name):
         def record(module, inputs, output):
+            if isinstance(output, dict) and "embeddings" in output:
+                # the VQ-VAE's codebook returns a dict: its quantised vectors (B, D, t, h, w) are what the
+                # GPT reads (the VQ-VAE-alone control: --layer vqvae.codebook)
+                output = output["embeddings"]
             self.outputs[name].append(output.detach() if torch.is_tensor(output) else output)
         return record
 

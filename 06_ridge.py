@@ -54,6 +54,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
     p.add_argument("--name", required=True, help="feature set: <work>/features/<name>/")
+    p.add_argument("--results-name", default=None,
+                   help="results folder <work>/results/<results-name>/ (default: --name; one per layer when "
+                        "several layers of a feature set are encoded)")
     p.add_argument("--layer", default=None,
                    help=f"feature layer folder (default: {PAPER_LAYER}, or the only layer present)")
     p.add_argument("--subjects", nargs="+", default=None, help="subject labels, e.g. 01 02 (default: all)")
@@ -419,12 +422,12 @@ def main():
         if absent:
             raise InputError(f"{manifest_path}: no runs of sub-{absent[0]}")
         subjects = wanted
-    results_dir = work / "results" / args.name
+    results_dir = work / "results" / (args.results_name or args.name)
     # What a subject's results are made of: these flags, and the exact bytes of every BOLD and feature
     # file of the runs used (fingerprints from 02's and 05's records), the atlas and its labels. Finished
     # subjects made the same way are skipped; a changed input makes them again.
-    settings = common.settings_of(args, {"work", "name", "subjects", "device", "parcel_batch", "overwrite",
-                                         "ground_truth", "layer"}) | {"--layer": layer}
+    settings = common.settings_of(args, {"work", "name", "results_name", "subjects", "device", "parcel_batch",
+                                         "overwrite", "ground_truth", "layer"}) | {"--layer": layer}
     shared = [work / "bold" / "labels.tsv", atlas_path] + ([Path(args.ground_truth)] if args.ground_truth else [])
     fitted = 0
     for sub in subjects:

@@ -31,6 +31,7 @@ verdict computed from the numbers and their intervals, the figures and a table.
 """
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 import common
 from common import DEFAULT_WORK, PAPER_LAYER, InputError, read_tsv, run_main
@@ -67,12 +69,19 @@ DEMO_TRAIN_ARGS = ("--device cpu --cond-dim 24 --max-steps 80 --batch-size 16 --
 DEMO_EXTRACT_ARGS = "--device cpu"
 # ~300 training TRs x a few thousand standardized features need stronger penalties than the paper's grid.
 DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 1e7 1e8 --n-permutations 100"
+# Beyond the paper's sweeps: controls for what the GPT learned, and appendix A's comparison of layers.
+EXTRA_EXPERIMENTS = {"controls": ("control", None, "beyond the paper"),
+                     "appendix": ("module", None, "Figure 7, appendix A")}
 CLAIMS = {
     "data": "Scaling up the training data of VideoGPT improves brain encoding (section 3.1).",
     "hidden": "Scaling up the hidden dimension improves brain encoding (section 3.2).",
     "layers": "More layers do not reliably improve brain encoding (section 3.3).",
     "heads": "The number of attention heads has a modest effect on brain encoding (section 3.4).",
     "precision": "fp16 mixed precision trains faster without hurting brain encoding (section 3.5).",
+    "controls": ("(not the paper's: the paper reports trained models only) The score comes from what the GPT "
+                 "learned: the trained model beats its untrained copy, its VQ-VAE alone and low-level vision."),
+    "appendix": ("Among the modules of block 4, post_fc_dp encodes best (appendix A, Figure 7, Table 4); the "
+                 "paper reads block 4 of 8 as mid-level features."),
 }
 
 
@@ -80,7 +89,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
-    p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
+                   choices=[*EXPERIMENTS, *EXTRA_EXPERIMENTS],
+                   help="the paper's five (default) and, beyond it, controls and appendix (the layers of block 4)")
     p.add_argument("--demo", action="store_true", help="tiny configurations for the demo (CPU)")
     p.add_argument("--dry-run", action="store_true", help="print the jobs (one line per stage) and exit")
     p.add_argument("--jobs-tsv", action="store_true", help="with --dry-run: print name, 04, 05, 06 commands as TSV")
@@ -119,40 +130,89 @@ def feature_layer(config, experiment):
     return PAPER_LAYER
 
 
+def appendix_layers(config):
+    """Appendix A: every module of the block the paper reads (block 4 of 8; the last block of a shallower
+    model), as 05 --list-layers names them, then the output of every block (the depth profile)."""
+    block = int(feature_layer(config, "data").split(".")[2])
+    with torch.device("meta"):   # the module names depend on the depth only
+        model = common.VideoGPT(latent_shape=(4, 8, 8), embedding_dim=6, n_codes=8, hidden_dim=12, heads=2,
+                                layers=config["layers"], cond_dim=12)
+    prefix = f"attn_stack.attn_nets.{block}."
+    modules = [name for name, _ in model.named_modules() if name.startswith(prefix)]
+    return modules + [f"attn_stack.attn_nets.{i}" for i in range(config["layers"])]
+
+
+def job(config, layer, kind="model", features=None, extract_layers=None):
+    """One configuration's jobs: `kind` says which model its features come from (model: the trained GPT;
+    untrained: the same GPT with its initial weights; vqvae: the trained GPT's VQ-VAE alone; lowlevel: no
+    model), `features` names its feature set, `extract_layers` what 05 extracts (several for appendix A)."""
+    model = None if kind == "lowlevel" else config_name(config) + ("-untrained" if kind == "untrained" else "")
+    return dict(config=config, layer=layer, kind=kind, model=model, features=features,
+                extract_layers=extract_layers or [layer])
+
+
 def plan(args):
-    """{experiment: [(value, config, name, layer)]} and the ordered unique jobs {name: (config, layer)}."""
+    """{experiment: [(value, config, name, layer)]} and the ordered unique jobs {name: job(...)}; a job's
+    name is its results folder, results/<name>/."""
     base, experiments = (DEMO_CONFIG, DEMO_EXPERIMENTS) if args.demo else (PAPER_CONFIG, EXPERIMENTS)
     per_experiment, jobs = {}, {}
+
+    def add(rows, value, name, spec):
+        rows.append((value, spec["config"], name, spec["layer"]))
+        jobs.setdefault(name, dict(spec, features=spec["features"] or name))
+
     for experiment in args.experiments:
-        knob, values, _ = experiments[experiment]
         rows = []
-        for value in values:
-            config = dict(base, **{knob: value})
-            layer = feature_layer(config, experiment)
-            name = config_name(config)
-            if layer != feature_layer(config, "data"):
-                name += "-last"  # same model, other layer: a feature set of its own
-            rows.append((value, config, name, layer))
-            jobs.setdefault(name, (config, layer))
+        if experiment == "controls":
+            layer, name = feature_layer(base, "data"), config_name(base)
+            add(rows, "trained", name, job(base, layer))
+            add(rows, "untrained", name + "-untrained", job(base, layer, "untrained"))
+            add(rows, "VQ-VAE alone", name + "-vqvae", job(base, "vqvae.codebook", "vqvae"))
+            add(rows, "low-level", "lowlevel", job(base, "lowlevel", "lowlevel"))
+        elif experiment == "appendix":
+            layers, features = appendix_layers(base), config_name(base) + "-appendix"
+            for layer in layers:
+                add(rows, layer.removeprefix("attn_stack.attn_nets."), f"{features}/{layer}",
+                    job(base, layer, "model", features, layers))
+        else:
+            knob, values, _ = experiments[experiment]
+            for value in values:
+                config = dict(base, **{knob: value})
+                layer = feature_layer(config, experiment)
+                name = config_name(config)
+                if layer != feature_layer(config, "data"):
+                    name += "-last"  # same model, other layer: a feature set of its own
+                add(rows, value, name, job(config, layer))
         per_experiment[experiment] = rows
     return per_experiment, jobs
 
 
-def commands(args, name, config, layer):
-    """The three stage commands of one configuration, as argument lists."""
-    work = args.work
-    model_name = config_name(config)  # the "-last" feature set reuses the trained model
-    train = ["04_train_gpt.py", "--work", work, "--name", model_name, "--hidden-dim", config["hidden_dim"],
-             "--layers", config["layers"], "--heads", config["heads"], "--precision", config["precision"],
-             "--resume"]
-    if config["train_frames"]:
-        train += ["--train-frames", config["train_frames"]]
-    train += shlex.split((DEMO_TRAIN_ARGS + " " if args.demo else "") + args.train_args)
-    extract = ["05_extract.py", "--work", work, "--ckpt", f"{work}/gpt/{model_name}/ckpt.pt", "--name", name,
-               "--layer", layer] + shlex.split((DEMO_EXTRACT_ARGS + " " if args.demo else "") + args.extract_args)
-    ridge = ["06_ridge.py", "--work", work, "--name", name, "--layer", layer] + shlex.split(
-        (DEMO_RIDGE_ARGS + " " if args.demo else "") + args.ridge_args)
-    return [[str(a) for a in cmd] for cmd in (train, extract, ridge)]
+def commands(args, name, spec):
+    """The stage commands of one job, as argument lists: train (04; none for the low-level control),
+    extract (05), encode (06)."""
+    work, config = args.work, spec["config"]
+    demo = lambda flags: shlex.split((flags + " " if args.demo else ""))  # noqa: E731
+    cmds = []
+    if spec["kind"] != "lowlevel":
+        train = ["04_train_gpt.py", "--work", work, "--name", spec["model"], "--hidden-dim", config["hidden_dim"],
+                 "--layers", config["layers"], "--heads", config["heads"], "--precision", config["precision"],
+                 "--resume"]
+        if config["train_frames"]:
+            train += ["--train-frames", config["train_frames"]]
+        train += demo(DEMO_TRAIN_ARGS) + shlex.split(args.train_args)
+        if spec["kind"] == "untrained":
+            train += ["--max-steps", "0"]
+        cmds.append(train)
+        extract = ["05_extract.py", "--work", work, "--ckpt", f"{work}/gpt/{spec['model']}/ckpt.pt",
+                   "--name", spec["features"], "--layer", *spec["extract_layers"]]
+    else:
+        extract = ["05_extract.py", "--work", work, "--features", "lowlevel", "--name", spec["features"]]
+    cmds.append(extract + demo(DEMO_EXTRACT_ARGS) + shlex.split(args.extract_args))
+    ridge = ["06_ridge.py", "--work", work, "--name", spec["features"], "--layer", spec["layer"]]
+    if name != spec["features"]:
+        ridge += ["--results-name", name]
+    cmds.append(ridge + demo(DEMO_RIDGE_ARGS) + shlex.split(args.ridge_args))
+    return [[str(a) for a in cmd] for cmd in cmds]
 
 
 def subjects(work):
@@ -170,8 +230,8 @@ def run_jobs(args, jobs):
         raise InputError(f"{Path(args.work) / 'vqvae' / 'ckpt.pt'}: no VQ-VAE checkpoint (run 03_train_vqvae.py first)")
     # Every stage runs: each one skips what its records say is up to date, so a configuration whose VQ-VAE,
     # frames or flags changed is made again instead of being kept because its results exist.
-    for i, (name, (config, layer)) in enumerate(jobs.items(), 1):
-        for cmd in commands(args, name, config, layer):
+    for i, (name, spec) in enumerate(jobs.items(), 1):
+        for cmd in commands(args, name, spec):
             print(f"[{i}/{len(jobs)}] {name}: python {shlex.join(cmd)}", flush=True)
             status = subprocess.run([sys.executable, str(REPO / cmd[0]), *cmd[1:]]).returncode   # paths as given
             if status == common.EXIT_INTERRUPTED:
@@ -296,27 +356,30 @@ def omitted_fits(x, fit):
 # --------------------------------------------------------------------------------------------------
 # Reading finished runs
 # --------------------------------------------------------------------------------------------------
-def load_run(work, name, config, subs):
-    """What the figures need from one configuration, or None when it has not finished: the training log,
-    per subject the summary, r (P,) and the significance mask (P,), and the model's size and compute (from
-    the checkpoint's record, which 04 writes beside it)."""
+def load_run(work, name, spec, subs):
+    """What the figures need from one job, or None when it has not finished: per subject the summary, r
+    (P,) and the significance mask (P,); and, for jobs with a trained model, its training log, size and
+    compute (from the checkpoint's record, which 04 writes beside it)."""
     work = Path(work)
     if not finished(work, name, subs):
         return None
-    model_name = config_name(config)
-    log = pd.read_csv(work / "gpt" / model_name / "log.csv")
     summaries = {s: json.loads((work / "results" / name / f"sub-{s}" / "summary.json").read_text()) for s in subs}
     r = np.stack([np.load(work / "results" / name / f"sub-{s}" / "r.npy") for s in subs])              # (S, P)
     significant = np.stack([np.load(work / "results" / name / f"sub-{s}" / "significant.npy") for s in subs])
-    record = common.read_record(work / "gpt" / model_name / "ckpt.json")
+    run = {"summaries": summaries, "r": r, "significant": significant, "log": pd.DataFrame(), "params": np.nan,
+           "compute": np.nan, "frames": np.nan, "wall_s": np.nan}
+    if spec["model"] is None:
+        return run
+    model_dir = work / "gpt" / spec["model"]
+    record = common.read_record(model_dir / "ckpt.json")
     if record is None or "n_parameters" not in record:
-        raise InputError(f"{work / 'gpt' / model_name / 'ckpt.json'}: no record of the model's size (a checkpoint "
-                         "of an older 04_train_gpt.py: re-run it with --overwrite)")
-    compute = float(record["train_flops_per_sample"]) * record["settings"]["--batch-size"] * record["step"]
-    frames = config["train_frames"] or sum(r["frames_used"] for r in record["training_repetitions"])
-    return {"log": log, "summaries": summaries, "r": r, "significant": significant, "params": record["n_parameters"],
-            "compute": compute, "frames": frames,
-            "wall_s": float(log["wall_s"].dropna().iloc[-1]) if len(log) else np.nan}
+        raise InputError(f"{model_dir / 'ckpt.json'}: no record of the model's size (a checkpoint of an older "
+                         "04_train_gpt.py: re-run it with --overwrite)")
+    log = pd.read_csv(model_dir / "log.csv")
+    return dict(run, log=log, params=record["n_parameters"],
+                compute=float(record["train_flops_per_sample"]) * record["settings"]["--batch-size"] * record["step"],
+                frames=spec["config"]["train_frames"] or sum(r["frames_used"] for r in record["training_repetitions"]),
+                wall_s=float(log["wall_s"].dropna().iloc[-1]) if len(log) else np.nan)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,36 +429,45 @@ def draw_figures(args, per_experiment, jobs):
     figures = work / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     subs = subjects(work)
-    runs = {name: load_run(work, name, config, subs) for name, (config, _) in jobs.items()}
+    runs = {name: load_run(work, name, spec, subs) for name, spec in jobs.items()}
     report = ["# Scaling experiments", "",
               f"Brain score: test Pearson r per parcel (06_ridge.py), {args.score} over parcels unless said; "
               f"subjects {', '.join(subs)}; 95% intervals from {args.n_boot} bootstrap resamples of parcels.", ""]
-    experiments = DEMO_EXPERIMENTS if args.demo else EXPERIMENTS
+    experiments = {**(DEMO_EXPERIMENTS if args.demo else EXPERIMENTS), **EXTRA_EXPERIMENTS}
     for experiment, rows in per_experiment.items():
         done = [(value, name, runs[name]) for value, _, name, _ in rows if runs[name] is not None]
         knob, _, figure = experiments[experiment]
-        report += [f"## {experiment}: {knob} ({figure})", "", f"**Claim** (the paper): {CLAIMS[experiment]}", ""]
+        source = "the paper" if experiment not in EXTRA_EXPERIMENTS else "tested here"
+        report += [f"## {experiment}: {knob} ({figure})", "", f"**Claim** ({source}): {CLAIMS[experiment]}", ""]
         if not done:
             report += ["No finished configuration yet.", ""]
             continue
         report += [f"**Verdict**: {verdict(experiment, knob, done, args)}", ""]
-        loss_figure(experiment, knob, figure, done, figures / f"{experiment}_loss.png")
+        pictures = []
+        if experiment not in EXTRA_EXPERIMENTS:   # the controls without a model have no training loss
+            loss_figure(experiment, knob, figure, done, figures / f"{experiment}_loss.png")
+            pictures.append(f"{experiment}_loss.png")
         scores_figure(experiment, knob, figure, done, subs, args, figures / f"{experiment}_scores.png")
-        maps_figure(experiment, knob, figure, done, subs, work, figures / f"{experiment}_maps.png")
+        pictures.append(f"{experiment}_scores.png")
         table = ["| " + knob + " | " + " | ".join(f"sub-{s} max r" for s in subs) + " | median r (mean) |",
                  "|" + " --- |" * (len(subs) + 2)]
         for value, name, run in done:
             table.append(f"| {'all' if value == 0 else value} | "
                          + " | ".join(f"{run['summaries'][s]['r_max']:.3f}" for s in subs)
                          + f" | {np.mean([run['summaries'][s]['r_median'] for s in subs]):.3f} |")
-        report += [f"![]({experiment}_loss.png) ![]({experiment}_scores.png)", "", *table, "",
-                   f"![]({experiment}_maps.png)", ""]
+        report += [" ".join(f"![]({p})" for p in pictures), "", *table, ""]
+        if experiment != "appendix":               # one brain per module would be a wall of glass brains
+            maps_figure(experiment, knob, figure, done, subs, work, figures / f"{experiment}_maps.png")
+            report += [f"![]({experiment}_maps.png)", ""]
         if experiment == "precision" and len(done) >= 2:
             report += precision_table(done, subs, figures)
 
-    finished_runs = {name: run for name, run in runs.items() if run is not None}
-    if len(finished_runs) >= 2:
-        report += scaling_section(args, per_experiment, finished_runs, figures)
+    # the scaling laws over the paper's configurations (the controls and modules are not points of a law)
+    paper_runs = {name: runs[name] for experiment, rows in per_experiment.items() if experiment in EXPERIMENTS
+                  for _, _, name, _ in rows if runs[name] is not None}
+    if len(paper_runs) >= 2:
+        report += scaling_section(args, per_experiment, paper_runs, figures)
+        report += scaling_maps(args, per_experiment, paper_runs, work, figures)
     (figures / "report.md").write_text("\n".join(report) + "\n")
     print(f"07_sweep: figures and report in {figures}")
 
@@ -418,6 +490,10 @@ def verdict(experiment, knob, done, args):
         return (f"{'supported' if supported else 'not supported'} on this data: {value} trained {speedup:.2f}x as "
                 f"fast as {ref_value}, and its {args.score} r differs by {difference:+.3f} (95% CI [{lo:+.3f}, "
                 f"{hi:+.3f}]{', which includes 0' if lo <= 0 <= hi else ''}).")
+    if experiment == "controls":
+        return controls_verdict(done, args)
+    if experiment == "appendix":
+        return appendix_verdict(done, args)
     x = np.array([knob_value(value, run) for value, _, run in done], float)
     est, lo, hi = bootstrap_fits(x, r, args.score, args.n_boot)["log_linear"]["b"]
     trend = (f"the {args.score} r changes by {est:+.3f} per tenfold {SCALE_KNOBS[knob]} (95% CI [{lo:+.3f}, "
@@ -428,6 +504,57 @@ def verdict(experiment, knob, done, args):
         return f"{'not supported' if lo > 0 else 'supported'} on this data: {trend}."
     # heads: a modest effect, i.e. none that the data can tell from zero
     return f"{'supported' if lo <= 0 <= hi else 'not supported'} on this data: {trend}."
+
+
+def paired_difference(a, b, kind, n_boot, seed=0):
+    """The brain score of r `a` minus that of `b` (S, P each, mean over subjects) and its 95% interval from
+    resampling parcels (the same resample for both: the parcels are paired)."""
+    rng = np.random.default_rng(seed)
+    samples = [brain_score(a[:, idx], kind) - brain_score(b[:, idx], kind)
+               for idx in (rng.integers(0, a.shape[-1], a.shape[-1]) for _ in range(n_boot))]
+    return brain_score(a, kind) - brain_score(b, kind), *np.percentile(samples, [2.5, 97.5])
+
+
+def controls_verdict(done, args):
+    """Which control wins where: the trained model against each control (max and median r, mean over
+    subjects, paired bootstrap intervals), and the best of them per subject."""
+    runs = {value: run for value, _, run in done}
+    if "trained" not in runs:
+        return "none yet: the trained model has not finished."
+    sentences = []
+    for control in (v for v in runs if v != "trained"):
+        parts = []
+        for kind in ("max", "median"):
+            diff, lo, hi = paired_difference(runs["trained"]["r"], runs[control]["r"], kind, args.n_boot)
+            word = "higher" if lo > 0 else "lower" if hi < 0 else "no difference"
+            parts.append(f"{kind} r {diff:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]: {word})")
+        sentences.append(f"against the {control} control, {', '.join(parts)}")
+    best = {s: max(runs, key=lambda v: runs[v]["summaries"][s]["r_max"] or -1) for s in done[0][2]["summaries"]}
+    text = ("the trained model, " + "; ".join(sentences) + ". Best max r: "
+            + ", ".join(f"sub-{s} {v}" for s, v in best.items()) + ".")
+    if args.demo:
+        text += (" On the demo, whose planted signals are the luminance and motion of screen quadrants, the "
+                 "low-level control is expected to be strong: it measures exactly those.")
+    return text
+
+
+def appendix_verdict(done, args):
+    """Appendix A: where the block's output of the MLP branch (post_fc_dp) ranks among its modules."""
+    scores = {value: brain_score(run["r"], args.score) for value, _, run in done}
+    modules = {v: s for v, s in scores.items() if "." in v}     # "4.post_fc_dp"; block outputs are "4"
+    if not modules:
+        return "none yet: no module of the block has finished."
+    ranked = sorted(modules, key=modules.get, reverse=True)
+    paper = next((v for v in ranked if v.endswith(".post_fc_dp")), None)
+    if paper is None:
+        return f"no verdict: post_fc_dp has not finished; best so far {ranked[0]} ({modules[ranked[0]]:.3f})."
+    rank = ranked.index(paper) + 1
+    depth = {v: s for v, s in scores.items() if "." not in v}
+    profile = (f" Block outputs, first to last: {', '.join(f'{s:.3f}' for _, s in sorted(depth.items(), key=lambda i: int(i[0])))}."
+               if depth else "")
+    return (f"{'supported' if rank == 1 else 'not supported'} on this data: post_fc_dp ranks {rank} of "
+            f"{len(ranked)} modules by {args.score} r ({modules[paper]:.3f}; best {ranked[0]}, "
+            f"{modules[ranked[0]]:.3f}).{profile}")
 
 
 def loss_figure(experiment, knob, figure, done, path):
@@ -450,7 +577,9 @@ def scores_figure(experiment, knob, figure, done, subs, args, path):
     """(b): max and median r per subject with 95% bootstrap intervals over parcels and the permutation
     null's 95% level (dotted); lines over the scale when the knob is one, bars otherwise."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    many = len(done) > 6   # the modules of appendix A: one panel above the other, labels turned
+    fig, axes = plt.subplots(2 if many else 1, 1 if many else 2,
+                             figsize=(max(9, 0.4 * len(done) * len(subs) + 2), 9) if many else (11, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, kind in zip(axes, ("max", "median")):
         for j, s in enumerate(subs):
@@ -476,7 +605,8 @@ def scores_figure(experiment, knob, figure, done, subs, args, path):
                 else ax.set_xticks([knob_value(value, run) for value, _, run in done])
             ax.set_xlabel(SCALE_KNOBS[knob])
         else:
-            ax.set_xticks(np.arange(len(done)) + 0.4 - 0.4 / len(subs), [str(value) for value, _, _ in done])
+            ax.set_xticks(np.arange(len(done)) + 0.4 - 0.4 / len(subs), [str(value) for value, _, _ in done],
+                          rotation=60 if many else 0, ha="right" if many else "center")
             ax.set_xlabel(f"{knob} (dotted: the permutation null's 95% level)")
         ax.set(ylabel=f"{kind} test r over parcels", title=f"{kind} r ({figure}b)")
         ax.axhline(0, color="0.7", linewidth=0.8)
@@ -606,14 +736,86 @@ def scaling_section(args, per_experiment, runs, figures):
     return lines + [""]
 
 
+def parcel_slopes(x, r):
+    """Least-squares slope of r against log10 x for every parcel: x (K,), r (K, P) -> (P,)."""
+    lx = np.log10(x) - np.log10(x).mean()                                        # (K,)
+    return lx @ (r - r.mean(axis=0)) / (lx @ lx)
+
+
+def slope_permutation_test(x, r, n_permutations=1000, seed=0):
+    """One-sided p-values (P,) that a parcel's r grows with x more than chance: the configurations' x are
+    permuted (every permutation when K! is small), so the smallest possible p-value is 1 / K!."""
+    from itertools import permutations
+    k = len(x)
+    orders = list(permutations(range(k))) if math.factorial(k) <= n_permutations else \
+        [np.random.default_rng([seed, i]).permutation(k) for i in range(n_permutations)]
+    observed = parcel_slopes(x, r)
+    null = np.stack([parcel_slopes(np.asarray(x)[list(order)], r) for order in orders])   # (n, P)
+    return observed, (1 + (null >= observed).sum(axis=0)) / (1 + len(null))
+
+
+def scaling_maps(args, per_experiment, runs, work, figures):
+    """Where scaling pays (beyond the paper): for the data and hidden experiments, the slope of each
+    parcel's r (mean over subjects) against log10 of training compute (or of the knob, when the compute
+    does not vary), as a NIfTI map and a glass brain; which slopes are significant (permutation of the
+    configurations, Benjamini-Hochberg); and the 10 parcels that gain most, by atlas label."""
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    from nilearn import plotting
+    from scipy.stats import false_discovery_control
+
+    atlas = common.load_nifti(work / "bold" / "atlas.nii.gz")
+    grid = np.asarray(atlas.dataobj)
+    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
+    names = labels["name"].fillna("").tolist() if "name" in labels else [""] * len(labels)
+    lines = ["## Where scaling pays (beyond the paper)", ""]
+    for experiment, key in (("data", "frames"), ("hidden", "params")):
+        names_done = [name for _, _, name, _ in per_experiment.get(experiment, []) if name in runs]
+        if len(names_done) < 3:
+            continue
+        computes = np.array([runs[n]["compute"] for n in names_done])
+        by_compute = np.isfinite(computes).all() and len(np.unique(computes)) == len(computes)
+        x = computes if by_compute else np.array([runs[n][key] for n in names_done], float)
+        what = "training compute" if by_compute else {"frames": "training frames", "params": "parameters"}[key]
+        r = np.stack([np.nan_to_num(runs[n]["r"]).mean(axis=0) for n in names_done])   # (K, P)
+        slopes, p_values = slope_permutation_test(x, r)
+        q_values = false_discovery_control(p_values)
+        significant = q_values < 0.05
+        data = np.zeros(grid.shape, np.float32)
+        for label, slope in zip(labels["label"], slopes):
+            data[grid == int(label)] = slope
+        image = nib.Nifti1Image(data, atlas.affine)
+        image.to_filename(figures / f"{experiment}_slope.nii.gz")
+        fig = plt.figure(figsize=(8, 3.2))
+        vmax = float(np.abs(slopes).max()) or 1.0
+        plotting.plot_glass_brain(image, figure=fig, display_mode="lzr", plot_abs=False, colorbar=True,
+                                  vmin=-vmax, vmax=vmax, threshold=0, cmap="cold_hot",
+                                  title=f"{experiment}: change of r per tenfold {what}")
+        fig.savefig(figures / f"{experiment}_slope.png", dpi=100)
+        plt.close(fig)
+        top = np.argsort(-slopes)[:10]
+        smallest = 1 / math.factorial(len(x)) if math.factorial(len(x)) <= 1000 else 1 / 1001
+        lines += [f"### {experiment}: r against log10 {what} ({len(x)} configurations)", "",
+                  f"![]({experiment}_slope.png) (map: `{experiment}_slope.nii.gz`)", "",
+                  f"{int(significant.sum())} of {len(slopes)} parcels have a slope above chance (one-sided "
+                  f"permutation of the configurations, Benjamini-Hochberg q < 0.05; with {len(x)} configurations "
+                  f"the smallest p-value possible is {smallest:.3g}).", "",
+                  "| parcel (atlas label) | name | slope (r per tenfold) | p | q |", "| --- | --- | --- | --- | --- |"]
+        for j in top:
+            lines.append(f"| {labels['label'].iloc[j]} | {names[j]} | {slopes[j]:+.3f} | {p_values[j]:.3g} | "
+                         f"{q_values[j]:.3g} |")
+        lines.append("")
+    return lines
+
+
 def main():
     args = parse_args()
     per_experiment, jobs = plan(args)
     if args.dry_run:
-        for name, (config, layer) in jobs.items():
-            cmds = commands(args, name, config, layer)
-            if args.jobs_tsv:
-                print("\t".join([name] + [shlex.join(c) for c in cmds]))
+        for name, spec in jobs.items():
+            cmds = commands(args, name, spec)
+            if args.jobs_tsv:   # name, then 04, 05, 06 ("-" for a stage the job does not need)
+                print("\t".join([name] + ["-"] * (3 - len(cmds)) + [shlex.join(c) for c in cmds]))
             else:
                 print(f"# {name}")
                 for cmd in cmds:

@@ -366,6 +366,38 @@ def test_pooling_and_float16_match_the_full_features(extracted, checkpoints):
         np.testing.assert_allclose(pooled, full.mean(axes).reshape(12, -1), rtol=2e-3, atol=2e-3)
 
 
+def test_controls_vqvae_codebook_and_low_level_features(extracted, checkpoints):
+    """The two model-light controls against an independent computation on the convention's windows:
+    the VQ-VAE alone (the codebook vectors of both clips' codes) and the low-level features (the window's
+    luminance on an 8 x 8 grid of screen regions, and each region's mean absolute frame difference)."""
+    work, _ = extracted
+    extract.main(["--work", str(work), "--ckpt", str(checkpoints["ours"]), "--layer", "vqvae.codebook",
+                  "--name", "vqvae", "--dtype", "float32"])
+    extract.main(["--work", str(work), "--features", "lowlevel", "--dtype", "float32"])
+    vqvae = checkpoints["vqvae"]
+    for ses, n_volumes in RUNS.items():
+        stem = f"sub-01/ses-{ses}/sub-01_ses-{ses}_task-airstriker_run-01.npy"
+        # VQ-VAE alone: (T, 2 clips x D x t x h x w), the vectors of the codes of each window's two halves
+        clips = np.stack([window_clip(expected_window(ses, t, WINDOW)) for t in range(n_volumes)])
+        video = torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float() / 255 - 0.5
+        with torch.no_grad():
+            halves = [vqvae.codebook.embeddings[vqvae.encode(video[:, :, i:i + WINDOW // 2])].movedim(-1, 1)
+                      for i in (0, WINDOW // 2)]                                  # 2 x (T, D, t, h, w)
+        expected = torch.stack(halves, dim=1).reshape(n_volumes, -1).numpy()
+        np.testing.assert_allclose(np.load(work / "features/vqvae/vqvae.codebook" / stem), expected, rtol=1e-6)
+        # low level: 32 frames x 64 region luminances, then 64 motion energies
+        windows = np.stack([window_clip(expected_window(ses, t)) for t in range(n_volumes)])   # (T, 32, H, W, 3)
+        gray = windows.mean(-1) / 255                                                        # (T, 32, 16, 16)
+        regions = gray.reshape(n_volumes, 32, 8, 2, 8, 2).mean((3, 5))                        # 2 x 2 pixels each
+        motion = np.abs(np.diff(gray, axis=1)).reshape(n_volumes, 31, 8, 2, 8, 2).mean((3, 5)).mean(1)
+        features = np.load(work / "features/lowlevel/lowlevel" / stem)
+        assert features.shape == (n_volumes, 32 * 64 + 64)
+        np.testing.assert_allclose(features, np.concatenate([regions.reshape(n_volumes, -1),
+                                                             motion.reshape(n_volumes, -1)], 1), atol=1e-6)
+    record = common.read_record(work / "features/lowlevel/lowlevel" / stem.replace(".npy", ".json"))
+    assert record["features"] == "lowlevel" and not any(k.endswith(".pt") for k in record["inputs"])
+
+
 def test_codes_are_computed_in_fp32_whatever_the_precision():
     """04 trains the GPT on codes the VQ-VAE computed in fp32; 05 must read the same codes when the GPT
     runs in reduced precision. Here bf16 autocast of the encoder flips a good share of the codes."""

@@ -69,13 +69,19 @@ def test_every_sweep_configuration_is_a_model_04_accepts(demo):
     """A dry run checks no settings: each planned training command must pass 04's model checks."""
     train_gpt = load_stage("04_train_gpt.py")
     vqvae = type("VQVAE", (), dict(latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024))()
-    args = type("Args", (), dict(experiments=list(sweep.EXPERIMENTS), demo=demo, work="w", train_args="",
-                                 extract_args="", ridge_args=""))()
+    args = type("Args", (), dict(experiments=[*sweep.EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS], demo=demo, work="w",
+                                 train_args="", extract_args="", ridge_args=""))()
     _, jobs = sweep.plan(args)
-    for name, (config, layer) in jobs.items():
-        train_command = sweep.commands(args, name, config, layer)[0]
-        config = train_gpt.model_config(train_gpt.parse_args(train_command[1:]), vqvae)
-        assert int(layer.split(".")[2]) < config["layers"], name
+    for name, spec in jobs.items():
+        cmds = sweep.commands(args, name, spec)
+        if spec["kind"] == "lowlevel":   # no model: 05 and 06 only
+            assert [c[0] for c in cmds] == ["05_extract.py", "06_ridge.py"] and "--ckpt" not in cmds[0]
+            continue
+        config = train_gpt.model_config(train_gpt.parse_args(cmds[0][1:]), vqvae)
+        layer = spec["layer"]
+        if layer.startswith("attn_stack.attn_nets."):
+            assert int(layer.split(".")[2]) < config["layers"], name
+        assert layer in cmds[1][cmds[1].index("--layer") + 1:], name     # 05 extracts what 06 reads
 
 
 def test_slurm_templates_parse_and_submit_chain_dry_run():
@@ -145,21 +151,15 @@ def synthetic_sweep(work, slope=0.08, seed=0):
     nib.save(nib.Nifti1Image(atlas, np.diag([12.0, 12.0, 12.0, 1.0])), work / "bold/atlas.nii.gz")
     pd.DataFrame({"column": range(n_parcels), "label": range(1, n_parcels + 1)}).to_csv(
         work / "bold/labels.tsv", sep="\t", index=False)
-    args = type("Args", (), dict(demo=True, experiments=list(sweep.DEMO_EXPERIMENTS)))()
+    args = type("Args", (), dict(demo=True, experiments=[*sweep.DEMO_EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS]))()
     _, jobs = sweep.plan(args)
-    for name, (config, _) in jobs.items():
+    # the controls fall short of the trained model; in block 1 (the demo's last), post_fc_dp encodes best
+    gains = {"untrained": 0.3, "vqvae": 0.5, "lowlevel": 0.8}
+    for name, spec in jobs.items():
+        config = spec["config"]
         frames = config["train_frames"] or 30000
-        gpt = work / "gpt" / sweep.config_name(config)
-        gpt.mkdir(parents=True, exist_ok=True)
-        steps = np.arange(10, 90, 10)
-        pd.DataFrame({"step": steps, "train_loss": 4 - np.log10(config["hidden_dim"]) * steps / 100,
-                      "val_loss": np.where(steps % 40 == 0, 4.2 - np.log10(config["hidden_dim"]) * steps / 120, np.nan),
-                      "wall_s": steps * (0.5 if config["precision"] == "bf16" else 1.0)}).to_csv(gpt / "log.csv", index=False)
-        common.write_json(gpt / "ckpt.json", {
-            "stage": "04_train_gpt", "settings": {"--batch-size": 16}, "inputs": {}, "step": 80, "complete": True,
-            "n_parameters": 1000 * config["hidden_dim"] ** 2, "train_flops_per_sample": 1e6 * config["hidden_dim"] ** 2,
-            "training_repetitions": [{"frames_used": frames}]})
-        level = slope * (np.log10(config["hidden_dim"]) + np.log10(frames))
+        gain = gains.get(spec["kind"], 1.0) * (1.0 if "appendix" not in name or name.endswith("post_fc_dp") else 0.7)
+        level = gain * slope * (np.log10(config["hidden_dim"]) + np.log10(frames))
         for j, sub in enumerate(subs):
             out = work / "results" / name / f"sub-{sub}"
             out.mkdir(parents=True)
@@ -170,12 +170,25 @@ def synthetic_sweep(work, slope=0.08, seed=0):
             np.save(out / "significant.npy", significant)
             common.write_json(out / "summary.json", {"r_max": float(r.max()), "r_median": float(np.median(r)),
                                                      "null": {"max_r_95": 0.12, "median_r_95": 0.02}})
+        if spec["model"] is None or (work / "gpt" / spec["model"]).exists():
+            continue
+        gpt = work / "gpt" / spec["model"]
+        gpt.mkdir(parents=True)
+        steps = np.arange(10, 90, 10)
+        pd.DataFrame({"step": steps, "train_loss": 4 - np.log10(config["hidden_dim"]) * steps / 100,
+                      "val_loss": np.where(steps % 40 == 0, 4.2 - np.log10(config["hidden_dim"]) * steps / 120, np.nan),
+                      "wall_s": steps * (0.5 if config["precision"] == "bf16" else 1.0)}).to_csv(gpt / "log.csv", index=False)
+        common.write_json(gpt / "ckpt.json", {
+            "stage": "04_train_gpt", "settings": {"--batch-size": 16}, "inputs": {}, "step": 80, "complete": True,
+            "n_parameters": 1000 * config["hidden_dim"] ** 2, "train_flops_per_sample": 1e6 * config["hidden_dim"] ** 2,
+            "training_repetitions": [{"frames_used": frames}]})
     return work
 
 
 def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
     work = synthetic_sweep(tmp_path)
-    result = run_script("07_sweep.py", "--work", work, "--demo", "--figures-only", "--n-boot", "50")
+    result = run_script("07_sweep.py", "--work", work, "--demo", "--figures-only", "--n-boot", "50", "--experiments",
+                        *sweep.DEMO_EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS)
     figures = work / "figures"
     for experiment in sweep.DEMO_EXPERIMENTS:
         for kind in ("loss", "scores", "maps"):
@@ -190,3 +203,12 @@ def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
     assert fits["params"]["omitted"] == {"saturating_power": "3 configurations for 3 parameters"}
     assert fits["params"]["log_linear"]["b"][1] > 0           # r grows with the model: the interval excludes 0
     assert "not drawn" in report and result.returncode == 0
+    controls = next(s for s in sections if s.startswith("controls"))
+    assert "against the untrained control, max r +" in controls and ": higher)" in controls
+    assert (figures / "controls_scores.png").is_file() and (figures / "appendix_scores.png").is_file()
+    appendix = next(s for s in sections if s.startswith("appendix"))
+    assert "**Verdict**: supported on this data: post_fc_dp ranks 1 of" in appendix
+    for experiment in ("data", "hidden"):      # where scaling pays: a map, a glass brain, the top 10 parcels
+        assert (figures / f"{experiment}_slope.nii.gz").is_file() and (figures / f"{experiment}_slope.png").is_file()
+    pays = report[report.index("## Where scaling pays"):]
+    assert "the smallest p-value possible is 0.167" in pays and pays.count("\n| ") >= 2 * 11
