@@ -557,6 +557,11 @@ def appendix_verdict(done, args):
             f"{modules[ranked[0]]:.3f}).{profile}")
 
 
+def panel(figure, letter):
+    """'Figure 3', 'b' -> 'Figure 3b', the paper's panel; other captions are kept as they are."""
+    return f"{figure}{letter}" if figure.startswith("Figure ") and figure[7:].isdigit() else figure
+
+
 def loss_figure(experiment, knob, figure, done, path):
     """(a) of the paper's figure: training (solid) and validation (dashed) cross-entropy per configuration."""
     import matplotlib.pyplot as plt
@@ -566,7 +571,7 @@ def loss_figure(experiment, knob, figure, done, path):
         val = run["log"].dropna(subset=["val_loss"])
         ax.plot(val["step"], val["val_loss"], "--o", markersize=3, color=line.get_color())
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats per code)",
-           title=f"GPT loss, {experiment} ({figure}a): train solid, validation dashed")
+           title=f"GPT loss, {experiment} ({panel(figure, 'a')}): train solid, validation dashed")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -608,7 +613,7 @@ def scores_figure(experiment, knob, figure, done, subs, args, path):
             ax.set_xticks(np.arange(len(done)) + 0.4 - 0.4 / len(subs), [str(value) for value, _, _ in done],
                           rotation=60 if many else 0, ha="right" if many else "center")
             ax.set_xlabel(f"{knob} (dotted: the permutation null's 95% level)")
-        ax.set(ylabel=f"{kind} test r over parcels", title=f"{kind} r ({figure}b)")
+        ax.set(ylabel=f"{kind} test r over parcels", title=f"{kind} r ({panel(figure, 'b')})")
         ax.axhline(0, color="0.7", linewidth=0.8)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -652,7 +657,7 @@ def maps_figure(experiment, knob, figure, done, subs, work, path):
     fig.subplots_adjust(right=1 - 0.8 / fig.get_figwidth())
     bar = fig.add_axes([1 - 0.65 / fig.get_figwidth(), 0.15, 0.15 / fig.get_figwidth(), 0.7])
     fig.colorbar(ScalarMappable(Normalize(-vmax, vmax), "cold_hot"), cax=bar, label="test r")
-    fig.suptitle(f"{experiment} ({figure}c): test r; " + ("faded parcels are not significant (FDR q < 0.05)" if tested
+    fig.suptitle(f"{experiment} ({panel(figure, 'c')}): test r; " + ("faded parcels are not significant (FDR q < 0.05)" if tested
                  else "no significance tested (06 --n-permutations 0)"), fontsize=10)
     fig.savefig(path, dpi=90)
     plt.close(fig)
