@@ -27,7 +27,6 @@ preemption), then exits with status 75; --resume continues it exactly (same clip
 """
 import argparse
 import math
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -124,13 +123,11 @@ def main(argv=None):
         common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and frames); "
                       "--overwrite to train again")
         return
-    if checkpoint is None and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
-        # a run that starts over must not leave the old run's weights behind if it is interrupted at once
-        ckpt_path.unlink()
-        common.record_path(ckpt_path).unlink(missing_ok=True)
 
     ctx = common.setup_distributed(args.device)
     try:
+        if checkpoint is None:
+            common.start_over(ckpt_path, ctx)
         args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
         stopped = train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays,
                         dict(stage=STAGE, settings=settings, inputs=inputs))

@@ -168,10 +168,6 @@ def main(argv=None):
         common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and inputs); "
                       "--overwrite to train again")
         return
-    if checkpoint is None and ckpt_path.exists() and int(os.environ.get("RANK", "0")) == 0:
-        # a run that starts over must not leave the old run's weights behind if it is interrupted at once
-        ckpt_path.unlink()
-        common.record_path(ckpt_path).unlink(missing_ok=True)
     data = dict(vqvae=vqvae, vqvae_sha256=inputs[os.path.relpath(vqvae_path, work)]["sha256"], train_reps=train_reps,
                 val_reps=val_reps, used=used,
                 frames_sha256=[inputs[os.path.relpath(p, work)]["sha256"] for p in frames_paths])
@@ -181,6 +177,8 @@ def main(argv=None):
 
     ctx = common.setup_distributed(args.device)
     try:
+        if checkpoint is None:
+            common.start_over(ckpt_path, ctx)
         args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
         stopped = train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data,
                         dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset))

@@ -605,6 +605,16 @@ def checkpoint_to_resume(ckpt_path, stage, settings, inputs, resume, overwrite):
     return checkpoint, False
 
 
+def start_over(ckpt_path, ctx):
+    """Remove the checkpoint of a run that trains from step 0 (other inputs, or --overwrite), once every
+    rank has decided: interrupted at once, the new run must not leave the old run's weights behind."""
+    if ctx.world_size > 1:
+        dist.barrier()
+    if ctx.is_main:
+        Path(ckpt_path).unlink(missing_ok=True)
+        record_path(ckpt_path).unlink(missing_ok=True)
+
+
 def require_complete(checkpoint, path, producer, allow_flag, allowed=False):
     """Refuse a checkpoint whose training was interrupted (complete False), unless `allowed` (the user
     passed `allow_flag` on purpose). Checkpoints of other origins (the authors') count as complete."""
