@@ -341,12 +341,15 @@ def fingerprint(path, known=None):
     the file still has the size and modification time that record saw. Otherwise it is hashed."""
     path = Path(path)
     stat = path.stat()
+
+    def vouches(candidate):
+        return isinstance(candidate, dict) and "sha256" in candidate and \
+            (candidate.get("size"), candidate.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+
+    if vouches(known):   # the caller's record first: the file's own record is read only when needed
+        return {k: known[k] for k in ("sha256", "size", "mtime_ns")}
     own = (read_record(record_path(path)) or {}).get("output")
-    for candidate in (known, own):
-        if isinstance(candidate, dict) and candidate.get("size") == stat.st_size \
-                and candidate.get("mtime_ns") == stat.st_mtime_ns and "sha256" in candidate:
-            return {k: candidate[k] for k in ("sha256", "size", "mtime_ns")}
-    return hash_file(path)
+    return {k: own[k] for k in ("sha256", "size", "mtime_ns")} if vouches(own) else hash_file(path)
 
 
 def input_fingerprints(work, paths, earlier=None):
@@ -421,9 +424,7 @@ def is_up_to_date(output, record, stage, settings, inputs, overwrite, say=print)
         if not path.is_file():
             say(f"{stage}: {path} is missing: making {output} again")
             return False
-        stat = path.stat()
-        if (recorded.get("size"), recorded.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns) \
-                and hash_file(path)["sha256"] != recorded.get("sha256"):
+        if fingerprint(path, recorded)["sha256"] != recorded.get("sha256"):
             say(f"{stage}: {path} changed since it was made (damaged?): making {output} again")
             return False
     return True
