@@ -121,7 +121,7 @@ def test_a_changed_gpt_flag_is_refused_then_overwrite_remakes_04_05_06(pipeline,
     changed = dict(GPT_ARGS=REDUCED["GPT_ARGS"] + " --lr 1e-3")
     refused = run_all(work, **changed)
     assert refused.returncode == 2
-    assert (f"error: {work / 'gpt/demo/ckpt.pt'}: made with --lr 0.0003, not 0.001: pass the same flags, or "
+    assert (f"error: {work / 'gpt/demo/ckpt.pt'}: made with --lr 0.003, not 0.001: pass the same flags, or "
             "--overwrite to redo it") in refused.stderr
     redone = run_all(work, GPT_ARGS=changed["GPT_ARGS"] + " --overwrite")
     assert redone.returncode == 0, redone.stderr[-3000:]
