@@ -411,7 +411,7 @@ def main():
     unknown = sorted(set(labels) - set(np.unique(common.nifti_data(atlas, atlas_path)).tolist()))
     if unknown:
         raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} listed in bold/labels.tsv")
-    planted_labels = read_planted_labels(args.ground_truth) if args.ground_truth else None
+    planted_labels = common.read_planted_labels(args.ground_truth) if args.ground_truth else None
     layer = find_layer(work / "features" / args.name, args.layer)
     feature_dir = work / "features" / args.name / layer
 
@@ -755,19 +755,6 @@ def plot_subjects(results_dir):
     with atomic_path(results_dir / "r_by_subject.png") as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
-
-
-def read_planted_labels(path):
-    """The atlas labels that carry a planted signal in 00_make_demo.py's ground_truth.json: a set of ints."""
-    path = Path(path)
-    try:
-        planted = json.loads(path.read_text())["planted"]
-        return {int(label) for label in planted}
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise InputError(f"{path}: not a ground truth file (expected JSON with a 'planted' object of atlas "
-                         f"labels, as 00_make_demo.py writes)") from None
 
 
 def planted_recovery(r, significant, labels, planted_labels):

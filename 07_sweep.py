@@ -4,6 +4,7 @@
     python 07_sweep.py --work work --experiments data hidden        # run them (04 -> 05 -> 06 per config)
     python 07_sweep.py --work work --demo                           # tiny configurations, CPU, minutes
     python 07_sweep.py --work work --figures-only                   # figures + report from finished runs
+    python 07_sweep.py --work work --demo --experiments controls appendix   # beyond the paper (see below)
     bash slurm/submit_sweep.sh                                      # one SLURM job chain per configuration
 
 Experiments (paper section 2.4; each varies one knob of the paper configuration, Table 2(b)):
@@ -12,6 +13,10 @@ Experiments (paper section 2.4; each varies one knob of the paper configuration,
     layers     --layers 1, 2, 4, 8, 16; features of the last block     (Figure 4, Table 3)
     heads      --heads 1, 2, 4, 8                                       (Figure 5)
     precision  --precision fp32, fp16: training time and brain score    (Figure 6)
+and beyond the paper:
+    controls   the paper model untrained (04 --max-steps 0), its VQ-VAE alone, low-level vision (no model);
+               on a synthetic dataset (--ground-truth) also compared on its planted parcels
+    appendix   every module of block 4 and every block's output (Figure 7, appendix A)
 A configuration shared by several experiments (the paper model appears in all five) trains once. Its
 name spells it out, e.g. h576-l8-a4-f6M-fp32, and names its folders: gpt/<name>/, features/<name>/,
 results/<name>/. Each stage of a configuration skips what its records vouch for (see the README). The
@@ -105,7 +110,13 @@ def parse_args():
     p.add_argument("--score", choices=("max", "median"), default="max",
                    help="brain score for the scaling laws: max r over parcels (as the paper) or median r")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of parcels")
-    return p.parse_args()
+    p.add_argument("--ground-truth", metavar="JSON", default=None,
+                   help="a synthetic dataset's ground_truth.json: the controls are also compared on its planted "
+                        "parcels (default with --demo: <work>/demo/ground_truth.json)")
+    args = p.parse_args()
+    if args.ground_truth is None and args.demo and (Path(args.work) / "demo" / "ground_truth.json").is_file():
+        args.ground_truth = str(Path(args.work) / "demo" / "ground_truth.json")
+    return args
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,8 +309,8 @@ def saturating_bounds_hit(x, params):
 
 
 def brain_score(r, kind):
-    """(..., S, P) test r of P parcels for S subjects -> (...,): max (or median) over parcels, mean over subjects."""
-    reduce = np.nanmax if kind == "max" else np.nanmedian
+    """(..., S, P) test r of P parcels for S subjects -> (...,): max (median, mean) over parcels, mean over subjects."""
+    reduce = {"max": np.nanmax, "median": np.nanmedian, "mean": np.nanmean}[kind]
     return reduce(r, axis=-1).mean(-1)
 
 
@@ -530,9 +541,31 @@ def controls_verdict(done, args):
     best = {s: max(runs, key=lambda v: runs[v]["summaries"][s]["r_max"] or -1) for s in done[0][2]["summaries"]}
     text = ("the trained model, " + "; ".join(sentences) + ". Best max r: "
             + ", ".join(f"sub-{s} {v}" for s, v in best.items()) + ".")
+    if args.ground_truth:
+        text += " " + planted_comparison(runs, args)
     if args.demo:
         text += (" On the demo, whose planted signals are the luminance and motion of screen quadrants, the "
                  "low-level control is expected to be strong: it measures exactly those.")
+    return text
+
+
+def planted_comparison(runs, args):
+    """The controls on a synthetic dataset's planted parcels only: mean r over them and the subjects, and
+    the trained model minus its untrained copy there (paired bootstrap over the planted parcels)."""
+    planted = common.read_planted_labels(args.ground_truth)
+    labels = read_tsv(Path(args.work) / "bold" / "labels.tsv", required=["label"])["label"].astype(int)
+    columns = np.flatnonzero(labels.isin(planted).to_numpy())               # BOLD columns of planted parcels
+    if len(columns) == 0:
+        raise InputError(f"{args.ground_truth}: none of its planted labels is a parcel of "
+                         f"{Path(args.work) / 'bold' / 'labels.tsv'}")
+    means = ", ".join(f"{v} {brain_score(run['r'][:, columns], 'mean'):.3f}" for v, run in runs.items())
+    text = f"On the {len(columns)} planted parcels of {Path(args.ground_truth).name}, mean r: {means}."
+    if "untrained" in runs:
+        diff, lo, hi = paired_difference(runs["trained"]["r"][:, columns], runs["untrained"]["r"][:, columns],
+                                         "mean", args.n_boot)
+        word = "higher" if lo > 0 else "lower" if hi < 0 else "no difference"
+        text += (f" There, the trained model minus its untrained copy: {diff:+.3f} "
+                 f"(95% CI [{lo:+.3f}, {hi:+.3f}]: {word}).")
     return text
 
 
@@ -653,6 +686,8 @@ def maps_figure(experiment, knob, figure, done, subs, work, path):
             display = plotting.plot_glass_brain(None, axes=axes[k, j], display_mode="z", plot_abs=False,
                                                 title=f"sub-{s}, {knob} = {'all' if value == 0 else value}")
             for values, transparency in ((np.where(shown, 0, r), 0.3), (np.where(shown, r, 0), 1.0)):
+                if not values.any():   # nothing to draw (nilearn would warn "empty mask")
+                    continue
                 display.add_overlay(image(values), cmap="cold_hot", vmin=-vmax, vmax=vmax, threshold=1e-6,
                                     transparency=transparency)
     fig.subplots_adjust(right=1 - 0.8 / fig.get_figwidth())

@@ -408,3 +408,19 @@ def test_activation_checkpointing_changes_nothing_but_memory():
         gpt_stage.gpt_loss(model, codebook, cond, target).backward()
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_untrained_control_is_the_trained_runs_starting_point(work):
+    """--max-steps 0 (07's untrained control) saves the very weights that a run with the same flags starts
+    from, so that trained vs untrained differ by the training alone, not by another draw of the init."""
+    gpt_stage.main(["--work", str(work), *TINY_FLAGS, "--max-steps", "0", "--name", "untrained", "--seed", "3"])
+    untrained = common.load_checkpoint(work / "gpt" / "untrained" / "ckpt.pt")["model"]
+    # one Adam step of 1e-12 moves no weight by more than ~1e-12: this is the trained run's step 0
+    gpt_stage.main(["--work", str(work), *TINY_FLAGS, "--max-steps", "1", "--lr", "1e-12", "--name", "start",
+                    "--seed", "3"])
+    start = common.load_checkpoint(work / "gpt" / "start" / "ckpt.pt")["model"]
+    assert set(untrained) == set(start)
+    assert all(torch.allclose(untrained[k], v, atol=1e-9) for k, v in start.items())
+    gpt_stage.main(["--work", str(work), *TINY_FLAGS, "--max-steps", "0", "--name", "other", "--seed", "4"])
+    other = common.load_checkpoint(work / "gpt" / "other" / "ckpt.pt")["model"]
+    assert not all(torch.equal(untrained[k], v) for k, v in other.items())   # the seed does choose the init

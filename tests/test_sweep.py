@@ -1,6 +1,7 @@
 """07_sweep.py and slurm/: the job plan, the scaling-law fits, the SLURM templates."""
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -151,6 +152,8 @@ def synthetic_sweep(work, slope=0.08, seed=0):
     nib.save(nib.Nifti1Image(atlas, np.diag([12.0, 12.0, 12.0, 1.0])), work / "bold/atlas.nii.gz")
     pd.DataFrame({"column": range(n_parcels), "label": range(1, n_parcels + 1)}).to_csv(
         work / "bold/labels.tsv", sep="\t", index=False)
+    (work / "demo").mkdir()   # as 00_make_demo.py writes it: the parcels with signal are labels 1-4
+    common.write_json(work / "demo/ground_truth.json", {"planted": {str(label): "x" for label in range(1, 5)}})
     args = type("Args", (), dict(demo=True, experiments=[*sweep.DEMO_EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS]))()
     _, jobs = sweep.plan(args)
     # the controls fall short of the trained model; in block 1 (the demo's last), post_fc_dp encodes best
@@ -205,6 +208,12 @@ def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
     assert "not drawn" in report and result.returncode == 0
     controls = next(s for s in sections if s.startswith("controls"))
     assert "against the untrained control, max r +" in controls and ": higher)" in controls
+    # <work>/demo/ground_truth.json, read by default with --demo: the planted parcels alone
+    planted = re.search(r"On the 4 planted parcels of ground_truth.json, mean r: trained (\S+), untrained (\S+),", controls)
+    trained_r, untrained_r = (np.mean([np.load(work / "results" / name / f"sub-{s}/r.npy")[:4] for s in ("01", "02")])
+                              for name in ("h24-l2-a2-fall-fp32", "h24-l2-a2-fall-fp32-untrained"))
+    assert [float(v) for v in planted.groups()] == pytest.approx([trained_r, untrained_r], abs=6e-4)
+    assert "There, the trained model minus its untrained copy: +" in controls and ": higher)." in controls
     assert (figures / "controls_scores.png").is_file() and (figures / "appendix_scores.png").is_file()
     appendix = next(s for s in sections if s.startswith("appendix"))
     assert "**Verdict**: supported on this data: post_fc_dp ranks 1 of" in appendix
