@@ -150,7 +150,8 @@ def train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance)
     model = common.VQVAE(**config, beta=args.beta, ema_decay=args.ema_decay).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS)
+    # fused on CUDA: one kernel for all parameters, and GradScaler's inf check stays on the GPU (no sync)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=device.type == "cuda")
     scaler = common.grad_scaler(device, args.precision)
     start_step = resume(checkpoint, model, optimizer, scaler, ctx)
     raw_model = model

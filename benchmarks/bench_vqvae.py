@@ -60,7 +60,7 @@ def time_steps(config, device, precision, args):
     model = common.VQVAE(**config).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, betas=(0.9, 0.999))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = common.grad_scaler(device, precision)
     step_model = torch.compile(model) if args.compile else model
     shape = (args.batch_size, config["sequence_length"], config["resolution"], config["resolution"], 3)
