@@ -6,8 +6,9 @@
 
 One step = forward, loss, backward and Adam update on random clips, exactly as 03_train_vqvae.py does it
 (EMA codebook included). FLOPs per clip are counted by torch.utils.flop_counter on one step (convolutions,
-matmuls and attention; forward + backward). Reference: the authors' implementation on one H100
-80GB: 28.8 clips/s fp32 (no TF32), 70.5 fp16, 70.4 bf16, 740 GFLOP per clip; target >= 250 clips/s.
+matmuls and attention; forward + backward), less the work on the zeros that the decoder's last layer is
+padded with. Reference: the authors' implementation on one H100 80GB: 28.8 clips/s fp32 (no TF32), 70.5
+fp16, 70.4 bf16, 740 GFLOP per clip; target >= 250 clips/s.
 """
 import argparse
 import sys
@@ -42,16 +43,48 @@ def parse_args():
     return p.parse_args()
 
 
+def useful_flops(model, run):
+    """FLOPs that torch's counter finds in run() (a forward + backward through `model`), less the work on
+    zeros that VideoGPT's SamePadConvTranspose3d pads its input with (its stride-1 axes: the decoder's
+    last layer). The counter charges a transposed convolution for every input element, padding included,
+    which overstates the paper VQ-VAE's step by about a fifth; the padding's share of that layer's forward
+    and backward convolutions (the input volume's) is removed."""
+    shares = {}   # module name -> unpadded / padded input volume
+
+    def record(name):
+        def hook(module, inputs):
+            t, h, w = inputs[0].shape[2:]                           # (B, C, T, H, W)
+            wl, wr, hl, hr, tl, tr = module.pad_input
+            shares[name] = t * h * w / ((t + tl + tr) * (h + hl + hr) * (w + wl + wr))
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
+             if isinstance(module, common.SamePadConvTranspose3d) and module.pad_input is not None]
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    counts = counter.get_flop_counts()                              # {module path: {op: FLOPs}}
+    padding = 0.0
+    for name, share in shares.items():
+        layer = ".".join(filter(None, (type(model).__name__, name, "convt")))   # "VQVAE.decoder.convts.2.convt"
+        padding += sum(counts[layer].values()) * (1 - share)
+    return counter.get_total_flops() - padding
+
+
 def flops_per_clip(config, device, batch_size):
-    """FLOPs of one training step (forward + backward) divided by the batch size, in fp32."""
+    """Useful FLOPs of one training step (forward + backward) divided by the batch size, in fp32."""
     model = common.VQVAE(**config).to(device)
     x = torch.rand(batch_size, 3, config["sequence_length"], config["resolution"], config["resolution"],
                    device=device) - 0.5
-    counter = FlopCounterMode(display=False)
-    with counter:
+
+    def step():
         recon_loss, _, vq_output = model(x)
         (recon_loss + vq_output["commitment_loss"]).backward()
-    return counter.get_total_flops() / batch_size
+    return useful_flops(model, step) / batch_size
 
 
 def time_steps(config, device, precision, args):

@@ -585,3 +585,27 @@ def test_truncated_checkpoint_is_named_by_03_and_04(tmp_path):
     for script, extra in (("03_train_vqvae.py", TINY_FLAGS), ("04_train_gpt.py", ["--device", "cpu"])):
         line = last_error_line(run_script(script, "--work", work, *extra, "--max-steps", "2", check=False))
         assert line.startswith(f"error: {ckpt}: not a readable torch checkpoint ("), script
+
+
+def test_benchmark_counts_no_flops_on_the_decoders_zero_padding():
+    """bench_vqvae's FLOPs: a padded SamePadConvTranspose3d (stride 1 in time, as the decoder's last layer)
+    costs what the same transposed convolution costs on the unpadded input, forward and backward."""
+    bench = load_stage("benchmarks/bench_vqvae.py")
+    from torch.utils.flop_counter import FlopCounterMode
+    layer = common.SamePadConvTranspose3d(6, 3, 4, stride=(1, 2, 2))
+    assert layer.pad_input is not None
+    x = torch.randn(2, 6, 5, 7, 7, requires_grad=True)                     # (B, C, T, H, W)
+
+    def padded_step():
+        layer(x).sum().backward()
+    plain = torch.nn.ConvTranspose3d(6, 3, 4, stride=(1, 2, 2))            # no padding anywhere
+    counter = FlopCounterMode(display=False)
+    with counter:
+        plain(x).sum().backward()
+    # forward 2 x B x C_in x C_out x 4^3 x T x H x W, backward twice that (input and weight gradients)
+    assert counter.get_total_flops() == 3 * 2 * 2 * 6 * 3 * 64 * 5 * 7 * 7
+    assert bench.useful_flops(layer, padded_step) == pytest.approx(counter.get_total_flops(), rel=1e-12)
+    whole = FlopCounterMode(display=False)
+    with whole:
+        padded_step()
+    assert whole.get_total_flops() > 1.5 * counter.get_total_flops()      # what torch's counter alone says
