@@ -18,7 +18,7 @@ A sample (paper 2.3.1.2) is 32 frames at 15 Hz (every --frame-step-th 60 Hz fram
 condition the GPT, which learns to predict the VQ-VAE codes of the last 16. Each repetition is cut into
 consecutive, non-overlapping 16-frame clips (clip j = 60 Hz frames 64j, 64j + 4, ..., 64j + 60) and the
 samples are the pairs (clip j, clip j + 1), as the authors' data module (stride 16) does. The VQ-VAE is
-frozen, so every clip is encoded once, in fp32, into a cache of codes named after the VQ-VAE and the
+frozen, so every clip is encoded once, in exact fp32 (no TF32), into a cache of codes named after the VQ-VAE and the
 frames it encodes; training then reads codes only (the same loss as encoding at every step).
 
 Splits: repetitions with status ok outside --test-sessions (the encoding test set; `--test-sessions`

@@ -325,14 +325,12 @@ def encode_windows(vqvae, clips):
     """VQ-VAE codes of each window's conditioning clip (first half) and target clip (second half):
     (B, t, h, w) long each, from uint8 clips (B, window, H, W, 3).
 
-    Always in fp32, whatever --precision says for the GPT: 04 trained the GPT on codes computed in fp32,
-    and an encoder run in fp16 can pick another code where two are nearly tied. Two encoder calls rather
-    than one of 2B clips, so that a hooked VQ-VAE module sees B samples per call: its features are
-    (B, 2, ...), conditioning clip then target clip."""
+    Always in exact fp32 (VQVAE.encode sees to it), whatever --precision says for the GPT: 04 trained the
+    GPT on codes computed that way. Two encoder calls rather than one of 2B clips, so that a hooked
+    VQ-VAE module sees B samples per call: its features are (B, 2, ...), conditioning clip then target clip."""
     video = common.video_from_uint8(clips)                           # (B, 3, window, H, W) in [-0.5, 0.5]
     half = video.shape[2] // 2
-    with torch.autocast(video.device.type, enabled=False):
-        return vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])
+    return vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])
 
 
 def read_windows(model, clips):

@@ -756,6 +756,22 @@ def grad_scaler(device, precision):
 # checkpoints and the authors' load with strict key matching. Videos are (B, C, T, H, W) floats in
 # [-0.5, 0.5]; latents are (B, embedding_dim, t, h, w) with (t, h, w) = (T, H, W) / downsample.
 # --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def exact_fp32(device_type):
+    """Float32 math without shortcuts inside the block: autocast off, and no TF32 in cuDNN convolutions or
+    CUDA matmuls. The caller's settings come back afterwards."""
+    cudnn = torch.backends.cudnn
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False), cudnn.flags(
+                enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
 def video_from_uint8(frames):
     """uint8 frames (B, T, H, W, 3) -> the VQ-VAE's input video (B, 3, T, H, W), float in [-0.5, 0.5]
     (VideoGPT's scaling), computed where `frames` is: send the uint8 batch to the GPU, 4x smaller."""
@@ -1062,8 +1078,14 @@ class VQVAE(nn.Module):
         return tuple(s // d for s, d in zip(size, self.config["downsample"]))
 
     def encode(self, x, include_embeddings=False):
-        """x (B, 3, T, H, W) -> codes (B, t, h, w) long [, embeddings (B, D, t, h, w)]."""
-        vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
+        """x (B, 3, T, H, W) -> codes (B, t, h, w) long [, embeddings (B, D, t, h, w)].
+
+        Always in full float32, whatever autocast or TF32 setting the caller runs under: 04 trains the GPT
+        on these codes and 05 reads the brain's features from them, and lower precision can pick another
+        code where two are nearly tied (bf16 flipped 15% of a tiny model's codes). PyTorch runs cuDNN
+        convolutions in TF32 by default on Ampere and later, so that is switched off here too."""
+        with exact_fp32(x.device.type):
+            vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
         if include_embeddings:
             return vq_output["encodings"], vq_output["embeddings"]
         return vq_output["encodings"]

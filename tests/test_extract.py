@@ -400,21 +400,36 @@ def test_controls_vqvae_codebook_and_low_level_features(extracted, checkpoints):
 
 def test_codes_are_computed_in_fp32_whatever_the_precision():
     """04 trains the GPT on codes the VQ-VAE computed in fp32; 05 must read the same codes when the GPT
-    runs in reduced precision. Here bf16 autocast of the encoder flips a good share of the codes."""
+    runs in reduced precision. Here bf16 autocast of the encoder flips a good share of the codes, and
+    VQVAE.encode (used by 04's code cache and by 05) is immune to it, and to the caller's TF32 setting."""
     torch.manual_seed(0)
     vqvae = common.VQVAE(**{**TINY_VQVAE, "n_codes": 256}).eval()
     clips = torch.randint(0, 256, (16, WINDOW, RES, RES, 3), dtype=torch.uint8)
     video = clips.permute(0, 4, 1, 2, 3).float() / 255 - 0.5                   # (B, 3, window, H, W)
     half = WINDOW // 2
-    with torch.no_grad():
-        z = vqvae.pre_vq_conv(vqvae.encoder(video[:, :, :half])).movedim(1, -1).reshape(-1, TINY_VQVAE["embedding_dim"])
-        vqvae.codebook.embeddings.copy_(z[torch.randperm(len(z))[:256]])      # codes used, some nearly tied
-        fp32 = [vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])]   # as 04 caches them
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            naive = vqvae.encode(video[:, :, :half])
-            cond, target = extract.encode_windows(vqvae, clips)
+    seen = []   # what the encoder's first layer runs under: (autocast on, cuDNN TF32, matmul TF32)
+    vqvae.encoder.register_forward_pre_hook(lambda module, inputs: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+
+    def unguarded(x):   # the encoder as 03 trains it, without encode()'s precision guard
+        return vqvae.codebook(vqvae.pre_vq_conv(vqvae.encoder(x)))["encodings"]
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True   # as a --tf32 run
+        with torch.no_grad():
+            z = vqvae.pre_vq_conv(vqvae.encoder(video[:, :, :half])).movedim(1, -1).reshape(-1, TINY_VQVAE["embedding_dim"])
+            vqvae.codebook.embeddings.copy_(z[torch.randperm(len(z))[:256]])  # codes used, some nearly tied
+            fp32 = [unguarded(video[:, :, :half]), unguarded(video[:, :, half:])]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                naive = unguarded(video[:, :, :half])
+                seen.clear()
+                cond, target = extract.encode_windows(vqvae, clips)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert (naive != fp32[0]).float().mean() > 0.05          # the hazard is real
     assert torch.equal(cond, fp32[0]) and torch.equal(target, fp32[1])
+    assert seen == [(False, False, False)] * 2                # both clips encoded in exact fp32
 
 
 def test_list_layers(checkpoints, tmp_path):
