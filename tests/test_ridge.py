@@ -143,12 +143,61 @@ def test_circular_shift_null_is_the_shifted_prediction():
     run_of, position_of = np.repeat([0, 1], [8, 12]), np.r_[np.arange(8), np.arange(12)]
     test_rows = np.arange(8, 20)
     prediction_all, y_test = rng.normal(size=(20, 3)), rng.normal(size=(12, 3))
-    exact = ridge.circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, 100, 2, rng)
-    expected = [ridge.pearson_r(y_test, np.roll(prediction_all[8:], -k, axis=0)) for k in range(2, 11)]
-    np.testing.assert_allclose(exact, expected)  # 9 allowed shifts <= 100 permutations: all of them, once
-    sampled = ridge.circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, 5, 2, rng)
+    exact = ridge.circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, 100, rng)
+    expected = [ridge.pearson_r(y_test, np.roll(prediction_all[8:], -k, axis=0)) for k in range(1, 12)]
+    np.testing.assert_allclose(exact, expected)  # 11 shifts besides 0 <= 100 permutations: all of them, once
+    sampled = ridge.circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, 5, rng)
     assert sampled.shape == (5, 3)
-    assert all(np.isclose(row, expected).all(axis=1).any() for row in sampled)
+    assert all(np.isclose(row, [ridge.pearson_r(y_test, y_test)] + expected).all(axis=1).any() for row in sampled)
+
+
+def test_enumerated_null_is_the_whole_group_of_shifts_of_two_runs():
+    """Two test runs of 3 and 4 samples: the null is every pair of shifts but (0, 0), so a p-value is the
+    share of the 12 elements of the group (the observed one included) whose r reaches the observed r."""
+    rng = np.random.default_rng(5)
+    run_of, position_of = np.repeat([0, 1], [3, 4]), np.r_[np.arange(3), np.arange(4)]
+    prediction, y = rng.normal(size=(7, 6)), rng.normal(size=(7, 6))
+    null = ridge.circular_shift_null(y, prediction, run_of, position_of, np.arange(7), 1000, rng)
+    group = [ridge.pearson_r(y, np.r_[np.roll(prediction[:3], -a, axis=0), np.roll(prediction[3:], -b, axis=0)])
+             for a in range(3) for b in range(4)]                     # brute force; (0, 0) first
+    np.testing.assert_allclose(null, group[1:])
+    r = ridge.pearson_r(y, prediction)
+    p, _, _ = ridge.permutation_p_values(r, null, 0.05)
+    np.testing.assert_allclose(p, (np.array(group) >= r - 1e-12).mean(axis=0))
+
+
+def test_circular_shift_p_values_are_calibrated_without_signal():
+    """No signal: BOLD independent of predictions that are as autocorrelated as HRF-smoothed features
+    (AR(1), 0.9), 2 test runs of 77 TRs. A valid test puts 5% of the parcels below p = 0.05. Leaving the
+    small shifts out of the null (a 'minimum shift' of 10 TRs) would put 7.9% there."""
+    rng = np.random.default_rng(0)
+    n_trs, n_parcels = 77, 3000
+    innovations = rng.normal(size=(2, n_trs, n_parcels))
+    prediction = np.zeros_like(innovations)                            # (runs, TRs, parcels)
+    for t in range(n_trs):
+        prediction[:, t] = 0.9 * prediction[:, t - 1] + innovations[:, t] if t else innovations[:, t]
+    prediction = prediction.reshape(-1, n_parcels)
+    y = rng.normal(size=prediction.shape)
+    run_of, position_of = np.repeat([0, 1], n_trs), np.tile(np.arange(n_trs), 2)
+    null = ridge.circular_shift_null(y, prediction, run_of, position_of, np.arange(2 * n_trs), 200,
+                                     np.random.default_rng(1))
+    p, _, _ = ridge.permutation_p_values(ridge.pearson_r(y, prediction), null, 0.05)
+    assert 0.035 < (p < 0.05).mean() < 0.065 and (p < 0.01).mean() < 0.02
+
+
+def test_principal_components_are_those_of_the_centred_training_features():
+    """--pca, also with --no-standardize (features far from zero mean): the projections span what
+    scikit-learn's PCA finds on the training rows, and the test rows use the same axes."""
+    from sklearn.decomposition import PCA
+    rng = np.random.default_rng(6)
+    loadings = rng.normal(size=(3, 40)) * np.array([[6.0], [4.0], [3.0]])      # 3 strong axes
+    X = (rng.normal(size=(200, 3)) @ loadings + rng.normal(size=(200, 40)) + 5.0).astype(np.float32)
+    train, test = ridge.principal_components(X[:150].copy(), X[150:].copy(), 3, "cpu", seed=0)
+    reference = PCA(3).fit(X[:150])
+    for ours, theirs in ((train, reference.transform(X[:150])), (test, reference.transform(X[150:]))):
+        # the same projections up to sign and a constant offset (the intercept's)
+        cosines = np.abs(ridge.pearson_r(ours, theirs))
+        np.testing.assert_allclose(cosines, 1.0, atol=1e-3)
 
 
 def test_permutation_p_values_and_fdr():
@@ -229,7 +278,7 @@ def test_delays_never_cross_run_boundaries(tmp_path):
 
 def test_end_to_end_planted_signal(tmp_path):
     work = make_work(tmp_path, subjects=("01", "02"))
-    result = run_ridge(work, "--n-permutations", 200, "--min-shift", 5)
+    result = run_ridge(work, "--n-permutations", 200)
     assert result.returncode == 0, result.stderr
     for sub in ("01", "02"):
         out = work / "results/demo" / f"sub-{sub}"
@@ -253,7 +302,7 @@ def test_end_to_end_planted_signal(tmp_path):
         assert (out / "r_map.png").stat().st_size > 0
     assert (work / "results/demo/r_by_subject.png").stat().st_size > 0
     # idempotent: a second call skips finished subjects and leaves their files alone
-    flags = ["--n-permutations", 200, "--min-shift", 5]
+    flags = ["--n-permutations", 200]
     before = (work / "results/demo/sub-01/r.npy").stat().st_mtime_ns
     again = run_ridge(work, *flags, "--subjects", "01")
     assert again.returncode == 0 and "done already" in again.stdout
@@ -263,7 +312,7 @@ def test_end_to_end_planted_signal(tmp_path):
     assert summary["inputs"]["features/demo/layer_a/sub-01/ses-005/sub-01_ses-005_task-airstriker_run-02.npy"][
         "sha256"] == common.file_sha256(work / "features/demo/layer_a/sub-01/ses-005/sub-01_ses-005_task-airstriker_run-02.npy")
     # other flags for the same results: refused, naming the flag, nothing touched
-    other = run_ridge(work, "--n-permutations", 200, "--min-shift", 5, "--alphas", 1, 10)
+    other = run_ridge(work, "--n-permutations", 200, "--alphas", 1, 10)
     assert other.returncode == 2 and other.stderr.strip() == (
         f"error: {work / 'results/demo/sub-01/summary.json'}: made with --alphas 0.1 1.0 100.0, not 1.0 10.0: pass "
         "the same flags, or --overwrite to redo it")
@@ -283,7 +332,7 @@ def test_end_to_end_planted_signal(tmp_path):
 def test_random_split_fir_pca_and_run_cv(tmp_path):
     work = make_work(tmp_path)
     result = run_ridge(work, "--split", "random", "--test-size", "0.2", "--delays", 2, 3, 4, "--pca", 20,
-                       "--cv", "runs", "--n-permutations", 50, "--min-shift", 5)
+                       "--cv", "runs", "--n-permutations", 0)
     assert result.returncode == 0, result.stderr
     summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
     n_samples = 10 * (60 - 4)  # every run, samples from TR 4 (largest delay) on
@@ -363,8 +412,9 @@ def corrupt_atlas_garbage(work):
     (corrupt_truncated_features, [], [f"{STEM}.npy: truncated", "re-run 05_extract.py"]),
     (corrupt_atlas_garbage, [], ["bold/atlas.nii.gz: not a readable NIfTI image"]),
     (None, ["--delays", 60], ["run sub-01_ses-001", "60 volumes", "largest delay 60"]),
+    (None, ["--split", "random"], ["--split random: no valid permutation p-values", "--n-permutations 0"]),
 ], ids=["length-mismatch", "nan-features", "inf-bold", "partial-nan-bold", "label-not-in-atlas", "missing-features",
-        "garbage-bold", "truncated-features", "garbage-atlas", "fewer-samples-than-delays"])
+        "garbage-bold", "truncated-features", "garbage-atlas", "fewer-samples-than-delays", "random-split-p-values"])
 def test_bad_input_clear_error(tmp_path, corrupt, flags, expected):
     work = make_work(tmp_path)
     if corrupt:
@@ -421,7 +471,7 @@ def test_script_equals_scikit_learn_on_the_delayed_features(tmp_path, standardiz
 
 def test_significant_parcels_on_the_edge_of_the_grid_are_reported(tmp_path):
     work = make_work(tmp_path)
-    result = run_ridge(work, "--alphas", "1e-3", "1e-2", "--n-permutations", 200, "--min-shift", 5)
+    result = run_ridge(work, "--alphas", "1e-3", "1e-2", "--n-permutations", 200)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "06_ridge: warning: sub-01: 3 significant parcel(s) chose alpha 0.01, the edge of the grid: add larger --alphas")
@@ -433,7 +483,7 @@ def test_constant_features_give_nan_r_and_say_so(tmp_path):
     work = make_work(tmp_path)
     for path in (work / "features/demo/layer_a").rglob("*.npy"):
         np.save(path, np.full((60, N_FEATURES), 0.5, np.float16))   # e.g. every window black
-    result = run_ridge(work, "--n-permutations", 20, "--min-shift", 5)
+    result = run_ridge(work, "--n-permutations", 20)
     assert result.returncode == 0, result.stderr
     assert "all 8 features are constant over the training samples: no prediction is possible, r is NaN" in result.stderr
     assert "edge of the grid" not in result.stderr   # no advice about alphas: they are not the problem
@@ -488,7 +538,7 @@ def test_demo_planted_parcels_beat_noise_parcels(demo_work, tmp_path):
         out.mkdir(parents=True, exist_ok=True)
         np.save(out / f"{stem}.npy", pd.read_csv(signals, sep="\t").to_numpy(np.float32))
     result = subprocess.run([sys.executable, "06_ridge.py", "--work", str(tmp_path), "--name", "truth",
-                             "--delays", "0", "--min-shift", "3", "--ground-truth", str(demo_work / "demo/ground_truth.json")],
+                             "--delays", "0", "--ground-truth", str(demo_work / "demo/ground_truth.json")],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     labels = pd.read_csv(tmp_path / "bold/labels.tsv", sep="\t")["label"].to_numpy()
@@ -507,7 +557,7 @@ def test_demo_planted_parcels_beat_noise_parcels(demo_work, tmp_path):
 @needs_namespaces
 def test_read_only_work_and_full_disk(tmp_path):
     work = make_work(tmp_path)
-    flags = ["--work", work, "--name", "demo", "--n-permutations", 20, "--min-shift", 5]
+    flags = ["--work", work, "--name", "demo", "--n-permutations", 20]
     result, _ = run_confined("06_ridge.py", *flags, read_only=work)
     assert result.returncode == 2 and result.stderr.strip() == f"error: {work / 'results'}: Read-only file system"
     # room for the small arrays, not for the brain map: the subject is all or nothing
