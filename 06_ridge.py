@@ -402,8 +402,8 @@ def main():
     if args.split == "random" and args.n_permutations > 0:
         # On pure noise with autocorrelated features, the random split gives a median r near 0.8 and a
         # circular-shift null calls every parcel significant: the null cannot model the leak.
-        raise InputError(f"--split random: no valid permutation p-values (its test TRs lie between training "
-                         f"TRs, whose fit leaks into their r): pass --n-permutations 0, or use --split session")
+        raise InputError("--split random: no valid permutation p-values (its test TRs lie between training "
+                         "TRs, whose fit leaks into their r): pass --n-permutations 0, or use --split session")
     manifest_path = work / "bold" / "manifest.tsv"
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: file not found (run 02_prep_fmri.py)")
