@@ -22,7 +22,9 @@ Output (<work>/vqvae/):
 Loss (VideoGPT): MSE(x, x_hat) / 0.06 + beta x commitment (eq. 1); the codebook follows an EMA (eqs. 3-6,
 common.Codebook). Adam(3e-4, betas 0.9/0.999), cosine annealing to 0 over --max-steps (eq. 2; the
 authors' code kept 3e-4 constant: --lr-schedule constant). --batch-size counts the clips of one optimizer
-step over all processes. The run checkpoints every --ckpt-every steps and on SIGTERM/SIGUSR1 (SLURM's
+step over all processes; BatchNorm statistics stay per process (over --batch-size / N clips with N
+processes), as in VideoGPT without Lightning's --sync_batchnorm, so N > 1 is close to, not equal to, one
+process. The run checkpoints every --ckpt-every steps and on SIGTERM/SIGUSR1 (SLURM's
 preemption), then exits with status 75; --resume continues it exactly (same clips, same losses).
 """
 import argparse
