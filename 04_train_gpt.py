@@ -458,9 +458,10 @@ def cached_codes(work, reps, frames_sha256, vqvae, cache_dir, args, ctx):
         relative = Path(str(rep["frames_path"]))
         relative = relative.relative_to("frames") if relative.parts[0] == "frames" else Path(relative.name)
         paths.append((frames_path, cache_dir / relative.with_name(f"{relative.name.split('.')[0]}.{digest[:16]}.npy")))
-    todo = [(f, c) for f, c in paths if not c.is_file()]
-    for frames_path, code_path in tqdm(todo[ctx.rank::ctx.world_size], desc="04 encode clips",
-                                       disable=not ctx.is_main or not todo):
+    # by position in the list, not among the missing files: a rank that looks later, after another has
+    # written some, must not get another share (repetitions would then be encoded by no rank)
+    mine = [(f, c) for i, (f, c) in enumerate(paths) if i % ctx.world_size == ctx.rank and not c.is_file()]
+    for frames_path, code_path in tqdm(mine, desc="04 encode clips", disable=not ctx.is_main or not mine):
         frames = common.load_npy(frames_path, advice="re-render it with 01_render_frames.py")
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (resolution, resolution, 3):
             raise InputError(f"{frames_path}: expected uint8 frames (N, {resolution}, {resolution}, 3) for the "
