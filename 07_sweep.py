@@ -553,8 +553,8 @@ def planted_comparison(runs, args):
     """The controls on a synthetic dataset's planted parcels only: mean r over them and the subjects, and
     the trained model minus its untrained copy there (paired bootstrap over the planted parcels)."""
     planted = common.read_planted_labels(args.ground_truth)
-    labels = read_tsv(Path(args.work) / "bold" / "labels.tsv", required=["label"])["label"].astype(int)
-    columns = np.flatnonzero(labels.isin(planted).to_numpy())               # BOLD columns of planted parcels
+    labels = read_tsv(Path(args.work) / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
+    columns = np.flatnonzero(labels["label"].astype(int).isin(planted).to_numpy())   # BOLD columns of planted parcels
     if len(columns) == 0:
         raise InputError(f"{args.ground_truth}: none of its planted labels is a parcel of "
                          f"{Path(args.work) / 'bold' / 'labels.tsv'}")

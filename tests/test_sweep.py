@@ -150,8 +150,8 @@ def synthetic_sweep(work, slope=0.08, seed=0):
     atlas = np.zeros((8, 9, 8), np.int16)
     atlas[1:7, 1:8, 1:7] = np.resize(np.arange(1, n_parcels + 1), (6, 7, 6))
     nib.save(nib.Nifti1Image(atlas, np.diag([12.0, 12.0, 12.0, 1.0])), work / "bold/atlas.nii.gz")
-    pd.DataFrame({"column": range(n_parcels), "label": range(1, n_parcels + 1)}).to_csv(
-        work / "bold/labels.tsv", sep="\t", index=False)
+    pd.DataFrame({"column": range(n_parcels), "label": range(1, n_parcels + 1)})[::-1].to_csv(
+        work / "bold/labels.tsv", sep="\t", index=False)                 # rows in any order: "column" says which
     (work / "demo").mkdir()   # as 00_make_demo.py writes it: the parcels with signal are labels 1-4
     common.write_json(work / "demo/ground_truth.json", {"planted": {str(label): "x" for label in range(1, 5)}})
     args = type("Args", (), dict(demo=True, experiments=[*sweep.DEMO_EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS]))()
