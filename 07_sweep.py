@@ -351,13 +351,15 @@ def score_interval(r, kind, n_boot=1000, seed=0):
 
 
 def omitted_fits(x, fit):
-    """Why a fitted law is not drawn: {law: reason} for the laws the data do not determine."""
+    """Why a fitted law is not drawn: {law: reason} for the laws the data do not determine. Configurations
+    that share an x (runs of the same compute, say) count once: together they pin a single point."""
     reasons = {}
-    if len(x) < 3:
-        reasons["log_linear"] = f"{len(x)} configurations: a line through 2 points tests nothing"
+    n = len(np.unique(x))
+    if n < 3:
+        reasons["log_linear"] = f"{n} distinct x values: a line through 2 points tests nothing"
     r_inf = fit["saturating_power"]["r_inf"][0]
-    if len(x) < 4:
-        reasons["saturating_power"] = f"{len(x)} configurations for 3 parameters"
+    if n < 4:
+        reasons["saturating_power"] = f"{n} distinct x values for 3 parameters"
     elif not np.isfinite(r_inf):
         reasons["saturating_power"] = "the fit did not converge"
     elif fit["saturating_power_at_bound"]:
@@ -725,9 +727,9 @@ def scaling_section(args, per_experiment, runs, figures):
     for ax, (key, label, names) in zip(axes, axes_spec):
         names = [n for n in names if np.isfinite(runs[n][key]) and runs[n][key] > 0]
         ax.set(xlabel=label, ylabel=f"{args.score} r (mean over subjects)")
-        if len(names) < 2:
-            ax.text(0.5, 0.5, f"{label}:\nfewer than 2 finished configurations", ha="center", va="center",
-                    transform=ax.transAxes)
+        if len({runs[n][key] for n in names}) < 2:   # e.g. every data size trained with the same compute
+            ax.text(0.5, 0.5, f"{label}:\nfewer than 2 finished configurations with distinct values",
+                    ha="center", va="center", transform=ax.transAxes)
             ax.axis("off")
             continue
         x = np.array([runs[n][key] for n in names], float)
@@ -735,8 +737,9 @@ def scaling_section(args, per_experiment, runs, figures):
         fit = bootstrap_fits(x, r, args.score, args.n_boot)
         samples = fit.pop("samples")
         omitted = omitted_fits(x, fit)
-        fits[key] = {"runs": names, "x": x.tolist(), "score": brain_score(r, args.score).tolist(), **fit,
-                     "omitted": omitted}
+        # an undetermined law has no estimate worth keeping: only the reason is stored
+        fits[key] = {"runs": names, "x": x.tolist(), "score": brain_score(r, args.score).tolist(),
+                     **{law: v for law, v in fit.items() if law not in omitted}, "omitted": omitted}
         grid = np.geomspace(x.min(), x.max(), 100)
         ax.scatter(x, brain_score(r, args.score), color="k", zorder=3)
         for law, style in (("log_linear", "-"), ("saturating_power", "--")):
@@ -767,7 +770,7 @@ def scaling_section(args, per_experiment, runs, figures):
              "(forward + backward, counted by torch) x samples seen.", "",
              "| x | law | parameter | estimate | 95% interval |", "| --- | --- | --- | --- | --- |"]
     for key, fit in fits.items():
-        for law in ("log_linear", "saturating_power"):
+        for law in (law for law in ("log_linear", "saturating_power") if law not in fit["omitted"]):
             for param, (est, lo, hi) in fit[law].items():
                 stuck = " (on a search bound)" if law == "saturating_power" and param in fit["saturating_power_at_bound"] else ""
                 lines.append(f"| {key} | {law} | {param} | {est:.4g}{stuck} | [{lo:.4g}, {hi:.4g}] |")
@@ -785,14 +788,18 @@ def parcel_slopes(x, r):
 
 def slope_permutation_test(x, r, n_permutations=1000, seed=0):
     """One-sided p-values (P,) that a parcel's r grows with x more than chance: the configurations' x are
-    permuted (every permutation when K! is small), so the smallest possible p-value is 1 / K!."""
+    permuted. When K! <= n_permutations every permutation is used, the identity included (an exact test:
+    the smallest possible p-value is 1 / K!); otherwise n_permutations random ones, and the observed
+    order is added to them (the smallest p-value is then 1 / (n_permutations + 1))."""
     from itertools import permutations
     k = len(x)
-    orders = list(permutations(range(k))) if math.factorial(k) <= n_permutations else \
-        [np.random.default_rng([seed, i]).permutation(k) for i in range(n_permutations)]
     observed = parcel_slopes(x, r)
-    null = np.stack([parcel_slopes(np.asarray(x)[list(order)], r) for order in orders])   # (n, P)
-    return observed, (1 + (null >= observed).sum(axis=0)) / (1 + len(null))
+    if math.factorial(k) <= n_permutations:
+        null = np.stack([parcel_slopes(np.asarray(x)[list(order)], r) for order in permutations(range(k))])
+        return observed, (null >= observed - 1e-12).mean(axis=0)                 # the identity counts itself
+    orders = [np.random.default_rng([seed, i]).permutation(k) for i in range(n_permutations)]
+    null = np.stack([parcel_slopes(np.asarray(x)[order], r) for order in orders])   # (n, P)
+    return observed, (1 + (null >= observed - 1e-12).sum(axis=0)) / (1 + len(null))
 
 
 def scaling_maps(args, per_experiment, runs, work, figures):

@@ -34,6 +34,32 @@ def test_saturating_fit_reports_parameters_stuck_on_a_bound():
     assert "r_inf" in fits["saturating_power_at_bound"]
 
 
+def test_runs_of_the_same_x_pin_one_point_of_a_law():
+    """Four data sizes trained with the same compute are one point on the compute axis: no law is fitted."""
+    fit = {"saturating_power": {"r_inf": [0.6, 0.5, 0.7]}, "saturating_power_at_bound": []}
+    assert set(sweep.omitted_fits(np.full(4, 7.4e11), fit)) == {"log_linear", "saturating_power"}
+    assert set(sweep.omitted_fits(np.array([1.0, 1.0, 10.0, 100.0, 100.0]), fit)) == {"saturating_power"}
+    assert sweep.omitted_fits(np.geomspace(1, 1e3, 4), fit) == {}
+
+
+def test_slope_permutation_p_values_count_each_ordering_once():
+    """Exact when K! orderings fit the budget: p = the share of orderings whose slope reaches the observed
+    one (the observed ordering among them), so a parcel that rises with x gets 1 / K!, not 2 / (K! + 1)."""
+    from itertools import permutations
+    rng = np.random.default_rng(2)
+    x = np.array([1e3, 1e4, 1e5, 1e6])
+    r = np.c_[[0.1, 0.2, 0.3, 0.4], rng.normal(size=(4, 5))]              # (K, P): parcel 0 rises with x
+    slopes, p = sweep.slope_permutation_test(x, r)
+    lx = np.log10(x)
+    for j in range(r.shape[1]):
+        brute = [np.polyfit(lx[list(order)], r[:, j], 1)[0] for order in permutations(range(4))]
+        assert slopes[j] == pytest.approx(np.polyfit(lx, r[:, j], 1)[0])
+        assert p[j] == pytest.approx(np.mean(np.array(brute) >= slopes[j] - 1e-12))
+    assert p[0] == pytest.approx(1 / 24)
+    _, sampled = sweep.slope_permutation_test(x, r, n_permutations=10)     # 10 < 4!: random orderings
+    assert np.all(sampled >= 1 / 11) and np.all(sampled <= 1)
+
+
 def test_bootstrap_intervals_cover_the_truth_and_shrink_with_more_parcels():
     rng = np.random.default_rng(0)
     x = np.geomspace(1e4, 1e7, 5)
@@ -203,7 +229,8 @@ def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
     precision = next(s for s in sections if s.startswith("precision"))
     assert "bf16 trained 2.00x as fast as fp32" in precision
     fits = json.loads((figures / "scaling.json").read_text())
-    assert fits["params"]["omitted"] == {"saturating_power": "3 configurations for 3 parameters"}
+    assert fits["params"]["omitted"] == {"saturating_power": "3 distinct x values for 3 parameters"}
+    assert "saturating_power" not in fits["params"]                # no estimate kept for an undetermined law
     assert fits["params"]["log_linear"]["b"][1] > 0           # r grows with the model: the interval excludes 0
     assert "not drawn" in report and result.returncode == 0
     controls = next(s for s in sections if s.startswith("controls"))
