@@ -189,7 +189,8 @@ def main(argv=None):
     fmriprep = Path(args.fmriprep) if args.fmriprep else work / "demo/derivatives/fmriprep"
     atlas_path = Path(args.atlas) if args.atlas else work / DEFAULT_ATLAS
     out_dir = work / "bold"
-    overlap = set(args.validation_sessions) & set(args.test_sessions)
+    overlap = ({common.session_label(s) for s in args.validation_sessions}
+               & {common.session_label(s) for s in args.test_sessions})
     if overlap:
         raise InputError(f"--validation-sessions and --test-sessions share session(s) {' '.join(sorted(overlap))}")
     if "compcor" in args.confounds and "high_pass" not in args.confounds:
@@ -247,14 +248,18 @@ def main(argv=None):
                      "settings": settings, "labels": labels, "confounds": confounds, "sample_mask": sample_mask,
                      "tr": trs[run["stem"]], "fwhm": args.fwhm})
 
-    check_settings(out_dir, settings, args.overwrite)  # after every check: --overwrite removes earlier outputs
+    atlas_sha256 = common.file_sha256(atlas_path)
+    check_settings(out_dir, settings, atlas_path, atlas_sha256, args.overwrite)   # after every check:
+    # --overwrite removes earlier outputs
 
     # --- nothing to do: every run is done and listed (a re-run of a finished stage rewrites nothing) ---
     manifest_path = out_dir / "manifest.tsv"
     shared = [out_dir / name for name in ("prep.json", "labels.tsv", "atlas.nii.gz")]
     if not jobs and manifest_path.is_file() and all(path.is_file() for path in shared):
-        listed = set(read_tsv(manifest_path, required=("bold_path",))["bold_path"])
-        if all(str(output_path(work, run).relative_to(work)) in listed for run in runs):
+        listed = read_tsv(manifest_path, required=("bold_path", "ses", "split"))
+        splits_now = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in listed["ses"]]
+        if (all(str(output_path(work, run).relative_to(work)) in set(listed["bold_path"]) for run in runs)
+                and listed["split"].tolist() == splits_now):   # other split flags: the manifest is rewritten
             print(f"02_prep_fmri: all {len(runs)} run(s) done already ({manifest_path}); --overwrite to redo")
             return
 
@@ -262,6 +267,7 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     common.write_json(out_dir / "prep.json", {
         "stage": STAGE, "settings": settings, "fmriprep": str(fmriprep.resolve()), "atlas": str(atlas_path.resolve()),
+        "atlas_sha256": atlas_sha256,
         "confounds": f"nilearn load_confounds(strategy={tuple(args.confounds)}, motion={args.motion!r})",
         "masker": {"strategy": "mean", "standardize": STANDARDIZE, "detrend": False, "smoothing_fwhm": args.fwhm},
         "dropped_volumes": "NaN rows (sample_mask of load_confounds)", "empty_parcels": "0.0 on valid rows",
@@ -315,6 +321,10 @@ def find_runs(fmriprep, space, task, subjects, sessions):
         if task and names.get("task") != task:
             continue
         stem = bold.name.split(f"_space-{space}")[0]  # sub-01_ses-001_task-airstriker_run-01
+        twin = next((r["bold"] for r in runs if r["stem"] == stem), None)
+        if twin is not None:   # e.g. _space-X_desc-preproc_bold and _space-X_res-2_desc-preproc_bold
+            raise InputError(f"{bold}: a second BOLD image of run {stem} (with {twin.name}) matches --space "
+                             f"{space}: pick one resolution, e.g. --space {space}_res-2")
         runs.append({"sub": names.get("sub"), "ses": names.get("ses"), "task": names.get("task"),
                      "run": names.get("run"), "stem": stem, "bold": bold})
     what = f"{pattern}" + (f" with task {task}" if task else "")
@@ -382,8 +392,12 @@ def load_run_confounds(bold_path, n_volumes, strategy, motion):
 
 
 def split_of(ses, validation_sessions, test_sessions):
-    """Paper section 2.1.4: validation = ses-004, test = ses-005, train = the other sessions."""
-    return "validation" if ses in validation_sessions else "test" if ses in test_sessions else "train"
+    """Paper section 2.1.4: validation = ses-004, test = ses-005, train = the other sessions. Labels are
+    compared as 03 and 04 compare them: "5", "005" and "ses-005" are one session."""
+    label = common.session_label(ses)
+    if label in {common.session_label(s) for s in validation_sessions}:
+        return "validation"
+    return "test" if label in {common.session_label(s) for s in test_sessions} else "train"
 
 
 def output_path(work, run):
@@ -426,19 +440,25 @@ def atlas_on_grid(atlas, shape, affine):
 # --------------------------------------------------------------------------------------------------
 # Settings and manifest: outputs made with other flags are never mixed in silently
 # --------------------------------------------------------------------------------------------------
-def check_settings(out_dir, settings, overwrite):
-    """Compare with bold/prep.json, the record of the flags the existing outputs were made with. Other
-    flags: an InputError naming the first, or with --overwrite, remove every earlier run output (a
-    manifest must describe runs made one way)."""
+def check_settings(out_dir, settings, atlas_path, atlas_sha256, overwrite):
+    """Compare with bold/prep.json, the record of the flags and the atlas the existing outputs were made
+    with. Other flags or another atlas: an InputError naming the first difference, or with --overwrite,
+    remove every earlier run output (a manifest must describe runs made one way: column j of every run
+    is the same parcel)."""
     prep_json = out_dir / "prep.json"
     before = common.read_record(prep_json)
     if before is None:
         return
     changed = common.changed_settings(before, settings)
-    if not changed:
+    other_atlas = before.get("atlas_sha256", atlas_sha256) != atlas_sha256   # unrecorded before: not known
+    if not changed and not other_atlas:
         return
     if not overwrite:
-        raise common.flags_differ_error(prep_json, before, settings, changed)
+        if changed:
+            raise common.flags_differ_error(prep_json, before, settings, changed)
+        raise InputError(f"{prep_json}: the runs in {out_dir} were made with another atlas ({before.get('atlas')}), "
+                         f"not {atlas_path}: pass that atlas, or --overwrite to redo every run with this one")
+    changed = changed + (["--atlas"] if other_atlas else [])
     stale = sorted(out_dir.glob("sub-*/ses-*/*.npy")) + sorted(out_dir.glob("sub-*/ses-*/*.json")) \
         + [out_dir / "manifest.tsv"]
     print(f"flags changed ({', '.join(changed)}): removing the earlier outputs in {out_dir}")

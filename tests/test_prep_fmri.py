@@ -281,6 +281,43 @@ def test_rerun_skips_and_other_settings_need_overwrite(tmp_path, capsys):
     assert json.loads((work / "bold/prep.json").read_text())["settings"]["--fwhm"] == 6.0
 
 
+def test_split_flags_are_applied_on_a_rerun_and_labels_compare_as_numbers(tmp_path, capsys):
+    """Other --validation-sessions / --test-sessions on a finished stage rewrite the manifest's split
+    column (nothing else to redo); "2", "002" and "ses-002" name one session, as in 03 and 04."""
+    data = make_dataset(tmp_path / "data")
+    work = tmp_path / "work"
+    prep.main(flags(data, work, "--motion", "basic"))                       # defaults: 004 validation, 005 test
+
+    def splits():
+        return pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)["split"].tolist()
+    assert splits() == ["train", "train"]
+    capsys.readouterr()
+    prep.main(flags(data, work, "--motion", "basic", "--validation-sessions", "1", "--test-sessions", "ses-002"))
+    assert "done already" not in capsys.readouterr().out
+    assert splits() == ["validation", "test"]
+    with pytest.raises(InputError, match="share session"):
+        prep.main(flags(data, work, "--motion", "basic", "--validation-sessions", "2", "--test-sessions", "002"))
+
+
+def test_runs_of_another_atlas_are_not_mixed_into_the_manifest(tmp_path):
+    """A second call with another atlas (same labels, other regions) must not list its runs beside the
+    first call's: column j would be another region in some runs than in others."""
+    data = make_dataset(tmp_path / "data")
+    work = tmp_path / "work"
+    prep.main(flags(data, work, "--motion", "basic", "--sessions", "001"))
+    image = nib.load(data["atlas"])
+    other = tmp_path / "other_atlas.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(), image.affine), other)   # regions swapped
+    args = ["--work", str(work), "--fmriprep", str(data["fmriprep"]), "--atlas", str(other), "--motion", "basic",
+            "--sessions", "002"]
+    with pytest.raises(InputError, match=r"prep\.json: the runs in .* were made with another atlas .*--overwrite"):
+        prep.main(args)
+    assert pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)["ses"].tolist() == ["001"]
+    prep.main(args + ["--overwrite"])                                       # the old runs go, the new one stays
+    assert pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)["ses"].tolist() == ["002"]
+    assert not list((work / "bold/sub-01/ses-001").glob("*.npy"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input: one clear line naming the file
 # --------------------------------------------------------------------------------------------------
@@ -352,6 +389,13 @@ def test_unknown_subject_session_and_no_runs(data, tmp_path):
     expect_error(data, tmp_path, r"fmriprep: --sessions 007 not found \(found: 001, 002\)", "--sessions", "007")
     expect_error(data, tmp_path, r"fmriprep: no runs found .*task shinobi", "--task", "shinobi")
     expect_error(data, tmp_path, r"fmriprep: no runs found .*space-T1w", "--space", "T1w")
+
+
+def test_two_resolutions_of_one_run_are_refused(data, tmp_path):
+    run = data["runs"]["001"]
+    twin = run["bold"].with_name(run["bold"].name.replace("_desc-preproc", "_res-2_desc-preproc"))
+    shutil.copy(run["bold"], twin)
+    expect_error(data, tmp_path / "work", rf"a second BOLD image of run {run['stem']} .*--space {SPACE}_res-2")
 
 
 def test_nan_and_constant_voxels_are_left_out_and_reported(data, tmp_path, capsys):
