@@ -121,9 +121,15 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
     if not usable.any():
         raise InputError(f"{bold_path}: no atlas parcel overlaps the brain data (every voxel inside the atlas "
                          "is constant or NaN): is the atlas in the same space as the BOLD?")
-    if has_nan.any():
-        np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # smoothing would spread NaN
     del voxels
+    # Smoothing would spread NaN, and a 0 in their place would become a spike of minus the baseline once the
+    # voxel is demeaned: a voxel (in a parcel or not) takes its own mean over time where it is not finite.
+    damaged = ~np.isfinite(data).all(axis=3)                                   # (X, Y, Z)
+    if damaged.any():
+        series = data[damaged]                                                  # (n_damaged, T)
+        finite = np.isfinite(series)
+        fill = np.where(finite, series, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)   # 0 if none
+        data[damaged] = np.where(finite, series, fill[:, None])
     # Remove each voxel's mean: every step below is blind to a constant per voxel (the confounds are
     # demeaned, the output z-scored), and float32 keeps 7 digits, which a baseline of ~1000 would
     # otherwise spend before the fluctuations that matter.

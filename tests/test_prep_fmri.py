@@ -419,6 +419,26 @@ def test_nan_and_constant_voxels_are_left_out_and_reported(data, tmp_path, capsy
     assert manifest["empty_parcels"].tolist() == ["12"]
 
 
+def test_a_voxel_with_nan_samples_spreads_no_spike_through_the_smoothing(tmp_path):
+    """A voxel next to a parcel (outside the atlas) with NaN in some volumes: after 8 mm smoothing, the
+    parcels equal those of the same run where that voxel holds its own mean in those volumes."""
+    outputs = []
+    for name in ("nan", "filled"):
+        data = make_dataset(tmp_path / name)
+        run = data["runs"]["001"]
+        image = nib.load(run["bold"])
+        bold = image.get_fdata(dtype=np.float32)
+        voxel = (1, 3, 5)                                                       # label 0, beside label 3's block
+        assert data["on_grid"][voxel] == 0 and data["on_grid"][2, 3, 5] == 3
+        bold[voxel] = 1000 + np.random.default_rng(1).normal(0, 5, bold.shape[3])
+        holes = [4, 11, 20]
+        bold[voxel][holes] = np.nan if name == "nan" else np.nanmean(np.delete(bold[voxel], holes))
+        nib.save(nib.Nifti1Image(bold, image.affine, image.header), run["bold"])
+        prep.main(flags(data, tmp_path / name / "work", "--motion", "basic", "--sessions", "001"))
+        outputs.append(output(tmp_path / name / "work", "001"))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)
+
+
 def test_damaged_images_are_named(data, tmp_path):
     bold = data["runs"]["002"]["bold"]
     content = bold.read_bytes()
