@@ -294,8 +294,9 @@ def repetitions_from_bids(root, subjects):
 
 def resolve_stim_file(stim, root, events_path):
     """stim_file is relative to the dataset root in CNeuroMod; also accept absolute paths and paths
-    relative to the events file. A path that exists nowhere is kept (root-relative) and fails later."""
-    candidates = [Path(stim), root / stim, events_path.parent / stim,
+    relative to the events file, never the current directory (another copy of the dataset may be there).
+    A path that exists nowhere is kept (root-relative) and fails later."""
+    candidates = [root / stim, events_path.parent / stim,             # root / an absolute path = that path
                   events_path.parent.parent / "gamelogs" / Path(stim).name]
     return next((c for c in candidates if c.is_file()), root / stim)
 

@@ -232,3 +232,16 @@ def test_read_only_work_and_full_disk(tmp_path, recording):
     assert left == []                                    # its temporary file does not hold the space
     run_script("01_render_frames.py", "--work", work, "--bk2", bk2, "--resolution", "16")   # with room: done
     assert np.load(npy).shape == (240, 16, 16, 3)
+
+
+def test_stim_file_is_found_under_the_dataset_root_not_the_current_directory(tmp_path, monkeypatch):
+    """Another copy of the dataset in the current directory must not stand in for the one given."""
+    stim = "sub-01/ses-001/gamelogs/x.bk2"
+    root, elsewhere = tmp_path / "dataset", tmp_path / "copy"
+    for base in (root, elsewhere):
+        (base / stim).parent.mkdir(parents=True)
+        (base / stim).write_bytes(b"bk2")
+    events = root / "sub-01/ses-001/func/sub-01_ses-001_task-x_run-01_events.tsv"
+    monkeypatch.chdir(elsewhere)
+    assert render.resolve_stim_file(stim, root, events) == root / stim
+    assert render.resolve_stim_file(str(elsewhere / stim), root, events) == elsewhere / stim   # absolute: as given
