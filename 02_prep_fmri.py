@@ -175,14 +175,16 @@ def process_run(job):
 
 def run_inputs(run, atlas_path):
     """{role: path} of the files one run's output is made from: the BOLD image, its confounds file (the one
-    load_confounds reads), the BIDS sidecar with the TR when it exists, and the atlas."""
+    load_confounds reads) and that file's .json (CompCor's components are listed there), the BIDS sidecar
+    with the TR when it exists, and the atlas."""
     stem = run["bold"].name.split("_space-")[0]
     candidates = [run["bold"].parent / f"{stem}_desc-confounds_{kind}.tsv" for kind in ("timeseries", "regressors")]
-    inputs = {"bold": run["bold"], "confounds": next((c for c in candidates if c.is_file()), candidates[0]),
-              "atlas": atlas_path}
-    sidecar = Path(str(run["bold"]).replace(".nii.gz", ".json"))
-    if sidecar.is_file():
-        inputs["bold_sidecar"] = sidecar
+    confounds = next((c for c in candidates if c.is_file()), candidates[0])
+    inputs = {"bold": run["bold"], "confounds": confounds, "atlas": atlas_path}
+    for role, sidecar in (("confounds_sidecar", confounds.with_suffix(".json")),
+                          ("bold_sidecar", Path(str(run["bold"]).replace(".nii.gz", ".json")))):
+        if sidecar.is_file():
+            inputs[role] = sidecar
     return inputs
 
 

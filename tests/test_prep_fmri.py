@@ -190,7 +190,7 @@ def test_labels_and_atlas_match_the_atlas(synthetic):
     npy = work / f"bold/sub-01/ses-001/{run['stem']}.npy"
     record = json.loads(npy.with_suffix(".json").read_text())
     assert record["stage"] == "02_prep_fmri" and record["settings"] == prep_json["settings"]
-    assert sorted(record["inputs"]) == ["atlas", "bold", "bold_sidecar", "confounds"]
+    assert sorted(record["inputs"]) == ["atlas", "bold", "bold_sidecar", "confounds", "confounds_sidecar"]
     assert record["inputs"]["bold"]["sha256"] == common.file_sha256(run["bold"])
     assert record["output"]["sha256"] == common.file_sha256(npy)
 
@@ -267,6 +267,12 @@ def test_rerun_skips_and_other_settings_need_overwrite(tmp_path, capsys):
     prep.main(flags(data, work, *basic))
     assert "bold changed since" in capsys.readouterr().out
     assert first.stat().st_mtime_ns == stamp and second.stat().st_mtime_ns != second_stamp
+    # the confounds' .json (CompCor's component list) is an input too
+    sidecar = next(data["fmriprep"].rglob("sub-01_ses-001_*desc-confounds_*.json"))
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "edited": True}))
+    prep.main(flags(data, work, *basic))
+    assert "confounds_sidecar changed since" in capsys.readouterr().out and first.stat().st_mtime_ns != stamp
+    stamp = first.stat().st_mtime_ns
     # --overwrite with other settings and a bad input: the error comes before anything is removed
     (confounds,) = [p for p in data["fmriprep"].rglob("*desc-confounds*.tsv") if "ses-002" in p.name]
     confounds.rename(confounds.with_suffix(".hidden"))
