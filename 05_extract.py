@@ -134,6 +134,15 @@ def main(argv=None):
     work = Path(args.work)
     if args.features == "model" and not args.ckpt:
         raise InputError("--ckpt: required for --features model (the GPT whose layers are read)")
+    if args.features == "lowlevel":   # no model: its flags would be ignored, so they are refused or said so
+        given = [flag for flag, used in (("--ckpt", args.ckpt), ("--layer", args.layer != [PAPER_LAYER]),
+                                         ("--list-layers", args.list_layers)) if used]
+        if given:
+            raise InputError(f"{' '.join(given)}: not used by --features lowlevel (a control without a model)")
+        ignored = [flag for flag, used in (("--pool", args.pool != "none"), ("--precision", args.precision != "auto"))
+                   if used]   # a sweep's --extract-args reach every job: a note, not an error, and not recorded
+        if ignored:
+            print(f"{STAGE}: note: {' '.join(ignored)} ignored by --features lowlevel (no model to pool or run)")
     ckpt = Path(args.ckpt) if args.ckpt else None
     if ckpt is not None and not ckpt.is_file():
         raise InputError(f"{ckpt}: checkpoint not found")
@@ -188,7 +197,8 @@ def main(argv=None):
                                                for rep in run["repetitions"]]}}
         paths = {layer: output_path(work, name, layer, run) for layer in layers}
         settings = {layer: {"--layer": layer, "--pool": args.pool, "--dtype": args.dtype, "--frame-step": frame_step,
-                            "--precision": precision} for layer in layers}
+                            "--precision": precision} if model is not None else
+                    {"--layer": layer, "--dtype": args.dtype, "--frame-step": frame_step} for layer in layers}
         if not all(common.is_up_to_date(path, common.read_record(common.record_path(path)), STAGE,
                                          settings[layer], inputs, args.overwrite) for layer, path in paths.items()):
             todo.append((run, paths))

@@ -545,3 +545,19 @@ def test_truncated_or_unfinished_checkpoint(checkpoints, tmp_path, extracted):
     line = error_line(run_script("05_extract.py", "--work", work, "--ckpt", tmp_path / "unfinished.pt", check=False))
     assert line == (f"error: {tmp_path / 'unfinished.pt'}: unfinished training (step 3 of 10): re-run 04_train_gpt.py "
                     "to finish it, or pass --allow-unfinished to use it as it is")
+
+
+def test_low_level_control_refuses_or_ignores_model_flags_and_records_only_what_it_used(synthetic, capsys):
+    """--features lowlevel has no model: --layer, --list-layers and --ckpt are refused; --pool and
+    --precision (which a sweep's --extract-args pass to every job) are said to be ignored and left out of
+    the record, which must not claim a pooling that never happened."""
+    work = synthetic
+    for flags in (["--layer", "last"], ["--list-layers"]):
+        with pytest.raises(common.InputError, match=f"{flags[0]}: not used by --features lowlevel"):
+            extract.main(["--work", str(work), "--features", "lowlevel", "--name", "ll", *flags])
+    extract.main(["--work", str(work), "--features", "lowlevel", "--name", "ll", "--pool", "time"])
+    assert "--pool ignored by --features lowlevel" in capsys.readouterr().out
+    record = common.read_record(next((work / "features/ll/lowlevel").rglob("*.json")))
+    assert "--pool" not in record["settings"] and "--precision" not in record["settings"]
+    unpooled = np.load(next((work / "features/ll/lowlevel").rglob("*.npy")))
+    assert unpooled.shape[1] == 32 * 8 * 8 + 8 * 8                       # every frame's grid: nothing pooled
