@@ -15,6 +15,7 @@ It writes <work>/demo/ (a BIDS dataset):
       desc-confounds_timeseries.tsv/.json (24 motion columns, cosine drifts, framewise displacement, ...)
   atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz (+ .tsv)   a labels atlas of --parcels parcels
   ground_truth.json, ground_truth/<run>_signals.tsv   which parcels carry which visual property
+  demo.json                                     the flags it was made with (a re-run with others is refused)
 
 The planted signal (what a good encoding model should recover): each planted parcel follows one visual
 property of the gameplay frames — mean luminance or motion energy (mean absolute frame difference) in one
@@ -37,6 +38,7 @@ import pandas as pd
 from nilearn.glm.first_level import glover_hrf
 from sklearn.cluster import KMeans
 
+import common
 from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, run_main, run_stem, write_tsv
 
 GAME = "Airstriker-Genesis-v0"
@@ -396,8 +398,18 @@ def main():
         raise InputError(f"--planted {args.planted} is more than --parcels {args.parcels}")
     if min(args.subjects, args.sessions, args.runs, args.reps) < 1 or args.rep_seconds <= 0:
         raise InputError("--subjects, --sessions, --runs, --reps and --rep-seconds must be positive")
+    # the flags that shape the demo, recorded in demo.json: a demo made with other flags is not reused
+    settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in
+                ("seed", "subjects", "sessions", "runs", "reps", "rep_seconds", "tr", "parcels", "planted")}
     if root.exists() and not args.overwrite:
-        print(f"{root} exists: nothing to do (--overwrite to remake it)")
+        record = common.read_record(root / "demo.json")
+        if record is None:
+            raise InputError(f"{root}: exists but has no demo.json (made by an older 00_make_demo.py, or not a "
+                             "demo): --overwrite to remake it")
+        changed = common.changed_settings(record, settings)
+        if changed:
+            raise common.flags_differ_error(root, record, settings, changed)
+        print(f"{root} exists, made with these flags: nothing to do (--overwrite to remake it)")
         return
     # Build in a temporary folder and rename at the end: a demo folder that exists is complete.
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
@@ -405,6 +417,7 @@ def main():
     tmp.mkdir(parents=True)
     try:
         write_demo(args, tmp)
+        common.write_json(tmp / "demo.json", {"stage": "00_make_demo", "settings": settings})
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)

@@ -73,6 +73,10 @@ def test_deterministic_for_a_seed_kept_on_rerun_and_bad_flags_fail(tmp_path):
     again = run_script("00_make_demo.py", "--out", tmp_path / "a", "--seed", 0, *TINY)
     assert "nothing to do" in again.stdout
     assert (tmp_path / "a" / "ground_truth.json").stat().st_mtime_ns == before
+    other = run_script("00_make_demo.py", "--out", tmp_path / "a", "--seed", 0, *TINY, "--subjects", "2", check=False)
+    assert other.returncode == 2 and other.stderr.strip() == (
+        f"error: {tmp_path / 'a'}: made with --subjects 1, not 2: pass the same flags, or --overwrite to redo it")
+    assert (tmp_path / "a" / "ground_truth.json").stat().st_mtime_ns == before
     bad = run_script("00_make_demo.py", "--out", tmp_path / "e", "--parcels", "3", "--planted", "5", check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --planted 5 is more than --parcels 3"
     assert not (tmp_path / "e").exists()
