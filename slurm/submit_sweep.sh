@@ -16,29 +16,46 @@ dry_run=${DRY_RUN:-0}
 fake_id=1000
 
 submit() {  # submit VAR [sbatch options...] script args...: sets VAR to the job id
-  local var=$1
+  local var=$1 id
   shift
   if [ "$dry_run" = 1 ]; then
     fake_id=$((fake_id + 1))
     echo "sbatch --parsable $*"
-    printf -v "$var" %s "$fake_id"
+    id=$fake_id
   else
-    printf -v "$var" %s "$(sbatch --parsable "$@")"
+    id=$(sbatch --parsable "$@") || { echo "submit_sweep.sh: sbatch failed: $*" >&2; exit 1; }
+    id=${id%%;*}   # --parsable prints "id" or "id;cluster"
   fi
+  [[ $id =~ ^[0-9]+$ ]] || { echo "submit_sweep.sh: sbatch printed no job id ('$id'): $*" >&2; exit 1; }
+  printf -v "$var" %s "$id"
 }
 
 jobs_tsv=$(python3 07_sweep.py --dry-run --jobs-tsv "$@")
 ridge_ids=()
+# One job per distinct command: chains that read the same model (its block-4 and last-block features,
+# the VQ-VAE control, every appendix module) share its training, and chains that read the same features
+# share their extraction, instead of several jobs writing one checkpoint or folder at once.
+declare -A job_of=()
 while IFS=$'\t' read -r name train extract ridge; do
   # shellcheck disable=SC2086  # the commands are shell-quoted by 07_sweep.py
-  eval "train_args=($train)" && eval "extract_args=($extract)" && eval "ridge_args=($ridge)"
-  submit train_id --job-name "train-$name" --gpus-per-node "$gpus" \
-    slurm/gpu_stage.sbatch "${train_args[@]}"
-  submit extract_id --job-name "extract-$name" --dependency "afterok:$train_id" --gpus-per-node 1 \
-    --time 02:00:00 slurm/gpu_stage.sbatch "${extract_args[@]}"
-  submit ridge_id --job-name "ridge-$name" --dependency "afterok:$extract_id" --gpus-per-node 1 \
+  eval "extract_args=($extract)" && eval "ridge_args=($ridge)"
+  after=()
+  if [ "$train" != "-" ]; then            # "-": the low-level control trains nothing
+    if [ -z "${job_of[$train]:-}" ]; then
+      eval "train_args=($train)"
+      submit train_id --job-name "train-$name" --gpus-per-node "$gpus" slurm/gpu_stage.sbatch "${train_args[@]}"
+      job_of[$train]=$train_id
+    fi
+    after=(--dependency "afterok:${job_of[$train]}")
+  fi
+  if [ -z "${job_of[$extract]:-}" ]; then
+    submit extract_id --job-name "extract-$name" "${after[@]}" --gpus-per-node 1 \
+      --time 02:00:00 slurm/gpu_stage.sbatch "${extract_args[@]}"
+    job_of[$extract]=$extract_id
+  fi
+  submit ridge_id --job-name "ridge-$name" --dependency "afterok:${job_of[$extract]}" --gpus-per-node 1 \
     --time 01:00:00 slurm/gpu_stage.sbatch "${ridge_args[@]}" --device cuda
-  echo "$name: train $train_id -> extract $extract_id -> ridge $ridge_id"
+  echo "$name: train ${job_of[$train]:-none} -> extract ${job_of[$extract]} -> ridge $ridge_id"
   ridge_ids+=("$ridge_id")
 done <<< "$jobs_tsv"
 

@@ -126,6 +126,30 @@ def test_slurm_templates_parse_and_submit_chain_dry_run():
     assert "04_train_gpt.py" in sbatch[0] and "--resume" in sbatch[0]
 
 
+def test_submit_sweep_trains_each_model_once_and_stops_when_sbatch_fails(tmp_path):
+    """Chains that read one model (the controls, every appendix module) share one training job and, for
+    one feature set, one extraction; the low-level control trains nothing. A refused sbatch stops the
+    script, instead of chaining later jobs on an empty dependency."""
+    result = subprocess.run(["bash", "slurm/submit_sweep.sh", "--work", "w", "--demo", "--experiments", "controls",
+                             "appendix"], cwd=REPO, capture_output=True, text=True, env=dict(os.environ, DRY_RUN="1"))
+    assert result.returncode == 0, result.stderr
+    sbatch = [line for line in result.stdout.splitlines() if line.startswith("sbatch")]
+    trains = [line for line in sbatch if "04_train_gpt.py" in line]
+    assert len(trains) == 2                                       # the trained model and its untrained copy
+    # trained, untrained, VQ-VAE, low-level, and one for the 24 appendix modules
+    assert len([line for line in sbatch if "05_extract.py" in line]) == 5
+    assert "lowlevel: train none -> extract" in result.stdout and " - " not in " ".join(sbatch)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/usr/bin/env bash\ncase "$*" in *train-*) echo "rejected" >&2; exit 1;; esac\n'
+                                 'echo 42\n')
+    (fake / "sbatch").chmod(0o755)
+    failed = subprocess.run(["bash", "slurm/submit_sweep.sh", "--work", "w", "--experiments", "heads"], cwd=REPO,
+                            capture_output=True, text=True, env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}"))
+    assert failed.returncode == 1 and "submit_sweep.sh: sbatch failed" in failed.stderr
+    assert "-> extract" not in failed.stdout
+
+
 FAKE_SLURM = {  # stand-ins for SLURM's commands, each recording how it was called
     "srun": 'echo "srun $*" >> "$CALLS"; while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"',
     "scontrol": 'echo "scontrol $*" >> "$CALLS"; [ "$1" = show ] && echo node1; true',
