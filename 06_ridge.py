@@ -42,7 +42,7 @@ import torch
 from scipy.linalg import blas, lapack
 
 import common
-from common import DEFAULT_WORK, PAPER_LAYER, InputError, atomic_path, load_npy, read_tsv, run_main, run_stem, save_npy
+from common import DEFAULT_WORK, InputError, atomic_path, load_npy, read_tsv, run_main, run_stem, save_npy
 
 STAGE = "06_ridge"
 PAPER_ALPHAS = (0.1, 1.0, 100.0)  # paper section 2.3.3
@@ -59,7 +59,7 @@ def parse_args(argv=None):
                    help="results folder <work>/results/<results-name>/ (default: --name; one per layer when "
                         "several layers of a feature set are encoded)")
     p.add_argument("--layer", default=None,
-                   help=f"feature layer folder (default: {PAPER_LAYER}, or the only layer present)")
+                   help="feature layer folder (default: the only layer present; needed when there are several)")
     p.add_argument("--subjects", nargs="+", default=None, help="subject labels, e.g. 01 02 (default: all)")
     p.add_argument("--delays", type=int, nargs="+", default=[3],
                    help="feature delays in TRs: 3 = features of TR t-3 predict TR t (paper); several = FIR")
@@ -605,7 +605,9 @@ def runs_used(args, runs_table):
 # Inputs: BOLD runs (02) and feature runs (05), matched run by run through the manifest
 # --------------------------------------------------------------------------------------------------
 def find_layer(features_root, layer):
-    """The layer folder: --layer if given, else the paper's layer, else the only layer present."""
+    """The layer folder: --layer if given, else the only layer present. With several, --layer is needed,
+    even when the paper's layer is among them: another layer extracted later (run_all.sh's EXTRACT_ARGS)
+    would otherwise be passed over silently for the paper's."""
     if not features_root.is_dir():
         raise InputError(f"{features_root}: feature folder not found (run 05_extract.py)")
     if layer is not None:
@@ -613,8 +615,6 @@ def find_layer(features_root, layer):
             raise InputError(f"{features_root / layer}: layer folder not found")
         return layer
     present = sorted(d.name for d in features_root.iterdir() if d.is_dir())
-    if PAPER_LAYER in present:
-        return PAPER_LAYER
     if len(present) == 1:
         return present[0]
     raise InputError(f"{features_root}: holds layers {present or 'none'}; choose one with --layer")

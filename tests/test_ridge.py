@@ -567,3 +567,16 @@ def test_read_only_work_and_full_disk(tmp_path):
     assert line.startswith(f"error: {work / 'results/demo/sub-01'}/") and line.endswith(
         ": cannot write it (No space left on device)")
     assert left == []
+
+
+def test_several_layer_folders_need_layer_even_with_the_papers(tmp_path):
+    """A layer extracted later beside the paper's (run_all.sh with EXTRACT_ARGS="--layer ...") must not be
+    passed over for the paper's without a word: 06 asks which."""
+    root = tmp_path / "features" / "demo"
+    for layer in (common.PAPER_LAYER, "attn_stack.attn_nets.7.post_fc_dp"):
+        (root / layer).mkdir(parents=True)
+    with pytest.raises(common.InputError, match="holds layers .*; choose one with --layer"):
+        ridge.find_layer(root, None)
+    assert ridge.find_layer(root, "attn_stack.attn_nets.7.post_fc_dp") == "attn_stack.attn_nets.7.post_fc_dp"
+    (root / common.PAPER_LAYER).rmdir()
+    assert ridge.find_layer(root, None) == "attn_stack.attn_nets.7.post_fc_dp"   # the only one: no question
