@@ -266,7 +266,8 @@ def main(argv=None):
     if not jobs and manifest_path.is_file() and all(path.is_file() for path in shared):
         listed = read_tsv(manifest_path, required=("bold_path", "ses", "split"))
         splits_now = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in listed["ses"]]
-        if (all(str(output_path(work, run).relative_to(work)) in set(listed["bold_path"]) for run in runs)
+        listed_paths = set(listed["bold_path"])
+        if (all(str(output_path(work, run).relative_to(work)) in listed_paths for run in runs)
                 and listed["split"].tolist() == splits_now):   # other split flags: the manifest is rewritten
             print(f"02_prep_fmri: all {len(runs)} run(s) done already ({manifest_path}); --overwrite to redo")
             return

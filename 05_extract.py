@@ -188,6 +188,9 @@ def main(argv=None):
     layers = ["lowlevel"] if model is None else resolve_layers(model, args.layer, info["n_layers"])
     runs = plan_runs(work, args.subjects, frame_shape, window, frame_step, args.allow_missing)
     models = {} if model is None else common.input_fingerprints(work, [ckpt, info["vqvae_path"]])
+    model_settings = {} if model is None else {"--pool": args.pool, "--precision": precision}  # lowlevel: unused
+    settings = {layer: {"--layer": layer, **model_settings, "--dtype": args.dtype, "--frame-step": frame_step}
+                for layer in layers}
     todo, records = [], {}
     for run in runs:
         frames = sorted({rep["frames_path"] for rep in run["repetitions"] if rep["frames_path"]})
@@ -196,9 +199,6 @@ def main(argv=None):
                                "repetitions": [{k: rep[k] for k in ("rep", "status", "start", "n_frames")}
                                                for rep in run["repetitions"]]}}
         paths = {layer: output_path(work, name, layer, run) for layer in layers}
-        settings = {layer: {"--layer": layer, "--pool": args.pool, "--dtype": args.dtype, "--frame-step": frame_step,
-                            "--precision": precision} if model is not None else
-                    {"--layer": layer, "--dtype": args.dtype, "--frame-step": frame_step} for layer in layers}
         if not all(common.is_up_to_date(path, common.read_record(common.record_path(path)), STAGE,
                                          settings[layer], inputs, args.overwrite) for layer, path in paths.items()):
             todo.append((run, paths))

@@ -526,6 +526,11 @@ def paired_difference(a, b, kind, n_boot, seed=0):
     return brain_score(a, kind) - brain_score(b, kind), *np.percentile(samples, [2.5, 97.5])
 
 
+def interval_word(lo, hi):
+    """What a difference's 95% interval says: higher, lower, or no difference (it holds 0)."""
+    return "higher" if lo > 0 else "lower" if hi < 0 else "no difference"
+
+
 def controls_verdict(done, args):
     """Which control wins where: the trained model against each control (max and median r, mean over
     subjects, paired bootstrap intervals), and the best of them per subject."""
@@ -537,8 +542,7 @@ def controls_verdict(done, args):
         parts = []
         for kind in ("max", "median"):
             diff, lo, hi = paired_difference(runs["trained"]["r"], runs[control]["r"], kind, args.n_boot)
-            word = "higher" if lo > 0 else "lower" if hi < 0 else "no difference"
-            parts.append(f"{kind} r {diff:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]: {word})")
+            parts.append(f"{kind} r {diff:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]: {interval_word(lo, hi)})")
         sentences.append(f"against the {control} control, {', '.join(parts)}")
     best = {s: max(runs, key=lambda v: runs[v]["summaries"][s]["r_max"] or -1) for s in done[0][2]["summaries"]}
     text = ("the trained model, " + "; ".join(sentences) + ". Best max r: "
@@ -565,9 +569,8 @@ def planted_comparison(runs, args):
     if "untrained" in runs:
         diff, lo, hi = paired_difference(runs["trained"]["r"][:, columns], runs["untrained"]["r"][:, columns],
                                          "mean", args.n_boot)
-        word = "higher" if lo > 0 else "lower" if hi < 0 else "no difference"
         text += (f" There, the trained model minus its untrained copy: {diff:+.3f} "
-                 f"(95% CI [{lo:+.3f}, {hi:+.3f}]: {word}).")
+                 f"(95% CI [{lo:+.3f}, {hi:+.3f}]: {interval_word(lo, hi)}).")
     return text
 
 
@@ -770,8 +773,8 @@ def scaling_section(args, per_experiment, runs, figures):
              "(forward + backward, counted by torch) x samples seen.", "",
              "| x | law | parameter | estimate | 95% interval |", "| --- | --- | --- | --- | --- |"]
     for key, fit in fits.items():
-        for law in (law for law in ("log_linear", "saturating_power") if law not in fit["omitted"]):
-            for param, (est, lo, hi) in fit[law].items():
+        for law in ("log_linear", "saturating_power"):
+            for param, (est, lo, hi) in fit.get(law, {}).items():   # an omitted law has no estimate
                 stuck = " (on a search bound)" if law == "saturating_power" and param in fit["saturating_power_at_bound"] else ""
                 lines.append(f"| {key} | {law} | {param} | {est:.4g}{stuck} | [{lo:.4g}, {hi:.4g}] |")
     for key, fit in fits.items():
