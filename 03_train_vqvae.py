@@ -4,7 +4,7 @@
     python 03_train_vqvae.py --work work --precision bf16 --channels-last --compile
     python 03_train_vqvae.py --work work --resume                          # continue an interrupted run
     torchrun --nproc-per-node 4 03_train_vqvae.py --work work --resume    # 4 GPUs, one node
-    sbatch --nodes 2 slurm/gpu_stage.sbatch 03_train_vqvae.py --work work  # SLURM: torchrun in srun
+    sbatch --nodes 2 slurm/gpu_stage.sbatch 03_train_vqvae.py --work work  # SLURM: one process per GPU
     python 03_train_vqvae.py --work work --device cpu --n-hiddens 16 --n-res-layers 1 --resolution 32 \\
         --sequence-length 8 --downsample 2 4 4 --n-codes 32 --embedding-dim 8 --max-steps 50   # tiny
 
@@ -108,6 +108,7 @@ def parse_args(argv=None):
 # Training (paper section 2.3.1.1)
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
+    preemption = common.PreemptionFlag()   # from here on SIGTERM/SIGUSR1 ask to stop; they no longer kill
     args = parse_args(argv)
     work = Path(args.work)
     out_dir = work / "vqvae"
@@ -131,18 +132,15 @@ def main(argv=None):
         if checkpoint is None:
             common.start_over(ckpt_path, ctx)
         args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
-        stopped = train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays,
-                        dict(stage=STAGE, settings=settings, inputs=inputs))
+        train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays,
+              dict(stage=STAGE, settings=settings, inputs=inputs), preemption)
     finally:
         common.teardown_distributed()
-    if stopped:
-        step, signal_name = stopped
-        common.exit_interrupted(STAGE, step, args.max_steps, signal_name)
 
 
-def train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance):
-    """The training loop. Returns None when --max-steps is reached, or (step, signal name) when a signal
-    stopped it early (its checkpoint saved)."""
+def train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance, preemption):
+    """The training loop, to --max-steps. A signal (`preemption`) stops it at the end of a step, its
+    checkpoint saved: common.Interrupted."""
     device = ctx.device
     common.seed_everything(args.seed, ctx.rank)
     if device.type == "cuda":
@@ -164,7 +162,6 @@ def train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance)
     if args.compile:
         model = torch.compile(model)
     log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
-    preemption = common.PreemptionFlag()
 
     def save(step):
         rng = common.gather_rng_states(ctx)   # a collective: every rank takes part
@@ -173,6 +170,7 @@ def train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance)
                 model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                 step=step, max_steps=args.max_steps, complete=step >= args.max_steps, rng=rng, args=vars(args),
                 model_config=config, kind=STAGE, provenance=provenance))
+        common.barrier(ctx)   # no rank exits before the checkpoint is on disk (srun kills the others)
 
     # --- loop; the bar is closed however it ends, so that an error message stays the last line printed
     with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="03 vqvae") as progress:
@@ -216,7 +214,7 @@ def train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance)
             if step % args.ckpt_every == 0 or last or stop:
                 save(step)
             if stop and not last:
-                return step, preemption.name
+                raise preemption.interrupted(STAGE, f"at step {step} of {args.max_steps}")
 
     if ctx.is_main:
         save_recon_figure(raw_model, val_clips, out_dir / "recon.png", args, device)

@@ -145,6 +145,7 @@ def parse_args(argv=None):
 # Training (paper sections 2.3.1.2 and 2.4)
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
+    preemption = common.PreemptionFlag()   # from here on SIGTERM/SIGUSR1 ask to stop; they no longer kill
     args = parse_args(argv)
     work = Path(args.work)
     vqvae_path = Path(args.vqvae or work / "vqvae" / "ckpt.pt")
@@ -180,23 +181,20 @@ def main(argv=None):
         if checkpoint is None:
             common.start_over(ckpt_path, ctx)
         args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
-        stopped = train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data,
-                        dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset))
+        train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data,
+              dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset), preemption)
     finally:
         common.teardown_distributed()
-    if stopped:
-        step, signal_name = stopped
-        common.exit_interrupted(STAGE, step, args.max_steps, signal_name)
 
 
-def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provenance):
-    """The training loop. Returns None when --max-steps is reached, or (step, signal name) when a signal
-    stopped it early (its checkpoint saved)."""
+def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provenance, preemption):
+    """The training loop, to --max-steps. A signal (`preemption`) stops it at the end of a step, its
+    checkpoint saved, or after the code cache's current repetition: common.Interrupted."""
     device = ctx.device
     common.seed_everything(args.seed, ctx.rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    codebook, train_samples, val_samples = code_samples(args, ctx, work, data)   # (n_codes, D), samples
+    codebook, train_samples, val_samples = code_samples(args, ctx, work, data, preemption)  # (n_codes, D), ...
     model = common.VideoGPT(**config, checkpoint_activations=args.checkpoint_activations).to(device)
     if args.init_from and checkpoint is None:
         load_initial_weights(model, args.init_from, config, codebook)
@@ -216,7 +214,6 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provena
                       train_flops_per_sample=flops_per_sample)
     tokens_per_sample = math.prod(config["latent_shape"])
     log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
-    preemption = common.PreemptionFlag()
     run_start = time.perf_counter()
 
     def save(step):
@@ -232,6 +229,7 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provena
                 train_frames=sum(data["used"]), train_samples=len(train_samples),
                 log_interval={"loss_sum": interval_loss.item(), "steps": interval_steps},
                 wall_s=wall_before + time.perf_counter() - run_start))
+        common.barrier(ctx)   # no rank exits before the checkpoint is on disk (srun kills the others)
 
     if args.max_steps == 0:   # the untrained control: its initial weights are the result
         save(0)
@@ -283,7 +281,7 @@ def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provena
             if step % args.ckpt_every == 0 or last or stop:
                 save(step)
             if stop and not last:
-                return step, preemption.name
+                raise preemption.interrupted(STAGE, f"at step {step} of {args.max_steps}")
 
     if ctx.is_main:
         save_loss_figure(out_dir / "log.csv", out_dir / "loss.png", f"GPT {args.name}")
@@ -400,7 +398,7 @@ def load_initial_weights(model, path, config, codebook):
 # --------------------------------------------------------------------------------------------------
 # Data: the code cache and the samples
 # --------------------------------------------------------------------------------------------------
-def code_samples(args, ctx, work, data):
+def code_samples(args, ctx, work, data, preemption):
     """The frozen VQ-VAE's codebook (n_codes, D) on the device, and the training and validation samples
     (CodeSamples) from the cached codes of their repetitions (encoded now where the cache lacks them)."""
     vqvae = data.pop("vqvae").to(ctx.device).eval()
@@ -408,7 +406,8 @@ def code_samples(args, ctx, work, data):
     train_reps, val_reps, used = data["train_reps"], data["val_reps"], data["used"]
     cache_dir = cache_directory(work, data["vqvae_sha256"], args.frame_step)
     span = vqvae.config["sequence_length"] * args.frame_step                     # 60 Hz frames per clip
-    codes = cached_codes(work, train_reps + val_reps, data["frames_sha256"], vqvae, cache_dir, args, ctx)
+    codes = cached_codes(work, train_reps + val_reps, data["frames_sha256"], vqvae, cache_dir, args, ctx,
+                         preemption)
     train_samples = CodeSamples(codes[:len(train_reps)], used, span, ctx.device)
     val_samples = CodeSamples(codes[len(train_reps):], [int(r["n_frames"]) for r in val_reps], span, ctx.device)
     if len(train_samples) == 0:
@@ -444,12 +443,14 @@ def encode_repetition(vqvae, frames, frame_step, device, batch=ENCODE_BATCH):
     return torch.cat(codes) if codes else torch.zeros((0, *vqvae.latent_shape), dtype=torch.long)
 
 
-def cached_codes(work, reps, frames_sha256, vqvae, cache_dir, args, ctx):
+def cached_codes(work, reps, frames_sha256, vqvae, cache_dir, args, ctx, preemption):
     """Codes (n_clips, t, h, w) uint16 of each repetition, from the cache (encoded on first use).
 
     A cache file is named after the sha256 of the frames it encodes, <sub>/<ses>/<stem>.<sha256[:16]>.npy
     under a folder named after the VQ-VAE, so re-rendered frames or another VQ-VAE never meet old codes.
     The ranks share the encoding (repetition i goes to rank i % world size), then wait for each other.
+    A signal stops the encoding after the current repetition (common.Interrupted): the files written are
+    kept, and the re-run encodes the rest.
     """
     resolution = vqvae.config["resolution"]
     paths = []
@@ -462,14 +463,17 @@ def cached_codes(work, reps, frames_sha256, vqvae, cache_dir, args, ctx):
     # written some, must not get another share (repetitions would then be encoded by no rank)
     mine = [(f, c) for i, (f, c) in enumerate(paths) if i % ctx.world_size == ctx.rank and not c.is_file()]
     for frames_path, code_path in tqdm(mine, desc="04 encode clips", disable=not ctx.is_main or not mine):
+        if preemption.name:
+            break
         frames = common.load_npy(frames_path, advice="re-render it with 01_render_frames.py")
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (resolution, resolution, 3):
             raise InputError(f"{frames_path}: expected uint8 frames (N, {resolution}, {resolution}, 3) for the "
                              f"VQ-VAE's resolution {resolution}, got {frames.dtype} {frames.shape}")
         codes = encode_repetition(vqvae, frames, args.frame_step, ctx.device)
         common.save_npy(code_path, codes.numpy().astype(np.uint16))
-    if ctx.world_size > 1:
-        torch.distributed.barrier()
+    if preemption.agreed(ctx):   # a collective, as the barrier it replaces: every rank waits here
+        cached = sum(c.is_file() for _, c in paths)
+        raise preemption.interrupted(STAGE, "while caching codes", f"{cached} of {len(paths)} repetitions cached")
     return [common.load_npy(c, mmap=False, advice="delete it: it is a cache") for _, c in paths]
 
 

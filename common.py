@@ -64,11 +64,22 @@ class InputError(Exception):
     """Bad input. The message names the file (or flag) and what is wrong, on one line."""
 
 
+class Interrupted(Exception):
+    """A signal (SLURM's preemption or time limit) stopped training early, its checkpoint saved. The
+    message says where and how to continue; the status 75 makes `run_all.sh` stop and
+    slurm/gpu_stage.sbatch requeue the job (srun returns the ranks' highest status)."""
+
+
 def run_main(main):
     """Call `main()`. Bad input, and a file that cannot be read or written (read-only folder, full disk),
-    become one line `error: <file>: <what is wrong>` on stderr and exit status 2."""
+    become one line `error: <file>: <what is wrong>` on stderr and exit status 2; an interrupted
+    training run, one line (from rank 0) and exit status 75."""
     try:
         main()
+    except Interrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stop, file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
@@ -444,6 +455,32 @@ def is_up_to_date(output, record, stage, settings, inputs, overwrite, say=print)
     return True
 
 
+def stale_input(work, record, checked=None):
+    """The first input of `record` (a record, or None) that is no longer what the record saw, as
+    (its name, the stage of the record that lists it), or None when the whole chain above is current.
+
+    Each input recorded by its path under `work` (as input_fingerprints names it) must still exist with
+    the recorded sha256, and so must the inputs of its own record, up the chain (results -> features ->
+    GPT -> VQ-VAE, frames, BOLD). Inputs recorded by role (01's "bk2", 02's "bold": raw data the record
+    does not locate) and plain values (05's timeline) end the chain. `checked`, a set shared by calls,
+    holds the (name, sha256) pairs already found current, so that calls over many records read each once.
+    """
+    checked = set() if checked is None else checked
+    for name, recorded in (record or {}).get("inputs", {}).items():
+        path = Path(work) / name
+        if not isinstance(recorded, dict) or "sha256" not in recorded or (name, recorded["sha256"]) in checked:
+            continue   # a plain value, or found current already
+        if "/" not in name and not path.is_file():
+            continue   # a role, not a path
+        if not path.is_file() or fingerprint(path, recorded)["sha256"] != recorded["sha256"]:
+            return name, record.get("stage")
+        above = stale_input(work, read_record(record_path(path)), checked)
+        if above:
+            return above
+        checked.add((name, recorded["sha256"]))
+    return None
+
+
 def new_record(stage, settings, inputs, output=None, **details):
     """A record (dict) for `output`, fingerprinted from its bytes now that it is written; `details` are
     extra fields for the reader (never compared). Library versions are kept for the reader too."""
@@ -462,7 +499,7 @@ def write_record(output, record):
 
 # --------------------------------------------------------------------------------------------------
 # --- Training plumbing (stages 03 and 04) ---
-# One code path for CPU, one GPU and `torchrun` DDP (one node, or many through SLURM); checkpoints that
+# One code path for CPU, one GPU and DDP (torchrun, or srun under SLURM: one node or many); checkpoints that
 # resume exactly; SLURM preemption; the cosine schedule; a CSV log; mixed precision. None of this is the
 # paper's algorithm: it only makes long training runs safe and fast.
 # --------------------------------------------------------------------------------------------------
@@ -484,11 +521,11 @@ class DistContext:
 
 
 def setup_distributed(device="auto"):
-    """Join the process group that `torchrun` describes (RANK, WORLD_SIZE, LOCAL_RANK), if any.
+    """Join the process group that RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT describe (set
+    by `torchrun`, or by slurm/gpu_stage.sbatch for the processes srun starts), if any.
 
     device: 'auto' (CUDA when torch sees it), 'cuda' or 'cpu'. A plain `python script.py` is a world of
-    one and starts no process group; `torchrun` runs use NCCL on GPUs and gloo on CPUs. Multi-node runs
-    (SLURM) only need torchrun's --rdzv flags: see slurm/.
+    one and starts no process group; several processes use NCCL on GPUs and gloo on CPUs.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -529,6 +566,12 @@ def split_batch(global_batch, ctx, stage):
     return per_rank
 
 
+def barrier(ctx):
+    """Wait until every process gets here (nothing to wait for in a world of one)."""
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
 def print0(*args, **kwargs):
     """print() on rank 0 only, so that N processes do not print N copies."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -543,8 +586,11 @@ def seed_everything(seed, rank=0):
 
 
 class PreemptionFlag:
-    """Remembers that SIGTERM or SIGUSR1 arrived (SLURM sends one before it kills or requeues a job:
-    `#SBATCH --signal=B:USR1@120`), so the training loop can save a checkpoint and stop cleanly."""
+    """Remembers that SIGTERM or SIGUSR1 arrived (SLURM sends one before it kills or requeues a job), so
+    that training can save a checkpoint and stop cleanly at the end of its step. Made first thing in a
+    training stage's main(): from then on a signal never kills the process, whatever it is doing (caching
+    codes, validating, writing a checkpoint, drawing the last figure); it is only read where stopping is
+    safe. A signal after the last step is then harmless: the run completes and exits 0."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.name = None
@@ -552,7 +598,7 @@ class PreemptionFlag:
             signal.signal(signum, self._handler)
 
     def _handler(self, signum, frame):
-        self.name = signal.Signals(signum).name
+        self.name = self.name or signal.Signals(signum).name
 
     def agreed(self, ctx):
         """True on every rank as soon as any rank got the signal (all ranks must stop at the same step)."""
@@ -562,23 +608,9 @@ class PreemptionFlag:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-
-def exit_interrupted(stage, step, max_steps, signal_name):
-    """End a training run that a signal stopped before --max-steps, after its checkpoint was saved: one
-    line that says how to continue, and exit status 75 (EXIT_INTERRUPTED), so that `run_all.sh` and a
-    SLURM `afterok` chain stop instead of going on with an unfinished model.
-
-    Under torchrun the ranks' status does not reach the batch script (torchrun exits 1 for any failing
-    rank), so the line is also written to the file $RESUMABLE_MARKER names, when set: that is how
-    slurm/gpu_stage.sbatch knows to requeue the job.
-    """
-    line = (f"{stage}: interrupted at step {step} of {max_steps} by {signal_name or 'a signal'}; "
-            f"checkpoint saved: re-run to resume")
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(line, file=sys.stderr, flush=True)
-        if os.environ.get("RESUMABLE_MARKER"):
-            Path(os.environ["RESUMABLE_MARKER"]).write_text(line + "\n")
-    sys.exit(EXIT_INTERRUPTED)
+    def interrupted(self, stage, where, kept="checkpoint saved"):
+        """The Interrupted exception that ends the run, `where` ("at step 7 of 9") and what was `kept`."""
+        return Interrupted(f"{stage}: interrupted {where} by {self.name or 'a signal'}; {kept}: re-run to resume")
 
 
 # Flags that choose the hardware, the speed or the logging of a training run: never part of its record,
@@ -623,8 +655,7 @@ def checkpoint_to_resume(ckpt_path, stage, settings, inputs, resume, overwrite):
 def start_over(ckpt_path, ctx):
     """Remove the checkpoint of a run that trains from step 0 (other inputs, or --overwrite), once every
     rank has decided: interrupted at once, the new run must not leave the old run's weights behind."""
-    if ctx.world_size > 1:
-        dist.barrier()
+    barrier(ctx)
     if ctx.is_main:
         Path(ckpt_path).unlink(missing_ok=True)
         record_path(ckpt_path).unlink(missing_ok=True)

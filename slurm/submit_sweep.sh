@@ -2,18 +2,26 @@
 # Submit the paper's scaling experiments as SLURM job chains: for each configuration, train (04, GPUs,
 # requeued on preemption and resumed from its checkpoint) -> extract (05, 1 GPU) -> ridge (06, 1 GPU),
 # each starting only when the previous one succeeded; then one CPU job draws the figures and report
-# once every chain has finished. Run from the repo root after stages 01-03:
+# once every chain has ended. Run from the repo root after stages 01-03:
 #
 #   bash slurm/submit_sweep.sh --work $SCRATCH/work                           # all five experiments
 #   bash slurm/submit_sweep.sh --work $SCRATCH/work --experiments data hidden --train-args "--precision fp16"
 #   DRY_RUN=1 bash slurm/submit_sweep.sh --work work                          # print the sbatch commands only
 #
-# Arguments are those of 07_sweep.py. GPUS_PER_TRAIN_JOB (default 4) GPUs train each configuration.
+# Arguments are those of 07_sweep.py. GPUS_PER_TRAIN_JOB (default 4) GPUs train each configuration; the
+# ridge runs with --device cuda unless --ridge-args says otherwise.
+#
+# When a job fails, SLURM cancels the jobs that wait for it (--kill-on-invalid-dep=yes) instead of
+# leaving them pending forever; the other chains go on. The figures job runs once every chain has ended,
+# draws what finished, names the configurations that did not, and then fails itself. `sacct -j <ids>`
+# (the ids printed below) shows which job failed; its log is slurm-<job name>-<id>.out. Fix the cause
+# and run the same command again: every stage skips what it finished, so only the rest is redone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gpus=${GPUS_PER_TRAIN_JOB:-4}
 dry_run=${DRY_RUN:-0}
 fake_id=1000
+all_ids=()
 
 submit() {  # submit VAR [sbatch options...] script args...: sets VAR to the job id
   local var=$1 id
@@ -28,6 +36,7 @@ submit() {  # submit VAR [sbatch options...] script args...: sets VAR to the job
   fi
   [[ $id =~ ^[0-9]+$ ]] || { echo "submit_sweep.sh: sbatch printed no job id ('$id'): $*" >&2; exit 1; }
   printf -v "$var" %s "$id"
+  all_ids+=("$id")
 }
 
 jobs_tsv=$(python3 07_sweep.py --dry-run --jobs-tsv "$@")
@@ -46,19 +55,23 @@ while IFS=$'\t' read -r name train extract ridge; do
       submit train_id --job-name "train-$name" --gpus-per-node "$gpus" slurm/gpu_stage.sbatch "${train_args[@]}"
       job_of[$train]=$train_id
     fi
-    after=(--dependency "afterok:${job_of[$train]}")
+    after=(--dependency "afterok:${job_of[$train]}" --kill-on-invalid-dep=yes)
   fi
   if [ -z "${job_of[$extract]:-}" ]; then
     submit extract_id --job-name "extract-$name" "${after[@]}" --gpus-per-node 1 \
       --time 02:00:00 slurm/gpu_stage.sbatch "${extract_args[@]}"
     job_of[$extract]=$extract_id
   fi
-  submit ridge_id --job-name "ridge-$name" --dependency "afterok:${job_of[$extract]}" --gpus-per-node 1 \
-    --time 01:00:00 slurm/gpu_stage.sbatch "${ridge_args[@]}" --device cuda
+  submit ridge_id --job-name "ridge-$name" --dependency "afterok:${job_of[$extract]}" --kill-on-invalid-dep=yes \
+    --gpus-per-node 1 --time 01:00:00 slurm/gpu_stage.sbatch "${ridge_args[0]}" --device cuda "${ridge_args[@]:1}"
   echo "$name: train ${job_of[$train]:-none} -> extract ${job_of[$extract]} -> ridge $ridge_id"
   ridge_ids+=("$ridge_id")
 done <<< "$jobs_tsv"
 
-submit figures_id --job-name sweep-figures --dependency "afterok:$(IFS=:; echo "${ridge_ids[*]}")" \
+# afterany: the figures job also runs when a chain failed, and says which configurations are missing
+submit figures_id --job-name sweep-figures --dependency "afterany:$(IFS=:; echo "${ridge_ids[*]}")" \
   --cpus-per-task 4 --mem 16G --time 01:00:00 slurm/cpu_stage.sbatch 07_sweep.py --figures-only "$@"
 echo "figures: $figures_id (after ${#ridge_ids[@]} chains)"
+echo "A failed job cancels the jobs after it; the figures job then names what is missing and fails." \
+     "See them all: sacct -j $(IFS=,; echo "${all_ids[*]}") --format JobID,JobName%40,State,ExitCode." \
+     "Then run this command again: finished stages skip."

@@ -1,5 +1,6 @@
 """Shared fixtures: a small demo dataset made once per test session, the stage scripts as modules."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,33 @@ def rendered_work(demo_work):
     """demo_work after 01_render_frames.py at 32 px (frames/manifest.tsv and the .npy files)."""
     run_script("01_render_frames.py", "--work", demo_work, "--resolution", "32", "--workers", "2")
     return demo_work
+
+
+# run_all.sh on a reduced demo (test_run_all.py; test_slurm.py's sweep reads its frames, parcels and
+# VQ-VAE): it keeps what makes the planted signal measurable (5 sessions x 2 runs x 3 repetitions of 20 s)
+# but has one subject, 32-pixel frames and smaller, shorter-trained models: about two minutes on 2 cores.
+REDUCED = {
+    "DEMO_ARGS": "--subjects 1",
+    "RESOLUTION": "32",
+    # 32-pixel frames: halve the spatial downsampling to keep the paper's 4 x 8 x 8 latent grid.
+    "VQVAE_ARGS": "--downsample 4 4 4 --n-hiddens 16 --max-steps 300",
+    "GPT_ARGS": "--hidden-dim 24 --cond-dim 24 --max-steps 100",
+    "RIDGE_ARGS": "--n-permutations 100",
+}
+
+
+def run_all(work, **env):
+    return subprocess.run(["bash", "run_all.sh"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, WORK=str(work), OMP_NUM_THREADS="2", **{**REDUCED, **env}))
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """(work, CompletedProcess) of run_all.sh on the reduced demo."""
+    work = tmp_path_factory.mktemp("run_all")
+    result = run_all(work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work, result
 
 
 # --------------------------------------------------------------------------------------------------

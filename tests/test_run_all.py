@@ -17,30 +17,7 @@ import pytest
 import torch
 
 import common
-from conftest import REPO, processes_running
-
-REDUCED = {
-    "DEMO_ARGS": "--subjects 1",
-    "RESOLUTION": "32",
-    # 32-pixel frames: halve the spatial downsampling to keep the paper's 4 x 8 x 8 latent grid.
-    "VQVAE_ARGS": "--downsample 4 4 4 --n-hiddens 16 --max-steps 300",
-    "GPT_ARGS": "--hidden-dim 24 --cond-dim 24 --max-steps 100",
-    "RIDGE_ARGS": "--n-permutations 100",
-}
-
-
-def run_all(work, **env):
-    return subprocess.run(["bash", "run_all.sh"], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, WORK=str(work), OMP_NUM_THREADS="2", **{**REDUCED, **env}))
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    work = tmp_path_factory.mktemp("run_all")
-    result = run_all(work)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return work, result
-
+from conftest import REDUCED, REPO, processes_running, run_all
 
 def test_run_all_recovers_the_planted_parcels(pipeline):
     work, result = pipeline

@@ -1,12 +1,15 @@
 """07_sweep.py and slurm/: the job plan, the scaling-law fits, the SLURM templates."""
+import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
+import common
 from conftest import REPO, load_stage, run_script
 
 sweep = load_stage("07_sweep.py")
@@ -121,8 +124,11 @@ def test_slurm_templates_parse_and_submit_chain_dry_run():
     assert chains == [f"h576-l8-a{h}-f6M-fp32: train {1001 + 3 * i} -> extract {1002 + 3 * i} -> ridge {1003 + 3 * i}"
                       for i, h in enumerate((1, 2, 4, 8))]
     sbatch = [line for line in result.stdout.splitlines() if line.startswith("sbatch")]
-    assert "--dependency afterok:1001 " in sbatch[1] and "--dependency afterok:1002 " in sbatch[2]
-    assert sbatch[-1].startswith("sbatch --parsable --job-name sweep-figures --dependency afterok:1003:1006:1009:1012")
+    assert "--dependency afterok:1001 --kill-on-invalid-dep=yes " in sbatch[1]
+    assert "--dependency afterok:1002 --kill-on-invalid-dep=yes " in sbatch[2]
+    assert "06_ridge.py --device cuda --work w" in sbatch[2]      # before the user's flags: theirs win
+    # afterany: the figures job runs even when a chain failed, and names what is missing
+    assert sbatch[-1].startswith("sbatch --parsable --job-name sweep-figures --dependency afterany:1003:1006:1009:1012")
     assert "04_train_gpt.py" in sbatch[0] and "--resume" in sbatch[0]
 
 
@@ -148,39 +154,6 @@ def test_submit_sweep_trains_each_model_once_and_stops_when_sbatch_fails(tmp_pat
                             capture_output=True, text=True, env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}"))
     assert failed.returncode == 1 and "submit_sweep.sh: sbatch failed" in failed.stderr
     assert "-> extract" not in failed.stdout
-
-
-FAKE_SLURM = {  # stand-ins for SLURM's commands, each recording how it was called
-    "srun": 'echo "srun $*" >> "$CALLS"; while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"',
-    "scontrol": 'echo "scontrol $*" >> "$CALLS"; [ "$1" = show ] && echo node1; true',
-    "scancel": 'echo "scancel $*" >> "$CALLS"',
-    # the ranks: interrupted after a checkpoint (resume line in the marker, torchrun's status 1), or failed
-    "torchrun": 'echo "torchrun $*" >> "$CALLS"; [ "$OUTCOME" = interrupted ] && '
-                'echo "04_train_gpt: interrupted at step 7 of 9 by SIGTERM; checkpoint saved: re-run to resume" '
-                '> "$RESUMABLE_MARKER"; exit 1',
-}
-
-
-@pytest.mark.parametrize("outcome", ["interrupted", "failed"])
-def test_gpu_stage_requeues_an_interrupted_run_and_fails_a_failed_one(tmp_path, outcome):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in FAKE_SLURM.items():
-        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    calls = tmp_path / "calls"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), OUTCOME=outcome,
-               SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node1", SLURM_GPUS_ON_NODE="4")
-    result = subprocess.run(["bash", "slurm/gpu_stage.sbatch", "04_train_gpt.py", "--work", "w"], cwd=REPO,
-                            capture_output=True, text=True, env=env)
-    log = calls.read_text().splitlines()
-    assert any(line.startswith("torchrun --nnodes 1 --nproc-per-node 4") and line.endswith("--work w --resume")
-               for line in log)
-    if outcome == "interrupted":
-        assert result.returncode == 0 and "scontrol requeue 42" in log
-        assert "interrupted at step 7 of 9" in result.stdout and "requeueing job 42" in result.stdout
-    else:
-        assert result.returncode == 1 and not any("requeue" in line for line in log)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,3 +245,86 @@ def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
         assert (figures / f"{experiment}_slope.nii.gz").is_file() and (figures / f"{experiment}_slope.png").is_file()
     pays = report[report.index("## Where scaling pays"):]
     assert "the smallest p-value possible is 0.167" in pays and pays.count("\n| ") >= 2 * 11
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures from a real record chain: frames (01), BOLD (02), a VQ-VAE (03), one configuration through
+# 07's own jobs (04 -> 05 -> 06)
+# --------------------------------------------------------------------------------------------------
+CONFIG = "h24-l2-a2-fall-fp32"   # the demo's paper-like configuration, one of the heads experiment's two
+TINY_JOBS = argparse.Namespace(   # 07's demo flags, with 2 training steps and no permutations
+    demo=True, experiments=["heads"], extract_args="", ridge_args="--n-permutations 0",
+    train_args="--max-steps 2 --batch-size 4 --val-every 2 --ckpt-every 2 --log-every 1 --val-samples 4")
+
+
+@pytest.fixture(scope="module")
+def swept(rendered_work, tmp_path_factory):
+    """A work dir with the tiny demo's frames (01) and BOLD (02), a VQ-VAE trained for 2 steps (03), and
+    CONFIG finished by 07's own jobs (04 -> 05 -> 06, as a run without --figures-only makes them)."""
+    work = tmp_path_factory.mktemp("swept")
+    (work / "demo").symlink_to(rendered_work / "demo")
+    shutil.copytree(rendered_work / "frames", work / "frames")   # copy2 keeps mtimes: 01's records vouch
+    run_script("02_prep_fmri.py", "--work", work, "--fmriprep", work / "demo/derivatives/fmriprep", "--atlas",
+               work / "demo/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz", "--workers", "2")
+    run_script("03_train_vqvae.py", "--work", work, "--device", "cpu", "--resolution", "32", "--downsample", 4, 4, 4,
+               "--n-hiddens", 16, "--n-res-layers", 1, "--n-codes", 64, "--embedding-dim", 16, "--batch-size", 2,
+               "--max-steps", 2, "--val-every", 2, "--ckpt-every", 2, "--val-clips", 2)
+    sweep.run_jobs(argparse.Namespace(**vars(TINY_JOBS), work=str(work)), tiny_jobs(work))
+    return work
+
+
+def tiny_jobs(work):
+    """{CONFIG: its job}, as 07 plans it with TINY_JOBS."""
+    return {CONFIG: sweep.plan(argparse.Namespace(**vars(TINY_JOBS), work=str(work)))[1][CONFIG]}
+
+
+def figures_only(work):
+    return run_script("07_sweep.py", "--work", work, "--demo", "--experiments", "heads", "--figures-only",
+                      "--n-boot", 20, check=False)
+
+
+def test_figures_refuse_results_of_a_replaced_checkpoint_until_the_sweep_redoes_them(swept, tmp_path, capfd):
+    """04 ran again for a configuration (here: the same flags, other numbers, as on a GPU), 05 and 06 not:
+    its results come from the old model, its training log and compute from the new one. --figures-only
+    refuses it in one line; the stages of a run without --figures-only redo 05 and 06, and the figures
+    are drawn again."""
+    work = tmp_path / "work"
+    shutil.copytree(swept, work, symlinks=True)
+    ckpt = work / "gpt" / CONFIG / "ckpt.pt"
+    checkpoint = common.load_checkpoint(ckpt)
+    checkpoint["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    common.save_checkpoint(ckpt, checkpoint)   # as 04 writes it: ckpt.pt, then ckpt.json with its sha256
+    refused = figures_only(work)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert refused.stderr.strip() == (
+        f"error: {work / 'results' / CONFIG}: made from another {ckpt} than the current one (04_train_gpt ran "
+        "again since): re-run 07_sweep.py without --figures-only (05 and 06 then redo it)")
+    assert not (work / "figures" / "report.md").exists()
+    before = json.loads((work / "results" / CONFIG / "sub-01" / "summary.json").read_text())
+
+    capfd.readouterr()
+    sweep.run_jobs(argparse.Namespace(**vars(TINY_JOBS), work=str(work)), tiny_jobs(work))   # what 07 runs first
+    out = capfd.readouterr().out
+    assert "is complete" in out and "5 of 5 run(s) to do" in out and "done already" not in out   # 04 kept; 05, 06 redo
+    after = json.loads((work / "results" / CONFIG / "sub-01" / "summary.json").read_text())
+    assert after["inputs"] != before["inputs"]
+    drawn = figures_only(work)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert (work / "figures" / "report.md").is_file()
+
+
+def test_a_sweep_refuses_a_vqvae_older_than_its_frames_before_training(swept, tmp_path):
+    """07 runs 04 -> 05 -> 06, not 03: frames rendered again after the VQ-VAE was trained would make every
+    new model from a VQ-VAE of the old frames, and its figures refuse that. A run refuses it first."""
+    work = tmp_path / "work"
+    shutil.copytree(swept, work, symlinks=True)
+    frames = work / next(iter(common.read_record(work / "vqvae" / "ckpt.json")["inputs"]))
+    np.save(frames, np.load(frames)[:, ::-1])   # 01 again, with its record, as it writes them
+    common.write_record(frames, dict(common.read_record(common.record_path(frames)), output=common.hash_file(frames)))
+    result = run_script("07_sweep.py", "--work", work, "--demo", "--experiments", "heads", "--train-args",
+                        TINY_JOBS.train_args, "--ridge-args", TINY_JOBS.ridge_args, check=False)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        f"error: {work / 'vqvae/ckpt.pt'}: made from another {frames} than the current one (01_render_frames "
+        "ran again since): re-run 03_train_vqvae.py first")
+    assert "04_train_gpt.py" not in result.stdout   # nothing trained
