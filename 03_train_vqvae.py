@@ -32,12 +32,12 @@ import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
@@ -54,13 +54,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
     data = p.add_argument_group("data")
-    data.add_argument("--test-sessions", nargs="*", default=["005"],
-                      help="sessions left out of training (the encoding test set; none: use all, as the authors)")
-    data.add_argument("--val-reps", type=int, default=1,
-                      help="last N training repetitions held out for the validation reconstruction error")
-    data.add_argument("--val-clips", type=int, default=32, help="validation clips (fixed, drawn once)")
-    data.add_argument("--frame-step", type=int, default=4, help="60 Hz frames per clip frame (4: clips at 15 Hz)")
-    data.add_argument("--workers", type=int, default=4, help="threads that read clips from disk")
+    data.add_argument("--test-sessions", nargs="*", default=["005"], type=common.session_flag,
+                      help="sessions left out of training (the encoding test set; none: use all, as the "
+                           "authors)")
+    data.add_argument("--val-reps", type=int, default=2,
+                      help="last N training repetitions held out for the validation reconstruction error "
+                           "(04 holds out the same; default 2)")
+    data.add_argument("--frame-step", type=int, default=4,
+                      help="60 Hz frames per clip frame (4: clips at 15 Hz)")
     paper = common.VQVAE_PAPER_CONFIG
     model = p.add_argument_group("model (the authors' configuration by default: Table 2(a)'s parameter counts)")
     model.add_argument("--resolution", type=int, default=paper["resolution"],
@@ -86,22 +87,12 @@ def parse_args(argv=None):
     train.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                        help="cosine annealing to 0 over --max-steps (the paper, eq. 2) or constant (the authors' code)")
     train.add_argument("--seed", type=int, default=0)
-    run = p.add_argument_group("run")
-    run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    run.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
-                     help="fp32, or mixed precision: fp16 (with loss scaling) or bf16")
-    run.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions in fp32 (Ampere+)")
-    run.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
-    run.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick the fastest kernels")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--log-every", type=int, default=50, help="steps between log.csv rows")
-    run.add_argument("--val-every", type=int, default=1000, help="steps between validation passes")
-    run.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
-    run.add_argument("--resume", action="store_true", help="continue from <work>/vqvae/ckpt.pt if present")
-    run.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
-    args = p.parse_args(argv)
-    args.test_sessions = [s.removeprefix("ses-") for s in args.test_sessions]
-    return args
+    train.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
+                       help="fp32, or mixed precision: fp16 (with loss scaling) or bf16")
+    common.add_run_flags(p, ["--device", "--workers", "--tf32", "--channels-last", "--cudnn-benchmark",
+                             "--compile", "--log-every", "--val-every", "--val-clips", "--ckpt-every",
+                             "--resume", "--overwrite"], log_every=50)
+    return p.parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,121 +101,73 @@ def parse_args(argv=None):
 def main(argv=None):
     preemption = common.PreemptionFlag()   # from here on SIGTERM/SIGUSR1 ask to stop; they no longer kill
     args = parse_args(argv)
-    work = Path(args.work)
-    out_dir = work / "vqvae"
-    ckpt_path = out_dir / "ckpt.pt"
-    config = model_config(args)
-    common.remove_stale_temporaries(out_dir)
-
-    # What this run is made of: its flags and the exact frames it reads. A finished run made the same
-    # way is skipped; an unfinished one is resumed (--resume); one made from other frames starts over.
-    paths, arrays = read_frames(work, args)
-    settings = common.settings_of(args)
-    inputs = common.input_fingerprints(work, paths)
-    checkpoint, complete = common.checkpoint_to_resume(ckpt_path, STAGE, settings, inputs, args.resume, args.overwrite)
-    if complete:
-        common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and frames); "
-                      "--overwrite to train again")
+    run = plan_run(args)
+    if run.checkpoint is not None and run.checkpoint["complete"]:
+        common.print0(f"{STAGE}: {run.ckpt_path} is complete ({run.checkpoint['step']} steps, same flags and "
+                      "frames); --overwrite to train again")
         return
-
-    ctx = common.setup_distributed(args.device)
-    try:
-        if checkpoint is None:
-            common.start_over(ckpt_path, ctx)
-        args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
-        train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays,
-              dict(stage=STAGE, settings=settings, inputs=inputs), preemption)
-    finally:
-        common.teardown_distributed()
+    common.run_training(train, args, run, preemption)
 
 
-def train(args, config, ctx, out_dir, ckpt_path, checkpoint, arrays, provenance, preemption):
-    """The training loop, to --max-steps. A signal (`preemption`) stops it at the end of a step, its
-    checkpoint saved: common.Interrupted."""
+def train(args, run, ctx, preemption):
+    """Paper 2.3.1.1: Adam on MSE / 0.06 + beta x commitment (eq. 1) with the EMA codebook (eqs. 3-6),
+    cosine schedule (eq. 2), to --max-steps. A signal stops it at the end of a step, its checkpoint
+    saved: common.Interrupted."""
     device = ctx.device
     common.seed_everything(args.seed, ctx.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    train_sampler, val_clips = samplers(arrays, args, ctx)
-    model = common.VQVAE(**config, beta=args.beta, ema_decay=args.ema_decay).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    # fused on CUDA: one kernel for all parameters, and GradScaler's inf check stays on the GPU (no sync)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=device.type == "cuda")
-    scaler = common.grad_scaler(device, args.precision)
-    start_step = resume(checkpoint, model, optimizer, scaler, ctx)
-    raw_model = model
-    if ctx.world_size > 1:
-        # Buffers are not broadcast: the codebook is kept identical by its own all-reduce.
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        forward_sync_buffers=False)
-    if args.compile:
-        model = torch.compile(model)
-    log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
-
-    def save(step):
-        rng = common.gather_rng_states(ctx)   # a collective: every rank takes part
-        if ctx.is_main:
-            common.save_checkpoint(ckpt_path, dict(
-                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                step=step, max_steps=args.max_steps, complete=step >= args.max_steps, rng=rng, args=vars(args),
-                model_config=config, kind=STAGE, provenance=provenance))
-        common.barrier(ctx)   # no rank exits before the checkpoint is on disk (srun kills the others)
-
+    per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
+    train_sampler, val_clips = samplers(run.data, args, ctx)
+    state = start_state(args, run, ctx)
+    # buffers are not broadcast: the codebook is kept identical on every rank by its own all-reduce
+    model = common.wrap_for_training(state.model, args, ctx, forward_sync_buffers=False)
+    log = common.CSVLog(run.out_dir / "log.csv", LOG_FIELDS, resume_step=state.step) if ctx.is_main else None
     # --- loop; the bar is closed however it ends, so that an error message stays the last line printed
-    with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="03 vqvae") as progress:
-        next_batch = train_sampler.batch_async(args.seed, start_step, args.batch_size, ctx.rank, ctx.world_size)
-        interval_start, interval_steps = time.perf_counter(), 0
-        step = start_step
-        while step < args.max_steps:
+    with tqdm(total=args.max_steps, initial=state.step, disable=not ctx.is_main, desc="03 vqvae") as progress:
+        next_batch = train_sampler.batch_async(args.seed, state.step, args.batch_size, ctx.rank, ctx.world_size)
+        interval = Interval()
+        while state.step < args.max_steps:
             x = to_model_input(next_batch.result(), device, args.channels_last)     # (B, 3, T, H, W)
-            if step + 1 < args.max_steps:   # read the next batch while this one trains
-                next_batch = train_sampler.batch_async(args.seed, step + 1, args.batch_size, ctx.rank, ctx.world_size)
-            lr = learning_rate(step, args)
-            common.set_lr(optimizer, lr)
-
-            with common.autocast(device, args.precision):
-                recon_loss, _, vq_output = model(x)
-                loss = recon_loss + vq_output["commitment_loss"]               # paper eq. 1 (EMA codebook)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            interval_steps += 1
+            if state.step + 1 < args.max_steps:   # read the next batch while this one trains
+                next_batch = train_sampler.batch_async(args.seed, state.step + 1, args.batch_size, ctx.rank,
+                                                       ctx.world_size)
+            lr = learning_rate(state.step, args)
+            losses = optimizer_step(model, state, x, lr, args)
+            state.step += 1
+            interval.steps += 1
             progress.update(1)
 
-            last = step == args.max_steps
-            if ctx.is_main and (step % args.log_every == 0 or last):
-                val_mse = val_psnr = ""
-                if step % args.val_every == 0 or last:
-                    val_mse, val_psnr = validate(raw_model, val_clips, args, device)
-                elapsed = time.perf_counter() - interval_start
-                log.log(step=step, lr=lr, loss=loss.item(), recon_loss=recon_loss.item(),
-                        commitment_loss=vq_output["commitment_loss"].item(),
-                        perplexity=vq_output["perplexity"].item(),
-                        codes_used=(raw_model.codebook.N >= 1).float().mean().item(), val_mse=val_mse,
-                        val_psnr=val_psnr, clips_per_s=interval_steps * args.batch_size / elapsed,
-                        peak_mem_gb=common.peak_memory_gb(device))
-                progress.set_postfix(loss=f"{loss.item():.4f}", ppl=f"{vq_output['perplexity'].item():.0f}")
-                interval_start, interval_steps = time.perf_counter(), 0
-
+            last = state.step == args.max_steps
+            if ctx.is_main and (state.step % args.log_every == 0 or last):
+                val = validate(state.model, val_clips, per_rank_batch, args, device) \
+                    if state.step % args.val_every == 0 or last else ("", "")
+                log_row(log, args, state, losses, lr, val, interval)
+                progress.set_postfix(loss=f"{losses[0].item():.4f}", ppl=f"{losses[2]['perplexity'].item():.0f}")
+                interval = Interval()
             stop = preemption.agreed(ctx)
-            if step % args.ckpt_every == 0 or last or stop:
-                save(step)
+            if state.step % args.ckpt_every == 0 or last or stop:
+                save(args, run, ctx, state)
             if stop and not last:
-                raise preemption.interrupted(STAGE, f"at step {step} of {args.max_steps}")
-
+                raise preemption.interrupted(STAGE, f"at step {state.step} of {args.max_steps}")
     if ctx.is_main:
-        save_recon_figure(raw_model, val_clips, out_dir / "recon.png", args, device)
-        distinct, n_clips = distinct_code_maps(raw_model, val_clips, args, device)
-        print(f"{STAGE}: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, "
-              f"{out_dir / 'recon.png'}; {distinct} of {n_clips} validation clips have distinct code maps")
-        if distinct < max(2, n_clips // 4):
-            print(f"{STAGE}: warning: the codes hardly depend on the clip ({distinct} distinct code maps "
-                  f"for {n_clips} clips): the VQ-VAE has collapsed onto position; train longer or with a "
-                  f"higher --lr (--overwrite)", file=sys.stderr)
+        report_finished_model(state.model, val_clips, per_rank_batch, args, run)
+
+
+def optimizer_step(model, state, x, lr, args):
+    """One step of Adam on paper eq. 1 for the clips x (B, 3, T, H, W), with loss scaling for fp16 (the
+    codebook itself follows its EMA, updated in the forward pass). Returns (loss, reconstruction loss,
+    the VQ output: commitment loss, perplexity...), not synchronised."""
+    common.set_lr(state.optimizer, lr)
+    with common.autocast(x.device, args.precision):
+        recon_loss, _, vq_output = model(x)
+        loss = recon_loss + vq_output["commitment_loss"]               # paper eq. 1 (EMA codebook)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return loss, recon_loss, vq_output
 
 
 def learning_rate(step, args):
@@ -234,8 +177,102 @@ def learning_rate(step, args):
 
 
 # --------------------------------------------------------------------------------------------------
-# Set-up: flags to model, frames to clips, a checkpoint to resume
+# Training state, checkpoints, the log
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """The model (unwrapped), its optimizer and loss scaler, and the number of steps taken."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int
+
+
+@dataclass
+class Interval:
+    """The steps since the last log row and when they began (for clips per second)."""
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def start_state(args, run, ctx):
+    """A new VQ-VAE with its optimizer and loss scaler; when resuming, the checkpoint's weights, step
+    and random generators."""
+    model = common.VQVAE(**run.model_config, beta=args.beta, ema_decay=args.ema_decay).to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    fused = ctx.device.type == "cuda"   # one kernel for all parameters; GradScaler's check stays on the GPU
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=fused)
+    state = TrainState(model, optimizer, common.grad_scaler(ctx.device, args.precision), step=0)
+    if run.checkpoint is None:
+        return state
+    model.load_state_dict(run.checkpoint["model"])
+    optimizer.load_state_dict(run.checkpoint["optimizer"])
+    state.scaler.load_state_dict(run.checkpoint["scaler"])
+    if not common.restore_rng_states(run.checkpoint["rng"], ctx):
+        common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(run.checkpoint['rng'])}: "
+                      "random generators reseeded (the run continues, not bit-for-bit)")
+    state.step = run.checkpoint["step"]
+    return state
+
+
+def save(args, run, ctx, state):
+    """Write the checkpoint of `state` (rank 0; every rank takes part in gathering the random states),
+    then wait until it is on disk: srun stops every process once one has exited."""
+    rng = common.gather_rng_states(ctx)
+    if ctx.is_main:
+        common.save_checkpoint(run.ckpt_path, dict(
+            model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
+            scaler=state.scaler.state_dict(), step=state.step, max_steps=args.max_steps,
+            complete=state.step >= args.max_steps, rng=rng, args=vars(args), model_config=run.model_config,
+            kind=STAGE, provenance=run.record))
+    common.barrier(ctx)
+
+
+def log_row(log, args, state, losses, lr, val, interval):
+    """Append a row to log.csv: the step's losses (rank 0's), the codebook's use, the validation
+    reconstruction (empty between validation passes), throughput and memory."""
+    loss, recon_loss, vq_output = losses
+    log.log(step=state.step, lr=lr, loss=loss.item(), recon_loss=recon_loss.item(),
+            commitment_loss=vq_output["commitment_loss"].item(), perplexity=vq_output["perplexity"].item(),
+            codes_used=(state.model.codebook.N >= 1).float().mean().item(), val_mse=val[0], val_psnr=val[1],
+            clips_per_s=interval.steps * args.batch_size / (time.perf_counter() - interval.start),
+            peak_mem_gb=common.peak_memory_gb(next(state.model.parameters()).device))
+
+
+def report_finished_model(model, val_clips, per_rank_batch, args, run):
+    """recon.png, and a warning when the codes hardly depend on the clip (a collapse onto position)."""
+    device = next(model.parameters()).device
+    save_recon_figure(model, val_clips, run.out_dir / "recon.png", args, device)
+    distinct, n_clips = distinct_code_maps(model, val_clips, per_rank_batch, args, device)
+    print(f"{STAGE}: {args.max_steps} steps; wrote {run.ckpt_path}, {run.out_dir / 'log.csv'}, "
+          f"{run.out_dir / 'recon.png'}; {distinct} of {n_clips} validation clips have distinct code maps")
+    if distinct < max(2, n_clips // 4):
+        print(f"{STAGE}: warning: the codes hardly depend on the clip ({distinct} distinct code maps "
+              f"for {n_clips} clips): the VQ-VAE has collapsed onto position; train longer or with a "
+              f"higher --lr (--overwrite)", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up: the run's inputs and record, flags to model, frames to clips
+# --------------------------------------------------------------------------------------------------
+def plan_run(args):
+    """What this run is made of: its flags and the exact frames it reads, and the checkpoint it
+    continues. A finished run made the same way is complete (skipped); an unfinished one is resumed
+    (--resume); one made from other frames starts over."""
+    work = Path(args.work)
+    out_dir = work / "vqvae"
+    common.remove_stale_temporaries(out_dir)
+    config = model_config(args)
+    paths, train_arrays, val_arrays = read_frames(work, args)
+    settings = common.settings_of(args)
+    inputs = common.input_fingerprints(work, paths)
+    checkpoint, _ = common.checkpoint_to_resume(out_dir / "ckpt.pt", STAGE, settings, inputs, args.resume,
+                                                args.overwrite)
+    return common.TrainingRun(out_dir, checkpoint, config, dict(stage=STAGE, settings=settings, inputs=inputs),
+                              (train_arrays, val_arrays))
+
+
 def model_config(args):
     """The VQVAE keywords of the flags, after checking they describe a valid model."""
     config = {name: getattr(args, name) for name in common.VQVAE_PAPER_CONFIG}
@@ -252,52 +289,44 @@ def model_config(args):
 
 
 def read_frames(work, args):
-    """The frames of the training repetitions that hold at least one clip: (paths, memory-mapped uint8
-    (N, H, W, 3) arrays), in manifest order."""
+    """The frames of the training and the validation repetitions (the last --val-reps in manifest order,
+    as in 04) that hold at least one clip: (paths of both, training arrays, validation arrays), the
+    arrays memory-mapped uint8 (N, H, W, 3)."""
+    manifest = work / "frames" / "manifest.tsv"
     clip_span = (args.sequence_length - 1) * args.frame_step + 1   # 60 Hz frames one clip covers
-    paths, arrays = [], []
-    for rep in common.training_repetitions(work, args.test_sessions):
-        path = work / str(rep["frames_path"])
-        frames = common.load_npy(path, advice="re-render it with 01_render_frames.py")
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (args.resolution, args.resolution, 3):
-            raise InputError(f"{path}: expected uint8 frames (N, {args.resolution}, {args.resolution}, 3) for "
-                             f"--resolution {args.resolution}, got {frames.dtype} {frames.shape}")
-        if len(frames) >= clip_span:
-            paths.append(path)
-            arrays.append(frames)
-    if not arrays:
-        raise InputError(f"{work / 'frames' / 'manifest.tsv'}: no ok repetition outside test sessions "
-                         f"{args.test_sessions} has the {clip_span} frames one clip needs")
-    return paths, arrays
+    reps = common.training_repetitions(work, args.test_sessions)
+    paths, split = [], []
+    for part in common.split_validation(reps, args.val_reps, manifest):
+        arrays = []
+        for rep in part:
+            path = work / str(rep["frames_path"])
+            frames = common.load_npy(path, advice="re-render it with 01_render_frames.py")
+            if frames.dtype != np.uint8 or frames.ndim != 4 or \
+                    frames.shape[1:] != (args.resolution, args.resolution, 3):
+                raise InputError(f"{path}: expected uint8 frames (N, {args.resolution}, {args.resolution}, 3) "
+                                 f"for --resolution {args.resolution}, got {frames.dtype} {frames.shape}")
+            if len(frames) >= clip_span:
+                paths.append(path)
+                arrays.append(frames)
+        split.append(arrays)
+    if not split[0]:
+        raise InputError(f"{manifest}: no ok repetition outside test sessions {args.test_sessions} and the "
+                         f"--val-reps {args.val_reps} held out has the {clip_span} frames one clip needs")
+    return paths, split[0], split[1]
 
 
-def samplers(arrays, args, ctx):
-    """The sampler of training clips and the fixed validation clips uint8 (val_clips, T, H, W, 3): drawn
-    once from the last --val-reps repetitions (from the training ones if there are too few)."""
-    n_val = args.val_reps if len(arrays) > args.val_reps else 0
-    train_sampler = ClipSampler(arrays[:len(arrays) - n_val], args.sequence_length, args.frame_step,
-                                args.workers, pin_memory=ctx.device.type == "cuda")
-    val_source = ClipSampler(arrays[len(arrays) - n_val:], args.sequence_length, args.frame_step, 1) \
-        if n_val else train_sampler
+def samplers(data, args, ctx):
+    """The sampler of training clips and the fixed validation clips uint8 (val_clips, T, H, W, 3), drawn
+    once from the validation repetitions (from the training ones when none holds a clip)."""
+    train_arrays, val_arrays = data
+    train_sampler = ClipSampler(train_arrays, args.sequence_length, args.frame_step, args.workers,
+                                pin_memory=ctx.device.type == "cuda")
+    val_source = ClipSampler(val_arrays, args.sequence_length, args.frame_step, 1) if val_arrays else train_sampler
     val_clips = val_source.read(val_source.starts(np.random.default_rng([args.seed, 10**6]), args.val_clips))
-    if ctx.is_main and not n_val:
-        print(f"{STAGE}: only {len(arrays)} repetition(s): validation clips come from training data",
+    if ctx.is_main and not val_arrays:
+        print(f"{STAGE}: no validation repetition holds a clip: validation clips come from training data",
               file=sys.stderr)
     return train_sampler, val_clips
-
-
-def resume(checkpoint, model, optimizer, scaler, ctx):
-    """Load a checkpoint's weights, optimizer, loss scaler and random generators; returns its step (0
-    without a checkpoint)."""
-    if checkpoint is None:
-        return 0
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    if not common.restore_rng_states(checkpoint["rng"], ctx):
-        common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
-                      "random generators reseeded (the run continues, not bit-for-bit)")
-    return checkpoint["step"]
 
 
 class ClipSampler:
@@ -348,13 +377,13 @@ def to_model_input(clips, device, channels_last):
 # Evaluation and figures
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(model, clips, args, device):
+def validate(model, clips, per_rank_batch, args, device):
     """Reconstruction MSE (on [-0.5, 0.5] pixels) and PSNR (dB, peak-to-peak 1) of the validation clips,
     with the model in eval mode (BatchNorm running statistics, no codebook update)."""
     model.eval()
     squared_error, count = 0.0, 0
-    for i in range(0, len(clips), args.per_rank_batch):
-        x = to_model_input(clips[i:i + args.per_rank_batch], device, args.channels_last)
+    for i in range(0, len(clips), per_rank_batch):
+        x = to_model_input(clips[i:i + per_rank_batch], device, args.channels_last)
         with common.autocast(device, args.precision):
             _, x_recon, _ = model(x)
         squared_error += ((x_recon.float().clamp(-0.5, 0.5) - x) ** 2).sum().item()
@@ -365,13 +394,13 @@ def validate(model, clips, args, device):
 
 
 @torch.no_grad()
-def distinct_code_maps(model, clips, args, device):
+def distinct_code_maps(model, clips, per_rank_batch, args, device):
     """How many of the validation clips get a code map (t, h, w) of their own. A VQ-VAE can reach a low
     loss on dark, sparse frames (gameplay on a black background) while encoding only position: every
     clip then gets the same codes and the GPT downstream sees no content at all."""
     model.eval()
-    codes = torch.cat([model.encode(to_model_input(clips[i:i + args.per_rank_batch], device, args.channels_last))
-                       for i in range(0, len(clips), args.per_rank_batch)])      # (N, t, h, w)
+    codes = torch.cat([model.encode(to_model_input(clips[i:i + per_rank_batch], device, args.channels_last))
+                       for i in range(0, len(clips), per_rank_batch)])      # (N, t, h, w)
     model.train()
     return len(torch.unique(codes.flatten(1), dim=0)), len(codes)
 

@@ -46,12 +46,12 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
@@ -79,17 +79,19 @@ def parse_args(argv=None):
     p.add_argument("--name", help="run folder under <work>/gpt/ (default: from the configuration)")
     p.add_argument("--vqvae", help="frozen VQ-VAE checkpoint (default: <work>/vqvae/ckpt.pt)")
     data = p.add_argument_group("data")
-    data.add_argument("--test-sessions", nargs="*", default=["005"],
+    data.add_argument("--test-sessions", nargs="*", default=["005"], type=common.session_flag,
                       help="sessions kept out of training (the encoding test set); none: use every session")
     data.add_argument("--val-reps", type=int, default=2,
-                      help="last N repetitions (manifest order) held out for the validation loss")
+                      help="last N repetitions (manifest order) held out for the validation loss (03 holds "
+                           "out the same; default 2)")
     data.add_argument("--train-frames", type=int, default=0,
-                      help="60 Hz frames of training repetitions to use, the first ones in --subset-order (0: all; "
-                           "paper: 10k, 100k, 1M, 6M)")
+                      help="60 Hz frames of training repetitions to use, the first ones in --subset-order "
+                           "(0: all; paper: 10k, 100k, 1M, 6M)")
     data.add_argument("--subset-order", choices=("authors", "manifest"), default="authors",
-                      help="order in which --train-frames takes repetitions: the authors' (subject, then level, "
-                           "then session) or frames/manifest.tsv's (subject, session, run, repetition)")
-    data.add_argument("--frame-step", type=int, default=4, help="60 Hz frames per clip frame (4: clips at 15 Hz)")
+                      help="order in which --train-frames takes repetitions: the authors' (subject, then "
+                           "level, then session) or frames/manifest.tsv's (subject, session, run, repetition)")
+    data.add_argument("--frame-step", type=int, default=4,
+                      help="60 Hz frames per clip frame (4: clips at 15 Hz)")
     model = p.add_argument_group("model (paper configuration by default: Table 2(b), 40,324,768 parameters)")
     model.add_argument("--hidden-dim", type=int, default=576, help="multiple of 3 (paper sweep: 6 ... 1024)")
     model.add_argument("--layers", type=int, default=8, help="attention blocks (paper sweep: 1, 2, 4, 8, 16)")
@@ -99,38 +101,23 @@ def parse_args(argv=None):
     model.add_argument("--dropout", type=float, default=0.2, help="dropout on the residual branches")
     model.add_argument("--attn-dropout", type=float, default=0.3, help="dropout on the attention weights")
     model.add_argument("--checkpoint-activations", action="store_true",
-                       help="recompute attention and MLP in the backward pass (the authors' default; saves memory)")
+                       help="recompute attention and MLP in the backward pass (the authors' default; saves "
+                            "memory)")
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=64,
-                       help="samples per optimizer step, over all processes (the authors': 16 per GPU x 4 GPUs)")
+                       help="samples per optimizer step, over all processes (the authors': 16 per GPU x 4)")
     train.add_argument("--max-steps", type=int, default=200000,
-                       help="optimizer steps (cosine period); 0 saves the initial weights (the untrained control)")
+                       help="optimizer steps (cosine period); 0 saves the initial weights (the untrained "
+                            "control)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
     train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (the authors': 1; 0: none)")
     train.add_argument("--init-from", help="initial weights: a ckpt.pt of this stage or an authors' Lightning .ckpt")
-    train.add_argument("--allow-unfinished", action="store_true",
-                       help="use a VQ-VAE whose training was interrupted (refused by default)")
+    train.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
+                       help="fp16: autocast + GradScaler (the paper's mixed precision); bf16: autocast")
     train.add_argument("--seed", type=int, default=0)
-    run = p.add_argument_group("run")
-    run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    run.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
-                     help="fp16: autocast + GradScaler (the paper's mixed precision); bf16: autocast")
-    run.add_argument("--tf32", action="store_true", help="TF32 matmuls in fp32 (Ampere and later)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--log-every", type=int, default=100, help="steps between log.csv rows")
-    run.add_argument("--val-every", type=int, default=1000, help="steps between validation passes")
-    run.add_argument("--val-samples", type=int, default=2048, help="validation samples per pass (0: all)")
-    run.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
-    run.add_argument("--resume", action="store_true", help="continue from <work>/gpt/<name>/ckpt.pt if present")
-    run.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
+    common.add_run_flags(p, ["--device", "--tf32", "--compile", "--log-every", "--val-every", "--val-samples",
+                             "--ckpt-every", "--resume", "--overwrite", "--allow-unfinished"])
     args = p.parse_args(argv)
-    args.test_sessions = [s.removeprefix("ses-") for s in args.test_sessions]
-    if args.name is None:
-        args.name = f"h{args.hidden_dim}-l{args.layers}-a{args.heads}"
-        if args.train_frames:
-            args.name += f"-f{args.train_frames}"
-        if args.precision != "fp32":
-            args.name += f"-{args.precision}"
     for flag in ("batch_size", "log_every", "val_every", "ckpt_every", "frame_step"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
@@ -147,158 +134,252 @@ def parse_args(argv=None):
 def main(argv=None):
     preemption = common.PreemptionFlag()   # from here on SIGTERM/SIGUSR1 ask to stop; they no longer kill
     args = parse_args(argv)
-    work = Path(args.work)
-    vqvae_path = Path(args.vqvae or work / "vqvae" / "ckpt.pt")
-    args.vqvae = str(vqvae_path)   # saved in the checkpoint's args: 05 finds the VQ-VAE there
-    out_dir = work / "gpt" / args.name
-    ckpt_path = out_dir / "ckpt.pt"
-    common.remove_stale_temporaries(out_dir)
-    common.remove_stale_temporaries(work / "gpt" / "codes")
-
-    # What this run is made of: its flags, the frozen VQ-VAE, the frames of its repetitions and the initial
-    # weights. A finished run made the same way is skipped; an unfinished one is resumed (--resume); one
-    # made from other inputs starts over.
-    vqvae = common.load_vqvae(vqvae_path, allow_unfinished=args.allow_unfinished)
-    config = model_config(args, vqvae)
-    train_reps, val_reps, used = training_data(work, args)
-    frames_paths = [work / str(r["frames_path"]) for r in train_reps + val_reps]
-    settings = common.settings_of(args, common.RUN_CONTROL_FLAGS | {"vqvae", "init_from"})
-    inputs = common.input_fingerprints(work, [vqvae_path, *frames_paths, *([args.init_from] if args.init_from else [])])
-    checkpoint, complete = common.checkpoint_to_resume(ckpt_path, STAGE, settings, inputs, args.resume, args.overwrite)
-    if complete:
-        common.print0(f"{STAGE}: {ckpt_path} is complete ({checkpoint['step']} steps, same flags and inputs); "
-                      "--overwrite to train again")
+    run = plan_run(args)
+    if run.checkpoint is not None and run.checkpoint["complete"]:
+        common.print0(f"{STAGE}: {run.ckpt_path} is complete ({run.checkpoint['step']} steps, same flags and "
+                      "inputs); --overwrite to train again")
         return
-    data = dict(vqvae=vqvae, vqvae_sha256=inputs[os.path.relpath(vqvae_path, work)]["sha256"], train_reps=train_reps,
-                val_reps=val_reps, used=used,
-                frames_sha256=[inputs[os.path.relpath(p, work)]["sha256"] for p in frames_paths])
-    # the record says which frames this data size means, repetition by repetition
-    subset = [{"frames_path": str(r["frames_path"]), "sub": r["sub"], "ses": r["ses"], "frames_used": n,
-               "level": r["level"] if isinstance(r.get("level"), str) else None} for r, n in zip(train_reps, used)]
-
-    ctx = common.setup_distributed(args.device)
-    try:
-        if checkpoint is None:
-            common.start_over(ckpt_path, ctx)
-        args.per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
-        train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data,
-              dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset), preemption)
-    finally:
-        common.teardown_distributed()
+    common.run_training(train, args, run, preemption)
 
 
-def train(args, ctx, work, out_dir, ckpt_path, checkpoint, config, data, provenance, preemption):
-    """The training loop, to --max-steps. A signal (`preemption`) stops it at the end of a step, its
-    checkpoint saved, or after the code cache's current repetition: common.Interrupted."""
+def train(args, run, ctx, preemption):
+    """Paper 2.3.1.2: Adam on the cross-entropy of the next clip's codes (eq. 7), cosine schedule (eq. 2),
+    to --max-steps. A signal stops it at the end of a step, its checkpoint saved, or after a repetition of
+    the code cache: common.Interrupted."""
     device = ctx.device
     common.seed_everything(args.seed, ctx.rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    codebook, train_samples, val_samples = code_samples(args, ctx, work, data, preemption)  # (n_codes, D), ...
-    model = common.VideoGPT(**config, checkpoint_activations=args.checkpoint_activations).to(device)
-    if args.init_from and checkpoint is None:
-        load_initial_weights(model, args.init_from, config, codebook)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=device.type == "cuda")
-    scaler = common.grad_scaler(device, args.precision)
-    # loss_sum, interval_steps: the train_loss of a log row averages the steps since the previous row,
-    # also across a resume
-    start_step, wall_before, loss_sum, interval_steps = resume(checkpoint, model, optimizer, scaler, ctx)
-    raw_model = model
-    if ctx.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    flops_per_sample, peak = train_flops_per_sample(config), peak_tflops(args, device)
-    # for the reader of the record (and 07's scaling laws): the model's size and the compute of one sample
-    provenance.update(n_parameters=sum(p.numel() for p in raw_model.parameters()),
-                      train_flops_per_sample=flops_per_sample)
-    tokens_per_sample = math.prod(config["latent_shape"])
-    log = common.CSVLog(out_dir / "log.csv", LOG_FIELDS, resume_step=start_step) if ctx.is_main else None
-    run_start = time.perf_counter()
-
-    def save(step):
-        rng = common.gather_rng_states(ctx)   # collectives: every rank takes part
-        interval_loss = loss_sum.clone()
-        if ctx.world_size > 1:
-            torch.distributed.all_reduce(interval_loss)
-        if ctx.is_main:
-            common.save_checkpoint(ckpt_path, dict(
-                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                step=step, max_steps=args.max_steps, complete=step >= args.max_steps, rng=rng, args=vars(args),
-                model_config=config, kind=STAGE, provenance=provenance, vqvae_sha256=data["vqvae_sha256"],
-                train_frames=sum(data["used"]), train_samples=len(train_samples),
-                log_interval={"loss_sum": interval_loss.item(), "steps": interval_steps},
-                wall_s=wall_before + time.perf_counter() - run_start))
-        common.barrier(ctx)   # no rank exits before the checkpoint is on disk (srun kills the others)
-
+    per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
+    codebook, train_samples, val_samples = code_samples(args, run, ctx, preemption)  # (n_codes, D), ...
+    state = start_state(args, run, ctx, codebook)
+    model = common.wrap_for_training(state.model, args, ctx)
+    log = common.CSVLog(run.out_dir / "log.csv", LOG_FIELDS, resume_step=state.step) if ctx.is_main else None
     if args.max_steps == 0:   # the untrained control: its initial weights are the result
-        save(0)
+        save(args, run, ctx, state)
     # --- loop; the bar is closed however it ends, so that an error message stays the last line printed
-    with tqdm(total=args.max_steps, initial=start_step, disable=not ctx.is_main, desc="04 gpt") as progress:
-        interval_start = time.perf_counter()
-        step = start_step
-        while step < args.max_steps:
-            index = batch_indices(step, len(train_samples), args.batch_size, args.seed, ctx.rank, ctx.world_size)
+    with tqdm(total=args.max_steps, initial=state.step, disable=not ctx.is_main, desc="04 gpt") as progress:
+        while state.step < args.max_steps:
+            index = batch_indices(state.step, len(train_samples), args.batch_size, args.seed, ctx.rank,
+                                  ctx.world_size)
             cond, target = train_samples.batch(index.to(device))                 # (B, t, h, w) each
-            lr = common.cosine_lr(step, args.max_steps, args.lr)                 # paper eq. 2
-            common.set_lr(optimizer, lr)
-            with common.autocast(device, args.precision):
-                loss = gpt_loss(model, codebook, cond, target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-            step += 1
-            interval_steps += 1
+            lr = common.cosine_lr(state.step, args.max_steps, args.lr)           # paper eq. 2
+            loss = optimizer_step(model, state, codebook, cond, target, lr, args)
+            state.add_step(loss)
             progress.update(1)
 
-            last = step == args.max_steps
-            if step % args.log_every == 0 or last:
+            last = state.step == args.max_steps
+            if state.step % args.log_every == 0 or last:
                 val_loss = ""
-                if step % args.val_every == 0 or last:
-                    val_loss = validation_loss(raw_model, codebook, val_samples, args, ctx) if len(val_samples) else ""
-                if ctx.world_size > 1:
-                    torch.distributed.all_reduce(loss_sum)
-                train_loss = loss_sum.item() / interval_steps / ctx.world_size
-                elapsed = time.perf_counter() - interval_start
-                clips_per_s = interval_steps * args.batch_size / elapsed
-                if ctx.is_main:
-                    log.log(step=step, epoch=step * args.batch_size / len(train_samples), lr=lr,
-                            train_loss=train_loss, val_loss=val_loss, clips_per_s=clips_per_s,
-                            tokens_per_s=clips_per_s * tokens_per_sample,
-                            mfu=clips_per_s * flops_per_sample / (peak * 1e12 * ctx.world_size) if peak else "",
-                            peak_mem_gb=common.peak_memory_gb(device),
-                            wall_s=wall_before + time.perf_counter() - run_start)
-                    progress.set_postfix(loss=f"{train_loss:.4f}")
-                loss_sum.zero_()
-                interval_start, interval_steps = time.perf_counter(), 0
-
+                if (state.step % args.val_every == 0 or last) and len(val_samples):
+                    val_loss = validation_loss(state.model, codebook, val_samples, per_rank_batch, args, ctx)
+                train_loss = log_row(log, args, run, ctx, state, lr, val_loss, len(train_samples))
+                progress.set_postfix(loss=f"{train_loss:.4f}")
             stop = preemption.agreed(ctx)
-            if step % args.ckpt_every == 0 or last or stop:
-                save(step)
+            if state.step % args.ckpt_every == 0 or last or stop:
+                save(args, run, ctx, state)
             if stop and not last:
-                raise preemption.interrupted(STAGE, f"at step {step} of {args.max_steps}")
+                raise preemption.interrupted(STAGE, f"at step {state.step} of {args.max_steps}")
 
     if ctx.is_main:
-        save_loss_figure(out_dir / "log.csv", out_dir / "loss.png", f"GPT {args.name}")
-        print(f"{STAGE}: {step} steps; wrote {ckpt_path}, {out_dir / 'log.csv'}, {out_dir / 'loss.png'}")
+        save_loss_figure(run.out_dir / "log.csv", run.out_dir / "loss.png", f"GPT {run.out_dir.name}")
+        print(f"{STAGE}: {state.step} steps; wrote {run.ckpt_path}, {run.out_dir / 'log.csv'}, "
+              f"{run.out_dir / 'loss.png'}")
+
+
+def optimizer_step(model, state, codebook, cond, target, lr, args):
+    """One step of Adam on the batch's loss, with loss scaling (fp16) and gradient clipping; returns
+    the loss (a 0-d tensor, not synchronised)."""
+    common.set_lr(state.optimizer, lr)
+    with common.autocast(cond.device, args.precision):
+        loss = gpt_loss(model, codebook, cond, target)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if args.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return loss.detach()
 
 
 def gpt_loss(model, codebook, cond_codes, target_codes):
     """Paper eq. 7: mean cross-entropy of the target clip's codes (B, t, h, w), each predicted from the
     codes before it (causal attention) and from the conditioning clip's codes (cross-attention). The GPT
     reads codebook vectors, codes (B, t, h, w) -> (B, t, h, w, D), as the authors' emb_cond model does."""
-    logits = model(F.embedding(target_codes, codebook), F.embedding(cond_codes, codebook))  # (B, t, h, w, n_codes)
+    logits = model(F.embedding(target_codes, codebook), F.embedding(cond_codes, codebook))  # (B, t, h, w, K)
     return F.cross_entropy(logits.flatten(0, -2).float(), target_codes.flatten().long())
 
 
 # --------------------------------------------------------------------------------------------------
-# Set-up: flags to model, the training data, a checkpoint to resume, initial weights
+# Training state: what changes step by step, what a checkpoint saves, what a log row reports
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """The model (unwrapped), its optimizer and loss scaler, the step, and the log interval in progress:
+    the training loss summed over its steps (this rank's; rank 0 also holds a resumed run's saved sum,
+    which covers every rank) and their number, kept across a resume so that a resumed run logs as an
+    uninterrupted one. `wall_before`: seconds trained by the earlier runs of this checkpoint."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int
+    loss_sum: torch.Tensor
+    interval_steps: int
+    wall_before: float
+    run_start: float = field(default_factory=time.perf_counter)
+    interval_start: float = field(default_factory=time.perf_counter)
+
+    def add_step(self, loss):
+        self.loss_sum += loss
+        self.step += 1
+        self.interval_steps += 1
+
+    def wall_s(self):
+        return self.wall_before + time.perf_counter() - self.run_start
+
+
+def start_state(args, run, ctx, codebook):
+    """A new model with its optimizer and loss scaler, from --init-from's weights or a fresh draw, then
+    the checkpoint's weights, step, log interval and random generators when resuming."""
+    model = common.VideoGPT(**run.model_config, checkpoint_activations=args.checkpoint_activations)
+    model = model.to(ctx.device)
+    if args.init_from and run.checkpoint is None:
+        load_initial_weights(model, args.init_from, run.model_config, codebook)
+    fused = ctx.device.type == "cuda"   # one kernel for all parameters; GradScaler's check stays on the GPU
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=fused)
+    state = TrainState(model, optimizer, common.grad_scaler(ctx.device, args.precision), step=0,
+                       loss_sum=torch.zeros((), device=ctx.device), interval_steps=0, wall_before=0.0)
+    checkpoint = run.checkpoint
+    if checkpoint is None:
+        return state
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scaler.load_state_dict(checkpoint["scaler"])
+    if ctx.is_main:   # the saved sum covers every rank: it enters the next all-reduce once
+        state.loss_sum += checkpoint["log_interval"]["loss_sum"]
+    if not common.restore_rng_states(checkpoint["rng"], ctx):
+        common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
+                      "random generators reseeded (the run continues, not bit-for-bit)")
+    state.step, state.interval_steps = checkpoint["step"], checkpoint["log_interval"]["steps"]
+    state.wall_before = checkpoint.get("wall_s", 0.0)
+    return state
+
+
+def save(args, run, ctx, state):
+    """Write the checkpoint of `state` (rank 0; every rank takes part in the collectives), then wait
+    until it is on disk: srun stops every process once one has exited."""
+    rng = common.gather_rng_states(ctx)
+    interval_loss = state.loss_sum.clone()
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(interval_loss)
+    if ctx.is_main:
+        data = run.data
+        common.save_checkpoint(run.ckpt_path, dict(
+            model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
+            scaler=state.scaler.state_dict(), step=state.step, max_steps=args.max_steps,
+            complete=state.step >= args.max_steps, rng=rng,
+            args=dict(vars(args), vqvae=str(data.vqvae_path)),   # 05 finds the VQ-VAE there
+            model_config=run.model_config, kind=STAGE, provenance=run.record,
+            vqvae_sha256=data.vqvae_sha256, train_frames=sum(data.frames_used),
+            log_interval={"loss_sum": interval_loss.item(), "steps": state.interval_steps},
+            wall_s=state.wall_s()))
+    common.barrier(ctx)
+
+
+def log_row(log, args, run, ctx, state, lr, val_loss, n_samples):
+    """Append the log interval's row to log.csv (rank 0), start the next interval; returns its mean
+    training loss over every rank."""
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(state.loss_sum)
+    train_loss = state.loss_sum.item() / state.interval_steps / ctx.world_size
+    clips_per_s = state.interval_steps * args.batch_size / (time.perf_counter() - state.interval_start)
+    flops, peak = run.record["train_flops_per_sample"], peak_tflops(args, ctx.device)
+    if ctx.is_main:
+        log.log(step=state.step, epoch=state.step * args.batch_size / n_samples, lr=lr,
+                train_loss=train_loss, val_loss=val_loss, clips_per_s=clips_per_s,
+                tokens_per_s=clips_per_s * math.prod(run.model_config["latent_shape"]),
+                mfu=clips_per_s * flops / (peak * 1e12 * ctx.world_size) if peak else "",
+                peak_mem_gb=common.peak_memory_gb(ctx.device), wall_s=state.wall_s())
+    state.loss_sum.zero_()
+    state.interval_steps, state.interval_start = 0, time.perf_counter()
+    return train_loss
+
+
+# --------------------------------------------------------------------------------------------------
+# Set-up: the run's inputs and record, flags to model, the training data, initial weights
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class GPTData:
+    """The frozen VQ-VAE (the model, its path and sha256) and the repetitions: training ones in
+    --subset-order with the leading 60 Hz frames used of each, validation ones, and the sha256 of the
+    frames of both (training first), which name their code cache files."""
+    vqvae: torch.nn.Module
+    vqvae_path: Path
+    vqvae_sha256: str
+    train_reps: list
+    frames_used: list
+    val_reps: list
+    frames_sha256: list
+
+
+def plan_run(args):
+    """What this run is made of: its flags, the frozen VQ-VAE, the frames of its repetitions and the
+    initial weights, and the checkpoint it continues. A finished run made the same way is complete
+    (skipped); an unfinished one is resumed (--resume); one made from other inputs starts over."""
+    work = Path(args.work)
+    out_dir = work / "gpt" / run_name(args)
+    common.remove_stale_temporaries(out_dir)
+    common.remove_stale_temporaries(work / "gpt" / "codes")
+    vqvae_path = Path(args.vqvae or work / "vqvae" / "ckpt.pt")
+    vqvae = common.load_vqvae(vqvae_path, allow_unfinished=args.allow_unfinished)
+    config = model_config(args, vqvae)
+    train_reps, val_reps, used = training_data(work, args)
+    warn_if_vqvae_saw_validation(work, vqvae_path, val_reps)
+    frames_paths = [work / str(r["frames_path"]) for r in train_reps + val_reps]
+    settings = common.settings_of(args, common.NOT_RECORDED | {"vqvae", "init_from"})
+    inputs = common.input_fingerprints(work, [vqvae_path, *frames_paths, *filter(None, [args.init_from])])
+    checkpoint, _ = common.checkpoint_to_resume(out_dir / "ckpt.pt", STAGE, settings, inputs, args.resume,
+                                                args.overwrite)
+    sha256 = lambda path: inputs[os.path.relpath(path, work)]["sha256"]  # noqa: E731
+    data = GPTData(vqvae, vqvae_path, sha256(vqvae_path), train_reps, used, val_reps,
+                   [sha256(p) for p in frames_paths])
+    with torch.device("meta"):   # the model's size, without its memory
+        n_parameters = sum(p.numel() for p in common.VideoGPT(**config).parameters())
+    # the record says which frames this data size means, repetition by repetition, and (for 07's
+    # scaling laws) the model's size and the compute of one training sample
+    subset = [{"frames_path": str(r["frames_path"]), "sub": r["sub"], "ses": r["ses"], "frames_used": n,
+               "level": r["level"] if isinstance(r.get("level"), str) else None}
+              for r, n in zip(train_reps, used)]
+    record = dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset,
+                  n_parameters=n_parameters, train_flops_per_sample=train_flops_per_sample(config))
+    return common.TrainingRun(out_dir, checkpoint, config, record, data)
+
+
+def run_name(args):
+    """The run's folder under <work>/gpt/: --name, or one spelled from the configuration."""
+    if args.name:
+        return args.name
+    return (f"h{args.hidden_dim}-l{args.layers}-a{args.heads}" + (f"-f{args.train_frames}" if args.train_frames
+            else "") + (f"-{args.precision}" if args.precision != "fp32" else ""))
+
+
+def warn_if_vqvae_saw_validation(work, vqvae_path, val_reps):
+    """Say so when the frozen VQ-VAE trained on some of the GPT's validation repetitions (03 run with
+    other --val-reps or --test-sessions): the validation loss then reads codes of clips it has seen."""
+    record = common.read_record(common.record_path(vqvae_path))
+    settings = (record or {}).get("settings", {})
+    if "--val-reps" not in settings or "--test-sessions" not in settings:
+        return   # not trained by 03 (the authors' checkpoint): nothing to compare
+    reps = common.training_repetitions(work, settings["--test-sessions"])
+    held_out = {str(r["frames_path"]) for r in reps[len(reps) - settings["--val-reps"]:]}
+    seen = [str(r["frames_path"]) for r in val_reps if str(r["frames_path"]) not in held_out]
+    if seen:
+        common.print0(f"{STAGE}: warning: the VQ-VAE {vqvae_path} trained on {len(seen)} of the "
+                      f"{len(val_reps)} validation repetitions (its --val-reps {settings['--val-reps']}, "
+                      f"--test-sessions {settings['--test-sessions']}): pass the same to both stages")
+
+
 def model_config(args, vqvae):
     """The VideoGPT keywords of the flags and the VQ-VAE, after checking they describe a valid model."""
     if args.hidden_dim % 3 or args.hidden_dim < 3:
@@ -321,10 +402,7 @@ def training_data(work, args):
     training repetition): rows of frames/manifest.tsv as dicts. Validation is the last --val-reps in
     manifest order, the same whatever the data size."""
     reps = common.training_repetitions(work, args.test_sessions)
-    if len(reps) <= args.val_reps:
-        raise InputError(f"{work / 'frames' / 'manifest.tsv'}: {len(reps)} usable repetition(s), not enough to "
-                         f"hold out --val-reps {args.val_reps} and still train")
-    train_reps, val_reps = reps[:len(reps) - args.val_reps], reps[len(reps) - args.val_reps:]
+    train_reps, val_reps = common.split_validation(reps, args.val_reps, work / "frames" / "manifest.tsv")
     train_reps = in_subset_order(train_reps, args.subset_order)
     used = select_training_frames([int(r["n_frames"]) for r in train_reps], args.train_frames)
     return [r for r, n in zip(train_reps, used) if n > 0], val_reps, [n for n in used if n > 0]
@@ -364,24 +442,6 @@ def select_training_frames(n_frames, train_frames):
     return used
 
 
-def resume(checkpoint, model, optimizer, scaler, ctx):
-    """Load a checkpoint's weights, optimizer, loss scaler and random generators. Returns (step, wall
-    seconds trained before, loss sum (a tensor) and steps of the log interval in progress); zeros
-    without a checkpoint."""
-    loss_sum = torch.zeros((), device=ctx.device)
-    if checkpoint is None:
-        return 0, 0.0, loss_sum, 0
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    if ctx.is_main:   # the saved sum covers every rank: it enters the next all-reduce once
-        loss_sum += checkpoint["log_interval"]["loss_sum"]
-    if not common.restore_rng_states(checkpoint["rng"], ctx):
-        common.print0(f"{STAGE}: {ctx.world_size} processes instead of {len(checkpoint['rng'])}: "
-                      "random generators reseeded (the run continues, not bit-for-bit)")
-    return checkpoint["step"], checkpoint.get("wall_s", 0.0), loss_sum, checkpoint["log_interval"]["steps"]
-
-
 def load_initial_weights(model, path, config, codebook):
     """--init-from: start from the weights of another GPT checkpoint (ours, or the authors' Lightning
     one) of the same architecture; its dropout rates may differ."""
@@ -398,25 +458,26 @@ def load_initial_weights(model, path, config, codebook):
 # --------------------------------------------------------------------------------------------------
 # Data: the code cache and the samples
 # --------------------------------------------------------------------------------------------------
-def code_samples(args, ctx, work, data, preemption):
+def code_samples(args, run, ctx, preemption):
     """The frozen VQ-VAE's codebook (n_codes, D) on the device, and the training and validation samples
     (CodeSamples) from the cached codes of their repetitions (encoded now where the cache lacks them)."""
-    vqvae = data.pop("vqvae").to(ctx.device).eval()
+    data, work = run.data, Path(args.work)
+    vqvae = data.vqvae.to(ctx.device).eval()
     codebook = vqvae.codebook.embeddings.detach().clone().float()                # (n_codes, D)
-    train_reps, val_reps, used = data["train_reps"], data["val_reps"], data["used"]
-    cache_dir = cache_directory(work, data["vqvae_sha256"], args.frame_step)
+    cache_dir = cache_directory(work, data.vqvae_sha256, args.frame_step)
     span = vqvae.config["sequence_length"] * args.frame_step                     # 60 Hz frames per clip
-    codes = cached_codes(work, train_reps + val_reps, data["frames_sha256"], vqvae, cache_dir, args, ctx,
-                         preemption)
-    train_samples = CodeSamples(codes[:len(train_reps)], used, span, ctx.device)
-    val_samples = CodeSamples(codes[len(train_reps):], [int(r["n_frames"]) for r in val_reps], span, ctx.device)
+    codes = cached_codes(work, data.train_reps + data.val_reps, data.frames_sha256, vqvae, cache_dir, args,
+                         ctx, preemption)
+    n_train = len(data.train_reps)
+    train_samples = CodeSamples(codes[:n_train], data.frames_used, span, ctx.device)
+    val_samples = CodeSamples(codes[n_train:], [int(r["n_frames"]) for r in data.val_reps], span, ctx.device)
     if len(train_samples) == 0:
         raise InputError(f"--train-frames {args.train_frames}: no training sample (a sample needs two "
                          f"consecutive clips, {2 * span} frames of one repetition)")
-    common.print0(f"{STAGE}: {sum(used)} training frames from {len(train_reps)} repetitions -> "
+    common.print0(f"{STAGE}: {sum(data.frames_used)} training frames from {n_train} repetitions -> "
                   f"{len(train_samples)} samples; {len(val_samples)} validation samples "
-                  f"({len(val_reps)} repetitions); codes in {cache_dir}")
-    return codebook.to(ctx.device), train_samples, val_samples
+                  f"({len(data.val_reps)} repetitions); codes in {cache_dir}")
+    return codebook, train_samples, val_samples
 
 
 def cache_directory(work, vqvae_sha256, frame_step):
@@ -551,14 +612,14 @@ def peak_tflops(args, device):
 
 
 @torch.no_grad()
-def validation_loss(model, codebook, samples, args, ctx):
+def validation_loss(model, codebook, samples, per_rank_batch, args, ctx):
     """Mean cross-entropy over a fixed, evenly spread subset of the validation samples (all ranks share
     the work; model in eval mode: no dropout)."""
     n = len(samples) if args.val_samples == 0 else min(args.val_samples, len(samples))
     chosen = torch.as_tensor(np.linspace(0, len(samples) - 1, n).round().astype(np.int64))[ctx.rank::ctx.world_size]
     model.eval()
     total = torch.zeros(2, device=ctx.device, dtype=torch.float64)          # (loss sum, count)
-    for index in chosen.split(args.per_rank_batch):
+    for index in chosen.split(per_rank_batch):
         cond, target = samples.batch(index.to(ctx.device))
         with common.autocast(ctx.device, args.precision):
             total[0] += gpt_loss(model, codebook, cond, target).double() * len(index)

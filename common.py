@@ -294,6 +294,11 @@ def run_stem(sub, ses, task, run):
     return f"sub-{sub}_ses-{ses}_task-{task}_run-{run}"
 
 
+def session_flag(text):
+    """argparse type of --test-sessions and kin: 'ses-005' and '005' are both given as '005'."""
+    return text.removeprefix("ses-")
+
+
 def session_label(value):
     """A session label that compares as a number when it is one: '005' (a manifest), 'ses-005' and '5'
     (as a flag may give it) are all '5'."""
@@ -613,14 +618,41 @@ class PreemptionFlag:
         return Interrupted(f"{stage}: interrupted {where} by {self.name or 'a signal'}; {kept}: re-run to resume")
 
 
-# Flags that choose the hardware, the speed or the logging of a training run: never part of its record,
-# so a run may be resumed on another device, with torch.compile, or with other log intervals.
-RUN_CONTROL_FLAGS = {"work", "device", "workers", "tf32", "channels_last", "cudnn_benchmark", "compile",
-                     "log_every", "val_every", "val_clips", "val_samples", "ckpt_every", "resume", "overwrite",
-                     "allow_unfinished", "name"}
+# Flags that choose the hardware, the speed or the logging of a training run, declared here once for 03
+# and 04: never part of a run's record, so a run may resume on another device, with torch.compile, or
+# with other log intervals. A stage adds those it has with add_run_flags; settings_of leaves them out.
+RUN_FLAGS = {
+    "--device": dict(default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA when torch sees it"),
+    "--workers": dict(type=int, default=4, help="threads that read clips from disk (default %(default)s)"),
+    "--tf32": dict(action="store_true", help="TF32 matmuls and convolutions in fp32 (Ampere and later)"),
+    "--channels-last": dict(action="store_true", help="channels_last_3d memory format"),
+    "--cudnn-benchmark": dict(action="store_true", help="let cuDNN pick the fastest kernels"),
+    "--compile": dict(action="store_true", help="torch.compile the model"),
+    "--log-every": dict(type=int, default=100, help="steps between log.csv rows (default %(default)s)"),
+    "--val-every": dict(type=int, default=1000, help="steps between validation passes (default %(default)s)"),
+    "--val-clips": dict(type=int, default=32, help="validation clips, drawn once (default %(default)s)"),
+    "--val-samples": dict(type=int, default=2048,
+                          help="validation samples per pass (0: all; default %(default)s)"),
+    "--ckpt-every": dict(type=int, default=1000, help="steps between checkpoints (default %(default)s)"),
+    "--resume": dict(action="store_true", help="continue this stage's unfinished run, if there is one"),
+    "--overwrite": dict(action="store_true", help="start over even if a checkpoint exists"),
+    "--allow-unfinished": dict(action="store_true",
+                               help="use an upstream checkpoint whose training was interrupted"),
+}
+NOT_RECORDED = {"work", "name", *(flag[2:].replace("-", "_") for flag in RUN_FLAGS)}
 
 
-def settings_of(args, leave_out=RUN_CONTROL_FLAGS):
+def add_run_flags(parser, flags, **defaults):
+    """Add the RUN_FLAGS named in `flags` to `parser`, in a group of their own; `defaults` overrides
+    theirs by destination (log_every=50)."""
+    group = parser.add_argument_group("run (hardware, speed and logging: not part of the record)")
+    for flag in flags:
+        spec = dict(RUN_FLAGS[flag])
+        spec["default"] = defaults.get(flag[2:].replace("-", "_"), spec.get("default"))
+        group.add_argument(flag, **spec)
+
+
+def settings_of(args, leave_out=NOT_RECORDED):
     """The flags of an argparse namespace that shape the result, as {"--flag": value}, JSON-normalised
     (tuples become lists) so that they compare equal to the same flags read back from a record."""
     settings = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in leave_out}
@@ -659,6 +691,54 @@ def start_over(ckpt_path, ctx):
     if ctx.is_main:
         Path(ckpt_path).unlink(missing_ok=True)
         record_path(ckpt_path).unlink(missing_ok=True)
+
+
+@dataclass
+class TrainingRun:
+    """What a training run (03, 04) is made of, decided before it starts: where it writes, the unfinished
+    run it resumes (None: from step 0), the model's keywords, its record (provenance) and the stage's
+    training data."""
+    out_dir: Path
+    checkpoint: dict | None
+    model_config: dict
+    record: dict
+    data: object
+
+    @property
+    def ckpt_path(self):
+        return self.out_dir / "ckpt.pt"
+
+
+def run_training(train, args, run, preemption):
+    """Join the process group of --device, remove the checkpoint of a run that starts over, call
+    train(args, run, ctx, preemption), and leave the group however it ends."""
+    ctx = setup_distributed(args.device)
+    try:
+        if run.checkpoint is None:
+            start_over(run.ckpt_path, ctx)
+        train(args, run, ctx, preemption)
+    finally:
+        teardown_distributed()
+
+
+def wrap_for_training(model, args, ctx, **ddp_options):
+    """The model the training loop calls: under DDP with several processes, compiled with --compile. The
+    checkpoints save the model itself, unwrapped."""
+    if ctx.world_size > 1:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_options)
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+def split_validation(reps, val_reps, path):
+    """(training, validation) repetitions: the last `val_reps` in manifest order are held out. 03 and 04
+    hold out the same ones (same default), so the frozen VQ-VAE never saw the GPT's validation clips."""
+    if len(reps) <= val_reps:
+        raise InputError(f"{path}: {len(reps)} usable repetition(s), not enough to hold out --val-reps "
+                         f"{val_reps} and still train")
+    return reps[:len(reps) - val_reps], reps[len(reps) - val_reps:]
 
 
 def require_complete(checkpoint, path, producer, allow_flag, allowed=False):

@@ -426,22 +426,32 @@ def test_untrained_control_is_the_trained_runs_starting_point(work):
     assert not all(torch.equal(untrained[k], v) for k, v in other.items())   # the seed does choose the init
 
 
-def test_ranks_share_the_code_cache_whatever_the_order_they_look_in(work, tmp_path, monkeypatch):
+def test_ranks_share_the_code_cache_whatever_the_order_they_look_in(work, tmp_path):
     """Two ranks fill the code cache: rank 1 looks only after rank 0 has written its share. Each rank
     takes the repetitions of its position in the list, not of the missing files, so none is left out."""
     class AtBarrier(Exception):
         pass
 
-    def rank0_barrier():   # rank 0 stops at the barrier here; rank 1 then runs alone and reads everything
-        monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
-        raise AtBarrier
-    monkeypatch.setattr(torch.distributed, "barrier", rank0_barrier)
+    class Collective:   # rank 0 stops at the collective after its share; rank 1 then runs alone
+        name = None     # no signal
+
+        def __init__(self):
+            self.calls = 0
+
+        def agreed(self, ctx):
+            self.calls += 1
+            if self.calls == 1:
+                raise AtBarrier
+            return False
+    waiting = Collective()
     reps = common.training_repetitions(work, ["005"])
     digests = [common.file_sha256(work / r["frames_path"]) for r in reps]
     vqvae = common.VQVAE(**TINY_VQVAE).eval()
     cache, args = tmp_path / "codes", Namespace(frame_step=4)
     with pytest.raises(AtBarrier):
-        gpt_stage.cached_codes(work, reps, digests, vqvae, cache, args, common.DistContext(0, 0, 2, torch.device("cpu")))
+        gpt_stage.cached_codes(work, reps, digests, vqvae, cache, args,
+                               common.DistContext(0, 0, 2, torch.device("cpu")), waiting)
     assert len(list(cache.rglob("*.npy"))) == (len(reps) + 1) // 2       # rank 0's share: repetitions 0, 2, ...
-    codes = gpt_stage.cached_codes(work, reps, digests, vqvae, cache, args, common.DistContext(1, 1, 2, torch.device("cpu")))
+    codes = gpt_stage.cached_codes(work, reps, digests, vqvae, cache, args,
+                                   common.DistContext(1, 1, 2, torch.device("cpu")), waiting)
     assert len(codes) == len(reps) == len(list(cache.rglob("*.npy")))    # every file there (or a file-not-found)

@@ -527,7 +527,7 @@ def test_repetitions_too_short_for_a_clip(tmp_path):
     work = make_frames_work(tmp_path, n_frames=20)      # a clip of 8 frames at step 4 spans 29 frames
     line = last_error_line(run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, check=False))
     assert line == (f"error: {work / 'frames/manifest.tsv'}: no ok repetition outside test sessions ['005'] "
-                    "has the 29 frames one clip needs")
+                    "and the --val-reps 2 held out has the 29 frames one clip needs")
 
 
 def test_bad_downsample_flag(tmp_path):
