@@ -68,23 +68,28 @@ def parse_args(argv=None):
     p.add_argument("--space", default="MNI152NLin2009cAsym",
                    help="fMRIPrep output space (add _res-2 etc. when several resolutions exist)")
     p.add_argument("--task", default=None, help="only this task (default: every task found)")
-    p.add_argument("--subjects", nargs="+", default=None, help="only these subject labels, e.g. 01 02")
-    p.add_argument("--sessions", nargs="+", default=None, help="only these session labels, e.g. 001 002")
+    p.add_argument("--subjects", nargs="+", default=None, type=lambda s: s.removeprefix("sub-"),
+                   help="only these subject labels, e.g. 01 02")
+    p.add_argument("--sessions", nargs="+", default=None, type=common.session_flag,
+                   help="only these session labels, e.g. 001 002")
     p.add_argument("--confounds", nargs="+", default=["motion", "high_pass"], choices=CONFOUND_STRATEGIES,
                    help="nilearn load_confounds strategy (paper: motion high_pass)")
     p.add_argument("--motion", default="full", choices=MOTION_MODELS,
                    help="motion model of load_confounds (paper: full = Params24)")
     p.add_argument("--fwhm", type=float, default=8.0, help="Gaussian smoothing FWHM in mm, 0 for none (paper: 8)")
-    p.add_argument("--validation-sessions", nargs="+", default=["004"], help="sessions of the validation split")
-    p.add_argument("--test-sessions", nargs="+", default=["005"], help="sessions of the test split")
+    p.add_argument("--validation-sessions", nargs="+", default=["004"], type=common.session_flag,
+                   help="sessions of the validation split")
+    p.add_argument("--test-sessions", nargs="+", default=["005"], type=common.session_flag,
+                   help="sessions of the test split")
     p.add_argument("--workers", type=int, default=1, help="runs processed in parallel (processes)")
     p.add_argument("--overwrite", action="store_true", help="recompute runs whose outputs exist")
     args = p.parse_args(argv)
-    # Accept "sub-01" as well as "01".
-    args.subjects = [x.removeprefix("sub-") for x in args.subjects] if args.subjects else None
-    for name in ("sessions", "validation_sessions", "test_sessions"):
-        if getattr(args, name):
-            setattr(args, name, [x.removeprefix("ses-") for x in getattr(args, name)])
+    overlap = ({common.session_label(s) for s in args.validation_sessions}
+               & {common.session_label(s) for s in args.test_sessions})
+    if overlap:
+        raise InputError(f"--validation-sessions and --test-sessions share session(s) {' '.join(sorted(overlap))}")
+    if "compcor" in args.confounds and "high_pass" not in args.confounds:
+        raise InputError("--confounds compcor needs high_pass too (fMRIPrep's CompCor assumes high-passed data)")
     return args
 
 
@@ -197,26 +202,50 @@ def main(argv=None):
     fmriprep = Path(args.fmriprep) if args.fmriprep else work / "demo/derivatives/fmriprep"
     atlas_path = Path(args.atlas) if args.atlas else work / DEFAULT_ATLAS
     out_dir = work / "bold"
-    overlap = ({common.session_label(s) for s in args.validation_sessions}
-               & {common.session_label(s) for s in args.test_sessions})
-    if overlap:
-        raise InputError(f"--validation-sessions and --test-sessions share session(s) {' '.join(sorted(overlap))}")
-    if "compcor" in args.confounds and "high_pass" not in args.confounds:
-        raise InputError("--confounds compcor needs high_pass too (fMRIPrep's CompCor assumes high-passed data)")
     # the flags that shape each run's output (its inputs' contents are compared by fingerprint)
     settings = {"--space": args.space, "--confounds": args.confounds, "--motion": args.motion, "--fwhm": args.fwhm}
     common.remove_stale_temporaries(out_dir)
 
     # --- every input is checked before the long part, so that bad input fails fast ---
     runs = find_runs(fmriprep, args.space, args.task, args.subjects, args.sessions)
+    images, trs = read_headers(runs)
     atlas, labels, names = load_atlas(atlas_path)
+    atlas_grid, n_voxels = atlas_for_runs(atlas, atlas_path, labels, runs, images, args.space)
+    jobs = [job for run in runs if (job := run_job(run, work, atlas_path, atlas_grid, labels, settings,
+                                                      images[run["stem"]], trs[run["stem"]], args))]
+    atlas_sha256 = common.file_sha256(atlas_path)
+    check_settings(out_dir, settings, atlas_path, atlas_sha256, args.overwrite)   # after every check:
+    # --overwrite removes earlier outputs
+    if not jobs and manifest_is_current(out_dir, work, runs, args):
+        print(f"02_prep_fmri: all {len(runs)} run(s) done already ({out_dir / 'manifest.tsv'}); "
+              "--overwrite to redo")
+        return
+
+    # --- shared outputs first (what the columns mean and how they were made), then one job per run ---
+    write_shared_outputs(out_dir, args, fmriprep, atlas_path, atlas_sha256, settings, atlas_grid,
+                         images[runs[0]["stem"]].affine, labels, names, n_voxels)
+    print(f"{len(runs)} run(s), {len(labels)} parcels; {len(runs) - len(jobs)} already done, {len(jobs)} to do")
+    for note in process_runs(jobs, args.workers):
+        print(f"warning: {note}", file=sys.stderr)
+    write_manifest(out_dir, work, runs, images, trs, labels, args)
+
+
+def read_headers(runs):
+    """The header of every run's BOLD image ({stem: image}, the voxels are read by the workers) and its
+    TR ({stem: seconds}), after checking each is a 4D series."""
     images, trs = {}, {}
     for run in runs:
-        image = common.load_nifti(run["bold"])  # the header only: the voxels are read by the worker
+        image = common.load_nifti(run["bold"])
         if image.ndim != 4 or image.shape[3] < 2:
             raise InputError(f"{run['bold']}: image is {image.ndim}D {image.shape}; a BOLD run must be 4D "
                              "(x, y, z, time) with several volumes")
         images[run["stem"]], trs[run["stem"]] = image, repetition_time(run["bold"], image.header)
+    return images, trs
+
+
+def atlas_for_runs(atlas, atlas_path, labels, runs, images, space):
+    """The atlas resampled to the runs' shared voxel grid, (X, Y, Z) int labels, and the voxels of each
+    label there (P,). Runs on other grids, or an atlas outside the field of view, are errors."""
     reference = images[runs[0]["stem"]]
     for run in runs:
         image = images[run["stem"]]
@@ -228,55 +257,80 @@ def main(argv=None):
     n_voxels = np.array([voxels_per_label.get(label, 0) for label in labels])
     if n_voxels.sum() == 0:
         raise InputError(f"{atlas_path}: no atlas label falls inside the BOLD field of view of "
-                         f"{runs[0]['bold'].name}: is the atlas in {args.space} space?")
+                         f"{runs[0]['bold'].name}: is the atlas in {space} space?")
     if (n_voxels == 0).any():
         print(f"warning: {atlas_path}: {(n_voxels == 0).sum()} label(s) vanish on the BOLD grid (too small): "
               f"{' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0", file=sys.stderr)
-    jobs = []
-    for run in runs:
-        out, inputs = output_path(work, run), run_inputs(run, atlas_path)
-        record = common.read_record(common.record_path(out))
-        if record is not None and out.is_file() and not args.overwrite:
-            known = record.get("inputs", {})
-            current = {role: common.fingerprint(path, known.get(role)) for role, path in inputs.items()
-                       if Path(path).is_file()}
-            if common.is_up_to_date(out, record, STAGE, settings, current, False):
-                continue
-        n_volumes = images[run["stem"]].shape[3]
-        confounds, sample_mask = load_run_confounds(run["bold"], n_volumes, args.confounds, args.motion)
-        n_kept = n_volumes if sample_mask is None else len(sample_mask)
-        dof = n_kept - confounds.shape[1] - 1  # the mean is removed too
-        if dof < 1:
-            raise InputError(f"{run['bold']}: {confounds.shape[1]} confound regressors leave no degree of freedom "
-                             f"in {n_kept} kept volumes; use fewer (e.g. --motion basic)")
-        if dof < 10:  # a short run (the tiny demo): the signal cannot survive the regression
-            print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only {dof} "
-                  f"degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
-        jobs.append({"bold": run["bold"], "out": out, "atlas_grid": atlas_grid, "inputs": inputs,
-                     "settings": settings, "labels": labels, "confounds": confounds, "sample_mask": sample_mask,
-                     "tr": trs[run["stem"]], "fwhm": args.fwhm})
+    return atlas_grid, n_voxels
 
-    atlas_sha256 = common.file_sha256(atlas_path)
-    check_settings(out_dir, settings, atlas_path, atlas_sha256, args.overwrite)   # after every check:
-    # --overwrite removes earlier outputs
 
-    # --- nothing to do: every run is done and listed (a re-run of a finished stage rewrites nothing) ---
+def run_job(run, work, atlas_path, atlas_grid, labels, settings, image, tr, args):
+    """What a worker needs to make one run's output, or None when its record says it is up to date.
+    The run's confounds are read here, so that a run with too many regressors fails before any work."""
+    out, inputs = output_path(work, run), run_inputs(run, atlas_path)
+    record = common.read_record(common.record_path(out))
+    if record is not None and out.is_file() and not args.overwrite:
+        known = record.get("inputs", {})
+        current = {role: common.fingerprint(path, known.get(role)) for role, path in inputs.items()
+                   if Path(path).is_file()}
+        if common.is_up_to_date(out, record, STAGE, settings, current, False):
+            return None
+    n_volumes = image.shape[3]
+    confounds, sample_mask = load_run_confounds(run["bold"], n_volumes, args.confounds, args.motion)
+    n_kept = n_volumes if sample_mask is None else len(sample_mask)
+    dof = n_kept - confounds.shape[1] - 1  # the mean is removed too
+    if dof < 1:
+        raise InputError(f"{run['bold']}: {confounds.shape[1]} confound regressors leave no degree of freedom "
+                         f"in {n_kept} kept volumes; use fewer (e.g. --motion basic)")
+    if dof < 10:  # a short run (the tiny demo): the signal cannot survive the regression
+        print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only {dof} "
+              f"degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
+    return {"bold": run["bold"], "out": out, "atlas_grid": atlas_grid, "inputs": inputs, "settings": settings,
+            "labels": labels, "confounds": confounds, "sample_mask": sample_mask, "tr": tr, "fwhm": args.fwhm}
+
+
+def process_runs(jobs, workers):
+    """Run process_run on every job (in `workers` processes); returns their notes. A bad run stops the
+    batch; the runs finished before it stay."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [note for job in tqdm(jobs, desc="runs", unit="run") for note in process_run(job)]
+    notes = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(process_run, job) for job in jobs]
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
+                notes += future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return notes
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared outputs and the manifest
+# --------------------------------------------------------------------------------------------------
+def manifest_is_current(out_dir, work, runs, args):
+    """True when every run is listed in bold/manifest.tsv, the shared outputs exist, and the listed
+    splits are those of the split flags (other splits: the manifest is rewritten)."""
     manifest_path = out_dir / "manifest.tsv"
-    shared = [out_dir / name for name in ("prep.json", "labels.tsv", "atlas.nii.gz")]
-    if not jobs and manifest_path.is_file() and all(path.is_file() for path in shared):
-        listed = read_tsv(manifest_path, required=("bold_path", "ses", "split"))
-        splits_now = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in listed["ses"]]
-        listed_paths = set(listed["bold_path"])
-        if (all(str(output_path(work, run).relative_to(work)) in listed_paths for run in runs)
-                and listed["split"].tolist() == splits_now):   # other split flags: the manifest is rewritten
-            print(f"02_prep_fmri: all {len(runs)} run(s) done already ({manifest_path}); --overwrite to redo")
-            return
+    shared = [out_dir / name for name in ("prep.json", "labels.tsv", "atlas.nii.gz", "manifest.tsv")]
+    if not all(path.is_file() for path in shared):
+        return False
+    listed = read_tsv(manifest_path, required=("bold_path", "ses", "split"))
+    splits_now = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in listed["ses"]]
+    listed_paths = set(listed["bold_path"])
+    return (all(str(output_path(work, run).relative_to(work)) in listed_paths for run in runs)
+            and listed["split"].tolist() == splits_now)
 
-    # --- shared outputs first: what the columns mean and how they were made ---
+
+def write_shared_outputs(out_dir, args, fmriprep, atlas_path, atlas_sha256, settings, atlas_grid, affine,
+                         labels, names, n_voxels):
+    """prep.json (how the runs are made), labels.tsv (column -> atlas label) and atlas.nii.gz (the atlas
+    on the BOLD grid)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     common.write_json(out_dir / "prep.json", {
-        "stage": STAGE, "settings": settings, "fmriprep": str(fmriprep.resolve()), "atlas": str(atlas_path.resolve()),
-        "atlas_sha256": atlas_sha256,
+        "stage": STAGE, "settings": settings, "fmriprep": str(fmriprep.resolve()),
+        "atlas": str(atlas_path.resolve()), "atlas_sha256": atlas_sha256,
         "confounds": f"nilearn load_confounds(strategy={tuple(args.confounds)}, motion={args.motion!r})",
         "masker": {"strategy": "mean", "standardize": STANDARDIZE, "detrend": False, "smoothing_fwhm": args.fwhm},
         "dropped_volumes": "NaN rows (sample_mask of load_confounds)", "empty_parcels": "0.0 on valid rows",
@@ -285,27 +339,13 @@ def main(argv=None):
                                        "name": names if names is not None else [None] * len(labels),
                                        "n_voxels": n_voxels})
     with atomic_path(out_dir / "atlas.nii.gz") as tmp:
-        nib.save(nib.Nifti1Image(atlas_grid, reference.affine), tmp)
+        nib.save(nib.Nifti1Image(atlas_grid, affine), tmp)
 
-    # --- the long part: one run per job ---
-    print(f"{len(runs)} run(s), {len(labels)} parcels; {len(runs) - len(jobs)} already done, {len(jobs)} to do")
-    notes = []
-    if args.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            futures = [pool.submit(process_run, job) for job in jobs]
-            try:
-                for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
-                    notes += future.result()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # a bad run stops the batch; finished runs stay
-                raise
-    else:
-        for job in tqdm(jobs, desc="runs", unit="run"):
-            notes += process_run(job)
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
 
-    # --- manifest: this batch, plus the runs of earlier calls (other --subjects) ---
+def write_manifest(out_dir, work, runs, images, trs, labels, args):
+    """bold/manifest.tsv: this batch's runs, plus the runs of earlier calls (other --subjects), with the
+    split of each session."""
+    manifest_path = out_dir / "manifest.tsv"
     rows = [manifest_row(run, work, images[run["stem"]].shape[3], trs[run["stem"]], labels) for run in runs]
     rows += earlier_rows(manifest_path, work, [row["bold_path"] for row in rows])
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("bold_path")
