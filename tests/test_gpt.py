@@ -455,3 +455,19 @@ def test_ranks_share_the_code_cache_whatever_the_order_they_look_in(work, tmp_pa
     codes = gpt_stage.cached_codes(work, reps, digests, vqvae, cache, args,
                                    common.DistContext(1, 1, 2, torch.device("cpu")), waiting)
     assert len(codes) == len(reps) == len(list(cache.rglob("*.npy")))    # every file there (or a file-not-found)
+
+
+def test_a_vqvae_that_trained_on_a_gpt_validation_repetition_is_said(work, tmp_path, capsys):
+    """03 and 04 hold out the same last repetitions by default. A VQ-VAE trained with fewer held out has
+    seen clips of the GPT's validation loss: 04 says which stage to re-run with which flags."""
+    vqvae_dir = tmp_path / "vqvae"
+    vqvae_dir.mkdir()
+    shutil.copy(work / "vqvae" / "ckpt.pt", vqvae_dir / "ckpt.pt")
+    flags = ["--work", str(work), "--vqvae", str(vqvae_dir / "ckpt.pt"), *TINY_FLAGS, "--val-reps", "2",
+             "--max-steps", "0", "--name", "held-out"]
+    for vqvae_val_reps, warned in ((1, True), (2, False), (3, False)):
+        common.write_record(vqvae_dir / "ckpt.pt", {"stage": "03_train_vqvae", "settings": {
+            "--val-reps": vqvae_val_reps, "--test-sessions": ["005"]}})
+        gpt_stage.plan_run(gpt_stage.parse_args(flags))
+        out = capsys.readouterr().out
+        assert ("trained on 1 of the 2 validation repetitions (its --val-reps 1" in out) is warned, out
