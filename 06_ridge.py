@@ -20,7 +20,8 @@ Inputs (docs/CONTRACT.md):
 Outputs, per subject, in <work>/results/<name>/sub-XX/ (summary.json is written last and marks it done):
   r.npy (P,) test Pearson r, alphas.npy (P,) chosen penalty, p_values.npy (P,) permutation p-values,
   significant.npy (P,) bool (FDR q < --fdr), r_map.nii.gz, r_map.png, summary.json;
-  and <work>/results/<name>/r_by_subject.png (all subjects done so far).
+  and <work>/results/<name>/r_by_subject.png (the subjects made with this run's flags from the current
+  inputs; a printed line names those left out).
 
 Conventions: features are standardized with training-set means and standard deviations (the paper does
 not say; --no-standardize fits them as they are); an intercept is fitted (X and Y centered with training
@@ -436,19 +437,15 @@ def main():
     settings = common.settings_of(args, {"work", "name", "results_name", "subjects", "device", "parcel_batch",
                                          "overwrite", "ground_truth", "layer"}) | {"--layer": layer}
     shared = [work / "bold" / "labels.tsv", atlas_path] + ([Path(args.ground_truth)] if args.ground_truth else [])
+
+    def inputs_of(sub, earlier=None):   # (files, inputs) of a subject, as this run makes it
+        return subject_inputs(work, args, manifest, sub, shared, feature_dir, earlier)
+
     fitted = 0
     for sub in subjects:
         out_dir = results_dir / f"sub-{sub}"
-        files = run_files(work, runs_used(args, manifest[manifest["sub"] == sub]), feature_dir)
-        for stem, _, bold_path, feature_path in files:
-            if not bold_path.is_file():
-                raise InputError(f"{bold_path}: BOLD file of run {stem} not found")
-            if not feature_path.is_file():
-                raise InputError(f"{feature_path}: features missing for run {stem}")
         earlier = common.read_record(out_dir / "summary.json")
-        inputs = common.input_fingerprints(work, [*shared, *(p for f in files for p in f[2:])],
-                                           (earlier or {}).get("inputs"))
-        inputs["splits"] = {stem: split for stem, split, _, _ in files}
+        files, inputs = inputs_of(sub, earlier)
         if common.is_up_to_date(out_dir / "summary.json", earlier, STAGE, settings, inputs, args.overwrite):
             print(f"sub-{sub}: done already with these flags and inputs ({out_dir / 'summary.json'}); "
                   "--overwrite to redo")
@@ -459,9 +456,64 @@ def main():
               f"{summary['n_features']} features, r max {summary['r_max']}, median {summary['r_median']}, "
               f"{summary['n_significant']}/{summary['n_parcels']} significant, alphas {summary['alphas_chosen']}, "
               f"{summary['seconds']} s")
-    if fitted or not (results_dir / "r_by_subject.png").is_file():  # a re-run of finished subjects rewrites nothing
-        plot_subjects(results_dir)
+    # r_by_subject.png compares subjects, so it shows only those made as this run makes them; the folder's
+    # other subjects (from a run with other --subjects and flags, or from inputs that changed since) are
+    # left out, with a line saying why. Refusing would stop this run over results it did not make, and that
+    # it does not need: a run that reaches them refuses other flags and remakes changed inputs.
+    made = sorted(path.parent.name.removeprefix("sub-") for path in results_dir.glob("sub-*/summary.json"))
+    others = [sub for sub in made if sub not in subjects]   # this run's subjects: made or checked above
+    left_out = subjects_not_current(results_dir, others, manifest, settings, inputs_of)
+    # a re-run of finished subjects rewrites nothing, unless the figure may show subjects of another run
+    if fitted or left_out or not (results_dir / "r_by_subject.png").is_file():
+        plot_subjects(results_dir, [sub for sub in made if sub not in left_out])
+    if left_out:
+        print(f"{STAGE}: {results_dir / 'r_by_subject.png'} leaves out "
+              + ", ".join(f"sub-{sub} ({why})" for sub, why in left_out.items()))
     print_summary(results_dir, subjects)
+
+
+def subject_inputs(work, args, manifest, sub, shared, feature_dir, earlier=None):
+    """(files, inputs) of one subject: run_files(...) of the runs it uses, and the inputs of its record
+    (fingerprints of the `shared` files and of every run's BOLD and features, reusing those of the
+    `earlier` record's inputs where they vouch, and each run's split). InputError for a missing file."""
+    files = run_files(work, runs_used(args, manifest[manifest["sub"] == sub]), feature_dir)
+    for stem, _, bold_path, feature_path in files:
+        if not bold_path.is_file():
+            raise InputError(f"{bold_path}: BOLD file of run {stem} not found")
+        if not feature_path.is_file():
+            raise InputError(f"{feature_path}: features missing for run {stem}")
+    inputs = common.input_fingerprints(work, [*shared, *(p for f in files for p in f[2:])],
+                                       (earlier or {}).get("inputs"))
+    inputs["splits"] = {stem: split for stem, split, _, _ in files}
+    return files, inputs
+
+
+def subjects_not_current(results_dir, subjects, manifest, settings, inputs_of):
+    """{subject: why, in a few words} for those of `subjects` (labels, "01") whose results in `results_dir`
+    were not made as this run makes them: with `settings`, from the inputs `inputs_of(subject, its
+    record)` gives; 06's rule, common.is_up_to_date."""
+    why = {}
+    for sub in subjects:
+        path = results_dir / f"sub-{sub}" / "summary.json"
+        record = common.read_record(path)
+        if sub not in set(manifest["sub"]):
+            why[sub] = "not in bold/manifest.tsv"
+            continue
+        try:
+            inputs = inputs_of(sub, record)[1]
+        except InputError:
+            why[sub] = "its BOLD or features are missing"
+            continue
+        try:
+            if common.is_up_to_date(path, record, STAGE, settings, inputs, False, say=lambda line: None):
+                continue
+        except InputError:   # other flags
+            why[sub] = f"made with other {', '.join(common.changed_settings(record, settings))}"
+            continue
+        changed = common.changed_inputs(record or {}, inputs)
+        why[sub] = ("no record of how it was made" if record is None else
+                    f"{changed[0]} changed since" if changed else "its files changed since it was made")
+    return why
 
 
 def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, planted_labels=None):
@@ -746,13 +798,13 @@ def write_r_map(r, labels, atlas_path, out_dir, title):
     plt.close(fig)
 
 
-def plot_subjects(results_dir):
-    """Bar chart of max and median test r of every subject with a summary.json."""
+def plot_subjects(results_dir, subjects):
+    """Bar chart of max and median test r of `subjects` (labels, "01"), from their summary.json."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summaries = [json.loads(f.read_text()) for f in sorted(results_dir.glob("sub-*/summary.json"))]
+    summaries = [json.loads((results_dir / f"sub-{sub}" / "summary.json").read_text()) for sub in subjects]
     if not summaries:
         return
     x = np.arange(len(summaries))

@@ -21,7 +21,9 @@ A configuration shared by several experiments (the paper model appears in all fi
 name spells it out, e.g. h576-l8-a4-f6M-fp32, and names its folders: gpt/<name>/, features/<name>/,
 results/<name>/. Each stage of a configuration skips what its records vouch for (see the README). The
 frozen VQ-VAE (<work>/vqvae/ckpt.pt) and the parcel time series (<work>/bold/) must exist: run stages
-01-03 first.
+01-03 first. The figures take a configuration only when its records chain up to the current files (its
+results from the features, these from the checkpoint, and so on); --figures-only refuses one whose
+model, say, was trained again since (04 ran, 05 and 06 did not).
 
 Figures (<work>/figures/), per experiment:
     <experiment>_loss.png    train (solid) and validation (dashed) cross-entropy against steps (Fig. 2a-6a)
@@ -240,8 +242,15 @@ def finished(work, name, subs):
 
 def run_jobs(args, jobs):
     subjects(args.work)   # bold/manifest.tsv must exist: stage 02 has run
-    if not (Path(args.work) / "vqvae" / "ckpt.pt").is_file():
-        raise InputError(f"{Path(args.work) / 'vqvae' / 'ckpt.pt'}: no VQ-VAE checkpoint (run 03_train_vqvae.py first)")
+    vqvae = Path(args.work) / "vqvae" / "ckpt.pt"
+    if not vqvae.is_file():
+        raise InputError(f"{vqvae}: no VQ-VAE checkpoint (run 03_train_vqvae.py first)")
+    # The figures refuse results whose record chain is not current (load_run). The stages below remake every
+    # link of it but one, the VQ-VAE: one older than its frames (01 ran again since 03) would make every
+    # model of the sweep, to be refused at the end. Refused now, before any training.
+    stale = common.stale_input(args.work, common.read_record(common.record_path(vqvae)))
+    if stale:
+        raise out_of_date(args.work, vqvae, stale)
     # Every stage runs: each one skips what its records say is up to date, so a configuration whose VQ-VAE,
     # frames or flags changed is made again instead of being kept because its results exist.
     for i, (name, spec) in enumerate(jobs.items(), 1):
@@ -372,13 +381,44 @@ def omitted_fits(x, fit):
 # --------------------------------------------------------------------------------------------------
 # Reading finished runs
 # --------------------------------------------------------------------------------------------------
-def load_run(work, name, spec, subs):
+SWEEP_STAGES = ("04", "05", "06")   # what a run without --figures-only runs for each configuration
+
+
+def out_of_date(work, output, stale):
+    """The InputError that refuses `output`, made from an input that is gone or no longer the same:
+    `stale` is common.stale_input's (the input's name under `work`, the stage that read it)."""
+    name, reader = stale
+    path = Path(work) / name
+    if not path.is_file():
+        made = f"made from {path}, which no longer exists"
+    else:   # its producer wrote it again (its own record vouches for it), or something else changed it
+        own = common.read_record(common.record_path(path)) or {}
+        again = (own.get("output") or {}).get("sha256") == common.fingerprint(path)["sha256"]
+        since = f"{own['stage']} ran again since" if again else "it changed since"
+        made = f"made from another {path} than the current one ({since})"
+    if reader[:2] < SWEEP_STAGES[0]:   # 03: a stage that this script does not run
+        return InputError(f"{output}: {made}: re-run {reader}.py first")
+    redo = [stage for stage in SWEEP_STAGES if stage >= reader[:2]]   # the reader and the stages below it
+    words = redo[0] if len(redo) == 1 else f"{', '.join(redo[:-1])} and {redo[-1]}"
+    # (a missing input is made again by its own stage first, which may be any of them)
+    then = f" ({words} then redo{'es' if len(redo) == 1 else ''} it)" if path.is_file() else ""
+    return InputError(f"{output}: {made}: re-run 07_sweep.py without --figures-only{then}")
+
+
+def load_run(work, name, spec, subs, checked=None):
     """What the figures need from one job, or None when it has not finished: per subject the summary, r
     (P,) and the significance mask (P,); and, for jobs with a trained model, its training log, size and
-    compute (from the checkpoint's record, which 04 writes beside it)."""
+    compute (from the checkpoint's record, which 04 writes beside it). Refuses (InputError) results whose
+    record chain is not current (04 ran again since 05, say), instead of pairing them with the log and
+    compute of another model; `checked` is common.stale_input's, shared by the jobs."""
     work = Path(work)
     if not finished(work, name, subs):
         return None
+    for s in subs:
+        record = common.read_record(work / "results" / name / f"sub-{s}" / "summary.json")
+        stale = common.stale_input(work, record, checked)
+        if stale:
+            raise out_of_date(work, work / "results" / name, stale)
     summaries = {s: json.loads((work / "results" / name / f"sub-{s}" / "summary.json").read_text()) for s in subs}
     r = np.stack([np.load(work / "results" / name / f"sub-{s}" / "r.npy") for s in subs])              # (S, P)
     significant = np.stack([np.load(work / "results" / name / f"sub-{s}" / "significant.npy") for s in subs])
@@ -445,7 +485,8 @@ def draw_figures(args, per_experiment, jobs):
     figures = work / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     subs = subjects(work)
-    runs = {name: load_run(work, name, spec, subs) for name, spec in jobs.items()}
+    checked = set()   # the inputs found current, shared by the jobs (one model's frames are checked once)
+    runs = {name: load_run(work, name, spec, subs, checked) for name, spec in jobs.items()}
     report = ["# Scaling experiments", "",
               f"Brain score: test Pearson r per parcel (06_ridge.py), {args.score} over parcels unless said; "
               f"subjects {', '.join(subs)}; 95% intervals from {args.n_boot} bootstrap resamples of parcels.", ""]

@@ -329,6 +329,42 @@ def test_end_to_end_planted_signal(tmp_path):
     assert (work / "results/demo/sub-02/r_map.png").is_file()
 
 
+def subjects_drawn(results_dir):
+    """How many subjects r_by_subject.png shows: its width is 1.5 + 1.2 x that number inches at 100 dpi."""
+    import matplotlib.pyplot as plt
+    return round((plt.imread(results_dir / "r_by_subject.png").shape[1] / 100 - 1.5) / 1.2)
+
+
+def test_r_by_subject_shows_only_subjects_made_with_these_flags_and_inputs(tmp_path):
+    """sub-01 made with --alphas 1 10, sub-02 later with the default grid: the second run's figure shows
+    sub-02 alone, and one line says which subject it left out and why; the same for a subject whose
+    features changed since it was made (05 ran again for it)."""
+    work = make_work(tmp_path, subjects=("01", "02"), volumes=30)
+    results = work / "results/demo"
+    png = results / "r_by_subject.png"
+    first = run_ridge(work, "--n-permutations", 0, "--subjects", "01", "--alphas", 1, 10)
+    assert first.returncode == 0, first.stderr
+    assert subjects_drawn(results) == 1 and "leaves out" not in first.stdout
+    second = run_ridge(work, "--n-permutations", 0, "--subjects", "02")
+    assert second.returncode == 0, second.stderr
+    assert subjects_drawn(results) == 1
+    assert f"06_ridge: {png} leaves out sub-01 (made with other --alphas)" in second.stdout.splitlines()
+    # sub-01 again, with its own flags: nothing to fit, but the figure drawn for sub-02 is drawn again
+    stamp = png.stat().st_mtime_ns
+    again = run_ridge(work, "--n-permutations", 0, "--subjects", "01", "--alphas", 1, 10)
+    assert again.returncode == 0 and "done already" in again.stdout and png.stat().st_mtime_ns != stamp
+    assert f"06_ridge: {png} leaves out sub-02 (made with other --alphas)" in again.stdout.splitlines()
+    assert json.loads((results / "sub-02/summary.json").read_text())["settings"]["--alphas"] == [0.1, 1.0, 100.0]
+    # new features for a run of sub-02: left out until 06 makes it again
+    path = work / "features/demo/layer_a/sub-02/ses-001/sub-02_ses-001_task-airstriker_run-01.npy"
+    np.save(path, np.load(path)[:, ::-1])
+    overwrite = run_ridge(work, "--n-permutations", 0, "--subjects", "01", "--overwrite")
+    assert overwrite.returncode == 0, overwrite.stderr
+    assert (f"06_ridge: {png} leaves out sub-02 (features/demo/layer_a/sub-02/ses-001/"
+            "sub-02_ses-001_task-airstriker_run-01.npy changed since)") in overwrite.stdout.splitlines()
+    assert subjects_drawn(results) == 1
+
+
 def test_random_split_fir_pca_and_run_cv(tmp_path):
     work = make_work(tmp_path)
     result = run_ridge(work, "--split", "random", "--test-size", "0.2", "--delays", 2, 3, 4, "--pca", 20,

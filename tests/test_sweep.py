@@ -259,42 +259,65 @@ TINY_JOBS = argparse.Namespace(   # 07's demo flags, with 2 training steps and n
 
 @pytest.fixture(scope="module")
 def swept(rendered_work, tmp_path_factory):
-    """A work dir with the tiny demo's frames (01) and BOLD (02), a VQ-VAE trained for 2 steps (03), and
-    CONFIG finished by 07's own jobs (04 -> 05 -> 06, as a run without --figures-only makes them)."""
+    """A work dir with the tiny demo's frames (01) and BOLD (02), a VQ-VAE (save_vqvae), and CONFIG
+    finished by 07's own jobs (04 -> 05 -> 06, as a run without --figures-only makes them)."""
     work = tmp_path_factory.mktemp("swept")
     (work / "demo").symlink_to(rendered_work / "demo")
     shutil.copytree(rendered_work / "frames", work / "frames")   # copy2 keeps mtimes: 01's records vouch
     run_script("02_prep_fmri.py", "--work", work, "--fmriprep", work / "demo/derivatives/fmriprep", "--atlas",
                work / "demo/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz", "--workers", "2")
-    run_script("03_train_vqvae.py", "--work", work, "--device", "cpu", "--resolution", "32", "--downsample", 4, 4, 4,
-               "--n-hiddens", 16, "--n-res-layers", 1, "--n-codes", 64, "--embedding-dim", 16, "--batch-size", 2,
-               "--max-steps", 2, "--val-every", 2, "--ckpt-every", 2, "--val-clips", 2)
-    sweep.run_jobs(argparse.Namespace(**vars(TINY_JOBS), work=str(work)), tiny_jobs(work))
+    save_vqvae(work)
+    sweep.run_jobs(tiny_args(work), tiny_jobs(work))
     return work
 
 
+def save_vqvae(work):
+    """A VQ-VAE for 32 px frames (4 x 8 x 8 codes per clip) saved as 03 saves it, with its record (the
+    frames it read). Untrained, but its codes differ between clips: its codebook is drawn from the
+    encoder's outputs on clips of the demo. (A 03 run of a few steps may collapse onto position on the
+    demo's dark frames: every TR would get the same features, and r would be undefined.)"""
+    import torch
+    manifest = common.read_tsv(work / "frames" / "manifest.tsv")
+    frames = [work / path for path in manifest.loc[manifest["status"] == "ok", "frames_path"]]
+    torch.manual_seed(0)
+    vqvae = common.VQVAE(resolution=32, sequence_length=16, n_hiddens=16, n_res_layers=1, downsample=(4, 4, 4),
+                         embedding_dim=16, n_codes=64).eval()
+    clips = np.stack([rep[start:start + 64:4] for rep in map(np.load, frames)           # (B, 16, 32, 32, 3)
+                      for start in range(0, len(rep) - 64, 300)])
+    with torch.no_grad():
+        z = vqvae.pre_vq_conv(vqvae.encoder(common.video_from_uint8(torch.from_numpy(clips))))
+        z = z.movedim(1, -1).reshape(-1, 16)                                   # (B x 4 x 8 x 8, 16)
+        chosen = z[torch.randperm(len(z))[:64]]
+        vqvae.codebook.embeddings.copy_(chosen + 0.01 * torch.randn_like(chosen))
+    record = dict(stage="03_train_vqvae", settings={}, inputs=common.input_fingerprints(work, frames))
+    common.save_checkpoint(work / "vqvae" / "ckpt.pt", dict(
+        model=vqvae.state_dict(), model_config=vqvae.config, kind="03_train_vqvae", step=0, max_steps=0,
+        complete=True, provenance=record))
+
+
+def tiny_args(work):
+    """07's arguments (TINY_JOBS) on `work`."""
+    return argparse.Namespace(**vars(TINY_JOBS), work=str(work))
+
+
 def tiny_jobs(work):
-    """{CONFIG: its job}, as 07 plans it with TINY_JOBS."""
-    return {CONFIG: sweep.plan(argparse.Namespace(**vars(TINY_JOBS), work=str(work)))[1][CONFIG]}
-
-
-def figures_only(work):
-    return run_script("07_sweep.py", "--work", work, "--demo", "--experiments", "heads", "--figures-only",
-                      "--n-boot", 20, check=False)
+    """{CONFIG: its job}, as 07 plans it."""
+    return {CONFIG: sweep.plan(tiny_args(work))[1][CONFIG]}
 
 
 def test_figures_refuse_results_of_a_replaced_checkpoint_until_the_sweep_redoes_them(swept, tmp_path, capfd):
     """04 ran again for a configuration (here: the same flags, other numbers, as on a GPU), 05 and 06 not:
     its results come from the old model, its training log and compute from the new one. --figures-only
     refuses it in one line; the stages of a run without --figures-only redo 05 and 06, and the figures
-    are drawn again."""
+    take the new results."""
     work = tmp_path / "work"
     shutil.copytree(swept, work, symlinks=True)
     ckpt = work / "gpt" / CONFIG / "ckpt.pt"
     checkpoint = common.load_checkpoint(ckpt)
     checkpoint["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
     common.save_checkpoint(ckpt, checkpoint)   # as 04 writes it: ckpt.pt, then ckpt.json with its sha256
-    refused = figures_only(work)
+    refused = run_script("07_sweep.py", "--work", work, "--demo", "--experiments", "heads", "--figures-only",
+                         check=False)
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     assert refused.stderr.strip() == (
         f"error: {work / 'results' / CONFIG}: made from another {ckpt} than the current one (04_train_gpt ran "
@@ -303,14 +326,16 @@ def test_figures_refuse_results_of_a_replaced_checkpoint_until_the_sweep_redoes_
     before = json.loads((work / "results" / CONFIG / "sub-01" / "summary.json").read_text())
 
     capfd.readouterr()
-    sweep.run_jobs(argparse.Namespace(**vars(TINY_JOBS), work=str(work)), tiny_jobs(work))   # what 07 runs first
+    sweep.run_jobs(tiny_args(work), tiny_jobs(work))   # what 07 runs before its figures
     out = capfd.readouterr().out
-    assert "is complete" in out and "5 of 5 run(s) to do" in out and "done already" not in out   # 04 kept; 05, 06 redo
+    assert "is complete" in out                                           # 04: kept
+    assert "5 of 5 run(s) to do" in out and "done already" not in out     # 05 and 06: made again
     after = json.loads((work / "results" / CONFIG / "sub-01" / "summary.json").read_text())
     assert after["inputs"] != before["inputs"]
-    drawn = figures_only(work)
-    assert drawn.returncode == 0, drawn.stderr[-2000:]
-    assert (work / "figures" / "report.md").is_file()
+    # what the figures read (drawing them takes 15 s: other tests do)
+    run = sweep.load_run(work, CONFIG, tiny_jobs(work)[CONFIG], ["01"])
+    np.testing.assert_array_equal(run["r"][0], np.load(work / "results" / CONFIG / "sub-01" / "r.npy"))
+    assert run["params"] == common.read_record(ckpt.with_suffix(".json"))["n_parameters"]
 
 
 def test_a_sweep_refuses_a_vqvae_older_than_its_frames_before_training(swept, tmp_path):
@@ -320,7 +345,8 @@ def test_a_sweep_refuses_a_vqvae_older_than_its_frames_before_training(swept, tm
     shutil.copytree(swept, work, symlinks=True)
     frames = work / next(iter(common.read_record(work / "vqvae" / "ckpt.json")["inputs"]))
     np.save(frames, np.load(frames)[:, ::-1])   # 01 again, with its record, as it writes them
-    common.write_record(frames, dict(common.read_record(common.record_path(frames)), output=common.hash_file(frames)))
+    record = common.read_record(common.record_path(frames))
+    common.write_record(frames, dict(record, output=common.hash_file(frames)))
     result = run_script("07_sweep.py", "--work", work, "--demo", "--experiments", "heads", "--train-args",
                         TINY_JOBS.train_args, "--ridge-args", TINY_JOBS.ridge_args, check=False)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
