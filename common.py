@@ -1,11 +1,16 @@
-"""What two or more stages share, in this order:
+"""What two or more stages share: the paper's networks first, the plumbing after.
 
-1. plumbing for every stage: errors and exit statuses, atomic writes, readers that name a damaged file,
-   BIDS names and the frames manifest, provenance records (what an output was made from);
-2. training plumbing (03, 04): DDP, preemption, checkpoints, learning-rate schedule, mixed precision;
-3. the VideoGPT VQ-VAE (paper section 2.3.1.1; 03, 04, 05);
-4. the conditioned GPT prior (paper section 2.3.1.2; 04, 05), with VideoGPT's module names;
-5. loaders for our checkpoints and for the authors' PyTorch Lightning ones.
+| section | what | used by |
+| --- | --- | --- |
+| VideoGPT VQ-VAE (paper 2.3.1.1) | 3D convolutions, axial attention, the EMA codebook, `VQVAE` | 03, 04, 05 |
+| GPT prior (paper 2.3.1.2) | VideoGPT's LayerNorm, attention blocks, conditioning, `VideoGPT` | 04, 05 |
+| Loading checkpoints | ours, VideoGPT's and the authors' PyTorch Lightning ones | 04, 05 |
+| Errors and exit statuses | `InputError`, `Interrupted`, `run_main` | every stage |
+| Atomic writes | `atomic_path`, `save_npy`, `write_json`, `write_tsv` | every stage |
+| Readers | `read_tsv`, `load_npy`, `load_nifti`: a damaged file is named | every stage |
+| BIDS names, the frames manifest | `bids_entities`, `training_repetitions` | 01-05 |
+| Provenance | records, fingerprints, `is_up_to_date`, `stale_input` | every stage |
+| Training plumbing | DDP, preemption, run flags, checkpoints, schedule, precision | 03, 04 |
 
 The paper's training and encoding algorithms live in the numbered stage scripts.
 """
@@ -47,6 +52,775 @@ GAMEPLAY_HZ = 60
 # Paper section 2.3: the features are the output of the MLP branch of block 4 of the GPT's 8 (mid-level
 # features; appendix A compares the modules of that block). 05 extracts it, 06 and 07 read it.
 PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"
+
+
+# --------------------------------------------------------------------------------------------------
+# --- VideoGPT VQ-VAE (paper section 2.3.1.1) ---
+# The authors' model (VideoGPT, Yan et al. 2021), with VideoGPT's module and parameter names so that its
+# checkpoints and the authors' load with strict key matching. Videos are (B, C, T, H, W) floats in
+# [-0.5, 0.5]; latents are (B, embedding_dim, t, h, w) with (t, h, w) = (T, H, W) / downsample.
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def exact_fp32(device_type):
+    """Float32 math without shortcuts inside the block: autocast off, and no TF32 in cuDNN convolutions or
+    CUDA matmuls. The caller's settings come back afterwards."""
+    cudnn = torch.backends.cudnn
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False), cudnn.flags(
+                enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+def video_from_uint8(frames):
+    """uint8 frames (B, T, H, W, 3) -> the VQ-VAE's input video (B, 3, T, H, W), float in [-0.5, 0.5]
+    (VideoGPT's scaling), computed where `frames` is: send the uint8 batch to the GPU, 4x smaller."""
+    return frames.permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5
+
+
+# The paper's model (checked against Table 2(a)'s parameter counts; Table 2(c) misprints it).
+VQVAE_PAPER_CONFIG = dict(resolution=128, sequence_length=16, n_hiddens=240, n_res_layers=4,
+                          downsample=(4, 16, 16), embedding_dim=128, n_codes=1024)
+
+
+def _triple(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+
+
+class SamePadConv3d(nn.Module):
+    """Conv3d with 'same' padding: output size = input size / stride on each axis (T, H, W).
+
+    VideoGPT pads k - s in total per axis, the odd element in front. Symmetric padding goes into the
+    convolution itself (no padded copy of the input); only the odd element is padded explicitly.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
+        super().__init__()
+        kernel, stride = _triple(kernel_size), _triple(stride)
+        total = [k - s for k, s in zip(kernel, stride)]
+        both_sides = tuple(p // 2 for p in total)                  # (T, H, W)
+        self.extra_front = tuple(p % 2 for p in total)             # (T, H, W)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=both_sides,
+                              bias=bias)
+
+    def forward(self, x):                                          # (B, C, T, H, W)
+        if any(self.extra_front):
+            t, h, w = self.extra_front
+            x = F.pad(x, (w, 0, h, 0, t, 0))                       # F.pad lists the last axis first
+        return self.conv(x)
+
+
+class SamePadConvTranspose3d(nn.Module):
+    """ConvTranspose3d that multiplies each axis by its stride (the decoder's mirror of SamePadConv3d).
+
+    VideoGPT pads the input like SamePadConv3d and crops k - 1 on each side of the output. Zero input
+    padding only shifts the output, so this equals cropping (k - 1) - pad * s: when both sides crop the
+    same amount on every axis (kernel 4, stride 2) the convolution's own `padding` does it without a
+    padded copy; otherwise (stride 1 axes) VideoGPT's form is used as is.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
+        super().__init__()
+        kernel, stride = _triple(kernel_size), _triple(stride)
+        total = [k - s for k, s in zip(kernel, stride)]
+        front = [p // 2 + p % 2 for p in total]
+        back = [p // 2 for p in total]
+        crop_front = [k - 1 - p * s for k, p, s in zip(kernel, front, stride)]
+        crop_back = [k - 1 - p * s for k, p, s in zip(kernel, back, stride)]
+        if crop_front == crop_back and min(crop_front) >= 0:
+            self.pad_input = None
+            padding = tuple(crop_front)
+        else:
+            self.pad_input = (front[2], back[2], front[1], back[1], front[0], back[0])
+            padding = tuple(k - 1 for k in kernel)
+        self.convt = nn.ConvTranspose3d(in_channels, out_channels, kernel, stride=stride, bias=bias,
+                                        padding=padding)
+
+    def forward(self, x):                                          # (B, C, T, H, W)
+        if self.pad_input is not None:
+            x = F.pad(x, self.pad_input)
+        return self.convt(x)
+
+
+class AxialAttention(nn.Module):
+    """Non-causal multi-head self-attention along one axis of a (B, T, H, W, C) tensor (axial attention;
+    VideoGPT calls it MultiHeadAttention, like the GPT's: class names are not in the weights' keys).
+
+    axial_dim: 1 (time), 2 (height) or 3 (width). Parameter names and initialisation are VideoGPT's.
+    """
+
+    def __init__(self, dim, n_head, axial_dim, n_layer=1):
+        super().__init__()
+        self.n_head = n_head
+        self.axial_dim = axial_dim
+        self.w_qs = nn.Linear(dim, dim, bias=False)
+        self.w_ks = nn.Linear(dim, dim, bias=False)
+        self.w_vs = nn.Linear(dim, dim, bias=False)
+        self.fc = nn.Linear(dim, dim, bias=True)
+        for w in (self.w_qs, self.w_ks, self.w_vs):
+            nn.init.normal_(w.weight, std=1.0 / math.sqrt(dim))
+        nn.init.normal_(self.fc.weight, std=1.0 / math.sqrt(dim * n_layer))
+
+    def forward(self, x):                                          # (B, T, H, W, C)
+        moved_shape = x.movedim(self.axial_dim, -2).shape          # (B, ., ., L, C): L = attended axis
+
+        def heads(t):                                              # (B, T, H, W, C) -> (N, heads, L, d)
+            t = t.movedim(self.axial_dim, -2)                      # (B, ., ., L, C)
+            return t.reshape(-1, t.shape[-2], self.n_head, t.shape[-1] // self.n_head).transpose(1, 2)
+        q, k, v = heads(self.w_qs(x)), heads(self.w_ks(x)), heads(self.w_vs(x))
+        out = F.scaled_dot_product_attention(q, k, v)              # softmax(q k^T / sqrt(d)) v
+        out = out.transpose(1, 2).reshape(moved_shape)             # (B, ., ., L, C)
+        return self.fc(out.movedim(-2, self.axial_dim))            # (B, T, H, W, C)
+
+
+class AxialBlock(nn.Module):
+    """Sum of self-attentions along width, height and time (paper 2.3.1.1, 'combined axial attention')."""
+
+    def __init__(self, n_hiddens, n_head):
+        super().__init__()
+        self.attn_w = AxialAttention(n_hiddens, n_head, axial_dim=3)
+        self.attn_h = AxialAttention(n_hiddens, n_head, axial_dim=2)
+        self.attn_t = AxialAttention(n_hiddens, n_head, axial_dim=1)
+
+    def forward(self, x):                                          # (B, C, T, H, W)
+        x = x.movedim(1, -1)                                       # (B, T, H, W, C)
+        x = self.attn_w(x) + self.attn_h(x) + self.attn_t(x)
+        return x.movedim(-1, 1)                                    # (B, C, T, H, W)
+
+
+class AttentionResidualBlock(nn.Module):
+    """x + [BN-ReLU-conv3 (to n/2), BN-ReLU-conv1 (back to n), BN-ReLU, axial attention (2 heads)](x)."""
+
+    def __init__(self, n_hiddens):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.BatchNorm3d(n_hiddens), nn.ReLU(),
+            SamePadConv3d(n_hiddens, n_hiddens // 2, 3, bias=False),
+            nn.BatchNorm3d(n_hiddens // 2), nn.ReLU(),
+            SamePadConv3d(n_hiddens // 2, n_hiddens, 1, bias=False),
+            nn.BatchNorm3d(n_hiddens), nn.ReLU(),
+            AxialBlock(n_hiddens, 2),
+        )
+
+    def forward(self, x):                                          # (B, C, T, H, W)
+        return x + self.block(x)
+
+
+# VideoGPT's constants of the VQ-VAE's training, which the paper's experiments never change:
+EMA_EPSILON = 1e-7     # Laplace smoothing of the codebook's EMA counts (eq. 6): an unused code keeps a size
+RESTART_BELOW = 1.0    # a code whose EMA count falls below this restarts from a random encoder output
+DATA_VARIANCE = 0.06   # the reconstruction MSE of eq. 1 is divided by it (VideoGPT's normalisation)
+
+
+class Codebook(nn.Module):
+    """Vector quantiser with an EMA codebook (paper eqs. 3-6; van den Oord et al. 2017).
+
+    Buffers (VideoGPT's names): embeddings (n_codes, D), N (n_codes,) EMA counts, z_avg (n_codes, D)
+    EMA sums. In training mode each forward updates them from the batch; the counts and sums are summed
+    over DDP ranks, so every rank keeps the same codebook. Distances and EMA run in fp32 under autocast.
+    """
+
+    def __init__(self, n_codes, embedding_dim, decay=0.99, epsilon=EMA_EPSILON, restart_below=RESTART_BELOW,
+                 beta=0.25):
+        super().__init__()
+        self.register_buffer("embeddings", torch.randn(n_codes, embedding_dim))
+        self.register_buffer("N", torch.zeros(n_codes))
+        self.register_buffer("z_avg", self.embeddings.clone())
+        self.n_codes, self.embedding_dim = n_codes, embedding_dim
+        self.decay, self.epsilon, self.restart_below, self.beta = decay, epsilon, restart_below, beta
+        self._need_init = True    # the first training batch initialises the codebook
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._need_init = False   # a loaded codebook is trained: never re-initialise it
+
+    def _random_vectors(self, flat):
+        """n_codes rows drawn from the encoder outputs `flat` (M, D), the same on every rank (rank 0's).
+        With fewer than n_codes outputs they are repeated with a little noise (VideoGPT's _tile)."""
+        m, d = flat.shape
+        if m < self.n_codes:
+            flat = flat.repeat((self.n_codes + m - 1) // m, 1)
+            flat = flat + torch.randn_like(flat) * (0.01 / math.sqrt(d))
+        chosen = flat[torch.randperm(flat.shape[0], device=flat.device)[:self.n_codes]].contiguous()
+        if dist.is_initialized():
+            dist.broadcast(chosen, 0)
+        return chosen                                              # (n_codes, D)
+
+    @torch.no_grad()
+    def _init_embeddings(self, flat):
+        chosen = self._random_vectors(flat)
+        self.embeddings.copy_(chosen)
+        self.z_avg.copy_(chosen)
+        self.N.fill_(1.0)
+        self._need_init = False
+
+    @torch.no_grad()
+    def _ema_update(self, flat, onehot):
+        """Paper eqs. 3-6, then the restart of codes whose EMA count fell below 1."""
+        n_total = onehot.sum(0)                                    # (n_codes,)
+        encode_sum = onehot.t() @ flat                             # (n_codes, D)
+        if dist.is_initialized():
+            dist.all_reduce(n_total)
+            dist.all_reduce(encode_sum)
+        self.N.mul_(self.decay).add_(n_total, alpha=1 - self.decay)
+        self.z_avg.mul_(self.decay).add_(encode_sum, alpha=1 - self.decay)
+        n = self.N.sum()
+        weights = (self.N + self.epsilon) / (n + self.n_codes * self.epsilon) * n   # Laplace smoothing
+        self.embeddings.copy_(self.z_avg / weights.unsqueeze(1))
+        alive = (self.N >= self.restart_below).unsqueeze(1)        # (n_codes, 1)
+        self.embeddings.copy_(torch.where(alive, self.embeddings, self._random_vectors(flat)))
+
+    def forward(self, z):
+        """z: (B, D, t, h, w) encoder outputs. Returns a dict: embeddings (B, D, t, h, w) quantised with
+        a straight-through gradient, encodings (B, t, h, w) long codes, commitment_loss, perplexity."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            flat = z.movedim(1, -1).reshape(-1, self.embedding_dim)       # (B*t*h*w, D)
+            if self._need_init and self.training:
+                self._init_embeddings(flat.detach())
+            distances = ((flat ** 2).sum(1, keepdim=True) - 2 * flat @ self.embeddings.t()
+                         + (self.embeddings ** 2).sum(1).unsqueeze(0))    # (B*t*h*w, n_codes)
+            codes = distances.argmin(1)                                    # (B*t*h*w,)
+            quantized = F.embedding(codes, self.embeddings)                # (B*t*h*w, D), before update
+            onehot = F.one_hot(codes, self.n_codes).float()                # (B*t*h*w, n_codes)
+            avg_probs = onehot.mean(0)
+            perplexity = torch.exp(-(avg_probs * torch.log(avg_probs + 1e-10)).sum())
+            if self.training:
+                self._ema_update(flat.detach(), onehot)
+            quantized = quantized.view(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)  # (B, D, t, h, w)
+            commitment_loss = self.beta * F.mse_loss(z, quantized.detach())  # paper eq. 1
+            embeddings_st = z + (quantized - z).detach()                  # straight-through estimator
+        return dict(embeddings=embeddings_st, encodings=codes.view(z.shape[0], *z.shape[2:]),
+                    commitment_loss=commitment_loss, perplexity=perplexity)
+
+    def dictionary_lookup(self, encodings):
+        """Codes (B, t, h, w) long -> their vectors (B, t, h, w, D) (VideoGPT's layout)."""
+        return F.embedding(encodings, self.embeddings)
+
+
+def _res_stack(n_hiddens, n_res_layers):
+    return nn.Sequential(*[AttentionResidualBlock(n_hiddens) for _ in range(n_res_layers)],
+                         nn.BatchNorm3d(n_hiddens), nn.ReLU())
+
+
+class Encoder(nn.Module):
+    """Strided convs (kernel 4, stride 2 on each axis still to halve), a kernel-3 conv, then the
+    attention residual blocks and a final BN-ReLU. (B, 3, T, H, W) -> (B, n_hiddens, t, h, w)."""
+
+    def __init__(self, n_hiddens, n_res_layers, downsample):
+        super().__init__()
+        halvings = [int(math.log2(d)) for d in downsample]        # per axis (T, H, W)
+        self.convs = nn.ModuleList()
+        for i in range(max(halvings)):
+            stride = tuple(2 if n > i else 1 for n in halvings)
+            self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, 4, stride=stride))
+        self.conv_last = SamePadConv3d(n_hiddens if len(self.convs) else 3, n_hiddens, kernel_size=3)
+        self.res_stack = _res_stack(n_hiddens, n_res_layers)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return self.res_stack(self.conv_last(x))
+
+
+class Decoder(nn.Module):
+    """The encoder's mirror: attention residual blocks, then transposed convs (kernel 4, stride 2 on each
+    axis still to double; ReLU between them). (B, n_hiddens, t, h, w) -> (B, 3, T, H, W)."""
+
+    def __init__(self, n_hiddens, n_res_layers, upsample):
+        super().__init__()
+        self.res_stack = _res_stack(n_hiddens, n_res_layers)
+        doublings = [int(math.log2(d)) for d in upsample]
+        n_convs = max(doublings)
+        self.convts = nn.ModuleList()
+        for i in range(n_convs):
+            stride = tuple(2 if n > i else 1 for n in doublings)
+            out_channels = 3 if i == n_convs - 1 else n_hiddens
+            self.convts.append(SamePadConvTranspose3d(n_hiddens, out_channels, 4, stride=stride))
+
+    def forward(self, x):
+        x = self.res_stack(x)
+        for i, convt in enumerate(self.convts):
+            x = convt(x)
+            if i < len(self.convts) - 1:
+                x = F.relu(x)
+        return x
+
+
+class VQVAE(nn.Module):
+    """VideoGPT's VQ-VAE: encoder, pre_vq_conv, codebook, post_vq_conv, decoder (paper 2.3.1.1).
+
+    Input clips x: (B, 3, sequence_length, resolution, resolution) in [-0.5, 0.5]. The keywords before *
+    are the architecture of Table 2; `config` holds them (checkpoints store it to rebuild the model). Those
+    after * only shape training (VideoGPT's values by default): the commitment weight beta (paper eq. 1),
+    the codebook EMA's decay (eqs. 3-4), and the constants above.
+    """
+
+    def __init__(self, resolution=128, sequence_length=16, n_hiddens=240, n_res_layers=4,
+                 downsample=(4, 16, 16), embedding_dim=128, n_codes=1024, *, beta=0.25, ema_decay=0.99,
+                 ema_epsilon=EMA_EPSILON, restart_below=RESTART_BELOW, data_variance=DATA_VARIANCE):
+        super().__init__()
+        downsample = tuple(int(d) for d in downsample)
+        self.config = dict(resolution=resolution, sequence_length=sequence_length, n_hiddens=n_hiddens,
+                           n_res_layers=n_res_layers, downsample=downsample,
+                           embedding_dim=embedding_dim, n_codes=n_codes)
+        self.embedding_dim, self.n_codes = embedding_dim, n_codes
+        self.encoder = Encoder(n_hiddens, n_res_layers, downsample)
+        self.decoder = Decoder(n_hiddens, n_res_layers, downsample)
+        self.pre_vq_conv = SamePadConv3d(n_hiddens, embedding_dim, 1)
+        self.post_vq_conv = SamePadConv3d(embedding_dim, n_hiddens, 1)
+        self.codebook = Codebook(n_codes, embedding_dim, ema_decay, ema_epsilon, restart_below, beta)
+        self.data_variance = data_variance
+
+    @property
+    def latent_shape(self):
+        """(t, h, w) of the code grid of one clip."""
+        size = (self.config["sequence_length"], self.config["resolution"], self.config["resolution"])
+        return tuple(s // d for s, d in zip(size, self.config["downsample"]))
+
+    def encode(self, x, include_embeddings=False):
+        """x (B, 3, T, H, W) -> codes (B, t, h, w) long [, embeddings (B, D, t, h, w)].
+
+        Always in full float32, whatever autocast or TF32 setting the caller runs under: 04 trains the GPT
+        on these codes and 05 reads the brain's features from them, and lower precision can pick another
+        code where two are nearly tied (bf16 flipped 15% of a tiny model's codes). PyTorch runs cuDNN
+        convolutions in TF32 by default on Ampere and later, so that is switched off here too."""
+        with exact_fp32(x.device.type):
+            vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
+        if include_embeddings:
+            return vq_output["encodings"], vq_output["embeddings"]
+        return vq_output["encodings"]
+
+    def decode(self, encodings):
+        """codes (B, t, h, w) long -> reconstructed clips (B, 3, T, H, W)."""
+        h = self.codebook.dictionary_lookup(encodings).movedim(-1, 1)     # (B, D, t, h, w)
+        return self.decoder(self.post_vq_conv(h))
+
+    def forward(self, x):
+        """Returns (recon_loss, x_recon, vq_output) as VideoGPT; the training loss is
+        recon_loss + vq_output['commitment_loss'] (paper eq. 1, beta x commitment; the EMA replaces the
+        codebook term). recon_loss = MSE / data_variance (DATA_VARIANCE: VideoGPT's normalisation)."""
+        vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
+        x_recon = self.decoder(self.post_vq_conv(vq_output["embeddings"]))
+        recon_loss = F.mse_loss(x_recon.float(), x.float()) / self.data_variance
+        return recon_loss, x_recon, vq_output
+
+
+# --------------------------------------------------------------------------------------------------
+# --- VideoGPT GPT prior with embedding conditioning (paper section 2.3.1.2) ---
+# The authors' VideoGPT transformer with "emb_cond": it reads the codebook embeddings of a target
+# clip's codes, (t, h, w) = (4, 8, 8) tokens in raster order, predicts each code from the codes before
+# it (causal self-attention), and cross-attends to the embeddings of the 16 frames before the clip.
+# Module and parameter names are VideoGPT's (wilson1yan/VideoGPT, as modified by the paper's authors),
+# so their Lightning checkpoints load with strict key matching and the paper's layer names
+# (attn_stack.attn_nets.4.post_fc_dp, Table 4) can be hooked. Differences from their code, all
+# numerically equivalent: fused attention (F.scaled_dot_product_attention) instead of an explicit
+# softmax with a stored causal mask, and activation checkpointing off by default.
+# --------------------------------------------------------------------------------------------------
+GPT_COND_DIM = 240   # width of the conditioning features (the authors' ResidualBlock(embedding_dim, 240))
+
+
+class GPTLayerNorm(nn.Module):
+    """VideoGPT's LayerNorm over the last axis, in fp32 (as the authors do under mixed precision):
+    (x - mean) * (1e-5 + 1 / sqrt(var)) * g + b, with var the mean square of x - mean.
+
+    Not torch's LayerNorm, (x - mean) / sqrt(var + 1e-5): VideoGPT adds its epsilon to the inverse
+    standard deviation. The two agree to 1.5e-5 at unit variance but not where the variance is small
+    (6.8e-3 relative for the start token, std 0.02; 1.5e-2 at codebook scale), and the authors'
+    checkpoints were trained with this formula: their layer attn_stack.attn_nets.4.post_fc_dp then
+    matches their own forward pass to float32 rounding. Parameters are named `g` and `b` like theirs."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):                                        # (..., dim)
+        x_float = x.float()
+        centered = x_float - x_float.mean(dim=-1, keepdim=True)
+        variance = centered.square().mean(dim=-1, keepdim=True)  # (..., 1), biased as VideoGPT's
+        return (centered * (1e-5 + variance.rsqrt()) * self.g + self.b).type_as(x)
+
+
+class GeLU2(nn.Module):
+    """The GELU approximation x * sigmoid(1.702 x) of VideoGPT's MLP."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class RightShift(nn.Module):
+    """Teacher forcing: shift the flattened tokens one place right and put a learned start token
+    `sos` first, so the output at position i depends only on tokens < i."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.sos = nn.Parameter(torch.randn(dim) * 0.02)
+
+    def forward(self, x):                                        # (B, t, h, w, D)
+        tokens = x.flatten(1, -2)                                # (B, L, D)
+        sos = self.sos.to(x.dtype).expand(len(x), 1, -1)         # (B, 1, D)
+        return torch.cat([sos, tokens[:, :-1]], dim=1).view_as(x)
+
+
+class AddBroadcastPosEmbed(nn.Module):
+    """Add a factorised position embedding: one table per axis of `shape` (emb.d_0, d_1, ...), each
+    (shape[i], dim / len(shape)), broadcast over the other axes and concatenated on the channels."""
+
+    def __init__(self, shape, dim):
+        super().__init__()
+        if dim % len(shape):
+            raise ValueError(f"embedding width {dim} is not divisible by the {len(shape)} axes {tuple(shape)}")
+        self.shape = tuple(shape)
+        self.emb = nn.ParameterDict({f"d_{i}": nn.Parameter(torch.randn(size, dim // len(shape)) * 0.01)
+                                     for i, size in enumerate(self.shape)})
+
+    def forward(self, x):                                        # (B, *shape, dim)
+        n = len(self.shape)
+        tables = []
+        for i, size in enumerate(self.shape):
+            table = self.emb[f"d_{i}"].view(*[size if j == i else 1 for j in range(n)], -1)  # (.., size, .., dim/n)
+            tables.append(table.expand(*self.shape, -1))         # (*shape, dim/n)
+        return x + torch.cat(tables, dim=-1)                     # (B, *shape, dim)
+
+
+class FullAttention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v over all (t, h, w) positions, causal or not, with dropout on the
+    attention weights while training. Its own module so its output, (B, heads, t, h, w, d), can be
+    hooked as `...attn.attn` (paper Table 4)."""
+
+    def __init__(self, shape, causal, attn_dropout):
+        super().__init__()
+        self.shape, self.causal, self.attn_dropout = tuple(shape), causal, attn_dropout
+
+    def forward(self, q, k, v):                                  # (B, heads, L, d) each
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
+                                             is_causal=self.causal)             # (B, heads, L, d_v)
+        return out.unflatten(2, self.shape)                      # (B, heads, t, h, w, d_v)
+
+
+class GPTAttention(nn.Module):
+    """VideoGPT's MultiHeadAttention (full attention): queries from x (width dim_q), keys and values
+    from `context` (width dim_kv). As in the authors' code, each head has d_k = dim_q // heads and
+    d_v = dim_kv // heads channels (a width the heads do not divide is floored, not rejected)."""
+
+    def __init__(self, shape, dim_q, dim_kv, heads, layers, causal, attn_dropout):
+        super().__init__()
+        self.heads, self.d_k, self.d_v = heads, dim_q // heads, dim_kv // heads
+        if self.d_k < 1 or self.d_v < 1:
+            raise ValueError(f"{heads} heads cannot split widths {dim_q} and {dim_kv}")
+        self.w_qs = nn.Linear(dim_q, heads * self.d_k, bias=False)
+        self.w_ks = nn.Linear(dim_kv, heads * self.d_k, bias=False)
+        self.w_vs = nn.Linear(dim_kv, heads * self.d_v, bias=False)
+        self.fc = nn.Linear(heads * self.d_v, dim_q, bias=True)
+        nn.init.normal_(self.w_qs.weight, std=1.0 / math.sqrt(dim_q))
+        nn.init.normal_(self.w_ks.weight, std=1.0 / math.sqrt(dim_kv))
+        nn.init.normal_(self.w_vs.weight, std=1.0 / math.sqrt(dim_kv))
+        nn.init.normal_(self.fc.weight, std=1.0 / math.sqrt(dim_q * layers))
+        self.attn = FullAttention(shape, causal, attn_dropout)
+
+    def forward(self, x, context):                               # (B, t, h, w, dim_q), (B, t', h', w', dim_kv)
+        def split_heads(y, d):                                   # (B, ..., heads * d) -> (B, heads, L, d)
+            return y.flatten(1, -2).unflatten(-1, (self.heads, d)).transpose(1, 2)
+        q = split_heads(self.w_qs(x), self.d_k)
+        k = split_heads(self.w_ks(context), self.d_k)
+        v = split_heads(self.w_vs(context), self.d_v)
+        out = self.attn(q, k, v)                                 # (B, heads, t, h, w, d_v)
+        out = out.movedim(1, -2).flatten(-2)                     # (B, t, h, w, heads * d_v)
+        return self.fc(out)                                      # (B, t, h, w, dim_q)
+
+
+class AttentionBlock(nn.Module):
+    """One transformer block: pre-norm causal self-attention, cross-attention to the conditioning
+    features, MLP (x4, GeLU2); dropout on each residual branch. Attention-weight dropout applies to
+    the self-attention only (the authors' cross-attention has none)."""
+
+    def __init__(self, shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim, checkpoint_activations):
+        super().__init__()
+        self.checkpoint_activations = checkpoint_activations
+        self.pre_attn_norm = GPTLayerNorm(hidden_dim)
+        self.post_attn_dp = nn.Dropout(dropout)
+        self.attn = GPTAttention(shape, hidden_dim, hidden_dim, heads, layers, True, attn_dropout)
+        self.pre_enc_norm = GPTLayerNorm(hidden_dim)
+        self.post_enc_dp = nn.Dropout(dropout)
+        self.enc_attn = GPTAttention(shape, hidden_dim, cond_dim, heads, layers, False, 0.0)
+        self.pre_fc_norm = GPTLayerNorm(hidden_dim)
+        self.post_fc_dp = nn.Dropout(dropout)
+        self.fc_block = nn.Sequential(nn.Linear(hidden_dim, 4 * hidden_dim), GeLU2(),
+                                      nn.Linear(4 * hidden_dim, hidden_dim))
+
+    def _run(self, module, *inputs):
+        # Activation checkpointing (the authors' default) trades a recomputation for memory; off by
+        # default because this model fits easily and recomputing costs about a third more time.
+        if self.checkpoint_activations and self.training:
+            return torch.utils.checkpoint.checkpoint(module, *inputs, use_reentrant=False)
+        return module(*inputs)
+
+    def forward(self, x, cond):                                  # (B, t, h, w, hidden), (B, t, h, w, cond_dim)
+        h = self.pre_attn_norm(x)
+        x = x + self.post_attn_dp(self._run(self.attn, h, h))
+        h = self.pre_enc_norm(x)
+        x = x + self.post_enc_dp(self._run(self.enc_attn, h, cond))
+        h = self.pre_fc_norm(x)
+        return x + self.post_fc_dp(self._run(self.fc_block, h))
+
+
+class AttentionStack(nn.Module):
+    """RightShift, position embedding, then the blocks `attn_nets.0 .. attn_nets.{layers-1}`."""
+
+    def __init__(self, shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim, checkpoint_activations):
+        super().__init__()
+        self.right_shift = RightShift(hidden_dim)
+        self.pos_embd = AddBroadcastPosEmbed(shape, hidden_dim)
+        self.attn_nets = nn.ModuleList([
+            AttentionBlock(shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim, checkpoint_activations)
+            for _ in range(layers)])
+
+    def forward(self, x, cond):                                  # (B, t, h, w, hidden)
+        x = self.pos_embd(self.right_shift(x))
+        for block in self.attn_nets:
+            x = block(x, cond)
+        return x
+
+
+class ChannelNormReLU(nn.Module):
+    """LayerNorm over the channels of a (B, C, t, h, w) tensor, in fp32, then optionally ReLU (the
+    authors' NormReLU with ChannelLayerNorm; parameters under `norm.norm`)."""
+
+    def __init__(self, channels, relu=True):
+        super().__init__()
+        self.relu = relu
+        self.norm = nn.Module()
+        self.norm.norm = nn.LayerNorm(channels)
+
+    def forward(self, x):                                        # (B, C, t, h, w)
+        y = self.norm.norm(x.float().movedim(1, -1)).movedim(-1, 1).type_as(x)
+        return F.relu(y) if self.relu else y
+
+
+class ConditioningResidualBlock(nn.Module):
+    """`resnet`: one residual block from codebook embeddings to the conditioning features, as the
+    authors' ResidualBlock(embedding_dim, 240, stride=1, use_projection=True): two 3x3x3 convolutions
+    without bias and a 1x1x1 projection shortcut, each followed by channel LayerNorm (+ ReLU)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.proj_conv = nn.Conv3d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.proj_bnr = ChannelNormReLU(out_channels, relu=False)
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bnr1 = ChannelNormReLU(out_channels)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bnr2 = ChannelNormReLU(out_channels)
+
+    def forward(self, x):                                        # (B, C_in, t, h, w)
+        shortcut = self.proj_bnr(self.proj_conv(x))
+        x = self.bnr2(self.conv2(self.bnr1(self.conv1(x))))
+        return F.relu(x + shortcut)                              # (B, C_out, t, h, w)
+
+
+class VideoGPT(nn.Module):
+    """The conditioned GPT prior of paper section 2.3.1.2 (the VQ-VAE stays outside: it is frozen).
+
+    forward(x, cond) -> logits (B, t, h, w, n_codes)
+        x:    (B, t, h, w, embedding_dim) codebook embeddings of the target clip's codes
+        cond: (B, t, h, w, embedding_dim) codebook embeddings of the 16 frames before it
+    Defaults are the paper's: hidden 576, 4 heads, 8 layers, dropout 0.2, attention dropout 0.3,
+    latent (4, 8, 8), 1024 codes of width 128: 40,324,768 parameters (Table 2(b)).
+    """
+
+    def __init__(self, latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024, hidden_dim=576, heads=4,
+                 layers=8, dropout=0.2, attn_dropout=0.3, cond_dim=GPT_COND_DIM, checkpoint_activations=False):
+        super().__init__()
+        if hidden_dim % len(latent_shape) or cond_dim % len(latent_shape):
+            raise ValueError(f"hidden_dim {hidden_dim} and cond_dim {cond_dim} must be multiples of "
+                             f"{len(latent_shape)} (one position table per latent axis)")
+        self.config = dict(latent_shape=tuple(latent_shape), embedding_dim=embedding_dim, n_codes=n_codes,
+                           hidden_dim=hidden_dim, heads=heads, layers=layers, dropout=dropout,
+                           attn_dropout=attn_dropout, cond_dim=cond_dim)
+        self.resnet = ConditioningResidualBlock(embedding_dim, cond_dim)
+        self.cond_pos_embd = AddBroadcastPosEmbed(latent_shape, cond_dim)
+        self.fc_in = nn.Linear(embedding_dim, hidden_dim, bias=False)
+        nn.init.normal_(self.fc_in.weight, std=0.02)
+        self.attn_stack = AttentionStack(latent_shape, hidden_dim, heads, layers, dropout, attn_dropout,
+                                         cond_dim, checkpoint_activations)
+        self.norm = GPTLayerNorm(hidden_dim)
+        self.fc_out = nn.Linear(hidden_dim, n_codes, bias=False)
+        nn.init.zeros_(self.fc_out.weight)                       # the authors' choice: uniform predictions at step 0
+
+    def forward(self, x, cond):
+        cond = self.resnet(cond.movedim(-1, 1)).movedim(1, -1)   # (B, t, h, w, cond_dim)
+        cond = self.cond_pos_embd(cond)
+        h = self.attn_stack(self.fc_in(x), cond)                 # (B, t, h, w, hidden)
+        return self.fc_out(self.norm(h))                         # (B, t, h, w, n_codes)
+
+
+# --------------------------------------------------------------------------------------------------
+# --- Loading checkpoints: ours, VideoGPT's and the authors' PyTorch Lightning ones ---
+# Ours hold `model` + `model_config`; a Lightning checkpoint holds `state_dict` + `hyper_parameters`,
+# from which the architecture is read (sizes from the tensors' shapes). Every load is strict: a key
+# that is missing or left over is a one-line error naming the file.
+# --------------------------------------------------------------------------------------------------
+class _StubObject(dict):
+    """Stands in for a class that cannot be imported while unpickling (e.g. pytorch_lightning's
+    callbacks inside an authors' checkpoint): we only need the tensors and hyperparameters. It is a
+    dict so that dict subclasses (Lightning's AttributeDict of hyper_parameters) keep their items."""
+
+    def __init__(self, *args, **kwargs):
+        if args and isinstance(args[0], dict):
+            super().__init__(args[0])
+
+    def __setstate__(self, state):
+        pass
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_StubObject,), {"__module__": module})
+
+
+_tolerant_pickle = types.ModuleType("tolerant_pickle")
+_tolerant_pickle.Unpickler = _TolerantUnpickler
+_tolerant_pickle.load = lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load()
+_tolerant_pickle.loads = lambda data, **kwargs: _TolerantUnpickler(io.BytesIO(data), **kwargs).load()
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load a checkpoint we wrote or a PyTorch Lightning one (its pytorch_lightning objects are
+    replaced by stubs when pytorch_lightning is not installed). Fails with one line on a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except (ModuleNotFoundError, AttributeError):
+            return torch.load(path, map_location=map_location, weights_only=False,
+                              pickle_module=_tolerant_pickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: not a readable torch checkpoint ({first})") from None
+
+
+def load_weights(model, state, path, what):
+    """model.load_state_dict(state) with strict key matching; a mismatch is an InputError naming `path`."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise InputError(f"{path}: weights do not fit {what} ({detail})") from None
+    return model
+
+
+def _vqvae_config_from_lightning(state, hparams, path, gpt_state=None):
+    """The VQVAE keywords of an authors' Lightning checkpoint: sizes from the weights' shapes, the
+    rest from its hyper_parameters (resolution, sequence_length, and downsample for a VQ-VAE; for a GPT,
+    downsample = clip shape / latent shape, read from the GPT's position embeddings `gpt_state`)."""
+    args = hparams.get("args", hparams) if isinstance(hparams, dict) else hparams
+    args = vars(args) if isinstance(args, Namespace) else dict(args or {})
+    try:
+        n_codes, embedding_dim = state["codebook.embeddings"].shape
+        n_hiddens = state["encoder.conv_last.conv.weight"].shape[0]
+    except KeyError as err:
+        raise InputError(f"{path}: no VQ-VAE weights (missing {err.args[0]})") from None
+    n_res_layers = len({k.split(".")[2] for k in state if k.startswith("encoder.res_stack.")
+                        and ".block." in k})
+    config = dict(n_hiddens=n_hiddens, n_res_layers=n_res_layers, embedding_dim=embedding_dim,
+                  n_codes=n_codes, resolution=args.get("resolution", 128),
+                  sequence_length=args.get("sequence_length", 16))
+    if "downsample" in args and "n_codes" in args:                        # a VQ-VAE's own args
+        config["downsample"] = tuple(args["downsample"])
+    elif gpt_state is not None and "attn_stack.pos_embd.emb.d_0" in gpt_state:
+        latent = [gpt_state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3)]  # (t, h, w)
+        size = (config["sequence_length"], config["resolution"], config["resolution"])
+        config["downsample"] = tuple(s // t for s, t in zip(size, latent))
+    else:
+        raise InputError(f"{path}: cannot tell the VQ-VAE's downsample factors from the checkpoint")
+    return config
+
+
+def load_vqvae(path, map_location="cpu", allow_unfinished=False):
+    """A VQVAE in eval mode from (a) a stage-03 checkpoint (`model` + `model_config`), (b) a VideoGPT /
+    authors' Lightning VQ-VAE checkpoint (`state_dict` + `hyper_parameters`), or (c) an authors'
+    Lightning GPT checkpoint, which holds its VQ-VAE under the prefix `vqvae.`. Keys match strictly.
+    A stage-03 run that was interrupted is refused unless allow_unfinished (flag --allow-unfinished)."""
+    ckpt = load_checkpoint(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{path}: not a VQ-VAE checkpoint (a {type(ckpt).__name__}, not a dict)")
+    require_complete(ckpt, path, "03_train_vqvae.py", "--allow-unfinished", allow_unfinished)
+    if "model" in ckpt and "model_config" in ckpt:
+        config, state = ckpt["model_config"], ckpt["model"]
+    elif "state_dict" in ckpt:
+        state = ckpt["state_dict"]
+        gpt_state = None
+        if any(k.startswith("vqvae.") for k in state):
+            gpt_state = state
+            state = {k[len("vqvae."):]: v for k, v in state.items() if k.startswith("vqvae.")}
+        config = _vqvae_config_from_lightning(state, ckpt.get("hyper_parameters") or {}, path, gpt_state)
+    else:
+        raise InputError(f"{path}: not a VQ-VAE checkpoint (neither model + model_config nor state_dict)")
+    return load_weights(VQVAE(**config), state, path, f"a VQ-VAE with {config}").eval()
+
+
+def gpt_config_from_state(state, heads, dropout=0.2, attn_dropout=0.3):
+    """VideoGPT(**config) arguments for a GPT state dict: widths, depth and latent shape are read from
+    the weights; the number of heads and the dropouts are not in the weights, so they are given."""
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("attn_stack.attn_nets."))
+    latent_shape = tuple(state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0]
+                         for i in range(sum(k.startswith("attn_stack.pos_embd.emb.") for k in state)))
+    hidden_dim, embedding_dim = state["fc_in.weight"].shape
+    return dict(latent_shape=latent_shape, embedding_dim=embedding_dim, n_codes=state["fc_out.weight"].shape[0],
+                hidden_dim=hidden_dim, heads=heads, layers=layers, dropout=dropout, attn_dropout=attn_dropout,
+                cond_dim=state["resnet.conv1.weight"].shape[0])
+
+
+def load_gpt_checkpoint(path, map_location="cpu"):
+    """Read a GPT checkpoint, ours (04_train_gpt.py) or the authors' PyTorch Lightning one.
+
+    Returns (config, gpt_state, extra): VideoGPT(**config) rebuilds the model and `gpt_state` loads into
+    it strictly. `extra` is the rest of the file: ours holds optimizer, scaler, step, rng, args,
+    vqvae_sha256; the authors' gives {"vqvae_state": the frozen VQ-VAE stored beside the GPT (prefix
+    `vqvae.` removed), "hyper_parameters": ...}. The causal-mask buffers of the authors' attention are
+    dropped: they are derived, and fused attention does not need them.
+    """
+    ckpt = load_checkpoint(path, map_location)
+    if isinstance(ckpt, dict) and "hidden_dim" in (ckpt.get("model_config") or {}):   # ours
+        extra = {k: v for k, v in ckpt.items() if k not in ("model_config", "model")}
+        return dict(ckpt["model_config"]), ckpt["model"], extra
+    if isinstance(ckpt, dict) and "state_dict" in ckpt:                              # the authors'
+        state = ckpt["state_dict"]
+        hparams = ckpt.get("hyper_parameters") or {}
+        args = hparams.get("args", hparams) if isinstance(hparams, dict) else hparams
+        args = args if isinstance(args, dict) else vars(args)
+        # the weights that gpt_config_from_state reads the model's sizes from
+        needed = ["resnet.conv1.weight", "fc_in.weight", "fc_out.weight", "attn_stack.pos_embd.emb.d_0"]
+        missing = [k for k in needed if k not in state]
+        if not any(k.startswith("attn_stack.attn_nets.") for k in state):
+            missing.append("attn_stack.attn_nets.*")
+        if missing:
+            raise InputError(f"{path}: not a VideoGPT prior with embedding conditioning (emb_cond): "
+                             f"no {', '.join(missing)} in its state_dict")
+        gpt_state = {k: v for k, v in state.items()
+                     if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
+        config = gpt_config_from_state(gpt_state, heads=args.get("heads", 4), dropout=args.get("dropout", 0.2),
+                                       attn_dropout=args.get("attn_dropout", 0.3))
+        extra = {"vqvae_state": {k[len("vqvae."):]: v for k, v in state.items() if k.startswith("vqvae.")},
+                 "hyper_parameters": hparams}
+        return config, gpt_state, extra
+    raise InputError(f"{path}: not a GPT checkpoint (neither 04_train_gpt.py's model + model_config "
+                     "nor a Lightning state_dict)")
+
+
+def build_gpt(config, state=None, path="checkpoint", checkpoint_activations=False):
+    """VideoGPT(**config), with `state` loaded strictly when given (a clear error names `path`)."""
+    model = VideoGPT(**config, checkpoint_activations=checkpoint_activations)
+    return model if state is None else load_weights(model, state, path, f"a VideoGPT with {config}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -859,771 +1633,3 @@ def autocast(device, precision):
 def grad_scaler(device, precision):
     """A GradScaler, active for fp16 only (bf16 has fp32's exponent range and needs no loss scaling)."""
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-
-
-# --------------------------------------------------------------------------------------------------
-# --- VideoGPT VQ-VAE (paper section 2.3.1.1) ---
-# The authors' model (VideoGPT, Yan et al. 2021), with VideoGPT's module and parameter names so that its
-# checkpoints and the authors' load with strict key matching. Videos are (B, C, T, H, W) floats in
-# [-0.5, 0.5]; latents are (B, embedding_dim, t, h, w) with (t, h, w) = (T, H, W) / downsample.
-# --------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def exact_fp32(device_type):
-    """Float32 math without shortcuts inside the block: autocast off, and no TF32 in cuDNN convolutions or
-    CUDA matmuls. The caller's settings come back afterwards."""
-    cudnn = torch.backends.cudnn
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.autocast(device_type, enabled=False), cudnn.flags(
-                enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-
-
-def video_from_uint8(frames):
-    """uint8 frames (B, T, H, W, 3) -> the VQ-VAE's input video (B, 3, T, H, W), float in [-0.5, 0.5]
-    (VideoGPT's scaling), computed where `frames` is: send the uint8 batch to the GPU, 4x smaller."""
-    return frames.permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5
-
-
-# The paper's model (checked against Table 2(a)'s parameter counts; Table 2(c) misprints it).
-VQVAE_PAPER_CONFIG = dict(resolution=128, sequence_length=16, n_hiddens=240, n_res_layers=4,
-                          downsample=(4, 16, 16), embedding_dim=128, n_codes=1024)
-
-
-def _triple(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
-
-
-class SamePadConv3d(nn.Module):
-    """Conv3d with 'same' padding: output size = input size / stride on each axis (T, H, W).
-
-    VideoGPT pads k - s in total per axis, the odd element in front. Symmetric padding goes into the
-    convolution itself (no padded copy of the input); only the odd element is padded explicitly.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
-        super().__init__()
-        kernel, stride = _triple(kernel_size), _triple(stride)
-        total = [k - s for k, s in zip(kernel, stride)]
-        both_sides = tuple(p // 2 for p in total)                  # (T, H, W)
-        self.extra_front = tuple(p % 2 for p in total)             # (T, H, W)
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=both_sides,
-                              bias=bias)
-
-    def forward(self, x):                                          # (B, C, T, H, W)
-        if any(self.extra_front):
-            t, h, w = self.extra_front
-            x = F.pad(x, (w, 0, h, 0, t, 0))                       # F.pad lists the last axis first
-        return self.conv(x)
-
-
-class SamePadConvTranspose3d(nn.Module):
-    """ConvTranspose3d that multiplies each axis by its stride (the decoder's mirror of SamePadConv3d).
-
-    VideoGPT pads the input like SamePadConv3d and crops k - 1 on each side of the output. Zero input
-    padding only shifts the output, so this equals cropping (k - 1) - pad * s: when both sides crop the
-    same amount on every axis (kernel 4, stride 2) the convolution's own `padding` does it without a
-    padded copy; otherwise (stride 1 axes) VideoGPT's form is used as is.
-    """
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
-        super().__init__()
-        kernel, stride = _triple(kernel_size), _triple(stride)
-        total = [k - s for k, s in zip(kernel, stride)]
-        front = [p // 2 + p % 2 for p in total]
-        back = [p // 2 for p in total]
-        crop_front = [k - 1 - p * s for k, p, s in zip(kernel, front, stride)]
-        crop_back = [k - 1 - p * s for k, p, s in zip(kernel, back, stride)]
-        if crop_front == crop_back and min(crop_front) >= 0:
-            self.pad_input = None
-            padding = tuple(crop_front)
-        else:
-            self.pad_input = (front[2], back[2], front[1], back[1], front[0], back[0])
-            padding = tuple(k - 1 for k in kernel)
-        self.convt = nn.ConvTranspose3d(in_channels, out_channels, kernel, stride=stride, bias=bias,
-                                        padding=padding)
-
-    def forward(self, x):                                          # (B, C, T, H, W)
-        if self.pad_input is not None:
-            x = F.pad(x, self.pad_input)
-        return self.convt(x)
-
-
-class MultiHeadAttention(nn.Module):
-    """Non-causal multi-head self-attention along one axis of a (B, T, H, W, C) tensor (axial attention).
-
-    axial_dim: 1 (time), 2 (height) or 3 (width). Parameter names and initialisation are VideoGPT's.
-    """
-
-    def __init__(self, dim, n_head, axial_dim, n_layer=1):
-        super().__init__()
-        self.n_head = n_head
-        self.axial_dim = axial_dim
-        self.w_qs = nn.Linear(dim, dim, bias=False)
-        self.w_ks = nn.Linear(dim, dim, bias=False)
-        self.w_vs = nn.Linear(dim, dim, bias=False)
-        self.fc = nn.Linear(dim, dim, bias=True)
-        for w in (self.w_qs, self.w_ks, self.w_vs):
-            nn.init.normal_(w.weight, std=1.0 / math.sqrt(dim))
-        nn.init.normal_(self.fc.weight, std=1.0 / math.sqrt(dim * n_layer))
-
-    def forward(self, x):                                          # (B, T, H, W, C)
-        moved_shape = x.movedim(self.axial_dim, -2).shape          # (B, ., ., L, C): L = attended axis
-
-        def heads(t):                                              # (B, T, H, W, C) -> (N, heads, L, d)
-            t = t.movedim(self.axial_dim, -2)                      # (B, ., ., L, C)
-            return t.reshape(-1, t.shape[-2], self.n_head, t.shape[-1] // self.n_head).transpose(1, 2)
-        q, k, v = heads(self.w_qs(x)), heads(self.w_ks(x)), heads(self.w_vs(x))
-        out = F.scaled_dot_product_attention(q, k, v)              # softmax(q k^T / sqrt(d)) v
-        out = out.transpose(1, 2).reshape(moved_shape)             # (B, ., ., L, C)
-        return self.fc(out.movedim(-2, self.axial_dim))            # (B, T, H, W, C)
-
-
-class AxialBlock(nn.Module):
-    """Sum of self-attentions along width, height and time (paper 2.3.1.1, 'combined axial attention')."""
-
-    def __init__(self, n_hiddens, n_head):
-        super().__init__()
-        self.attn_w = MultiHeadAttention(n_hiddens, n_head, axial_dim=3)
-        self.attn_h = MultiHeadAttention(n_hiddens, n_head, axial_dim=2)
-        self.attn_t = MultiHeadAttention(n_hiddens, n_head, axial_dim=1)
-
-    def forward(self, x):                                          # (B, C, T, H, W)
-        x = x.movedim(1, -1)                                       # (B, T, H, W, C)
-        x = self.attn_w(x) + self.attn_h(x) + self.attn_t(x)
-        return x.movedim(-1, 1)                                    # (B, C, T, H, W)
-
-
-class AttentionResidualBlock(nn.Module):
-    """x + [BN-ReLU-conv3 (to n/2), BN-ReLU-conv1 (back to n), BN-ReLU, axial attention (2 heads)](x)."""
-
-    def __init__(self, n_hiddens):
-        super().__init__()
-        self.block = nn.Sequential(
-            nn.BatchNorm3d(n_hiddens), nn.ReLU(),
-            SamePadConv3d(n_hiddens, n_hiddens // 2, 3, bias=False),
-            nn.BatchNorm3d(n_hiddens // 2), nn.ReLU(),
-            SamePadConv3d(n_hiddens // 2, n_hiddens, 1, bias=False),
-            nn.BatchNorm3d(n_hiddens), nn.ReLU(),
-            AxialBlock(n_hiddens, 2),
-        )
-
-    def forward(self, x):                                          # (B, C, T, H, W)
-        return x + self.block(x)
-
-
-# VideoGPT's constants of the VQ-VAE's training, which the paper's experiments never change:
-EMA_EPSILON = 1e-7     # Laplace smoothing of the codebook's EMA counts (eq. 6): an unused code keeps a size
-RESTART_BELOW = 1.0    # a code whose EMA count falls below this restarts from a random encoder output
-DATA_VARIANCE = 0.06   # the reconstruction MSE of eq. 1 is divided by it (VideoGPT's normalisation)
-
-
-class Codebook(nn.Module):
-    """Vector quantiser with an EMA codebook (paper eqs. 3-6; van den Oord et al. 2017).
-
-    Buffers (VideoGPT's names): embeddings (n_codes, D), N (n_codes,) EMA counts, z_avg (n_codes, D)
-    EMA sums. In training mode each forward updates them from the batch; the counts and sums are summed
-    over DDP ranks, so every rank keeps the same codebook. Distances and EMA run in fp32 under autocast.
-    """
-
-    def __init__(self, n_codes, embedding_dim, decay=0.99, epsilon=EMA_EPSILON, restart_below=RESTART_BELOW,
-                 beta=0.25):
-        super().__init__()
-        self.register_buffer("embeddings", torch.randn(n_codes, embedding_dim))
-        self.register_buffer("N", torch.zeros(n_codes))
-        self.register_buffer("z_avg", self.embeddings.clone())
-        self.n_codes, self.embedding_dim = n_codes, embedding_dim
-        self.decay, self.epsilon, self.restart_below, self.beta = decay, epsilon, restart_below, beta
-        self._need_init = True    # the first training batch initialises the codebook
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._need_init = False   # a loaded codebook is trained: never re-initialise it
-
-    def _random_vectors(self, flat):
-        """n_codes rows drawn from the encoder outputs `flat` (M, D), the same on every rank (rank 0's).
-        With fewer than n_codes outputs they are repeated with a little noise (VideoGPT's _tile)."""
-        m, d = flat.shape
-        if m < self.n_codes:
-            flat = flat.repeat((self.n_codes + m - 1) // m, 1)
-            flat = flat + torch.randn_like(flat) * (0.01 / math.sqrt(d))
-        chosen = flat[torch.randperm(flat.shape[0], device=flat.device)[:self.n_codes]].contiguous()
-        if dist.is_initialized():
-            dist.broadcast(chosen, 0)
-        return chosen                                              # (n_codes, D)
-
-    @torch.no_grad()
-    def _init_embeddings(self, flat):
-        chosen = self._random_vectors(flat)
-        self.embeddings.copy_(chosen)
-        self.z_avg.copy_(chosen)
-        self.N.fill_(1.0)
-        self._need_init = False
-
-    @torch.no_grad()
-    def _ema_update(self, flat, onehot):
-        """Paper eqs. 3-6, then the restart of codes whose EMA count fell below 1."""
-        n_total = onehot.sum(0)                                    # (n_codes,)
-        encode_sum = onehot.t() @ flat                             # (n_codes, D)
-        if dist.is_initialized():
-            dist.all_reduce(n_total)
-            dist.all_reduce(encode_sum)
-        self.N.mul_(self.decay).add_(n_total, alpha=1 - self.decay)
-        self.z_avg.mul_(self.decay).add_(encode_sum, alpha=1 - self.decay)
-        n = self.N.sum()
-        weights = (self.N + self.epsilon) / (n + self.n_codes * self.epsilon) * n   # Laplace smoothing
-        self.embeddings.copy_(self.z_avg / weights.unsqueeze(1))
-        alive = (self.N >= self.restart_below).unsqueeze(1)        # (n_codes, 1)
-        self.embeddings.copy_(torch.where(alive, self.embeddings, self._random_vectors(flat)))
-
-    def forward(self, z):
-        """z: (B, D, t, h, w) encoder outputs. Returns a dict: embeddings (B, D, t, h, w) quantised with
-        a straight-through gradient, encodings (B, t, h, w) long codes, commitment_loss, perplexity."""
-        with torch.autocast(z.device.type, enabled=False):
-            z = z.float()
-            flat = z.movedim(1, -1).reshape(-1, self.embedding_dim)       # (B*t*h*w, D)
-            if self._need_init and self.training:
-                self._init_embeddings(flat.detach())
-            distances = ((flat ** 2).sum(1, keepdim=True) - 2 * flat @ self.embeddings.t()
-                         + (self.embeddings ** 2).sum(1).unsqueeze(0))    # (B*t*h*w, n_codes)
-            codes = distances.argmin(1)                                    # (B*t*h*w,)
-            quantized = F.embedding(codes, self.embeddings)                # (B*t*h*w, D), before update
-            onehot = F.one_hot(codes, self.n_codes).float()                # (B*t*h*w, n_codes)
-            avg_probs = onehot.mean(0)
-            perplexity = torch.exp(-(avg_probs * torch.log(avg_probs + 1e-10)).sum())
-            if self.training:
-                self._ema_update(flat.detach(), onehot)
-            quantized = quantized.view(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)  # (B, D, t, h, w)
-            commitment_loss = self.beta * F.mse_loss(z, quantized.detach())  # paper eq. 1
-            embeddings_st = z + (quantized - z).detach()                  # straight-through estimator
-        return dict(embeddings=embeddings_st, encodings=codes.view(z.shape[0], *z.shape[2:]),
-                    commitment_loss=commitment_loss, perplexity=perplexity)
-
-    def dictionary_lookup(self, encodings):
-        """Codes (B, t, h, w) long -> their vectors (B, t, h, w, D) (VideoGPT's layout)."""
-        return F.embedding(encodings, self.embeddings)
-
-
-def _res_stack(n_hiddens, n_res_layers):
-    return nn.Sequential(*[AttentionResidualBlock(n_hiddens) for _ in range(n_res_layers)],
-                         nn.BatchNorm3d(n_hiddens), nn.ReLU())
-
-
-class Encoder(nn.Module):
-    """Strided convs (kernel 4, stride 2 on each axis still to halve), a kernel-3 conv, then the
-    attention residual blocks and a final BN-ReLU. (B, 3, T, H, W) -> (B, n_hiddens, t, h, w)."""
-
-    def __init__(self, n_hiddens, n_res_layers, downsample):
-        super().__init__()
-        halvings = [int(math.log2(d)) for d in downsample]        # per axis (T, H, W)
-        self.convs = nn.ModuleList()
-        for i in range(max(halvings)):
-            stride = tuple(2 if n > i else 1 for n in halvings)
-            self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, 4, stride=stride))
-        self.conv_last = SamePadConv3d(n_hiddens if len(self.convs) else 3, n_hiddens, kernel_size=3)
-        self.res_stack = _res_stack(n_hiddens, n_res_layers)
-
-    def forward(self, x):
-        for conv in self.convs:
-            x = F.relu(conv(x))
-        return self.res_stack(self.conv_last(x))
-
-
-class Decoder(nn.Module):
-    """The encoder's mirror: attention residual blocks, then transposed convs (kernel 4, stride 2 on each
-    axis still to double; ReLU between them). (B, n_hiddens, t, h, w) -> (B, 3, T, H, W)."""
-
-    def __init__(self, n_hiddens, n_res_layers, upsample):
-        super().__init__()
-        self.res_stack = _res_stack(n_hiddens, n_res_layers)
-        doublings = [int(math.log2(d)) for d in upsample]
-        n_convs = max(doublings)
-        self.convts = nn.ModuleList()
-        for i in range(n_convs):
-            stride = tuple(2 if n > i else 1 for n in doublings)
-            out_channels = 3 if i == n_convs - 1 else n_hiddens
-            self.convts.append(SamePadConvTranspose3d(n_hiddens, out_channels, 4, stride=stride))
-
-    def forward(self, x):
-        x = self.res_stack(x)
-        for i, convt in enumerate(self.convts):
-            x = convt(x)
-            if i < len(self.convts) - 1:
-                x = F.relu(x)
-        return x
-
-
-class VQVAE(nn.Module):
-    """VideoGPT's VQ-VAE: encoder, pre_vq_conv, codebook, post_vq_conv, decoder (paper 2.3.1.1).
-
-    Input clips x: (B, 3, sequence_length, resolution, resolution) in [-0.5, 0.5]. The keywords before *
-    are the architecture of Table 2; `config` holds them (checkpoints store it to rebuild the model). Those
-    after * only shape training (VideoGPT's values by default): the commitment weight beta (paper eq. 1),
-    the codebook EMA's decay (eqs. 3-4), and the constants above.
-    """
-
-    def __init__(self, resolution=128, sequence_length=16, n_hiddens=240, n_res_layers=4,
-                 downsample=(4, 16, 16), embedding_dim=128, n_codes=1024, *, beta=0.25, ema_decay=0.99,
-                 ema_epsilon=EMA_EPSILON, restart_below=RESTART_BELOW, data_variance=DATA_VARIANCE):
-        super().__init__()
-        downsample = tuple(int(d) for d in downsample)
-        self.config = dict(resolution=resolution, sequence_length=sequence_length, n_hiddens=n_hiddens,
-                           n_res_layers=n_res_layers, downsample=downsample,
-                           embedding_dim=embedding_dim, n_codes=n_codes)
-        self.embedding_dim, self.n_codes = embedding_dim, n_codes
-        self.encoder = Encoder(n_hiddens, n_res_layers, downsample)
-        self.decoder = Decoder(n_hiddens, n_res_layers, downsample)
-        self.pre_vq_conv = SamePadConv3d(n_hiddens, embedding_dim, 1)
-        self.post_vq_conv = SamePadConv3d(embedding_dim, n_hiddens, 1)
-        self.codebook = Codebook(n_codes, embedding_dim, ema_decay, ema_epsilon, restart_below, beta)
-        self.data_variance = data_variance
-
-    @property
-    def latent_shape(self):
-        """(t, h, w) of the code grid of one clip."""
-        size = (self.config["sequence_length"], self.config["resolution"], self.config["resolution"])
-        return tuple(s // d for s, d in zip(size, self.config["downsample"]))
-
-    def encode(self, x, include_embeddings=False):
-        """x (B, 3, T, H, W) -> codes (B, t, h, w) long [, embeddings (B, D, t, h, w)].
-
-        Always in full float32, whatever autocast or TF32 setting the caller runs under: 04 trains the GPT
-        on these codes and 05 reads the brain's features from them, and lower precision can pick another
-        code where two are nearly tied (bf16 flipped 15% of a tiny model's codes). PyTorch runs cuDNN
-        convolutions in TF32 by default on Ampere and later, so that is switched off here too."""
-        with exact_fp32(x.device.type):
-            vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
-        if include_embeddings:
-            return vq_output["encodings"], vq_output["embeddings"]
-        return vq_output["encodings"]
-
-    def decode(self, encodings):
-        """codes (B, t, h, w) long -> reconstructed clips (B, 3, T, H, W)."""
-        h = self.codebook.dictionary_lookup(encodings).movedim(-1, 1)     # (B, D, t, h, w)
-        return self.decoder(self.post_vq_conv(h))
-
-    def forward(self, x):
-        """Returns (recon_loss, x_recon, vq_output) as VideoGPT; the training loss is
-        recon_loss + vq_output['commitment_loss'] (paper eq. 1, beta x commitment; the EMA replaces the
-        codebook term). recon_loss = MSE / data_variance (DATA_VARIANCE: VideoGPT's normalisation)."""
-        vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
-        x_recon = self.decoder(self.post_vq_conv(vq_output["embeddings"]))
-        recon_loss = F.mse_loss(x_recon.float(), x.float()) / self.data_variance
-        return recon_loss, x_recon, vq_output
-
-
-# --------------------------------------------------------------------------------------------------
-# --- VideoGPT GPT prior with embedding conditioning (paper section 2.3.1.2) ---
-# The authors' VideoGPT transformer with "emb_cond": it reads the codebook embeddings of a target
-# clip's codes, (t, h, w) = (4, 8, 8) tokens in raster order, predicts each code from the codes before
-# it (causal self-attention), and cross-attends to the embeddings of the 16 frames before the clip.
-# Module and parameter names are VideoGPT's (wilson1yan/VideoGPT, as modified by the paper's authors),
-# so their Lightning checkpoints load with strict key matching and the paper's layer names
-# (attn_stack.attn_nets.4.post_fc_dp, Table 4) can be hooked. Differences from their code, all
-# numerically equivalent: fused attention (F.scaled_dot_product_attention) instead of an explicit
-# softmax with a stored causal mask, and activation checkpointing off by default.
-# --------------------------------------------------------------------------------------------------
-GPT_COND_DIM = 240   # width of the conditioning features (the authors' ResidualBlock(embedding_dim, 240))
-
-
-class GPTLayerNorm(nn.Module):
-    """VideoGPT's LayerNorm over the last axis, in fp32 (as the authors do under mixed precision):
-    (x - mean) * (1e-5 + 1 / sqrt(var)) * g + b, with var the mean square of x - mean.
-
-    Not torch's LayerNorm, (x - mean) / sqrt(var + 1e-5): VideoGPT adds its epsilon to the inverse
-    standard deviation. The two agree to 1.5e-5 at unit variance but not where the variance is small
-    (6.8e-3 relative for the start token, std 0.02; 1.5e-2 at codebook scale), and the authors'
-    checkpoints were trained with this formula: their layer attn_stack.attn_nets.4.post_fc_dp then
-    matches their own forward pass to float32 rounding. Parameters are named `g` and `b` like theirs."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.g = nn.Parameter(torch.ones(dim))
-        self.b = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x):                                        # (..., dim)
-        x_float = x.float()
-        centered = x_float - x_float.mean(dim=-1, keepdim=True)
-        variance = centered.square().mean(dim=-1, keepdim=True)  # (..., 1), biased as VideoGPT's
-        return (centered * (1e-5 + variance.rsqrt()) * self.g + self.b).type_as(x)
-
-
-class GeLU2(nn.Module):
-    """The GELU approximation x * sigmoid(1.702 x) of VideoGPT's MLP."""
-
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class RightShift(nn.Module):
-    """Teacher forcing: shift the flattened tokens one place right and put a learned start token
-    `sos` first, so the output at position i depends only on tokens < i."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.sos = nn.Parameter(torch.randn(dim) * 0.02)
-
-    def forward(self, x):                                        # (B, t, h, w, D)
-        tokens = x.flatten(1, -2)                                # (B, L, D)
-        sos = self.sos.to(x.dtype).expand(len(x), 1, -1)         # (B, 1, D)
-        return torch.cat([sos, tokens[:, :-1]], dim=1).view_as(x)
-
-
-class AddBroadcastPosEmbed(nn.Module):
-    """Add a factorised position embedding: one table per axis of `shape` (emb.d_0, d_1, ...), each
-    (shape[i], dim / len(shape)), broadcast over the other axes and concatenated on the channels."""
-
-    def __init__(self, shape, dim):
-        super().__init__()
-        if dim % len(shape):
-            raise ValueError(f"embedding width {dim} is not divisible by the {len(shape)} axes {tuple(shape)}")
-        self.shape = tuple(shape)
-        self.emb = nn.ParameterDict({f"d_{i}": nn.Parameter(torch.randn(size, dim // len(shape)) * 0.01)
-                                     for i, size in enumerate(self.shape)})
-
-    def forward(self, x):                                        # (B, *shape, dim)
-        n = len(self.shape)
-        tables = []
-        for i, size in enumerate(self.shape):
-            table = self.emb[f"d_{i}"].view(*[size if j == i else 1 for j in range(n)], -1)  # (.., size, .., dim/n)
-            tables.append(table.expand(*self.shape, -1))         # (*shape, dim/n)
-        return x + torch.cat(tables, dim=-1)                     # (B, *shape, dim)
-
-
-class FullAttention(nn.Module):
-    """softmax(q k^T / sqrt(d)) v over all (t, h, w) positions, causal or not, with dropout on the
-    attention weights while training. Its own module so its output, (B, heads, t, h, w, d), can be
-    hooked as `...attn.attn` (paper Table 4)."""
-
-    def __init__(self, shape, causal, attn_dropout):
-        super().__init__()
-        self.shape, self.causal, self.attn_dropout = tuple(shape), causal, attn_dropout
-
-    def forward(self, q, k, v):                                  # (B, heads, L, d) each
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
-                                             is_causal=self.causal)             # (B, heads, L, d_v)
-        return out.unflatten(2, self.shape)                      # (B, heads, t, h, w, d_v)
-
-
-class GPTMultiHeadAttention(nn.Module):
-    """VideoGPT's MultiHeadAttention (full attention): queries from x (width dim_q), keys and values
-    from `context` (width dim_kv). As in the authors' code, each head has d_k = dim_q // heads and
-    d_v = dim_kv // heads channels (a width the heads do not divide is floored, not rejected)."""
-
-    def __init__(self, shape, dim_q, dim_kv, heads, layers, causal, attn_dropout):
-        super().__init__()
-        self.heads, self.d_k, self.d_v = heads, dim_q // heads, dim_kv // heads
-        if self.d_k < 1 or self.d_v < 1:
-            raise ValueError(f"{heads} heads cannot split widths {dim_q} and {dim_kv}")
-        self.w_qs = nn.Linear(dim_q, heads * self.d_k, bias=False)
-        self.w_ks = nn.Linear(dim_kv, heads * self.d_k, bias=False)
-        self.w_vs = nn.Linear(dim_kv, heads * self.d_v, bias=False)
-        self.fc = nn.Linear(heads * self.d_v, dim_q, bias=True)
-        nn.init.normal_(self.w_qs.weight, std=1.0 / math.sqrt(dim_q))
-        nn.init.normal_(self.w_ks.weight, std=1.0 / math.sqrt(dim_kv))
-        nn.init.normal_(self.w_vs.weight, std=1.0 / math.sqrt(dim_kv))
-        nn.init.normal_(self.fc.weight, std=1.0 / math.sqrt(dim_q * layers))
-        self.attn = FullAttention(shape, causal, attn_dropout)
-
-    def forward(self, x, context):                               # (B, t, h, w, dim_q), (B, t', h', w', dim_kv)
-        def split_heads(y, d):                                   # (B, ..., heads * d) -> (B, heads, L, d)
-            return y.flatten(1, -2).unflatten(-1, (self.heads, d)).transpose(1, 2)
-        q = split_heads(self.w_qs(x), self.d_k)
-        k = split_heads(self.w_ks(context), self.d_k)
-        v = split_heads(self.w_vs(context), self.d_v)
-        out = self.attn(q, k, v)                                 # (B, heads, t, h, w, d_v)
-        out = out.movedim(1, -2).flatten(-2)                     # (B, t, h, w, heads * d_v)
-        return self.fc(out)                                      # (B, t, h, w, dim_q)
-
-
-class AttentionBlock(nn.Module):
-    """One transformer block: pre-norm causal self-attention, cross-attention to the conditioning
-    features, MLP (x4, GeLU2); dropout on each residual branch. Attention-weight dropout applies to
-    the self-attention only (the authors' cross-attention has none)."""
-
-    def __init__(self, shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim, checkpoint_activations):
-        super().__init__()
-        self.checkpoint_activations = checkpoint_activations
-        self.pre_attn_norm = GPTLayerNorm(hidden_dim)
-        self.post_attn_dp = nn.Dropout(dropout)
-        self.attn = GPTMultiHeadAttention(shape, hidden_dim, hidden_dim, heads, layers, True, attn_dropout)
-        self.pre_enc_norm = GPTLayerNorm(hidden_dim)
-        self.post_enc_dp = nn.Dropout(dropout)
-        self.enc_attn = GPTMultiHeadAttention(shape, hidden_dim, cond_dim, heads, layers, False, 0.0)
-        self.pre_fc_norm = GPTLayerNorm(hidden_dim)
-        self.post_fc_dp = nn.Dropout(dropout)
-        self.fc_block = nn.Sequential(nn.Linear(hidden_dim, 4 * hidden_dim), GeLU2(),
-                                      nn.Linear(4 * hidden_dim, hidden_dim))
-
-    def _run(self, module, *inputs):
-        # Activation checkpointing (the authors' default) trades a recomputation for memory; off by
-        # default because this model fits easily and recomputing costs about a third more time.
-        if self.checkpoint_activations and self.training:
-            return torch.utils.checkpoint.checkpoint(module, *inputs, use_reentrant=False)
-        return module(*inputs)
-
-    def forward(self, x, cond):                                  # (B, t, h, w, hidden), (B, t, h, w, cond_dim)
-        h = self.pre_attn_norm(x)
-        x = x + self.post_attn_dp(self._run(self.attn, h, h))
-        h = self.pre_enc_norm(x)
-        x = x + self.post_enc_dp(self._run(self.enc_attn, h, cond))
-        h = self.pre_fc_norm(x)
-        return x + self.post_fc_dp(self._run(self.fc_block, h))
-
-
-class AttentionStack(nn.Module):
-    """RightShift, position embedding, then the blocks `attn_nets.0 .. attn_nets.{layers-1}`."""
-
-    def __init__(self, shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim, checkpoint_activations):
-        super().__init__()
-        self.right_shift = RightShift(hidden_dim)
-        self.pos_embd = AddBroadcastPosEmbed(shape, hidden_dim)
-        self.attn_nets = nn.ModuleList([
-            AttentionBlock(shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim, checkpoint_activations)
-            for _ in range(layers)])
-
-    def forward(self, x, cond):                                  # (B, t, h, w, hidden)
-        x = self.pos_embd(self.right_shift(x))
-        for block in self.attn_nets:
-            x = block(x, cond)
-        return x
-
-
-class ChannelNormReLU(nn.Module):
-    """LayerNorm over the channels of a (B, C, t, h, w) tensor, in fp32, then optionally ReLU (the
-    authors' NormReLU with ChannelLayerNorm; parameters under `norm.norm`)."""
-
-    def __init__(self, channels, relu=True):
-        super().__init__()
-        self.relu = relu
-        self.norm = nn.Module()
-        self.norm.norm = nn.LayerNorm(channels)
-
-    def forward(self, x):                                        # (B, C, t, h, w)
-        y = self.norm.norm(x.float().movedim(1, -1)).movedim(-1, 1).type_as(x)
-        return F.relu(y) if self.relu else y
-
-
-class ConditioningResidualBlock(nn.Module):
-    """`resnet`: one residual block from codebook embeddings to the conditioning features, as the
-    authors' ResidualBlock(embedding_dim, 240, stride=1, use_projection=True): two 3x3x3 convolutions
-    without bias and a 1x1x1 projection shortcut, each followed by channel LayerNorm (+ ReLU)."""
-
-    def __init__(self, in_channels, out_channels):
-        super().__init__()
-        self.proj_conv = nn.Conv3d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.proj_bnr = ChannelNormReLU(out_channels, relu=False)
-        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
-        self.bnr1 = ChannelNormReLU(out_channels)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
-        self.bnr2 = ChannelNormReLU(out_channels)
-
-    def forward(self, x):                                        # (B, C_in, t, h, w)
-        shortcut = self.proj_bnr(self.proj_conv(x))
-        x = self.bnr2(self.conv2(self.bnr1(self.conv1(x))))
-        return F.relu(x + shortcut)                              # (B, C_out, t, h, w)
-
-
-class VideoGPT(nn.Module):
-    """The conditioned GPT prior of paper section 2.3.1.2 (the VQ-VAE stays outside: it is frozen).
-
-    forward(x, cond) -> logits (B, t, h, w, n_codes)
-        x:    (B, t, h, w, embedding_dim) codebook embeddings of the target clip's codes
-        cond: (B, t, h, w, embedding_dim) codebook embeddings of the 16 frames before it
-    Defaults are the paper's: hidden 576, 4 heads, 8 layers, dropout 0.2, attention dropout 0.3,
-    latent (4, 8, 8), 1024 codes of width 128: 40,324,768 parameters (Table 2(b)).
-    """
-
-    def __init__(self, latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024, hidden_dim=576, heads=4,
-                 layers=8, dropout=0.2, attn_dropout=0.3, cond_dim=GPT_COND_DIM, checkpoint_activations=False):
-        super().__init__()
-        if hidden_dim % len(latent_shape) or cond_dim % len(latent_shape):
-            raise ValueError(f"hidden_dim {hidden_dim} and cond_dim {cond_dim} must be multiples of "
-                             f"{len(latent_shape)} (one position table per latent axis)")
-        self.config = dict(latent_shape=tuple(latent_shape), embedding_dim=embedding_dim, n_codes=n_codes,
-                           hidden_dim=hidden_dim, heads=heads, layers=layers, dropout=dropout,
-                           attn_dropout=attn_dropout, cond_dim=cond_dim)
-        self.resnet = ConditioningResidualBlock(embedding_dim, cond_dim)
-        self.cond_pos_embd = AddBroadcastPosEmbed(latent_shape, cond_dim)
-        self.fc_in = nn.Linear(embedding_dim, hidden_dim, bias=False)
-        nn.init.normal_(self.fc_in.weight, std=0.02)
-        self.attn_stack = AttentionStack(latent_shape, hidden_dim, heads, layers, dropout, attn_dropout,
-                                         cond_dim, checkpoint_activations)
-        self.norm = GPTLayerNorm(hidden_dim)
-        self.fc_out = nn.Linear(hidden_dim, n_codes, bias=False)
-        nn.init.zeros_(self.fc_out.weight)                       # the authors' choice: uniform predictions at step 0
-
-    def forward(self, x, cond):
-        cond = self.resnet(cond.movedim(-1, 1)).movedim(1, -1)   # (B, t, h, w, cond_dim)
-        cond = self.cond_pos_embd(cond)
-        h = self.attn_stack(self.fc_in(x), cond)                 # (B, t, h, w, hidden)
-        return self.fc_out(self.norm(h))                         # (B, t, h, w, n_codes)
-
-
-# --------------------------------------------------------------------------------------------------
-# --- Loading checkpoints: ours, VideoGPT's and the authors' PyTorch Lightning ones ---
-# Ours hold `model` + `model_config`; a Lightning checkpoint holds `state_dict` + `hyper_parameters`,
-# from which the architecture is read (sizes from the tensors' shapes). Every load is strict: a key
-# that is missing or left over is a one-line error naming the file.
-# --------------------------------------------------------------------------------------------------
-class _StubObject(dict):
-    """Stands in for a class that cannot be imported while unpickling (e.g. pytorch_lightning's
-    callbacks inside an authors' checkpoint): we only need the tensors and hyperparameters. It is a
-    dict so that dict subclasses (Lightning's AttributeDict of hyper_parameters) keep their items."""
-
-    def __init__(self, *args, **kwargs):
-        if args and isinstance(args[0], dict):
-            super().__init__(args[0])
-
-    def __setstate__(self, state):
-        pass
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_StubObject,), {"__module__": module})
-
-
-_tolerant_pickle = types.ModuleType("tolerant_pickle")
-_tolerant_pickle.Unpickler = _TolerantUnpickler
-_tolerant_pickle.load = lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load()
-_tolerant_pickle.loads = lambda data, **kwargs: _TolerantUnpickler(io.BytesIO(data), **kwargs).load()
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load a checkpoint we wrote or a PyTorch Lightning one (its pytorch_lightning objects are
-    replaced by stubs when pytorch_lightning is not installed). Fails with one line on a bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except (ModuleNotFoundError, AttributeError):
-            return torch.load(path, map_location=map_location, weights_only=False,
-                              pickle_module=_tolerant_pickle)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a readable torch checkpoint ({first})") from None
-
-
-def load_weights(model, state, path, what):
-    """model.load_state_dict(state) with strict key matching; a mismatch is an InputError naming `path`."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise InputError(f"{path}: weights do not fit {what} ({detail})") from None
-    return model
-
-
-def _vqvae_config_from_lightning(state, hparams, path, gpt_state=None):
-    """The VQVAE keywords of an authors' Lightning checkpoint: sizes from the weights' shapes, the
-    rest from its hyper_parameters (resolution, sequence_length, and downsample for a VQ-VAE; for a GPT,
-    downsample = clip shape / latent shape, read from the GPT's position embeddings `gpt_state`)."""
-    args = hparams.get("args", hparams) if isinstance(hparams, dict) else hparams
-    args = vars(args) if isinstance(args, Namespace) else dict(args or {})
-    try:
-        n_codes, embedding_dim = state["codebook.embeddings"].shape
-        n_hiddens = state["encoder.conv_last.conv.weight"].shape[0]
-    except KeyError as err:
-        raise InputError(f"{path}: no VQ-VAE weights (missing {err.args[0]})") from None
-    n_res_layers = len({k.split(".")[2] for k in state if k.startswith("encoder.res_stack.")
-                        and ".block." in k})
-    config = dict(n_hiddens=n_hiddens, n_res_layers=n_res_layers, embedding_dim=embedding_dim,
-                  n_codes=n_codes, resolution=args.get("resolution", 128),
-                  sequence_length=args.get("sequence_length", 16))
-    if "downsample" in args and "n_codes" in args:                        # a VQ-VAE's own args
-        config["downsample"] = tuple(args["downsample"])
-    elif gpt_state is not None and "attn_stack.pos_embd.emb.d_0" in gpt_state:
-        latent = [gpt_state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3)]  # (t, h, w)
-        size = (config["sequence_length"], config["resolution"], config["resolution"])
-        config["downsample"] = tuple(s // t for s, t in zip(size, latent))
-    else:
-        raise InputError(f"{path}: cannot tell the VQ-VAE's downsample factors from the checkpoint")
-    return config
-
-
-def load_vqvae(path, map_location="cpu", allow_unfinished=False):
-    """A VQVAE in eval mode from (a) a stage-03 checkpoint (`model` + `model_config`), (b) a VideoGPT /
-    authors' Lightning VQ-VAE checkpoint (`state_dict` + `hyper_parameters`), or (c) an authors'
-    Lightning GPT checkpoint, which holds its VQ-VAE under the prefix `vqvae.`. Keys match strictly.
-    A stage-03 run that was interrupted is refused unless allow_unfinished (flag --allow-unfinished)."""
-    ckpt = load_checkpoint(path, map_location)
-    if not isinstance(ckpt, dict):
-        raise InputError(f"{path}: not a VQ-VAE checkpoint (a {type(ckpt).__name__}, not a dict)")
-    require_complete(ckpt, path, "03_train_vqvae.py", "--allow-unfinished", allow_unfinished)
-    if "model" in ckpt and "model_config" in ckpt:
-        config, state = ckpt["model_config"], ckpt["model"]
-    elif "state_dict" in ckpt:
-        state = ckpt["state_dict"]
-        gpt_state = None
-        if any(k.startswith("vqvae.") for k in state):
-            gpt_state = state
-            state = {k[len("vqvae."):]: v for k, v in state.items() if k.startswith("vqvae.")}
-        config = _vqvae_config_from_lightning(state, ckpt.get("hyper_parameters") or {}, path, gpt_state)
-    else:
-        raise InputError(f"{path}: not a VQ-VAE checkpoint (neither model + model_config nor state_dict)")
-    return load_weights(VQVAE(**config), state, path, f"a VQ-VAE with {config}").eval()
-
-
-def gpt_config_from_state(state, heads, dropout=0.2, attn_dropout=0.3):
-    """VideoGPT(**config) arguments for a GPT state dict: widths, depth and latent shape are read from
-    the weights; the number of heads and the dropouts are not in the weights, so they are given."""
-    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("attn_stack.attn_nets."))
-    latent_shape = tuple(state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0]
-                         for i in range(sum(k.startswith("attn_stack.pos_embd.emb.") for k in state)))
-    hidden_dim, embedding_dim = state["fc_in.weight"].shape
-    return dict(latent_shape=latent_shape, embedding_dim=embedding_dim, n_codes=state["fc_out.weight"].shape[0],
-                hidden_dim=hidden_dim, heads=heads, layers=layers, dropout=dropout, attn_dropout=attn_dropout,
-                cond_dim=state["resnet.conv1.weight"].shape[0])
-
-
-def load_gpt_checkpoint(path, map_location="cpu"):
-    """Read a GPT checkpoint, ours (04_train_gpt.py) or the authors' PyTorch Lightning one.
-
-    Returns (config, gpt_state, extra): VideoGPT(**config) rebuilds the model and `gpt_state` loads into
-    it strictly. `extra` is the rest of the file: ours holds optimizer, scaler, step, rng, args,
-    vqvae_sha256; the authors' gives {"vqvae_state": the frozen VQ-VAE stored beside the GPT (prefix
-    `vqvae.` removed), "hyper_parameters": ...}. The causal-mask buffers of the authors' attention are
-    dropped: they are derived, and fused attention does not need them.
-    """
-    ckpt = load_checkpoint(path, map_location)
-    if isinstance(ckpt, dict) and "hidden_dim" in (ckpt.get("model_config") or {}):   # ours
-        extra = {k: v for k, v in ckpt.items() if k not in ("model_config", "model")}
-        return dict(ckpt["model_config"]), ckpt["model"], extra
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:                              # the authors'
-        state = ckpt["state_dict"]
-        hparams = ckpt.get("hyper_parameters") or {}
-        args = hparams.get("args", hparams) if isinstance(hparams, dict) else hparams
-        args = args if isinstance(args, dict) else vars(args)
-        # the weights that gpt_config_from_state reads the model's sizes from
-        needed = ["resnet.conv1.weight", "fc_in.weight", "fc_out.weight", "attn_stack.pos_embd.emb.d_0"]
-        missing = [k for k in needed if k not in state]
-        if not any(k.startswith("attn_stack.attn_nets.") for k in state):
-            missing.append("attn_stack.attn_nets.*")
-        if missing:
-            raise InputError(f"{path}: not a VideoGPT prior with embedding conditioning (emb_cond): "
-                             f"no {', '.join(missing)} in its state_dict")
-        gpt_state = {k: v for k, v in state.items()
-                     if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
-        config = gpt_config_from_state(gpt_state, heads=args.get("heads", 4), dropout=args.get("dropout", 0.2),
-                                       attn_dropout=args.get("attn_dropout", 0.3))
-        extra = {"vqvae_state": {k[len("vqvae."):]: v for k, v in state.items() if k.startswith("vqvae.")},
-                 "hyper_parameters": hparams}
-        return config, gpt_state, extra
-    raise InputError(f"{path}: not a GPT checkpoint (neither 04_train_gpt.py's model + model_config "
-                     "nor a Lightning state_dict)")
-
-
-def build_gpt(config, state=None, path="checkpoint", checkpoint_activations=False):
-    """VideoGPT(**config), with `state` loaded strictly when given (a clear error names `path`)."""
-    model = VideoGPT(**config, checkpoint_activations=checkpoint_activations)
-    return model if state is None else load_weights(model, state, path, f"a VideoGPT with {config}")

@@ -100,7 +100,7 @@ def test_same_pad_convs_keep_shapes_and_match_videogpt_padding(kernel, stride):
 @pytest.mark.parametrize("axis", [1, 2, 3])
 def test_axial_attention_equals_brute_force(axis):
     torch.manual_seed(0)
-    attn = common.MultiHeadAttention(8, n_head=2, axial_dim=axis)
+    attn = common.AxialAttention(8, n_head=2, axial_dim=axis)
     x = torch.randn(2, 3, 4, 5, 8)                                       # (B, T, H, W, C)
     q, k, v = attn.w_qs(x), attn.w_ks(x), attn.w_vs(x)
     expected = torch.zeros_like(x)
