@@ -32,9 +32,11 @@ at random (paper section 2.3.3; neighbouring TRs are correlated, so its scores a
 gets no p-values: a test TR's neighbours were trained on, and no circular-shift null accounts for that).
 """
 import argparse
+import functools
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,8 @@ def parse_args(argv=None):
                         "several layers of a feature set are encoded)")
     p.add_argument("--layer", default=None,
                    help="feature layer folder (default: the only layer present; needed when there are several)")
-    p.add_argument("--subjects", nargs="+", default=None, help="subject labels, e.g. 01 02 (default: all)")
+    p.add_argument("--subjects", nargs="+", default=None, type=lambda s: s.removeprefix("sub-"),
+                   help="subject labels, e.g. 01 02 (default: all)")
     p.add_argument("--delays", type=int, nargs="+", default=[3],
                    help="feature delays in TRs: 3 = features of TR t-3 predict TR t (paper); several = FIR")
     p.add_argument("--alphas", type=float, nargs="+", default=list(PAPER_ALPHAS), help="ridge penalty grid")
@@ -97,6 +100,11 @@ def parse_args(argv=None):
         p.error("--test-size must be between 0 and 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
+    if args.split == "random" and args.n_permutations > 0:
+        # On pure noise with autocorrelated features, the random split gives a median r near 0.8 and a
+        # circular-shift null calls every parcel significant: the null cannot model the leak.
+        raise InputError("--split random: no valid permutation p-values (its test TRs lie between training "
+                         "TRs, whose fit leaks into their r): pass --n-permutations 0, or use --split session")
     return args
 
 
@@ -128,10 +136,10 @@ def fit_ridge_loo(X_train, Y_train, X_test, alphas, groups=None, device="cpu", d
     at a time, so a float32 X of the paper's size never exists in float64). groups (n,) or None: with
     groups, the penalty minimizes the leave-one-group-out error instead. Products of X run in `dtype` on
     `device`; the decomposition and everything after it in float64. solver, when p > n: "cholesky" (one
-    factorization of Xc Xc' + alpha I per alpha), "eigh" (one eigendecomposition of Xc Xc' for every alpha)
-    or "auto" (the faster for these sizes: Cholesky below ~25 alphas at n = 4000); n >= p uses the SVD of Xc.
-    feature_chunk, row_block and parcel_batch bound the memory of temporaries: blocks of columns of X, of rows
-    of the Gram matrix (device cuda or float32 products), of targets.
+    factorization of Xc Xc' + alpha I per alpha), "eigh" (one eigendecomposition of Xc Xc' for every
+    alpha) or "auto" (the faster for these sizes: Cholesky below ~25 alphas at n = 4000); n >= p uses the
+    SVD of Xc ("svd"). feature_chunk, row_block and parcel_batch bound the memory of temporaries: blocks
+    of columns of X, of rows of the Gram matrix (device cuda or float32 products), of targets.
 
     Returns a dict:
       alpha (P,) chosen penalty; cv_error (A, P) mean squared held-out error of each alpha;
@@ -139,82 +147,94 @@ def fit_ridge_loo(X_train, Y_train, X_test, alphas, groups=None, device="cpu", d
       solver "cholesky", "eigh" or "svd"; seconds {phase: wall time}: "products" (the Gram matrices;
       primal: centered X), "selection" (decompositions, held-out errors of every alpha), "prediction".
     """
-    seconds, clock = {}, [time.perf_counter()]
-
-    def lap(phase):  # wall time since the previous lap, once the device has finished its queued work
-        if device == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        seconds[phase] = now - clock[0]
-        clock[0] = now
-
+    clock = Stopwatch(device)
     n, p = X_train.shape
     f64 = dict(device=device, dtype=torch.float64)
-    alphas = torch.tensor(list(alphas), **f64)  # (A,)
-    y_mean = torch.as_tensor(Y_train.mean(axis=0, dtype=np.float64), **f64)  # (P,)
+    alphas = torch.tensor(list(alphas), **f64)                                   # (A,)
+    y_mean = torch.as_tensor(Y_train.mean(axis=0, dtype=np.float64), **f64)      # (P,)
     # (n, P) column-major: a batch of targets is one contiguous block, which BLAS reads without a copy
     yc = (torch.as_tensor(Y_train, **f64) - y_mean).T.contiguous().T
-    members = None if groups is None else [torch.as_tensor(np.flatnonzero(np.asarray(groups) == g), device=device)
-                                           for g in np.unique(groups)]  # sample indices of each group
+    members = None if groups is None else [torch.as_tensor(np.flatnonzero(np.asarray(groups) == g),
+                                                           device=device) for g in np.unique(groups)]
     mode = "dual" if p > n else "primal"
-    if mode == "dual":
-        K, K_test = _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block)  # (n, n), (m, n)
-        # Centering again in float64 makes 1 an exact null vector of K despite rounding; one vector of means
-        # for rows and columns keeps K exactly symmetric.
-        mean = K.mean(dim=1)  # (n,)
-        K -= mean[:, None] + mean[None, :] - mean.mean()
-        lap("products")
+    if mode == "dual":    # (n, n) and (m, n) Gram matrices
+        products = _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block)
         solver = _dual_solver(n, Y_train.shape[1], len(alphas)) if solver == "auto" else solver
-        if solver == "cholesky":
-            try:
-                cv_error, dual = _select_cholesky(K, yc, alphas, members, parcel_batch)
-            except np.linalg.LinAlgError:  # an alpha below the rounding errors of K: eigh clamps them
-                solver = "eigh"
-    else:
-        blocks = [_centered_blocks(X_train, X_test, c, device, dtype) for c in _chunks(p, feature_chunk)]
-        Xc = torch.cat([train for train, _ in blocks], dim=1).double()  # (n, p)
-        Xc_test = torch.cat([test for _, test in blocks], dim=1).double()  # (m, p)
-        del blocks
-        lap("products")
+    else:                 # (n, p) and (m, p) centered features
+        products = _centered_features(X_train, X_test, device, dtype, feature_chunk)
         solver = "svd"
-
-    if solver == "cholesky":
-        best = torch.argmin(cv_error, dim=0)  # (P,) the alpha each dual column was solved with
-        lap("selection")
-        fit = yc - alphas[best] * dual  # H yc = yc - alpha G yc
-        prediction = K_test @ dual  # the primal coefficients Xc' dual are never formed: (m, P)
-    else:
-        if solver == "eigh":
-            lam, basis = _eigh(K)  # (n,), (n, n)
-            lam = lam.clamp(min=0)  # K is positive semi-definite; rounding can make 0 slightly negative
-            # 1, the intercept's direction, is K's null vector: its eigenvalue is 0, not eigh's rounding error
-            # (scikit-learn likewise leaves the eigenvector closest to 1 unpenalized)
-            lam[torch.argmax(basis.sum(dim=0).abs())] = 0
-            del K
-            test_scores = K_test @ basis  # (m, n)
-            cv_error, QTy, residual = _select_spectral(basis, lambda a: a / (lam + a), 1, yc, alphas, members,
-                                                       parcel_batch)
-        else:
-            basis, s, Vh = torch.linalg.svd(Xc, full_matrices=False)  # (n, p) = (n, r) (r,) (r, p)
-            test_scores = Xc_test @ Vh.T  # (m, r)
-            del Xc, Xc_test
-            s2 = s**2
-            cv_error, QTy, residual = _select_spectral(basis, lambda a: s2 / (s2 + a), -1, yc, alphas, members,
-                                                       parcel_batch)
-        best = torch.argmin(cv_error, dim=0)  # (P,) first minimum on ties, as scikit-learn
-        lap("selection")
-        fit = yc - residual  # H y = y - r
-        # test predictions: X_test b, b = Xc' (Xc Xc' + alpha I)^-1 yc (dual) or V diag(s / (s^2 + alpha)) U' yc
-        # (primal), each target with its own alpha
-        chosen = alphas[best][None, :]  # (1, P)
-        prediction = test_scores @ (QTy / (lam[:, None] + chosen) if solver == "eigh"
-                                    else QTy * (s[:, None] / (s2[:, None] + chosen)))  # (m, P)
+    clock.lap("products")
+    try:
+        result = SOLVERS[solver](*products, yc, alphas, members, parcel_batch, clock)
+    except np.linalg.LinAlgError:   # an alpha below the rounding errors of K: eigh clamps them
+        solver = "eigh"
+        result = SOLVERS[solver](*products, yc, alphas, members, parcel_batch, clock)
+    cv_error, best, fit, prediction = result
     out = dict(alpha=alphas[best].cpu().numpy(), cv_error=cv_error.cpu().numpy(),
                test_prediction=(prediction + y_mean).cpu().numpy(), train_fit=(fit + y_mean).cpu().numpy(),
                mode=mode, solver=solver)
-    lap("prediction")
-    out["seconds"] = seconds
-    return out
+    clock.lap("prediction")
+    return dict(out, seconds=clock.seconds)
+
+
+# The solvers. Each takes the centered products (K (n, n) and K_test (m, n) in the dual, Xc (n, p) and
+# Xc_test (m, p) in the primal), the centered targets yc (n, P), the alphas (A,), the held-out groups
+# (None: leave-one-out; else the sample indices of each group), a batch size over targets and the
+# Stopwatch (its "selection" lap ends before the test prediction), and returns (cv_error (A, P), best (P,)
+# index of the chosen alpha, the in-sample fit (n, P) and the test prediction (m, P), both centered).
+# Ties go to the first alpha, as scikit-learn's argmin.
+def solve_cholesky(K, K_test, yc, alphas, members, parcel_batch, clock):
+    """Dual, one Cholesky factorization of K + alpha I per alpha (a few alphas, the paper's 3)."""
+    cv_error, dual = _select_cholesky(K, yc, alphas, members, parcel_batch)  # dual = G yc, best alphas
+    best = torch.argmin(cv_error, dim=0)
+    clock.lap("selection")
+    fit = yc - alphas[best] * dual                       # H yc = yc - alpha G yc
+    return cv_error, best, fit, K_test @ dual            # primal coefficients Xc' dual never formed
+
+
+def solve_eigh(K, K_test, yc, alphas, members, parcel_batch, clock):
+    """Dual, one eigendecomposition K = Q diag(lam) Q' for every alpha (a long grid)."""
+    lam, basis = _eigh(K)                                # (n,), (n, n)
+    lam = lam.clamp(min=0)     # K is positive semi-definite; rounding can make 0 slightly negative
+    # 1, the intercept's direction, is K's null vector: its eigenvalue is 0, not eigh's rounding error
+    # (scikit-learn likewise leaves the eigenvector closest to 1 unpenalized)
+    lam[torch.argmax(basis.sum(dim=0).abs())] = 0
+    cv_error, QTy, residual = _select_spectral(basis, lambda a: a / (lam + a), 1, yc, alphas, members,
+                                               parcel_batch)
+    best = torch.argmin(cv_error, dim=0)
+    clock.lap("selection")
+    # b = Xc' (K + alpha I)^-1 yc, so X_test b = K_test Q diag(1 / (lam + alpha)) Q' yc
+    prediction = (K_test @ basis) @ (QTy / (lam[:, None] + alphas[best][None, :]))   # (m, P)
+    return cv_error, best, yc - residual, prediction
+
+
+def solve_svd(Xc, Xc_test, yc, alphas, members, parcel_batch, clock):
+    """Primal, the SVD Xc = U diag(s) V' (n >= p)."""
+    basis, s, Vh = torch.linalg.svd(Xc, full_matrices=False)   # (n, r), (r,), (r, p)
+    s2 = s**2
+    cv_error, QTy, residual = _select_spectral(basis, lambda a: s2 / (s2 + a), -1, yc, alphas, members,
+                                               parcel_batch)
+    best = torch.argmin(cv_error, dim=0)
+    clock.lap("selection")
+    # b = V diag(s / (s^2 + alpha)) U' yc
+    prediction = (Xc_test @ Vh.T) @ (QTy * (s[:, None] / (s2[:, None] + alphas[best][None, :])))
+    return cv_error, best, yc - residual, prediction
+
+
+SOLVERS = {"cholesky": solve_cholesky, "eigh": solve_eigh, "svd": solve_svd}
+
+
+class Stopwatch:
+    """Wall time per phase, once the device has finished its queued work: seconds {phase: s}."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.last = device, {}, time.perf_counter()
+
+    def lap(self, phase):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[phase], self.last = now - self.last, now
 
 
 def _select_cholesky(K, yc, alphas, members, parcel_batch):
@@ -299,8 +319,8 @@ def _held_out_errors(residual, held_out, members):
 def _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block):
     """K = Xc Xc' (n, n) and K_test = (X_test - x_mean) Xc' (m, n), float64 tensors on `device`.
 
-    X_train (n, p), X_test (m, p): numpy arrays, read feature_chunk columns at a time and centered with the
-    training means. Products run in `dtype`; the chunks' products are summed in float64.
+    X_train (n, p), X_test (m, p): numpy arrays, read feature_chunk columns at a time and centered with
+    the training means. Products run in `dtype`; the chunks' products are summed in float64.
     """
     n, p = X_train.shape
     m = X_test.shape[0]
@@ -313,12 +333,23 @@ def _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block):
         row_blocks = _chunks(n, row_block)
         for c in _chunks(p, feature_chunk):
             A, A_test = _centered_blocks(X_train, X_test, c, device, dtype)  # (n, chunk), (m, chunk)
-            for rows in row_blocks:  # the Gram matrix is symmetric: blocks on and above the diagonal suffice
+            for rows in row_blocks:  # K is symmetric: the blocks on and above the diagonal suffice
                 K[rows, rows.start:] += (A[rows] @ A[rows.start:].T).double()
             K_test += (A_test @ A.T).double()
         K.triu_()  # the diagonal blocks were computed whole
     K += torch.triu(K, diagonal=1).T  # mirror the upper triangle
+    # Centering again in float64 makes 1 an exact null vector of K despite rounding; one vector of means
+    # for rows and columns keeps K exactly symmetric.
+    mean = K.mean(dim=1)  # (n,)
+    K -= mean[:, None] + mean[None, :] - mean.mean()
     return K, K_test
+
+
+def _centered_features(X_train, X_test, device, dtype, feature_chunk):
+    """Xc (n, p) and Xc_test (m, p): both minus the training means, float64 tensors on `device`."""
+    blocks = [_centered_blocks(X_train, X_test, c, device, dtype) for c in _chunks(X_train.shape[1], feature_chunk)]
+    return (torch.cat([train for train, _ in blocks], dim=1).double(),
+            torch.cat([test for _, test in blocks], dim=1).double())
 
 
 def _centered_blocks(X_train, X_test, c, device, dtype):
@@ -346,7 +377,7 @@ def pearson_r(a, b):
     return r
 
 
-def circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, n_permutations, rng):
+def circular_shift_null(y_test, prediction, test_run, n_permutations, rng):
     """Null distribution of the test r: the fitted model applied to circularly time-shifted features.
 
     Shifting the features of a run by k TRs shifts the model's predictions by k TRs, so the null r of a
@@ -357,28 +388,27 @@ def circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, 
     exact test), otherwise n_permutations drawn at random. Small shifts stay in on purpose: leaving out
     |k| < 10, say, compares the observed r only with distant shifts and makes the test anti-conservative
     (2 test runs of 77 TRs, autocorrelated predictions, no signal: 7.9% of parcels below p = 0.05).
-    y_test (m, P); prediction_all (N, P) the model's prediction at every sample (fitted values for training
-    samples); run_of, position_of (N,) each sample's run and its index among the run's samples;
-    test_rows (m,) which samples are the test samples. Returns (n_null, P), n_null <= n_permutations.
+    y_test, prediction (m, P): the test samples, those of a run contiguous and in time order (whole test
+    runs: --split session); test_run (m,) the run of each. Returns (n_null, P), n_null <= n_permutations.
     """
-    runs = np.unique(run_of[test_rows])
-    length = {g: int((run_of == g).sum()) for g in runs}
-    start = {g: int(np.flatnonzero(run_of == g)[0]) for g in runs}  # samples of a run are contiguous
-    n_shifts = np.prod([float(length[g]) for g in runs]) - 1        # the group's elements besides the identity
+    runs, starts, lengths = np.unique(test_run, return_index=True, return_counts=True)
+    if not all((test_run[s:s + n] == g).all() for g, s, n in zip(runs, starts, lengths)):
+        raise ValueError("circular_shift_null: the samples of a test run must be contiguous")
+    n_shifts = np.prod(lengths.astype(float)) - 1   # the group's elements besides the identity
     if n_shifts < 1:
-        raise InputError("the test runs have one sample each: no circular shift is possible; use --n-permutations 0")
+        raise InputError("the test runs have one sample each: no circular shift is possible; use "
+                         "--n-permutations 0")
     if n_shifts <= n_permutations:
-        every = np.stack(np.meshgrid(*[np.arange(length[g]) for g in runs], indexing="ij"), axis=-1)
+        every = np.stack(np.meshgrid(*[np.arange(n) for n in lengths], indexing="ij"), axis=-1)
         shifts = every.reshape(-1, len(runs))[1:]                   # every combination but all zeros
     else:
-        shifts = np.stack([rng.integers(0, length[g], n_permutations) for g in runs], axis=1)  # (n_permutations, runs)
-    test_run, test_pos = run_of[test_rows], position_of[test_rows]
-    run_index = np.searchsorted(runs, test_run)  # (m,)
-    starts, lengths = np.array([start[g] for g in runs]), np.array([length[g] for g in runs])
+        shifts = np.stack([rng.integers(0, n, n_permutations) for n in lengths], axis=1)  # (n_perm, runs)
+    run_index = np.searchsorted(runs, test_run)                     # (m,)
+    position = np.arange(len(test_run)) - starts[run_index]         # (m,) index within the run
     null = np.empty((len(shifts), y_test.shape[1]))
     for i, shift in enumerate(shifts):
-        source = starts[run_index] + (test_pos + shift[run_index]) % lengths[run_index]  # (m,)
-        null[i] = pearson_r(y_test, prediction_all[source])
+        source = starts[run_index] + (position + shift[run_index]) % lengths[run_index]   # (m,)
+        null[i] = pearson_r(y_test, prediction[source])
     return null
 
 
@@ -400,11 +430,50 @@ def permutation_p_values(r, null, level):
 def main():
     args = parse_args()
     work = Path(args.work)
-    if args.split == "random" and args.n_permutations > 0:
-        # On pure noise with autocorrelated features, the random split gives a median r near 0.8 and a
-        # circular-shift null calls every parcel significant: the null cannot model the leak.
-        raise InputError("--split random: no valid permutation p-values (its test TRs lie between training "
-                         "TRs, whose fit leaks into their r): pass --n-permutations 0, or use --split session")
+    stage = read_stage_inputs(args, work)
+    results_dir = work / "results" / (args.results_name or args.name)
+    # What a subject's results are made of: these flags, and the exact bytes of every BOLD and feature
+    # file of the runs used (fingerprints from 02's and 05's records), the atlas and its labels. Finished
+    # subjects made the same way are skipped; a changed input makes them again.
+    settings = common.settings_of(args, {"work", "name", "results_name", "subjects", "device", "parcel_batch",
+                                         "overwrite", "ground_truth", "layer"}) | {"--layer": stage.layer}
+    shared = [work / "bold" / "labels.tsv", stage.atlas_path, *filter(None, [args.ground_truth])]
+    inputs_of = functools.partial(subject_inputs, work, args, stage.manifest, shared,
+                                  work / "features" / args.name / stage.layer)
+    fitted = 0
+    for sub in stage.subjects:
+        out_dir = results_dir / f"sub-{sub}"
+        earlier = common.read_record(out_dir / "summary.json")
+        files, inputs = inputs_of(sub, earlier)
+        if common.is_up_to_date(out_dir / "summary.json", earlier, STAGE, settings, inputs, args.overwrite):
+            print(f"sub-{sub}: done already with these flags and inputs ({out_dir / 'summary.json'}); "
+                  "--overwrite to redo")
+            continue
+        summary = encode_subject(args, sub, files, stage.labels, stage.atlas_path, out_dir, (settings, inputs),
+                                 stage.planted_labels)
+        fitted += 1
+        print(f"sub-{sub}: {summary['n_train_samples']} train / {summary['n_test_samples']} test samples, "
+              f"{summary['n_features']} features, r max {score_text(summary['r_max'])}, median "
+              f"{score_text(summary['r_median'])}, {summary['n_significant']}/{summary['n_parcels']} "
+              f"significant, alphas {summary['alphas_chosen']}, {summary['seconds']} s")
+    update_subjects_figure(results_dir, stage, settings, inputs_of, redraw=fitted > 0)
+    print_summary(results_dir, stage.subjects)
+
+
+@dataclass
+class StageInputs:
+    """What every subject shares: bold/manifest.tsv (a DataFrame), the atlas label of each BOLD column,
+    the atlas on the BOLD grid, the demo's planted labels (or None), the feature layer, the subjects."""
+    manifest: object
+    labels: list
+    atlas_path: Path
+    planted_labels: set | None
+    layer: str
+    subjects: list
+
+
+def read_stage_inputs(args, work):
+    """StageInputs, after checking them before any subject is fitted (a mismatch leaves no results)."""
     manifest_path = work / "bold" / "manifest.tsv"
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: file not found (run 02_prep_fmri.py)")
@@ -414,65 +483,43 @@ def main():
     atlas_path = work / "bold" / "atlas.nii.gz"
     if not atlas_path.is_file():
         raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
-    # checked before any subject is fitted, so that a mismatch leaves no results behind
     atlas = common.load_nifti(atlas_path)
     unknown = sorted(set(labels) - set(np.unique(common.nifti_data(atlas, atlas_path)).tolist()))
     if unknown:
         raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} listed in bold/labels.tsv")
     planted_labels = common.read_planted_labels(args.ground_truth) if args.ground_truth else None
     layer = find_layer(work / "features" / args.name, args.layer)
-    feature_dir = work / "features" / args.name / layer
-
     subjects = sorted(manifest["sub"].unique())
     if args.subjects:
-        wanted = [s.removeprefix("sub-") for s in args.subjects]
-        absent = [s for s in wanted if s not in subjects]
+        absent = [s for s in args.subjects if s not in subjects]
         if absent:
             raise InputError(f"{manifest_path}: no runs of sub-{absent[0]}")
-        subjects = wanted
-    results_dir = work / "results" / (args.results_name or args.name)
-    # What a subject's results are made of: these flags, and the exact bytes of every BOLD and feature
-    # file of the runs used (fingerprints from 02's and 05's records), the atlas and its labels. Finished
-    # subjects made the same way are skipped; a changed input makes them again.
-    settings = common.settings_of(args, {"work", "name", "results_name", "subjects", "device", "parcel_batch",
-                                         "overwrite", "ground_truth", "layer"}) | {"--layer": layer}
-    shared = [work / "bold" / "labels.tsv", atlas_path] + ([Path(args.ground_truth)] if args.ground_truth else [])
+        subjects = args.subjects
+    return StageInputs(manifest, labels, atlas_path, planted_labels, layer, subjects)
 
-    def inputs_of(sub, earlier=None):   # (files, inputs) of a subject, as this run makes it
-        return subject_inputs(work, args, manifest, sub, shared, feature_dir, earlier)
 
-    fitted = 0
-    for sub in subjects:
-        out_dir = results_dir / f"sub-{sub}"
-        earlier = common.read_record(out_dir / "summary.json")
-        files, inputs = inputs_of(sub, earlier)
-        if common.is_up_to_date(out_dir / "summary.json", earlier, STAGE, settings, inputs, args.overwrite):
-            print(f"sub-{sub}: done already with these flags and inputs ({out_dir / 'summary.json'}); "
-                  "--overwrite to redo")
-            continue
-        summary = encode_subject(args, sub, files, labels, atlas_path, out_dir, (settings, inputs), planted_labels)
-        fitted += 1
-        print(f"sub-{sub}: {summary['n_train_samples']} train / {summary['n_test_samples']} test samples, "
-              f"{summary['n_features']} features, r max {summary['r_max']}, median {summary['r_median']}, "
-              f"{summary['n_significant']}/{summary['n_parcels']} significant, alphas {summary['alphas_chosen']}, "
-              f"{summary['seconds']} s")
-    # r_by_subject.png compares subjects, so it shows only those made as this run makes them; the folder's
-    # other subjects (from a run with other --subjects and flags, or from inputs that changed since) are
-    # left out, with a line saying why. Refusing would stop this run over results it did not make, and that
-    # it does not need: a run that reaches them refuses other flags and remakes changed inputs.
+def update_subjects_figure(results_dir, stage, settings, inputs_of, redraw):
+    """r_by_subject.png compares subjects, so it shows only those made as this run makes them; the
+    folder's other subjects (from a run with other --subjects and flags, or from inputs that changed
+    since) are left out, with a line saying why. Refusing would stop this run over results it did not
+    make, and that it does not need: a run that reaches them refuses other flags and remakes changed
+    inputs. A re-run of finished subjects rewrites nothing, unless the figure may show other runs'."""
     made = sorted(path.parent.name.removeprefix("sub-") for path in results_dir.glob("sub-*/summary.json"))
-    others = [sub for sub in made if sub not in subjects]   # this run's subjects: made or checked above
-    left_out = subjects_not_current(results_dir, others, manifest, settings, inputs_of)
-    # a re-run of finished subjects rewrites nothing, unless the figure may show subjects of another run
-    if fitted or left_out or not (results_dir / "r_by_subject.png").is_file():
+    others = [sub for sub in made if sub not in stage.subjects]   # this run's subjects: checked above
+    left_out = subjects_not_current(results_dir, others, stage.manifest, settings, inputs_of)
+    if redraw or left_out or not (results_dir / "r_by_subject.png").is_file():
         plot_subjects(results_dir, [sub for sub in made if sub not in left_out])
     if left_out:
         print(f"{STAGE}: {results_dir / 'r_by_subject.png'} leaves out "
               + ", ".join(f"sub-{sub} ({why})" for sub, why in left_out.items()))
-    print_summary(results_dir, subjects)
 
 
-def subject_inputs(work, args, manifest, sub, shared, feature_dir, earlier=None):
+def score_text(value):
+    """An r for a person to read: 0.524, or nan (every parcel's r NaN)."""
+    return "nan" if value is None else f"{value:.3f}"
+
+
+def subject_inputs(work, args, manifest, shared, feature_dir, sub, earlier=None):
     """(files, inputs) of one subject: run_files(...) of the runs it uses, and the inputs of its record
     (fingerprints of the `shared` files and of every run's BOLD and features, reusing those of the
     `earlier` record's inputs where they vouch, and each run's split). InputError for a missing file."""
@@ -521,62 +568,15 @@ def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, plante
     is (settings, inputs) as main computed them). files: run_files(...) of the runs used."""
     start = time.time()
     rng = np.random.default_rng(args.seed)
-    runs = load_runs(files, args.delays)
-    train_ids, test_ids = split_samples(runs, args, rng)
-    if not train_ids or not test_ids:
-        raise InputError(f"{Path(args.work) / 'bold' / 'manifest.tsv'}: sub-{sub} has "
-                         f"{len(train_ids)} training and {len(test_ids)} test samples with --split {args.split}")
-    n_features = runs[0]["features"].shape[1]
-    X_train = delayed_design(runs, train_ids, args.delays, n_features)  # (n, D * delays)
-    X_test = delayed_design(runs, test_ids, args.delays, n_features)  # (m, D * delays)
-    Y_train = np.stack([runs[g]["bold"][k] for g, k in train_ids]).astype(np.float64)  # (n, P)
-    Y_test = np.stack([runs[g]["bold"][k] for g, k in test_ids]).astype(np.float64)  # (m, P)
-    if Y_train.shape[1] != len(labels):
-        raise InputError(f"{Path(args.work) / 'bold' / 'labels.tsv'}: lists {len(labels)} parcels but the BOLD "
-                         f"of sub-{sub} has {Y_train.shape[1]} columns")
-    n_constant = standardize(X_train, X_test, scale=not args.no_standardize)
-    if n_constant == X_train.shape[1]:   # e.g. every window black: nothing to predict the BOLD from
-        print(f"{STAGE}: warning: sub-{sub}: all {n_constant} features are constant over the training samples: "
-              "no prediction is possible, r is NaN for every parcel", file=sys.stderr)
-
-    if args.pca:
-        if args.pca >= min(X_train.shape):
-            raise InputError(f"--pca {args.pca}: must be below min(samples, features) = {min(X_train.shape)}")
-        X_train, X_test = principal_components(X_train, X_test, args.pca, args.device, args.seed)
-
-    groups = None
-    if args.cv == "runs":
-        groups = np.array([g for g, _ in train_ids])
-        if len(np.unique(groups)) < 2:
-            raise InputError(f"--cv runs: sub-{sub} has only one training run")
-    dtype = torch.float32 if args.device == "cuda" else torch.float64  # of the products of X (see fit_ridge_loo)
-    fit = fit_ridge_loo(X_train, Y_train, X_test, args.alphas, groups=groups, device=args.device, dtype=dtype,
-                        parcel_batch=args.parcel_batch)
-    r = pearson_r(Y_test, fit["test_prediction"])  # (P,)
-    if n_constant == X_train.shape[1]:
+    design = subject_design(args, sub, files, labels, rng)
+    dtype = torch.float32 if args.device == "cuda" else torch.float64  # of the products of X (fit_ridge_loo)
+    fit = fit_ridge_loo(design.X_train, design.Y_train, design.X_test, args.alphas, groups=design.groups,
+                        device=args.device, dtype=dtype, parcel_batch=args.parcel_batch)
+    r = pearson_r(design.Y_test, fit["test_prediction"])  # (P,)
+    if design.all_constant:
         r[:] = np.nan   # a constant prediction has no correlation, whatever rounding leaves in it
-
-    # --- null distribution: circular shifts within runs, over all samples (train fitted + test predicted) ---
-    order = train_ids + test_ids  # the rows of prediction_all
-    by_time = sorted(range(len(order)), key=lambda i: order[i])  # samples of each run contiguous, in time
-    prediction_all = np.concatenate([fit["train_fit"], fit["test_prediction"]])[by_time]
-    run_of = np.array([order[i][0] for i in by_time])
-    position_of = np.array([order[i][1] for i in by_time])
-    test_rows = np.array([i for i, j in enumerate(by_time) if j >= len(train_ids)])
-    y_all = np.concatenate([Y_train, Y_test])[by_time]
-    if args.n_permutations > 0:
-        null = circular_shift_null(y_all[test_rows], prediction_all, run_of, position_of, test_rows,
-                                   args.n_permutations, rng)
-        p_values, _, significant = permutation_p_values(r, null, args.fdr)
-        n_null = len(null)
-        # the chance level of the subject's scores: 95th percentile of the max (median) null r over parcels
-        null_levels = {"max_r_95": float(np.quantile(np.nanmax(null, axis=1), 0.95)),
-                       "median_r_95": float(np.quantile(np.nanmedian(null, axis=1), 0.95)),
-                       "n_permutations": n_null} if np.isfinite(null).any(axis=1).all() else None
-    else:
-        n_null, null_levels = 0, None
-        p_values = np.full(len(r), np.nan)
-        significant = np.zeros(len(r), bool)
+    p_values, significant, null = significance(args, design, fit["test_prediction"], r, rng)
+    warn_if_alphas_at_grid_edge(args, sub, fit["alpha"], significant, design.all_constant)
 
     # --- outputs (summary.json last: it is the subject's record, and marks it as done) ---
     common.remove_stale_temporaries(out_dir)
@@ -586,62 +586,145 @@ def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, plante
         save_npy(out_dir / "alphas.npy", fit["alpha"])
         save_npy(out_dir / "p_values.npy", p_values)
         save_npy(out_dir / "significant.npy", significant)
-        write_r_map(r, labels, atlas_path, out_dir, f"sub-{sub} {args.name}: test r (max {np.nanmax(r):.2f})"
-                    if np.isfinite(r).any() else f"sub-{sub} {args.name}: test r (all NaN)")
-        values, counts = np.unique(fit["alpha"], return_counts=True)
-        settings, inputs = record
-        summary = {
-            "stage": STAGE,
-            "subject": f"sub-{sub}",
-            "r_max": float(np.nanmax(r)) if np.isfinite(r).any() else None,
-            "r_median": float(np.nanmedian(r)) if np.isfinite(r).any() else None,
-            "r_mean": float(np.nanmean(r)) if np.isfinite(r).any() else None,
-            "n_parcels": int(len(r)),
-            "n_parcels_nan_r": int(np.isnan(r).sum()),
-            "n_significant": int(significant.sum()),
-            "significance": (f"one-sided permutation p-value against {n_null} circular shifts of the features "
-                             f"within each run, Benjamini-Hochberg q < {args.fdr}") if args.n_permutations
-                            else "not computed (--n-permutations 0)",
-            "null": null_levels,
-            "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
-            "standardization": ((f"features z-scored with training-set means and standard deviations "
-                                 f"({n_constant} constant features set to 0)" if not args.no_standardize else
-                                 "features as 05 wrote them (--no-standardize)")
-                                + "; intercept fitted (X and BOLD centered with training means)"
-                                + (f"; then the first {args.pca} principal components of the training features"
-                                   if args.pca else "")),
-            "n_train_samples": len(train_ids),
-            "n_test_samples": len(test_ids),
-            "n_features": int(X_train.shape[1]),
-            "solver": {"cholesky": "dual (a Cholesky factorization of X X^T + alpha I for each alpha)",
-                       "eigh": "dual (eigendecomposition of X X^T)", "svd": "primal (SVD of X)"}[fit["solver"]],
-            "train_runs": sorted({runs[g]["stem"] for g, _ in train_ids}),
-            "test_runs": sorted({runs[g]["stem"] for g, _ in test_ids}),
-            "layer": files[0][3].parents[2].name,
-            "seconds": round(time.time() - start, 1),
-            "settings": settings,
-            "inputs": inputs,
-            "outputs": {name: common.hash_file(out_dir / name) for name in OUTPUT_FILES},
-        }
+        write_r_map(r, significant, args.n_permutations > 0, labels, atlas_path, out_dir,
+                    f"sub-{sub} {args.name}: test r (max {score_text(np.nanmax(r) if np.isfinite(r).any() else None)})")
+        summary = subject_summary(args, sub, r, significant, null, fit, design, files, record, start)
         if planted_labels is not None:
             summary["ground_truth"] = planted_recovery(r, significant, labels, planted_labels)
-        # Parcels without signal rightly take the largest penalty, whatever the grid. When every parcel sits
-        # on an edge of the grid, or a parcel with signal (significant) does, its best penalty probably lies
-        # outside the grid.
-        for edge, direction, side in ((max(args.alphas), "larger", "largest"),
-                                      (min(args.alphas), "smaller", "smallest")):
-            on_edge = fit["alpha"] == edge
-            summary[f"parcels_at_{side}_alpha"] = int(on_edge.sum())
-            if len(set(args.alphas)) < 2 or n_constant == X_train.shape[1]:
-                continue
-            if on_edge.all():
-                print(f"{STAGE}: warning: sub-{sub}: every parcel chose alpha {edge:g}, the edge of the grid: "
-                      f"add {direction} --alphas", file=sys.stderr)
-            elif (on_edge & significant).any():
-                print(f"{STAGE}: warning: sub-{sub}: {int((on_edge & significant).sum())} significant parcel(s) "
-                      f"chose alpha {edge:g}, the edge of the grid: add {direction} --alphas", file=sys.stderr)
+        summary["outputs"] = {name: common.hash_file(out_dir / name) for name in OUTPUT_FILES}
         common.write_json(out_dir / "summary.json", summary)
     return summary
+
+
+@dataclass
+class Design:
+    """One subject's regression: X_train (n, D) and X_test (m, D) float32 (delayed, standardized or
+    projected features), Y_train (n, P) and Y_test (m, P) float64 BOLD; the samples, (run index, index
+    among the run's samples) for each row; the runs (load_runs); groups (n,) the training run of each row
+    for --cv runs, else None; n_constant features constant over the training samples."""
+    X_train: np.ndarray
+    X_test: np.ndarray
+    Y_train: np.ndarray
+    Y_test: np.ndarray
+    train_ids: list
+    test_ids: list
+    runs: list
+    groups: np.ndarray | None
+    n_constant: int
+
+    @property
+    def all_constant(self):   # e.g. every window black: nothing to predict the BOLD from
+        return self.n_constant == self.X_train.shape[1]
+
+
+def subject_design(args, sub, files, labels, rng):
+    """The subject's Design: runs read, samples split (--split), features delayed (--delays),
+    standardized with training statistics (unless --no-standardize), projected (--pca)."""
+    runs = load_runs(files, args.delays)
+    train_ids, test_ids = split_samples(runs, args, rng)
+    if not train_ids or not test_ids:
+        raise InputError(f"{Path(args.work) / 'bold' / 'manifest.tsv'}: sub-{sub} has {len(train_ids)} "
+                         f"training and {len(test_ids)} test samples with --split {args.split}")
+    n_features = runs[0]["features"].shape[1]
+    X_train = delayed_design(runs, train_ids, args.delays, n_features)  # (n, D * delays)
+    X_test = delayed_design(runs, test_ids, args.delays, n_features)    # (m, D * delays)
+    Y_train = np.stack([runs[g]["bold"][k] for g, k in train_ids]).astype(np.float64)  # (n, P)
+    Y_test = np.stack([runs[g]["bold"][k] for g, k in test_ids]).astype(np.float64)    # (m, P)
+    if Y_train.shape[1] != len(labels):
+        raise InputError(f"{Path(args.work) / 'bold' / 'labels.tsv'}: lists {len(labels)} parcels but the "
+                         f"BOLD of sub-{sub} has {Y_train.shape[1]} columns")
+    n_constant = standardize(X_train, X_test, scale=not args.no_standardize)
+    if n_constant == X_train.shape[1]:
+        print(f"{STAGE}: warning: sub-{sub}: all {n_constant} features are constant over the training "
+              "samples: no prediction is possible, r is NaN for every parcel", file=sys.stderr)
+    if args.pca:
+        if args.pca >= min(X_train.shape):
+            raise InputError(f"--pca {args.pca}: must be below min(samples, features) = {min(X_train.shape)}")
+        X_train, X_test = principal_components(X_train, X_test, args.pca, args.device, args.seed)
+    groups = None
+    if args.cv == "runs":
+        groups = np.array([g for g, _ in train_ids])
+        if len(np.unique(groups)) < 2:
+            raise InputError(f"--cv runs: sub-{sub} has only one training run")
+    return Design(X_train, X_test, Y_train, Y_test, train_ids, test_ids, runs, groups, n_constant)
+
+
+def significance(args, design, prediction, r, rng):
+    """p-values (P,), the FDR mask (P,) and the null's summary (its size and the 95th percentile of the
+    max and median null r over parcels: the chance level of the scores; None without a null)."""
+    if args.n_permutations == 0:
+        return np.full(len(r), np.nan), np.zeros(len(r), bool), {"n_permutations": 0, "levels": None}
+    test_run = np.array([g for g, _ in design.test_ids])   # whole runs, in time order (split_samples)
+    null = circular_shift_null(design.Y_test, prediction, test_run, args.n_permutations, rng)
+    p_values, _, significant = permutation_p_values(r, null, args.fdr)
+    levels = None
+    if np.isfinite(null).any(axis=1).all():
+        levels = {"max_r_95": float(np.quantile(np.nanmax(null, axis=1), 0.95)),
+                  "median_r_95": float(np.quantile(np.nanmedian(null, axis=1), 0.95)),
+                  "n_permutations": len(null)}
+    return p_values, significant, {"n_permutations": len(null), "levels": levels}
+
+
+def warn_if_alphas_at_grid_edge(args, sub, alphas, significant, all_constant):
+    """Parcels without signal rightly take the largest penalty, whatever the grid. When every parcel
+    sits on an edge of the grid, or a parcel with signal (significant) does, its best penalty probably
+    lies outside the grid: say which --alphas to add."""
+    if len(set(args.alphas)) < 2 or all_constant:
+        return
+    for edge, direction in ((max(args.alphas), "larger"), (min(args.alphas), "smaller")):
+        on_edge = alphas == edge
+        if on_edge.all():
+            print(f"{STAGE}: warning: sub-{sub}: every parcel chose alpha {edge:g}, the edge of the grid: "
+                  f"add {direction} --alphas", file=sys.stderr)
+        elif (on_edge & significant).any():
+            print(f"{STAGE}: warning: sub-{sub}: {int((on_edge & significant).sum())} significant "
+                  f"parcel(s) chose alpha {edge:g}, the edge of the grid: add {direction} --alphas",
+                  file=sys.stderr)
+
+
+def subject_summary(args, sub, r, significant, null, fit, design, files, record, start):
+    """summary.json without its outputs' fingerprints: scores, significance, method, data, record."""
+    finite = np.isfinite(r).any()
+    values, counts = np.unique(fit["alpha"], return_counts=True)
+    settings, inputs = record
+    return {
+        "stage": STAGE, "subject": f"sub-{sub}",
+        "r_max": float(np.nanmax(r)) if finite else None,
+        "r_median": float(np.nanmedian(r)) if finite else None,
+        "r_mean": float(np.nanmean(r)) if finite else None,
+        "n_parcels": int(len(r)), "n_parcels_nan_r": int(np.isnan(r).sum()),
+        "n_significant": int(significant.sum()),
+        "significance": (f"one-sided permutation p-value against {null['n_permutations']} circular shifts of "
+                         f"the features within each run, Benjamini-Hochberg q < {args.fdr}"
+                         if args.n_permutations else "not computed (--n-permutations 0)"),
+        "null": null["levels"],
+        "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
+        **{f"parcels_at_{side}_alpha": int((fit["alpha"] == edge).sum())
+           for edge, side in ((max(args.alphas), "largest"), (min(args.alphas), "smallest"))},
+        "standardization": standardization_text(args, design.n_constant),
+        "n_train_samples": len(design.train_ids), "n_test_samples": len(design.test_ids),
+        "n_features": int(design.X_train.shape[1]),
+        "solver": SOLVER_TEXT[fit["solver"]],
+        "train_runs": sorted({design.runs[g]["stem"] for g, _ in design.train_ids}),
+        "test_runs": sorted({design.runs[g]["stem"] for g, _ in design.test_ids}),
+        "layer": files[0][3].parents[2].name,
+        "seconds": round(time.time() - start, 1),
+        "settings": settings, "inputs": inputs,
+    }
+
+
+SOLVER_TEXT = {"cholesky": "dual (a Cholesky factorization of X X^T + alpha I for each alpha)",
+               "eigh": "dual (eigendecomposition of X X^T)", "svd": "primal (SVD of X)"}
+
+
+def standardization_text(args, n_constant):
+    """How the features entered the ridge, in words (summary.json)."""
+    text = (f"features z-scored with training-set means and standard deviations ({n_constant} constant "
+            "features set to 0)" if not args.no_standardize else "features as 05 wrote them (--no-standardize)")
+    text += "; intercept fitted (X and BOLD centered with training means)"
+    if args.pca:
+        text += f"; then the first {args.pca} principal components of the training features"
+    return text
 
 
 def runs_used(args, runs_table):
@@ -776,8 +859,9 @@ def standardize(X_train, X_test, scale=True, chunk=4096):
 # --------------------------------------------------------------------------------------------------
 # Outputs: brain map, figures, the demo's ground truth, the summary
 # --------------------------------------------------------------------------------------------------
-def write_r_map(r, labels, atlas_path, out_dir, title):
-    """r per BOLD column -> r_map.nii.gz through the atlas labels, and an r_map.png of it."""
+def write_r_map(r, significant, tested, labels, atlas_path, out_dir, title):
+    """r per BOLD column -> r_map.nii.gz through the atlas labels, and r_map.png of it on one symmetric
+    colour scale, the parcels that are not significant (FDR) faded when a null was `tested`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -786,20 +870,31 @@ def write_r_map(r, labels, atlas_path, out_dir, title):
 
     masker = NiftiLabelsMasker(labels_img=str(atlas_path)).fit()
     atlas_labels = [v for k, v in masker.region_ids_.items() if k != "background"]  # sorted label values
-    value_of = dict(zip(labels, np.nan_to_num(r, nan=0.0)))  # NaN r (constant parcel) -> 0 in the map
-    r_img = masker.inverse_transform(np.array([value_of.get(v, 0.0) for v in atlas_labels]))  # (X, Y, Z)
+    r = np.nan_to_num(r, nan=0.0)    # NaN r (constant parcel) -> 0 in the map
+
+    def image(values):               # per-column values (P,) -> a NIfTI image on the atlas grid
+        value_of = dict(zip(labels, values))
+        return masker.inverse_transform(np.array([value_of.get(v, 0.0) for v in atlas_labels]))
+
     with atomic_path(out_dir / "r_map.nii.gz") as tmp:
-        r_img.to_filename(tmp)
+        image(r).to_filename(tmp)
+    shown = significant if tested else np.ones(len(r), bool)
+    vmax = max(float(np.abs(r).max()), 1e-3)
     fig = plt.figure(figsize=(10, 3.5))
-    vmax = max(float(np.nanmax(np.abs(r))) if np.isfinite(r).any() else 0.0, 1e-3)
-    plotting.plot_stat_map(r_img, figure=fig, title=title, vmax=vmax, cmap="cold_hot", colorbar=True)
+    title += "; faded: not significant (FDR)" if tested else "; no significance tested"
+    display = plotting.plot_stat_map(image(np.where(shown, r, 0)), figure=fig, title=title, vmax=vmax,
+                                     cmap="cold_hot", colorbar=True, symmetric_cbar=True)
+    if (r[~shown] != 0).any():       # nilearn warns of an empty overlay
+        display.add_overlay(image(np.where(shown, 0, r)), cmap="cold_hot", vmin=-vmax, vmax=vmax,
+                            threshold=1e-6, transparency=0.3)
     with atomic_path(out_dir / "r_map.png") as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
 def plot_subjects(results_dir, subjects):
-    """Bar chart of max and median test r of `subjects` (labels, "01"), from their summary.json."""
+    """Bar chart of max and median test r of `subjects` (labels, "01"), from their summary.json, with the
+    permutation null's 95% level of each (dotted) when it was computed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -809,13 +904,17 @@ def plot_subjects(results_dir, subjects):
         return
     x = np.arange(len(summaries))
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(summaries), 3.5))
-    def score(s, key):   # None when every parcel's r is NaN
-        return np.nan if s[key] is None else s[key]
-    ax.bar(x - 0.2, [score(s, "r_max") for s in summaries], 0.4, label="max r (paper)")
-    ax.bar(x + 0.2, [score(s, "r_median") for s in summaries], 0.4, label="median r")
+    for offset, kind, label in ((-0.2, "max", "max r (paper)"), (0.2, "median", "median r")):
+        ax.bar(x + offset, [np.nan if s[f"r_{kind}"] is None else s[f"r_{kind}"] for s in summaries], 0.4,
+               label=label)
+        for xi, s in zip(x, summaries):
+            level = (s.get("null") or {}).get(f"{kind}_r_95")
+            if level is not None:
+                ax.hlines(level, xi + offset - 0.2, xi + offset + 0.2, colors="k", linestyles=":")
     ax.set_xticks(x, [s["subject"] for s in summaries])
     ax.set_ylabel("test Pearson r")
-    ax.set_title(f"{results_dir.name}: encoding per subject")
+    ax.axhline(0, color="0.7", linewidth=0.8)
+    ax.set_title(f"{results_dir.name}: encoding per subject\n(dotted: the null's 95% level)", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(results_dir / "r_by_subject.png") as tmp:
@@ -850,7 +949,7 @@ def print_summary(results_dir, subjects):
         if not path.is_file():
             continue
         s = json.loads(path.read_text())
-        r_max, r_median = (f"{v:.3f}" if v is not None else "nan" for v in (s["r_max"], s["r_median"]))
+        r_max, r_median = score_text(s["r_max"]), score_text(s["r_median"])
         line = (f"{s['subject']:<9}{r_max:>7}{r_median:>10}"
                 f"{str(s['n_significant']) + '/' + str(s['n_parcels']):>13}   ")
         truth = s.get("ground_truth")

@@ -139,25 +139,26 @@ def test_pearson_r_matches_scipy():
 
 def test_circular_shift_null_is_the_shifted_prediction():
     rng = np.random.default_rng(4)
-    # samples: run 0 (8 training samples), run 1 (12 test samples), ordered by run then time
-    run_of, position_of = np.repeat([0, 1], [8, 12]), np.r_[np.arange(8), np.arange(12)]
-    test_rows = np.arange(8, 20)
-    prediction_all, y_test = rng.normal(size=(20, 3)), rng.normal(size=(12, 3))
-    exact = ridge.circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, 100, rng)
-    expected = [ridge.pearson_r(y_test, np.roll(prediction_all[8:], -k, axis=0)) for k in range(1, 12)]
+    prediction, y_test = rng.normal(size=(12, 3)), rng.normal(size=(12, 3))   # one test run of 12 samples
+    run = np.full(12, 7)
+    exact = ridge.circular_shift_null(y_test, prediction, run, 100, rng)
+    expected = [ridge.pearson_r(y_test, np.roll(prediction, -k, axis=0)) for k in range(1, 12)]
     np.testing.assert_allclose(exact, expected)  # 11 shifts besides 0 <= 100 permutations: all of them, once
-    sampled = ridge.circular_shift_null(y_test, prediction_all, run_of, position_of, test_rows, 5, rng)
+    sampled = ridge.circular_shift_null(y_test, prediction, run, 5, rng)
     assert sampled.shape == (5, 3)
-    assert all(np.isclose(row, [ridge.pearson_r(y_test, y_test)] + expected).all(axis=1).any() for row in sampled)
+    assert all(np.isclose(row, [ridge.pearson_r(y_test, prediction)] + expected).all(axis=1).any()
+               for row in sampled)
+    with pytest.raises(ValueError, match="contiguous"):    # samples of a run must not be interleaved
+        ridge.circular_shift_null(y_test, prediction, np.tile([0, 1], 6), 100, rng)
 
 
 def test_enumerated_null_is_the_whole_group_of_shifts_of_two_runs():
     """Two test runs of 3 and 4 samples: the null is every pair of shifts but (0, 0), so a p-value is the
     share of the 12 elements of the group (the observed one included) whose r reaches the observed r."""
     rng = np.random.default_rng(5)
-    run_of, position_of = np.repeat([0, 1], [3, 4]), np.r_[np.arange(3), np.arange(4)]
+    run = np.repeat([0, 1], [3, 4])
     prediction, y = rng.normal(size=(7, 6)), rng.normal(size=(7, 6))
-    null = ridge.circular_shift_null(y, prediction, run_of, position_of, np.arange(7), 1000, rng)
+    null = ridge.circular_shift_null(y, prediction, run, 1000, rng)
     group = [ridge.pearson_r(y, np.r_[np.roll(prediction[:3], -a, axis=0), np.roll(prediction[3:], -b, axis=0)])
              for a in range(3) for b in range(4)]                     # brute force; (0, 0) first
     np.testing.assert_allclose(null, group[1:])
@@ -178,9 +179,7 @@ def test_circular_shift_p_values_are_calibrated_without_signal():
         prediction[:, t] = 0.9 * prediction[:, t - 1] + innovations[:, t] if t else innovations[:, t]
     prediction = prediction.reshape(-1, n_parcels)
     y = rng.normal(size=prediction.shape)
-    run_of, position_of = np.repeat([0, 1], n_trs), np.tile(np.arange(n_trs), 2)
-    null = ridge.circular_shift_null(y, prediction, run_of, position_of, np.arange(2 * n_trs), 200,
-                                     np.random.default_rng(1))
+    null = ridge.circular_shift_null(y, prediction, np.repeat([0, 1], n_trs), 200, np.random.default_rng(1))
     p, _, _ = ridge.permutation_p_values(ridge.pearson_r(y, prediction), null, 0.05)
     assert 0.035 < (p < 0.05).mean() < 0.065 and (p < 0.01).mean() < 0.02
 
@@ -295,6 +294,8 @@ def test_end_to_end_planted_signal(tmp_path):
         assert summary["n_parcels_nan_r"] == 1 and summary["r_median"] == pytest.approx(float(np.nanmedian(r)))
         assert summary["n_train_samples"] == 6 * 57 and summary["n_test_samples"] == 2 * 57  # TR 3.., no ses-004
         assert summary["layer"] == "layer_a" and "training-set" in summary["standardization"]
+        # the console line gives r as a person reads it, not 0.9791832447052002
+        assert f"r max {summary['r_max']:.3f}, median {summary['r_median']:.3f}, " in result.stdout
         r_map = nib.load(out / "r_map.nii.gz").get_fdata()
         atlas = nib.load(work / "bold/atlas.nii.gz").get_fdata()
         for column, label in enumerate(LABELS):
