@@ -15,13 +15,18 @@ It writes <work>/demo/ (a BIDS dataset):
       desc-confounds_timeseries.tsv/.json (24 motion columns, cosine drifts, framewise displacement, ...)
   atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz (+ .tsv)   a labels atlas of --parcels parcels
   ground_truth.json, ground_truth/<run>_signals.tsv   which parcels carry which visual property
+  ground_truth/<run>_buttons.tsv                the signal of the parcel that follows the B presses
   demo.json                                     the flags it was made with (a re-run with others is refused)
 
 The planted signal (what a good encoding model should recover): each planted parcel follows one visual
 property of the gameplay frames — mean luminance or motion energy (mean absolute frame difference) in one
 screen quadrant — computed on the raw emulator screens, convolved with nilearn's Glover HRF, sampled at the
-middle of each volume. Nothing here uses our models. The other parcels carry only noise. Every voxel also
-carries head-motion artefacts (a random mixture of the 6 motion parameters) and a slow drift (the run's
+middle of each volume. Nothing here uses our models. One more parcel (--planted-buttons) follows
+the hands: the rate of presses of B (fire), through the same HRF, with gains drawn as for the
+others (ground_truth.json's "planted_buttons", apart from the visual "planted"; 05_extract.py
+--features buttons finds it). Presses stop between repetitions, where the screen is black, so the
+visual features predict it in part too. The other parcels carry only noise. Every voxel also carries
+head-motion artefacts (a random mixture of the 6 motion parameters) and a slow drift (the run's
 cosine regressor), large enough that confound removal matters, plus a non-steady-state first volume.
 """
 import argparse
@@ -48,6 +53,8 @@ VOXEL_MM = 6.0
 GRID = (16, 19, 16)  # a coarse MNI-like grid: 96 x 114 x 96 mm
 QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
 PROPERTIES = tuple(f"luminance_{q}" for q in QUADRANTS) + tuple(f"motion_{q}" for q in QUADRANTS)
+BUTTON_PROPERTIES = ("presses_B",)                 # after the visual ones in every per-frame array
+ALL_PROPERTIES = PROPERTIES + BUTTON_PROPERTIES
 MOTION_PARAMS = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
 
 
@@ -67,6 +74,8 @@ def parse_args():
     p.add_argument("--tr", type=float, default=1.49, help="repetition time in seconds")
     p.add_argument("--parcels", type=int, default=40, help="parcels in the demo atlas")
     p.add_argument("--planted", type=int, default=10, help="parcels that carry a visual property")
+    p.add_argument("--planted-buttons", type=int, default=1,
+                   help="other parcels, which follow the player's presses of B (fire)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes recording replays (one emulator per process)")
     p.add_argument("--overwrite", action="store_true", help="remake the demo even if it exists")
@@ -97,6 +106,14 @@ def scripted_actions(n_steps, rng, buttons):
     return actions
 
 
+def button_properties(actions, buttons):
+    """The per-frame button property of one repetition from the inputs it played (n, n_buttons)
+    uint8: (n, 1) float32, presses_B: 1 in each frame where B (fire) is held and was not in the
+    frame before, else 0. Held in frame 0 counts: 05 --features buttons counts presses so too."""
+    fire = actions[:, buttons.index("B")].astype(bool)
+    return (fire & ~np.r_[False, fire[:-1]]).astype(np.float32)[:, None]
+
+
 def visual_properties(screen, previous_luminance):
     """Luminance and motion energy per screen quadrant of one (224, 320, 3) uint8 screen.
 
@@ -118,8 +135,8 @@ _ENV = None  # one emulator per worker process: stable-retro allows only one at 
 def record_repetition(job):
     """Play one repetition from the Level1 state and save it as a .bk2 at job['bk2'].
 
-    Returns (job, properties (n_frames, 8) float32): one row per recorded input, i.e. per frame that
-    stage 01 will render (the screen after each 60 Hz emulator step).
+    Returns (job, properties (n_frames, 9) float32, columns ALL_PROPERTIES): one row per recorded
+    input, i.e. per frame that stage 01 will render (the screen after each 60 Hz emulator step).
     """
     global _ENV
     import stable_retro as retro
@@ -147,7 +164,8 @@ def record_repetition(job):
     (recorded,) = tmp_dir.glob("*.bk2")
     os.replace(recorded, final)
     tmp_dir.rmdir()
-    return job, np.stack(props)
+    played = actions[:len(props)]   # the inputs the bk2 holds (the game may have ended early)
+    return job, np.c_[np.stack(props), button_properties(played, env.buttons)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,15 +190,15 @@ def make_brain(n_parcels, seed):
 
 
 # --------------------------------------------------------------------------------------------------
-# fMRI: HRF-convolved visual properties in planted parcels, noise, motion and drift in every voxel
+# fMRI: HRF-convolved properties in planted parcels, noise, motion and drift in every voxel
 # --------------------------------------------------------------------------------------------------
 def run_timeline(reps, n_volumes, tr):
     """Place each repetition's per-frame properties on the run's 60 Hz timeline (zeros = black screen).
 
-    Returns (n_volumes * tr * 60, 8) float32.
+    Returns (n_volumes * tr * 60, 9) float32, columns ALL_PROPERTIES.
     """
     n_frames = int(np.ceil(n_volumes * tr * GAMEPLAY_HZ))
-    timeline = np.zeros((n_frames, len(PROPERTIES)), np.float32)
+    timeline = np.zeros((n_frames, len(ALL_PROPERTIES)), np.float32)
     for rep in reps:
         start = int(round(rep["onset"] * GAMEPLAY_HZ))
         props = rep["props"][: n_frames - start]
@@ -189,11 +207,12 @@ def run_timeline(reps, n_volumes, tr):
 
 
 def planted_signals(timeline, n_volumes, tr):
-    """HRF-convolve each property and sample it at mid-volume times (t + 0.5) * TR. (n_volumes, 8), z-scored."""
+    """HRF-convolve each property (column) and sample it at mid-volume times (t + 0.5) * TR.
+    (n_volumes, K) for a timeline (n_frames, K), z-scored."""
     hrf = glover_hrf(t_r=1.0 / GAMEPLAY_HZ, oversampling=1, time_length=32.0)  # (1920,) at 60 Hz, sums to 1
-    convolved = np.stack([np.convolve(col, hrf)[: len(col)] for col in timeline.T], 1)  # (n_frames, 8)
+    convolved = np.stack([np.convolve(col, hrf)[: len(col)] for col in timeline.T], 1)  # (n, K)
     samples = np.round((np.arange(n_volumes) + 0.5) * tr * GAMEPLAY_HZ).astype(int)
-    signals = convolved[np.minimum(samples, len(convolved) - 1)]                       # (T, 8)
+    signals = convolved[np.minimum(samples, len(convolved) - 1)]                       # (T, K)
     std = signals.std(0)
     return (signals - signals.mean(0)) / np.where(std > 0, std, 1.0)
 
@@ -226,12 +245,14 @@ def cosine_drifts(n_volumes, tr, cutoff_s=128.0):
                      for k in range(1, n_basis + 1)], 1)
 
 
-def synthesize_bold(signals, confounds, drifts, atlas, mask, planted, gains, rng):
+def synthesize_bold(signals, confounds, drifts, atlas, mask, planted, gains, rng, button_rng):
     """Voxel time series (X, Y, Z, T) float32 in scanner units (mean ~ 600 in the brain, 0 outside).
 
     Each component is in percent signal change before scaling: planted property (gain ~ 1.2 % per unit),
     parcel-shared AR(1) noise, voxel white noise, a motion artefact, a slow drift, and a brighter first
-    (non-steady-state) volume.
+    (non-steady-state) volume. signals (T, 9) has the columns ALL_PROPERTIES; planted maps a label
+    to one of them. The voxel gains of button parcels come from button_rng, so that the visual
+    parcels and the noise are what they would be without them.
     """
     n_volumes = len(signals)
     labels = atlas[mask]                                                     # (V,)
@@ -239,8 +260,9 @@ def synthesize_bold(signals, confounds, drifts, atlas, mask, planted, gains, rng
     percent = np.zeros((n_volumes, n_vox))                                   # (T, V)
     for label, prop in planted.items():
         in_parcel = labels == label
-        voxel_gain = gains[label] * rng.uniform(0.7, 1.3, in_parcel.sum())
-        percent[:, in_parcel] += signals[:, [PROPERTIES.index(prop)]] * voxel_gain
+        draw = button_rng if prop in BUTTON_PROPERTIES else rng
+        voxel_gain = gains[label] * draw.uniform(0.7, 1.3, in_parcel.sum())
+        percent[:, in_parcel] += signals[:, [ALL_PROPERTIES.index(prop)]] * voxel_gain
     shared = np.zeros((n_volumes, atlas.max() + 1))
     innovations = rng.normal(0, 0.6, shared.shape)
     for t in range(n_volumes):
@@ -284,6 +306,19 @@ def plan_runs(args):
     return runs
 
 
+def choose_planted(args):
+    """Which parcels carry what: ({label: visual property}, {label: button property}). The button
+    parcels are drawn among the others with a seed of their own, so that the visual ones are what
+    they were before button parcels existed."""
+    rng = np.random.default_rng(seed_for(args.seed, "planted"))
+    planted_labels = sorted(rng.choice(np.arange(1, args.parcels + 1), args.planted, replace=False).tolist())
+    planted = {label: PROPERTIES[i % len(PROPERTIES)] for i, label in enumerate(planted_labels)}
+    rng = np.random.default_rng(seed_for(args.seed, "planted buttons"))
+    others = [label for label in range(1, args.parcels + 1) if label not in planted]
+    chosen = rng.choice(others, args.planted_buttons, replace=False).tolist()
+    return planted, {label: BUTTON_PROPERTIES[0] for label in sorted(chosen)}
+
+
 def write_demo(args, root):
     runs = plan_runs(args)
     # The real data has "Missing file" rows (lost replays): drop the 2nd repetition of the 2nd run
@@ -301,9 +336,7 @@ def write_demo(args, root):
 
     # --- brain, atlas, which parcels carry what ---
     affine, mask, atlas = make_brain(args.parcels, args.seed)
-    rng = np.random.default_rng(seed_for(args.seed, "planted"))
-    planted_labels = sorted(rng.choice(np.arange(1, args.parcels + 1), args.planted, replace=False).tolist())
-    planted = {label: PROPERTIES[i % len(PROPERTIES)] for i, label in enumerate(planted_labels)}
+    planted, planted_buttons = choose_planted(args)
     atlas_dir = root / "atlas"
     atlas_dir.mkdir(parents=True)
     atlas_name = f"tpl-{SPACE}_res-06_atlas-demo_dseg"
@@ -313,7 +346,7 @@ def write_demo(args, root):
 
     subjects = sorted({run["sub"] for run in runs})
     gains = {sub: {label: np.random.default_rng(seed_for(args.seed, "gain", sub, label)).uniform(1.0, 1.5)
-                   for label in planted} for sub in subjects}
+                   for label in {**planted, **planted_buttons}} for sub in subjects}
 
     # --- one run at a time: events.tsv, BOLD, mask, confounds, ground-truth signals ---
     (root / "ground_truth").mkdir()
@@ -338,13 +371,17 @@ def write_demo(args, root):
         last_offset = max(rep["onset"] + len(rep["props"]) / GAMEPLAY_HZ for rep in reps)
         n_volumes = int(np.ceil((last_offset + 8.0) / args.tr))  # 8 s tail: the HRF of the last seconds
         signals = planted_signals(run_timeline(reps, n_volumes, args.tr), n_volumes, args.tr)
-        write_tsv(root / "ground_truth" / f"{stem}_signals.tsv",
-                  pd.DataFrame(signals, columns=PROPERTIES).round(6))
+        table = pd.DataFrame(signals, columns=ALL_PROPERTIES).round(6)
+        write_tsv(root / "ground_truth" / f"{stem}_signals.tsv", table[list(PROPERTIES)])
+        write_tsv(root / "ground_truth" / f"{stem}_buttons.tsv", table[list(BUTTON_PROPERTIES)])
 
         rng = np.random.default_rng(seed_for(args.seed, "bold", sub, ses, run["run"]))
+        button_rng = np.random.default_rng(seed_for(args.seed, "button voxels", sub, ses,
+                                                    run["run"]))
         confounds = motion_confounds(n_volumes, rng)
         drifts = cosine_drifts(n_volumes, args.tr)
-        bold = synthesize_bold(signals, confounds, drifts, atlas, mask, planted, gains[sub], rng)
+        bold = synthesize_bold(signals, confounds, drifts, atlas, mask,
+                               {**planted, **planted_buttons}, gains[sub], rng, button_rng)
         for k, col in enumerate(drifts.T):
             confounds[f"cosine{k:02d}"] = col
         brain = bold[mask]                                                      # (V, T)
@@ -382,8 +419,18 @@ def write_demo(args, root):
         "signal_model": "property on the run's 60 Hz timeline (0 = black screen), convolved with nilearn's Glover "
                         "HRF, sampled at (t + 0.5) * TR, z-scored per run; ground_truth/<run>_signals.tsv",
         "planted": {str(label): prop for label, prop in planted.items()},
-        "planted_gain_percent": {sub: {str(k): round(v, 4) for k, v in g.items()} for sub, g in gains.items()},
-        "noise_parcels": [label for label in range(1, args.parcels + 1) if label not in planted],
+        "planted_gain_percent": {sub: {str(k): round(g[k], 4) for k in planted}
+                                 for sub, g in gains.items()},
+        # apart from "planted" (the visual parcels, whose recovery 06 and 07 report); not noise
+        "button_properties": {
+            "presses_B": "presses of B (fire): 1 in each 60 Hz frame where B is held and was not "
+                         "in the frame before (frame 0 of a repetition counts), else 0 (and 0 "
+                         "outside gameplay); same signal model; ground_truth/<run>_buttons.tsv"},
+        "planted_buttons": {str(label): prop for label, prop in planted_buttons.items()},
+        "planted_buttons_gain_percent": {sub: {str(k): round(g[k], 4) for k in planted_buttons}
+                                         for sub, g in gains.items()},
+        "noise_parcels": [label for label in range(1, args.parcels + 1)
+                          if label not in planted and label not in planted_buttons],
         "missing_file": missing_rep["bk2"],
         "non_steady_state_volumes": [0],
         "subjects": subjects,
@@ -396,11 +443,17 @@ def main():
     root = Path(args.out) if args.out else Path(args.work) / "demo"
     if args.planted > args.parcels:
         raise InputError(f"--planted {args.planted} is more than --parcels {args.parcels}")
+    if not 0 <= args.planted_buttons <= args.parcels - args.planted:
+        raise InputError(f"--planted-buttons {args.planted_buttons}: must be 0 to --parcels minus "
+                         f"--planted ({args.parcels - args.planted})")
     if min(args.subjects, args.sessions, args.runs, args.reps) < 1 or args.rep_seconds <= 0:
         raise InputError("--subjects, --sessions, --runs, --reps and --rep-seconds must be positive")
     # the flags that shape the demo, recorded in demo.json: a demo made with other flags is not reused
+    # (one made before --planted-buttons existed lacks it: "made with --planted-buttons (unset)", to
+    # be remade with --overwrite)
     settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in
-                ("seed", "subjects", "sessions", "runs", "reps", "rep_seconds", "tr", "parcels", "planted")}
+                ("seed", "subjects", "sessions", "runs", "reps", "rep_seconds", "tr", "parcels",
+                 "planted", "planted_buttons")}
     if root.exists() and not args.overwrite:
         record = common.read_record(root / "demo.json")
         if record is None:
@@ -426,7 +479,8 @@ def main():
     truth = json.loads((root / "ground_truth.json").read_text())
     n_bk2 = len(list(root.glob("sub-*/ses-*/gamelogs/*.bk2")))
     print(f"demo written to {root}: {len(truth['subjects'])} subject(s), {n_bk2} replays, "
-          f"{len(truth['planted'])} planted parcels of {args.parcels}")
+          f"{len(truth['planted'])} planted parcels of {args.parcels} "
+          f"(+ {len(truth['planted_buttons'])} following the button presses)")
 
 
 if __name__ == "__main__":

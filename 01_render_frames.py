@@ -7,15 +7,23 @@
 
 Each repetition is replayed exactly: every 60 Hz emulator step, with the recorded keys. The whole
 224 x 320 screen is squashed (aspect ratio not kept) to a square --resolution by box averaging, and
-saved as one uint8 array (N, H, W, 3) per repetition:
+saved as one uint8 array (N, H, W, 3) per repetition, beside the keys held for each frame:
 
-    <work>/frames/<sub>/<ses>/<bk2 stem>.npy
+    <work>/frames/<sub>/<ses>/<bk2 stem>.npy          uint8 (N, H, W, 3): frame i
+    <work>/frames/<sub>/<ses>/<bk2 stem>.buttons.npy  uint8 (N, B), 0 or 1: the input that made
+        frame i, a column per button (B = 12 on the Genesis: B A MODE START UP DOWN LEFT
+        RIGHT C Y X Z)
+    <work>/frames/<sub>/<ses>/<bk2 stem>.json         the record of both; `buttons` names columns
     <work>/frames/manifest.tsv      one row per repetition (docs/CONTRACT.md)
+
+05_extract.py --features buttons turns the keys into features per fMRI volume: the button presses
+drive motor and somatosensory cortex whatever the screen shows.
 
 First-step convention (the same as stable-retro's playback_movie.py): a bk2 starts with the save state
 and one input that stable-retro's reset() consumes; frame i (0-based) is the screen after the emulator
-has applied the (i+1)-th recorded input. A bk2 of K movie steps gives N = K - 1 frames, so a replay
-recorded for n env.step() calls gives exactly those n screens.
+has applied the (i+1)-th recorded input, and row i of the buttons array is that input. A bk2 of K
+movie steps gives N = K - 1 frames, so a replay recorded for n env.step() calls gives exactly those
+n screens and the n actions passed to env.step().
 
 Bad input never stops the batch: a corrupt bk2, a missing replay, a game whose ROM is not imported are
 recorded in the manifest (status failed/missing, with the reason) and reported; the exit status is 1
@@ -28,6 +36,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,7 +49,8 @@ from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, bids_entities, read_ts
 STAGE = "01_render_frames"
 MISSING = "Missing file"
 MANIFEST_COLUMNS = ["sub", "ses", "task", "run", "level", "rep", "bk2", "onset_s", "duration_s",
-                    "n_frames", "fps", "frames_path", "status", "error"]
+                    "n_frames", "fps", "frames_path", "buttons_path", "status", "error"]
+BUTTONS_SUFFIX = ".buttons.npy"   # <bk2 stem>.buttons.npy beside the frames, in <bk2 stem>.json
 
 
 def parse_args():
@@ -91,13 +101,20 @@ def squash(screen, resolution):
     return np.asarray(Image.fromarray(screen).resize((resolution, resolution), Image.BOX))
 
 
-def replay(bk2_path, resolution, out_path=None, final=None):
-    """Replay one .bk2 and return its frames as uint8 (N, resolution, resolution, 3).
+class Replay(NamedTuple):
+    """One repetition as replay() gives it: its N frames and the input that made each of them."""
+    frames: np.ndarray   # uint8 (N, resolution, resolution, 3), a memmap when written to a file
+    buttons: np.ndarray  # uint8 (N, players x B): 1 where button b was held during frame i's step
+    names: list          # the column names, stable-retro's ("B", "UP" ...); "P2 B" ... for player 2
 
-    With out_path, frames are written straight into a memory-mapped .npy there (long repetitions do
-    not need to fit in RAM) and the array returned is that memmap; `final` names it in errors. A bad
-    replay is an InputError; a file that cannot be written, an OSError.
-    """
+
+def read_movie(bk2_path):
+    """Open a bk2 and read every recorded input: (the process's emulator for its game, set to start
+    from the movie's save state, and uint8 (N, players, B) where row i is the input that makes
+    frame i).
+
+    The movie's first input is consumed by reset() (see the module docstring), so N = K - 1 for a
+    movie of K steps. A bad replay (missing, corrupt, empty, a ROM not imported): InputError."""
     import stable_retro as retro
 
     bk2_path = Path(bk2_path)
@@ -107,14 +124,7 @@ def replay(bk2_path, resolution, out_path=None, final=None):
         movie = retro.Movie(str(bk2_path))
     except RuntimeError:
         raise InputError(f"{bk2_path}: corrupt or truncated bk2 (stable-retro could not load the movie)") from None
-    n_frames = -1  # the first movie step is consumed by reset() (see the module docstring)
-    while movie.step():
-        n_frames += 1
-    if n_frames < 1:
-        raise InputError(f"{bk2_path}: the replay holds no gameplay input")
-
-    movie = retro.Movie(str(bk2_path))
-    movie.step()
+    movie.step()   # the input that reset() consumes
     try:
         env = emulator_for(movie.get_game())
     except InputError as err:
@@ -122,41 +132,67 @@ def replay(bk2_path, resolution, out_path=None, final=None):
     if movie.players != env.players:
         raise InputError(f"{bk2_path}: {movie.players}-player movie, emulator set up for {env.players}")
     env.initial_state = movie.get_state()
+    keys = []
+    while movie.step():
+        keys.append([[movie.get_key(b, p) for b in range(env.num_buttons)]
+                     for p in range(movie.players)])
+    if not keys:
+        raise InputError(f"{bk2_path}: the replay holds no gameplay input")
+    return env, np.array(keys, np.uint8)
+
+
+def replay(bk2_path, resolution, out_path=None, final=None):
+    """Replay one .bk2: a Replay of its frames, uint8 (N, resolution, resolution, 3), and of the
+    input that made each frame, uint8 (N, players x B).
+
+    With out_path, frames are written straight into a memory-mapped .npy there (long repetitions do
+    not need to fit in RAM) and the frames returned are that memmap; `final` names it in errors. A
+    bad replay is an InputError; a file that cannot be written, an OSError.
+    """
+    env, keys = read_movie(bk2_path)
     env.reset()
+    n_frames, players, n_buttons = keys.shape
     shape = (n_frames, resolution, resolution, 3)
     frames = common.open_npy_for_writing(out_path, np.uint8, shape, final) if out_path else np.empty(shape, np.uint8)
-    em, n_buttons = env.em, env.num_buttons
-    keys = np.zeros((movie.players, n_buttons), np.uint8)
+    em = env.em
     for i in range(n_frames):
-        movie.step()
-        for p in range(movie.players):
-            for b in range(n_buttons):
-                keys[p, b] = movie.get_key(b, p)
-            em.set_button_mask(keys[p], p)
+        for p in range(players):
+            em.set_button_mask(keys[i, p], p)
         em.step()  # exactly what RetroEnv.step does to the emulator, without the reward bookkeeping
         frames[i] = squash(em.get_screen(), resolution)
     if out_path:
         frames.flush()
-    return frames
+    names = list(env.buttons) if players == 1 else \
+        [f"P{p + 1} {b}" for p in range(players) for b in env.buttons]
+    return Replay(frames, keys.reshape(n_frames, players * n_buttons), names)
 
 
 def render_repetition(task):
-    """Worker: render one repetition to its .npy (atomically), then its record. Returns the manifest row."""
+    """Worker: render one repetition to its .npy and its inputs to .buttons.npy (each atomically),
+    then the record of both. Returns the manifest row."""
     rep, out, resolution, settings, inputs = task
-    row = dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=str(out), status="ok", error=np.nan)
     out = Path(out)
+    buttons = buttons_path_for(out)
+    row = dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=str(out),
+               buttons_path=str(buttons), status="ok", error=np.nan)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = common.temporary_path(out)
     try:
         try:
-            frames = replay(rep["bk2"], resolution, out_path=tmp, final=out)
+            rendered = replay(rep["bk2"], resolution, out_path=tmp, final=out)
         except InputError as err:   # a bad replay: a failed row, and the batch goes on
-            return dict(row, status="failed", error=str(err), frames_path=np.nan)
-        row["n_frames"] = len(frames)
-        del frames
+            return dict(row, status="failed", error=str(err), frames_path=np.nan,
+                        buttons_path=np.nan)
+        row["n_frames"], names = len(rendered.frames), rendered.names
+        common.save_npy(buttons, rendered.buttons)   # a write that fails (full disk): InputError
+        del rendered                # closes the frames' memory map
         os.replace(tmp, out)        # a write that fails (full disk) stops the stage: OSError
-        common.write_record(out, common.new_record(STAGE, settings, inputs, out, n_frames=row["n_frames"],
-                                                   bk2=rep["bk2"], stable_retro=version("stable-retro")))
+        # one record for both files: `output` is the frames (what 03 and 04 fingerprint), `outputs`
+        # the inputs, so that a damaged or deleted buttons file is rendered again too
+        details = dict(n_frames=row["n_frames"], bk2=rep["bk2"],
+                       stable_retro=version("stable-retro"), buttons=names,
+                       outputs={buttons.name: common.hash_file(buttons)})
+        common.write_record(out, common.new_record(STAGE, settings, inputs, out, **details))
     finally:
         tmp.unlink(missing_ok=True)
     return check_duration(row)
@@ -176,7 +212,8 @@ def plan_repetition(rep, work, resolution, overwrite):
     row, or frames whose record says they came from this bk2 at this --resolution), else ("render",
     the task for render_repetition). Frames of another --resolution are an InputError."""
     if rep["bk2"] == MISSING:
-        return "row", dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=np.nan, status="missing",
+        return "row", dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=np.nan,
+                           buttons_path=np.nan, status="missing",
                            error=f"{rep['source']} says '{MISSING}': no replay to render")
     out = frames_path_for(rep, work)
     settings = {"--resolution": resolution}
@@ -185,8 +222,13 @@ def plan_repetition(rep, work, resolution, overwrite):
     if Path(rep["bk2"]).is_file():   # a missing replay fails in the worker, with its message
         inputs["bk2"] = common.fingerprint(rep["bk2"], (record or {}).get("inputs", {}).get("bk2"))
     if common.is_up_to_date(out, record, STAGE, settings, inputs, overwrite, say=lambda line: tqdm.write(line)):
-        return "row", check_duration(dict(rep, n_frames=record["n_frames"], fps=GAMEPLAY_HZ, frames_path=str(out),
-                                          status="ok", error=np.nan))
+        buttons = buttons_path_for(out)
+        if buttons.name in record.get("outputs", {}):   # is_up_to_date checked that file too
+            return "row", check_duration(dict(rep, n_frames=record["n_frames"], fps=GAMEPLAY_HZ,
+                                              frames_path=str(out), buttons_path=str(buttons),
+                                              status="ok", error=np.nan))
+        tqdm.write(f"{STAGE}: {out} was made without the player's inputs (an older 01): "
+                   "rendering it again")
     return "render", (rep, str(out), resolution, settings, inputs)
 
 
@@ -236,8 +278,9 @@ def main():
         bar.refresh()
 
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    ok = manifest["frames_path"].notna()
-    manifest.loc[ok, "frames_path"] = [os.path.relpath(p, work) for p in manifest.loc[ok, "frames_path"]]
+    for column in ("frames_path", "buttons_path"):
+        ok = manifest[column].notna()
+        manifest.loc[ok, column] = [os.path.relpath(p, work) for p in manifest.loc[ok, column]]
     # one manifest for subjects rendered in separate calls, in the order one call over all of them gives;
     # read only now, so that jobs rendering other subjects at the same time have most likely finished
     manifest_path = work / "frames" / "manifest.tsv"
@@ -317,6 +360,11 @@ def frames_path_for(rep, work):
     return work / "frames" / sub / ses / f"{Path(rep['bk2']).name.split('.')[0]}.npy"
 
 
+def buttons_path_for(frames_path):
+    """<bk2 stem>.buttons.npy beside <bk2 stem>.npy: common.record_path gives both one record."""
+    return Path(frames_path).with_suffix(BUTTONS_SUFFIX)
+
+
 # --------------------------------------------------------------------------------------------------
 # Earlier calls: manifest rows of other subjects (plumbing)
 # --------------------------------------------------------------------------------------------------
@@ -325,6 +373,8 @@ def rows_of_other_subjects(manifest_path, subjects):
     if not manifest_path.is_file():
         return pd.DataFrame(columns=MANIFEST_COLUMNS)
     earlier = read_tsv(manifest_path)
+    if "buttons_path" not in earlier.columns:   # written before 01 recorded the inputs: n/a there
+        earlier.insert(MANIFEST_COLUMNS.index("buttons_path"), "buttons_path", np.nan)
     if list(earlier.columns) != MANIFEST_COLUMNS:
         raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); delete it")
     return earlier[~earlier["sub"].fillna("").isin({s or "" for s in subjects})]

@@ -8,6 +8,7 @@
     python 05_extract.py --work work --ckpt ... --device cpu --batch-size 4         # no GPU (demo)
     python 05_extract.py --work work --ckpt ... --layer vqvae.codebook --name vqvae   # control: the VQ-VAE alone
     python 05_extract.py --work work --features lowlevel                             # control: no model at all
+    python 05_extract.py --work work --features buttons       # the player's key presses, no model
     sbatch --gpus-per-node 1 slurm/gpu_stage.sbatch 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt
 
 Every fMRI run of <work>/bold/manifest.tsv gets one feature row per volume, from the activation of one
@@ -31,6 +32,10 @@ checkpoint, frames and timeline with the same flags is skipped, one made from ot
         (activation flattened in C order from its (T', H', W', C) shape); --pool space/time averages
         the latent space (H', W') or time (T') axes first. vqvae.codebook: the codebook vectors of the
         window's two clips, (2, D, t, h, w). lowlevel: 32 x 8 x 8 luminances and 8 x 8 motion energies.
+        buttons: D = 2 x B (B = 12 on the Genesis), from the inputs 01 recorded beside the
+        frames: for each button the fraction of the window's 128 60 Hz frames (32 x --frame-step)
+        it is held, then for each button its presses there (see button_rows); `06_ridge.py --name
+        buttons` reads them.
     <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.json  its record: flags, fingerprints of the
         checkpoint, VQ-VAE and frames, per-TR activation shape, alignment, the repetitions placed.
 """
@@ -62,9 +67,11 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
     p.add_argument("--ckpt", help="GPT checkpoint: ours (<work>/gpt/<name>/ckpt.pt) or the authors' Lightning .ckpt")
-    p.add_argument("--features", choices=("model", "lowlevel"), default="model",
+    p.add_argument("--features", choices=("model", "lowlevel", "buttons"), default="model",
                    help="model: a layer of the GPT (or its VQ-VAE); lowlevel: a control without any model, the "
-                        "window's frames as a grayscale grid and their motion energy (no --ckpt)")
+                        "window's frames as a grayscale grid and their motion energy (no --ckpt); "
+                        "buttons: the player's inputs over the window, held fraction and presses "
+                        "per button (no --ckpt)")
     p.add_argument("--name", default=None,
                    help="features/<name>/ (default: the folder of ckpt.pt, else the checkpoint's file stem)")
     p.add_argument("--layer", nargs="+", default=[PAPER_LAYER],
@@ -111,18 +118,19 @@ def repetition_start(onset_s, fps=GAMEPLAY_HZ):
     return int(math.floor(onset_s * fps + 0.5))
 
 
-def gather_frames(indices, repetitions, frame_shape, open_frames):
+def gather_frames(indices, repetitions, frame_shape, open_frames, path_key="frames_path"):
     """uint8 (*indices.shape, H, W, 3): the frame shown at each timeline index, black where none is.
 
     repetitions: list of dicts with `start` (timeline index of frame 0), `n_frames`, `frames_path`
-    (None for a black repetition), in onset order. open_frames(path) gives the (N, H, W, 3) array."""
+    (None for a black repetition), in onset order. open_frames(path) gives the (N, H, W, 3) array.
+    With path_key="buttons_path" and frame_shape (B,): the recorded inputs, 0 where none is."""
     out = np.zeros((*indices.shape, *frame_shape), np.uint8)                # (..., H, W, 3)
     for rep in repetitions:
-        if rep["frames_path"] is None:
+        if rep.get(path_key) is None:
             continue
         inside = (indices >= rep["start"]) & (indices < rep["start"] + rep["n_frames"])
         if inside.any():
-            out[inside] = open_frames(rep["frames_path"])[indices[inside] - rep["start"]]
+            out[inside] = open_frames(rep[path_key])[indices[inside] - rep["start"]]
     return out
 
 
@@ -134,15 +142,17 @@ def main(argv=None):
     work = Path(args.work)
     if args.features == "model" and not args.ckpt:
         raise InputError("--ckpt: required for --features model (the GPT whose layers are read)")
-    if args.features == "lowlevel":   # no model: its flags would be ignored, so they are refused or said so
+    if args.features != "model":   # no model: its flags would be ignored, so refused or said so
         given = [flag for flag, used in (("--ckpt", args.ckpt), ("--layer", args.layer != [PAPER_LAYER]),
                                          ("--list-layers", args.list_layers)) if used]
         if given:
-            raise InputError(f"{' '.join(given)}: not used by --features lowlevel (a control without a model)")
+            raise InputError(f"{' '.join(given)}: not used by --features {args.features} "
+                             f"(features without a model)")
         ignored = [flag for flag, used in (("--pool", args.pool != "none"), ("--precision", args.precision != "auto"))
                    if used]   # a sweep's --extract-args reach every job: a note, not an error, and not recorded
         if ignored:
-            print(f"{STAGE}: note: {' '.join(ignored)} ignored by --features lowlevel (no model to pool or run)")
+            print(f"{STAGE}: note: {' '.join(ignored)} ignored by --features {args.features} "
+                  f"(no model to pool or run)")
     ckpt = Path(args.ckpt) if args.ckpt else None
     if ckpt is not None and not ckpt.is_file():
         raise InputError(f"{ckpt}: checkpoint not found")
@@ -157,12 +167,12 @@ def main(argv=None):
     precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    name = args.name or ("lowlevel" if ckpt is None else ckpt.parent.name if ckpt.name == "ckpt.pt"
-                         else ckpt.name.split(".")[0])
+    name = args.name or (args.features if ckpt is None else ckpt.parent.name
+                         if ckpt.name == "ckpt.pt" else ckpt.name.split(".")[0])
 
     common.remove_stale_temporaries(work / "features" / name)
-    if args.features == "lowlevel":
-        model, info = None, lowlevel_info(work)
+    if args.features != "model":
+        model, info = None, model_free_info(work, args.features)
     else:
         model, info = load_model(ckpt, args.vqvae, work, device, args.allow_unfinished)
     frame_step = args.frame_step or info["frame_step"] or 4
@@ -185,16 +195,22 @@ def main(argv=None):
     # --- plan: which runs still need features -------------------------------------------------------
     # A run's features are skipped when their record says they were made with these flags from these
     # exact inputs: the checkpoint, its VQ-VAE, the frames of the run's repetitions and its timeline.
-    layers = ["lowlevel"] if model is None else resolve_layers(model, args.layer, info["n_layers"])
-    runs = plan_runs(work, args.subjects, frame_shape, window, frame_step, args.allow_missing)
+    layers = ([args.features] if model is None
+              else resolve_layers(model, args.layer, info["n_layers"]))
+    buttons = args.features == "buttons"
+    runs = plan_runs(work, args.subjects, frame_shape, window, frame_step, args.allow_missing,
+                     buttons)
+    if buttons:
+        info["config"]["buttons"] = same_buttons(runs, work / "frames" / "manifest.tsv")
     models = {} if model is None else common.input_fingerprints(work, [ckpt, info["vqvae_path"]])
     model_settings = {} if model is None else {"--pool": args.pool, "--precision": precision}  # lowlevel: unused
     settings = {layer: {"--layer": layer, **model_settings, "--dtype": args.dtype, "--frame-step": frame_step}
                 for layer in layers}
     todo, records = [], {}
+    read = "buttons_path" if buttons else "frames_path"   # the files each run's features come from
     for run in runs:
-        frames = sorted({rep["frames_path"] for rep in run["repetitions"] if rep["frames_path"]})
-        inputs = {**models, **common.input_fingerprints(work, frames),
+        files = sorted({rep[read] for rep in run["repetitions"] if rep.get(read)})
+        inputs = {**models, **common.input_fingerprints(work, files),
                   "timeline": {"n_volumes": run["n_volumes"], "tr_s": run["tr_s"],
                                "repetitions": [{k: rep[k] for k in ("rep", "status", "start", "n_frames")}
                                                for rep in run["repetitions"]]}}
@@ -203,10 +219,20 @@ def main(argv=None):
                                          settings[layer], inputs, args.overwrite) for layer, path in paths.items()):
             todo.append((run, paths))
             records[run["stem"]] = {layer: (settings[layer], inputs) for layer in layers}
-    print(f"{STAGE}: {ckpt} -> {work / 'features' / name}: {len(layers)} layer(s) {', '.join(layers)}; "
+    print(f"{STAGE}: {ckpt or '--features ' + args.features} -> {work / 'features' / name}: "
+          f"{len(layers)} layer(s) {', '.join(layers)}; "
           f"{len(todo)} of {len(runs)} run(s) to do, {sum(r['n_volumes'] for r, _ in todo)} TRs; "
           f"{device}, {precision}, batch {args.batch_size}")
     if not todo:
+        return
+    if buttons:   # no frames, no model: every row of a run at once, from its repetitions' inputs
+        for run, paths in todo:
+            rows = button_rows(run, window, frame_step, len(info["config"]["buttons"]))
+            details = run_details(run, ckpt, info, args.features,
+                                  button_alignment(window, frame_step))
+            write_rows(run, paths, rows, (2, rows.shape[1] // 2), np.dtype(args.dtype),
+                       {"buttons": (*records[run["stem"]]["buttons"], details)})
+        print(f"{STAGE}: wrote {len(todo)} run(s) under {work / 'features' / name}")
         return
 
     # --- extract: batches of TR windows through the model, hooked rows into each run's files ---------
@@ -237,18 +263,8 @@ def main(argv=None):
                     rows_left[r] -= 1
                     if rows_left[r] == 0:
                         run = todo[r][0]
-                        details = {
-                            "checkpoint": str(ckpt), "checkpoint_format": info["format"], "model": info["config"],
-                            "features": args.features,
-                            "run": run["stem"], "n_volumes": run["n_volumes"], "tr_s": run["tr_s"],
-                            "alignment": (f"row t: {window} frames, every {frame_step}th 60 Hz frame, ending "
-                                          f"with frame ceil((t+1) x TR x 60) - 1 of the run's timeline (the last "
-                                          f"frame shown before the end of volume t); first {window // 2} condition, "
-                                          f"last {window // 2} are the target clip; repetition frame i at "
-                                          f"round(onset_s x 60) + i, black elsewhere"),
-                            "fps": GAMEPLAY_HZ, "window_frames": window,
-                            "repetitions": [{k: rep[k] for k in ("rep", "status", "onset_s", "start", "n_frames")}
-                                            for rep in run["repetitions"]]}
+                        details = run_details(run, ckpt, info, args.features,
+                                              window_alignment(window, frame_step))
                         writers[r].close({layer: (*records[run["stem"]][layer], details) for layer in layers})
                 bar.update(len(clips))
     finally:
@@ -273,17 +289,89 @@ def lowlevel_rows(clips, grid=LOWLEVEL_GRID):
     return torch.cat([luminance.flatten(1), motion.mean(dim=1).flatten(1)], dim=1)
 
 
-def lowlevel_info(work):
-    """What the alignment needs without a model: the frames' shape (from the first rendered repetition),
-    the window of the paper's GPT (2 x 16 frames) and its frame step (4: 15 Hz)."""
+def model_free_info(work, features):
+    """What the alignment needs without a model (--features lowlevel or buttons): the frames' shape
+    (from the first rendered repetition), the window of the paper's GPT (2 x 16 frames) and its
+    frame step (4: 15 Hz)."""
     frames_tsv = work / "frames" / "manifest.tsv"
     manifest = read_tsv(frames_tsv, required=FRAMES_COLUMNS)
     ok = manifest[manifest["status"] == "ok"]
     if ok.empty:
         raise InputError(f"{frames_tsv}: no rendered repetition")
     shape = common.load_npy(work / str(ok["frames_path"].iloc[0]), advice="re-run 01_render_frames.py").shape
-    return dict(format="none", vqvae_path=None, config={"features": "lowlevel", "grid": LOWLEVEL_GRID}, n_layers=0,
-                latent_shape=None, frame_shape=tuple(shape[1:]), window=2 * 16, frame_step=4)
+    config = {"features": features, **({"grid": LOWLEVEL_GRID} if features == "lowlevel" else {})}
+    return dict(format="none", vqvae_path=None, config=config, n_layers=0, latent_shape=None,
+                frame_shape=tuple(shape[1:]), window=2 * 16, frame_step=4)
+
+
+# --------------------------------------------------------------------------------------------------
+# The player's inputs (--features buttons): what the hands did over each window, without any model
+# --------------------------------------------------------------------------------------------------
+def button_rows(run, window, frame_step, n_buttons):
+    """float32 (n_volumes, 2 x B), B = n_buttons: for each button the fraction of the window's 60 Hz
+    frames during which it is held, then for each button its number of presses there.
+
+    The window of TR t is the span of every other feature set's clip window: the window x frame_step
+    (128) 60 Hz frames ending with e_t = ceil((t + 1) x TR x 60) - 1, the 4 frames each clip frame
+    stands for. A press is a frame where the button is held and was not in the frame before: it
+    counts in the window that holds that frame, even as the window's first frame (the frame before
+    is read too), and a button held since before the window is not pressed in it. Windows of
+    consecutive TRs overlap (2.13 s > 1.49 s): a press lies in one or two of them. No input (0)
+    where no repetition is, as the screen is black there: held in a repetition's frame 0 is a press.
+    """
+    span = window * frame_step
+    # (T, 1 + span): the frame before each window, then the window
+    indices = window_frame_indices(run["n_volumes"], run["tr_s"], span + 1, 1)
+    keys = gather_frames(indices, run["repetitions"], (n_buttons,), common.load_npy,
+                         path_key="buttons_path").astype(bool)                  # (T, 1 + span, B)
+    held = keys[:, 1:]                                                           # (T, span, B)
+    presses = held & ~keys[:, :-1]
+    return np.concatenate([held.mean(1), presses.sum(1)], axis=1).astype(np.float32)
+
+
+def button_alignment(window, frame_step):
+    """The record's `alignment` of --features buttons."""
+    return (f"row t: the inputs of the {window * frame_step} 60 Hz frames ending with frame "
+            f"ceil((t+1) x TR x 60) - 1 of the run's timeline (the span of the {window}-frame "
+            f"window, every {frame_step}th frame, of the other feature sets); for each button the "
+            f"fraction of them it is held, then for each button its presses (held, and not in the "
+            f"frame before); repetition frame i at round(onset_s x 60) + i, no input elsewhere")
+
+
+def recorded_buttons(frames_tsv, rep, where, n_frames, work):
+    """{"buttons_path", "buttons" (the column names)} of a rendered repetition (a row of the frames
+    manifest), checked against its n_frames frames; InputError saying to re-run 01 when missing."""
+    again = "re-run 01_render_frames.py with the flags it was run with to record them"
+    if "buttons_path" not in rep.index:
+        raise InputError(f"{frames_tsv}: no buttons_path column (frames rendered by an older "
+                         f"01_render_frames.py, without the player's inputs): {again}")
+    if pd.isna(rep["buttons_path"]):
+        raise InputError(f"{where} was rendered without the player's inputs (an older "
+                         f"01_render_frames.py): {again}")
+    path = work / str(rep["buttons_path"])
+    redo = "re-render it with 01_render_frames.py --overwrite"
+    buttons = common.load_npy(path, advice=redo)
+    names = (common.read_record(common.record_path(path)) or {}).get("buttons")
+    if names is None:
+        raise InputError(f"{path}: its record {common.record_path(path)} does not name the buttons "
+                         f"({redo})")
+    if buttons.shape != (n_frames, len(names)):
+        raise InputError(f"{path}: inputs of shape {buttons.shape}, not one row per frame "
+                         f"({n_frames}) and one column per button its record names ({len(names)}); "
+                         f"{redo}")
+    return {"buttons_path": str(path), "buttons": names}
+
+
+def same_buttons(runs, frames_tsv):
+    """The button names of every repetition placed (a list), which must be the same everywhere:
+    they name the feature columns. Games of consoles with other buttons are an InputError."""
+    seen = {tuple(rep["buttons"]) for run in runs for rep in run["repetitions"]
+            if rep.get("buttons")}
+    if len(seen) > 1:
+        sets = " | ".join(" ".join(map(str, names)) for names in sorted(seen, key=str))
+        raise InputError(f"{frames_tsv}: repetitions with different buttons ({sets}): extract them "
+                         f"separately (--subjects) or render one game")
+    return list(next(iter(seen), []))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,11 +543,12 @@ def pool_activation(activation, pool, latent_shape, name):
 # --------------------------------------------------------------------------------------------------
 # Which runs, which repetitions: bold/manifest.tsv (02) x frames/manifest.tsv (01)
 # --------------------------------------------------------------------------------------------------
-def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing):
-    """One dict per fMRI run: labels, n_volumes, tr_s, the repetitions placed on its timeline.
+def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing, buttons=False):
+    """One dict per fMRI run: labels, n_volumes, tr_s, the repetitions placed on its timeline (with
+    buttons: each rendered one also with its recorded inputs, `buttons_path` and `buttons`).
 
-    Raises InputError for a repetition listed as rendered whose frames are missing or of the wrong
-    size or length, a failed one (unless allow_missing), or a run shorter than one window."""
+    Raises InputError for a repetition listed as rendered whose frames (or inputs) are missing or of
+    the wrong size or length, a failed one (unless allow_missing), or a run under one window."""
     frames_tsv, bold_tsv = work / "frames" / "manifest.tsv", work / "bold" / "manifest.tsv"
     frames = read_tsv(frames_tsv, required=FRAMES_COLUMNS)
     bold = read_tsv(bold_tsv, required=BOLD_COLUMNS)
@@ -501,6 +590,8 @@ def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing):
                     raise InputError(f"{path}: {shape[0]} frames, {frames_tsv} says {int(rep['n_frames'])} "
                                      f"(re-render with 01_render_frames.py --overwrite)")
                 placed.update(n_frames=shape[0], frames_path=str(path))
+                if buttons:
+                    placed.update(recorded_buttons(frames_tsv, rep, where, shape[0], work))
             reps.append(placed)
         runs.append(dict(labels, stem=stem, n_volumes=n_volumes, tr_s=tr_s, repetitions=reps,
                          windows=window_frame_indices(n_volumes, tr_s, window, frame_step)))
@@ -535,6 +626,36 @@ class TRWindows(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------------
 def output_path(work, name, layer, run):
     return work / "features" / name / layer / f"sub-{run['sub']}" / f"ses-{run['ses']}" / f"{run['stem']}.npy"
+
+
+def window_alignment(window, frame_step):
+    """The record's `alignment` of the features read from frames (a model's, lowlevel)."""
+    return (f"row t: {window} frames, every {frame_step}th 60 Hz frame, ending with frame "
+            f"ceil((t+1) x TR x 60) - 1 of the run's timeline (the last frame shown before the end "
+            f"of volume t); first {window // 2} condition, last {window // 2} are the target clip; "
+            f"repetition frame i at round(onset_s x 60) + i, black elsewhere")
+
+
+def run_details(run, ckpt, info, features, alignment):
+    """The details of a run's record that are there for the reader (never compared)."""
+    return {"checkpoint": str(ckpt), "checkpoint_format": info["format"], "model": info["config"],
+            "features": features, "run": run["stem"], "n_volumes": run["n_volumes"],
+            "tr_s": run["tr_s"], "alignment": alignment, "fps": GAMEPLAY_HZ,
+            "window_frames": info["window"],
+            "repetitions": [{k: rep[k] for k in ("rep", "status", "onset_s", "start", "n_frames")}
+                            for rep in run["repetitions"]]}
+
+
+def write_rows(run, paths, rows, activation_shape, dtype, records):
+    """Write every row of a run's only layer at once: rows (n_volumes, D) float32; records as in
+    RunWriter.close."""
+    (layer,) = paths
+    writer = RunWriter(run, paths, dtype)
+    try:
+        writer.write(layer, np.arange(run["n_volumes"]), rows.astype(dtype), activation_shape)
+        writer.close(records)
+    finally:
+        writer.discard()
 
 
 class RunWriter:

@@ -49,11 +49,11 @@ def main():
 
         rows = []
         for resolution in (64, 128):
-            rate, n = best_rate(lambda: len(render.replay(job["bk2"], resolution)))
+            rate, n = best_rate(lambda: len(render.replay(job["bk2"], resolution).frames))
             rows.append((f"render {resolution} px", n, rate))
         original_squash = render.squash
         render.squash = lambda screen, resolution: screen[:resolution, :resolution]  # no resize
-        rate, n = best_rate(lambda: len(render.replay(job["bk2"], 8)))
+        rate, n = best_rate(lambda: len(render.replay(job["bk2"], 8).frames))
         render.squash = original_squash
         rows.append(("emulator only", n, rate))
 

@@ -59,7 +59,12 @@ def test_layout_and_events(demo_root):
     assert not (demo_root / truth["missing_file"]).exists()
     atlas = nib.load(demo_root / truth["atlas"]).get_fdata()
     assert set(np.unique(atlas)) == set(range(41))  # background + 40 parcels, all non-empty
-    assert len(truth["planted"]) == 10 and len(truth["noise_parcels"]) == 30
+    # 10 visual parcels, 1 button parcel apart from them (06 and 07 score "planted" alone), 29 noise
+    buttons = {int(label) for label in truth["planted_buttons"]}
+    assert len(truth["planted"]) == 10 and list(truth["planted_buttons"].values()) == ["presses_B"]
+    assert len(truth["noise_parcels"]) == 29 and len(buttons) == 1
+    assert not buttons & {int(label) for label in truth["planted"]}
+    assert not buttons & set(truth["noise_parcels"])
 
 
 def test_deterministic_for_a_seed_kept_on_rerun_and_bad_flags_fail(tmp_path):
@@ -76,9 +81,16 @@ def test_deterministic_for_a_seed_kept_on_rerun_and_bad_flags_fail(tmp_path):
     other = run_script("00_make_demo.py", "--out", tmp_path / "a", "--seed", 0, *TINY, "--subjects", "2", check=False)
     assert other.returncode == 2 and other.stderr.strip() == (
         f"error: {tmp_path / 'a'}: made with --subjects 1, not 2: pass the same flags, or --overwrite to redo it")
+    other = run_script("00_make_demo.py", "--out", tmp_path / "a", "--seed", 0, *TINY,
+                       "--planted-buttons", "0", check=False)
+    assert other.returncode == 2 and "made with --planted-buttons 1, not 0" in other.stderr
     assert (tmp_path / "a" / "ground_truth.json").stat().st_mtime_ns == before
     bad = run_script("00_make_demo.py", "--out", tmp_path / "e", "--parcels", "3", "--planted", "5", check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --planted 5 is more than --parcels 3"
+    bad = run_script("00_make_demo.py", "--out", tmp_path / "e", "--parcels", "3", "--planted", "3",
+                     check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "error: --planted-buttons 1: must be 0 to --parcels minus --planted (0)"
     assert not (tmp_path / "e").exists()
 
 
@@ -87,7 +99,7 @@ def test_ground_truth_is_in_the_bold(demo_root):
     noise parcels do not; before, motion and drift hide much of it (so confound removal matters)."""
     truth = json.loads((demo_root / "ground_truth.json").read_text())
     atlas = nib.load(demo_root / truth["atlas"]).get_fdata().astype(int)
-    parcel_means, signals, cleaned = [], [], []
+    parcel_means, signals, cleaned, button_signals = [], [], [], []
     for events_path in sorted(demo_root.glob("sub-*/ses-*/func/*_events.tsv")):
         stem = events_path.name.replace("_events.tsv", "")
         sub, ses = stem.split("_")[:2]
@@ -102,6 +114,8 @@ def test_ground_truth_is_in_the_bold(demo_root):
         parcel_means.append(means - means.mean(0))
         cleaned.append(residual)
         signals.append(pd.read_csv(demo_root / "ground_truth" / f"{stem}_signals.tsv", sep="\t").iloc[1:])
+        button_signals.append(pd.read_csv(demo_root / "ground_truth" / f"{stem}_buttons.tsv",
+                                          sep="\t").iloc[1:])
     raw, clean, signal = np.concatenate(parcel_means), np.concatenate(cleaned), pd.concat(signals)
 
     def r(x, y):
@@ -112,6 +126,8 @@ def test_ground_truth_is_in_the_bold(demo_root):
     noise_clean = [r(clean[:, label - 1], signal[prop]) for label in truth["noise_parcels"]
                    for prop in signal.columns]
     assert min(planted_clean) > 0.3 and np.mean(planted_clean) > 0.5
+    (button,) = map(int, truth["planted_buttons"])
+    assert r(clean[:, button - 1], pd.concat(button_signals)["presses_B"]) > 0.5
     assert np.mean(np.abs(noise_clean)) < 0.15
     assert np.mean(planted_clean) > np.mean(planted_raw) + 0.15
 

@@ -17,20 +17,21 @@ GAME = "Airstriker-Genesis-v0"
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory):
-    """A bk2 recorded here with stable-retro's own API, and the screens the player saw (N, 224, 320, 3)."""
+    """A bk2 recorded here with stable-retro's own API, the screens the player saw (N, 224, 320, 3)
+    and the actions passed to env.step() (N, 12)."""
     folder = tmp_path_factory.mktemp("rec")
     env = retro.make(game=GAME, render_mode=None, use_restricted_actions=retro.Actions.ALL)
     env.auto_record(str(folder))
     env.reset()
     rng = np.random.default_rng(1)
-    screens = []
-    for _ in range(240):
-        screen, *_ = env.step(rng.integers(0, 2, len(env.buttons)))
+    screens, actions = [], rng.integers(0, 2, (240, len(env.buttons)))
+    for action in actions:
+        screen, *_ = env.step(action)
         screens.append(screen.copy())
     env.stop_record()
     env.close()
     (bk2,) = folder.glob("*.bk2")
-    return bk2, np.stack(screens)
+    return bk2, np.stack(screens), actions
 
 
 def box_average(image, size):
@@ -47,10 +48,13 @@ def box_average(image, size):
 
 
 def test_replay_is_exact_and_repeatable(recording):
-    bk2, screens = recording
-    frames = render.replay(bk2, 64)
+    bk2, screens, actions = recording
+    frames, buttons, names = render.replay(bk2, 64)
     assert frames.shape == (len(screens), 64, 64, 3) and frames.dtype == np.uint8
-    np.testing.assert_array_equal(frames, render.replay(bk2, 64))
+    np.testing.assert_array_equal(frames, render.replay(bk2, 64).frames)
+    # row i of the inputs is the action that made frame i; the columns have stable-retro's names
+    assert buttons.dtype == np.uint8 and names == retro.get_system_info("Genesis")["buttons"]
+    np.testing.assert_array_equal(buttons, actions)
     # The frames are what the player saw, squashed: replay reproduces the recorded session exactly.
     expected = np.stack([render.squash(s, 64) for s in screens])
     np.testing.assert_array_equal(frames, expected)
@@ -58,19 +62,20 @@ def test_replay_is_exact_and_repeatable(recording):
 
 
 def test_squash_is_a_box_average(recording):
-    _, screens = recording
+    _, screens, _ = recording
     for size in (64, 128):
         ours = render.squash(screens[100], size).astype(float)
         assert np.abs(ours - box_average(screens[100], size)).max() <= 1.0
 
 
 def test_frames_on_disk_match_replay(tmp_path, recording):
-    bk2, screens = recording
+    bk2, screens, actions = recording
     result = run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "32")
     manifest = pd.read_csv(tmp_path / "frames/manifest.tsv", sep="\t", dtype={"sub": str})
     assert manifest["status"].tolist() == ["ok"] and manifest["n_frames"].tolist() == [len(screens)]
     frames = np.load(tmp_path / manifest["frames_path"][0])
-    np.testing.assert_array_equal(frames, render.replay(bk2, 32))
+    np.testing.assert_array_equal(frames, render.replay(bk2, 32).frames)
+    np.testing.assert_array_equal(np.load(tmp_path / manifest["buttons_path"][0]), actions)
     assert "1 ok" in result.stdout
 
 
@@ -97,9 +102,9 @@ def test_manifest_agrees_with_events(rendered_work):
 
 
 def test_rerun_skips_other_resolution_fails_and_overwrite_rerenders(tmp_path, recording):
-    bk2, _ = recording
+    bk2, *_ = recording
     run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16")
-    (npy,) = (tmp_path / "frames").rglob("*.npy")
+    npy = tmp_path / "frames/sub-unknown/ses-unknown/Airstriker-Genesis-v0-Level1-000000.npy"
     stamp, manifest = npy.stat().st_mtime_ns, (tmp_path / "frames/manifest.tsv").read_text()
     run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "16")
     assert npy.stat().st_mtime_ns == stamp
@@ -124,14 +129,23 @@ def test_rerun_skips_other_resolution_fails_and_overwrite_rerenders(tmp_path, re
     foreign.unlink()
     run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution", "24", "--overwrite")
     assert npy.stat().st_mtime_ns != stamp and np.load(npy).shape[1:] == (24, 24, 3)
-    assert sorted(p.name for p in npy.parent.iterdir()) == sorted([npy.name, npy.with_suffix(".json").name])
+    buttons = npy.with_suffix(".buttons.npy")
+    assert sorted(p.name for p in npy.parent.iterdir()) == sorted(
+        [npy.name, npy.with_suffix(".json").name, buttons.name])
     record = common.read_record(npy.with_suffix(".json"))   # no temporary file left behind; the record:
     assert record["settings"] == {"--resolution": 24} and record["n_frames"] == len(rendered)
     assert record["inputs"]["bk2"]["sha256"] == common.file_sha256(bk2)
+    # the same record covers the inputs (their column names, their bytes): deleted, made again
+    assert record["buttons"] == retro.get_system_info("Genesis")["buttons"]
+    assert record["outputs"][buttons.name]["sha256"] == common.file_sha256(buttons)
+    buttons.unlink()
+    again = run_script("01_render_frames.py", "--work", tmp_path, "--bk2", bk2, "--resolution",
+                       "24")
+    assert f"{buttons} is missing" in again.stdout and np.load(buttons).shape == (len(rendered), 12)
 
 
 def test_subjects_rendered_in_separate_calls_share_one_manifest(tmp_path, recording):
-    bk2, _ = recording
+    bk2, *_ = recording
     replays = {}
     for sub in ("01", "02"):
         replays[sub] = tmp_path / f"sub-{sub}_ses-001_task-x_run-01_level-1_rep-01.bk2"
@@ -154,7 +168,7 @@ def test_subjects_rendered_in_separate_calls_share_one_manifest(tmp_path, record
 
 
 def test_bad_replays_are_reported_and_the_batch_goes_on(tmp_path, recording):
-    bk2, _ = recording
+    bk2, *_ = recording
     good = tmp_path / "sub-01_ses-001_task-x_run-01_level-1_rep-01.bk2"
     shutil.copy(bk2, good)
     truncated = tmp_path / "sub-01_ses-001_task-x_run-01_level-1_rep-02.bk2"
@@ -181,7 +195,8 @@ def test_bad_replays_are_reported_and_the_batch_goes_on(tmp_path, recording):
     for message in errors[1:]:
         assert f"failed: {message}" in result.stderr
     assert (work / manifest["frames_path"][0]).is_file()
-    assert sorted(p.name for p in (work / "frames").rglob("*.npy")) == [good.with_suffix(".npy").name]
+    assert sorted(p.name for p in (work / "frames").rglob("*.npy")) == [
+        good.with_suffix(".buttons.npy").name, good.with_suffix(".npy").name]
     accepted = run_script("01_render_frames.py", "--work", work, "--resolution", "16", "--allow-missing",
                           "--bk2", good, truncated, check=False)
     assert accepted.returncode == 0
@@ -199,7 +214,7 @@ def test_bad_dataset_root(tmp_path):
 
 
 def test_onset_na_in_events_is_an_error_before_anything_is_rendered(tmp_path, recording):
-    bk2, _ = recording
+    bk2, *_ = recording
     func = tmp_path / "bids/sub-01/ses-001/func"
     func.mkdir(parents=True)
     shutil.copy(bk2, tmp_path / "bids/sub-01_ses-001_task-x_run-01_level-1_rep-01.bk2")
@@ -216,7 +231,7 @@ def test_onset_na_in_events_is_an_error_before_anything_is_rendered(tmp_path, re
 
 @needs_namespaces
 def test_read_only_work_and_full_disk(tmp_path, recording):
-    bk2, _ = recording
+    bk2, *_ = recording
     work = tmp_path / "work"
     work.mkdir()
     result, _ = run_confined("01_render_frames.py", "--work", work, "--bk2", bk2, "--resolution", "16",
