@@ -1,25 +1,30 @@
 """02 — fMRIPrep BOLD to z-scored parcel time series with nilearn (paper sections 2.1.3-2.1.4).
 
-    python 02_prep_fmri.py --work work                              # the demo: <work>/demo/derivatives/fmriprep
+    python 02_prep_fmri.py --work work   # the demo: <work>/demo/derivatives/fmriprep
     python 02_prep_fmri.py --work work --fmriprep /data/shinobi/derivatives/fmriprep \\
         --atlas MIST_ROI.nii.gz --task shinobi --subjects 01 02 --workers 8
     python 02_prep_fmri.py --work work --confounds motion high_pass wm_csf --fwhm 6 --overwrite
-    sbatch --cpus-per-task 8 slurm/cpu_stage.sbatch 02_prep_fmri.py --work work --fmriprep DIR --atlas ATLAS
+    sbatch --cpus-per-task 8 slurm/cpu_stage.sbatch 02_prep_fmri.py --work work --fmriprep DIR \\
+        --atlas ATLAS
 
-For every `sub-*/ses-*/func/*_space-<space>_*desc-preproc_bold.nii.gz` under --fmriprep, as in the paper:
-  1. confounds: nilearn's load_confounds(strategy=("motion", "high_pass"), motion="full") = load_confounds'
-     Params24 (6 motion parameters, their derivatives, and the squares of both) + fMRIPrep's cosine
-     drift regressors (periods over 128 s by default; the paper: "slower than 0.01 Hz");
+For every `sub-*/ses-*/func/*_space-<space>_*desc-preproc_bold.nii.gz` under --fmriprep,
+as in the paper:
+  1. confounds: nilearn's load_confounds(strategy=("motion", "high_pass"), motion="full") =
+     load_confounds' Params24 (6 motion parameters, their derivatives, and the squares of both)
+     + fMRIPrep's cosine drift regressors (periods over 128 s by default;
+     the paper: "slower than 0.01 Hz");
      the non-steady-state volumes fMRIPrep flags become nilearn's sample_mask;
-  2. NiftiLabelsMasker: 8 mm FWHM Gaussian smoothing, mean of the voxels of each atlas parcel, confound
-     regression and z-scoring of each parcel over the run (standardize="zscore_sample", ddof=1).
+  2. NiftiLabelsMasker: 8 mm FWHM Gaussian smoothing, mean of the voxels of each atlas parcel,
+     confound regression and z-scoring of each parcel over the run
+     (standardize="zscore_sample", ddof=1).
 
 Outputs (docs/CONTRACT.md), all written atomically:
-    <work>/bold/<sub>/<ses>/<run stem>.npy   float32 (T, P): row t = volume t of the BOLD image, column j =
-        the parcel labels.tsv names. Volumes left out by the sample_mask (non-steady-state, scrubbed)
-        are NaN rows: valid rows are np.isfinite(Y).all(1). Parcels with no usable voxel in a run are
-        0.0 on the valid rows (and are reported).
-    <work>/bold/manifest.tsv   sub ses task run n_volumes tr_s split bold_path kept_volumes empty_parcels
+    <work>/bold/<sub>/<ses>/<run stem>.npy   float32 (T, P): row t = volume t of the BOLD image,
+        column j = the parcel labels.tsv names. Volumes left out by the sample_mask
+        (non-steady-state, scrubbed) are NaN rows: valid rows are np.isfinite(Y).all(1). Parcels
+        with no usable voxel in a run are 0.0 on the valid rows (and are reported).
+    <work>/bold/manifest.tsv   sub ses task run n_volumes tr_s split bold_path kept_volumes
+                               empty_parcels
     <work>/bold/labels.tsv     column label name n_voxels (column of the .npy -> atlas label value)
     <work>/bold/atlas.nii.gz   the atlas as used: resampled (nearest neighbour) to the BOLD grid
     <work>/bold/prep.json      the settings used; a re-run with other settings needs --overwrite
@@ -45,15 +50,18 @@ from nilearn.maskers import NiftiLabelsMasker
 from tqdm import tqdm
 
 import common
-from common import DEFAULT_WORK, InputError, atomic_path, bids_entities, read_tsv, run_main, save_npy, write_tsv
+from common import (DEFAULT_WORK, InputError, atomic_path, bids_entities, read_tsv, run_main,
+                    save_npy, write_tsv)
 
 STAGE = "02_prep_fmri"
-DEFAULT_ATLAS = "demo/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz"  # relative to --work
+# relative to --work
+DEFAULT_ATLAS = "demo/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz"
 CONFOUND_STRATEGIES = ("motion", "high_pass", "wm_csf", "global_signal", "compcor", "scrub")
 MOTION_MODELS = ("basic", "power2", "derivatives", "full")
-STANDARDIZE = "zscore_sample"  # nilearn 0.14 name: z-score with the sample (ddof=1) standard deviation
-MANIFEST_COLUMNS = ["sub", "ses", "task", "run", "n_volumes", "tr_s", "split", "bold_path", "kept_volumes",
-                    "empty_parcels"]
+STANDARDIZE = "zscore_sample"  # nilearn 0.14 name:
+                               # z-score with the sample (ddof=1) standard deviation
+MANIFEST_COLUMNS = ["sub", "ses", "task", "run", "n_volumes", "tr_s", "split", "bold_path",
+                    "kept_volumes", "empty_parcels"]
 
 
 def parse_args(argv=None):
@@ -63,8 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--fmriprep", default=None,
                    help="fMRIPrep derivatives root (default: <work>/demo/derivatives/fmriprep)")
     p.add_argument("--atlas", default=None,
-                   help=f"integer labels NIfTI, 0 = background (default: <work>/{DEFAULT_ATLAS}); a sibling .tsv "
-                        "with columns index, name gives parcel names")
+                   help=f"integer labels NIfTI, 0 = background (default: <work>/{DEFAULT_ATLAS}); "
+                        "a sibling .tsv with columns index, name gives parcel names")
     p.add_argument("--space", default="MNI152NLin2009cAsym",
                    help="fMRIPrep output space (add _res-2 etc. when several resolutions exist)")
     p.add_argument("--task", default=None, help="only this task (default: every task found)")
@@ -72,11 +80,13 @@ def parse_args(argv=None):
                    help="only these subject labels, e.g. 01 02")
     p.add_argument("--sessions", nargs="+", default=None, type=common.session_flag,
                    help="only these session labels, e.g. 001 002")
-    p.add_argument("--confounds", nargs="+", default=["motion", "high_pass"], choices=CONFOUND_STRATEGIES,
+    p.add_argument("--confounds", nargs="+", default=["motion", "high_pass"],
+                   choices=CONFOUND_STRATEGIES,
                    help="nilearn load_confounds strategy (paper: motion high_pass)")
     p.add_argument("--motion", default="full", choices=MOTION_MODELS,
                    help="motion model of load_confounds (paper: full = Params24)")
-    p.add_argument("--fwhm", type=float, default=8.0, help="Gaussian smoothing FWHM in mm, 0 for none (paper: 8)")
+    p.add_argument("--fwhm", type=float, default=8.0,
+                   help="Gaussian smoothing FWHM in mm, 0 for none (paper: 8)")
     p.add_argument("--validation-sessions", nargs="+", default=["004"], type=common.session_flag,
                    help="sessions of the validation split")
     p.add_argument("--test-sessions", nargs="+", default=["005"], type=common.session_flag,
@@ -87,9 +97,11 @@ def parse_args(argv=None):
     overlap = ({common.session_label(s) for s in args.validation_sessions}
                & {common.session_label(s) for s in args.test_sessions})
     if overlap:
-        raise InputError(f"--validation-sessions and --test-sessions share session(s) {' '.join(sorted(overlap))}")
+        raise InputError(f"--validation-sessions and --test-sessions share session(s) "
+                         f"{' '.join(sorted(overlap))}")
     if "compcor" in args.confounds and "high_pass" not in args.confounds:
-        raise InputError("--confounds compcor needs high_pass too (fMRIPrep's CompCor assumes high-passed data)")
+        raise InputError("--confounds compcor needs high_pass too "
+                         "(fMRIPrep's CompCor assumes high-passed data)")
     return args
 
 
@@ -101,8 +113,8 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
 
     atlas_grid (X, Y, Z) int labels on the BOLD grid; labels (P,) the atlas labels, in column order;
     confounds (T, K) DataFrame; sample_mask (T_kept,) indices of the volumes to keep, or None.
-    Returns (Y (T, P) float32 with NaN rows for the volumes not in sample_mask and 0.0 columns for the
-    parcels without a usable voxel, notes (list of str to report)).
+    Returns (Y (T, P) float32 with NaN rows for the volumes not in sample_mask and 0.0 columns for
+    the parcels without a usable voxel, notes (list of str to report)).
     """
     image = common.load_nifti(bold_path)
     data = common.nifti_data(image, bold_path)                                  # (X, Y, Z, T)
@@ -111,29 +123,36 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
     in_atlas = atlas_grid > 0
     voxels = data[in_atlas]                                                     # (V, T)
     empty_volumes = np.flatnonzero(~np.isfinite(voxels).any(axis=0))
-    if len(empty_volumes):   # a damaged image: every voxel would drop out below, and the atlas get the blame
-        raise InputError(f"{bold_path}: volume {empty_volumes[0]} (0-based) is NaN in every voxel of the atlas"
-                         + (f", and {len(empty_volumes) - 1} other volume(s)" if len(empty_volumes) > 1 else "")
+    # a damaged image: every voxel would drop out below, and the atlas get the blame
+    if len(empty_volumes):
+        raise InputError(f"{bold_path}: volume {empty_volumes[0]} (0-based) is NaN in every voxel "
+                         "of the atlas"
+                         + (f", and {len(empty_volumes) - 1} other volume(s)"
+                            if len(empty_volumes) > 1 else "")
                          + "; the image is damaged")
     has_nan = ~np.isfinite(voxels).all(1)
     constant = ~has_nan & (voxels.max(1) == voxels.min(1))
     notes = []
     if has_nan.any() or constant.any():
         notes.append(f"{bold_path}: {int(has_nan.sum())} voxel(s) inside the atlas hold NaN and "
-                     f"{int(constant.sum())} are constant over time; left out of their parcel means")
+                     f"{int(constant.sum())} are constant over time; "
+                     "left out of their parcel means")
     usable = np.zeros(atlas_grid.shape, bool)
     usable[in_atlas] = ~has_nan & ~constant
     if not usable.any():
-        raise InputError(f"{bold_path}: no atlas parcel overlaps the brain data (every voxel inside the atlas "
-                         "is constant or NaN): is the atlas in the same space as the BOLD?")
+        raise InputError(f"{bold_path}: no atlas parcel overlaps the brain data "
+                         "(every voxel inside the atlas is constant or NaN): "
+                         "is the atlas in the same space as the BOLD?")
     del voxels
-    # Smoothing would spread NaN, and a 0 in their place would become a spike of minus the baseline once the
-    # voxel is demeaned: a voxel (in a parcel or not) takes its own mean over time where it is not finite.
+    # Smoothing would spread NaN, and a 0 in their place would become a spike of minus the baseline
+    # once the voxel is demeaned: a voxel (in a parcel or not) takes its own mean over time where it
+    # is not finite.
     damaged = ~np.isfinite(data).all(axis=3)                                   # (X, Y, Z)
     if damaged.any():
         series = data[damaged]                                                  # (n_damaged, T)
         finite = np.isfinite(series)
-        fill = np.where(finite, series, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)   # 0 if none
+        # 0 if none
+        fill = np.where(finite, series, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
         data[damaged] = np.where(finite, series, fill[:, None])
     # Remove each voxel's mean: every step below is blind to a constant per voxel (the confounds are
     # demeaned, the output z-scored), and float32 keeps 7 digits, which a baseline of ~1000 would
@@ -141,17 +160,21 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
     data -= data.mean(axis=3, keepdims=True)
 
     # --- the paper's denoising: smoothing, parcel means, confound regression, z-scoring over time ---
-    # The paper z-scores each voxel and then averages; nilearn's masker averages, cleans, then z-scores
-    # each parcel, which is what the encoding model predicts (unit variance per parcel and run).
+    # The paper z-scores each voxel and then averages; nilearn's masker averages, cleans, then
+    # z-scores each parcel, which is what the encoding model predicts
+    # (unit variance per parcel and run).
     masker = NiftiLabelsMasker(
         labels_img=nib.Nifti1Image(atlas_grid, image.affine),
         mask_img=nib.Nifti1Image(usable.astype(np.uint8), image.affine),
-        smoothing_fwhm=fwhm or None, strategy="mean", standardize=STANDARDIZE, detrend=False, t_r=tr)
+        smoothing_fwhm=fwhm or None, strategy="mean", standardize=STANDARDIZE, detrend=False,
+        t_r=tr)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="After applying mask")  # empty parcels: reported below
+        # empty parcels: reported below
+        warnings.filterwarnings("ignore", message="After applying mask")
         signals = masker.fit_transform(nib.Nifti1Image(data, image.affine), confounds=confounds,
                                        sample_mask=sample_mask)             # (T_kept, P_present)
-    region_ids = masker.region_ids_  # {column: label, "background": 0}; a property rebuilt at each access
+    # {column: label, "background": 0}; a property rebuilt at each access
+    region_ids = masker.region_ids_
     present = [region_ids[i] for i in range(signals.shape[1])]
 
     # --- back to one row per volume and one column per atlas label ---
@@ -168,10 +191,12 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
 
 
 def process_run(job):
-    """Worker: compute and save one run, then its record. Returns the notes to report (list of str)."""
-    inputs = {role: common.hash_file(path) for role, path in job["inputs"].items()}   # in parallel, here
-    series, notes = parcel_time_series(job["bold"], job["atlas_grid"], job["labels"], job["confounds"],
-                                          job["sample_mask"], job["tr"], job["fwhm"])
+    """Worker: compute and save one run, then its record.
+    Returns the notes to report (list of str)."""
+    # in parallel, here
+    inputs = {role: common.hash_file(path) for role, path in job["inputs"].items()}
+    series, notes = parcel_time_series(job["bold"], job["atlas_grid"], job["labels"],
+                                       job["confounds"], job["sample_mask"], job["tr"], job["fwhm"])
     save_npy(job["out"], series)
     common.write_record(job["out"], common.new_record(STAGE, job["settings"], inputs, job["out"],
                                                       tr_s=job["tr"], nilearn=nilearn.__version__))
@@ -179,11 +204,12 @@ def process_run(job):
 
 
 def run_inputs(run, atlas_path):
-    """{role: path} of the files one run's output is made from: the BOLD image, its confounds file (the one
-    load_confounds reads) and that file's .json (CompCor's components are listed there), the BIDS sidecar
-    with the TR when it exists, and the atlas."""
+    """{role: path} of the files one run's output is made from: the BOLD image, its confounds file
+    (the one load_confounds reads) and that file's .json (CompCor's components are listed there),
+    the BIDS sidecar with the TR when it exists, and the atlas."""
     stem = run["bold"].name.split("_space-")[0]
-    candidates = [run["bold"].parent / f"{stem}_desc-confounds_{kind}.tsv" for kind in ("timeseries", "regressors")]
+    candidates = [run["bold"].parent / f"{stem}_desc-confounds_{kind}.tsv"
+                  for kind in ("timeseries", "regressors")]
     confounds = next((c for c in candidates if c.is_file()), candidates[0])
     inputs = {"bold": run["bold"], "confounds": confounds, "atlas": atlas_path}
     for role, sidecar in (("confounds_sidecar", confounds.with_suffix(".json")),
@@ -203,7 +229,8 @@ def main(argv=None):
     atlas_path = Path(args.atlas) if args.atlas else work / DEFAULT_ATLAS
     out_dir = work / "bold"
     # the flags that shape each run's output (its inputs' contents are compared by fingerprint)
-    settings = {"--space": args.space, "--confounds": args.confounds, "--motion": args.motion, "--fwhm": args.fwhm}
+    settings = {"--space": args.space, "--confounds": args.confounds, "--motion": args.motion,
+                "--fwhm": args.fwhm}
     common.remove_stale_temporaries(out_dir)
 
     # --- every input is checked before the long part, so that bad input fails fast ---
@@ -211,11 +238,12 @@ def main(argv=None):
     images, trs = read_headers(runs)
     atlas, labels, names = load_atlas(atlas_path)
     atlas_grid, n_voxels = atlas_for_runs(atlas, atlas_path, labels, runs, images, args.space)
-    jobs = [job for run in runs if (job := run_job(run, work, atlas_path, atlas_grid, labels, settings,
-                                                      images[run["stem"]], trs[run["stem"]], args))]
+    jobs = [job for run in runs
+            if (job := run_job(run, work, atlas_path, atlas_grid, labels, settings,
+                               images[run["stem"]], trs[run["stem"]], args))]
     atlas_sha256 = common.file_sha256(atlas_path)
-    check_settings(out_dir, settings, atlas_path, atlas_sha256, args.overwrite)   # after every check:
-    # --overwrite removes earlier outputs
+    # after every check: --overwrite removes earlier outputs
+    check_settings(out_dir, settings, atlas_path, atlas_sha256, args.overwrite)
     if not jobs and manifest_is_current(out_dir, work, runs, args):
         print(f"02_prep_fmri: all {len(runs)} run(s) done already ({out_dir / 'manifest.tsv'}); "
               "--overwrite to redo")
@@ -224,34 +252,38 @@ def main(argv=None):
     # --- shared outputs first (what the columns mean and how they were made), then one job per run ---
     write_shared_outputs(out_dir, args, fmriprep, atlas_path, atlas_sha256, settings, atlas_grid,
                          images[runs[0]["stem"]].affine, labels, names, n_voxels)
-    print(f"{len(runs)} run(s), {len(labels)} parcels; {len(runs) - len(jobs)} already done, {len(jobs)} to do")
+    print(f"{len(runs)} run(s), {len(labels)} parcels; {len(runs) - len(jobs)} already done, "
+          f"{len(jobs)} to do")
     for note in process_runs(jobs, args.workers):
         print(f"warning: {note}", file=sys.stderr)
     write_manifest(out_dir, work, runs, images, trs, labels, args)
 
 
 def read_headers(runs):
-    """The header of every run's BOLD image ({stem: image}, the voxels are read by the workers) and its
-    TR ({stem: seconds}), after checking each is a 4D series."""
+    """The header of every run's BOLD image ({stem: image}, the voxels are read by the workers) and
+    its TR ({stem: seconds}), after checking each is a 4D series."""
     images, trs = {}, {}
     for run in runs:
         image = common.load_nifti(run["bold"])
         if image.ndim != 4 or image.shape[3] < 2:
-            raise InputError(f"{run['bold']}: image is {image.ndim}D {image.shape}; a BOLD run must be 4D "
-                             "(x, y, z, time) with several volumes")
+            raise InputError(f"{run['bold']}: image is {image.ndim}D {image.shape}; "
+                             "a BOLD run must be 4D (x, y, z, time) with several volumes")
         images[run["stem"]], trs[run["stem"]] = image, repetition_time(run["bold"], image.header)
     return images, trs
 
 
 def atlas_for_runs(atlas, atlas_path, labels, runs, images, space):
-    """The atlas resampled to the runs' shared voxel grid, (X, Y, Z) int labels, and the voxels of each
-    label there (P,). Runs on other grids, or an atlas outside the field of view, are errors."""
+    """The atlas resampled to the runs' shared voxel grid, (X, Y, Z) int labels, and the voxels of
+    each label there (P,). Runs on other grids, or an atlas outside the field of view, are
+    errors."""
     reference = images[runs[0]["stem"]]
     for run in runs:
         image = images[run["stem"]]
-        if image.shape[:3] != reference.shape[:3] or not np.allclose(image.affine, reference.affine, atol=1e-3):
-            raise InputError(f"{run['bold']}: voxel grid differs from {runs[0]['bold'].name}; all runs must "
-                             "share one space and resolution (pick one with --space, e.g. ..._res-2)")
+        if (image.shape[:3] != reference.shape[:3]
+                or not np.allclose(image.affine, reference.affine, atol=1e-3)):
+            raise InputError(f"{run['bold']}: voxel grid differs from {runs[0]['bold'].name}; "
+                             "all runs must share one space and resolution "
+                             "(pick one with --space, e.g. ..._res-2)")
     atlas_grid = atlas_on_grid(atlas, reference.shape[:3], reference.affine)   # (X, Y, Z)
     voxels_per_label = dict(zip(*np.unique(atlas_grid, return_counts=True)))
     n_voxels = np.array([voxels_per_label.get(label, 0) for label in labels])
@@ -259,14 +291,16 @@ def atlas_for_runs(atlas, atlas_path, labels, runs, images, space):
         raise InputError(f"{atlas_path}: no atlas label falls inside the BOLD field of view of "
                          f"{runs[0]['bold'].name}: is the atlas in {space} space?")
     if (n_voxels == 0).any():
-        print(f"warning: {atlas_path}: {(n_voxels == 0).sum()} label(s) vanish on the BOLD grid (too small): "
-              f"{' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0", file=sys.stderr)
+        print(f"warning: {atlas_path}: {(n_voxels == 0).sum()} label(s) vanish on the BOLD grid "
+              f"(too small): {' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0",
+              file=sys.stderr)
     return atlas_grid, n_voxels
 
 
 def run_job(run, work, atlas_path, atlas_grid, labels, settings, image, tr, args):
     """What a worker needs to make one run's output, or None when its record says it is up to date.
-    The run's confounds are read here, so that a run with too many regressors fails before any work."""
+    The run's confounds are read here, so that a run with too many regressors fails before any
+    work."""
     out, inputs = output_path(work, run), run_inputs(run, atlas_path)
     record = common.read_record(common.record_path(out))
     if record is not None and out.is_file() and not args.overwrite:
@@ -280,18 +314,19 @@ def run_job(run, work, atlas_path, atlas_grid, labels, settings, image, tr, args
     n_kept = n_volumes if sample_mask is None else len(sample_mask)
     dof = n_kept - confounds.shape[1] - 1  # the mean is removed too
     if dof < 1:
-        raise InputError(f"{run['bold']}: {confounds.shape[1]} confound regressors leave no degree of freedom "
-                         f"in {n_kept} kept volumes; use fewer (e.g. --motion basic)")
+        raise InputError(f"{run['bold']}: {confounds.shape[1]} confound regressors leave no degree "
+                         f"of freedom in {n_kept} kept volumes; use fewer (e.g. --motion basic)")
     if dof < 10:  # a short run (the tiny demo): the signal cannot survive the regression
-        print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only {dof} "
-              f"degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
-    return {"bold": run["bold"], "out": out, "atlas_grid": atlas_grid, "inputs": inputs, "settings": settings,
-            "labels": labels, "confounds": confounds, "sample_mask": sample_mask, "tr": tr, "fwhm": args.fwhm}
+        print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only "
+              f"{dof} degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
+    return {"bold": run["bold"], "out": out, "atlas_grid": atlas_grid, "inputs": inputs,
+            "settings": settings, "labels": labels, "confounds": confounds,
+            "sample_mask": sample_mask, "tr": tr, "fwhm": args.fwhm}
 
 
 def process_runs(jobs, workers):
-    """Run process_run on every job (in `workers` processes); returns their notes. A bad run stops the
-    batch; the runs finished before it stay."""
+    """Run process_run on every job (in `workers` processes); returns their notes. A bad run stops
+    the batch; the runs finished before it stay."""
     if workers <= 1 or len(jobs) <= 1:
         return [note for job in tqdm(jobs, desc="runs", unit="run") for note in process_run(job)]
     notes = []
@@ -313,27 +348,32 @@ def manifest_is_current(out_dir, work, runs, args):
     """True when every run is listed in bold/manifest.tsv, the shared outputs exist, and the listed
     splits are those of the split flags (other splits: the manifest is rewritten)."""
     manifest_path = out_dir / "manifest.tsv"
-    shared = [out_dir / name for name in ("prep.json", "labels.tsv", "atlas.nii.gz", "manifest.tsv")]
+    shared = [out_dir / name
+              for name in ("prep.json", "labels.tsv", "atlas.nii.gz", "manifest.tsv")]
     if not all(path.is_file() for path in shared):
         return False
     listed = read_tsv(manifest_path, required=("bold_path", "ses", "split"))
-    splits_now = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in listed["ses"]]
+    splits_now = [split_of(ses, args.validation_sessions, args.test_sessions)
+                  for ses in listed["ses"]]
     listed_paths = set(listed["bold_path"])
     return (all(str(output_path(work, run).relative_to(work)) in listed_paths for run in runs)
             and listed["split"].tolist() == splits_now)
 
 
-def write_shared_outputs(out_dir, args, fmriprep, atlas_path, atlas_sha256, settings, atlas_grid, affine,
-                         labels, names, n_voxels):
-    """prep.json (how the runs are made), labels.tsv (column -> atlas label) and atlas.nii.gz (the atlas
-    on the BOLD grid)."""
+def write_shared_outputs(out_dir, args, fmriprep, atlas_path, atlas_sha256, settings, atlas_grid,
+                         affine, labels, names, n_voxels):
+    """prep.json (how the runs are made), labels.tsv (column -> atlas label) and atlas.nii.gz
+    (the atlas on the BOLD grid)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     common.write_json(out_dir / "prep.json", {
         "stage": STAGE, "settings": settings, "fmriprep": str(fmriprep.resolve()),
         "atlas": str(atlas_path.resolve()), "atlas_sha256": atlas_sha256,
-        "confounds": f"nilearn load_confounds(strategy={tuple(args.confounds)}, motion={args.motion!r})",
-        "masker": {"strategy": "mean", "standardize": STANDARDIZE, "detrend": False, "smoothing_fwhm": args.fwhm},
-        "dropped_volumes": "NaN rows (sample_mask of load_confounds)", "empty_parcels": "0.0 on valid rows",
+        "confounds": f"nilearn load_confounds(strategy={tuple(args.confounds)}, "
+                     f"motion={args.motion!r})",
+        "masker": {"strategy": "mean", "standardize": STANDARDIZE, "detrend": False,
+                   "smoothing_fwhm": args.fwhm},
+        "dropped_volumes": "NaN rows (sample_mask of load_confounds)",
+        "empty_parcels": "0.0 on valid rows",
         "nilearn_version": nilearn.__version__})
     write_tsv(out_dir / "labels.tsv", {"column": np.arange(len(labels)), "label": labels,
                                        "name": names if names is not None else [None] * len(labels),
@@ -343,15 +383,18 @@ def write_shared_outputs(out_dir, args, fmriprep, atlas_path, atlas_sha256, sett
 
 
 def write_manifest(out_dir, work, runs, images, trs, labels, args):
-    """bold/manifest.tsv: this batch's runs, plus the runs of earlier calls (other --subjects), with the
-    split of each session."""
+    """bold/manifest.tsv: this batch's runs, plus the runs of earlier calls (other --subjects), with
+    the split of each session."""
     manifest_path = out_dir / "manifest.tsv"
-    rows = [manifest_row(run, work, images[run["stem"]].shape[3], trs[run["stem"]], labels) for run in runs]
+    rows = [manifest_row(run, work, images[run["stem"]].shape[3], trs[run["stem"]], labels)
+            for run in runs]
     rows += earlier_rows(manifest_path, work, [row["bold_path"] for row in rows])
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("bold_path")
-    manifest["split"] = [split_of(ses, args.validation_sessions, args.test_sessions) for ses in manifest["ses"]]
+    manifest["split"] = [split_of(ses, args.validation_sessions, args.test_sessions)
+                         for ses in manifest["ses"]]
     write_tsv(manifest_path, manifest)
-    n_volumes, n_kept = manifest["n_volumes"].astype(int).sum(), manifest["kept_volumes"].astype(int).sum()
+    n_volumes, n_kept = (manifest["n_volumes"].astype(int).sum(),
+                         manifest["kept_volumes"].astype(int).sum())
     print(f"wrote {out_dir}: {len(manifest)} run(s), {n_kept} of {n_volumes} volumes kept; splits "
           + ", ".join(f"{k} {v}" for k, v in manifest["split"].value_counts().sort_index().items()))
 
@@ -371,9 +414,10 @@ def find_runs(fmriprep, space, task, subjects, sessions):
             continue
         stem = bold.name.split(f"_space-{space}")[0]  # sub-01_ses-001_task-airstriker_run-01
         twin = next((r["bold"] for r in runs if r["stem"] == stem), None)
-        if twin is not None:   # e.g. _space-X_desc-preproc_bold and _space-X_res-2_desc-preproc_bold
-            raise InputError(f"{bold}: a second BOLD image of run {stem} (with {twin.name}) matches --space "
-                             f"{space}: pick one resolution, e.g. --space {space}_res-2")
+        if twin is not None:  # e.g. _space-X_desc-preproc_bold and _space-X_res-2_desc-preproc_bold
+            raise InputError(f"{bold}: a second BOLD image of run {stem} (with {twin.name}) "
+                             f"matches --space {space}: pick one resolution, "
+                             f"e.g. --space {space}_res-2")
         runs.append({"sub": names.get("sub"), "ses": names.get("ses"), "task": names.get("task"),
                      "run": names.get("run"), "stem": stem, "bold": bold})
     what = f"{pattern}" + (f" with task {task}" if task else "")
@@ -384,7 +428,8 @@ def find_runs(fmriprep, space, task, subjects, sessions):
             found = sorted({r[key] for r in runs})
             unknown = [w for w in wanted if w not in found]
             if unknown:
-                raise InputError(f"{fmriprep}: {flag} {' '.join(unknown)} not found (found: {', '.join(found)})")
+                raise InputError(f"{fmriprep}: {flag} {' '.join(unknown)} not found "
+                                 f"(found: {', '.join(found)})")
             runs = [r for r in runs if r[key] in wanted]
     return runs
 
@@ -403,22 +448,27 @@ def repetition_time(bold_path, header):
     if header.get_xyzt_units()[1] == "msec":
         tr /= 1000.0
     if tr <= 0:
-        raise InputError(f"{bold_path}: no RepetitionTime in a .json sidecar and no TR in the NIfTI header")
+        raise InputError(f"{bold_path}: no RepetitionTime in a .json sidecar "
+                         "and no TR in the NIfTI header")
     return tr
 
 
 def load_run_confounds(bold_path, n_volumes, strategy, motion):
-    """nilearn's load_confounds for one run: (confounds DataFrame (T, K), sample_mask (T_kept,) int or None).
+    """nilearn's load_confounds for one run:
+    (confounds DataFrame (T, K), sample_mask (T_kept,) int or None).
 
     fMRIPrep's non_steady_state_outlier* columns (and, with "scrub", motion outliers) become the
     sample_mask: the indices of the volumes to keep.
     """
     stem = bold_path.name.split("_space-")[0]
-    # fMRIPrep >= 20.2 name, else the older one (nilearn reads both); the first is reported when neither exists
-    candidates = [bold_path.parent / f"{stem}_desc-confounds_{kind}.tsv" for kind in ("timeseries", "regressors")]
+    # fMRIPrep >= 20.2 name, else the older one (nilearn reads both);
+    # the first is reported when neither exists
+    candidates = [bold_path.parent / f"{stem}_desc-confounds_{kind}.tsv"
+                  for kind in ("timeseries", "regressors")]
     expected = next((c for c in candidates if c.is_file()), candidates[0])
     try:
-        confounds, sample_mask = load_confounds(str(bold_path), strategy=tuple(strategy), motion=motion)
+        confounds, sample_mask = load_confounds(str(bold_path), strategy=tuple(strategy),
+                                                motion=motion)
     except ValueError as err:
         message = str(err).replace("\n", " ")
         if "Could not find associated confound file" in message:
@@ -426,23 +476,25 @@ def load_run_confounds(bold_path, n_volumes, strategy, motion):
                              f"{bold_path.name})") from None
         if "missing" in message:
             missing = message.split("missing:")[-1].split(". You may")[0].strip()
-            raise InputError(f"{expected}: missing confound column(s) for --confounds {' '.join(strategy)} "
-                             f"--motion {motion}: {missing}") from None
+            raise InputError(f"{expected}: missing confound column(s) for --confounds "
+                             f"{' '.join(strategy)} --motion {motion}: {missing}") from None
         raise InputError(f"{expected}: {message}") from None
     except KeyError as err:  # some strategies (scrub) index the columns they need directly
-        raise InputError(f"{expected}: missing confound column(s) for --confounds {' '.join(strategy)}: "
-                         f"{err}") from None
+        raise InputError(f"{expected}: missing confound column(s) for "
+                         f"--confounds {' '.join(strategy)}: {err}") from None
     if len(confounds) != n_volumes:
-        raise InputError(f"{expected}: {len(confounds)} rows but {bold_path.name} has {n_volumes} volumes")
+        raise InputError(f"{expected}: {len(confounds)} rows but {bold_path.name} "
+                         f"has {n_volumes} volumes")
     not_finite = confounds.columns[~np.isfinite(confounds.to_numpy(dtype=float)).all(0)]
-    if len(not_finite):  # nilearn fills the first row of derivatives only; a hole elsewhere is an error
+    # nilearn fills the first row of derivatives only; a hole elsewhere is an error
+    if len(not_finite):
         raise InputError(f"{expected}: n/a or infinite values in column(s) {', '.join(not_finite)}")
     return confounds, sample_mask
 
 
 def split_of(ses, validation_sessions, test_sessions):
-    """Paper section 2.1.4: validation = ses-004, test = ses-005, train = the other sessions. Labels are
-    compared as 03 and 04 compare them: "5", "005" and "ses-005" are one session."""
+    """Paper section 2.1.4: validation = ses-004, test = ses-005, train = the other sessions. Labels
+    are compared as 03 and 04 compare them: "5", "005" and "ses-005" are one session."""
     label = common.session_label(ses)
     if label in {common.session_label(s) for s in validation_sessions}:
         return "validation"
@@ -457,16 +509,18 @@ def output_path(work, run):
 # Atlas (paper section 2.1.4: MIST ATOM): count its labels, resample it to the BOLD grid
 # --------------------------------------------------------------------------------------------------
 def load_atlas(path):
-    """Return (atlas image, labels (P,) int sorted, names (P,) str or None) of an integer labels NIfTI."""
+    """Return (atlas image, labels (P,) int sorted, names (P,) str or None)
+    of an integer labels NIfTI."""
     image = common.load_nifti(path)
     data = common.nifti_data(image, path, dtype=np.float64)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(f"{path}: atlas has shape {data.shape}; --atlas needs a 3D image of integer labels "
-                         "(a 4D atlas holds probabilistic maps)")
+        raise InputError(f"{path}: atlas has shape {data.shape}; --atlas needs a 3D image of "
+                         "integer labels (a 4D atlas holds probabilistic maps)")
     if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-        raise InputError(f"{path}: atlas values are not integers; --atlas needs integer labels (0 = background)")
+        raise InputError(f"{path}: atlas values are not integers; "
+                         "--atlas needs integer labels (0 = background)")
     labels = np.unique(data[data != 0]).astype(int)
     if labels.size == 0:
         raise InputError(f"{path}: atlas has no non-zero label")
@@ -480,9 +534,10 @@ def load_atlas(path):
 
 
 def atlas_on_grid(atlas, shape, affine):
-    """The atlas resampled to a BOLD grid with nearest neighbour, so labels stay labels. (X, Y, Z) int32."""
-    resampled = resample_img(atlas, target_affine=affine, target_shape=shape, interpolation="nearest",
-                             force_resample=True, copy_header=True)
+    """The atlas resampled to a BOLD grid with nearest neighbour,
+    so labels stay labels. (X, Y, Z) int32."""
+    resampled = resample_img(atlas, target_affine=affine, target_shape=shape,
+                             interpolation="nearest", force_resample=True, copy_header=True)
     return np.asarray(resampled.dataobj).round().astype(np.int32)
 
 
@@ -490,23 +545,25 @@ def atlas_on_grid(atlas, shape, affine):
 # Settings and manifest: outputs made with other flags are never mixed in silently
 # --------------------------------------------------------------------------------------------------
 def check_settings(out_dir, settings, atlas_path, atlas_sha256, overwrite):
-    """Compare with bold/prep.json, the record of the flags and the atlas the existing outputs were made
-    with. Other flags or another atlas: an InputError naming the first difference, or with --overwrite,
-    remove every earlier run output (a manifest must describe runs made one way: column j of every run
-    is the same parcel)."""
+    """Compare with bold/prep.json, the record of the flags and the atlas the existing outputs were
+    made with. Other flags or another atlas: an InputError naming the first difference, or with
+    --overwrite, remove every earlier run output (a manifest must describe runs made one way:
+    column j of every run is the same parcel)."""
     prep_json = out_dir / "prep.json"
     before = common.read_record(prep_json)
     if before is None:
         return
     changed = common.changed_settings(before, settings)
-    other_atlas = before.get("atlas_sha256", atlas_sha256) != atlas_sha256   # unrecorded before: not known
+    # unrecorded before: not known
+    other_atlas = before.get("atlas_sha256", atlas_sha256) != atlas_sha256
     if not changed and not other_atlas:
         return
     if not overwrite:
         if changed:
             raise common.flags_differ_error(prep_json, before, settings, changed)
-        raise InputError(f"{prep_json}: the runs in {out_dir} were made with another atlas ({before.get('atlas')}), "
-                         f"not {atlas_path}: pass that atlas, or --overwrite to redo every run with this one")
+        raise InputError(f"{prep_json}: the runs in {out_dir} were made with another atlas "
+                         f"({before.get('atlas')}), not {atlas_path}: pass that atlas, "
+                         "or --overwrite to redo every run with this one")
     changed = changed + (["--atlas"] if other_atlas else [])
     stale = sorted(out_dir.glob("sub-*/ses-*/*.npy")) + sorted(out_dir.glob("sub-*/ses-*/*.json")) \
         + [out_dir / "manifest.tsv"]
@@ -516,24 +573,30 @@ def check_settings(out_dir, settings, atlas_path, atlas_sha256, overwrite):
 
 
 def manifest_row(run, work, n_volumes, tr, labels):
-    """The manifest row of a run whose .npy is written (valid rows and empty parcels read from it)."""
+    """The manifest row of a run whose .npy is written
+    (valid rows and empty parcels read from it)."""
     series = common.load_npy(output_path(work, run), mmap=False)                 # (T, P)
     valid = np.isfinite(series).all(1)
     empty = labels[valid.any() & (series[valid] == 0).all(0)]
     return {"sub": run["sub"], "ses": run["ses"], "task": run["task"], "run": run["run"],
             "n_volumes": n_volumes, "tr_s": tr, "split": None,
-            "bold_path": str(output_path(work, run).relative_to(work)), "kept_volumes": int(valid.sum()),
+            "bold_path": str(output_path(work, run).relative_to(work)),
+            "kept_volumes": int(valid.sum()),
             "empty_parcels": " ".join(map(str, empty)) or None}
 
 
 def earlier_rows(manifest_path, work, batch_paths):
-    """Rows of an existing manifest for runs outside this batch whose .npy still exists (other --subjects)."""
+    """Rows of an existing manifest for runs outside this batch whose .npy still exists
+    (other --subjects)."""
     if not manifest_path.is_file():
         return []
-    earlier = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
+    earlier = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False,
+                          na_values=["n/a"])
     if set(MANIFEST_COLUMNS) - set(earlier.columns):
-        raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); use --overwrite")
-    keep = ~earlier["bold_path"].isin(batch_paths) & earlier["bold_path"].map(lambda p: (work / p).is_file())
+        raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); "
+                         "use --overwrite")
+    keep = (~earlier["bold_path"].isin(batch_paths)
+            & earlier["bold_path"].map(lambda p: (work / p).is_file()))
     return earlier[keep].to_dict("records")
 
 

@@ -1,44 +1,49 @@
 """04 — Train VideoGPT's conditioned GPT prior on cached VQ-VAE codes (paper sections 2.3.1.2, 2.4, 3).
 
-    python 04_train_gpt.py --work work                                         # paper config (Table 2)
-    python 04_train_gpt.py --work work --precision bf16 --compile              # fast path on a GPU
-    python 04_train_gpt.py --work work --train-frames 100000                   # data-size sweep (2.4.1)
-    python 04_train_gpt.py --work work --hidden-dim 255                        # model-size sweep (2.4.2)
+    python 04_train_gpt.py --work work                                 # paper config (Table 2)
+    python 04_train_gpt.py --work work --precision bf16 --compile      # fast path on a GPU
+    python 04_train_gpt.py --work work --train-frames 100000           # data-size sweep (2.4.1)
+    python 04_train_gpt.py --work work --hidden-dim 255                # model-size sweep (2.4.2)
     python 04_train_gpt.py --work work --layers 4 --heads 8 --name my-run
-    python 04_train_gpt.py --work work --resume                                # continue an interrupted run
+    python 04_train_gpt.py --work work --resume                        # continue an interrupted run
     torchrun --nproc-per-node 4 04_train_gpt.py --work work --precision fp16 --resume   # 4 GPUs
-    sbatch --nodes 2 slurm/gpu_stage.sbatch 04_train_gpt.py --work work --precision fp16   # SLURM, 2 x 4 GPUs
-    python 04_train_gpt.py --work work --device cpu --hidden-dim 24 --layers 2 --heads 2 --cond-dim 24 \\
-        --batch-size 4 --max-steps 20                                          # tiny, seconds on a CPU
+    sbatch --nodes 2 slurm/gpu_stage.sbatch \\
+        04_train_gpt.py --work work --precision fp16                   # SLURM, 2 x 4 GPUs
+    python 04_train_gpt.py --work work --device cpu --hidden-dim 24 --layers 2 --heads 2 \\
+        --cond-dim 24 --batch-size 4 --max-steps 20                    # tiny, seconds on a CPU
 
-Inputs: <work>/frames/manifest.tsv with its uint8 (N, H, W, 3) frame arrays (stage 01) and the frozen
-VQ-VAE <work>/vqvae/ckpt.pt (stage 03; --vqvae takes another, e.g. the authors' Lightning checkpoint).
+Inputs: <work>/frames/manifest.tsv with its uint8 (N, H, W, 3) frame arrays (stage 01) and the
+frozen VQ-VAE <work>/vqvae/ckpt.pt (stage 03; --vqvae takes another, e.g. the authors'
+Lightning checkpoint).
 
 A sample (paper 2.3.1.2) is 32 frames at 15 Hz (every --frame-step-th 60 Hz frame): the first 16
-condition the GPT, which learns to predict the VQ-VAE codes of the last 16. Each repetition is cut into
-consecutive, non-overlapping 16-frame clips (clip j = 60 Hz frames 64j, 64j + 4, ..., 64j + 60) and the
-samples are the pairs (clip j, clip j + 1), as the authors' data module (stride 16) does. The VQ-VAE is
-frozen, so every clip is encoded once, in exact fp32 (no TF32), into a cache of codes named after the VQ-VAE and the
-frames it encodes; training then reads codes only (the same loss as encoding at every step).
+condition the GPT, which learns to predict the VQ-VAE codes of the last 16. Each repetition is cut
+into consecutive, non-overlapping 16-frame clips (clip j = 60 Hz frames 64j, 64j + 4, ..., 64j + 60)
+and the samples are the pairs (clip j, clip j + 1), as the authors' data module (stride 16) does.
+The VQ-VAE is frozen, so every clip is encoded once, in exact fp32 (no TF32), into a cache of codes
+named after the VQ-VAE and the frames it encodes; training then reads codes only
+(the same loss as encoding at every step).
 
 Splits: repetitions with status ok outside --test-sessions (the encoding test set; `--test-sessions`
-with no value includes them, as the authors did); the last --val-reps of them in manifest order are held
-out for the validation loss. --train-frames N keeps the first N 60 Hz frames of the remaining training
-repetitions (the last one cut), taken in the authors' order (subject, then game level, then session:
-their 100k subset is sub-01's level 1 only), as the paper's 10k/100k/1M/6M data sizes (Figure 2);
---subset-order manifest takes them in manifest order instead. The checkpoint's record lists them.
+with no value includes them, as the authors did); the last --val-reps of them in manifest order are
+held out for the validation loss. --train-frames N keeps the first N 60 Hz frames of the remaining
+training repetitions (the last one cut), taken in the authors' order (subject, then game level, then
+session: their 100k subset is sub-01's level 1 only), as the paper's 10k/100k/1M/6M data sizes
+(Figure 2); --subset-order manifest takes them in manifest order instead.
+The checkpoint's record lists them.
 
 Outputs (<work>/gpt/<name>/, name derived from the configuration unless --name):
     ckpt.pt    model, model_config, optimizer, GradScaler, step, RNG states per rank, args, record
     ckpt.json  the record: flags, fingerprints of the VQ-VAE and frames, the subset, complete or not
-    log.csv    step, epoch, lr, train_loss, val_loss, clips_per_s, tokens_per_s, mfu, peak_mem_gb, wall_s
+    log.csv    step, epoch, lr, train_loss, val_loss, clips_per_s, tokens_per_s, mfu, peak_mem_gb,
+               wall_s
     loss.png   training and validation cross-entropy against steps
 
 Optimisation (the authors'): Adam(3e-4, betas 0.9/0.999), cosine annealing to 0 over --max-steps,
-gradient clipping at 1.0, --batch-size 64 samples per optimizer step over all processes (16 per GPU on 4
-GPUs). --precision fp16 is autocast + GradScaler as in the paper; bf16 needs no scaler. The run
-checkpoints every --ckpt-every steps and on SIGTERM/SIGUSR1 (SLURM's preemption), then exits with status
-75; --resume continues it exactly.
+gradient clipping at 1.0, --batch-size 64 samples per optimizer step over all processes
+(16 per GPU on 4 GPUs). --precision fp16 is autocast + GradScaler as in the paper; bf16 needs no
+scaler. The run checkpoints every --ckpt-every steps and on SIGTERM/SIGUSR1 (SLURM's preemption),
+then exits with status 75; --resume continues it exactly.
 """
 import argparse
 import functools
@@ -80,49 +85,66 @@ def parse_args(argv=None):
     p.add_argument("--vqvae", help="frozen VQ-VAE checkpoint (default: <work>/vqvae/ckpt.pt)")
     data = p.add_argument_group("data")
     data.add_argument("--test-sessions", nargs="*", default=["005"], type=common.session_flag,
-                      help="sessions kept out of training (the encoding test set); none: use every session")
+                      help="sessions kept out of training (the encoding test set); "
+                           "none: use every session")
     data.add_argument("--val-reps", type=int, default=2,
-                      help="last N repetitions (manifest order) held out for the validation loss (03 holds "
-                           "out the same; default 2)")
+                      help="last N repetitions (manifest order) held out for the validation loss "
+                           "(03 holds out the same; default 2)")
     data.add_argument("--train-frames", type=int, default=0,
-                      help="60 Hz frames of training repetitions to use, the first ones in --subset-order "
-                           "(0: all; paper: 10k, 100k, 1M, 6M)")
+                      help="60 Hz frames of training repetitions to use, "
+                           "the first ones in --subset-order (0: all; paper: 10k, 100k, 1M, 6M)")
     data.add_argument("--subset-order", choices=("authors", "manifest"), default="authors",
-                      help="order in which --train-frames takes repetitions: the authors' (subject, then "
-                           "level, then session) or frames/manifest.tsv's (subject, session, run, repetition)")
+                      help="order in which --train-frames takes repetitions: "
+                           "the authors' (subject, then level, then session) "
+                           "or frames/manifest.tsv's (subject, session, run, repetition)")
     data.add_argument("--frame-step", type=int, default=4,
                       help="60 Hz frames per clip frame (4: clips at 15 Hz)")
-    model = p.add_argument_group("model (paper configuration by default: Table 2(b), 40,324,768 parameters)")
-    model.add_argument("--hidden-dim", type=int, default=576, help="multiple of 3 (paper sweep: 6 ... 1024)")
-    model.add_argument("--layers", type=int, default=8, help="attention blocks (paper sweep: 1, 2, 4, 8, 16)")
-    model.add_argument("--heads", type=int, default=4, help="attention heads (paper sweep: 1, 2, 4, 8)")
+    model = p.add_argument_group("model (paper configuration by default: "
+                                 "Table 2(b), 40,324,768 parameters)")
+    model.add_argument("--hidden-dim", type=int, default=576,
+                       help="multiple of 3 (paper sweep: 6 ... 1024)")
+    model.add_argument("--layers", type=int, default=8,
+                       help="attention blocks (paper sweep: 1, 2, 4, 8, 16)")
+    model.add_argument("--heads", type=int, default=4,
+                       help="attention heads (paper sweep: 1, 2, 4, 8)")
     model.add_argument("--cond-dim", type=int, default=common.GPT_COND_DIM,
-                       help="width of the conditioning features (the authors' fixed 240; small for tiny tests)")
-    model.add_argument("--dropout", type=float, default=0.2, help="dropout on the residual branches")
-    model.add_argument("--attn-dropout", type=float, default=0.3, help="dropout on the attention weights")
+                       help="width of the conditioning features "
+                            "(the authors' fixed 240; small for tiny tests)")
+    model.add_argument("--dropout", type=float, default=0.2,
+                       help="dropout on the residual branches")
+    model.add_argument("--attn-dropout", type=float, default=0.3,
+                       help="dropout on the attention weights")
     model.add_argument("--checkpoint-activations", action="store_true",
-                       help="recompute attention and MLP in the backward pass (the authors' default; saves "
-                            "memory)")
+                       help="recompute attention and MLP in the backward pass "
+                            "(the authors' default; saves memory)")
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=int, default=64,
-                       help="samples per optimizer step, over all processes (the authors': 16 per GPU x 4)")
+                       help="samples per optimizer step, over all processes "
+                            "(the authors': 16 per GPU x 4)")
     train.add_argument("--max-steps", type=int, default=200000,
-                       help="optimizer steps (cosine period); 0 saves the initial weights (the untrained "
-                            "control)")
+                       help="optimizer steps (cosine period); "
+                            "0 saves the initial weights (the untrained control)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
-    train.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (the authors': 1; 0: none)")
-    train.add_argument("--init-from", help="initial weights: a ckpt.pt of this stage or an authors' Lightning .ckpt")
+    train.add_argument("--grad-clip", type=float, default=1.0,
+                       help="max gradient norm (the authors': 1; 0: none)")
+    train.add_argument("--init-from",
+                       help="initial weights: a ckpt.pt of this stage "
+                            "or an authors' Lightning .ckpt")
     train.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
-                       help="fp16: autocast + GradScaler (the paper's mixed precision); bf16: autocast")
+                       help="fp16: autocast + GradScaler (the paper's mixed precision); "
+                            "bf16: autocast")
     train.add_argument("--seed", type=int, default=0)
-    common.add_run_flags(p, ["--device", "--tf32", "--compile", "--log-every", "--val-every", "--val-samples",
-                             "--ckpt-every", "--resume", "--overwrite", "--allow-unfinished"])
+    common.add_run_flags(p, ["--device", "--tf32", "--compile", "--log-every", "--val-every",
+                             "--val-samples", "--ckpt-every", "--resume", "--overwrite",
+                             "--allow-unfinished"])
     args = p.parse_args(argv)
     for flag in ("batch_size", "log_every", "val_every", "ckpt_every", "frame_step"):
         if getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: "
+                             "must be at least 1")
     if args.max_steps < 0:
-        raise InputError(f"--max-steps {args.max_steps}: must not be negative (0: the untrained model, a control)")
+        raise InputError(f"--max-steps {args.max_steps}: must not be negative "
+                         "(0: the untrained model, a control)")
     if args.train_frames < 0 or args.val_reps < 0:
         raise InputError("--train-frames and --val-reps must not be negative")
     return args
@@ -132,36 +154,41 @@ def parse_args(argv=None):
 # Training (paper sections 2.3.1.2 and 2.4)
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
-    preemption = common.PreemptionFlag()   # from here on SIGTERM/SIGUSR1 ask to stop; they no longer kill
+    # from here on SIGTERM/SIGUSR1 ask to stop; they no longer kill
+    preemption = common.PreemptionFlag()
     args = parse_args(argv)
     run = plan_run(args)
     if run.checkpoint is not None and run.checkpoint["complete"]:
-        common.print0(f"{STAGE}: {run.ckpt_path} is complete ({run.checkpoint['step']} steps, same flags and "
-                      "inputs); --overwrite to train again")
+        common.print0(f"{STAGE}: {run.ckpt_path} is complete ({run.checkpoint['step']} steps, "
+                      "same flags and inputs); --overwrite to train again")
         return
     common.run_training(train, args, run, preemption)
 
 
 def train(args, run, ctx, preemption):
-    """Paper 2.3.1.2: Adam on the cross-entropy of the next clip's codes (eq. 7), cosine schedule (eq. 2),
-    to --max-steps. A signal stops it at the end of a step, its checkpoint saved, or after a repetition of
-    the code cache: common.Interrupted."""
+    """Paper 2.3.1.2: Adam on the cross-entropy of the next clip's codes (eq. 7), cosine schedule
+    (eq. 2), to --max-steps. A signal stops it at the end of a step, its checkpoint saved, or after
+    a repetition of the code cache: common.Interrupted."""
     device = ctx.device
     common.seed_everything(args.seed, ctx.rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     per_rank_batch = common.split_batch(args.batch_size, ctx, STAGE)
-    codebook, train_samples, val_samples = code_samples(args, run, ctx, preemption)  # (n_codes, D), ...
+    # (n_codes, D), ...
+    codebook, train_samples, val_samples = code_samples(args, run, ctx, preemption)
     state = start_state(args, run, ctx, codebook)
     model = common.wrap_for_training(state.model, args, ctx)
-    log = common.CSVLog(run.out_dir / "log.csv", LOG_FIELDS, resume_step=state.step) if ctx.is_main else None
+    log = (common.CSVLog(run.out_dir / "log.csv", LOG_FIELDS, resume_step=state.step)
+           if ctx.is_main else None)
     if args.max_steps == 0:   # the untrained control: its initial weights are the result
         save(args, run, ctx, state)
-    # --- loop; the bar is closed however it ends, so that an error message stays the last line printed
-    with tqdm(total=args.max_steps, initial=state.step, disable=not ctx.is_main, desc="04 gpt") as progress:
+    # --- loop; the bar is closed however it ends,
+    # so that an error message stays the last line printed
+    with tqdm(total=args.max_steps, initial=state.step, disable=not ctx.is_main,
+              desc="04 gpt") as progress:
         while state.step < args.max_steps:
-            index = batch_indices(state.step, len(train_samples), args.batch_size, args.seed, ctx.rank,
-                                  ctx.world_size)
+            index = batch_indices(state.step, len(train_samples), args.batch_size, args.seed,
+                                  ctx.rank, ctx.world_size)
             cond, target = train_samples.batch(index.to(device))                 # (B, t, h, w) each
             lr = common.cosine_lr(state.step, args.max_steps, args.lr)           # paper eq. 2
             loss = optimizer_step(model, state, codebook, cond, target, lr, args)
@@ -172,7 +199,8 @@ def train(args, run, ctx, preemption):
             if state.step % args.log_every == 0 or last:
                 val_loss = ""
                 if (state.step % args.val_every == 0 or last) and len(val_samples):
-                    val_loss = validation_loss(state.model, codebook, val_samples, per_rank_batch, args, ctx)
+                    val_loss = validation_loss(state.model, codebook, val_samples, per_rank_batch,
+                                               args, ctx)
                 train_loss = log_row(log, args, run, ctx, state, lr, val_loss, len(train_samples))
                 progress.set_postfix(loss=f"{train_loss:.4f}")
             stop = preemption.agreed(ctx)
@@ -182,7 +210,8 @@ def train(args, run, ctx, preemption):
                 raise preemption.interrupted(STAGE, f"at step {state.step} of {args.max_steps}")
 
     if ctx.is_main:
-        save_loss_figure(run.out_dir / "log.csv", run.out_dir / "loss.png", f"GPT {run.out_dir.name}")
+        save_loss_figure(run.out_dir / "log.csv", run.out_dir / "loss.png",
+                         f"GPT {run.out_dir.name}")
         print(f"{STAGE}: {state.step} steps; wrote {run.ckpt_path}, {run.out_dir / 'log.csv'}, "
               f"{run.out_dir / 'loss.png'}")
 
@@ -204,10 +233,12 @@ def optimizer_step(model, state, codebook, cond, target, lr, args):
 
 
 def gpt_loss(model, codebook, cond_codes, target_codes):
-    """Paper eq. 7: mean cross-entropy of the target clip's codes (B, t, h, w), each predicted from the
-    codes before it (causal attention) and from the conditioning clip's codes (cross-attention). The GPT
-    reads codebook vectors, codes (B, t, h, w) -> (B, t, h, w, D), as the authors' emb_cond model does."""
-    logits = model(F.embedding(target_codes, codebook), F.embedding(cond_codes, codebook))  # (B, t, h, w, K)
+    """Paper eq. 7: mean cross-entropy of the target clip's codes (B, t, h, w), each predicted from
+    the codes before it (causal attention) and from the conditioning clip's codes (cross-attention).
+    The GPT reads codebook vectors, codes (B, t, h, w) -> (B, t, h, w, D),
+    as the authors' emb_cond model does."""
+    logits = model(F.embedding(target_codes, codebook),
+                   F.embedding(cond_codes, codebook))                    # (B, t, h, w, K)
     return F.cross_entropy(logits.flatten(0, -2).float(), target_codes.flatten().long())
 
 
@@ -216,10 +247,11 @@ def gpt_loss(model, codebook, cond_codes, target_codes):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class TrainState:
-    """The model (unwrapped), its optimizer and loss scaler, the step, and the log interval in progress:
-    the training loss summed over its steps (this rank's; rank 0 also holds a resumed run's saved sum,
-    which covers every rank) and their number, kept across a resume so that a resumed run logs as an
-    uninterrupted one. `wall_before`: seconds trained by the earlier runs of this checkpoint."""
+    """The model (unwrapped), its optimizer and loss scaler, the step, and the log interval in
+    progress: the training loss summed over its steps (this rank's; rank 0 also holds a resumed
+    run's saved sum, which covers every rank) and their number, kept across a resume so that a
+    resumed run logs as an uninterrupted one. `wall_before`: seconds trained by the earlier runs of
+    this checkpoint."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -240,16 +272,18 @@ class TrainState:
 
 
 def start_state(args, run, ctx, codebook):
-    """A new model with its optimizer and loss scaler, from --init-from's weights or a fresh draw, then
-    the checkpoint's weights, step, log interval and random generators when resuming."""
+    """A new model with its optimizer and loss scaler, from --init-from's weights or a fresh draw,
+    then the checkpoint's weights, step, log interval and random generators when resuming."""
     model = common.VideoGPT(**run.model_config, checkpoint_activations=args.checkpoint_activations)
     model = model.to(ctx.device)
     if args.init_from and run.checkpoint is None:
         load_initial_weights(model, args.init_from, run.model_config, codebook)
-    fused = ctx.device.type == "cuda"   # one kernel for all parameters; GradScaler's check stays on the GPU
+    # one kernel for all parameters; GradScaler's check stays on the GPU
+    fused = ctx.device.type == "cuda"
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=ADAM_BETAS, fused=fused)
     state = TrainState(model, optimizer, common.grad_scaler(ctx.device, args.precision), step=0,
-                       loss_sum=torch.zeros((), device=ctx.device), interval_steps=0, wall_before=0.0)
+                       loss_sum=torch.zeros((), device=ctx.device), interval_steps=0,
+                       wall_before=0.0)
     checkpoint = run.checkpoint
     if checkpoint is None:
         return state
@@ -293,7 +327,8 @@ def log_row(log, args, run, ctx, state, lr, val_loss, n_samples):
     if ctx.world_size > 1:
         torch.distributed.all_reduce(state.loss_sum)
     train_loss = state.loss_sum.item() / state.interval_steps / ctx.world_size
-    clips_per_s = state.interval_steps * args.batch_size / (time.perf_counter() - state.interval_start)
+    elapsed = time.perf_counter() - state.interval_start
+    clips_per_s = state.interval_steps * args.batch_size / elapsed
     flops, peak = run.record["train_flops_per_sample"], peak_tflops(args, ctx.device)
     if ctx.is_main:
         log.log(step=state.step, epoch=state.step * args.batch_size / n_samples, lr=lr,
@@ -312,8 +347,8 @@ def log_row(log, args, run, ctx, state, lr, val_loss, n_samples):
 @dataclass
 class GPTData:
     """The frozen VQ-VAE (the model, its path and sha256) and the repetitions: training ones in
-    --subset-order with the leading 60 Hz frames used of each, validation ones, and the sha256 of the
-    frames of both (training first), which name their code cache files."""
+    --subset-order with the leading 60 Hz frames used of each, validation ones, and the sha256 of
+    the frames of both (training first), which name their code cache files."""
     vqvae: torch.nn.Module
     vqvae_path: Path
     vqvae_sha256: str
@@ -338,9 +373,10 @@ def plan_run(args):
     warn_if_vqvae_saw_validation(work, vqvae_path, val_reps)
     frames_paths = [work / str(r["frames_path"]) for r in train_reps + val_reps]
     settings = common.settings_of(args, common.NOT_RECORDED | {"vqvae", "init_from"})
-    inputs = common.input_fingerprints(work, [vqvae_path, *frames_paths, *filter(None, [args.init_from])])
-    checkpoint, _ = common.checkpoint_to_resume(out_dir / "ckpt.pt", STAGE, settings, inputs, args.resume,
-                                                args.overwrite)
+    inputs = common.input_fingerprints(work, [vqvae_path, *frames_paths,
+                                              *filter(None, [args.init_from])])
+    checkpoint, _ = common.checkpoint_to_resume(out_dir / "ckpt.pt", STAGE, settings, inputs,
+                                                args.resume, args.overwrite)
     sha256 = lambda path: inputs[os.path.relpath(path, work)]["sha256"]  # noqa: E731
     data = GPTData(vqvae, vqvae_path, sha256(vqvae_path), train_reps, used, val_reps,
                    [sha256(p) for p in frames_paths])
@@ -348,8 +384,8 @@ def plan_run(args):
         n_parameters = sum(p.numel() for p in common.VideoGPT(**config).parameters())
     # the record says which frames this data size means, repetition by repetition, and (for 07's
     # scaling laws) the model's size and the compute of one training sample
-    subset = [{"frames_path": str(r["frames_path"]), "sub": r["sub"], "ses": r["ses"], "frames_used": n,
-               "level": r["level"] if isinstance(r.get("level"), str) else None}
+    subset = [{"frames_path": str(r["frames_path"]), "sub": r["sub"], "ses": r["ses"],
+               "frames_used": n, "level": r["level"] if isinstance(r.get("level"), str) else None}
               for r, n in zip(train_reps, used)]
     record = dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset,
                   n_parameters=n_parameters, train_flops_per_sample=train_flops_per_sample(config))
@@ -360,13 +396,15 @@ def run_name(args):
     """The run's folder under <work>/gpt/: --name, or one spelled from the configuration."""
     if args.name:
         return args.name
-    return (f"h{args.hidden_dim}-l{args.layers}-a{args.heads}" + (f"-f{args.train_frames}" if args.train_frames
-            else "") + (f"-{args.precision}" if args.precision != "fp32" else ""))
+    return (f"h{args.hidden_dim}-l{args.layers}-a{args.heads}"
+            + (f"-f{args.train_frames}" if args.train_frames else "")
+            + (f"-{args.precision}" if args.precision != "fp32" else ""))
 
 
 def warn_if_vqvae_saw_validation(work, vqvae_path, val_reps):
-    """Say so when the frozen VQ-VAE trained on some of the GPT's validation repetitions (03 run with
-    other --val-reps or --test-sessions): the validation loss then reads codes of clips it has seen."""
+    """Say so when the frozen VQ-VAE trained on some of the GPT's validation repetitions (03 run
+    with other --val-reps or --test-sessions): the validation loss then reads codes of clips it has
+    seen."""
     record = common.read_record(common.record_path(vqvae_path))
     settings = (record or {}).get("settings", {})
     if "--val-reps" not in settings or "--test-sessions" not in settings:
@@ -376,51 +414,58 @@ def warn_if_vqvae_saw_validation(work, vqvae_path, val_reps):
     seen = [str(r["frames_path"]) for r in val_reps if str(r["frames_path"]) not in held_out]
     if seen:
         common.print0(f"{STAGE}: warning: the VQ-VAE {vqvae_path} trained on {len(seen)} of the "
-                      f"{len(val_reps)} validation repetitions (its --val-reps {settings['--val-reps']}, "
-                      f"--test-sessions {settings['--test-sessions']}): pass the same to both stages")
+                      f"{len(val_reps)} validation repetitions "
+                      f"(its --val-reps {settings['--val-reps']}, "
+                      f"--test-sessions {settings['--test-sessions']}): "
+                      "pass the same to both stages")
 
 
 def model_config(args, vqvae):
-    """The VideoGPT keywords of the flags and the VQ-VAE, after checking they describe a valid model."""
+    """The VideoGPT keywords of the flags and the VQ-VAE,
+    after checking they describe a valid model."""
     if args.hidden_dim % 3 or args.hidden_dim < 3:
         raise InputError(f"--hidden-dim {args.hidden_dim}: must be a positive multiple of 3 "
                          "(one position table per latent axis t, h, w; paper 2.4.2)")
     if args.cond_dim % 3 or args.cond_dim < 3:
         raise InputError(f"--cond-dim {args.cond_dim}: must be a positive multiple of 3")
     if not 1 <= args.heads <= min(args.hidden_dim, args.cond_dim):
-        raise InputError(f"--heads {args.heads}: must be between 1 and min(--hidden-dim, --cond-dim) so that "
-                         "every head has a channel")
+        raise InputError(f"--heads {args.heads}: must be between 1 and "
+                         "min(--hidden-dim, --cond-dim) so that every head has a channel")
     if args.layers < 1:
         raise InputError(f"--layers {args.layers}: must be at least 1")
-    return dict(latent_shape=tuple(vqvae.latent_shape), embedding_dim=vqvae.embedding_dim, n_codes=vqvae.n_codes,
-                hidden_dim=args.hidden_dim, heads=args.heads, layers=args.layers, dropout=args.dropout,
-                attn_dropout=args.attn_dropout, cond_dim=args.cond_dim)
+    return dict(latent_shape=tuple(vqvae.latent_shape), embedding_dim=vqvae.embedding_dim,
+                n_codes=vqvae.n_codes, hidden_dim=args.hidden_dim, heads=args.heads,
+                layers=args.layers, dropout=args.dropout, attn_dropout=args.attn_dropout,
+                cond_dim=args.cond_dim)
 
 
 def training_data(work, args):
-    """(training repetitions in --subset-order, validation repetitions, leading 60 Hz frames used of each
-    training repetition): rows of frames/manifest.tsv as dicts. Validation is the last --val-reps in
-    manifest order, the same whatever the data size."""
+    """(training repetitions in --subset-order, validation repetitions, leading 60 Hz frames used of
+    each training repetition): rows of frames/manifest.tsv as dicts. Validation is the last
+    --val-reps in manifest order, the same whatever the data size."""
     reps = common.training_repetitions(work, args.test_sessions)
-    train_reps, val_reps = common.split_validation(reps, args.val_reps, work / "frames" / "manifest.tsv")
+    train_reps, val_reps = common.split_validation(reps, args.val_reps,
+                                                   work / "frames" / "manifest.tsv")
     train_reps = in_subset_order(train_reps, args.subset_order)
     used = select_training_frames([int(r["n_frames"]) for r in train_reps], args.train_frames)
     return [r for r, n in zip(train_reps, used) if n > 0], val_reps, [n for n in used if n > 0]
 
 
 def natural_key(label):
-    """A sort key that orders '2' before '10' and keeps text labels comparable: 'level-10' -> ('level-', 10, '')."""
+    """A sort key that orders '2' before '10' and keeps text labels comparable:
+    'level-10' -> ('level-', 10, '')."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(label)))
 
 
 def in_subset_order(reps, order):
-    """The training repetitions in the order --train-frames takes them. "authors": the authors' cumulative
-    data-size subsets (paper Figure 2), subject, then game level, then session (then run and repetition):
-    their 100k-frame subset is sub-01's level 1 only. "manifest": frames/manifest.tsv's order (subject,
-    session, run, repetition), which mixes levels."""
+    """The training repetitions in the order --train-frames takes them. "authors": the authors'
+    cumulative data-size subsets (paper Figure 2), subject, then game level, then session
+    (then run and repetition): their 100k-frame subset is sub-01's level 1 only. "manifest":
+    frames/manifest.tsv's order (subject, session, run, repetition), which mixes levels."""
     if order == "manifest":
         return list(reps)
-    return sorted(reps, key=lambda r: tuple(natural_key(r.get(k, "")) for k in ("sub", "level", "ses", "run", "rep")))
+    return sorted(reps, key=lambda r: tuple(natural_key(r.get(k, ""))
+                                            for k in ("sub", "level", "ses", "run", "rep")))
 
 
 def select_training_frames(n_frames, train_frames):
@@ -434,7 +479,8 @@ def select_training_frames(n_frames, train_frames):
     if train_frames == 0:
         return [int(n) for n in n_frames]
     if train_frames > total:
-        raise InputError(f"--train-frames {train_frames}: the training repetitions hold only {total} frames")
+        raise InputError(f"--train-frames {train_frames}: the training repetitions hold only "
+                         f"{total} frames")
     used, left = [], train_frames
     for n in n_frames:
         used.append(min(int(n), left))
@@ -443,37 +489,42 @@ def select_training_frames(n_frames, train_frames):
 
 
 def load_initial_weights(model, path, config, codebook):
-    """--init-from: start from the weights of another GPT checkpoint (ours, or the authors' Lightning
-    one) of the same architecture; its dropout rates may differ."""
+    """--init-from: start from the weights of another GPT checkpoint (ours, or the authors'
+    Lightning one) of the same architecture; its dropout rates may differ."""
     init_config, init_state, extra = common.load_gpt_checkpoint(path)
     if {k: v for k, v in init_config.items() if "dropout" not in k} != \
             {k: v for k, v in config.items() if "dropout" not in k}:
-        raise InputError(f"{path}: a model {init_config}, but the flags and VQ-VAE ask for {config}")
+        raise InputError(f"{path}: a model {init_config}, "
+                         f"but the flags and VQ-VAE ask for {config}")
     common.load_weights(model, init_state, path, f"a VideoGPT with {config}")
     their_codebook = extra.get("vqvae_state", {}).get("codebook.embeddings")
-    if their_codebook is not None and not torch.allclose(their_codebook.float().to(codebook.device), codebook):
-        common.print0(f"{STAGE}: warning: {path} was trained with another VQ-VAE codebook than this run's")
+    if (their_codebook is not None
+            and not torch.allclose(their_codebook.float().to(codebook.device), codebook)):
+        common.print0(f"{STAGE}: warning: {path} was trained with another VQ-VAE codebook "
+                      "than this run's")
 
 
 # --------------------------------------------------------------------------------------------------
 # Data: the code cache and the samples
 # --------------------------------------------------------------------------------------------------
 def code_samples(args, run, ctx, preemption):
-    """The frozen VQ-VAE's codebook (n_codes, D) on the device, and the training and validation samples
-    (CodeSamples) from the cached codes of their repetitions (encoded now where the cache lacks them)."""
+    """The frozen VQ-VAE's codebook (n_codes, D) on the device, and the training and validation
+    samples (CodeSamples) from the cached codes of their repetitions
+    (encoded now where the cache lacks them)."""
     data, work = run.data, Path(args.work)
     vqvae = data.vqvae.to(ctx.device).eval()
-    codebook = vqvae.codebook.embeddings.detach().clone().float()                # (n_codes, D)
+    codebook = vqvae.codebook.embeddings.detach().clone().float()            # (n_codes, D)
     cache_dir = cache_directory(work, data.vqvae_sha256, args.frame_step)
-    span = vqvae.config["sequence_length"] * args.frame_step                     # 60 Hz frames per clip
-    codes = cached_codes(work, data.train_reps + data.val_reps, data.frames_sha256, vqvae, cache_dir, args,
-                         ctx, preemption)
+    span = vqvae.config["sequence_length"] * args.frame_step                 # 60 Hz frames per clip
+    codes = cached_codes(work, data.train_reps + data.val_reps, data.frames_sha256, vqvae,
+                         cache_dir, args, ctx, preemption)
     n_train = len(data.train_reps)
     train_samples = CodeSamples(codes[:n_train], data.frames_used, span, ctx.device)
-    val_samples = CodeSamples(codes[n_train:], [int(r["n_frames"]) for r in data.val_reps], span, ctx.device)
+    val_samples = CodeSamples(codes[n_train:], [int(r["n_frames"]) for r in data.val_reps], span,
+                              ctx.device)
     if len(train_samples) == 0:
-        raise InputError(f"--train-frames {args.train_frames}: no training sample (a sample needs two "
-                         f"consecutive clips, {2 * span} frames of one repetition)")
+        raise InputError(f"--train-frames {args.train_frames}: no training sample (a sample needs "
+                         f"two consecutive clips, {2 * span} frames of one repetition)")
     common.print0(f"{STAGE}: {sum(data.frames_used)} training frames from {n_train} repetitions -> "
                   f"{len(train_samples)} samples; {len(val_samples)} validation samples "
                   f"({len(data.val_reps)} repetitions); codes in {cache_dir}")
@@ -494,53 +545,63 @@ def clips_of_frames(frames, start_clips, sequence_length, frame_step):
 
 @torch.no_grad()
 def encode_repetition(vqvae, frames, frame_step, device, batch=ENCODE_BATCH):
-    """VQ-VAE codes (n_clips, t, h, w) int64 of the consecutive clips of one repetition's frames, in fp32."""
+    """VQ-VAE codes (n_clips, t, h, w) int64 of the consecutive clips
+    of one repetition's frames, in fp32."""
     sequence_length = vqvae.config["sequence_length"]
     n_clips = len(frames) // (sequence_length * frame_step)
     codes = []
     for i in range(0, n_clips, batch):
-        clips = clips_of_frames(frames, range(i, min(i + batch, n_clips)), sequence_length, frame_step)  # (B, T, H, W, 3)
-        codes.append(vqvae.encode(common.video_from_uint8(torch.as_tensor(clips).to(device))).cpu())  # (B, t, h, w)
+        start_clips = range(i, min(i + batch, n_clips))
+        clips = clips_of_frames(frames, start_clips, sequence_length, frame_step)  # (B, T, H, W, 3)
+        video = common.video_from_uint8(torch.as_tensor(clips).to(device))
+        codes.append(vqvae.encode(video).cpu())                                  # (B, t, h, w)
     return torch.cat(codes) if codes else torch.zeros((0, *vqvae.latent_shape), dtype=torch.long)
 
 
 def cached_codes(work, reps, frames_sha256, vqvae, cache_dir, args, ctx, preemption):
     """Codes (n_clips, t, h, w) uint16 of each repetition, from the cache (encoded on first use).
 
-    A cache file is named after the sha256 of the frames it encodes, <sub>/<ses>/<stem>.<sha256[:16]>.npy
-    under a folder named after the VQ-VAE, so re-rendered frames or another VQ-VAE never meet old codes.
-    The ranks share the encoding (repetition i goes to rank i % world size), then wait for each other.
-    A signal stops the encoding after the current repetition (common.Interrupted): the files written are
-    kept, and the re-run encodes the rest.
+    A cache file is named after the sha256 of the frames it encodes,
+    <sub>/<ses>/<stem>.<sha256[:16]>.npy under a folder named after the VQ-VAE, so re-rendered
+    frames or another VQ-VAE never meet old codes. The ranks share the encoding (repetition i goes
+    to rank i % world size), then wait for each other. A signal stops the encoding after the current
+    repetition (common.Interrupted): the files written are kept, and the re-run encodes the rest.
     """
     resolution = vqvae.config["resolution"]
     paths = []
     for rep, digest in zip(reps, frames_sha256):
         frames_path = work / str(rep["frames_path"])
         relative = Path(str(rep["frames_path"]))
-        relative = relative.relative_to("frames") if relative.parts[0] == "frames" else Path(relative.name)
-        paths.append((frames_path, cache_dir / relative.with_name(f"{relative.name.split('.')[0]}.{digest[:16]}.npy")))
-    # by position in the list, not among the missing files: a rank that looks later, after another has
-    # written some, must not get another share (repetitions would then be encoded by no rank)
-    mine = [(f, c) for i, (f, c) in enumerate(paths) if i % ctx.world_size == ctx.rank and not c.is_file()]
-    for frames_path, code_path in tqdm(mine, desc="04 encode clips", disable=not ctx.is_main or not mine):
+        relative = (relative.relative_to("frames") if relative.parts[0] == "frames"
+                    else Path(relative.name))
+        cache_name = f"{relative.name.split('.')[0]}.{digest[:16]}.npy"
+        paths.append((frames_path, cache_dir / relative.with_name(cache_name)))
+    # by position in the list, not among the missing files: a rank that looks later, after another
+    # has written some, must not get another share (repetitions would then be encoded by no rank)
+    mine = [(f, c) for i, (f, c) in enumerate(paths)
+            if i % ctx.world_size == ctx.rank and not c.is_file()]
+    for frames_path, code_path in tqdm(mine, desc="04 encode clips",
+                                       disable=not ctx.is_main or not mine):
         if preemption.name:
             break
         frames = common.load_npy(frames_path, advice="re-render it with 01_render_frames.py")
-        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (resolution, resolution, 3):
-            raise InputError(f"{frames_path}: expected uint8 frames (N, {resolution}, {resolution}, 3) for the "
-                             f"VQ-VAE's resolution {resolution}, got {frames.dtype} {frames.shape}")
+        if frames.dtype != np.uint8 or frames.ndim != 4 or \
+                frames.shape[1:] != (resolution, resolution, 3):
+            raise InputError(f"{frames_path}: expected uint8 frames "
+                             f"(N, {resolution}, {resolution}, 3) for the VQ-VAE's resolution "
+                             f"{resolution}, got {frames.dtype} {frames.shape}")
         codes = encode_repetition(vqvae, frames, args.frame_step, ctx.device)
         common.save_npy(code_path, codes.numpy().astype(np.uint16))
     if preemption.agreed(ctx):   # a collective, as the barrier it replaces: every rank waits here
         cached = sum(c.is_file() for _, c in paths)
-        raise preemption.interrupted(STAGE, "while caching codes", f"{cached} of {len(paths)} repetitions cached")
+        raise preemption.interrupted(STAGE, "while caching codes",
+                                     f"{cached} of {len(paths)} repetitions cached")
     return [common.load_npy(c, mmap=False, advice="delete it: it is a cache") for _, c in paths]
 
 
 class CodeSamples:
-    """Samples (clip j, clip j + 1) of the repetitions: `codes` (n_clips_total, t, h, w) int32 on the
-    device, `starts` (n_samples,) the index of each sample's conditioning clip in `codes`.
+    """Samples (clip j, clip j + 1) of the repetitions: `codes` (n_clips_total, t, h, w) int32 on
+    the device, `starts` (n_samples,) the index of each sample's conditioning clip in `codes`.
 
     per_rep_codes: list of (n_clips, t, h, w) arrays; used_frames: leading 60 Hz frames of each
     repetition that may be read (a clip is usable when all its `span` frames are among them).
@@ -556,7 +617,8 @@ class CodeSamples:
                 offset += n
         self.codes = torch.as_tensor(np.concatenate(kept).astype(np.int32) if kept else
                                      np.zeros((0, 1, 1, 1), np.int32)).to(device)
-        self.starts = torch.as_tensor(np.concatenate(starts) if starts else np.zeros(0, np.int64)).to(device)
+        self.starts = torch.as_tensor(np.concatenate(starts) if starts else
+                                      np.zeros(0, np.int64)).to(device)
 
     def __len__(self):
         return len(self.starts)
@@ -569,7 +631,8 @@ class CodeSamples:
 
 @functools.lru_cache(maxsize=2)
 def epoch_permutation(seed, epoch, n_samples):
-    """The order (n_samples,) of the samples in one epoch: the same on every rank, fresh each epoch."""
+    """The order (n_samples,) of the samples in one epoch:
+    the same on every rank, fresh each epoch."""
     return torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(n_samples))
 
 
@@ -600,7 +663,8 @@ def train_flops_per_sample(config):
 
 
 def peak_tflops(args, device):
-    """The device's dense peak TFLOP/s at --precision (PEAK_TFLOPS), or None where it is not listed."""
+    """The device's dense peak TFLOP/s at --precision (PEAK_TFLOPS),
+    or None where it is not listed."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -613,10 +677,11 @@ def peak_tflops(args, device):
 
 @torch.no_grad()
 def validation_loss(model, codebook, samples, per_rank_batch, args, ctx):
-    """Mean cross-entropy over a fixed, evenly spread subset of the validation samples (all ranks share
-    the work; model in eval mode: no dropout)."""
+    """Mean cross-entropy over a fixed, evenly spread subset of the validation samples (all ranks
+    share the work; model in eval mode: no dropout)."""
     n = len(samples) if args.val_samples == 0 else min(args.val_samples, len(samples))
-    chosen = torch.as_tensor(np.linspace(0, len(samples) - 1, n).round().astype(np.int64))[ctx.rank::ctx.world_size]
+    evenly_spread = np.linspace(0, len(samples) - 1, n).round().astype(np.int64)
+    chosen = torch.as_tensor(evenly_spread)[ctx.rank::ctx.world_size]
     model.eval()
     total = torch.zeros(2, device=ctx.device, dtype=torch.float64)          # (loss sum, count)
     for index in chosen.split(per_rank_batch):

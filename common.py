@@ -46,24 +46,25 @@ import torch.nn.functional as F
 # importlib. Everything here is importable as `import common`.
 
 DEFAULT_WORK = "work"
-# CNeuroMod convention: a bk2 holds one input per 60 Hz emulator step, and stage 01 renders every step
-# (the Genesis really runs at 59.92 Hz; the data treat it as 60).
+# CNeuroMod convention: a bk2 holds one input per 60 Hz emulator step, and stage 01 renders every
+# step (the Genesis really runs at 59.92 Hz; the data treat it as 60).
 GAMEPLAY_HZ = 60
-# Paper section 2.3: the features are the output of the MLP branch of block 4 of the GPT's 8 (mid-level
-# features; appendix A compares the modules of that block). 05 extracts it, 06 and 07 read it.
+# Paper section 2.3: the features are the output of the MLP branch of block 4 of the GPT's 8
+# (mid-level features; appendix A compares the modules of that block).
+# 05 extracts it, 06 and 07 read it.
 PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"
 
 
 # --------------------------------------------------------------------------------------------------
 # --- VideoGPT VQ-VAE (paper section 2.3.1.1) ---
-# The authors' model (VideoGPT, Yan et al. 2021), with VideoGPT's module and parameter names so that its
-# checkpoints and the authors' load with strict key matching. Videos are (B, C, T, H, W) floats in
-# [-0.5, 0.5]; latents are (B, embedding_dim, t, h, w) with (t, h, w) = (T, H, W) / downsample.
+# The authors' model (VideoGPT, Yan et al. 2021), with VideoGPT's module and parameter names so that
+# its checkpoints and the authors' load with strict key matching. Videos are (B, C, T, H, W) floats
+# in [-0.5, 0.5]; latents are (B, embedding_dim, t, h, w) with (t, h, w) = (T, H, W) / downsample.
 # --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def exact_fp32(device_type):
-    """Float32 math without shortcuts inside the block: autocast off, and no TF32 in cuDNN convolutions or
-    CUDA matmuls. The caller's settings come back afterwards."""
+    """Float32 math without shortcuts inside the block: autocast off, and no TF32 in cuDNN
+    convolutions or CUDA matmuls. The caller's settings come back afterwards."""
     cudnn = torch.backends.cudnn
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -77,8 +78,9 @@ def exact_fp32(device_type):
 
 
 def video_from_uint8(frames):
-    """uint8 frames (B, T, H, W, 3) -> the VQ-VAE's input video (B, 3, T, H, W), float in [-0.5, 0.5]
-    (VideoGPT's scaling), computed where `frames` is: send the uint8 batch to the GPU, 4x smaller."""
+    """uint8 frames (B, T, H, W, 3) -> the VQ-VAE's input video (B, 3, T, H, W), float in
+    [-0.5, 0.5] (VideoGPT's scaling), computed where `frames` is:
+    send the uint8 batch to the GPU, 4x smaller."""
     return frames.permute(0, 4, 1, 2, 3).float() / 255.0 - 0.5
 
 
@@ -115,12 +117,13 @@ class SamePadConv3d(nn.Module):
 
 
 class SamePadConvTranspose3d(nn.Module):
-    """ConvTranspose3d that multiplies each axis by its stride (the decoder's mirror of SamePadConv3d).
+    """ConvTranspose3d that multiplies each axis by its stride
+    (the decoder's mirror of SamePadConv3d).
 
-    VideoGPT pads the input like SamePadConv3d and crops k - 1 on each side of the output. Zero input
-    padding only shifts the output, so this equals cropping (k - 1) - pad * s: when both sides crop the
-    same amount on every axis (kernel 4, stride 2) the convolution's own `padding` does it without a
-    padded copy; otherwise (stride 1 axes) VideoGPT's form is used as is.
+    VideoGPT pads the input like SamePadConv3d and crops k - 1 on each side of the output. Zero
+    input padding only shifts the output, so this equals cropping (k - 1) - pad * s: when both sides
+    crop the same amount on every axis (kernel 4, stride 2) the convolution's own `padding` does it
+    without a padded copy; otherwise (stride 1 axes) VideoGPT's form is used as is.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, bias=True):
@@ -147,8 +150,9 @@ class SamePadConvTranspose3d(nn.Module):
 
 
 class AxialAttention(nn.Module):
-    """Non-causal multi-head self-attention along one axis of a (B, T, H, W, C) tensor (axial attention;
-    VideoGPT calls it MultiHeadAttention, like the GPT's: class names are not in the weights' keys).
+    """Non-causal multi-head self-attention along one axis of a (B, T, H, W, C) tensor (axial
+    attention; VideoGPT calls it MultiHeadAttention, like the GPT's:
+    class names are not in the weights' keys).
 
     axial_dim: 1 (time), 2 (height) or 3 (width). Parameter names and initialisation are VideoGPT's.
     """
@@ -166,11 +170,14 @@ class AxialAttention(nn.Module):
         nn.init.normal_(self.fc.weight, std=1.0 / math.sqrt(dim * n_layer))
 
     def forward(self, x):                                          # (B, T, H, W, C)
-        moved_shape = x.movedim(self.axial_dim, -2).shape          # (B, ., ., L, C): L = attended axis
+        moved_shape = x.movedim(self.axial_dim, -2).shape          # (B, ., ., L, C):
+                                                                   # L = attended axis
 
-        def heads(t):                                              # (B, T, H, W, C) -> (N, heads, L, d)
+        # (B, T, H, W, C) -> (N, heads, L, d)
+        def heads(t):
             t = t.movedim(self.axial_dim, -2)                      # (B, ., ., L, C)
-            return t.reshape(-1, t.shape[-2], self.n_head, t.shape[-1] // self.n_head).transpose(1, 2)
+            return t.reshape(-1, t.shape[-2], self.n_head,
+                             t.shape[-1] // self.n_head).transpose(1, 2)
         q, k, v = heads(self.w_qs(x)), heads(self.w_ks(x)), heads(self.w_vs(x))
         out = F.scaled_dot_product_attention(q, k, v)              # softmax(q k^T / sqrt(d)) v
         out = out.transpose(1, 2).reshape(moved_shape)             # (B, ., ., L, C)
@@ -178,7 +185,8 @@ class AxialAttention(nn.Module):
 
 
 class AxialBlock(nn.Module):
-    """Sum of self-attentions along width, height and time (paper 2.3.1.1, 'combined axial attention')."""
+    """Sum of self-attentions along width, height and time
+    (paper 2.3.1.1, 'combined axial attention')."""
 
     def __init__(self, n_hiddens, n_head):
         super().__init__()
@@ -193,7 +201,8 @@ class AxialBlock(nn.Module):
 
 
 class AttentionResidualBlock(nn.Module):
-    """x + [BN-ReLU-conv3 (to n/2), BN-ReLU-conv1 (back to n), BN-ReLU, axial attention (2 heads)](x)."""
+    """x + [BN-ReLU-conv3 (to n/2), BN-ReLU-conv1 (back to n), BN-ReLU,
+    axial attention (2 heads)](x)."""
 
     def __init__(self, n_hiddens):
         super().__init__()
@@ -211,8 +220,10 @@ class AttentionResidualBlock(nn.Module):
 
 
 # VideoGPT's constants of the VQ-VAE's training, which the paper's experiments never change:
-EMA_EPSILON = 1e-7     # Laplace smoothing of the codebook's EMA counts (eq. 6): an unused code keeps a size
-RESTART_BELOW = 1.0    # a code whose EMA count falls below this restarts from a random encoder output
+EMA_EPSILON = 1e-7     # Laplace smoothing of the codebook's EMA counts (eq. 6):
+                       # an unused code keeps a size
+RESTART_BELOW = 1.0    # a code whose EMA count falls below this restarts
+                       # from a random encoder output
 DATA_VARIANCE = 0.06   # the reconstruction MSE of eq. 1 is divided by it (VideoGPT's normalisation)
 
 
@@ -220,12 +231,13 @@ class Codebook(nn.Module):
     """Vector quantiser with an EMA codebook (paper eqs. 3-6; van den Oord et al. 2017).
 
     Buffers (VideoGPT's names): embeddings (n_codes, D), N (n_codes,) EMA counts, z_avg (n_codes, D)
-    EMA sums. In training mode each forward updates them from the batch; the counts and sums are summed
-    over DDP ranks, so every rank keeps the same codebook. Distances and EMA run in fp32 under autocast.
+    EMA sums. In training mode each forward updates them from the batch; the counts and sums are
+    summed over DDP ranks, so every rank keeps the same codebook.
+    Distances and EMA run in fp32 under autocast.
     """
 
-    def __init__(self, n_codes, embedding_dim, decay=0.99, epsilon=EMA_EPSILON, restart_below=RESTART_BELOW,
-                 beta=0.25):
+    def __init__(self, n_codes, embedding_dim, decay=0.99, epsilon=EMA_EPSILON,
+                 restart_below=RESTART_BELOW, beta=0.25):
         super().__init__()
         self.register_buffer("embeddings", torch.randn(n_codes, embedding_dim))
         self.register_buffer("N", torch.zeros(n_codes))
@@ -239,8 +251,9 @@ class Codebook(nn.Module):
         self._need_init = False   # a loaded codebook is trained: never re-initialise it
 
     def _random_vectors(self, flat):
-        """n_codes rows drawn from the encoder outputs `flat` (M, D), the same on every rank (rank 0's).
-        With fewer than n_codes outputs they are repeated with a little noise (VideoGPT's _tile)."""
+        """n_codes rows drawn from the encoder outputs `flat` (M, D), the same on every rank
+        (rank 0's). With fewer than n_codes outputs they are repeated with a little noise
+        (VideoGPT's _tile)."""
         m, d = flat.shape
         if m < self.n_codes:
             flat = flat.repeat((self.n_codes + m - 1) // m, 1)
@@ -269,14 +282,16 @@ class Codebook(nn.Module):
         self.N.mul_(self.decay).add_(n_total, alpha=1 - self.decay)
         self.z_avg.mul_(self.decay).add_(encode_sum, alpha=1 - self.decay)
         n = self.N.sum()
-        weights = (self.N + self.epsilon) / (n + self.n_codes * self.epsilon) * n   # Laplace smoothing
+        # Laplace smoothing
+        weights = (self.N + self.epsilon) / (n + self.n_codes * self.epsilon) * n
         self.embeddings.copy_(self.z_avg / weights.unsqueeze(1))
         alive = (self.N >= self.restart_below).unsqueeze(1)        # (n_codes, 1)
         self.embeddings.copy_(torch.where(alive, self.embeddings, self._random_vectors(flat)))
 
     def forward(self, z):
-        """z: (B, D, t, h, w) encoder outputs. Returns a dict: embeddings (B, D, t, h, w) quantised with
-        a straight-through gradient, encodings (B, t, h, w) long codes, commitment_loss, perplexity."""
+        """z: (B, D, t, h, w) encoder outputs. Returns a dict: embeddings (B, D, t, h, w) quantised
+        with a straight-through gradient, encodings (B, t, h, w) long codes,
+        commitment_loss, perplexity."""
         with torch.autocast(z.device.type, enabled=False):
             z = z.float()
             flat = z.movedim(1, -1).reshape(-1, self.embedding_dim)       # (B*t*h*w, D)
@@ -285,15 +300,18 @@ class Codebook(nn.Module):
             distances = ((flat ** 2).sum(1, keepdim=True) - 2 * flat @ self.embeddings.t()
                          + (self.embeddings ** 2).sum(1).unsqueeze(0))    # (B*t*h*w, n_codes)
             codes = distances.argmin(1)                                    # (B*t*h*w,)
-            quantized = F.embedding(codes, self.embeddings)                # (B*t*h*w, D), before update
+            quantized = F.embedding(codes, self.embeddings)                # (B*t*h*w, D),
+                                                                           # before update
             onehot = F.one_hot(codes, self.n_codes).float()                # (B*t*h*w, n_codes)
             avg_probs = onehot.mean(0)
             perplexity = torch.exp(-(avg_probs * torch.log(avg_probs + 1e-10)).sum())
             if self.training:
                 self._ema_update(flat.detach(), onehot)
-            quantized = quantized.view(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)  # (B, D, t, h, w)
+            # (B, D, t, h, w)
+            quantized = quantized.view(z.shape[0], *z.shape[2:], -1).movedim(-1, 1)
             commitment_loss = self.beta * F.mse_loss(z, quantized.detach())  # paper eq. 1
-            embeddings_st = z + (quantized - z).detach()                  # straight-through estimator
+            # straight-through estimator
+            embeddings_st = z + (quantized - z).detach()
         return dict(embeddings=embeddings_st, encodings=codes.view(z.shape[0], *z.shape[2:]),
                     commitment_loss=commitment_loss, perplexity=perplexity)
 
@@ -317,8 +335,10 @@ class Encoder(nn.Module):
         self.convs = nn.ModuleList()
         for i in range(max(halvings)):
             stride = tuple(2 if n > i else 1 for n in halvings)
-            self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, 4, stride=stride))
-        self.conv_last = SamePadConv3d(n_hiddens if len(self.convs) else 3, n_hiddens, kernel_size=3)
+            self.convs.append(SamePadConv3d(3 if i == 0 else n_hiddens, n_hiddens, 4,
+                                            stride=stride))
+        self.conv_last = SamePadConv3d(n_hiddens if len(self.convs) else 3, n_hiddens,
+                                       kernel_size=3)
         self.res_stack = _res_stack(n_hiddens, n_res_layers)
 
     def forward(self, x):
@@ -328,8 +348,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The encoder's mirror: attention residual blocks, then transposed convs (kernel 4, stride 2 on each
-    axis still to double; ReLU between them). (B, n_hiddens, t, h, w) -> (B, 3, T, H, W)."""
+    """The encoder's mirror: attention residual blocks, then transposed convs (kernel 4, stride 2 on
+    each axis still to double; ReLU between them). (B, n_hiddens, t, h, w) -> (B, 3, T, H, W)."""
 
     def __init__(self, n_hiddens, n_res_layers, upsample):
         super().__init__()
@@ -354,41 +374,45 @@ class Decoder(nn.Module):
 class VQVAE(nn.Module):
     """VideoGPT's VQ-VAE: encoder, pre_vq_conv, codebook, post_vq_conv, decoder (paper 2.3.1.1).
 
-    Input clips x: (B, 3, sequence_length, resolution, resolution) in [-0.5, 0.5]. The keywords before *
-    are the architecture of Table 2; `config` holds them (checkpoints store it to rebuild the model). Those
-    after * only shape training (VideoGPT's values by default): the commitment weight beta (paper eq. 1),
-    the codebook EMA's decay (eqs. 3-4), and the constants above.
+    Input clips x: (B, 3, sequence_length, resolution, resolution) in [-0.5, 0.5]. The keywords
+    before * are the architecture of Table 2; `config` holds them (checkpoints store it to rebuild
+    the model). Those after * only shape training (VideoGPT's values by default): the commitment
+    weight beta (paper eq. 1), the codebook EMA's decay (eqs. 3-4), and the constants above.
     """
 
     def __init__(self, resolution=128, sequence_length=16, n_hiddens=240, n_res_layers=4,
-                 downsample=(4, 16, 16), embedding_dim=128, n_codes=1024, *, beta=0.25, ema_decay=0.99,
-                 ema_epsilon=EMA_EPSILON, restart_below=RESTART_BELOW, data_variance=DATA_VARIANCE):
+                 downsample=(4, 16, 16), embedding_dim=128, n_codes=1024, *, beta=0.25,
+                 ema_decay=0.99, ema_epsilon=EMA_EPSILON, restart_below=RESTART_BELOW,
+                 data_variance=DATA_VARIANCE):
         super().__init__()
         downsample = tuple(int(d) for d in downsample)
-        self.config = dict(resolution=resolution, sequence_length=sequence_length, n_hiddens=n_hiddens,
-                           n_res_layers=n_res_layers, downsample=downsample,
+        self.config = dict(resolution=resolution, sequence_length=sequence_length,
+                           n_hiddens=n_hiddens, n_res_layers=n_res_layers, downsample=downsample,
                            embedding_dim=embedding_dim, n_codes=n_codes)
         self.embedding_dim, self.n_codes = embedding_dim, n_codes
         self.encoder = Encoder(n_hiddens, n_res_layers, downsample)
         self.decoder = Decoder(n_hiddens, n_res_layers, downsample)
         self.pre_vq_conv = SamePadConv3d(n_hiddens, embedding_dim, 1)
         self.post_vq_conv = SamePadConv3d(embedding_dim, n_hiddens, 1)
-        self.codebook = Codebook(n_codes, embedding_dim, ema_decay, ema_epsilon, restart_below, beta)
+        self.codebook = Codebook(n_codes, embedding_dim, ema_decay, ema_epsilon, restart_below,
+                                 beta)
         self.data_variance = data_variance
 
     @property
     def latent_shape(self):
         """(t, h, w) of the code grid of one clip."""
-        size = (self.config["sequence_length"], self.config["resolution"], self.config["resolution"])
+        size = (self.config["sequence_length"], self.config["resolution"],
+                self.config["resolution"])
         return tuple(s // d for s, d in zip(size, self.config["downsample"]))
 
     def encode(self, x, include_embeddings=False):
         """x (B, 3, T, H, W) -> codes (B, t, h, w) long [, embeddings (B, D, t, h, w)].
 
-        Always in full float32, whatever autocast or TF32 setting the caller runs under: 04 trains the GPT
-        on these codes and 05 reads the brain's features from them, and lower precision can pick another
-        code where two are nearly tied (bf16 flipped 15% of a tiny model's codes). PyTorch runs cuDNN
-        convolutions in TF32 by default on Ampere and later, so that is switched off here too."""
+        Always in full float32, whatever autocast or TF32 setting the caller runs under: 04 trains
+        the GPT on these codes and 05 reads the brain's features from them, and lower precision can
+        pick another code where two are nearly tied (bf16 flipped 15% of a tiny model's codes).
+        PyTorch runs cuDNN convolutions in TF32 by default on Ampere and later,
+        so that is switched off here too."""
         with exact_fp32(x.device.type):
             vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
         if include_embeddings:
@@ -402,8 +426,9 @@ class VQVAE(nn.Module):
 
     def forward(self, x):
         """Returns (recon_loss, x_recon, vq_output) as VideoGPT; the training loss is
-        recon_loss + vq_output['commitment_loss'] (paper eq. 1, beta x commitment; the EMA replaces the
-        codebook term). recon_loss = MSE / data_variance (DATA_VARIANCE: VideoGPT's normalisation)."""
+        recon_loss + vq_output['commitment_loss'] (paper eq. 1, beta x commitment; the EMA replaces
+        the codebook term). recon_loss = MSE / data_variance
+        (DATA_VARIANCE: VideoGPT's normalisation)."""
         vq_output = self.codebook(self.pre_vq_conv(self.encoder(x)))
         x_recon = self.decoder(self.post_vq_conv(vq_output["embeddings"]))
         recon_loss = F.mse_loss(x_recon.float(), x.float()) / self.data_variance
@@ -413,15 +438,16 @@ class VQVAE(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # --- VideoGPT GPT prior with embedding conditioning (paper section 2.3.1.2) ---
 # The authors' VideoGPT transformer with "emb_cond": it reads the codebook embeddings of a target
-# clip's codes, (t, h, w) = (4, 8, 8) tokens in raster order, predicts each code from the codes before
-# it (causal self-attention), and cross-attends to the embeddings of the 16 frames before the clip.
-# Module and parameter names are VideoGPT's (wilson1yan/VideoGPT, as modified by the paper's authors),
-# so their Lightning checkpoints load with strict key matching and the paper's layer names
+# clip's codes, (t, h, w) = (4, 8, 8) tokens in raster order, predicts each code from the codes
+# before it (causal self-attention), and cross-attends to the embeddings of the 16 frames before the
+# clip. Module and parameter names are VideoGPT's (wilson1yan/VideoGPT, as modified by the paper's
+# authors), so their Lightning checkpoints load with strict key matching and the paper's layer names
 # (attn_stack.attn_nets.4.post_fc_dp, Table 4) can be hooked. Differences from their code, all
 # numerically equivalent: fused attention (F.scaled_dot_product_attention) instead of an explicit
 # softmax with a stored causal mask, and activation checkpointing off by default.
 # --------------------------------------------------------------------------------------------------
-GPT_COND_DIM = 240   # width of the conditioning features (the authors' ResidualBlock(embedding_dim, 240))
+GPT_COND_DIM = 240   # width of the conditioning features
+                     # (the authors' ResidualBlock(embedding_dim, 240))
 
 
 class GPTLayerNorm(nn.Module):
@@ -432,7 +458,8 @@ class GPTLayerNorm(nn.Module):
     standard deviation. The two agree to 1.5e-5 at unit variance but not where the variance is small
     (6.8e-3 relative for the start token, std 0.02; 1.5e-2 at codebook scale), and the authors'
     checkpoints were trained with this formula: their layer attn_stack.attn_nets.4.post_fc_dp then
-    matches their own forward pass to float32 rounding. Parameters are named `g` and `b` like theirs."""
+    matches their own forward pass to float32 rounding. Parameters are named `g` and `b` like
+    theirs."""
 
     def __init__(self, dim):
         super().__init__()
@@ -474,16 +501,19 @@ class AddBroadcastPosEmbed(nn.Module):
     def __init__(self, shape, dim):
         super().__init__()
         if dim % len(shape):
-            raise ValueError(f"embedding width {dim} is not divisible by the {len(shape)} axes {tuple(shape)}")
+            raise ValueError(f"embedding width {dim} is not divisible by the {len(shape)} axes "
+                             f"{tuple(shape)}")
         self.shape = tuple(shape)
-        self.emb = nn.ParameterDict({f"d_{i}": nn.Parameter(torch.randn(size, dim // len(shape)) * 0.01)
-                                     for i, size in enumerate(self.shape)})
+        self.emb = nn.ParameterDict({
+            f"d_{i}": nn.Parameter(torch.randn(size, dim // len(shape)) * 0.01)
+            for i, size in enumerate(self.shape)})
 
     def forward(self, x):                                        # (B, *shape, dim)
         n = len(self.shape)
         tables = []
         for i, size in enumerate(self.shape):
-            table = self.emb[f"d_{i}"].view(*[size if j == i else 1 for j in range(n)], -1)  # (.., size, .., dim/n)
+            view_shape = [size if j == i else 1 for j in range(n)]
+            table = self.emb[f"d_{i}"].view(*view_shape, -1)    # (.., size, .., dim/n)
             tables.append(table.expand(*self.shape, -1))         # (*shape, dim/n)
         return x + torch.cat(tables, dim=-1)                     # (B, *shape, dim)
 
@@ -498,7 +528,8 @@ class FullAttention(nn.Module):
         self.shape, self.causal, self.attn_dropout = tuple(shape), causal, attn_dropout
 
     def forward(self, q, k, v):                                  # (B, heads, L, d) each
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
+        out = F.scaled_dot_product_attention(q, k, v,
+                                             dropout_p=self.attn_dropout if self.training else 0.0,
                                              is_causal=self.causal)             # (B, heads, L, d_v)
         return out.unflatten(2, self.shape)                      # (B, heads, t, h, w, d_v)
 
@@ -523,8 +554,10 @@ class GPTAttention(nn.Module):
         nn.init.normal_(self.fc.weight, std=1.0 / math.sqrt(dim_q * layers))
         self.attn = FullAttention(shape, causal, attn_dropout)
 
-    def forward(self, x, context):                               # (B, t, h, w, dim_q), (B, t', h', w', dim_kv)
-        def split_heads(y, d):                                   # (B, ..., heads * d) -> (B, heads, L, d)
+    def forward(self, x, context):                               # (B, t, h, w, dim_q),
+                                                                 # (B, t', h', w', dim_kv)
+        # (B, ..., heads * d) -> (B, heads, L, d)
+        def split_heads(y, d):
             return y.flatten(1, -2).unflatten(-1, (self.heads, d)).transpose(1, 2)
         q = split_heads(self.w_qs(x), self.d_k)
         k = split_heads(self.w_ks(context), self.d_k)
@@ -539,7 +572,8 @@ class AttentionBlock(nn.Module):
     features, MLP (x4, GeLU2); dropout on each residual branch. Attention-weight dropout applies to
     the self-attention only (the authors' cross-attention has none)."""
 
-    def __init__(self, shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim, checkpoint_activations):
+    def __init__(self, shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim,
+                 checkpoint_activations):
         super().__init__()
         self.checkpoint_activations = checkpoint_activations
         self.pre_attn_norm = GPTLayerNorm(hidden_dim)
@@ -560,7 +594,8 @@ class AttentionBlock(nn.Module):
             return torch.utils.checkpoint.checkpoint(module, *inputs, use_reentrant=False)
         return module(*inputs)
 
-    def forward(self, x, cond):                                  # (B, t, h, w, hidden), (B, t, h, w, cond_dim)
+    def forward(self, x, cond):                                  # (B, t, h, w, hidden),
+                                                                 # (B, t, h, w, cond_dim)
         h = self.pre_attn_norm(x)
         x = x + self.post_attn_dp(self._run(self.attn, h, h))
         h = self.pre_enc_norm(x)
@@ -572,12 +607,14 @@ class AttentionBlock(nn.Module):
 class AttentionStack(nn.Module):
     """RightShift, position embedding, then the blocks `attn_nets.0 .. attn_nets.{layers-1}`."""
 
-    def __init__(self, shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim, checkpoint_activations):
+    def __init__(self, shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim,
+                 checkpoint_activations):
         super().__init__()
         self.right_shift = RightShift(hidden_dim)
         self.pos_embd = AddBroadcastPosEmbed(shape, hidden_dim)
         self.attn_nets = nn.ModuleList([
-            AttentionBlock(shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim, checkpoint_activations)
+            AttentionBlock(shape, hidden_dim, heads, layers, dropout, attn_dropout, cond_dim,
+                           checkpoint_activations)
             for _ in range(layers)])
 
     def forward(self, x, cond):                                  # (B, t, h, w, hidden)
@@ -604,8 +641,9 @@ class ChannelNormReLU(nn.Module):
 
 class ConditioningResidualBlock(nn.Module):
     """`resnet`: one residual block from codebook embeddings to the conditioning features, as the
-    authors' ResidualBlock(embedding_dim, 240, stride=1, use_projection=True): two 3x3x3 convolutions
-    without bias and a 1x1x1 projection shortcut, each followed by channel LayerNorm (+ ReLU)."""
+    authors' ResidualBlock(embedding_dim, 240, stride=1, use_projection=True): two 3x3x3
+    convolutions without bias and a 1x1x1 projection shortcut, each followed by channel LayerNorm
+    (+ ReLU)."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
@@ -632,24 +670,26 @@ class VideoGPT(nn.Module):
     latent (4, 8, 8), 1024 codes of width 128: 40,324,768 parameters (Table 2(b)).
     """
 
-    def __init__(self, latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024, hidden_dim=576, heads=4,
-                 layers=8, dropout=0.2, attn_dropout=0.3, cond_dim=GPT_COND_DIM, checkpoint_activations=False):
+    def __init__(self, latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024, hidden_dim=576,
+                 heads=4, layers=8, dropout=0.2, attn_dropout=0.3, cond_dim=GPT_COND_DIM,
+                 checkpoint_activations=False):
         super().__init__()
         if hidden_dim % len(latent_shape) or cond_dim % len(latent_shape):
-            raise ValueError(f"hidden_dim {hidden_dim} and cond_dim {cond_dim} must be multiples of "
-                             f"{len(latent_shape)} (one position table per latent axis)")
-        self.config = dict(latent_shape=tuple(latent_shape), embedding_dim=embedding_dim, n_codes=n_codes,
-                           hidden_dim=hidden_dim, heads=heads, layers=layers, dropout=dropout,
-                           attn_dropout=attn_dropout, cond_dim=cond_dim)
+            raise ValueError(f"hidden_dim {hidden_dim} and cond_dim {cond_dim} must be multiples "
+                             f"of {len(latent_shape)} (one position table per latent axis)")
+        self.config = dict(latent_shape=tuple(latent_shape), embedding_dim=embedding_dim,
+                           n_codes=n_codes, hidden_dim=hidden_dim, heads=heads, layers=layers,
+                           dropout=dropout, attn_dropout=attn_dropout, cond_dim=cond_dim)
         self.resnet = ConditioningResidualBlock(embedding_dim, cond_dim)
         self.cond_pos_embd = AddBroadcastPosEmbed(latent_shape, cond_dim)
         self.fc_in = nn.Linear(embedding_dim, hidden_dim, bias=False)
         nn.init.normal_(self.fc_in.weight, std=0.02)
-        self.attn_stack = AttentionStack(latent_shape, hidden_dim, heads, layers, dropout, attn_dropout,
-                                         cond_dim, checkpoint_activations)
+        self.attn_stack = AttentionStack(latent_shape, hidden_dim, heads, layers, dropout,
+                                         attn_dropout, cond_dim, checkpoint_activations)
         self.norm = GPTLayerNorm(hidden_dim)
         self.fc_out = nn.Linear(hidden_dim, n_codes, bias=False)
-        nn.init.zeros_(self.fc_out.weight)                       # the authors' choice: uniform predictions at step 0
+        nn.init.zeros_(self.fc_out.weight)                       # the authors' choice:
+                                                                 # uniform predictions at step 0
 
     def forward(self, x, cond):
         cond = self.resnet(cond.movedim(-1, 1)).movedim(1, -1)   # (B, t, h, w, cond_dim)
@@ -660,14 +700,15 @@ class VideoGPT(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # --- Loading checkpoints: ours, VideoGPT's and the authors' PyTorch Lightning ones ---
-# Ours hold `model` + `model_config`; a Lightning checkpoint holds `state_dict` + `hyper_parameters`,
-# from which the architecture is read (sizes from the tensors' shapes). Every load is strict: a key
-# that is missing or left over is a one-line error naming the file.
+# Ours hold `model` + `model_config`; a Lightning checkpoint holds `state_dict` +
+# `hyper_parameters`, from which the architecture is read (sizes from the tensors' shapes). Every
+# load is strict: a key that is missing or left over is a one-line error naming the file.
 # --------------------------------------------------------------------------------------------------
 class _StubObject(dict):
     """Stands in for a class that cannot be imported while unpickling (e.g. pytorch_lightning's
     callbacks inside an authors' checkpoint): we only need the tensors and hyperparameters. It is a
-    dict so that dict subclasses (Lightning's AttributeDict of hyper_parameters) keep their items."""
+    dict so that dict subclasses (Lightning's AttributeDict of hyper_parameters) keep their
+    items."""
 
     def __init__(self, *args, **kwargs):
         if args and isinstance(args[0], dict):
@@ -688,12 +729,14 @@ class _TolerantUnpickler(pickle.Unpickler):
 _tolerant_pickle = types.ModuleType("tolerant_pickle")
 _tolerant_pickle.Unpickler = _TolerantUnpickler
 _tolerant_pickle.load = lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load()
-_tolerant_pickle.loads = lambda data, **kwargs: _TolerantUnpickler(io.BytesIO(data), **kwargs).load()
+_tolerant_pickle.loads = lambda data, **kwargs: _TolerantUnpickler(io.BytesIO(data),
+                                                                   **kwargs).load()
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """torch.load a checkpoint we wrote or a PyTorch Lightning one (its pytorch_lightning objects are
-    replaced by stubs when pytorch_lightning is not installed). Fails with one line on a bad file."""
+    """torch.load a checkpoint we wrote or a PyTorch Lightning one (its pytorch_lightning objects
+    are replaced by stubs when pytorch_lightning is not installed). Fails with one line on a bad
+    file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
@@ -709,7 +752,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def load_weights(model, state, path, what):
-    """model.load_state_dict(state) with strict key matching; a mismatch is an InputError naming `path`."""
+    """model.load_state_dict(state) with strict key matching;
+    a mismatch is an InputError naming `path`."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -720,8 +764,9 @@ def load_weights(model, state, path, what):
 
 def _vqvae_config_from_lightning(state, hparams, path, gpt_state=None):
     """The VQVAE keywords of an authors' Lightning checkpoint: sizes from the weights' shapes, the
-    rest from its hyper_parameters (resolution, sequence_length, and downsample for a VQ-VAE; for a GPT,
-    downsample = clip shape / latent shape, read from the GPT's position embeddings `gpt_state`)."""
+    rest from its hyper_parameters (resolution, sequence_length, and downsample for a VQ-VAE; for a
+    GPT, downsample = clip shape / latent shape, read from the GPT's position embeddings
+    `gpt_state`)."""
     args = hparams.get("args", hparams) if isinstance(hparams, dict) else hparams
     args = vars(args) if isinstance(args, Namespace) else dict(args or {})
     try:
@@ -737,7 +782,8 @@ def _vqvae_config_from_lightning(state, hparams, path, gpt_state=None):
     if "downsample" in args and "n_codes" in args:                        # a VQ-VAE's own args
         config["downsample"] = tuple(args["downsample"])
     elif gpt_state is not None and "attn_stack.pos_embd.emb.d_0" in gpt_state:
-        latent = [gpt_state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(3)]  # (t, h, w)
+        latent = [gpt_state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0]
+                  for i in range(3)]                                      # (t, h, w)
         size = (config["sequence_length"], config["resolution"], config["resolution"])
         config["downsample"] = tuple(s // t for s, t in zip(size, latent))
     else:
@@ -746,10 +792,11 @@ def _vqvae_config_from_lightning(state, hparams, path, gpt_state=None):
 
 
 def load_vqvae(path, map_location="cpu", allow_unfinished=False):
-    """A VQVAE in eval mode from (a) a stage-03 checkpoint (`model` + `model_config`), (b) a VideoGPT /
-    authors' Lightning VQ-VAE checkpoint (`state_dict` + `hyper_parameters`), or (c) an authors'
-    Lightning GPT checkpoint, which holds its VQ-VAE under the prefix `vqvae.`. Keys match strictly.
-    A stage-03 run that was interrupted is refused unless allow_unfinished (flag --allow-unfinished)."""
+    """A VQVAE in eval mode from (a) a stage-03 checkpoint (`model` + `model_config`), (b) a
+    VideoGPT / authors' Lightning VQ-VAE checkpoint (`state_dict` + `hyper_parameters`), or (c) an
+    authors' Lightning GPT checkpoint, which holds its VQ-VAE under the prefix `vqvae.`. Keys match
+    strictly. A stage-03 run that was interrupted is refused unless allow_unfinished
+    (flag --allow-unfinished)."""
     ckpt = load_checkpoint(path, map_location)
     if not isinstance(ckpt, dict):
         raise InputError(f"{path}: not a VQ-VAE checkpoint (a {type(ckpt).__name__}, not a dict)")
@@ -762,32 +809,36 @@ def load_vqvae(path, map_location="cpu", allow_unfinished=False):
         if any(k.startswith("vqvae.") for k in state):
             gpt_state = state
             state = {k[len("vqvae."):]: v for k, v in state.items() if k.startswith("vqvae.")}
-        config = _vqvae_config_from_lightning(state, ckpt.get("hyper_parameters") or {}, path, gpt_state)
+        config = _vqvae_config_from_lightning(state, ckpt.get("hyper_parameters") or {}, path,
+                                              gpt_state)
     else:
-        raise InputError(f"{path}: not a VQ-VAE checkpoint (neither model + model_config nor state_dict)")
+        raise InputError(f"{path}: not a VQ-VAE checkpoint "
+                         "(neither model + model_config nor state_dict)")
     return load_weights(VQVAE(**config), state, path, f"a VQ-VAE with {config}").eval()
 
 
 def gpt_config_from_state(state, heads, dropout=0.2, attn_dropout=0.3):
-    """VideoGPT(**config) arguments for a GPT state dict: widths, depth and latent shape are read from
-    the weights; the number of heads and the dropouts are not in the weights, so they are given."""
+    """VideoGPT(**config) arguments for a GPT state dict: widths, depth and latent shape are read
+    from the weights; the number of heads and the dropouts are not in the weights,
+    so they are given."""
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("attn_stack.attn_nets."))
-    latent_shape = tuple(state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0]
-                         for i in range(sum(k.startswith("attn_stack.pos_embd.emb.") for k in state)))
+    n_axes = sum(k.startswith("attn_stack.pos_embd.emb.") for k in state)
+    latent_shape = tuple(state[f"attn_stack.pos_embd.emb.d_{i}"].shape[0] for i in range(n_axes))
     hidden_dim, embedding_dim = state["fc_in.weight"].shape
-    return dict(latent_shape=latent_shape, embedding_dim=embedding_dim, n_codes=state["fc_out.weight"].shape[0],
-                hidden_dim=hidden_dim, heads=heads, layers=layers, dropout=dropout, attn_dropout=attn_dropout,
+    return dict(latent_shape=latent_shape, embedding_dim=embedding_dim,
+                n_codes=state["fc_out.weight"].shape[0], hidden_dim=hidden_dim, heads=heads,
+                layers=layers, dropout=dropout, attn_dropout=attn_dropout,
                 cond_dim=state["resnet.conv1.weight"].shape[0])
 
 
 def load_gpt_checkpoint(path, map_location="cpu"):
     """Read a GPT checkpoint, ours (04_train_gpt.py) or the authors' PyTorch Lightning one.
 
-    Returns (config, gpt_state, extra): VideoGPT(**config) rebuilds the model and `gpt_state` loads into
-    it strictly. `extra` is the rest of the file: ours holds optimizer, scaler, step, rng, args,
-    vqvae_sha256; the authors' gives {"vqvae_state": the frozen VQ-VAE stored beside the GPT (prefix
-    `vqvae.` removed), "hyper_parameters": ...}. The causal-mask buffers of the authors' attention are
-    dropped: they are derived, and fused attention does not need them.
+    Returns (config, gpt_state, extra): VideoGPT(**config) rebuilds the model and `gpt_state` loads
+    into it strictly. `extra` is the rest of the file: ours holds optimizer, scaler, step, rng,
+    args, vqvae_sha256; the authors' gives {"vqvae_state": the frozen VQ-VAE stored beside the GPT
+    (prefix `vqvae.` removed), "hyper_parameters": ...}. The causal-mask buffers of the authors'
+    attention are dropped: they are derived, and fused attention does not need them.
     """
     ckpt = load_checkpoint(path, map_location)
     if isinstance(ckpt, dict) and "hidden_dim" in (ckpt.get("model_config") or {}):   # ours
@@ -799,22 +850,25 @@ def load_gpt_checkpoint(path, map_location="cpu"):
         args = hparams.get("args", hparams) if isinstance(hparams, dict) else hparams
         args = args if isinstance(args, dict) else vars(args)
         # the weights that gpt_config_from_state reads the model's sizes from
-        needed = ["resnet.conv1.weight", "fc_in.weight", "fc_out.weight", "attn_stack.pos_embd.emb.d_0"]
+        needed = ["resnet.conv1.weight", "fc_in.weight", "fc_out.weight",
+                  "attn_stack.pos_embd.emb.d_0"]
         missing = [k for k in needed if k not in state]
         if not any(k.startswith("attn_stack.attn_nets.") for k in state):
             missing.append("attn_stack.attn_nets.*")
         if missing:
-            raise InputError(f"{path}: not a VideoGPT prior with embedding conditioning (emb_cond): "
-                             f"no {', '.join(missing)} in its state_dict")
+            raise InputError(f"{path}: not a VideoGPT prior with embedding conditioning "
+                             f"(emb_cond): no {', '.join(missing)} in its state_dict")
         gpt_state = {k: v for k, v in state.items()
                      if not k.startswith("vqvae.") and not k.endswith(".attn.attn.mask")}
-        config = gpt_config_from_state(gpt_state, heads=args.get("heads", 4), dropout=args.get("dropout", 0.2),
+        config = gpt_config_from_state(gpt_state, heads=args.get("heads", 4),
+                                       dropout=args.get("dropout", 0.2),
                                        attn_dropout=args.get("attn_dropout", 0.3))
-        extra = {"vqvae_state": {k[len("vqvae."):]: v for k, v in state.items() if k.startswith("vqvae.")},
+        extra = {"vqvae_state": {k[len("vqvae."):]: v for k, v in state.items()
+                                 if k.startswith("vqvae.")},
                  "hyper_parameters": hparams}
         return config, gpt_state, extra
-    raise InputError(f"{path}: not a GPT checkpoint (neither 04_train_gpt.py's model + model_config "
-                     "nor a Lightning state_dict)")
+    raise InputError(f"{path}: not a GPT checkpoint "
+                     "(neither 04_train_gpt.py's model + model_config nor a Lightning state_dict)")
 
 
 def build_gpt(config, state=None, path="checkpoint", checkpoint_activations=False):
@@ -830,8 +884,8 @@ def build_gpt(config, state=None, path="checkpoint", checkpoint_activations=Fals
 EXIT_OK = 0            # done, or nothing left to do
 EXIT_SOME_FAILED = 1   # finished, but some items failed (01: replays that could not be rendered)
 EXIT_BAD_INPUT = 2     # one line `error: <file>: <what is wrong>`; nothing was written
-EXIT_INTERRUPTED = 75  # a signal stopped training before --max-steps: checkpoint saved, re-run resumes
-                       # (75 is EX_TEMPFAIL of sysexits.h: "try again later")
+EXIT_INTERRUPTED = 75  # a signal stopped training before --max-steps: checkpoint saved,
+                       # re-run resumes (75 is EX_TEMPFAIL of sysexits.h: "try again later")
 
 
 class InputError(Exception):
@@ -845,9 +899,9 @@ class Interrupted(Exception):
 
 
 def run_main(main):
-    """Call `main()`. Bad input, and a file that cannot be read or written (read-only folder, full disk),
-    become one line `error: <file>: <what is wrong>` on stderr and exit status 2; an interrupted
-    training run, one line (from rank 0) and exit status 75."""
+    """Call `main()`. Bad input, and a file that cannot be read or written
+    (read-only folder, full disk), become one line `error: <file>: <what is wrong>` on stderr and
+    exit status 2; an interrupted training run, one line (from rank 0) and exit status 75."""
     try:
         main()
     except Interrupted as stop:
@@ -873,8 +927,8 @@ _TEMPORARY = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9_-]+?)-(?P<pid>\d+)(\.|$)")
 
 def temporary_path(path):
     """Where `path` is written before its rename: `.r_map.nii.gz.tmp-<host>-<pid>.nii.gz` beside it.
-    It keeps the final suffix (np.save and nibabel look at it) and says which process on which machine
-    owns it, so that a later run can remove it once that process is gone."""
+    It keeps the final suffix (np.save and nibabel look at it) and says which process on which
+    machine owns it, so that a later run can remove it once that process is gone."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}{''.join(path.suffixes)}")
 
@@ -890,16 +944,18 @@ def _process_is_alive(pid):
 
 
 def remove_stale_temporaries(folder):
-    """Delete the temporary files that killed runs left under `folder` (recursively): those written on
-    this machine by a process that no longer exists. Temporaries of other machines (a shared cluster
-    filesystem) are left alone: their process may still be writing. Returns the paths removed."""
+    """Delete the temporary files that killed runs left under `folder` (recursively): those written
+    on this machine by a process that no longer exists. Temporaries of other machines
+    (a shared cluster filesystem) are left alone: their process may still be writing.
+    Returns the paths removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for path in folder.rglob(".*.tmp-*"):
         match = _TEMPORARY.search(path.name)
-        if match and match["host"] == HOST and not _process_is_alive(int(match["pid"])) and path.is_file():
+        if (match and match["host"] == HOST and not _process_is_alive(int(match["pid"]))
+                and path.is_file()):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -907,9 +963,9 @@ def remove_stale_temporaries(folder):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it to `path` when the block succeeds. On failure the
-    temporary is removed, and a write that fails (full disk, read-only folder) is an InputError naming
-    `path`."""
+    """Yield a temporary path beside `path`; rename it to `path` when the block succeeds. On failure
+    the temporary is removed, and a write that fails (full disk, read-only folder) is an InputError
+    naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
@@ -929,12 +985,13 @@ def save_npy(path, array):
 
 
 def open_npy_for_writing(tmp, dtype, shape, final):
-    """A writable memory-mapped .npy of `shape` at the temporary path `tmp`, its disk space reserved now.
+    """A writable memory-mapped .npy of `shape` at the temporary path `tmp`,
+    its disk space reserved now.
 
-    Without the reservation a memory map is a sparse file, and a full disk shows up only when a page is
-    written back: the process dies of SIGBUS, with no message and a large temporary file left behind.
-    posix_fallocate makes a full disk an error here, before any work is done: an OSError naming `final`
-    (the output the temporary becomes), after the temporary is removed."""
+    Without the reservation a memory map is a sparse file, and a full disk shows up only when a page
+    is written back: the process dies of SIGBUS, with no message and a large temporary file left
+    behind. posix_fallocate makes a full disk an error here, before any work is done: an OSError
+    naming `final` (the output the temporary becomes), after the temporary is removed."""
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         with open(tmp, "r+b") as f:
@@ -947,8 +1004,8 @@ def open_npy_for_writing(tmp, dtype, shape, final):
 
 def write_tsv(path, table):
     """Write a DataFrame (or list of dicts) as a tab-separated file, atomically; 'n/a' for missing.
-    A file that already holds exactly this text is left alone, so a re-run that changes nothing does not
-    touch its manifests (nor wake up tools that watch modification times)."""
+    A file that already holds exactly this text is left alone, so a re-run that changes nothing does
+    not touch its manifests (nor wake up tools that watch modification times)."""
     text = pd.DataFrame(table).to_csv(sep="\t", index=False, na_rep="n/a")
     path = Path(path)
     if path.is_file() and path.read_text() == text:
@@ -959,8 +1016,8 @@ def write_tsv(path, table):
 
 @contextlib.contextmanager
 def all_or_nothing(paths):
-    """Remove the files `paths` when the block fails: a set of outputs that belong together is complete
-    or absent, never half there."""
+    """Remove the files `paths` when the block fails: a set of outputs that belong together is
+    complete or absent, never half there."""
     try:
         yield
     except BaseException:
@@ -978,7 +1035,8 @@ def write_json(path, value):
 # --------------------------------------------------------------------------------------------------
 # Readers that turn a damaged or foreign file into one line naming it
 # --------------------------------------------------------------------------------------------------
-BIDS_LABEL_COLUMNS = ("sub", "ses", "task", "run", "rep", "level")  # labels, not numbers: "001" stays "001"
+# labels, not numbers: "001" stays "001"
+BIDS_LABEL_COLUMNS = ("sub", "ses", "task", "run", "rep", "level")
 
 
 def read_tsv(path, required=()):
@@ -999,8 +1057,8 @@ def read_tsv(path, required=()):
 
 
 def load_npy(path, mmap=True, advice=""):
-    """np.load an array we wrote (memory-mapped by default). A missing, truncated or foreign file is an
-    InputError naming it; `advice` (e.g. "re-run 01_render_frames.py") ends the message."""
+    """np.load an array we wrote (memory-mapped by default). A missing, truncated or foreign file is
+    an InputError naming it; `advice` (e.g. "re-run 01_render_frames.py") ends the message."""
     path = Path(path)
     advice = f"; {advice}" if advice else ""
     if not path.is_file():
@@ -1008,8 +1066,8 @@ def load_npy(path, mmap=True, advice=""):
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, EOFError, OSError) as err:
-        reason = "truncated" if "mmap length" in str(err) or "Failed to read all data" in str(err) else \
-            "empty" if isinstance(err, EOFError) else "not a .npy array"
+        reason = ("truncated" if "mmap length" in str(err) or "Failed to read all data" in str(err)
+                  else "empty" if isinstance(err, EOFError) else "not a .npy array")
         first = str(err).split(". ")[0].splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{path}: {reason} ({first}){advice}") from None
 
@@ -1024,11 +1082,13 @@ def load_nifti(path):
         import nibabel   # imported here: the training stages and the GPU machines do without it
         return nibabel.load(path)
     except Exception as err:   # nibabel raises many types (ImageFileError, OSError, EOFError ...)
-        raise InputError(f"{path}: not a readable NIfTI image ({str(err).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable NIfTI image "
+                         f"({str(err).splitlines()[0]})") from None
 
 
 def nifti_data(image, path, dtype=np.float32):
-    """The voxels of a loaded NIfTI image as a `dtype` array; a truncated file is an InputError naming it."""
+    """The voxels of a loaded NIfTI image as a `dtype` array;
+    a truncated file is an InputError naming it."""
     try:
         return image.get_fdata(dtype=dtype)
     except Exception as err:   # gzip: EOFError, zlib.error, OSError; a short file: ValueError
@@ -1037,8 +1097,8 @@ def nifti_data(image, path, dtype=np.float32):
 
 
 def read_planted_labels(path):
-    """The atlas labels that carry a planted signal in 00_make_demo.py's ground_truth.json: a set of ints
-    (06 reports their recovery, 07 compares the controls on them)."""
+    """The atlas labels that carry a planted signal in 00_make_demo.py's ground_truth.json: a set of
+    ints (06 reports their recovery, 07 compares the controls on them)."""
     path = Path(path)
     try:
         planted = json.loads(path.read_text())["planted"]
@@ -1046,13 +1106,13 @@ def read_planted_labels(path):
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise InputError(f"{path}: not a ground truth file (expected JSON with a 'planted' object of atlas "
-                         f"labels, as 00_make_demo.py writes)") from None
+        raise InputError(f"{path}: not a ground truth file (expected JSON with a 'planted' object "
+                         f"of atlas labels, as 00_make_demo.py writes)") from None
 
 
 # --------------------------------------------------------------------------------------------------
-# BIDS names (sub-01_ses-002_task-shinobi_run-03_level-1_rep-02.bk2 -> {"sub": "01", ...}), the frames
-# manifest
+# BIDS names (sub-01_ses-002_task-shinobi_run-03_level-1_rep-02.bk2 -> {"sub": "01", ...}),
+# the frames manifest
 # --------------------------------------------------------------------------------------------------
 _ENTITY = re.compile(r"(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)")
 
@@ -1074,39 +1134,42 @@ def session_flag(text):
 
 
 def session_label(value):
-    """A session label that compares as a number when it is one: '005' (a manifest), 'ses-005' and '5'
-    (as a flag may give it) are all '5'."""
+    """A session label that compares as a number when it is one: '005' (a manifest), 'ses-005' and
+    '5' (as a flag may give it) are all '5'."""
     text = str(value).removeprefix("ses-")
     return str(int(text)) if text.isdigit() else text
 
 
 def training_repetitions(work, test_sessions):
-    """The repetitions 03 and 04 train on: rows (dicts) of frames/manifest.tsv with status ok outside
-    `test_sessions` (the encoding test set, which the models must not see), in manifest order."""
+    """The repetitions 03 and 04 train on: rows (dicts) of frames/manifest.tsv with status ok
+    outside `test_sessions` (the encoding test set, which the models must not see),
+    in manifest order."""
     manifest_path = Path(work) / "frames" / "manifest.tsv"
     manifest = read_tsv(manifest_path, required=("sub", "ses", "status", "frames_path", "n_frames"))
     test = {session_label(s) for s in test_sessions}
     rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(session_label).isin(test)]
     if rows.empty:
-        raise InputError(f"{manifest_path}: no repetition with status ok outside test sessions {list(test_sessions)}")
+        raise InputError(f"{manifest_path}: no repetition with status ok outside test sessions "
+                         f"{list(test_sessions)}")
     reps = [dict(row) for _, row in rows.iterrows()]
     for rep in reps:
         if not (Path(work) / str(rep["frames_path"])).is_file():
-            raise InputError(f"{manifest_path}: frames file {Path(work) / str(rep['frames_path'])} is listed as ok "
-                             "but does not exist (re-run 01_render_frames.py)")
+            raise InputError(f"{manifest_path}: frames file {Path(work) / str(rep['frames_path'])} "
+                             "is listed as ok but does not exist (re-run 01_render_frames.py)")
     return reps
 
 
 # --------------------------------------------------------------------------------------------------
 # Provenance: a stage skips an output only when the output's record says it was made exactly as the
-# stage would make it now: the same flags, and the same bytes in every input. Each output that a later
-# run may skip has a record beside it, `<output stem>.json`:
-#     {"stage": "05_extract", "settings": {"--pool": "none", ...},            the flags that shape it
+# stage would make it now: the same flags, and the same bytes in every input. Each output that a
+# later run may skip has a record beside it, `<output stem>.json`:
+#     {"stage": "05_extract", "settings": {"--pool": "none", ...},          the flags that shape it
 #      "inputs": {"gpt/demo/ckpt.pt": {"sha256": ..., "size": ..., "mtime_ns": ...}, ...},
 #      "output": {"sha256": ..., "size": ..., "mtime_ns": ...}, ...}        the output itself
-# An input's sha256 comes from its own record when it has one (its producer hashed it once), so a change
-# anywhere upstream changes a fingerprint that every stage downstream compares. Size and mtime only
-# let a record vouch for a file without reading it again, as git's index does; content decides.
+# An input's sha256 comes from its own record when it has one (its producer hashed it once), so a
+# change anywhere upstream changes a fingerprint that every stage downstream compares. Size and
+# mtime only let a record vouch for a file without reading it again,
+# as git's index does; content decides.
 # --------------------------------------------------------------------------------------------------
 def file_sha256(path, chunk=1 << 24):
     """Hex sha256 of a file, read in chunks (checkpoints are hundreds of MB)."""
@@ -1124,13 +1187,15 @@ def record_path(output):
 
 
 def read_record(path):
-    """The record at `path`, or None when there is none. A file that is not one of our records (a BIDS
-    sidecar, or a record cut short by a crash) also gives None: the output is then made again."""
+    """The record at `path`, or None when there is none. A file that is not one of our records (a
+    BIDS sidecar, or a record cut short by a crash) also gives None: the output is then made
+    again."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and "stage" in record and "settings" in record else None
+    return (record if isinstance(record, dict) and "stage" in record and "settings" in record
+            else None)
 
 
 def hash_file(path):
@@ -1140,9 +1205,10 @@ def hash_file(path):
 
 
 def fingerprint(path, known=None):
-    """The fingerprint of a file, without reading it when a record vouches for it: `known` (what an earlier
-    record of ours said of this input) or the file's own record (what its producer wrote), as long as
-    the file still has the size and modification time that record saw. Otherwise it is hashed."""
+    """The fingerprint of a file, without reading it when a record vouches for it: `known` (what an
+    earlier record of ours said of this input) or the file's own record (what its producer wrote),
+    as long as the file still has the size and modification time that record saw.
+    Otherwise it is hashed."""
     path = Path(path)
     stat = path.stat()
 
@@ -1174,11 +1240,13 @@ def _content(value):
 def changed_settings(record, settings):
     """The flags whose value differs between a record and `settings`, in the order of `settings`."""
     before = record.get("settings", {})
-    return [k for k in [*settings, *(k for k in before if k not in settings)] if before.get(k) != settings.get(k)]
+    return [k for k in [*settings, *(k for k in before if k not in settings)]
+            if before.get(k) != settings.get(k)]
 
 
 def changed_inputs(record, inputs):
-    """The inputs whose content differs between a record and `inputs` (added and removed ones too)."""
+    """The inputs whose content differs between a record and `inputs`
+    (added and removed ones too)."""
     before = record.get("inputs", {})
     return [k for k in [*inputs, *(k for k in before if k not in inputs)]
             if _content(before.get(k)) != _content(inputs.get(k))]
@@ -1188,9 +1256,10 @@ def flags_differ_error(output, record, settings, changed):
     """The InputError for an output made with other flags: names the first differing flag."""
     flag = changed[0]
     before, now = record["settings"].get(flag), settings.get(flag)
-    others = f" (and {len(changed) - 1} other flag(s): {', '.join(changed[1:])})" if len(changed) > 1 else ""
-    return InputError(f"{output}: made with {flag} {_show(before)}, not {_show(now)}{others}: pass the same "
-                      f"flags, or --overwrite to redo it")
+    others = (f" (and {len(changed) - 1} other flag(s): {', '.join(changed[1:])})"
+              if len(changed) > 1 else "")
+    return InputError(f"{output}: made with {flag} {_show(before)}, not {_show(now)}{others}: "
+                      f"pass the same flags, or --overwrite to redo it")
 
 
 def _show(value):
@@ -1200,12 +1269,13 @@ def _show(value):
 
 
 def is_up_to_date(output, record, stage, settings, inputs, overwrite, say=print):
-    """Whether `output` can be skipped: its record exists, describes the file as it is, and equals what
-    `stage` would make now with `settings` from `inputs`.
+    """Whether `output` can be skipped: its record exists, describes the file as it is, and equals
+    what `stage` would make now with `settings` from `inputs`.
 
-    The one rule every stage applies: different flags -> InputError naming the flag (unless --overwrite);
-    a changed input, a missing or damaged record, or a changed output file -> False (made again, and said
-    through `say`); otherwise True. `record` is read_record(...) of the output (or the checkpoint's own).
+    The one rule every stage applies: different flags -> InputError naming the flag
+    (unless --overwrite); a changed input, a missing or damaged record, or a changed output file ->
+    False (made again, and said through `say`); otherwise True. `record` is read_record(...) of the
+    output (or the checkpoint's own).
     """
     output = Path(output)
     if overwrite or not output.exists():
@@ -1221,7 +1291,8 @@ def is_up_to_date(output, record, stage, settings, inputs, overwrite, say=print)
         more = f" and {len(changed) - 1} other input(s)" if len(changed) > 1 else ""
         say(f"{stage}: {changed[0]}{more} changed since {output} was made: making it again")
         return False
-    # the output itself (or, for a folder of outputs, each file the record lists) as the record saw it
+    # the output itself (or, for a folder of outputs, each file the record lists)
+    # as the record saw it
     made = {output: record.get("output")} if record.get("output") else {}
     made |= {output.parent / name: fp for name, fp in record.get("outputs", {}).items()}
     for path, recorded in made.items():
@@ -1236,18 +1307,21 @@ def is_up_to_date(output, record, stage, settings, inputs, overwrite, say=print)
 
 def stale_input(work, record, checked=None):
     """The first input of `record` (a record, or None) that is no longer what the record saw, as
-    (its name, the stage of the record that lists it), or None when the whole chain above is current.
+    (its name, the stage of the record that lists it), or None when the whole chain above is
+    current.
 
-    Each input recorded by its path under `work` (as input_fingerprints names it) must still exist with
-    the recorded sha256, and so must the inputs of its own record, up the chain (results -> features ->
-    GPT -> VQ-VAE, frames, BOLD). Inputs recorded by role (01's "bk2", 02's "bold": raw data the record
-    does not locate) and plain values (05's timeline) end the chain. `checked`, a set shared by calls,
-    holds the (name, sha256) pairs already found current, so that calls over many records read each once.
+    Each input recorded by its path under `work` (as input_fingerprints names it) must still exist
+    with the recorded sha256, and so must the inputs of its own record, up the chain (results ->
+    features -> GPT -> VQ-VAE, frames, BOLD). Inputs recorded by role (01's "bk2", 02's "bold": raw
+    data the record does not locate) and plain values (05's timeline) end the chain. `checked`, a
+    set shared by calls, holds the (name, sha256) pairs already found current, so that calls over
+    many records read each once.
     """
     checked = set() if checked is None else checked
     for name, recorded in (record or {}).get("inputs", {}).items():
         path = Path(work) / name
-        if not isinstance(recorded, dict) or "sha256" not in recorded or (name, recorded["sha256"]) in checked:
+        if (not isinstance(recorded, dict) or "sha256" not in recorded
+                or (name, recorded["sha256"]) in checked):
             continue   # a plain value, or found current already
         if "/" not in name and not path.is_file():
             continue   # a role, not a path
@@ -1261,10 +1335,12 @@ def stale_input(work, record, checked=None):
 
 
 def new_record(stage, settings, inputs, output=None, **details):
-    """A record (dict) for `output`, fingerprinted from its bytes now that it is written; `details` are
-    extra fields for the reader (never compared). Library versions are kept for the reader too."""
+    """A record (dict) for `output`, fingerprinted from its bytes now that it is written; `details`
+    are extra fields for the reader (never compared). Library versions are kept for the reader
+    too."""
     record = {"stage": stage, "settings": settings, "inputs": inputs, **details,
-              "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__}}
+              "versions": {"python": sys.version.split()[0], "numpy": np.__version__,
+                           "torch": torch.__version__}}
     if output is not None:
         record["output"] = hash_file(output)
     return record
@@ -1278,9 +1354,9 @@ def write_record(output, record):
 
 # --------------------------------------------------------------------------------------------------
 # --- Training plumbing (stages 03 and 04) ---
-# One code path for CPU, one GPU and DDP (torchrun, or srun under SLURM: one node or many); checkpoints that
-# resume exactly; SLURM preemption; the cosine schedule; a CSV log; mixed precision. None of this is the
-# paper's algorithm: it only makes long training runs safe and fast.
+# One code path for CPU, one GPU and DDP (torchrun, or srun under SLURM: one node or many);
+# checkpoints that resume exactly; SLURM preemption; the cosine schedule; a CSV log; mixed
+# precision. None of this is the paper's algorithm: it only makes long training runs safe and fast.
 # --------------------------------------------------------------------------------------------------
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -1300,11 +1376,12 @@ class DistContext:
 
 
 def setup_distributed(device="auto"):
-    """Join the process group that RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT describe (set
-    by `torchrun`, or by slurm/gpu_stage.sbatch for the processes srun starts), if any.
+    """Join the process group that RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
+    describe (set by `torchrun`, or by slurm/gpu_stage.sbatch for the processes srun starts), if
+    any.
 
-    device: 'auto' (CUDA when torch sees it), 'cuda' or 'cpu'. A plain `python script.py` is a world of
-    one and starts no process group; several processes use NCCL on GPUs and gloo on CPUs.
+    device: 'auto' (CUDA when torch sees it), 'cuda' or 'cpu'. A plain `python script.py` is a world
+    of one and starts no process group; several processes use NCCL on GPUs and gloo on CPUs.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -1328,20 +1405,23 @@ def setup_distributed(device="auto"):
 def teardown_distributed():
     """Leave the process group (if one was started)."""
     if dist.is_initialized():
-        # Collect first: reference cycles (autograd graphs, DDP's reducer) can keep gloo work objects alive
-        # until interpreter exit, where freeing them aborts the process ("terminate called without an
-        # active exception").
+        # Collect first: reference cycles (autograd graphs, DDP's reducer) can keep gloo work
+        # objects alive until interpreter exit, where freeing them aborts the process ("terminate
+        # called without an active exception").
         gc.collect()
         dist.destroy_process_group()
 
 
 def split_batch(global_batch, ctx, stage):
-    """The per-process share of --batch-size, which counts the samples of one optimizer step over all
-    processes: the paper's recipe (64 clips per step for the GPT) is then the same on 1 or 8 GPUs."""
+    """The per-process share of --batch-size, which counts the samples of one optimizer step over
+    all processes: the paper's recipe (64 clips per step for the GPT) is then the same on 1 or 8
+    GPUs."""
     if global_batch % ctx.world_size:
-        raise InputError(f"--batch-size {global_batch}: does not divide evenly between {ctx.world_size} processes")
+        raise InputError(f"--batch-size {global_batch}: does not divide evenly between "
+                         f"{ctx.world_size} processes")
     per_rank = global_batch // ctx.world_size
-    print0(f"{stage}: batch {global_batch} per optimizer step = {ctx.world_size} process(es) x {per_rank}")
+    print0(f"{stage}: batch {global_batch} per optimizer step = "
+           f"{ctx.world_size} process(es) x {per_rank}")
     return per_rank
 
 
@@ -1358,18 +1438,20 @@ def print0(*args, **kwargs):
 
 
 def seed_everything(seed, rank=0):
-    """Seed python, numpy and torch (CPU and CUDA) with `seed + rank`: ranks draw different clips."""
+    """Seed python, numpy and torch (CPU and CUDA) with `seed + rank`:
+    ranks draw different clips."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
 
 
 class PreemptionFlag:
-    """Remembers that SIGTERM or SIGUSR1 arrived (SLURM sends one before it kills or requeues a job), so
-    that training can save a checkpoint and stop cleanly at the end of its step. Made first thing in a
-    training stage's main(): from then on a signal never kills the process, whatever it is doing (caching
-    codes, validating, writing a checkpoint, drawing the last figure); it is only read where stopping is
-    safe. A signal after the last step is then harmless: the run completes and exits 0."""
+    """Remembers that SIGTERM or SIGUSR1 arrived (SLURM sends one before it kills or requeues a
+    job), so that training can save a checkpoint and stop cleanly at the end of its step. Made first
+    thing in a training stage's main(): from then on a signal never kills the process, whatever it
+    is doing (caching codes, validating, writing a checkpoint, drawing the last figure); it is only
+    read where stopping is safe. A signal after the last step is then harmless:
+    the run completes and exits 0."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.name = None
@@ -1380,7 +1462,8 @@ class PreemptionFlag:
         self.name = self.name or signal.Signals(signum).name
 
     def agreed(self, ctx):
-        """True on every rank as soon as any rank got the signal (all ranks must stop at the same step)."""
+        """True on every rank as soon as any rank got the signal
+        (all ranks must stop at the same step)."""
         if ctx.world_size == 1:
             return self.name is not None
         flag = torch.tensor([float(self.name is not None)], device=ctx.device)
@@ -1388,27 +1471,38 @@ class PreemptionFlag:
         return bool(flag.item())
 
     def interrupted(self, stage, where, kept="checkpoint saved"):
-        """The Interrupted exception that ends the run, `where` ("at step 7 of 9") and what was `kept`."""
-        return Interrupted(f"{stage}: interrupted {where} by {self.name or 'a signal'}; {kept}: re-run to resume")
+        """The Interrupted exception that ends the run,
+        `where` ("at step 7 of 9") and what was `kept`."""
+        return Interrupted(f"{stage}: interrupted {where} by {self.name or 'a signal'}; "
+                           f"{kept}: re-run to resume")
 
 
-# Flags that choose the hardware, the speed or the logging of a training run, declared here once for 03
-# and 04: never part of a run's record, so a run may resume on another device, with torch.compile, or
-# with other log intervals. A stage adds those it has with add_run_flags; settings_of leaves them out.
+# Flags that choose the hardware, the speed or the logging of a training run, declared here once for
+# 03 and 04: never part of a run's record, so a run may resume on another device, with
+# torch.compile, or with other log intervals. A stage adds those it has with add_run_flags;
+# settings_of leaves them out.
 RUN_FLAGS = {
-    "--device": dict(default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA when torch sees it"),
-    "--workers": dict(type=int, default=4, help="threads that read clips from disk (default %(default)s)"),
-    "--tf32": dict(action="store_true", help="TF32 matmuls and convolutions in fp32 (Ampere and later)"),
+    "--device": dict(default="auto", choices=("auto", "cuda", "cpu"),
+                     help="auto: CUDA when torch sees it"),
+    "--workers": dict(type=int, default=4,
+                      help="threads that read clips from disk (default %(default)s)"),
+    "--tf32": dict(action="store_true",
+                   help="TF32 matmuls and convolutions in fp32 (Ampere and later)"),
     "--channels-last": dict(action="store_true", help="channels_last_3d memory format"),
     "--cudnn-benchmark": dict(action="store_true", help="let cuDNN pick the fastest kernels"),
     "--compile": dict(action="store_true", help="torch.compile the model"),
-    "--log-every": dict(type=int, default=100, help="steps between log.csv rows (default %(default)s)"),
-    "--val-every": dict(type=int, default=1000, help="steps between validation passes (default %(default)s)"),
-    "--val-clips": dict(type=int, default=32, help="validation clips, drawn once (default %(default)s)"),
+    "--log-every": dict(type=int, default=100,
+                        help="steps between log.csv rows (default %(default)s)"),
+    "--val-every": dict(type=int, default=1000,
+                        help="steps between validation passes (default %(default)s)"),
+    "--val-clips": dict(type=int, default=32,
+                        help="validation clips, drawn once (default %(default)s)"),
     "--val-samples": dict(type=int, default=2048,
                           help="validation samples per pass (0: all; default %(default)s)"),
-    "--ckpt-every": dict(type=int, default=1000, help="steps between checkpoints (default %(default)s)"),
-    "--resume": dict(action="store_true", help="continue this stage's unfinished run, if there is one"),
+    "--ckpt-every": dict(type=int, default=1000,
+                         help="steps between checkpoints (default %(default)s)"),
+    "--resume": dict(action="store_true",
+                     help="continue this stage's unfinished run, if there is one"),
     "--overwrite": dict(action="store_true", help="start over even if a checkpoint exists"),
     "--allow-unfinished": dict(action="store_true",
                                help="use an upstream checkpoint whose training was interrupted"),
@@ -1427,17 +1521,19 @@ def add_run_flags(parser, flags, **defaults):
 
 
 def settings_of(args, leave_out=NOT_RECORDED):
-    """The flags of an argparse namespace that shape the result, as {"--flag": value}, JSON-normalised
-    (tuples become lists) so that they compare equal to the same flags read back from a record."""
+    """The flags of an argparse namespace that shape the result, as {"--flag": value},
+    JSON-normalised (tuples become lists) so that they compare equal to the same flags read back
+    from a record."""
     settings = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in leave_out}
     return json.loads(json.dumps(settings))
 
 
 def checkpoint_to_resume(ckpt_path, stage, settings, inputs, resume, overwrite):
-    """What a training stage does with the checkpoint at `ckpt_path`. Returns (checkpoint, complete):
-    (None, False) to train from step 0 (no checkpoint, --overwrite, or it was trained on other inputs);
-    (checkpoint, True) when that run is complete (the stage skips it); (checkpoint, False) to resume it
-    (--resume). Raises InputError when the flags differ, or an unfinished run exists without --resume."""
+    """What a training stage does with the checkpoint at `ckpt_path`. Returns
+    (checkpoint, complete): (None, False) to train from step 0 (no checkpoint, --overwrite, or it
+    was trained on other inputs); (checkpoint, True) when that run is complete (the stage skips it);
+    (checkpoint, False) to resume it (--resume). Raises InputError when the flags differ, or an
+    unfinished run exists without --resume."""
     ckpt_path = Path(ckpt_path)
     if overwrite or not ckpt_path.exists():
         return None, False
@@ -1445,22 +1541,25 @@ def checkpoint_to_resume(ckpt_path, stage, settings, inputs, resume, overwrite):
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != stage:
         raise InputError(f"{ckpt_path}: not a checkpoint of {stage} (--overwrite replaces it)")
     if "provenance" not in checkpoint:
-        raise InputError(f"{ckpt_path}: written by an older version of {stage}, without a record of its "
-                         "inputs: --overwrite to train again (or choose another --work)")
-    if not is_up_to_date(ckpt_path, checkpoint["provenance"], stage, settings, inputs, False, say=print0):
+        raise InputError(f"{ckpt_path}: written by an older version of {stage}, without a record "
+                         "of its inputs: --overwrite to train again (or choose another --work)")
+    if not is_up_to_date(ckpt_path, checkpoint["provenance"], stage, settings, inputs, False,
+                         say=print0):
         print0(f"{stage}: training from step 0")
         return None, False
     if checkpoint["complete"]:
         return checkpoint, True
     if not resume:
-        raise InputError(f"{ckpt_path}: an unfinished run ({checkpoint['step']} of {checkpoint['max_steps']} "
-                         "steps) exists: pass --resume to continue it or --overwrite to start over")
+        raise InputError(f"{ckpt_path}: an unfinished run "
+                         f"({checkpoint['step']} of {checkpoint['max_steps']} steps) exists: "
+                         "pass --resume to continue it or --overwrite to start over")
     return checkpoint, False
 
 
 def start_over(ckpt_path, ctx):
-    """Remove the checkpoint of a run that trains from step 0 (other inputs, or --overwrite), once every
-    rank has decided: interrupted at once, the new run must not leave the old run's weights behind."""
+    """Remove the checkpoint of a run that trains from step 0 (other inputs, or --overwrite), once
+    every rank has decided: interrupted at once, the new run must not leave the old run's weights
+    behind."""
     barrier(ctx)
     if ctx.is_main:
         Path(ckpt_path).unlink(missing_ok=True)
@@ -1469,9 +1568,9 @@ def start_over(ckpt_path, ctx):
 
 @dataclass
 class TrainingRun:
-    """What a training run (03, 04) is made of, decided before it starts: where it writes, the unfinished
-    run it resumes (None: from step 0), the model's keywords, its record (provenance) and the stage's
-    training data."""
+    """What a training run (03, 04) is made of, decided before it starts: where it writes, the
+    unfinished run it resumes (None: from step 0), the model's keywords, its record (provenance) and
+    the stage's training data."""
     out_dir: Path
     checkpoint: dict | None
     model_config: dict
@@ -1496,8 +1595,8 @@ def run_training(train, args, run, preemption):
 
 
 def wrap_for_training(model, args, ctx, **ddp_options):
-    """The model the training loop calls: under DDP with several processes, compiled with --compile. The
-    checkpoints save the model itself, unwrapped."""
+    """The model the training loop calls: under DDP with several processes, compiled with --compile.
+    The checkpoints save the model itself, unwrapped."""
     if ctx.world_size > 1:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_options)
@@ -1507,26 +1606,29 @@ def wrap_for_training(model, args, ctx, **ddp_options):
 
 
 def split_validation(reps, val_reps, path):
-    """(training, validation) repetitions: the last `val_reps` in manifest order are held out. 03 and 04
-    hold out the same ones (same default), so the frozen VQ-VAE never saw the GPT's validation clips."""
+    """(training, validation) repetitions: the last `val_reps` in manifest order are held out. 03
+    and 04 hold out the same ones (same default), so the frozen VQ-VAE never saw the GPT's
+    validation clips."""
     if len(reps) <= val_reps:
-        raise InputError(f"{path}: {len(reps)} usable repetition(s), not enough to hold out --val-reps "
-                         f"{val_reps} and still train")
+        raise InputError(f"{path}: {len(reps)} usable repetition(s), not enough to hold out "
+                         f"--val-reps {val_reps} and still train")
     return reps[:len(reps) - val_reps], reps[len(reps) - val_reps:]
 
 
 def require_complete(checkpoint, path, producer, allow_flag, allowed=False):
-    """Refuse a checkpoint whose training was interrupted (complete False), unless `allowed` (the user
-    passed `allow_flag` on purpose). Checkpoints of other origins (the authors') count as complete."""
+    """Refuse a checkpoint whose training was interrupted (complete False), unless `allowed` (the
+    user passed `allow_flag` on purpose). Checkpoints of other origins (the authors') count as
+    complete."""
     if isinstance(checkpoint, dict) and checkpoint.get("complete") is False and not allowed:
         raise InputError(f"{path}: unfinished training (step {checkpoint.get('step')} of "
-                         f"{checkpoint.get('max_steps')}): re-run {producer} to finish it, or pass {allow_flag} "
-                         "to use it as it is")
+                         f"{checkpoint.get('max_steps')}): re-run {producer} to finish it, "
+                         f"or pass {allow_flag} to use it as it is")
 
 
 def rng_state():
     """The state of every random generator this process uses (python, numpy, torch CPU and CUDA)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -1540,7 +1642,8 @@ def set_rng_state(state):
 
 
 def gather_rng_states(ctx):
-    """rng_state() of every rank, as a list indexed by rank (a checkpoint resumes every rank exactly)."""
+    """rng_state() of every rank, as a list indexed by rank
+    (a checkpoint resumes every rank exactly)."""
     if ctx.world_size == 1:
         return [rng_state()]
     states = [None] * ctx.world_size
@@ -1560,26 +1663,29 @@ def restore_rng_states(states, ctx):
 def save_checkpoint(path, checkpoint):
     """torch.save(checkpoint) atomically: a kill during the write leaves the previous file intact.
 
-    The stages save a dict with: model (state dict), optimizer, scaler, step, max_steps, complete, rng
-    (list by rank), args (vars of the argparse namespace), model_config (the keyword arguments that
-    rebuild the model) and provenance (the record: stage, settings, inputs), which is also written
-    beside it as `ckpt.json` with the checkpoint's own fingerprint.
+    The stages save a dict with: model (state dict), optimizer, scaler, step, max_steps, complete,
+    rng (list by rank), args (vars of the argparse namespace), model_config (the keyword arguments
+    that rebuild the model) and provenance (the record: stage, settings, inputs), which is also
+    written beside it as `ckpt.json` with the checkpoint's own fingerprint.
     """
     with atomic_path(path) as tmp:
         try:
             torch.save(checkpoint, tmp)
-        except RuntimeError as err:   # torch's zip writer reports a full disk as a RuntimeError of its own
-            reason = "No space left on device" if shutil.disk_usage(tmp.parent).free < 1 << 20 else \
-                f"torch: {str(err).splitlines()[0]}"
+        except RuntimeError as err:
+            # torch's zip writer reports a full disk as a RuntimeError of its own
+            reason = ("No space left on device" if shutil.disk_usage(tmp.parent).free < 1 << 20
+                      else f"torch: {str(err).splitlines()[0]}")
             raise InputError(f"{path}: cannot write it ({reason})") from None
-    if "provenance" in checkpoint:    # its record beside it: what it was made from, whether it is complete
-        write_record(path, dict(checkpoint["provenance"], complete=checkpoint["complete"], step=checkpoint["step"],
-                                max_steps=checkpoint["max_steps"], output=hash_file(path)))
+    # its record beside it: what it was made from, whether it is complete
+    if "provenance" in checkpoint:
+        write_record(path, dict(checkpoint["provenance"], complete=checkpoint["complete"],
+                                step=checkpoint["step"], max_steps=checkpoint["max_steps"],
+                                output=hash_file(path)))
 
 
 def cosine_lr(step, max_steps, base_lr, min_lr=0.0):
-    """Learning rate at `step`: paper eq. 2 (torch's CosineAnnealingLR over max_steps), base_lr at step 0,
-    min_lr at max_steps."""
+    """Learning rate at `step`: paper eq. 2 (torch's CosineAnnealingLR over max_steps), base_lr at
+    step 0, min_lr at max_steps."""
     progress = min(1.0, step / max(1, max_steps))
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
@@ -1592,8 +1698,8 @@ def set_lr(optimizer, lr):
 class CSVLog:
     """A CSV training log, one row per call to log(), flushed at once (a killed run keeps its rows).
 
-    resume_step: when resuming from a checkpoint at that step, rows written after it by the killed run
-    are dropped, so the log of a resumed run equals that of an uninterrupted one.
+    resume_step: when resuming from a checkpoint at that step, rows written after it by the killed
+    run are dropped, so the log of a resumed run equals that of an uninterrupted one.
     """
 
     def __init__(self, path, fields, resume_step=None):
@@ -1616,7 +1722,8 @@ class CSVLog:
 
 
 def peak_memory_gb(device):
-    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS on the host (GB)."""
+    """Peak memory so far: allocated CUDA memory on a GPU,
+    the process's peak RSS on the host (GB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # Linux: KiB -> GB
@@ -1631,5 +1738,6 @@ def autocast(device, precision):
 
 
 def grad_scaler(device, precision):
-    """A GradScaler, active for fp16 only (bf16 has fp32's exponent range and needs no loss scaling)."""
+    """A GradScaler, active for fp16 only
+    (bf16 has fp32's exponent range and needs no loss scaling)."""
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
