@@ -33,6 +33,7 @@ gets no p-values: a test TR's neighbours were trained on, and no circular-shift 
 """
 import argparse
 import functools
+import itertools
 import json
 import sys
 import time
@@ -49,8 +50,13 @@ from common import DEFAULT_WORK, InputError, atomic_path, load_npy, read_tsv, ru
 
 STAGE = "06_ridge"
 PAPER_ALPHAS = (0.1, 1.0, 100.0)  # paper section 2.3.3
-# what a subject's folder holds besides summary.json, which lists them with their fingerprints
-OUTPUT_FILES = ("r.npy", "alphas.npy", "p_values.npy", "significant.npy", "r_map.nii.gz", "r_map.png")
+BAND_GRID = (-2.0, -1.0, 0.0, 1.0, 2.0)   # --with: log10 ratios of the sets' weights (banded ridge)
+# what a subject's folder holds besides summary.json, which lists them with their fingerprints; with
+# several feature sets (--with), the variance partition too
+OUTPUT_FILES = ("r.npy", "alphas.npy", "p_values.npy", "significant.npy", "r_map.nii.gz", "r_map.png",
+                "test_bold.npy", "test_prediction.npy", "test_run.npy")
+PARTITION_FILES = ("band_weights.npy", "r2_alone.npy", "r2_all.npy", "unique.npy", "shared.npy",
+                   "unique_p.npy", "unique_significant.npy", "unique_map.nii.gz", "unique_map.png")
 
 
 def parse_args(argv=None):
@@ -63,6 +69,12 @@ def parse_args(argv=None):
                         "several layers of a feature set are encoded)")
     p.add_argument("--layer", default=None,
                    help="feature layer folder (default: the only layer present; needed when there are several)")
+    p.add_argument("--with", dest="with_sets", nargs="+", default=[], metavar="NAME[:LAYER]",
+                   help="more feature sets, fitted jointly with --name (banded ridge: a penalty per set) "
+                        "and compared by variance partitioning, e.g. --with lowlevel buttons")
+    p.add_argument("--band-grid", type=float, nargs="+", default=list(BAND_GRID), metavar="U",
+                   help="with --with: the weights of the sets tried, log10 of each set's weight relative "
+                        "to another's (default -2 -1 0 1 2; a set may also be left out)")
     p.add_argument("--subjects", nargs="+", default=None, type=lambda s: s.removeprefix("sub-"),
                    help="subject labels, e.g. 01 02 (default: all)")
     p.add_argument("--delays", type=int, nargs="+", default=[3],
@@ -100,6 +112,8 @@ def parse_args(argv=None):
         p.error("--test-size must be between 0 and 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
+    if args.with_sets and args.pca:
+        raise InputError("--pca with --with: project each feature set yourself (05 --pool), or fit one set")
     if args.split == "random" and args.n_permutations > 0:
         # On pure noise with autocorrelated features, the random split gives a median r near 0.8 and a
         # circular-shift null calls every parcel significant: the null cannot model the leak.
@@ -382,18 +396,28 @@ def circular_shift_null(y_test, prediction, test_run, n_permutations, rng):
 
     Shifting the features of a run by k TRs shifts the model's predictions by k TRs, so the null r of a
     permutation correlates the test BOLD at TR t with the prediction at TR t + k (modulo the run length,
-    one k per run), which keeps the autocorrelation of both series but breaks their alignment. The shifts
-    are the whole group of circular shifts, k = 0 ... L - 1 in each run independently (all runs at 0 is
-    the observed r): when it has no more than n_permutations other elements, all of them are used (an
-    exact test), otherwise n_permutations drawn at random. Small shifts stay in on purpose: leaving out
-    |k| < 10, say, compares the observed r only with distant shifts and makes the test anti-conservative
-    (2 test runs of 77 TRs, autocorrelated predictions, no signal: 7.9% of parcels below p = 0.05).
-    y_test, prediction (m, P): the test samples, those of a run contiguous and in time order (whole test
-    runs: --split session); test_run (m,) the run of each. Returns (n_null, P), n_null <= n_permutations.
+    one k per run), which keeps the autocorrelation of both series but breaks their alignment.
+    y_test, prediction (m, P); test_run (m,) as shift_sources. Returns (n_null, P).
+    """
+    return np.stack([pearson_r(y_test, prediction[source])
+                     for source in shift_sources(test_run, n_permutations, rng)])
+
+
+def shift_sources(test_run, n_permutations, rng):
+    """The circular shifts of the null, as row indices (n_null, m): row i of a shifted prediction is row
+    sources[k, i] of the prediction. test_run (m,): the run of each test sample, the samples of a run
+    contiguous and in time order (whole test runs: --split session).
+
+    The shifts are the whole group of circular shifts, k = 0 ... L - 1 in each run independently (all
+    runs at 0 is the observed r): when it has no more than n_permutations other elements, all of them
+    are used (an exact test), otherwise n_permutations drawn at random. Small shifts stay in on purpose:
+    leaving out |k| < 10, say, compares the observed r only with distant shifts and makes the test
+    anti-conservative (2 test runs of 77 TRs, autocorrelated predictions, no signal: 7.9% of parcels
+    below p = 0.05).
     """
     runs, starts, lengths = np.unique(test_run, return_index=True, return_counts=True)
     if not all((test_run[s:s + n] == g).all() for g, s, n in zip(runs, starts, lengths)):
-        raise ValueError("circular_shift_null: the samples of a test run must be contiguous")
+        raise ValueError("circular shifts: the samples of a test run must be contiguous")
     n_shifts = np.prod(lengths.astype(float)) - 1   # the group's elements besides the identity
     if n_shifts < 1:
         raise InputError("the test runs have one sample each: no circular shift is possible; use "
@@ -405,11 +429,8 @@ def circular_shift_null(y_test, prediction, test_run, n_permutations, rng):
         shifts = np.stack([rng.integers(0, n, n_permutations) for n in lengths], axis=1)  # (n_perm, runs)
     run_index = np.searchsorted(runs, test_run)                     # (m,)
     position = np.arange(len(test_run)) - starts[run_index]         # (m,) index within the run
-    null = np.empty((len(shifts), y_test.shape[1]))
-    for i, shift in enumerate(shifts):
-        source = starts[run_index] + (position + shift[run_index]) % lengths[run_index]   # (m,)
-        null[i] = pearson_r(y_test, prediction[source])
-    return null
+    start, length = starts[run_index], lengths[run_index]
+    return start + (position + shifts[:, run_index]) % length       # (n_null, m)
 
 
 def permutation_p_values(r, null, level):
@@ -431,26 +452,30 @@ def main():
     args = parse_args()
     work = Path(args.work)
     stage = read_stage_inputs(args, work)
-    results_dir = work / "results" / (args.results_name or args.name)
+    results_dir = work / "results" / (args.results_name or "+".join(name for name, _ in stage.feature_sets))
     # What a subject's results are made of: these flags, and the exact bytes of every BOLD and feature
     # file of the runs used (fingerprints from 02's and 05's records), the atlas and its labels. Finished
     # subjects made the same way are skipped; a changed input makes them again.
     settings = common.settings_of(args, {"work", "name", "results_name", "subjects", "device", "parcel_batch",
-                                         "overwrite", "ground_truth", "layer"}) | {"--layer": stage.layer}
+                                         "overwrite", "ground_truth", "layer", "with_sets"})
+    settings["--layer"] = stage.feature_sets[0][1]
+    if args.with_sets:
+        settings["--with"] = [f"{name}:{layer}" for name, layer in stage.feature_sets[1:]]
+    else:   # a single set's record as before: no band grid either
+        settings.pop("--band-grid")
     shared = [work / "bold" / "labels.tsv", stage.atlas_path, *filter(None, [args.ground_truth])]
     inputs_of = functools.partial(subject_inputs, work, args, stage.manifest, shared,
-                                  work / "features" / args.name / stage.layer)
+                                  [work / "features" / name / layer for name, layer in stage.feature_sets])
     fitted = 0
     for sub in stage.subjects:
         out_dir = results_dir / f"sub-{sub}"
         earlier = common.read_record(out_dir / "summary.json")
         files, inputs = inputs_of(sub, earlier)
-        if common.is_up_to_date(out_dir / "summary.json", earlier, STAGE, settings, inputs, args.overwrite):
+        if subject_is_done(out_dir, earlier, settings, inputs, len(stage.feature_sets), args.overwrite):
             print(f"sub-{sub}: done already with these flags and inputs ({out_dir / 'summary.json'}); "
                   "--overwrite to redo")
             continue
-        summary = encode_subject(args, sub, files, stage.labels, stage.atlas_path, out_dir, (settings, inputs),
-                                 stage.planted_labels)
+        summary = encode_subject(args, sub, files, stage, out_dir, (settings, inputs))
         fitted += 1
         print(f"sub-{sub}: {summary['n_train_samples']} train / {summary['n_test_samples']} test samples, "
               f"{summary['n_features']} features, r max {score_text(summary['r_max'])}, median "
@@ -463,12 +488,13 @@ def main():
 @dataclass
 class StageInputs:
     """What every subject shares: bold/manifest.tsv (a DataFrame), the atlas label of each BOLD column,
-    the atlas on the BOLD grid, the demo's planted labels (or None), the feature layer, the subjects."""
+    the atlas on the BOLD grid, the demo's planted labels (or None), the feature sets [(name, layer)]
+    (--name first, then --with), the subjects."""
     manifest: object
     labels: list
     atlas_path: Path
     planted_labels: set | None
-    layer: str
+    feature_sets: list
     subjects: list
 
 
@@ -488,14 +514,17 @@ def read_stage_inputs(args, work):
     if unknown:
         raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} listed in bold/labels.tsv")
     planted_labels = common.read_planted_labels(args.ground_truth) if args.ground_truth else None
-    layer = find_layer(work / "features" / args.name, args.layer)
+    named = [(args.name, args.layer)] + [tuple(f"{spec}:".split(":")[:2]) for spec in args.with_sets]
+    feature_sets = [(name, find_layer(work / "features" / name, layer or None)) for name, layer in named]
+    if len(set(feature_sets)) < len(feature_sets):
+        raise InputError(f"--with {' '.join(args.with_sets)}: a feature set is given twice")
     subjects = sorted(manifest["sub"].unique())
     if args.subjects:
         absent = [s for s in args.subjects if s not in subjects]
         if absent:
             raise InputError(f"{manifest_path}: no runs of sub-{absent[0]}")
         subjects = args.subjects
-    return StageInputs(manifest, labels, atlas_path, planted_labels, layer, subjects)
+    return StageInputs(manifest, labels, atlas_path, planted_labels, feature_sets, subjects)
 
 
 def update_subjects_figure(results_dir, stage, settings, inputs_of, redraw):
@@ -519,18 +548,30 @@ def score_text(value):
     return "nan" if value is None else f"{value:.3f}"
 
 
-def subject_inputs(work, args, manifest, shared, feature_dir, sub, earlier=None):
+def subject_is_done(out_dir, record, settings, inputs, n_sets, overwrite):
+    """common.is_up_to_date for a subject's summary.json, which must also list every output this
+    version writes (results of an older 06 lack the test time course that 07's intervals resample)."""
+    if not common.is_up_to_date(out_dir / "summary.json", record, STAGE, settings, inputs, overwrite):
+        return False
+    missing = [name for name in output_files(n_sets) if name not in record.get("outputs", {})]
+    if missing:
+        print(f"{STAGE}: {out_dir} has no {missing[0]} (an older 06_ridge.py): making it again")
+    return not missing
+
+
+def subject_inputs(work, args, manifest, shared, feature_dirs, sub, earlier=None):
     """(files, inputs) of one subject: run_files(...) of the runs it uses, and the inputs of its record
     (fingerprints of the `shared` files and of every run's BOLD and features, reusing those of the
     `earlier` record's inputs where they vouch, and each run's split). InputError for a missing file."""
-    files = run_files(work, runs_used(args, manifest[manifest["sub"] == sub]), feature_dir)
-    for stem, _, bold_path, feature_path in files:
+    files = run_files(work, runs_used(args, manifest[manifest["sub"] == sub]), feature_dirs)
+    for stem, _, bold_path, feature_paths in files:
         if not bold_path.is_file():
             raise InputError(f"{bold_path}: BOLD file of run {stem} not found")
-        if not feature_path.is_file():
-            raise InputError(f"{feature_path}: features missing for run {stem}")
-    inputs = common.input_fingerprints(work, [*shared, *(p for f in files for p in f[2:])],
-                                       (earlier or {}).get("inputs"))
+        for path in feature_paths:
+            if not path.is_file():
+                raise InputError(f"{path}: features missing for run {stem}")
+    paths = [*shared, *(p for _, _, bold, features in files for p in (bold, *features))]
+    inputs = common.input_fingerprints(work, paths, (earlier or {}).get("inputs"))
     inputs["splits"] = {stem: split for stem, split, _, _ in files}
     return files, inputs
 
@@ -563,47 +604,79 @@ def subjects_not_current(results_dir, subjects, manifest, settings, inputs_of):
     return why
 
 
-def encode_subject(args, sub, files, labels, atlas_path, out_dir, record, planted_labels=None):
+def encode_subject(args, sub, files, stage, out_dir, record):
     """Fit, score, test and map one subject; write its outputs, then summary.json (its record: `record`
     is (settings, inputs) as main computed them). files: run_files(...) of the runs used."""
     start = time.time()
     rng = np.random.default_rng(args.seed)
-    design = subject_design(args, sub, files, labels, rng)
-    dtype = torch.float32 if args.device == "cuda" else torch.float64  # of the products of X (fit_ridge_loo)
-    fit = fit_ridge_loo(design.X_train, design.Y_train, design.X_test, args.alphas, groups=design.groups,
-                        device=args.device, dtype=dtype, parcel_batch=args.parcel_batch)
+    design = subject_design(args, sub, files, stage.labels, rng)
+    partition = None
+    if len(design.X_train) == 1:   # the paper's model: one feature set
+        fit = fit_ridge_loo(design.X_train[0], design.Y_train, design.X_test[0], args.alphas,
+                            groups=design.groups, device=args.device, dtype=products_dtype(args),
+                            parcel_batch=args.parcel_batch)
+    else:                          # --with: banded ridge of all the sets, and the variance partition
+        fit, partition = partition_variance(design, args)
     r = pearson_r(design.Y_test, fit["test_prediction"])  # (P,)
     if design.all_constant:
         r[:] = np.nan   # a constant prediction has no correlation, whatever rounding leaves in it
     p_values, significant, null = significance(args, design, fit["test_prediction"], r, rng)
+    if partition is not None:
+        partition |= unique_significance(args, design, fit, partition, rng)
     warn_if_alphas_at_grid_edge(args, sub, fit["alpha"], significant, design.all_constant)
 
     # --- outputs (summary.json last: it is the subject's record, and marks it as done) ---
+    names = [name for name, _ in stage.feature_sets]
     common.remove_stale_temporaries(out_dir)
     # a subject is all or nothing: a failed write (full disk) removes what this attempt wrote
-    with common.all_or_nothing([out_dir / name for name in (*OUTPUT_FILES, "summary.json")]):
+    with common.all_or_nothing([out_dir / name for name in (*output_files(len(names)), "summary.json")]):
         save_npy(out_dir / "r.npy", r.astype(np.float32))
         save_npy(out_dir / "alphas.npy", fit["alpha"])
         save_npy(out_dir / "p_values.npy", p_values)
         save_npy(out_dir / "significant.npy", significant)
-        write_r_map(r, significant, args.n_permutations > 0, labels, atlas_path, out_dir,
-                    f"sub-{sub} {args.name}: test r (max {score_text(np.nanmax(r) if np.isfinite(r).any() else None)})")
+        save_test_time_course(out_dir, design, fit["test_prediction"])
+        best = score_text(np.nanmax(r) if np.isfinite(r).any() else None)
+        write_r_map(r, significant, args.n_permutations > 0, stage.labels, stage.atlas_path, out_dir,
+                    f"sub-{sub} {'+'.join(names)}: test r (max {best})")
+        if partition is not None:
+            write_partition(out_dir, fit, partition, names, stage, sub)
         summary = subject_summary(args, sub, r, significant, null, fit, design, files, record, start)
-        if planted_labels is not None:
-            summary["ground_truth"] = planted_recovery(r, significant, labels, planted_labels)
-        summary["outputs"] = {name: common.hash_file(out_dir / name) for name in OUTPUT_FILES}
+        if partition is not None:
+            summary["partition"] = partition_summary(partition, names, args)
+        if stage.planted_labels is not None:
+            summary["ground_truth"] = planted_recovery(r, significant, stage.labels, stage.planted_labels)
+        summary["outputs"] = {name: common.hash_file(out_dir / name) for name in output_files(len(names))}
         common.write_json(out_dir / "summary.json", summary)
     return summary
 
 
+def products_dtype(args):
+    """The dtype of the products of X (fit_ridge_loo): float32 on a GPU, float64 on the CPU."""
+    return torch.float32 if args.device == "cuda" else torch.float64
+
+
+def output_files(n_sets):
+    """What a subject's folder holds besides summary.json (which lists them with their fingerprints)."""
+    return OUTPUT_FILES + (PARTITION_FILES if n_sets > 1 else ())
+
+
+def save_test_time_course(out_dir, design, prediction):
+    """test_bold.npy and test_prediction.npy (m, P) float32 and test_run.npy (m,) int: the test time
+    course, for intervals that resample it (07's block bootstrap: blocks of TRs within a run)."""
+    save_npy(out_dir / "test_bold.npy", design.Y_test.astype(np.float32))
+    save_npy(out_dir / "test_prediction.npy", prediction.astype(np.float32))
+    save_npy(out_dir / "test_run.npy", np.array([g for g, _ in design.test_ids], np.int32))
+
+
 @dataclass
 class Design:
-    """One subject's regression: X_train (n, D) and X_test (m, D) float32 (delayed, standardized or
-    projected features), Y_train (n, P) and Y_test (m, P) float64 BOLD; the samples, (run index, index
-    among the run's samples) for each row; the runs (load_runs); groups (n,) the training run of each row
-    for --cv runs, else None; n_constant features constant over the training samples."""
-    X_train: np.ndarray
-    X_test: np.ndarray
+    """One subject's regression: X_train [(n, D_s)] and X_test [(m, D_s)] float32, one per feature set
+    (delayed, standardized or projected), Y_train (n, P) and Y_test (m, P) float64 BOLD; the samples,
+    (run index, index among the run's samples) for each row; the runs (load_runs); groups (n,) the
+    training run of each row for --cv runs, else None; n_constant features constant over the training
+    samples (all sets)."""
+    X_train: list
+    X_test: list
     Y_train: np.ndarray
     Y_test: np.ndarray
     train_ids: list
@@ -613,8 +686,12 @@ class Design:
     n_constant: int
 
     @property
+    def n_features(self):
+        return sum(X.shape[1] for X in self.X_train)
+
+    @property
     def all_constant(self):   # e.g. every window black: nothing to predict the BOLD from
-        return self.n_constant == self.X_train.shape[1]
+        return self.n_constant == self.n_features
 
 
 def subject_design(args, sub, files, labels, rng):
@@ -625,22 +702,23 @@ def subject_design(args, sub, files, labels, rng):
     if not train_ids or not test_ids:
         raise InputError(f"{Path(args.work) / 'bold' / 'manifest.tsv'}: sub-{sub} has {len(train_ids)} "
                          f"training and {len(test_ids)} test samples with --split {args.split}")
-    n_features = runs[0]["features"].shape[1]
-    X_train = delayed_design(runs, train_ids, args.delays, n_features)  # (n, D * delays)
-    X_test = delayed_design(runs, test_ids, args.delays, n_features)    # (m, D * delays)
+    n_sets = len(runs[0]["features"])
+    X_train = [delayed_design(runs, train_ids, args.delays, s) for s in range(n_sets)]  # (n, D_s * delays)
+    X_test = [delayed_design(runs, test_ids, args.delays, s) for s in range(n_sets)]    # (m, D_s * delays)
     Y_train = np.stack([runs[g]["bold"][k] for g, k in train_ids]).astype(np.float64)  # (n, P)
     Y_test = np.stack([runs[g]["bold"][k] for g, k in test_ids]).astype(np.float64)    # (m, P)
     if Y_train.shape[1] != len(labels):
         raise InputError(f"{Path(args.work) / 'bold' / 'labels.tsv'}: lists {len(labels)} parcels but the "
                          f"BOLD of sub-{sub} has {Y_train.shape[1]} columns")
-    n_constant = standardize(X_train, X_test, scale=not args.no_standardize)
-    if n_constant == X_train.shape[1]:
+    n_constant = sum(standardize(X, X_test_s, scale=not args.no_standardize)
+                     for X, X_test_s in zip(X_train, X_test))
+    if n_constant == sum(X.shape[1] for X in X_train):
         print(f"{STAGE}: warning: sub-{sub}: all {n_constant} features are constant over the training "
               "samples: no prediction is possible, r is NaN for every parcel", file=sys.stderr)
-    if args.pca:
-        if args.pca >= min(X_train.shape):
-            raise InputError(f"--pca {args.pca}: must be below min(samples, features) = {min(X_train.shape)}")
-        X_train, X_test = principal_components(X_train, X_test, args.pca, args.device, args.seed)
+    if args.pca:   # one set (parse_args refuses --pca with --with)
+        if args.pca >= min(X_train[0].shape):
+            raise InputError(f"--pca {args.pca}: must be below min(samples, features) = {min(X_train[0].shape)}")
+        X_train[0], X_test[0] = principal_components(X_train[0], X_test[0], args.pca, args.device, args.seed)
     groups = None
     if args.cv == "runs":
         groups = np.array([g for g, _ in train_ids])
@@ -703,18 +781,19 @@ def subject_summary(args, sub, r, significant, null, fit, design, files, record,
            for edge, side in ((max(args.alphas), "largest"), (min(args.alphas), "smallest"))},
         "standardization": standardization_text(args, design.n_constant),
         "n_train_samples": len(design.train_ids), "n_test_samples": len(design.test_ids),
-        "n_features": int(design.X_train.shape[1]),
+        "n_features": int(design.n_features),
         "solver": SOLVER_TEXT[fit["solver"]],
         "train_runs": sorted({design.runs[g]["stem"] for g, _ in design.train_ids}),
         "test_runs": sorted({design.runs[g]["stem"] for g, _ in design.test_ids}),
-        "layer": files[0][3].parents[2].name,
+        "layer": files[0][3][0].parents[2].name,
         "seconds": round(time.time() - start, 1),
         "settings": settings, "inputs": inputs,
     }
 
 
 SOLVER_TEXT = {"cholesky": "dual (a Cholesky factorization of X X^T + alpha I for each alpha)",
-               "eigh": "dual (eigendecomposition of X X^T)", "svd": "primal (SVD of X)"}
+               "eigh": "dual (eigendecomposition of X X^T)", "svd": "primal (SVD of X)",
+               "banded": "banded ridge, dual (an eigendecomposition of sum_s w_s X_s X_s^T per weighting w)"}
 
 
 def standardization_text(args, n_constant):
@@ -737,6 +816,167 @@ def runs_used(args, runs_table):
 
 
 # --------------------------------------------------------------------------------------------------
+# Several feature sets at once: banded ridge and variance partitioning (beyond the paper)
+# --------------------------------------------------------------------------------------------------
+# With feature sets X_1 ... X_S (the GPT's, low-level vision, the button presses), banded ridge gives
+# each set its own penalty: b minimizes ||y - b0 - sum_s X_s b_s||^2 + sum_s lambda_s ||b_s||^2. Writing
+# lambda_s = alpha / w_s, it is the ridge of penalty alpha on the kernel K_w = sum_s w_s K_s (K_s = X_s
+# X_s', centered), so one eigendecomposition of K_w gives the leave-one-out error of every alpha at once
+# (solve_eigh's algebra). The weights w are searched on a grid: every subset of the sets switched on
+# (w_s = 0 drops set s), the others at 10^u times the first one, u in --band-grid; each parcel keeps the
+# (w, alpha) of smallest held-out error, as himalaya's MultipleKernelRidgeCV does with a list of
+# candidate weights. Variance partitioning fits every non-empty subset of the sets this way and
+# compares test R^2: the unique part of A is R^2(all) - R^2(all but A), the shared part what R^2(all) has
+# beyond the unique parts, and a set alone its own R^2.
+def band_candidates(n_sets, log_ratios):
+    """The kernel weights w (C, n_sets) to try, each summing to 1 (alpha sets the overall scale): every
+    non-empty subset of the sets on, its first set at weight 1 and the others at 10^u, u in log_ratios."""
+    candidates = set()
+    for on in itertools.chain.from_iterable(itertools.combinations(range(n_sets), k)
+                                            for k in range(1, n_sets + 1)):
+        for exponents in itertools.product(log_ratios, repeat=len(on) - 1):
+            w = np.zeros(n_sets)
+            w[list(on)] = [1.0, *(10.0 ** u for u in exponents)]
+            candidates.add(tuple(np.round(w / w.sum(), 12)))
+    return np.array(sorted(candidates))
+
+
+def fit_banded_ridge(grams, grams_test, Y_train, alphas, candidates, groups=None, parcel_batch=256):
+    """Banded ridge, the weights of the sets and the penalty chosen per target by exact leave-one-out (or
+    leave-one-group-out) among `candidates` x `alphas`.
+
+    grams (S, n, n) and grams_test (S, m, n): the centered Gram matrices K_s = Xc_s Xc_s' and
+    K_test,s = (X_test,s - mean) Xc_s' of each set (float64 tensors, _centered_gram); Y_train (n, P);
+    alphas (A,); candidates (C, S) from band_candidates; groups as fit_ridge_loo.
+
+    Returns a dict: alpha (P,); weights (P, S); cv_error (P,) of the chosen pair; test_prediction
+    (m, P); train_fit (n, P); solver "banded".
+    """
+    device = grams.device
+    f64 = dict(device=device, dtype=torch.float64)
+    alphas = torch.tensor(list(alphas), **f64)
+    y_mean = torch.as_tensor(Y_train.mean(axis=0, dtype=np.float64), **f64)      # (P,)
+    yc = torch.as_tensor(Y_train, **f64) - y_mean                                # (n, P)
+    members = None if groups is None else [torch.as_tensor(np.flatnonzero(np.asarray(groups) == g),
+                                                           device=device) for g in np.unique(groups)]
+    n, P = yc.shape
+    best_error = torch.full((P,), torch.inf, **f64)
+    alpha = torch.zeros(P, **f64)
+    weights = torch.zeros(P, len(grams), **f64)
+    fit = torch.zeros_like(yc)
+    prediction = torch.zeros(grams_test.shape[1], P, **f64)
+    for w in torch.as_tensor(candidates, **f64):
+        K = torch.einsum("s,sij->ij", w, grams)                                  # (n, n)
+        lam, basis = _eigh(K)
+        lam = lam.clamp(min=0)
+        lam[torch.argmax(basis.sum(dim=0).abs())] = 0    # the intercept's direction, as solve_eigh
+        cv_error, QTy, residual = _select_spectral(basis, lambda a: a / (lam + a), 1, yc, alphas, members,
+                                                   parcel_batch)
+        error, index = cv_error.min(dim=0)                                       # (P,) first minimum
+        better = error < best_error                                              # ties keep the earlier
+        if not better.any():
+            continue
+        chosen = alphas[index[better]]                                           # (b,)
+        dual = basis @ (QTy[:, better] / (lam[:, None] + chosen[None, :]))       # c = (K_w + alpha I)^-1 yc
+        best_error[better], alpha[better], weights[better] = error[better], chosen, w
+        fit[:, better] = yc[:, better] - residual[:, better]
+        prediction[:, better] = torch.einsum("s,smn->mn", w, grams_test) @ dual  # K_test,w c: (m, b)
+    return dict(alpha=alpha.cpu().numpy(), weights=weights.cpu().numpy(), cv_error=best_error.cpu().numpy(),
+                test_prediction=(prediction + y_mean).cpu().numpy(), train_fit=(fit + y_mean).cpu().numpy(),
+                solver="banded")
+
+
+def r2_score(y, prediction):
+    """Test R^2 of each column, 1 - SSE / SS around the test mean: y, prediction (m, P) -> (P,); NaN for
+    a constant column of y. Negative when the prediction is worse than the test mean."""
+    ss = ((y - y.mean(axis=0)) ** 2).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = 1 - ((y - prediction) ** 2).sum(axis=0) / ss
+    r2[ss == 0] = np.nan
+    return r2
+
+
+def partition_variance(design, args):
+    """Every non-empty subset of the S >= 2 feature sets fitted by banded ridge, and the variance
+    partition of the test BOLD. Returns (the fit of all the sets (fit_banded_ridge), a dict of arrays:
+    r2_alone (S, P), r2_all (P,), unique (S, P), shared (P,), and the models without set s, for the null:
+    reduced_prediction (S, m, P))."""
+    grams, grams_test = zip(*(_centered_gram(X, X_test, args.device, products_dtype(args), 4096, 1024)
+                              for X, X_test in zip(design.X_train, design.X_test)))
+    grams, grams_test = torch.stack(grams), torch.stack(grams_test)              # (S, n, n), (S, m, n)
+    n_sets = len(grams)
+    fits = {}
+    for size in range(1, n_sets + 1):
+        for subset in itertools.combinations(range(n_sets), size):
+            fits[subset] = fit_banded_ridge(grams[list(subset)], grams_test[list(subset)], design.Y_train,
+                                            args.alphas, band_candidates(size, args.band_grid), design.groups,
+                                            args.parcel_batch)
+    r2 = {subset: r2_score(design.Y_test, fit["test_prediction"]) for subset, fit in fits.items()}
+    everything = tuple(range(n_sets))
+    without = [tuple(s for s in everything if s != t) for t in everything]
+    unique = np.stack([r2[everything] - r2[rest] for rest in without])          # (S, P)
+    return fits[everything], dict(
+        r2_alone=np.stack([r2[(s,)] for s in everything]), r2_all=r2[everything], unique=unique,
+        shared=r2[everything] - unique.sum(axis=0),
+        reduced_prediction=np.stack([fits[rest]["test_prediction"] for rest in without]))
+
+
+def unique_null(y_test, prediction, reduced_prediction, test_run, n_permutations, rng):
+    """Null distributions of the unique parts: the test BOLD against circularly shifted predictions (the
+    shifts of the null of r), of all the sets and of all but set s, R^2(all) - R^2(all but s) each time.
+    Shifting breaks every alignment with the BOLD; when set s has no unique part, the observed value
+    lies in this null (it is wider than the unique part's own spread, so the test errs on the safe side).
+    y_test, prediction (m, P); reduced_prediction (S, m, P). Returns (S, n_null, P)."""
+    sources = shift_sources(test_run, n_permutations, rng)                       # (n_null, m)
+    full = np.stack([r2_score(y_test, prediction[source]) for source in sources])   # (n_null, P)
+    return np.stack([full - np.stack([r2_score(y_test, reduced[source]) for source in sources])
+                     for reduced in reduced_prediction])
+
+
+def unique_significance(args, design, fit, partition, rng):
+    """unique_p (S, P) one-sided permutation p-values of the unique parts (unique_null) and
+    unique_significant (S, P) their Benjamini-Hochberg mask per set (NaN and False without a null)."""
+    unique = partition["unique"]
+    if args.n_permutations == 0:
+        return dict(unique_p=np.full(unique.shape, np.nan), unique_significant=np.zeros(unique.shape, bool))
+    test_run = np.array([g for g, _ in design.test_ids])
+    null = unique_null(design.Y_test, fit["test_prediction"], partition["reduced_prediction"], test_run,
+                       args.n_permutations, rng)
+    tests = [permutation_p_values(u, n, args.fdr) for u, n in zip(unique, null)]   # per set
+    return dict(unique_p=np.stack([p for p, _, _ in tests]), unique_significant=np.stack([m for _, _, m in tests]))
+
+
+def partition_summary(partition, names, args):
+    """The variance partition in summary.json: per set its R^2 alone and its unique part (median and max
+    over parcels, significant parcels), and the R^2 of all the sets and their shared part."""
+    def median(x):
+        return float(np.nanmedian(x)) if np.isfinite(x).any() else None
+    per_set = {name: {"r2_alone_median": median(partition["r2_alone"][s]),
+                      "unique_median": median(partition["unique"][s]),
+                      "unique_max": float(np.nanmax(partition["unique"][s]))
+                      if np.isfinite(partition["unique"][s]).any() else None,
+                      "unique_n_significant": int(partition["unique_significant"][s].sum())}
+               for s, name in enumerate(names)}
+    return {"sets": names, "band_grid": list(args.band_grid), "r2_all_median": median(partition["r2_all"]),
+            "shared_median": median(partition["shared"]), "per_set": per_set,
+            "definition": "test R^2; unique part of a set = R^2(all sets) - R^2(all sets but it); shared = "
+                          "R^2(all sets) - the sum of the unique parts; each model a banded ridge"}
+
+
+def write_partition(out_dir, fit, partition, names, stage, sub):
+    """The arrays of the variance partition, and unique_map.nii.gz (one volume per set) with
+    unique_map.png (one row per set; parcels whose unique part is not significant faded)."""
+    save_npy(out_dir / "band_weights.npy", fit["weights"])                     # (P, S)
+    for key in ("r2_alone", "r2_all", "unique", "shared", "unique_p", "unique_significant"):
+        save_npy(out_dir / f"{key}.npy", partition[key])
+    tested = np.isfinite(partition["unique_p"]).any()
+    titles = [f"sub-{sub}: R^2 of {name} beyond " + " + ".join(n for n in names if n != name)
+              for name in names]
+    write_parcel_maps(partition["unique"], partition["unique_significant"], tested, stage.labels,
+                      stage.atlas_path, out_dir / "unique_map", titles, "test R^2")
+
+
+# --------------------------------------------------------------------------------------------------
 # Inputs: BOLD runs (02) and feature runs (05), matched run by run through the manifest
 # --------------------------------------------------------------------------------------------------
 def find_layer(features_root, layer):
@@ -755,35 +995,33 @@ def find_layer(features_root, layer):
     raise InputError(f"{features_root}: holds layers {present or 'none'}; choose one with --layer")
 
 
-def run_files(work, runs, feature_dir):
-    """[(stem, split, BOLD path, feature path)] of the manifest rows `runs`, in manifest order."""
-    return [(stem := run_stem(row.sub, row.ses, row.task, row.run), row.split, work / row.bold_path,
-             feature_dir / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy") for row in runs.itertuples()]
+def run_files(work, runs, feature_dirs):
+    """[(stem, split, BOLD path, [feature path of each set])] of the manifest rows `runs`, in manifest
+    order; feature_dirs: the folder of each feature set, <work>/features/<name>/<layer>."""
+    files = []
+    for row in runs.itertuples():
+        stem = run_stem(row.sub, row.ses, row.task, row.run)
+        features = [folder / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy" for folder in feature_dirs]
+        files.append((stem, row.split, work / row.bold_path, features))
+    return files
 
 
 def load_runs(files, delays):
     """Read each run's BOLD and features; return the samples each run gives to the delayed design.
 
-    files: run_files(...). A sample is a TR t with finite BOLD and t >= max(delays): its design row is the
-    concatenation of the features of TRs t - d for d in delays, all from the same run (shifts never cross
-    run boundaries). Returns a list of dicts: stem, split, bold (T_valid, P) float32, features (T, D)
-    (memory-mapped), rows (T_valid,).
+    files: run_files(...). A sample is a TR t with finite BOLD and t >= max(delays): its design row is
+    the concatenation of the features of TRs t - d for d in delays, all from the same run (shifts never
+    cross run boundaries). Returns a list of dicts: stem, split, bold (T_valid, P) float32, features [one
+    (T, D_s) memory-mapped array per feature set], rows (T_valid,).
     """
     loaded = []
-    for stem, split, bold_path, feature_path in files:
+    for stem, split, bold_path, feature_paths in files:
         if not bold_path.is_file():
             raise InputError(f"{bold_path}: BOLD file of run {stem} not found")
-        if not feature_path.is_file():
-            raise InputError(f"{feature_path}: features missing for run {stem}")
         bold = np.array(load_npy(bold_path, advice="re-run 02_prep_fmri.py --overwrite"))
-        features = load_npy(feature_path, advice="re-run 05_extract.py --overwrite")
-        if bold.ndim != 2 or features.ndim != 2:
-            raise InputError(f"{feature_path if features.ndim != 2 else bold_path}: expected a 2-D (T, D) array")
-        if len(features) != len(bold):
-            raise InputError(f"run {stem}: features have {len(features)} rows ({feature_path}) but BOLD has "
-                             f"{len(bold)} volumes ({bold_path})")
-        if not np.isfinite(features).all():
-            raise InputError(f"{feature_path}: features contain NaN or inf")
+        if bold.ndim != 2:
+            raise InputError(f"{bold_path}: expected a 2-D (T, P) array")
+        features = [run_features(path, stem, bold_path, len(bold)) for path in feature_paths]
         if np.isinf(bold).any():
             raise InputError(f"{bold_path}: BOLD contains inf")
         nan_rows = np.isnan(bold).all(axis=1)  # non-steady-state volumes, left out by stage 02
@@ -795,24 +1033,39 @@ def load_runs(files, delays):
                              f"{max(delays)}: no sample left")
         rows = np.flatnonzero(~nan_rows & (np.arange(len(bold)) >= max(delays)))  # (T_valid,)
         loaded.append(dict(stem=stem, split=split, bold=bold[rows], features=features, rows=rows))
-    widths = {run["features"].shape[1] for run in loaded}
-    if len(widths) > 1:
-        raise InputError(f"{files[0][3].parents[2]}: runs have different feature sizes {sorted(widths)}")
+    for s, path in enumerate(files[0][3]):
+        widths = {run["features"][s].shape[1] for run in loaded}
+        if len(widths) > 1:
+            raise InputError(f"{path.parents[2]}: runs have different feature sizes {sorted(widths)}")
     return loaded
 
 
-def delayed_design(runs, sample_ids, delays, n_features):
-    """Stack the delayed feature rows of the chosen samples into a float32 (len(sample_ids), D * len(delays)).
+def run_features(path, stem, bold_path, n_volumes):
+    """One run's features of one set, (T, D) memory-mapped, after checking them against its BOLD."""
+    if not path.is_file():
+        raise InputError(f"{path}: features missing for run {stem}")
+    features = load_npy(path, advice="re-run 05_extract.py --overwrite")
+    if features.ndim != 2:
+        raise InputError(f"{path}: expected a 2-D (T, D) array")
+    if len(features) != n_volumes:
+        raise InputError(f"run {stem}: features have {len(features)} rows ({path}) but BOLD has "
+                         f"{n_volumes} volumes ({bold_path})")
+    if not np.isfinite(features).all():
+        raise InputError(f"{path}: features contain NaN or inf")
+    return features
 
-    sample_ids: list of (run index, row index within the run's valid samples), in output order.
-    """
+
+def delayed_design(runs, sample_ids, delays, feature_set=0):
+    """The delayed feature rows of the chosen samples, float32 (len(sample_ids), D * len(delays)), of one
+    feature set. sample_ids: list of (run index, row index within the run's valid samples)."""
+    n_features = runs[0]["features"][feature_set].shape[1]
     X = np.empty((len(sample_ids), n_features * len(delays)), np.float32)
     ids = np.array(sample_ids).reshape(-1, 2)  # (N, 2): run index, sample index
     for g in np.unique(ids[:, 0]):
         out_rows = np.flatnonzero(ids[:, 0] == g)
         t = runs[g]["rows"][ids[out_rows, 1]]  # TR of each sample
         for j, d in enumerate(delays):
-            X[out_rows, j * n_features:(j + 1) * n_features] = runs[g]["features"][t - d]  # (samples, D)
+            X[out_rows, j * n_features:(j + 1) * n_features] = runs[g]["features"][feature_set][t - d]
     return X
 
 
@@ -862,32 +1115,45 @@ def standardize(X_train, X_test, scale=True, chunk=4096):
 def write_r_map(r, significant, tested, labels, atlas_path, out_dir, title):
     """r per BOLD column -> r_map.nii.gz through the atlas labels, and r_map.png of it on one symmetric
     colour scale, the parcels that are not significant (FDR) faded when a null was `tested`."""
+    write_parcel_maps(r[None], significant[None], tested, labels, atlas_path, out_dir / "r_map", [title],
+                      "test r")
+
+
+def write_parcel_maps(values, significant, tested, labels, atlas_path, stem, titles, unit):
+    """Maps of per-parcel values (K, P) (one per row; NaN drawn as 0): <stem>.nii.gz (3D for K = 1,
+    else 4D) and <stem>.png, one stat map per row on one symmetric colour scale, the parcels that are not
+    `significant` (K, P) faded when a null was `tested`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from nilearn import plotting
+    from nilearn import image, plotting
     from nilearn.maskers import NiftiLabelsMasker
 
     masker = NiftiLabelsMasker(labels_img=str(atlas_path)).fit()
     atlas_labels = [v for k, v in masker.region_ids_.items() if k != "background"]  # sorted label values
-    r = np.nan_to_num(r, nan=0.0)    # NaN r (constant parcel) -> 0 in the map
+    values = np.nan_to_num(values, nan=0.0)
 
-    def image(values):               # per-column values (P,) -> a NIfTI image on the atlas grid
-        value_of = dict(zip(labels, values))
+    def parcel_image(row):            # per-column values (P,) -> a NIfTI image on the atlas grid
+        value_of = dict(zip(labels, row))
         return masker.inverse_transform(np.array([value_of.get(v, 0.0) for v in atlas_labels]))
 
-    with atomic_path(out_dir / "r_map.nii.gz") as tmp:
-        image(r).to_filename(tmp)
-    shown = significant if tested else np.ones(len(r), bool)
-    vmax = max(float(np.abs(r).max()), 1e-3)
-    fig = plt.figure(figsize=(10, 3.5))
-    title += "; faded: not significant (FDR)" if tested else "; no significance tested"
-    display = plotting.plot_stat_map(image(np.where(shown, r, 0)), figure=fig, title=title, vmax=vmax,
-                                     cmap="cold_hot", colorbar=True, symmetric_cbar=True)
-    if (r[~shown] != 0).any():       # nilearn warns of an empty overlay
-        display.add_overlay(image(np.where(shown, 0, r)), cmap="cold_hot", vmin=-vmax, vmax=vmax,
-                            threshold=1e-6, transparency=0.3)
-    with atomic_path(out_dir / "r_map.png") as tmp:
+    maps = [parcel_image(row) for row in values]
+    with atomic_path(stem.with_name(stem.name + ".nii.gz")) as tmp:
+        (maps[0] if len(maps) == 1 else image.concat_imgs(maps)).to_filename(tmp)
+    vmax = max(float(np.abs(values).max()), 1e-3)
+    cuts = plotting.find_xyz_cut_coords(parcel_image(np.abs(values).max(axis=0)))   # the same in every row
+    fig, axes = plt.subplots(len(values), 1, figsize=(10, 3.5 * len(values)), squeeze=False)
+    for row, shown_if_tested, title, ax in zip(values, significant, titles, axes[:, 0]):
+        shown = shown_if_tested if tested else np.ones(len(row), bool)
+        title += "; faded: not significant (FDR)" if tested else "; no significance tested"
+        display = plotting.plot_stat_map(parcel_image(np.where(shown, row, 0)), axes=ax, title=title,
+                                         cut_coords=cuts, vmax=vmax, cmap="cold_hot", colorbar=True,
+                                         symmetric_cbar=True)
+        if (row[~shown] != 0).any():  # nilearn warns of an empty overlay
+            display.add_overlay(parcel_image(np.where(shown, 0, row)), cmap="cold_hot", vmin=-vmax,
+                                vmax=vmax, threshold=1e-6, transparency=0.3)
+    fig.text(0.99, 0.01, unit, ha="right", fontsize=8)
+    with atomic_path(stem.with_name(stem.name + ".png")) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
 

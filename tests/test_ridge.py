@@ -262,17 +262,18 @@ def run_ridge(work, *flags):
 def test_delays_never_cross_run_boundaries(tmp_path):
     work = make_work(tmp_path, volumes=12)
     manifest = pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)
-    runs = ridge.load_runs(ridge.run_files(work, manifest.iloc[:2], work / "features/demo/layer_a"), delays=[1, 3])
+    runs = ridge.load_runs(ridge.run_files(work, manifest.iloc[:2], [work / "features/demo/layer_a"]),
+                           delays=[1, 3])
     for run in runs:
         assert run["rows"].tolist() == list(range(3, 12))  # t >= max delay, and volume 0 (NaN) is gone
     ids = [(g, k) for g in range(2) for k in range(9)]
-    X = ridge.delayed_design(runs, ids, [1, 3], N_FEATURES)  # (18, 2 * D)
+    X = ridge.delayed_design(runs, ids, [1, 3])  # (18, 2 * D)
     for i, (g, k) in enumerate(ids):
         t = runs[g]["rows"][k]
-        np.testing.assert_array_equal(X[i, :N_FEATURES], runs[g]["features"][t - 1])
-        np.testing.assert_array_equal(X[i, N_FEATURES:], runs[g]["features"][t - 3])
+        np.testing.assert_array_equal(X[i, :N_FEATURES], runs[g]["features"][0][t - 1])
+        np.testing.assert_array_equal(X[i, N_FEATURES:], runs[g]["features"][0][t - 3])
     # row 0 of run 2 uses run 2's TR 0, not the end of run 1
-    np.testing.assert_array_equal(X[9, N_FEATURES:], runs[1]["features"][0])
+    np.testing.assert_array_equal(X[9, N_FEATURES:], runs[1]["features"][0][0])
 
 
 def test_end_to_end_planted_signal(tmp_path):
