@@ -1,40 +1,47 @@
 """07 — The paper's scaling experiments in one command, their figures, and fitted scaling laws.
 
-    python 07_sweep.py --work work --dry-run                        # list the jobs of every experiment
-    python 07_sweep.py --work work --experiments data hidden        # run them (04 -> 05 -> 06 per config)
-    python 07_sweep.py --work work --demo                           # tiny configurations, CPU, minutes
-    python 07_sweep.py --work work --figures-only                   # figures + report from finished runs
-    python 07_sweep.py --work work --demo --experiments controls appendix   # beyond the paper (see below)
-    bash slurm/submit_sweep.sh                                      # one SLURM job chain per configuration
+    python 07_sweep.py --work work --dry-run                  # list the jobs of every experiment
+    python 07_sweep.py --work work --experiments data hidden  # run them (04 -> 05 -> 06 per config)
+    python 07_sweep.py --work work --demo                     # tiny configurations, CPU, minutes
+    python 07_sweep.py --work work --demo --experiments hidden --values 6 12   # other knob values
+    python 07_sweep.py --work work --figures-only             # figures + report from finished runs
+    python 07_sweep.py --work work --demo --experiments controls appendix   # beyond the paper
+    bash slurm/submit_sweep.sh                                # SLURM: a job chain per configuration
 
 Experiments (paper section 2.4; each varies one knob of the paper configuration, Table 2(b)):
-    data       --train-frames 10k, 100k, 1M, 6M 60 Hz frames          (Figure 2)
-    hidden     --hidden-dim 6, 15, 30, 63, 126, 255, 576, 1023          (Figure 3; the paper's 1024)
-    layers     --layers 1, 2, 4, 8, 16; features of the last block     (Figure 4, Table 3)
-    heads      --heads 1, 2, 4, 8                                       (Figure 5)
-    precision  --precision fp32, fp16: training time and brain score    (Figure 6)
+    data       --train-frames 10k, 100k, 1M, 6M 60 Hz frames       (Figure 2)
+    hidden     --hidden-dim 6, 15, 30, 63, 126, 255, 576, 1023       (Figure 3; the paper's 1024)
+    layers     --layers 1, 2, 4, 8, 16; features of the last block  (Figure 4, Table 3)
+    heads      --heads 1, 2, 4, 8                                    (Figure 5)
+    precision  --precision fp32, fp16: training time and brain score (Figure 6)
 and beyond the paper:
-    controls   the paper model untrained (04 --max-steps 0), its VQ-VAE alone, low-level vision (no model);
-               on a synthetic dataset (--ground-truth) also compared on its planted parcels
+    controls   the paper model untrained (04 --max-steps 0), its VQ-VAE alone, low-level vision (no
+               model); on a synthetic dataset (--ground-truth) also compared on its planted parcels
     appendix   every module of block 4 and every block's output (Figure 7, appendix A)
-A configuration shared by several experiments (the paper model appears in all five) trains once. Its
-name spells it out, e.g. h576-l8-a4-f6M-fp32, and names its folders: gpt/<name>/, features/<name>/,
-results/<name>/. Each stage of a configuration skips what its records vouch for (see the README). The
-frozen VQ-VAE (<work>/vqvae/ckpt.pt) and the parcel time series (<work>/bold/) must exist: run stages
-01-03 first. The figures take a configuration only when its records chain up to the current files (its
-results from the features, these from the checkpoint, and so on); --figures-only refuses one whose
-model, say, was trained again since (04 ran, 05 and 06 did not).
+--values replaces the list of one of the five (or the demo's list) with values of its knob.
+A configuration shared by several experiments (the paper model appears in all five) trains once.
+Its name spells it out, e.g. h576-l8-a4-f6M-fp32, and names its folders: gpt/<name>/,
+features/<name>/, results/<name>/. Each stage of a configuration skips what its records vouch for
+(see the README). The frozen VQ-VAE (<work>/vqvae/ckpt.pt) and the parcel time series (<work>/bold/)
+must exist: run stages 01-03 first. The figures take a configuration only when its records chain up
+to the current files (its results from the features, these from the checkpoint, and so on);
+--figures-only refuses one whose model, say, was trained again since (04 ran, 05 and 06 did not). A
+configuration without results (its job failed or has not run) is left out of every figure and named
+at the top of report.md and on stderr, and the exit status is then 1.
 
 Figures (<work>/figures/), per experiment:
-    <experiment>_loss.png    train (solid) and validation (dashed) cross-entropy against steps (Fig. 2a-6a)
-    <experiment>_scores.png  per-subject max and median r with 95% bootstrap intervals over parcels and the
-                             permutation null's 95% level; lines over the scale, bars for precision (Fig. 2b-6b)
-    <experiment>_maps.png    glass brains, one row per configuration, one column per subject, one shared
-                             colour scale; parcels that are not significant (FDR) are faded (Fig. 2c-6c)
-and precision.md (time, speedup, r difference); scaling.png + scaling.json (beyond the paper: the score
-against training compute, data and parameters, r = a + b log10 x and r = r_inf - c x^-alpha with 95%
-bands, each law drawn only where the data determine it); report.md: per experiment the paper's claim, a
-verdict computed from the numbers and their intervals, the figures and a table.
+    <experiment>_loss.png    train (solid) and validation (dashed) cross-entropy against steps
+                             (Fig. 2a-6a)
+    <experiment>_scores.png  per-subject max and median r with 95% bootstrap intervals over parcels
+                             and the permutation null's 95% level; lines over the scale, bars for
+                             precision (Fig. 2b-6b)
+    <experiment>_maps.png    glass brains, one row per configuration, one column per subject, one
+                             shared colour scale; parcels that are not significant (FDR) are faded
+                             (Fig. 2c-6c)
+and precision.md (time, speedup, r difference); scaling.png + scaling.json (beyond the paper: the
+score against training compute, data and parameters, r = a + b log10 x and r = r_inf - c x^-alpha
+with 95% bands, each law drawn only where the data determine it); report.md: per experiment the
+paper's claim, a verdict computed from the numbers and their intervals, the figures and a table.
 """
 import argparse
 import json
@@ -52,11 +59,12 @@ import common
 from common import DEFAULT_WORK, PAPER_LAYER, InputError, read_tsv, run_main
 
 REPO = Path(__file__).resolve().parent
-PAPER_CONFIG = {"hidden_dim": 576, "layers": 8, "heads": 4, "train_frames": 6_000_000, "precision": "fp32"}
+PAPER_CONFIG = {"hidden_dim": 576, "layers": 8, "heads": 4, "train_frames": 6_000_000,
+                "precision": "fp32"}
 EXPERIMENTS = {  # experiment -> (knob, values, the paper's figure)
     "data": ("train_frames", [10_000, 100_000, 1_000_000, 6_000_000], "Figure 2"),
-    # The paper lists 1024 but also requires a multiple of 3 (VideoGPT's position tables split the width over
-    # t, h, w), which 1024 is not: 1023 is the nearest width that builds.
+    # The paper lists 1024 but also requires a multiple of 3 (VideoGPT's position tables split the
+    # width over t, h, w), which 1024 is not: 1023 is the nearest width that builds.
     "hidden": ("hidden_dim", [6, 15, 30, 63, 126, 255, 576, 1023], "Figure 3"),
     "layers": ("layers", [1, 2, 4, 8, 16], "Figure 4"),
     "heads": ("heads", [1, 2, 4, 8], "Figure 5"),
@@ -71,15 +79,16 @@ DEMO_EXPERIMENTS = {
     "heads": ("heads", [1, 2], "Figure 5"),
     "precision": ("precision", ["fp32", "bf16"], "Figure 6"),
 }
-# 3e-3, not the paper's 3e-4: at 3e-4 no tiny model moves in 80 steps (validation loss ~3.95 for all widths,
-# chance ln 64 = 4.16) and every sweep would compare untrained models; at 3e-3, 6 / 12 / 24 wide reach
-# 3.55 / 3.17 / 2.51.
-DEMO_TRAIN_ARGS = ("--device cpu --cond-dim 24 --max-steps 80 --batch-size 16 --lr 3e-3 --log-every 10 "
-                   "--val-every 40 --val-samples 32 --ckpt-every 80")
+# 3e-3, not the paper's 3e-4: at 3e-4 no tiny model moves in 80 steps (validation loss ~3.95 for all
+# widths, chance ln 64 = 4.16) and every sweep would compare untrained models; at 3e-3, 6 / 12 / 24
+# wide reach 3.55 / 3.17 / 2.51.
+DEMO_TRAIN_ARGS = ("--device cpu --cond-dim 24 --max-steps 80 --batch-size 16 --lr 3e-3 "
+                   "--log-every 10 --val-every 40 --val-samples 32 --ckpt-every 80")
 DEMO_EXTRACT_ARGS = "--device cpu"
-# ~300 training TRs x a few thousand standardized features need stronger penalties than the paper's grid.
+# ~300 training TRs x a few thousand standardized features need stronger penalties than the paper's
+# grid.
 DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 1e7 1e8 --n-permutations 100"
-# Beyond the paper's sweeps: controls for what the GPT learned, and appendix A's comparison of layers.
+# Beyond the paper's sweeps: controls for what the GPT learned, appendix A's comparison of layers.
 EXTRA_EXPERIMENTS = {"controls": ("control", None, "beyond the paper"),
                      "appendix": ("module", None, "Figure 7, appendix A")}
 CLAIMS = {
@@ -88,37 +97,73 @@ CLAIMS = {
     "layers": "More layers do not reliably improve brain encoding (section 3.3).",
     "heads": "The number of attention heads has a modest effect on brain encoding (section 3.4).",
     "precision": "fp16 mixed precision trains faster without hurting brain encoding (section 3.5).",
-    "controls": ("(not the paper's: the paper reports trained models only) The score comes from what the GPT "
-                 "learned: the trained model beats its untrained copy, its VQ-VAE alone and low-level vision."),
-    "appendix": ("Among the modules of block 4, post_fc_dp encodes best (appendix A, Figure 7, Table 4); the "
-                 "paper reads block 4 of 8 as mid-level features."),
+    "controls": ("(not the paper's: the paper reports trained models only) The score comes from "
+                 "what the GPT learned: the trained model beats its untrained copy, its VQ-VAE "
+                 "alone and low-level vision."),
+    "appendix": ("Among the modules of block 4, post_fc_dp encodes best (appendix A, Figure 7, "
+                 "Table 4); the paper reads block 4 of 8 as mid-level features."),
 }
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
     p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS),
                    choices=[*EXPERIMENTS, *EXTRA_EXPERIMENTS],
-                   help="the paper's five (default) and, beyond it, controls and appendix (the layers of block 4)")
+                   help="the paper's five (default) and, beyond it, controls and appendix (the "
+                        "layers of block 4)")
+    p.add_argument("--values", nargs="+", metavar="V",
+                   help="with one of the paper's five experiments: these values of its knob "
+                        "instead of the paper's (or the demo's), e.g. --experiments hidden "
+                        "--values 6 12")
     p.add_argument("--demo", action="store_true", help="tiny configurations for the demo (CPU)")
-    p.add_argument("--dry-run", action="store_true", help="print the jobs (one line per stage) and exit")
-    p.add_argument("--jobs-tsv", action="store_true", help="with --dry-run: print name, 04, 05, 06 commands as TSV")
-    p.add_argument("--figures-only", action="store_true", help="skip training; draw figures from finished runs")
-    p.add_argument("--train-args", default="", help="extra flags for 04_train_gpt.py, e.g. '--max-steps 200000'")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the jobs (each distinct command once, in submission order) and exit")
+    p.add_argument("--jobs-tsv", action="store_true",
+                   help="with --dry-run: print name, 04, 05, 06 commands as TSV, one line per job")
+    p.add_argument("--figures-only", action="store_true",
+                   help="skip training; draw figures from finished runs")
+    p.add_argument("--train-args", default="",
+                   help="extra flags for 04_train_gpt.py, e.g. '--max-steps 200000'")
     p.add_argument("--extract-args", default="", help="extra flags for 05_extract.py")
     p.add_argument("--ridge-args", default="", help="extra flags for 06_ridge.py")
     p.add_argument("--score", choices=("max", "median"), default="max",
-                   help="brain score for the scaling laws: max r over parcels (as the paper) or median r")
+                   help="brain score for the scaling laws: max r over parcels (as the paper) or "
+                        "median r")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of parcels")
     p.add_argument("--ground-truth", metavar="JSON", default=None,
-                   help="a synthetic dataset's ground_truth.json: the controls are also compared on its planted "
-                        "parcels (default with --demo: <work>/demo/ground_truth.json)")
-    args = p.parse_args()
-    if args.ground_truth is None and args.demo and (Path(args.work) / "demo" / "ground_truth.json").is_file():
-        args.ground_truth = str(Path(args.work) / "demo" / "ground_truth.json")
+                   help="a synthetic dataset's ground_truth.json: the controls are also compared "
+                        "on its planted parcels (default with --demo: "
+                        "<work>/demo/ground_truth.json)")
+    args = p.parse_args(argv)
+    if args.values is not None:
+        args.values = knob_values(args.experiments, args.values)
+    demo_truth = Path(args.work) / "demo" / "ground_truth.json"
+    if args.ground_truth is None and args.demo and demo_truth.is_file():
+        args.ground_truth = str(demo_truth)
     return args
+
+
+def knob_values(experiments, values):
+    """--values as values of the knob of the one paper experiment they are for: integers (frames,
+    width, layers, heads) or precisions."""
+    if len(experiments) != 1 or experiments[0] not in EXPERIMENTS:
+        raise InputError(f"--values: for one of the experiments {', '.join(EXPERIMENTS)} alone, "
+                         f"not --experiments {' '.join(experiments)}")
+    knob = EXPERIMENTS[experiments[0]][0]
+    if len(set(values)) < len(values):
+        raise InputError(f"--values {' '.join(values)}: a value given twice")
+    if knob == "precision":
+        unknown = [v for v in values if v not in common.PRECISIONS]
+        if unknown:
+            raise InputError(f"--values {' '.join(unknown)}: not a precision of 04 "
+                             f"({', '.join(common.PRECISIONS)})")
+        return values
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise InputError(f"--values {' '.join(values)}: {knob} takes integers") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,41 +180,47 @@ def short_count(n):
 
 
 def config_name(c):
-    return f"h{c['hidden_dim']}-l{c['layers']}-a{c['heads']}-f{short_count(c['train_frames'])}-{c['precision']}"
+    return (f"h{c['hidden_dim']}-l{c['layers']}-a{c['heads']}-f{short_count(c['train_frames'])}-"
+            f"{c['precision']}")
 
 
 def feature_layer(config, experiment):
-    """The paper's layer (block 4 of 8); the last block in the depth sweep (Table 3) or when there is no
-    block 4."""
+    """The paper's layer (block 4 of 8); the last block in the depth sweep (Table 3) or when there
+    is no block 4."""
     if experiment == "layers" or config["layers"] <= 4:
         return f"attn_stack.attn_nets.{config['layers'] - 1}.post_fc_dp"
     return PAPER_LAYER
 
 
 def appendix_layers(config):
-    """Appendix A: every module of the block the paper reads (block 4 of 8; the last block of a shallower
-    model), as 05 --list-layers names them, then the output of every block (the depth profile)."""
+    """Appendix A: every module of the block the paper reads (block 4 of 8; the last block of a
+    shallower model), as 05 --list-layers names them, then the output of every block (the depth
+    profile)."""
     block = int(feature_layer(config, "data").split(".")[2])
     with torch.device("meta"):   # the module names depend on the depth only
-        model = common.VideoGPT(latent_shape=(4, 8, 8), embedding_dim=6, n_codes=8, hidden_dim=12, heads=2,
-                                layers=config["layers"], cond_dim=12)
+        model = common.VideoGPT(latent_shape=(4, 8, 8), embedding_dim=6, n_codes=8, hidden_dim=12,
+                                heads=2, layers=config["layers"], cond_dim=12)
     prefix = f"attn_stack.attn_nets.{block}."
     modules = [name for name, _ in model.named_modules() if name.startswith(prefix)]
     return modules + [f"attn_stack.attn_nets.{i}" for i in range(config["layers"])]
 
 
 def job(config, layer, kind="model", features=None, extract_layers=None):
-    """One configuration's jobs: `kind` says which model its features come from (model: the trained GPT;
-    untrained: the same GPT with its initial weights; vqvae: the trained GPT's VQ-VAE alone; lowlevel: no
-    model), `features` names its feature set, `extract_layers` what 05 extracts (several for appendix A)."""
-    model = None if kind == "lowlevel" else config_name(config) + ("-untrained" if kind == "untrained" else "")
+    """One configuration's jobs: `kind` says which model its features come from (model: the trained
+    GPT; untrained: the same GPT with its initial weights; vqvae: the trained GPT's VQ-VAE alone;
+    lowlevel: no model), `features` names its feature set, `extract_layers` what 05 extracts
+    (several for appendix A)."""
+    model = None
+    if kind != "lowlevel":
+        model = config_name(config) + ("-untrained" if kind == "untrained" else "")
     return dict(config=config, layer=layer, kind=kind, model=model, features=features,
                 extract_layers=extract_layers or [layer])
 
 
 def plan(args):
-    """{experiment: [(value, config, name, layer)]} and the ordered unique jobs {name: job(...)}; a job's
-    name is its results folder, results/<name>/."""
+    """{experiment: [(value, config, name, layer)]} and the ordered unique jobs {name: job(...)}; a
+    job's name is its results folder, results/<name>/. args.values, when given, replace the values
+    of the (one) experiment's knob."""
     base, experiments = (DEMO_CONFIG, DEMO_EXPERIMENTS) if args.demo else (PAPER_CONFIG, EXPERIMENTS)
     per_experiment, jobs = {}, {}
 
@@ -192,7 +243,7 @@ def plan(args):
                     job(base, layer, "model", features, layers))
         else:
             knob, values, _ = experiments[experiment]
-            for value in values:
+            for value in values if args.values is None else args.values:
                 config = dict(base, **{knob: value})
                 layer = feature_layer(config, experiment)
                 name = config_name(config)
@@ -210,9 +261,9 @@ def commands(args, name, spec):
     demo = lambda flags: shlex.split((flags + " " if args.demo else ""))  # noqa: E731
     cmds = []
     if spec["kind"] != "lowlevel":
-        train = ["04_train_gpt.py", "--work", work, "--name", spec["model"], "--hidden-dim", config["hidden_dim"],
-                 "--layers", config["layers"], "--heads", config["heads"], "--precision", config["precision"],
-                 "--resume"]
+        train = ["04_train_gpt.py", "--work", work, "--name", spec["model"],
+                 "--hidden-dim", config["hidden_dim"], "--layers", config["layers"],
+                 "--heads", config["heads"], "--precision", config["precision"], "--resume"]
         if config["train_frames"]:
             train += ["--train-frames", config["train_frames"]]
         train += demo(DEMO_TRAIN_ARGS) + shlex.split(args.train_args)
@@ -222,7 +273,8 @@ def commands(args, name, spec):
         extract = ["05_extract.py", "--work", work, "--ckpt", f"{work}/gpt/{spec['model']}/ckpt.pt",
                    "--name", spec["features"], "--layer", *spec["extract_layers"]]
     else:
-        extract = ["05_extract.py", "--work", work, "--features", "lowlevel", "--name", spec["features"]]
+        extract = ["05_extract.py", "--work", work, "--features", "lowlevel",
+                   "--name", spec["features"]]
     cmds.append(extract + demo(DEMO_EXTRACT_ARGS) + shlex.split(args.extract_args))
     ridge = ["06_ridge.py", "--work", work, "--name", spec["features"], "--layer", spec["layer"]]
     if name != spec["features"]:
@@ -231,13 +283,33 @@ def commands(args, name, spec):
     return [[str(a) for a in cmd] for cmd in cmds]
 
 
+def print_jobs(args, jobs):
+    """--dry-run. With --jobs-tsv, one line per job for slurm/submit_sweep.sh: name, then the 04, 05
+    and 06 commands ("-" for a stage the job does not need). Otherwise each job's commands under its
+    name, each distinct command once, in the order submit_sweep.sh submits them: a model that
+    several jobs read trains once, a feature set is extracted once (the appendix's modules share
+    both)."""
+    printed = set()
+    for name, spec in jobs.items():
+        cmds = [shlex.join(cmd) for cmd in commands(args, name, spec)]
+        if args.jobs_tsv:
+            print("\t".join([name] + ["-"] * (3 - len(cmds)) + cmds))
+            continue
+        print(f"# {name}")
+        for cmd in cmds:
+            if cmd not in printed:
+                print(f"python {cmd}")
+                printed.add(cmd)
+
+
 def subjects(work):
     manifest = read_tsv(Path(work) / "bold" / "manifest.tsv", required=("sub",))
     return sorted(manifest["sub"].unique())
 
 
 def finished(work, name, subs):
-    return all((Path(work) / "results" / name / f"sub-{s}" / "summary.json").is_file() for s in subs)
+    folder = Path(work) / "results" / name
+    return all((folder / f"sub-{s}" / "summary.json").is_file() for s in subs)
 
 
 def run_jobs(args, jobs):
@@ -245,23 +317,26 @@ def run_jobs(args, jobs):
     vqvae = Path(args.work) / "vqvae" / "ckpt.pt"
     if not vqvae.is_file():
         raise InputError(f"{vqvae}: no VQ-VAE checkpoint (run 03_train_vqvae.py first)")
-    # The figures refuse results whose record chain is not current (load_run). The stages below remake every
-    # link of it but one, the VQ-VAE: one older than its frames (01 ran again since 03) would make every
-    # model of the sweep, to be refused at the end. Refused now, before any training.
+    # The figures refuse results whose record chain is not current (load_run). The stages below
+    # remake every link of it but one, the VQ-VAE: one older than its frames (01 ran again since 03)
+    # would make every model of the sweep, to be refused at the end. Refused now, before training.
     stale = common.stale_input(args.work, common.read_record(common.record_path(vqvae)))
     if stale:
         raise out_of_date(args.work, vqvae, stale)
-    # Every stage runs: each one skips what its records say is up to date, so a configuration whose VQ-VAE,
-    # frames or flags changed is made again instead of being kept because its results exist.
+    # Every stage runs: each one skips what its records say is up to date, so a configuration whose
+    # VQ-VAE, frames or flags changed is made again instead of being kept because its results exist.
     for i, (name, spec) in enumerate(jobs.items(), 1):
         for cmd in commands(args, name, spec):
             print(f"[{i}/{len(jobs)}] {name}: python {shlex.join(cmd)}", flush=True)
-            status = subprocess.run([sys.executable, str(REPO / cmd[0]), *cmd[1:]]).returncode   # paths as given
+            # the script from this repository, its paths as given (relative to the current folder)
+            status = subprocess.run([sys.executable, str(REPO / cmd[0]), *cmd[1:]]).returncode
             if status == common.EXIT_INTERRUPTED:
-                print(f"07_sweep: {cmd[0]} of configuration {name} was interrupted: re-run to resume", file=sys.stderr)
+                print(f"07_sweep: {cmd[0]} of configuration {name} was interrupted: re-run to "
+                      "resume", file=sys.stderr)
                 sys.exit(status)
             if status != 0:
-                raise InputError(f"{cmd[0]} failed for configuration {name} (exit {status}; its message is above)")
+                raise InputError(f"{cmd[0]} failed for configuration {name} (exit {status}; its "
+                                 "message is above)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,16 +353,17 @@ def fit_log_linear(x, r):
     return np.linalg.lstsq(design, r, rcond=None)[0]
 
 
-SATURATING_BOUNDS = ([-1.0, 0.0, 1e-3], [2.0, 10.0, 5.0])  # r_inf, c (for x over its geometric mean), alpha
+SATURATING_BOUNDS = ([-1.0, 0.0, 1e-3], [2.0, 10.0, 5.0])  # r_inf, c (x / geometric mean), alpha
 
 
 def geometric_mean(x):
-    """The saturating law is fitted to x / geometric_mean(x), for conditioning (x spans many decades)."""
+    """The saturating law is fitted to x / geometric_mean(x), for conditioning (x spans decades)."""
     return np.exp(np.log(np.asarray(x, float)).mean())
 
 
 def fit_saturating_power(x, r):
-    """Least-squares (r_inf, c, alpha) of r = r_inf - c x^(-alpha); NaNs when it does not converge (K >= 3).
+    """Least-squares (r_inf, c, alpha) of r = r_inf - c x^(-alpha); NaNs when it does not converge
+    (K >= 3).
 
     x is rescaled by its geometric mean for conditioning; c is reported for the original x.
     """
@@ -307,30 +383,35 @@ def fit_saturating_power(x, r):
 
 
 def saturating_bounds_hit(x, params):
-    """The names of the parameters of a fit_saturating_power result that sit on a bound of its search: the
-    data did not pin them down (too few points, or no curvature), so their values mean little."""
+    """The names of the parameters of a fit_saturating_power result that sit on a bound of its
+    search: the data did not pin them down (too few points, or no curvature), so their values mean
+    little."""
     r_inf, c, alpha = params
     scale = geometric_mean(x)
     searched = (r_inf, c / scale ** alpha, alpha)  # c as the search saw it
     # within 0.1% of the search's width: the optimizer stops near a bound, not on it
-    return [name for name, value, low, high in zip(("r_inf", "c", "alpha"), searched, *SATURATING_BOUNDS)
+    return [name for name, value, low, high
+            in zip(("r_inf", "c", "alpha"), searched, *SATURATING_BOUNDS)
             if min(value - low, high - value) <= 1e-3 * (high - low)]
 
 
 def brain_score(r, kind):
-    """(..., S, P) test r of P parcels for S subjects -> (...,): max (median, mean) over parcels, mean over subjects."""
+    """(..., S, P) test r of P parcels for S subjects -> (...,): max (median, mean) over parcels,
+    mean over subjects."""
     reduce = {"max": np.nanmax, "median": np.nanmedian, "mean": np.nanmean}[kind]
     return reduce(r, axis=-1).mean(-1)
 
 
 def bootstrap_fits(x, r, kind="max", n_boot=1000, seed=0):
-    """Both laws fitted to the brain score of K configurations, with 95% intervals from resampling parcels.
+    """Both laws fitted to the brain score of K configurations, with 95% intervals from resampling
+    parcels.
 
-    x: (K,) compute, data or parameters; r: (K, S, P) test r per configuration, subject and parcel (one
-    resample of parcels applies to every configuration, keeping them paired).
-    Returns {"log_linear": {"a": [est, lo, hi], "b": ...}, "saturating_power": {"r_inf": ..., "c": ..., "alpha": ...},
-    "saturating_power_at_bound": the names of the point estimate's parameters stuck on a search bound,
-    "samples": {law: (n_ok, n_params) parameters of the resamples that converged} (for confidence bands)}.
+    x: (K,) compute, data or parameters; r: (K, S, P) test r per configuration, subject and parcel
+    (one resample of parcels applies to every configuration, keeping them paired).
+    Returns {"log_linear": {"a": [est, lo, hi], "b": ...}, "saturating_power": {"r_inf": ...,
+    "c": ..., "alpha": ...}, "saturating_power_at_bound": the names of the point estimate's
+    parameters stuck on a search bound, "samples": {law: (n_ok, n_params) parameters of the
+    resamples that converged} (for confidence bands)}.
     """
     rng = np.random.default_rng(seed)
     n_parcels = r.shape[-1]
@@ -340,19 +421,24 @@ def bootstrap_fits(x, r, kind="max", n_boot=1000, seed=0):
     out = {"samples": {}}
     for law, (fit, names) in laws.items():
         estimate = fit(x, brain_score(r, kind))
-        samples = np.array([fit(x, brain_score(sample, kind)) for sample in resamples])  # (n_boot, n_params)
+        samples = np.array([fit(x, brain_score(sample, kind)) for sample in resamples])  # (boot, n)
         ok = np.isfinite(samples).all(1)
         lo, hi = (np.percentile(samples[ok], [2.5, 97.5], axis=0) if ok.any()
                   else (np.full(len(names), np.nan),) * 2)
-        out[law] = {n: [float(e), float(a), float(b)] for n, e, a, b in zip(names, estimate, lo, hi)}
+        out[law] = {n: [float(e), float(a), float(b)]
+                    for n, e, a, b in zip(names, estimate, lo, hi)}
         out["samples"][law] = samples[ok]
         if law == "saturating_power":
-            out["saturating_power_at_bound"] = saturating_bounds_hit(x, estimate) if np.isfinite(estimate).all() else []
+            stuck = saturating_bounds_hit(x, estimate) if np.isfinite(estimate).all() else []
+            out["saturating_power_at_bound"] = stuck
     return out
 
 
 def score_interval(r, kind, n_boot=1000, seed=0):
-    """The brain score of one subject's r (P,) and its 95% bootstrap interval over parcels: (est, lo, hi)."""
+    """The brain score of one subject's r (P,) and its 95% bootstrap interval over parcels:
+    (est, lo, hi); NaNs when no parcel has an r."""
+    if not np.isfinite(r).any():
+        return (np.nan,) * 3
     rng = np.random.default_rng(seed)
     reduce = np.nanmax if kind == "max" else np.nanmedian
     samples = [reduce(r[rng.integers(0, len(r), len(r))]) for _ in range(n_boot)]
@@ -360,8 +446,9 @@ def score_interval(r, kind, n_boot=1000, seed=0):
 
 
 def omitted_fits(x, fit):
-    """Why a fitted law is not drawn: {law: reason} for the laws the data do not determine. Configurations
-    that share an x (runs of the same compute, say) count once: together they pin a single point."""
+    """Why a fitted law is not drawn: {law: reason} for the laws the data do not determine.
+    Configurations that share an x (runs of the same compute, say) count once: together they pin a
+    single point."""
     reasons = {}
     n = len(np.unique(x))
     if n < 3:
@@ -372,7 +459,8 @@ def omitted_fits(x, fit):
     elif not np.isfinite(r_inf):
         reasons["saturating_power"] = "the fit did not converge"
     elif fit["saturating_power_at_bound"]:
-        reasons["saturating_power"] = f"{', '.join(fit['saturating_power_at_bound'])} on a bound of the search"
+        stuck = ", ".join(fit["saturating_power_at_bound"])
+        reasons["saturating_power"] = f"{stuck} on a bound of the search"
     elif r_inf > 1:
         reasons["saturating_power"] = f"r_inf = {r_inf:.2f} > 1 is not a correlation"
     return reasons
@@ -391,14 +479,14 @@ def out_of_date(work, output, stale):
     path = Path(work) / name
     if not path.is_file():
         made = f"made from {path}, which no longer exists"
-    else:   # its producer wrote it again (its own record vouches for it), or something else changed it
+    else:   # its producer wrote it again (its own record vouches for it), or something changed it
         own = common.read_record(common.record_path(path)) or {}
         again = (own.get("output") or {}).get("sha256") == common.fingerprint(path)["sha256"]
         since = f"{own['stage']} ran again since" if again else "it changed since"
         made = f"made from another {path} than the current one ({since})"
     if reader[:2] < SWEEP_STAGES[0]:   # 03: a stage that this script does not run
         return InputError(f"{output}: {made}: re-run {reader}.py first")
-    redo = [stage for stage in SWEEP_STAGES if stage >= reader[:2]]   # the reader and the stages below it
+    redo = [stage for stage in SWEEP_STAGES if stage >= reader[:2]]   # the reader and those below
     words = redo[0] if len(redo) == 1 else f"{', '.join(redo[:-1])} and {redo[-1]}"
     # (a missing input is made again by its own stage first, which may be any of them)
     then = f" ({words} then redo{'es' if len(redo) == 1 else ''} it)" if path.is_file() else ""
@@ -406,48 +494,158 @@ def out_of_date(work, output, stale):
 
 
 def load_run(work, name, spec, subs, checked=None):
-    """What the figures need from one job, or None when it has not finished: per subject the summary, r
-    (P,) and the significance mask (P,); and, for jobs with a trained model, its training log, size and
-    compute (from the checkpoint's record, which 04 writes beside it). Refuses (InputError) results whose
-    record chain is not current (04 ran again since 05, say), instead of pairing them with the log and
-    compute of another model; `checked` is common.stale_input's, shared by the jobs."""
+    """What the figures need from one job, or None when it has not finished: per subject the
+    summary, r (P,) and the significance mask (P,); and, for jobs with a trained model, its training
+    log, size and compute (from the checkpoint's record, which 04 writes beside it). Refuses
+    (InputError) results whose record chain is not current (04 ran again since 05, say), instead of
+    pairing them with the log and compute of another model; `checked` is common.stale_input's,
+    shared by the jobs."""
     work = Path(work)
     if not finished(work, name, subs):
         return None
-    for s in subs:
-        record = common.read_record(work / "results" / name / f"sub-{s}" / "summary.json")
-        stale = common.stale_input(work, record, checked)
+    folders = {s: work / "results" / name / f"sub-{s}" for s in subs}
+    for folder in folders.values():
+        stale = common.stale_input(work, common.read_record(folder / "summary.json"), checked)
         if stale:
             raise out_of_date(work, work / "results" / name, stale)
-    summaries = {s: json.loads((work / "results" / name / f"sub-{s}" / "summary.json").read_text()) for s in subs}
-    r = np.stack([np.load(work / "results" / name / f"sub-{s}" / "r.npy") for s in subs])              # (S, P)
-    significant = np.stack([np.load(work / "results" / name / f"sub-{s}" / "significant.npy") for s in subs])
-    run = {"summaries": summaries, "r": r, "significant": significant, "log": pd.DataFrame(), "params": np.nan,
-           "compute": np.nan, "frames": np.nan, "wall_s": np.nan}
+    run = {"summaries": {s: json.loads((f / "summary.json").read_text())
+                         for s, f in folders.items()},
+           "r": np.stack([np.load(f / "r.npy") for f in folders.values()]),               # (S, P)
+           "significant": np.stack([np.load(f / "significant.npy") for f in folders.values()]),
+           "log": pd.DataFrame(), "params": np.nan, "compute": np.nan, "frames": np.nan,
+           "wall_s": np.nan}
     if spec["model"] is None:
         return run
     model_dir = work / "gpt" / spec["model"]
     record = common.read_record(model_dir / "ckpt.json")
     if record is None or "n_parameters" not in record:
-        raise InputError(f"{model_dir / 'ckpt.json'}: no record of the model's size (a checkpoint of an older "
-                         "04_train_gpt.py: re-run it with --overwrite)")
+        raise InputError(f"{model_dir / 'ckpt.json'}: no record of the model's size (a checkpoint "
+                         "of an older 04_train_gpt.py: re-run it with --overwrite)")
     log = pd.read_csv(model_dir / "log.csv")
+    samples_seen = record["settings"]["--batch-size"] * record["step"]
+    frames = spec["config"]["train_frames"] or sum(   # 0: every training repetition's frames
+        rep["frames_used"] for rep in record["training_repetitions"])
     return dict(run, log=log, params=record["n_parameters"],
-                compute=float(record["train_flops_per_sample"]) * record["settings"]["--batch-size"] * record["step"],
-                frames=spec["config"]["train_frames"] or sum(r["frames_used"] for r in record["training_repetitions"]),
+                compute=float(record["train_flops_per_sample"]) * samples_seen, frames=frames,
                 wall_s=float(log["wall_s"].dropna().iloc[-1]) if len(log) else np.nan)
 
 
 # --------------------------------------------------------------------------------------------------
 # Figures and report
 # --------------------------------------------------------------------------------------------------
-SCALE_KNOBS = {"train_frames": "training frames (60 Hz)", "hidden_dim": "hidden size", "layers": "layers",
-               "heads": "attention heads"}   # the experiments whose x axis is a scale: lines, not bars
+# the experiments whose x axis is a scale: lines, not bars
+SCALE_KNOBS = {"train_frames": "training frames (60 Hz)", "hidden_dim": "hidden size",
+               "layers": "layers", "heads": "attention heads"}
+
+
+def draw_figures(args, per_experiment, jobs):
+    """Per experiment: loss curves, scores, brain maps (the paper's Figures 2-6) and the report's
+    section; then the scaling laws over every finished configuration. Returns the names of the
+    configurations that have not finished: they are left out of every figure, and the report names
+    them at its top."""
+    import matplotlib
+    matplotlib.use("Agg")
+
+    work = Path(args.work)
+    figures = work / "figures"
+    subs = subjects(work)
+    checked = set()   # the inputs found current, shared by the jobs (a model's frames checked once)
+    runs = {name: load_run(work, name, spec, subs, checked) for name, spec in jobs.items()}
+    missing = [name for name, run in runs.items() if run is None]
+    report = ["# Scaling experiments", ""]
+    if missing:
+        report += [f"**Not finished** (left out of every figure): {', '.join(missing)}.", ""]
+    report += [f"Brain score: test Pearson r per parcel (06_ridge.py), {args.score} over parcels "
+               f"unless said; subjects {', '.join(subs)}; 95% intervals from {args.n_boot} "
+               "bootstrap resamples of parcels.", ""]
+    for experiment, rows in per_experiment.items():
+        done = [(value, name, runs[name]) for value, _, name, _ in rows if runs[name] is not None]
+        report += experiment_section(args, experiment, done, subs, figures)
+    # the scaling laws over the paper's configurations (controls, modules: not points of a law)
+    paper_runs = {name: runs[name] for experiment, rows in per_experiment.items()
+                  if experiment in EXPERIMENTS for _, _, name, _ in rows if runs[name] is not None}
+    if len(paper_runs) >= 2:
+        report += scaling_section(args, per_experiment, paper_runs, figures)
+        report += scaling_maps(per_experiment, paper_runs, work, figures)
+    write_lines(figures / "report.md", report)
+    print(f"07_sweep: figures and report in {figures}")
+    return missing
+
+
+def experiment_section(args, experiment, done, subs, figures):
+    """One experiment's figures and its section of the report (markdown lines): the claim, a
+    verdict, the figures and a table. done: (value, name, run) of its finished configurations."""
+    knob, _, figure = {**EXPERIMENTS, **EXTRA_EXPERIMENTS}[experiment]   # the demo's are the same
+    source = "tested here" if experiment in EXTRA_EXPERIMENTS else "the paper"
+    lines = [f"## {experiment}: {knob} ({figure})", "",
+             f"**Claim** ({source}): {CLAIMS[experiment]}", ""]
+    if not done:
+        return lines + ["No finished configuration yet.", ""]
+    lines += [f"**Verdict**: {verdict(experiment, knob, done, args)}", ""]
+    pictures = []
+    if experiment not in EXTRA_EXPERIMENTS:   # the controls without a model have no training loss
+        loss_figure(experiment, knob, figure, done, figures / f"{experiment}_loss.png")
+        pictures.append(f"{experiment}_loss.png")
+    scores_figure(experiment, knob, figure, done, subs, args, figures / f"{experiment}_scores.png")
+    pictures.append(f"{experiment}_scores.png")
+    lines += [" ".join(f"![]({p})" for p in pictures), "", *score_table(knob, done, subs), ""]
+    if experiment != "appendix":   # one brain per module would be a wall of glass brains
+        maps_figure(experiment, knob, figure, done, subs, Path(args.work),
+                    figures / f"{experiment}_maps.png")
+        lines += [f"![]({experiment}_maps.png)", ""]
+    if experiment == "precision" and len(done) >= 2:
+        lines += precision_table(done, subs, figures)
+    return lines
+
+
+def score_table(knob, done, subs):
+    """The report's table: per configuration, each subject's max r and the median r (mean over
+    subjects)."""
+    header = [knob, *(f"sub-{s} max r" for s in subs), "median r (mean)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for value, _, run in done:
+        summaries = [run["summaries"][s] for s in subs]
+        median = np.mean([r_of(summary, "r_median") for summary in summaries])
+        cells = [format_r(r_of(summary, "r_max")) for summary in summaries] + [format_r(median)]
+        lines.append(f"| {value_label(value)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def r_of(summary, key):
+    """A score of 06's summary.json (r_max, r_median): NaN where 06 wrote None (every parcel's r
+    undefined, a constant prediction or BOLD)."""
+    return np.nan if summary[key] is None else summary[key]
+
+
+def format_r(value, spec=".3f"):
+    """An r for the report: 0.524, or n/a for NaN (no r)."""
+    return "n/a" if not np.isfinite(value) else format(value, spec)
+
+
+def value_label(value):
+    """A configuration's value as the figures and the report write it: --train-frames 0 is 'all'."""
+    return "all" if value == 0 else value
 
 
 def knob_value(value, run):
-    """The numeric x of a configuration: its knob's value (--train-frames 0, "all", is its frame count)."""
+    """The numeric x of a configuration: its knob's value (--train-frames 0, "all", is its frame
+    count)."""
     return run["frames"] if value in (0, "all") else value
+
+
+def save_figure(fig, path, dpi):
+    """Write a figure atomically, as every stage writes its outputs (a half-written PNG never
+    replaces a good one), and close it."""
+    import matplotlib.pyplot as plt
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+
+
+def write_lines(path, lines):
+    """Write markdown lines to `path` atomically."""
+    with common.atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 def short_number(v):
@@ -462,8 +660,8 @@ def short_number(v):
 
 
 def log_axis(ax, values):
-    """A readable log x axis: ticks at the values themselves when they span less than two decades (the
-    default minor labels would run into each other), else at powers of ten."""
+    """A readable log x axis: ticks at the values themselves when they span less than two decades
+    (the default minor labels would run into each other), else at powers of ten."""
     import matplotlib.ticker as ticker
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
@@ -475,92 +673,50 @@ def log_axis(ax, values):
         ax.xaxis.set_major_locator(ticker.LogLocator(base=10, numticks=7))
 
 
-def draw_figures(args, per_experiment, jobs):
-    """Per experiment: loss curves, scores, brain maps (the paper's Figures 2-6) and the report's section;
-    then the scaling laws over every finished configuration."""
-    import matplotlib
-    matplotlib.use("Agg")
-
-    work = Path(args.work)
-    figures = work / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    subs = subjects(work)
-    checked = set()   # the inputs found current, shared by the jobs (one model's frames are checked once)
-    runs = {name: load_run(work, name, spec, subs, checked) for name, spec in jobs.items()}
-    report = ["# Scaling experiments", "",
-              f"Brain score: test Pearson r per parcel (06_ridge.py), {args.score} over parcels unless said; "
-              f"subjects {', '.join(subs)}; 95% intervals from {args.n_boot} bootstrap resamples of parcels.", ""]
-    experiments = {**(DEMO_EXPERIMENTS if args.demo else EXPERIMENTS), **EXTRA_EXPERIMENTS}
-    for experiment, rows in per_experiment.items():
-        done = [(value, name, runs[name]) for value, _, name, _ in rows if runs[name] is not None]
-        knob, _, figure = experiments[experiment]
-        source = "the paper" if experiment not in EXTRA_EXPERIMENTS else "tested here"
-        report += [f"## {experiment}: {knob} ({figure})", "", f"**Claim** ({source}): {CLAIMS[experiment]}", ""]
-        if not done:
-            report += ["No finished configuration yet.", ""]
-            continue
-        report += [f"**Verdict**: {verdict(experiment, knob, done, args)}", ""]
-        pictures = []
-        if experiment not in EXTRA_EXPERIMENTS:   # the controls without a model have no training loss
-            loss_figure(experiment, knob, figure, done, figures / f"{experiment}_loss.png")
-            pictures.append(f"{experiment}_loss.png")
-        scores_figure(experiment, knob, figure, done, subs, args, figures / f"{experiment}_scores.png")
-        pictures.append(f"{experiment}_scores.png")
-        table = ["| " + knob + " | " + " | ".join(f"sub-{s} max r" for s in subs) + " | median r (mean) |",
-                 "|" + " --- |" * (len(subs) + 2)]
-        for value, name, run in done:
-            table.append(f"| {'all' if value == 0 else value} | "
-                         + " | ".join(f"{run['summaries'][s]['r_max']:.3f}" for s in subs)
-                         + f" | {np.mean([run['summaries'][s]['r_median'] for s in subs]):.3f} |")
-        report += [" ".join(f"![]({p})" for p in pictures), "", *table, ""]
-        if experiment != "appendix":               # one brain per module would be a wall of glass brains
-            maps_figure(experiment, knob, figure, done, subs, work, figures / f"{experiment}_maps.png")
-            report += [f"![]({experiment}_maps.png)", ""]
-        if experiment == "precision" and len(done) >= 2:
-            report += precision_table(done, subs, figures)
-
-    # the scaling laws over the paper's configurations (the controls and modules are not points of a law)
-    paper_runs = {name: runs[name] for experiment, rows in per_experiment.items() if experiment in EXPERIMENTS
-                  for _, _, name, _ in rows if runs[name] is not None}
-    if len(paper_runs) >= 2:
-        report += scaling_section(args, per_experiment, paper_runs, figures)
-        report += scaling_maps(args, per_experiment, paper_runs, work, figures)
-    (figures / "report.md").write_text("\n".join(report) + "\n")
-    print(f"07_sweep: figures and report in {figures}")
-
-
 def verdict(experiment, knob, done, args):
-    """One sentence: is the paper's claim supported on this data, from the numbers and their intervals."""
+    """One sentence: is the paper's claim supported on this data, from the numbers and their
+    intervals."""
     if len(done) < 2:
         return "none yet: fewer than 2 finished configurations."
+    undefined = [str(value_label(value)) for value, _, run in done
+                 if not np.isfinite(run["r"]).any(axis=-1).all()]
+    if undefined:
+        return (f"none: {knob} = {', '.join(undefined)} has no r for a subject (every parcel's r "
+                "undefined).")
     if experiment == "controls":
         return controls_verdict(done, args)
     if experiment == "appendix":
         return appendix_verdict(done, args)
     if experiment == "precision":
-        (ref_value, _, ref), (value, _, other) = done[0], done[1]
-        difference, lo, hi = paired_difference(other["r"], ref["r"], args.score, args.n_boot)
-        speedup = ref["wall_s"] / other["wall_s"]
-        supported = speedup > 1 and hi >= 0   # faster, and not worse: the interval reaches 0 or above
-        return (f"{'supported' if supported else 'not supported'} on this data: {value} trained {speedup:.2f}x as "
-                f"fast as {ref_value}, and its {args.score} r differs by {difference:+.3f} (95% CI [{lo:+.3f}, "
-                f"{hi:+.3f}]{', which includes 0' if lo <= 0 <= hi else ''}).")
+        return precision_verdict(done, args)
     r = np.stack([run["r"] for _, _, run in done])                                       # (K, S, P)
     x = np.array([knob_value(value, run) for value, _, run in done], float)
     est, lo, hi = bootstrap_fits(x, r, args.score, args.n_boot)["log_linear"]["b"]
-    trend = (f"the {args.score} r changes by {est:+.3f} per tenfold {SCALE_KNOBS[knob]} (95% CI [{lo:+.3f}, "
-             f"{hi:+.3f}], {len(done)} configurations)")
+    trend = (f"the {args.score} r changes by {est:+.3f} per tenfold {SCALE_KNOBS[knob]} (95% CI "
+             f"[{lo:+.3f}, {hi:+.3f}], {len(done)} configurations)")
     if experiment in ("data", "hidden"):          # the claim: more improves encoding
         return f"{'supported' if lo > 0 else 'not supported'} on this data: {trend}."
-    if experiment == "layers":                    # the claim: more layers do not reliably improve it
+    if experiment == "layers":                    # the claim: more layers do not reliably help
         return f"{'not supported' if lo > 0 else 'supported'} on this data: {trend}."
     # heads: a modest effect, i.e. none that the data can tell from zero
     return f"{'supported' if lo <= 0 <= hi else 'not supported'} on this data: {trend}."
 
 
+def precision_verdict(done, args):
+    """Faster, and not worse: the second precision against the first (the reference)."""
+    (ref_value, _, ref), (value, _, other) = done[0], done[1]
+    difference, lo, hi = paired_difference(other["r"], ref["r"], args.score, args.n_boot)
+    speedup = ref["wall_s"] / other["wall_s"]
+    supported = speedup > 1 and hi >= 0   # faster, and not worse: the interval reaches 0 or above
+    return (f"{'supported' if supported else 'not supported'} on this data: {value} trained "
+            f"{speedup:.2f}x as fast as {ref_value}, and its {args.score} r differs by "
+            f"{difference:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]"
+            f"{', which includes 0' if lo <= 0 <= hi else ''}).")
+
+
 def paired_difference(a, b, kind, n_boot, seed=0):
-    """The brain score of r `a` minus that of `b` (S, P each, mean over subjects) and its 95% interval from
-    resampling parcels (the same resample for both: the parcels are paired)."""
+    """The brain score of r `a` minus that of `b` (S, P each, mean over subjects) and its 95%
+    interval from resampling parcels (the same resample for both: the parcels are paired)."""
     rng = np.random.default_rng(seed)
     samples = [brain_score(a[:, idx], kind) - brain_score(b[:, idx], kind)
                for idx in (rng.integers(0, a.shape[-1], a.shape[-1]) for _ in range(n_boot))]
@@ -579,59 +735,70 @@ def controls_verdict(done, args):
     if "trained" not in runs:
         return "none yet: the trained model has not finished."
     sentences = []
+    trained = runs["trained"]["r"]
     for control in (v for v in runs if v != "trained"):
         parts = []
         for kind in ("max", "median"):
-            diff, lo, hi = paired_difference(runs["trained"]["r"], runs[control]["r"], kind, args.n_boot)
-            parts.append(f"{kind} r {diff:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]: {interval_word(lo, hi)})")
+            diff, lo, hi = paired_difference(trained, runs[control]["r"], kind, args.n_boot)
+            parts.append(f"{kind} r {diff:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]: "
+                         f"{interval_word(lo, hi)})")
         sentences.append(f"against the {control} control, {', '.join(parts)}")
-    best = {s: max(runs, key=lambda v: runs[v]["summaries"][s]["r_max"] or -1) for s in done[0][2]["summaries"]}
+    best = {s: max(runs, key=lambda v: runs[v]["summaries"][s]["r_max"])
+            for s in done[0][2]["summaries"]}
     text = ("the trained model, " + "; ".join(sentences) + ". Best max r: "
             + ", ".join(f"sub-{s} {v}" for s, v in best.items()) + ".")
     if args.ground_truth:
         text += " " + planted_comparison(runs, args)
     if args.demo:
-        text += (" On the demo, whose planted signals are the luminance and motion of screen quadrants, the "
-                 "low-level control is expected to be strong: it measures exactly those.")
+        text += (" On the demo, whose planted signals are the luminance and motion of screen "
+                 "quadrants, the low-level control is expected to be strong: it measures exactly "
+                 "those.")
     return text
 
 
 def planted_comparison(runs, args):
-    """The controls on a synthetic dataset's planted parcels only: mean r over them and the subjects, and
-    the trained model minus its untrained copy there (paired bootstrap over the planted parcels)."""
+    """The controls on a synthetic dataset's planted parcels only: mean r over them and the
+    subjects, and the trained model minus its untrained copy there (paired bootstrap over the
+    planted parcels)."""
     planted = common.read_planted_labels(args.ground_truth)
-    labels = read_tsv(Path(args.work) / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
-    columns = np.flatnonzero(labels["label"].astype(int).isin(planted).to_numpy())   # BOLD columns of planted parcels
+    labels_path = Path(args.work) / "bold" / "labels.tsv"
+    labels = read_tsv(labels_path, required=("column", "label")).sort_values("column")
+    planted_columns = labels["label"].astype(int).isin(planted).to_numpy()
+    columns = np.flatnonzero(planted_columns)                               # BOLD columns
     if len(columns) == 0:
         raise InputError(f"{args.ground_truth}: none of its planted labels is a parcel of "
-                         f"{Path(args.work) / 'bold' / 'labels.tsv'}")
-    means = ", ".join(f"{v} {brain_score(run['r'][:, columns], 'mean'):.3f}" for v, run in runs.items())
-    text = f"On the {len(columns)} planted parcels of {Path(args.ground_truth).name}, mean r: {means}."
+                         f"{labels_path}")
+    means = ", ".join(f"{v} {brain_score(run['r'][:, columns], 'mean'):.3f}"
+                      for v, run in runs.items())
+    text = (f"On the {len(columns)} planted parcels of {Path(args.ground_truth).name}, mean r: "
+            f"{means}.")
     if "untrained" in runs:
-        diff, lo, hi = paired_difference(runs["trained"]["r"][:, columns], runs["untrained"]["r"][:, columns],
-                                         "mean", args.n_boot)
+        diff, lo, hi = paired_difference(runs["trained"]["r"][:, columns],
+                                         runs["untrained"]["r"][:, columns], "mean", args.n_boot)
         text += (f" There, the trained model minus its untrained copy: {diff:+.3f} "
                  f"(95% CI [{lo:+.3f}, {hi:+.3f}]: {interval_word(lo, hi)}).")
     return text
 
 
 def appendix_verdict(done, args):
-    """Appendix A: where the block's output of the MLP branch (post_fc_dp) ranks among its modules."""
+    """Appendix A: where the output of the block's MLP branch (post_fc_dp) ranks among its
+    modules."""
     scores = {value: brain_score(run["r"], args.score) for value, _, run in done}
-    modules = {v: s for v, s in scores.items() if "." in v}     # "4.post_fc_dp"; block outputs are "4"
+    modules = {v: s for v, s in scores.items() if "." in v}   # "4.post_fc_dp"; block outputs: "4"
     if not modules:
         return "none yet: no module of the block has finished."
     ranked = sorted(modules, key=modules.get, reverse=True)
     paper = next((v for v in ranked if v.endswith(".post_fc_dp")), None)
     if paper is None:
-        return f"no verdict: post_fc_dp has not finished; best so far {ranked[0]} ({modules[ranked[0]]:.3f})."
+        return (f"no verdict: post_fc_dp has not finished; best so far {ranked[0]} "
+                f"({modules[ranked[0]]:.3f}).")
     rank = ranked.index(paper) + 1
-    depth = {v: s for v, s in scores.items() if "." not in v}
-    profile = (f" Block outputs, first to last: {', '.join(f'{s:.3f}' for _, s in sorted(depth.items(), key=lambda i: int(i[0])))}."
+    depth = sorted((int(v), s) for v, s in scores.items() if "." not in v)   # (block, score)
+    profile = (f" Block outputs, first to last: {', '.join(f'{s:.3f}' for _, s in depth)}."
                if depth else "")
-    return (f"{'supported' if rank == 1 else 'not supported'} on this data: post_fc_dp ranks {rank} of "
-            f"{len(ranked)} modules by {args.score} r ({modules[paper]:.3f}; best {ranked[0]}, "
-            f"{modules[ranked[0]]:.3f}).{profile}")
+    return (f"{'supported' if rank == 1 else 'not supported'} on this data: post_fc_dp ranks "
+            f"{rank} of {len(ranked)} modules by {args.score} r ({modules[paper]:.3f}; best "
+            f"{ranked[0]}, {modules[ranked[0]]:.3f}).{profile}")
 
 
 def panel(figure, letter):
@@ -640,184 +807,232 @@ def panel(figure, letter):
 
 
 def loss_figure(experiment, knob, figure, done, path):
-    """(a) of the paper's figure: training (solid) and validation (dashed) cross-entropy per configuration."""
+    """(a) of the paper's figure: training (solid) and validation (dashed) cross-entropy per
+    configuration."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for value, name, run in done:
-        line, = ax.plot(run["log"]["step"], run["log"]["train_loss"], label=f"{knob} = {'all' if value == 0 else value}")
+        line, = ax.plot(run["log"]["step"], run["log"]["train_loss"],
+                        label=f"{knob} = {value_label(value)}")
         val = run["log"].dropna(subset=["val_loss"])
         ax.plot(val["step"], val["val_loss"], "--o", markersize=3, color=line.get_color())
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats per code)",
            title=f"GPT loss, {experiment} ({panel(figure, 'a')}): train solid, validation dashed")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def scores_figure(experiment, knob, figure, done, subs, args, path):
-    """(b): max and median r per subject with 95% bootstrap intervals over parcels and the permutation
-    null's 95% level (dotted); lines over the scale when the knob is one, bars otherwise."""
+    """(b): max and median r per subject with 95% bootstrap intervals over parcels and the
+    permutation null's 95% level (dotted); lines over the scale when the knob is one, bars
+    otherwise."""
     import matplotlib.pyplot as plt
     many = len(done) > 6   # the modules of appendix A: one panel above the other, labels turned
-    fig, axes = plt.subplots(2 if many else 1, 1 if many else 2,
-                             figsize=(max(9, 0.4 * len(done) * len(subs) + 2), 9) if many else (11, 4.6))
+    size = (max(9, 0.4 * len(done) * len(subs) + 2), 9) if many else (11, 4.6)
+    fig, axes = plt.subplots(2 if many else 1, 1 if many else 2, figsize=size)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, kind in zip(axes, ("max", "median")):
         for j, s in enumerate(subs):
-            color = colors[j % len(colors)]
-            scores = np.array([score_interval(run["r"][j], kind, args.n_boot) for _, _, run in done])   # (K, 3)
-            nulls = [(run["summaries"][s].get("null") or {}).get(f"{kind}_r_95") for _, _, run in done]
+            scores = np.array([score_interval(run["r"][j], kind, args.n_boot)
+                               for _, _, run in done])                                 # (K, 3)
+            errors = [scores[:, 0] - scores[:, 1], scores[:, 2] - scores[:, 0]]
+            nulls = [(run["summaries"][s].get("null") or {}).get(f"{kind}_r_95")
+                     for _, _, run in done]
+            style = dict(color=colors[j % len(colors)], capsize=3, label=f"sub-{s}")
             if knob in SCALE_KNOBS:
                 x = np.array([knob_value(value, run) for value, _, run in done], float)
-                ax.errorbar(x, scores[:, 0], yerr=[scores[:, 0] - scores[:, 1], scores[:, 2] - scores[:, 0]],
-                            fmt="-o", color=color, capsize=3, label=f"sub-{s}")
+                ax.errorbar(x, scores[:, 0], yerr=errors, fmt="-o", **style)
                 if all(n is not None for n in nulls):
-                    ax.plot(x, nulls, ":", color=color, label=f"sub-{s} null 95%")
+                    ax.plot(x, nulls, ":", color=style["color"], label=f"sub-{s} null 95%")
             else:
                 width = 0.8 / len(subs)
                 x = np.arange(len(done)) + j * width
-                ax.bar(x, scores[:, 0], width, yerr=[scores[:, 0] - scores[:, 1], scores[:, 2] - scores[:, 0]],
-                       color=color, capsize=3, label=f"sub-{s}")
+                ax.bar(x, scores[:, 0], width, yerr=errors, **style)
                 for xi, n in zip(x, nulls):
                     if n is not None:
                         ax.hlines(n, xi - width / 2, xi + width / 2, colors="k", linestyles=":")
-        if knob in SCALE_KNOBS:
-            values = [knob_value(value, run) for value, _, run in done]
-            if knob in ("train_frames", "hidden_dim"):   # scales spanning decades
-                log_axis(ax, values)
-            else:
-                ax.set_xticks(values)
-            ax.set_xlabel(SCALE_KNOBS[knob])
-        else:
-            ax.set_xticks(np.arange(len(done)) + 0.4 - 0.4 / len(subs), [str(value) for value, _, _ in done],
-                          rotation=60 if many else 0, ha="right" if many else "center")
-            ax.set_xlabel(f"{knob} (dotted: the permutation null's 95% level)")
+        scores_x_axis(ax, knob, done, subs, many)
         ax.set(ylabel=f"{kind} test r over parcels", title=f"{kind} r ({panel(figure, 'b')})")
         ax.axhline(0, color="0.7", linewidth=0.8)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
+
+
+def scores_x_axis(ax, knob, done, subs, many):
+    """The x axis of a scores panel: the knob's scale, or one group of bars per configuration (their
+    labels turned when there are `many`)."""
+    if knob in SCALE_KNOBS:
+        values = [knob_value(value, run) for value, _, run in done]
+        if knob in ("train_frames", "hidden_dim"):   # scales spanning decades
+            log_axis(ax, values)
+        else:
+            ax.set_xticks(values)
+        ax.set_xlabel(SCALE_KNOBS[knob])
+    else:
+        ax.set_xticks(np.arange(len(done)) + 0.4 - 0.4 / len(subs),
+                      [str(value) for value, _, _ in done],
+                      rotation=60 if many else 0, ha="right" if many else "center")
+        ax.set_xlabel(f"{knob} (dotted: the permutation null's 95% level)")
+
+
+def parcel_atlas(work):
+    """The parcels on the BOLD grid: (labels, paint). labels: bold/labels.tsv in BOLD column order;
+    paint(values (P,), one per column) -> a NIfTI image of the atlas holding each parcel's value, 0
+    outside the parcels."""
+    import nibabel as nib
+    atlas = common.load_nifti(work / "bold" / "atlas.nii.gz")
+    grid = np.asarray(atlas.dataobj).astype(np.int64)                      # (X, Y, Z) atlas labels
+    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label"))
+    labels = labels.sort_values("column")
+    label_of_column = labels["label"].astype(int).to_numpy()              # (P,)
+
+    def paint(values):
+        by_label = np.zeros(max(grid.max(), label_of_column.max()) + 1, np.float32)
+        by_label[label_of_column] = values
+        return nib.Nifti1Image(by_label[grid], atlas.affine)
+
+    return labels, paint
 
 
 def maps_figure(experiment, knob, figure, done, subs, work, path):
-    """(c): glass brains of test r, one row per configuration, one column per subject, one symmetric colour
-    scale with its colorbar; parcels not significant (FDR, 06) are faded."""
+    """(c): glass brains of test r, one row per configuration, one column per subject, one symmetric
+    colour scale with its colorbar; parcels not significant (FDR, 06) are faded."""
     import matplotlib.pyplot as plt
-    import nibabel as nib
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from nilearn import plotting
 
-    atlas = common.load_nifti(work / "bold" / "atlas.nii.gz")
-    grid = np.asarray(atlas.dataobj)
-    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")["label"]
-    voxels = [grid == int(label) for label in labels]
-    vmax = max(float(np.nanmax(np.abs(run["r"]))) for _, _, run in done) or 1.0
-
-    def image(values):   # per-parcel values (P,) -> a NIfTI image on the atlas grid
-        data = np.zeros(grid.shape, np.float32)
-        for inside, v in zip(voxels, values):
-            data[inside] = v
-        return nib.Nifti1Image(data, atlas.affine)
-
+    _, paint = parcel_atlas(work)
+    vmax = max(float(np.abs(np.nan_to_num(run["r"])).max()) for _, _, run in done) or 1.0
     width = max(3.4 * len(subs) + 0.8, 6.0)   # room for the title with one subject
-    fig, axes = plt.subplots(len(done), len(subs), figsize=(width, 2.9 * len(done) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(done), len(subs), figsize=(width, 2.9 * len(done) + 0.4),
+                             squeeze=False)
     tested = all(run["summaries"][s].get("null") for _, _, run in done for s in subs)
     for k, (value, name, run) in enumerate(done):
         for j, s in enumerate(subs):
             r = np.nan_to_num(run["r"][j])
             shown = run["significant"][j] if tested else np.ones(len(r), bool)
-            display = plotting.plot_glass_brain(None, axes=axes[k, j], display_mode="z", plot_abs=False,
-                                                title=f"sub-{s}, {knob} = {'all' if value == 0 else value}")
-            for values, transparency in ((np.where(shown, 0, r), 0.3), (np.where(shown, r, 0), 1.0)):
-                if not values.any():   # nothing to draw (nilearn would warn "empty mask")
-                    continue
-                display.add_overlay(image(values), cmap="cold_hot", vmin=-vmax, vmax=vmax, threshold=1e-6,
-                                    transparency=transparency)
+            display = plotting.plot_glass_brain(
+                None, axes=axes[k, j], display_mode="z", plot_abs=False,
+                title=f"sub-{s}, {knob} = {value_label(value)}")
+            faded, bright = np.where(shown, 0, r), np.where(shown, r, 0)
+            for values, transparency in ((faded, 0.3), (bright, 1.0)):
+                if values.any():   # else nothing to draw (nilearn would warn "empty mask")
+                    display.add_overlay(paint(values), cmap="cold_hot", vmin=-vmax, vmax=vmax,
+                                        threshold=1e-6, transparency=transparency)
     fig.subplots_adjust(right=1 - 0.8 / fig.get_figwidth())
     bar = fig.add_axes([1 - 0.65 / fig.get_figwidth(), 0.15, 0.15 / fig.get_figwidth(), 0.7])
     fig.colorbar(ScalarMappable(Normalize(-vmax, vmax), "cold_hot"), cax=bar, label="test r")
-    fig.suptitle(f"{experiment} ({panel(figure, 'c')}): test r; " + ("faded parcels are not significant (FDR q < 0.05)" if tested
-                 else "no significance tested (06 --n-permutations 0)"), fontsize=10)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    tests = ("faded parcels are not significant (FDR q < 0.05)" if tested
+             else "no significance tested (06 --n-permutations 0)")
+    fig.suptitle(f"{experiment} ({panel(figure, 'c')}): test r; {tests}", fontsize=10)
+    save_figure(fig, path, dpi=90)
 
 
 def precision_table(done, subs, figures):
+    """precision.md: per precision its training time, its speedup over the first and its max r minus
+    the first's (mean over subjects). Returns the report's lines."""
     (ref_value, _, ref), others = done[0], done[1:]
     lines = ["| precision | training time (s) | speedup | max r difference (mean over subjects) |",
              "| --- | --- | --- | --- |", f"| {ref_value} | {ref['wall_s']:.0f} | 1.00 | 0 |"]
     for value, _, run in others:
-        diff = np.mean([run["summaries"][s]["r_max"] - ref["summaries"][s]["r_max"] for s in subs])
-        lines.append(f"| {value} | {run['wall_s']:.0f} | {ref['wall_s'] / run['wall_s']:.2f} | {diff:+.3f} |")
-    (figures / "precision.md").write_text("\n".join(lines) + "\n")
+        diff = np.mean([r_of(run["summaries"][s], "r_max") - r_of(ref["summaries"][s], "r_max")
+                        for s in subs])
+        speedup = ref["wall_s"] / run["wall_s"]
+        lines.append(f"| {value} | {run['wall_s']:.0f} | {speedup:.2f} | "
+                     f"{format_r(diff, '+.3f')} |")
+    write_lines(figures / "precision.md", lines)
     return ["Precision (paper Figure 6):", "", *lines, ""]
 
 
 def scaling_section(args, per_experiment, runs, figures):
-    """Brain score against compute (every run), data (data experiment) and parameters (hidden experiment),
-    with both laws and their 95% bands where the data determine them (the figure says why not, otherwise)."""
+    """Brain score against compute (every run), data (data experiment) and parameters (hidden
+    experiment), with both laws and their 95% bands where the data determine them (the figure says
+    why not, otherwise): scaling.png, scaling.json, and the report's lines."""
     import matplotlib.pyplot as plt
 
     axes_spec = [("compute", "training compute (FLOPs)", list(runs))]
     for experiment, key, label in (("data", "frames", "training frames (60 Hz)"),
                                    ("hidden", "params", "GPT parameters")):
-        names = [name for _, _, name, _ in per_experiment.get(experiment, []) if name in runs]
-        axes_spec.append((key, label, names))
+        axes_spec.append((key, label, [name for _, _, name, _ in per_experiment.get(experiment, [])
+                                       if name in runs]))
     fits = {}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (key, label, names) in zip(axes, axes_spec):
         names = [n for n in names if np.isfinite(runs[n][key]) and runs[n][key] > 0]
         ax.set(xlabel=label, ylabel=f"{args.score} r (mean over subjects)")
-        if len({runs[n][key] for n in names}) < 2:   # e.g. every data size trained with the same compute
-            ax.text(0.5, 0.5, f"{label}:\nfewer than 2 finished configurations with distinct values",
-                    ha="center", va="center", transform=ax.transAxes)
+        if len({runs[n][key] for n in names}) < 2:   # e.g. every data size with the same compute
+            ax.text(0.5, 0.5, f"{label}:\nfewer than 2 finished configurations with distinct "
+                    "values", ha="center", va="center", transform=ax.transAxes)
             ax.axis("off")
             continue
-        x = np.array([runs[n][key] for n in names], float)
+        x = np.array([runs[n][key] for n in names], float)                            # (K,)
         r = np.stack([runs[n]["r"] for n in names])                                    # (K, S, P)
-        fit = bootstrap_fits(x, r, args.score, args.n_boot)
-        samples = fit.pop("samples")
-        omitted = omitted_fits(x, fit)
-        # an undetermined law has no estimate worth keeping: only the reason is stored
-        fits[key] = {"runs": names, "x": x.tolist(), "score": brain_score(r, args.score).tolist(),
-                     **{law: v for law, v in fit.items() if law not in omitted}, "omitted": omitted}
-        grid = np.geomspace(x.min(), x.max(), 100)
-        ax.scatter(x, brain_score(r, args.score), color="k", zorder=3)
-        for law, style in (("log_linear", "-"), ("saturating_power", "--")):
-            if law in omitted or not len(samples[law]):
-                continue
-            curve = (lambda p: p[0] + p[1] * np.log10(grid)) if law == "log_linear" else \
-                (lambda p: saturating_power(grid, *p))
-            estimate = [fit[law][name][0] for name in fit[law]]
-            band = np.percentile([curve(p) for p in samples[law]], [2.5, 97.5], axis=0)
-            line, = ax.plot(grid, curve(estimate), style, label=(
-                f"r = {estimate[0]:.3f} + {estimate[1]:.3f} log10 x" if law == "log_linear"
-                else f"r_inf = {estimate[0]:.3f}, alpha = {estimate[2]:.2f}"))
-            ax.fill_between(grid, *band, color=line.get_color(), alpha=0.2)
-        if omitted:
-            ax.text(0.02, 0.02, "not drawn: " + "; ".join(f"{law.replace('_', ' ')} ({why})" for law, why in omitted.items()),
-                    transform=ax.transAxes, fontsize=7, va="bottom", wrap=True)
-        log_axis(ax, x)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="upper left")
+        fit, samples = fit_laws(x, r, args.score, args.n_boot)
+        fits[key] = {"runs": names, **fit}
+        draw_laws(ax, x, fit, samples)
     fig.tight_layout()
-    fig.savefig(figures / "scaling.png", dpi=120)
-    plt.close(fig)
-    (figures / "scaling.json").write_text(json.dumps(fits, indent=1))
+    save_figure(fig, figures / "scaling.png", dpi=120)
+    common.write_json(figures / "scaling.json", fits)
+    return scaling_report(args, fits)
+
+
+def fit_laws(x, r, kind, n_boot):
+    """Both laws on one axis, x (K,) and r (K, S, P): (the fit as scaling.json keeps it, {law:
+    (n, n_params) parameters of the bootstrap resamples}). A law the data do not determine keeps no
+    estimate worth keeping: only the reason, under "omitted"."""
+    fit = bootstrap_fits(x, r, kind, n_boot)
+    samples = fit.pop("samples")
+    omitted = omitted_fits(x, fit)
+    kept = {law: value for law, value in fit.items() if law not in omitted}
+    fit = {"x": x.tolist(), "score": brain_score(r, kind).tolist(), **kept, "omitted": omitted}
+    return fit, samples
+
+
+def draw_laws(ax, x, fit, samples):
+    """One panel of scaling.png: the brain score of each configuration against x (K,), each law that
+    was kept with its 95% band, and why the others are not drawn."""
+    grid = np.geomspace(x.min(), x.max(), 100)
+    curves = {"log_linear": lambda p: p[0] + p[1] * np.log10(grid),
+              "saturating_power": lambda p: saturating_power(grid, *p)}
+    ax.scatter(x, fit["score"], color="k", zorder=3)
+    for law, style in (("log_linear", "-"), ("saturating_power", "--")):
+        if law not in fit or not len(samples[law]):
+            continue
+        estimate = [value[0] for value in fit[law].values()]
+        band = np.percentile([curves[law](p) for p in samples[law]], [2.5, 97.5], axis=0)
+        label = (f"r = {estimate[0]:.3f} + {estimate[1]:.3f} log10 x" if law == "log_linear"
+                 else f"r_inf = {estimate[0]:.3f}, alpha = {estimate[2]:.2f}")
+        line, = ax.plot(grid, curves[law](estimate), style, label=label)
+        ax.fill_between(grid, *band, color=line.get_color(), alpha=0.2)
+    if fit["omitted"]:
+        why = "; ".join(f"{law.replace('_', ' ')} ({why})" for law, why in fit["omitted"].items())
+        ax.text(0.02, 0.02, "not drawn: " + why, transform=ax.transAxes, fontsize=7, va="bottom",
+                wrap=True)
+    log_axis(ax, x)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left")
+
+
+def scaling_report(args, fits):
+    """The report's section on the scaling laws: every estimate with its interval, then the laws not
+    drawn and why."""
     lines = ["## Scaling laws (beyond the paper)", "", "![](scaling.png)", "",
-             f"Brain score = {args.score} r over parcels, mean over subjects; 95% intervals and bands from "
-             f"{args.n_boot} bootstrap resamples of parcels (for the max r they lie at or below the estimate: a "
-             "resample's maximum cannot exceed the observed one). Compute = FLOPs of one training sample "
-             "(forward + backward, counted by torch) x samples seen.", "",
+             f"Brain score = {args.score} r over parcels, mean over subjects; 95% intervals and "
+             f"bands from {args.n_boot} bootstrap resamples of parcels (for the max r they lie at "
+             "or below the estimate: a resample's maximum cannot exceed the observed one). "
+             "Compute = FLOPs of one training sample (forward + backward, counted by torch) x "
+             "samples seen.", "",
              "| x | law | parameter | estimate | 95% interval |", "| --- | --- | --- | --- | --- |"]
     for key, fit in fits.items():
         for law in ("log_linear", "saturating_power"):
             for param, (est, lo, hi) in fit.get(law, {}).items():   # an omitted law has no estimate
-                stuck = " (on a search bound)" if law == "saturating_power" and param in fit["saturating_power_at_bound"] else ""
-                lines.append(f"| {key} | {law} | {param} | {est:.4g}{stuck} | [{lo:.4g}, {hi:.4g}] |")
+                stuck = (" (on a search bound)" if law == "saturating_power"
+                         and param in fit["saturating_power_at_bound"] else "")
+                lines.append(f"| {key} | {law} | {param} | {est:.4g}{stuck} | "
+                             f"[{lo:.4g}, {hi:.4g}] |")
     for key, fit in fits.items():
         for law, why in fit["omitted"].items():
             lines.append(f"- {key}: the {law.replace('_', ' ')} law is not drawn: {why}.")
@@ -831,91 +1046,103 @@ def parcel_slopes(x, r):
 
 
 def slope_permutation_test(x, r, n_permutations=1000, seed=0):
-    """One-sided p-values (P,) that a parcel's r grows with x more than chance: the configurations' x are
-    permuted. When K! <= n_permutations every permutation is used, the identity included (an exact test:
-    the smallest possible p-value is 1 / K!); otherwise n_permutations random ones, and the observed
-    order is added to them (the smallest p-value is then 1 / (n_permutations + 1))."""
+    """One-sided p-values (P,) that a parcel's r grows with x more than chance: the configurations'
+    x are permuted. When K! <= n_permutations every permutation is used, the identity included (an
+    exact test: the smallest possible p-value is 1 / K!); otherwise n_permutations random ones, and
+    the observed order is added to them (the smallest p-value is then 1 / (n_permutations + 1))."""
     from itertools import permutations
     k = len(x)
     observed = parcel_slopes(x, r)
     if math.factorial(k) <= n_permutations:
-        null = np.stack([parcel_slopes(np.asarray(x)[list(order)], r) for order in permutations(range(k))])
-        return observed, (null >= observed - 1e-12).mean(axis=0)                 # the identity counts itself
+        null = np.stack([parcel_slopes(np.asarray(x)[list(order)], r)
+                         for order in permutations(range(k))])                   # (K!, P)
+        return observed, (null >= observed - 1e-12).mean(axis=0)   # the identity counts itself
     orders = [np.random.default_rng([seed, i]).permutation(k) for i in range(n_permutations)]
     null = np.stack([parcel_slopes(np.asarray(x)[order], r) for order in orders])   # (n, P)
     return observed, (1 + (null >= observed - 1e-12).sum(axis=0)) / (1 + len(null))
 
 
-def scaling_maps(args, per_experiment, runs, work, figures):
+def scaling_maps(per_experiment, runs, work, figures):
     """Where scaling pays (beyond the paper): for the data and hidden experiments, the slope of each
-    parcel's r (mean over subjects) against log10 of training compute (or of the knob, when the compute
-    does not vary), as a NIfTI map and a glass brain; which slopes are significant (permutation of the
-    configurations, Benjamini-Hochberg); and the 10 parcels that gain most, by atlas label."""
-    import matplotlib.pyplot as plt
-    import nibabel as nib
-    from nilearn import plotting
-    from scipy.stats import false_discovery_control
-
-    atlas = common.load_nifti(work / "bold" / "atlas.nii.gz")
-    grid = np.asarray(atlas.dataobj)
-    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
-    names = labels["name"].fillna("").tolist() if "name" in labels else [""] * len(labels)
+    parcel's r (mean over subjects) against log10 of training compute (or of the knob, when the
+    compute does not vary), as a NIfTI map and a glass brain; which slopes are significant
+    (permutation of the configurations, Benjamini-Hochberg); and the 10 parcels that gain most, by
+    atlas label. Returns the report's lines."""
+    labels, paint = parcel_atlas(work)
     lines = ["## Where scaling pays (beyond the paper)", ""]
     for experiment, key in (("data", "frames"), ("hidden", "params")):
-        names_done = [name for _, _, name, _ in per_experiment.get(experiment, []) if name in runs]
-        if len(names_done) < 3:
+        names = [name for _, _, name, _ in per_experiment.get(experiment, []) if name in runs]
+        if len(names) < 3:
             continue
-        computes = np.array([runs[n]["compute"] for n in names_done])
-        by_compute = np.isfinite(computes).all() and len(np.unique(computes)) == len(computes)
-        x = computes if by_compute else np.array([runs[n][key] for n in names_done], float)
-        what = "training compute" if by_compute else {"frames": "training frames", "params": "parameters"}[key]
-        r = np.stack([np.nan_to_num(runs[n]["r"]).mean(axis=0) for n in names_done])   # (K, P)
+        x, what = slope_axis(runs, names, key)
+        r = np.stack([np.nan_to_num(runs[n]["r"]).mean(axis=0) for n in names])   # (K, P)
         slopes, p_values = slope_permutation_test(x, r)
-        q_values = false_discovery_control(p_values)
-        significant = q_values < 0.05
-        data = np.zeros(grid.shape, np.float32)
-        for label, slope in zip(labels["label"], slopes):
-            data[grid == int(label)] = slope
-        image = nib.Nifti1Image(data, atlas.affine)
-        image.to_filename(figures / f"{experiment}_slope.nii.gz")
-        fig = plt.figure(figsize=(8, 3.2))
-        vmax = float(np.abs(slopes).max()) or 1.0
-        plotting.plot_glass_brain(image, figure=fig, display_mode="lzr", plot_abs=False, colorbar=True,
-                                  vmin=-vmax, vmax=vmax, threshold=0, cmap="cold_hot",
-                                  title=f"{experiment}: change of r per tenfold {what}")
-        fig.savefig(figures / f"{experiment}_slope.png", dpi=100)
-        plt.close(fig)
-        top = np.argsort(-slopes)[:10]
-        smallest = 1 / math.factorial(len(x)) if math.factorial(len(x)) <= 1000 else 1 / 1001
-        lines += [f"### {experiment}: r against log10 {what} ({len(x)} configurations)", "",
-                  f"![]({experiment}_slope.png) (map: `{experiment}_slope.nii.gz`)", "",
-                  f"{int(significant.sum())} of {len(slopes)} parcels have a slope above chance (one-sided "
-                  f"permutation of the configurations, Benjamini-Hochberg q < 0.05; with {len(x)} configurations "
-                  f"the smallest p-value possible is {smallest:.3g}).", "",
-                  "| parcel (atlas label) | name | slope (r per tenfold) | p | q |", "| --- | --- | --- | --- | --- |"]
-        for j in top:
-            lines.append(f"| {labels['label'].iloc[j]} | {names[j]} | {slopes[j]:+.3f} | {p_values[j]:.3g} | "
-                         f"{q_values[j]:.3g} |")
-        lines.append("")
+        save_slope_map(experiment, what, paint(slopes), slopes, figures)
+        lines += slope_report(experiment, what, x, slopes, p_values, labels)
     return lines
 
 
-def main():
-    args = parse_args()
+def slope_axis(runs, names, key):
+    """The x of the slopes, (K,), and its name: the training compute when it differs between every
+    configuration, else the knob's `key` (frames or params)."""
+    computes = np.array([runs[n]["compute"] for n in names])
+    if np.isfinite(computes).all() and len(np.unique(computes)) == len(computes):
+        return computes, "training compute"
+    x = np.array([runs[n][key] for n in names], float)
+    return x, {"frames": "training frames", "params": "parameters"}[key]
+
+
+def save_slope_map(experiment, what, image, slopes, figures):
+    """<experiment>_slope.nii.gz, the parcels' slopes (P,) painted on the atlas (`image`), and its
+    glass brain, <experiment>_slope.png."""
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    with common.atomic_path(figures / f"{experiment}_slope.nii.gz") as tmp:
+        image.to_filename(tmp)
+    fig = plt.figure(figsize=(8, 3.2))
+    vmax = float(np.abs(slopes).max()) or 1.0
+    plotting.plot_glass_brain(image, figure=fig, display_mode="lzr", plot_abs=False, colorbar=True,
+                              vmin=-vmax, vmax=vmax, threshold=0, cmap="cold_hot",
+                              title=f"{experiment}: change of r per tenfold {what}")
+    save_figure(fig, figures / f"{experiment}_slope.png", dpi=100)
+
+
+def slope_report(experiment, what, x, slopes, p_values, labels):
+    """The report's lines on one experiment's slopes: how many parcels' r grows with x above chance,
+    and the 10 parcels whose r grows most."""
+    from scipy.stats import false_discovery_control
+
+    q_values = false_discovery_control(p_values)
+    orders = math.factorial(len(x))
+    smallest = 1 / orders if orders <= 1000 else 1 / 1001   # slope_permutation_test's 1000
+    names = labels["name"].fillna("").tolist() if "name" in labels else [""] * len(labels)
+    lines = [f"### {experiment}: r against log10 {what} ({len(x)} configurations)", "",
+             f"![]({experiment}_slope.png) (map: `{experiment}_slope.nii.gz`)", "",
+             f"{int((q_values < 0.05).sum())} of {len(slopes)} parcels have a slope above chance "
+             "(one-sided permutation of the configurations, Benjamini-Hochberg q < 0.05; with "
+             f"{len(x)} configurations the smallest p-value possible is {smallest:.3g}).", "",
+             "| parcel (atlas label) | name | slope (r per tenfold) | p | q |",
+             "| --- | --- | --- | --- | --- |"]
+    for j in np.argsort(-slopes)[:10]:
+        lines.append(f"| {labels['label'].iloc[j]} | {names[j]} | {slopes[j]:+.3f} | "
+                     f"{p_values[j]:.3g} | {q_values[j]:.3g} |")
+    return lines + [""]
+
+
+def main(argv=None):
+    args = parse_args(argv)
     per_experiment, jobs = plan(args)
     if args.dry_run:
-        for name, spec in jobs.items():
-            cmds = commands(args, name, spec)
-            if args.jobs_tsv:   # name, then 04, 05, 06 ("-" for a stage the job does not need)
-                print("\t".join([name] + ["-"] * (3 - len(cmds)) + [shlex.join(c) for c in cmds]))
-            else:
-                print(f"# {name}")
-                for cmd in cmds:
-                    print(f"python {shlex.join(cmd)}")
+        print_jobs(args, jobs)
         return
     if not args.figures_only:
         run_jobs(args, jobs)
-    draw_figures(args, per_experiment, jobs)
+    missing = draw_figures(args, per_experiment, jobs)
+    if missing:   # e.g. submit_sweep.sh's figures job after a failed chain: it fails too
+        print(f"07_sweep: {len(missing)} configuration(s) not finished, left out of every figure: "
+              f"{', '.join(missing)}", file=sys.stderr)
+        sys.exit(common.EXIT_SOME_FAILED)
 
 
 if __name__ == "__main__":

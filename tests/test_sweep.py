@@ -94,13 +94,60 @@ def test_dry_run_lists_each_configuration_once():
     assert paper.endswith("--layer attn_stack.attn_nets.4.post_fc_dp")      # section 2.3: block 4 of 8
 
 
+def test_dry_run_prints_each_distinct_command_once_in_submission_order(capsys):
+    """The controls and the appendix read one model, and the appendix's modules one feature set: each
+    04 and 05 command is printed once, where slurm/submit_sweep.sh submits it (one job per distinct
+    command), under the first configuration that needs it."""
+    sweep.main(["--work", "w", "--demo", "--experiments", "controls", "appendix", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    cmds = [line for line in lines if line.startswith("python ")]
+    assert len(cmds) == len(set(cmds))
+    n_modules = len(sweep.appendix_layers(sweep.DEMO_CONFIG))
+    # trained, untrained (04 05 06 each), VQ-VAE alone and low-level (05 06), the appendix's 05, its 06s
+    assert [cmd.split()[1][:2] for cmd in cmds] == ("04 05 06 " * 2 + "05 06 " * 3 + "06 " * (n_modules - 1)).split()
+    assert len([line for line in lines if line.startswith("# ")]) == 4 + n_modules
+
+
+def test_values_replace_the_list_of_one_paper_experiment(capsys):
+    """--values: exactly those configurations, converted for the experiment's knob; with any other
+    choice of experiments, or a value the knob cannot take, one line of error."""
+    sweep.main(["--work", "w", "--demo", "--experiments", "hidden", "--values", "6", "12", "--dry-run"])
+    out = capsys.readouterr().out
+    assert [line[2:] for line in out.splitlines() if line.startswith("# ")] == ["h6-l2-a2-fall-fp32",
+                                                                                 "h12-l2-a2-fall-fp32"]
+    per_experiment, jobs = sweep.plan(sweep.parse_args(["--experiments", "data", "--values", "0", "20000"]))
+    assert [(value, name) for value, _, name, _ in per_experiment["data"]] == [
+        (0, "h576-l8-a4-fall-fp32"), (20000, "h576-l8-a4-f20k-fp32")]
+    assert list(jobs) == ["h576-l8-a4-fall-fp32", "h576-l8-a4-f20k-fp32"]
+    per_experiment, _ = sweep.plan(sweep.parse_args(["--experiments", "precision", "--values", "bf16"]))
+    assert [value for value, *_ in per_experiment["precision"]] == ["bf16"]
+    five = "data, hidden, layers, heads, precision"
+    for experiments, values, error in [
+            (["hidden", "heads"], ["6"], f"--values: for one of the experiments {five} alone, not --experiments "
+                                         "hidden heads"),
+            ([], ["6"], f"--values: for one of the experiments {five} alone, not --experiments data hidden "
+                        "layers heads precision"),
+            (["controls"], ["1"], f"--values: for one of the experiments {five} alone, not --experiments "
+                                  "controls"),
+            (["hidden"], ["6", "wide"], "--values 6 wide: hidden_dim takes integers"),
+            (["hidden"], ["6", "6"], "--values 6 6: a value given twice"),
+            (["precision"], ["fp8"], "--values fp8: not a precision of 04 (fp32, fp16, bf16)")]:
+        flags = (["--experiments", *experiments] if experiments else []) + ["--values", *values]
+        with pytest.raises(common.InputError) as refused:
+            sweep.parse_args(flags)
+        assert str(refused.value) == error
+    result = run_script("07_sweep.py", "--experiments", "controls", "--values", "1", "--dry-run", check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: --values: for one of the experiments {five} alone, not --experiments controls\n"
+
+
 @pytest.mark.parametrize("demo", [False, True])
 def test_every_sweep_configuration_is_a_model_04_accepts(demo):
     """A dry run checks no settings: each planned training command must pass 04's model checks."""
     train_gpt = load_stage("04_train_gpt.py")
     vqvae = type("VQVAE", (), dict(latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024))()
     args = type("Args", (), dict(experiments=[*sweep.EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS], demo=demo, work="w",
-                                 train_args="", extract_args="", ridge_args=""))()
+                                 values=None, train_args="", extract_args="", ridge_args=""))()
     _, jobs = sweep.plan(args)
     for name, spec in jobs.items():
         cmds = sweep.commands(args, name, spec)
@@ -177,7 +224,8 @@ def synthetic_sweep(work, slope=0.08, seed=0):
         work / "bold/labels.tsv", sep="\t", index=False)                 # rows in any order: "column" says which
     (work / "demo").mkdir()   # as 00_make_demo.py writes it: the parcels with signal are labels 1-4
     common.write_json(work / "demo/ground_truth.json", {"planted": {str(label): "x" for label in range(1, 5)}})
-    args = type("Args", (), dict(demo=True, experiments=[*sweep.DEMO_EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS]))()
+    args = type("Args", (), dict(demo=True, experiments=[*sweep.DEMO_EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS],
+                                 values=None))()
     _, jobs = sweep.plan(args)
     # the controls fall short of the trained model; in block 1 (the demo's last), post_fc_dp encodes best
     gains = {"untrained": 0.3, "vqvae": 0.5, "lowlevel": 0.8}
@@ -247,13 +295,56 @@ def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
     assert "the smallest p-value possible is 0.167" in pays and pays.count("\n| ") >= 2 * 11
 
 
+def test_figures_leave_out_an_unfinished_configuration_name_it_and_fail(tmp_path):
+    """A configuration without results (its SLURM chain failed): --figures-only draws the others, names
+    it at the top of report.md and on stderr, and exits 1, so that submit_sweep.sh's figures job fails
+    instead of pretending every configuration ran."""
+    work = synthetic_sweep(tmp_path)
+    shutil.rmtree(work / "results" / "h24-l2-a1-fall-fp32")
+    result = run_script("07_sweep.py", "--work", work, "--demo", "--figures-only", "--n-boot", "20",
+                        "--experiments", "heads", check=False)
+    assert result.returncode == common.EXIT_SOME_FAILED, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "07_sweep: 1 configuration(s) not finished, left out of every figure: h24-l2-a1-fall-fp32")
+    figures = work / "figures"
+    report = (figures / "report.md").read_text().splitlines()
+    assert report[2] == "**Not finished** (left out of every figure): h24-l2-a1-fall-fp32."
+    assert "| 2 | " in "\n".join(report) and "| 1 | " not in "\n".join(report)   # heads 2 only
+    for kind in ("loss", "scores", "maps"):
+        assert (figures / f"heads_{kind}.png").stat().st_size > 10_000, kind
+    assert sorted(p.name for p in figures.iterdir()) == ["heads_loss.png", "heads_maps.png", "heads_scores.png",
+                                                         "report.md"]   # and no temporary file left
+
+
+def test_a_configuration_without_any_r_is_drawn_and_its_scores_are_n_a(tmp_path):
+    """06 writes r_max and r_median None when every parcel's r is undefined (all NaN): the figures are
+    drawn, the tables say n/a, and the verdict says why there is none."""
+    work = synthetic_sweep(tmp_path)
+    for sub in ("01", "02"):
+        out = work / "results" / "h24-l2-a2-fall-fp32" / f"sub-{sub}"   # fp32: the first, the reference
+        np.save(out / "r.npy", np.full(12, np.nan, np.float32))
+        np.save(out / "significant.npy", np.zeros(12, bool))
+        summary = json.loads((out / "summary.json").read_text())
+        common.write_json(out / "summary.json", dict(summary, r_max=None, r_median=None))
+    result = run_script("07_sweep.py", "--work", work, "--demo", "--figures-only", "--n-boot", "20",
+                        "--experiments", "precision", check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = work / "figures"
+    report = (figures / "report.md").read_text()
+    assert "| fp32 | n/a | n/a | n/a |" in report and "| bf16 | 0." in report
+    assert "**Verdict**: none: precision = fp32 has no r for a subject" in report
+    assert (figures / "precision.md").read_text().splitlines()[-1].endswith(" | n/a |")
+    for kind in ("loss", "scores", "maps"):
+        assert (figures / f"precision_{kind}.png").stat().st_size > 10_000, kind
+
+
 # --------------------------------------------------------------------------------------------------
 # Figures from a real record chain: frames (01), BOLD (02), a VQ-VAE (03), one configuration through
 # 07's own jobs (04 -> 05 -> 06)
 # --------------------------------------------------------------------------------------------------
 CONFIG = "h24-l2-a2-fall-fp32"   # the demo's paper-like configuration, one of the heads experiment's two
 TINY_JOBS = argparse.Namespace(   # 07's demo flags, with 2 training steps and no permutations
-    demo=True, experiments=["heads"], extract_args="", ridge_args="--n-permutations 0",
+    demo=True, experiments=["heads"], values=None, extract_args="", ridge_args="--n-permutations 0",
     train_args="--max-steps 2 --batch-size 4 --val-every 2 --ckpt-every 2 --log-every 1 --val-samples 4")
 
 
