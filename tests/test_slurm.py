@@ -307,3 +307,54 @@ def test_a_signal_at_any_moment_requeues_or_completes_and_loses_nothing(moments,
                          text), text[-3000:]
     if moment == "save":        # the checkpoint being written was finished, then one more step saved
         assert "04_train_gpt: interrupted at step 11 of 30 by SIGTERM" in text, text[-3000:]
+
+
+def chain_ids(submit_output):
+    """{configuration: (train, extract, ridge) job ids} and the figures job id, from submit_sweep.sh."""
+    chains = {name: tuple(None if i == "none" else int(i) for i in ids) for name, *ids in
+              re.findall(r"^(\S+): train (\S+) -> extract (\d+) -> ridge (\d+)$", submit_output, re.M)}
+    return chains, int(re.search(r"^figures: (\d+)", submit_output, re.M)[1])
+
+
+def test_the_sweep_runs_as_job_chains_and_a_failed_chain_is_named_not_hidden(cluster, pipeline, tmp_path):
+    """submit_sweep.sh on the reduced demo, three widths. The third model's checkpoint is damaged, so its
+    training fails: SLURM cancels its extraction and ridge, the other chains finish, and the figures job
+    draws them, names the missing one and fails. With the damage repaired, the same command finishes
+    the rest (finished stages skip) and the figures job succeeds."""
+    work = tmp_path / "work"
+    for folder in ("frames", "bold", "vqvae", "demo", "gpt/codes"):   # 01-03's outputs, the code cache
+        shutil.copytree(pipeline[0] / folder, work / folder)
+    command = ["bash", "slurm/submit_sweep.sh", "--work", str(work), "--demo", "--experiments", "hidden",
+               "--values", "6", "12", "24", "--train-args", "--max-steps 10",
+               "--ridge-args", "--device cpu --n-permutations 20", "--n-boot", "20"]
+    env = dict(cluster.env, GPUS_PER_TRAIN_JOB="1", SBATCH_OUTPUT=str(tmp_path / "%x-%j.out"))
+    damaged = work / "gpt" / "h24-l2-a2-fall-fp32" / "ckpt.pt"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a checkpoint")
+
+    submitted = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    chains, figures = chain_ids(submitted.stdout)
+    assert sorted(chains) == ["h12-l2-a2-fall-fp32", "h24-l2-a2-fall-fp32", "h6-l2-a2-fall-fp32"]
+    report = work / "figures" / "report.md"
+    info = cluster.wait(figures, timeout=600)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", info
+    states = {name: [cluster.job(i)["JobState"] for i in ids] for name, ids in chains.items()}
+    assert states["h24-l2-a2-fall-fp32"] == ["FAILED", "CANCELLED", "CANCELLED"], states
+    assert states["h6-l2-a2-fall-fp32"] == states["h12-l2-a2-fall-fp32"] == ["COMPLETED"] * 3, states
+    text = report.read_text()
+    assert "h24-l2-a2-fall-fp32" in text[:text.index("## hidden")]            # named at the top as missing
+    table = text[text.index("## hidden"):]
+    assert "| 6 |" in table and "| 12 |" in table and "| 24 |" not in table
+    figures_log = (tmp_path / f"sweep-figures-{figures}.out").read_text()
+    assert "h24-l2-a2-fall-fp32" in figures_log and "Traceback" not in figures_log
+
+    damaged.unlink()
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    chains, figures = chain_ids(again.stdout)
+    assert cluster.wait(figures, timeout=600)["JobState"] == "COMPLETED"
+    assert all(cluster.job(i)["JobState"] == "COMPLETED" for ids in chains.values() for i in ids)
+    train_log = (tmp_path / f"train-h6-l2-a2-fall-fp32-{chains['h6-l2-a2-fall-fp32'][0]}.out").read_text()
+    assert "is complete" in train_log                                        # finished stages skip
+    assert "| 24 |" in report.read_text()[report.read_text().index("## hidden"):]
