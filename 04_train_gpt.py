@@ -274,7 +274,7 @@ class TrainState:
 def start_state(args, run, ctx, codebook):
     """A new model with its optimizer and loss scaler, from --init-from's weights or a fresh draw,
     then the checkpoint's weights, step, log interval and random generators when resuming."""
-    model = common.VideoGPT(**run.model_config, checkpoint_activations=args.checkpoint_activations)
+    model = common.GPTPrior(**run.model_config, checkpoint_activations=args.checkpoint_activations)
     model = model.to(ctx.device)
     if args.init_from and run.checkpoint is None:
         load_initial_weights(model, args.init_from, run.model_config, codebook)
@@ -381,7 +381,7 @@ def plan_run(args):
     data = GPTData(vqvae, vqvae_path, sha256(vqvae_path), train_reps, used, val_reps,
                    [sha256(p) for p in frames_paths])
     with torch.device("meta"):   # the model's size, without its memory
-        n_parameters = sum(p.numel() for p in common.VideoGPT(**config).parameters())
+        n_parameters = sum(p.numel() for p in common.GPTPrior(**config).parameters())
     # the record says which frames this data size means, repetition by repetition, and (for 07's
     # scaling laws) the model's size and the compute of one training sample
     subset = [{"frames_path": str(r["frames_path"]), "sub": r["sub"], "ses": r["ses"],
@@ -653,7 +653,7 @@ def train_flops_per_sample(config):
     """FLOPs of one training sample (forward + backward), counted by torch on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        model = common.VideoGPT(**config)
+        model = common.GPTPrior(**config)
         x = torch.zeros(1, *config["latent_shape"], config["embedding_dim"])
         targets = torch.zeros(1, *config["latent_shape"], dtype=torch.long)
     with FlopCounterMode(display=False) as counter:

@@ -198,7 +198,7 @@ def appendix_layers(config):
     profile)."""
     block = int(feature_layer(config, "data").split(".")[2])
     with torch.device("meta"):   # the module names depend on the depth only
-        model = common.VideoGPT(latent_shape=(4, 8, 8), embedding_dim=6, n_codes=8, hidden_dim=12,
+        model = common.GPTPrior(latent_shape=(4, 8, 8), embedding_dim=6, n_codes=8, hidden_dim=12,
                                 heads=2, layers=config["layers"], cond_dim=12)
     prefix = f"attn_stack.attn_nets.{block}."
     modules = [name for name, _ in model.named_modules() if name.startswith(prefix)]

@@ -3,7 +3,7 @@
 | section | what | used by |
 | --- | --- | --- |
 | VideoGPT VQ-VAE (paper 2.3.1.1) | 3D convolutions, axial attention, the EMA codebook, `VQVAE` | 03, 04, 05 |
-| GPT prior (paper 2.3.1.2) | VideoGPT's LayerNorm, attention blocks, conditioning, `VideoGPT` | 04, 05 |
+| GPT prior (paper 2.3.1.2) | VideoGPT's LayerNorm, attention blocks, conditioning, `GPTPrior` | 04, 05 |
 | Loading checkpoints | ours, VideoGPT's and the authors' PyTorch Lightning ones | 04, 05 |
 | Errors and exit statuses | `InputError`, `Interrupted`, `run_main` | every stage |
 | Atomic writes | `atomic_path`, `save_npy`, `write_json`, `write_tsv` | every stage |
@@ -660,8 +660,9 @@ class ConditioningResidualBlock(nn.Module):
         return F.relu(x + shortcut)                              # (B, C_out, t, h, w)
 
 
-class VideoGPT(nn.Module):
-    """The conditioned GPT prior of paper section 2.3.1.2 (the VQ-VAE stays outside: it is frozen).
+class GPTPrior(nn.Module):
+    """The conditioned GPT prior of paper section 2.3.1.2 (the VQ-VAE stays outside: it is frozen);
+    VideoGPT calls the whole of it VideoGPT, but the class name is not in the weights' keys.
 
     forward(x, cond) -> logits (B, t, h, w, n_codes)
         x:    (B, t, h, w, embedding_dim) codebook embeddings of the target clip's codes
@@ -818,7 +819,7 @@ def load_vqvae(path, map_location="cpu", allow_unfinished=False):
 
 
 def gpt_config_from_state(state, heads, dropout=0.2, attn_dropout=0.3):
-    """VideoGPT(**config) arguments for a GPT state dict: widths, depth and latent shape are read
+    """GPTPrior(**config) arguments for a GPT state dict: widths, depth and latent shape are read
     from the weights; the number of heads and the dropouts are not in the weights,
     so they are given."""
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("attn_stack.attn_nets."))
@@ -834,7 +835,7 @@ def gpt_config_from_state(state, heads, dropout=0.2, attn_dropout=0.3):
 def load_gpt_checkpoint(path, map_location="cpu"):
     """Read a GPT checkpoint, ours (04_train_gpt.py) or the authors' PyTorch Lightning one.
 
-    Returns (config, gpt_state, extra): VideoGPT(**config) rebuilds the model and `gpt_state` loads
+    Returns (config, gpt_state, extra): GPTPrior(**config) rebuilds the model and `gpt_state` loads
     into it strictly. `extra` is the rest of the file: ours holds optimizer, scaler, step, rng,
     args, vqvae_sha256; the authors' gives {"vqvae_state": the frozen VQ-VAE stored beside the GPT
     (prefix `vqvae.` removed), "hyper_parameters": ...}. The causal-mask buffers of the authors'
@@ -872,8 +873,8 @@ def load_gpt_checkpoint(path, map_location="cpu"):
 
 
 def build_gpt(config, state=None, path="checkpoint", checkpoint_activations=False):
-    """VideoGPT(**config), with `state` loaded strictly when given (a clear error names `path`)."""
-    model = VideoGPT(**config, checkpoint_activations=checkpoint_activations)
+    """GPTPrior(**config), with `state` loaded strictly when given (a clear error names `path`)."""
+    model = GPTPrior(**config, checkpoint_activations=checkpoint_activations)
     return model if state is None else load_weights(model, state, path, f"a VideoGPT with {config}")
 
 

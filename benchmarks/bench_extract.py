@@ -56,7 +56,7 @@ def main():
 
     # --- the paper's models (random weights), hooked at the paper's layer ---------------------------
     torch.manual_seed(0)
-    model = common.VideoGPT().eval()
+    model = common.GPTPrior().eval()
     model.vqvae = common.VQVAE().eval()
     model.to(device)
     latent, layer = model.vqvae.latent_shape, extract.PAPER_LAYER

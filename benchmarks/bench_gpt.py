@@ -54,7 +54,7 @@ def bench(args, device, batch_size, precision, fp8=False):
     config = dict(latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024, hidden_dim=args.hidden_dim,
                   heads=args.heads, layers=args.layers, dropout=0.2, attn_dropout=0.3, cond_dim=common.GPT_COND_DIM)
     torch.manual_seed(0)
-    model = common.VideoGPT(**config, checkpoint_activations=args.checkpoint_activations).to(device).train()
+    model = common.GPTPrior(**config, checkpoint_activations=args.checkpoint_activations).to(device).train()
     if fp8:
         from torchao.float8 import convert_to_float8_training
         convert_to_float8_training(model, module_filter_fn=lambda m, name: "fc_out" not in name)

@@ -214,7 +214,7 @@ def checkpoints(tmp_path_factory):
     the authors' Lightning format (`state_dict` with `vqvae.*` keys + `hyper_parameters`)."""
     folder = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    vqvae, gpt = common.VQVAE(**TINY_VQVAE).eval(), common.VideoGPT(**TINY_GPT).eval()
+    vqvae, gpt = common.VQVAE(**TINY_VQVAE).eval(), common.GPTPrior(**TINY_GPT).eval()
     # An untrained codebook maps every clip to one code: take the codes from the encoder outputs of
     # time-coded clips (as VideoGPT's first batch does), so that different windows get different codes.
     clips = np.stack([time_coded_frames(rep, 600)[start::37][:4] for rep in (1, 3) for start in range(0, 400, 25)])

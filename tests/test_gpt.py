@@ -1,4 +1,4 @@
-"""Stage 04 and common.VideoGPT: the conditioned GPT prior (paper 2.3.1.2), its code cache and training."""
+"""Stage 04 and common.GPTPrior: the conditioned GPT prior (paper 2.3.1.2), its code cache and training."""
 import os
 import shutil
 import signal
@@ -73,7 +73,7 @@ def read_log(work, name):
 # The model
 # --------------------------------------------------------------------------------------------------
 def test_parameter_counts_match_table_2b():
-    model = common.VideoGPT()                      # the paper's configuration is the default
+    model = common.GPTPrior()                      # the paper's configuration is the default
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 40_324_768
     assert round(counts["resnet"] / 1e5) == 24                  # 2.4 M
@@ -96,11 +96,11 @@ def test_state_dict_keys_are_the_authors():
     expected |= {f"cond_pos_embd.emb.d_{i}" for i in range(3)} | {f"attn_stack.pos_embd.emb.d_{i}" for i in range(3)}
     expected |= {"fc_in.weight", "attn_stack.right_shift.sos", "norm.g", "norm.b", "fc_out.weight"}
     expected |= {f"attn_stack.attn_nets.{i}.{k}" for i in range(2) for k in block}
-    assert set(common.VideoGPT(**TINY_GPT).state_dict()) == expected
+    assert set(common.GPTPrior(**TINY_GPT).state_dict()) == expected
 
 
 def test_hooks_on_every_block_name_give_table_4_shapes():
-    model = common.VideoGPT().eval()
+    model = common.GPTPrior().eval()
     table4 = {"pre_attn_norm": 576, "post_attn_dp": 576, "attn.w_qs": 576, "attn.w_ks": 576, "attn.w_vs": 576,
               "attn.fc": 576, "pre_enc_norm": 576, "post_enc_dp": 576, "enc_attn.w_qs": 576, "enc_attn.w_ks": 576,
               "enc_attn.w_vs": 240, "enc_attn.fc": 576, "pre_fc_norm": 576, "post_fc_dp": 576, "fc_block": 576,
@@ -120,7 +120,7 @@ def test_hooks_on_every_block_name_give_table_4_shapes():
 
 def test_changing_a_later_target_code_never_changes_earlier_logits():
     torch.manual_seed(1)
-    model = common.VideoGPT(**TINY_GPT).eval()
+    model = common.GPTPrior(**TINY_GPT).eval()
     torch.nn.init.normal_(model.fc_out.weight)           # zero-initialised: every logit would be 0
     codebook = torch.randn(32, 8)
     target = torch.randint(0, 32, (2, 4, 4, 4))
@@ -180,7 +180,7 @@ def test_layer_norm_is_the_authors_formula_not_torchs(scale):
 
 def test_tiny_config_overfits_a_few_samples():
     torch.manual_seed(3)
-    model = common.VideoGPT(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
+    model = common.GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
     codebook = torch.randn(32, 8)
     cond, target = torch.randint(0, 32, (2, 4, 4, 4, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -201,7 +201,7 @@ def test_tiny_config_overfits_a_few_samples():
 def test_cached_code_loss_equals_on_the_fly_encoding():
     torch.manual_seed(4)
     vqvae = common.VQVAE(**TINY_VQVAE).eval()
-    model = common.VideoGPT(**TINY_GPT).eval()
+    model = common.GPTPrior(**TINY_GPT).eval()
     torch.nn.init.normal_(model.fc_out.weight)
     frames = np.random.default_rng(4).integers(0, 256, (200, RES, RES, 3), dtype=np.uint8)   # 3 clips
     codes = gpt_stage.encode_repetition(vqvae, frames, 4, torch.device("cpu"), batch=2)
@@ -334,7 +334,7 @@ def test_two_process_gloo_torchrun(work):
 
 def test_authors_lightning_checkpoint_loads_strictly_and_initialises_training(work, tmp_path):
     torch.manual_seed(5)
-    theirs = common.VideoGPT(**TINY_GPT)
+    theirs = common.GPTPrior(**TINY_GPT)
     state = {f"vqvae.{k}": v for k, v in common.VQVAE(**TINY_VQVAE).state_dict().items()}
     state.update(theirs.state_dict())
     for i in range(2):                                   # the authors' FullAttention keeps its causal mask
@@ -398,8 +398,8 @@ def test_frames_of_another_resolution_are_refused(work, tmp_path):
 
 def test_activation_checkpointing_changes_nothing_but_memory():
     torch.manual_seed(6)
-    plain = common.VideoGPT(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
-    recomputed = common.VideoGPT(**TINY_GPT, dropout=0.0, attn_dropout=0.0, checkpoint_activations=True)
+    plain = common.GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
+    recomputed = common.GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0, checkpoint_activations=True)
     recomputed.load_state_dict(plain.state_dict())
     torch.nn.init.normal_(plain.fc_out.weight), recomputed.fc_out.weight.data.copy_(plain.fc_out.weight)
     codebook = torch.randn(32, 8)
