@@ -49,6 +49,7 @@ import math
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -367,7 +368,7 @@ def fit_saturating_power(x, r):
 
     x is rescaled by its geometric mean for conditioning; c is reported for the original x.
     """
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     x, r = np.asarray(x, float), np.asarray(r, float)
     if len(x) < 3:
@@ -375,8 +376,10 @@ def fit_saturating_power(x, r):
     scale = geometric_mean(x)
     start = (r.max() + 0.05, max(r.max() - r.min(), 1e-3), 0.5)
     try:
-        (r_inf, c, alpha), _ = curve_fit(saturating_power, x / scale, r, p0=start,
-                                         bounds=SATURATING_BOUNDS, maxfev=20000)
+        with warnings.catch_warnings():   # 3 points for 3 parameters: no covariance, and none needed
+            warnings.simplefilter("ignore", OptimizeWarning)
+            (r_inf, c, alpha), _ = curve_fit(saturating_power, x / scale, r, p0=start,
+                                             bounds=SATURATING_BOUNDS, maxfev=20000)
     except (RuntimeError, ValueError):
         return np.full(3, np.nan)
     return np.array([r_inf, c * scale ** alpha, alpha])
@@ -402,47 +405,104 @@ def brain_score(r, kind):
     return reduce(r, axis=-1).mean(-1)
 
 
-def bootstrap_fits(x, r, kind="max", n_boot=1000, seed=0):
-    """Both laws fitted to the brain score of K configurations, with 95% intervals from resampling
-    parcels.
+def bootstrap_fits(x, score, samples):
+    """Both laws fitted to the brain score of K configurations, with 95% intervals from the score's
+    bootstrap resamples.
 
-    x: (K,) compute, data or parameters; r: (K, S, P) test r per configuration, subject and parcel
-    (one resample of parcels applies to every configuration, keeping them paired).
+    x: (K,) compute, data or parameters; score: (K,) the brain score of each configuration; samples:
+    (K, n_boot) its block-bootstrap resamples (bootstrap_scores; one resample of the test time course
+    applies to every configuration, keeping them paired).
     Returns {"log_linear": {"a": [est, lo, hi], "b": ...}, "saturating_power": {"r_inf": ...,
     "c": ..., "alpha": ...}, "saturating_power_at_bound": the names of the point estimate's
     parameters stuck on a search bound, "samples": {law: (n_ok, n_params) parameters of the
     resamples that converged} (for confidence bands)}.
     """
-    rng = np.random.default_rng(seed)
-    n_parcels = r.shape[-1]
     laws = {"log_linear": (fit_log_linear, ("a", "b")),
             "saturating_power": (fit_saturating_power, ("r_inf", "c", "alpha"))}
-    resamples = [r[..., rng.integers(0, n_parcels, n_parcels)] for _ in range(n_boot)]
     out = {"samples": {}}
     for law, (fit, names) in laws.items():
-        estimate = fit(x, brain_score(r, kind))
-        samples = np.array([fit(x, brain_score(sample, kind)) for sample in resamples])  # (boot, n)
-        ok = np.isfinite(samples).all(1)
-        lo, hi = (np.percentile(samples[ok], [2.5, 97.5], axis=0) if ok.any()
+        estimate = fit(x, score)
+        fitted = np.array([fit(x, sample) for sample in samples.T])                  # (boot, n)
+        ok = np.isfinite(fitted).all(1)
+        lo, hi = (np.percentile(fitted[ok], [2.5, 97.5], axis=0) if ok.any()
                   else (np.full(len(names), np.nan),) * 2)
         out[law] = {n: [float(e), float(a), float(b)]
                     for n, e, a, b in zip(names, estimate, lo, hi)}
-        out["samples"][law] = samples[ok]
+        out["samples"][law] = fitted[ok]
         if law == "saturating_power":
             stuck = saturating_bounds_hit(x, estimate) if np.isfinite(estimate).all() else []
             out["saturating_power_at_bound"] = stuck
     return out
 
 
-def score_interval(r, kind, n_boot=1000, seed=0):
-    """The brain score of one subject's r (P,) and its 95% bootstrap interval over parcels:
+# --------------------------------------------------------------------------------------------------
+# Intervals: a block bootstrap of the test time course (beyond the paper)
+# --------------------------------------------------------------------------------------------------
+# What is random in a test r is the test time course: the same model scored on other test TRs would
+# give another r. So the intervals of the max and median r resample that: blocks of BLOCK_TRS
+# consecutive test TRs, drawn with replacement within each test run (circularly, so that every TR is
+# as likely), r recomputed for every parcel, then the max or median over parcels. Resampling parcels
+# instead cannot give an interval for a maximum: no resample's maximum exceeds the observed one.
+BLOCK_TRS = 20   # ~30 s at the CNeuroMod TR of 1.49 s: longer than the HRF's autocorrelation
+
+
+def block_counts(test_run, n_boot, rng, block=BLOCK_TRS):
+    """How often each test TR enters each resample, (n_boot, m): each test run of length L is rebuilt
+    from ceil(L / block) blocks of `block` consecutive TRs (circular within the run), cut to L.
+    test_run (m,): the run of each test TR, the TRs of a run contiguous (06's test_run.npy)."""
+    _, starts, lengths = np.unique(test_run, return_index=True, return_counts=True)
+    counts = np.zeros((n_boot, len(test_run)))
+    rows = np.arange(n_boot)[:, None]
+    for start, length in zip(starts, lengths):
+        size = min(block, length)
+        first = rng.integers(0, length, size=(n_boot, -(-length // size)))          # (B, blocks)
+        index = ((first[:, :, None] + np.arange(size)) % length).reshape(n_boot, -1)[:, :length]
+        np.add.at(counts, (rows, start + index), 1)
+    return counts
+
+
+def resampled_r(y, prediction, counts):
+    """Pearson r (n_boot, P) of each column of y and prediction (m, P) over resamples that take test
+    TR t counts[b, t] times: weighted sums, without building any resample."""
+    n = counts.sum(axis=1, keepdims=True)                                           # (B, 1)
+    sum_y, sum_p = counts @ y, counts @ prediction                                  # (B, P)
+    cov = counts @ (y * prediction) - sum_y * sum_p / n
+    var_y = counts @ (y * y) - sum_y ** 2 / n
+    var_p = counts @ (prediction * prediction) - sum_p ** 2 / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return cov / np.sqrt(var_y * var_p)
+
+
+def bootstrap_scores(test, n_boot, seed=0):
+    """{"max": (S, n_boot), "median": (S, n_boot)}: the max and median test r over parcels of each
+    subject in n_boot block resamples of its test time course. test: per subject (in order) the dict
+    of 06's test_bold (m, P), test_prediction (m, P) and test_run (m,). A subject's resamples depend
+    only on its test runs and `seed`: every configuration gets the same ones (paired)."""
+    scores = {"max": [], "median": []}
+    for index, course in enumerate(test):
+        counts = block_counts(course["run"], n_boot, np.random.default_rng([seed, index]))
+        r = resampled_r(course["bold"].astype(np.float64), course["prediction"].astype(np.float64),
+                        counts)                                                      # (B, P)
+        with warnings.catch_warnings():   # all-NaN resamples of a constant prediction: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            scores["max"].append(np.nanmax(r, axis=1))
+            scores["median"].append(np.nanmedian(r, axis=1))
+    return {kind: np.stack(values) for kind, values in scores.items()}
+
+
+def score_interval(run, subject_index, kind):
+    """One subject's brain score (max or median r over parcels) and its 95% block-bootstrap interval:
     (est, lo, hi); NaNs when no parcel has an r."""
-    if not np.isfinite(r).any():
+    r, samples = run["r"][subject_index], run["boot"][kind][subject_index]
+    if not np.isfinite(r).any() or not np.isfinite(samples).any():
         return (np.nan,) * 3
-    rng = np.random.default_rng(seed)
-    reduce = np.nanmax if kind == "max" else np.nanmedian
-    samples = [reduce(r[rng.integers(0, len(r), len(r))]) for _ in range(n_boot)]
-    return float(reduce(r)), *np.percentile(samples, [2.5, 97.5]).tolist()
+    estimate = float(np.nanmax(r) if kind == "max" else np.nanmedian(r))
+    return estimate, *np.nanpercentile(samples, [2.5, 97.5]).tolist()
+
+
+def score_samples(runs, kind):
+    """(K, n_boot): each run's brain score (kind over parcels, mean over subjects) in every resample."""
+    return np.stack([run["boot"][kind].mean(axis=0) for run in runs])
 
 
 def omitted_fits(x, fit):
@@ -508,8 +568,15 @@ def load_run(work, name, spec, subs, checked=None):
         stale = common.stale_input(work, common.read_record(folder / "summary.json"), checked)
         if stale:
             raise out_of_date(work, work / "results" / name, stale)
+    for folder in folders.values():
+        if not (folder / "test_run.npy").is_file():
+            raise InputError(f"{folder}: made by an older 06_ridge.py, without its test time course "
+                             "(test_bold.npy ...) for the intervals: re-run 07_sweep.py without "
+                             "--figures-only (06 then redoes it)")
     run = {"summaries": {s: json.loads((f / "summary.json").read_text())
                          for s, f in folders.items()},
+           "test": [{"bold": np.load(f / "test_bold.npy"), "prediction": np.load(f / "test_prediction.npy"),
+                     "run": np.load(f / "test_run.npy")} for f in folders.values()],
            "r": np.stack([np.load(f / "r.npy") for f in folders.values()]),               # (S, P)
            "significant": np.stack([np.load(f / "significant.npy") for f in folders.values()]),
            "log": pd.DataFrame(), "params": np.nan, "compute": np.nan, "frames": np.nan,
@@ -552,12 +619,17 @@ def draw_figures(args, per_experiment, jobs):
     checked = set()   # the inputs found current, shared by the jobs (a model's frames checked once)
     runs = {name: load_run(work, name, spec, subs, checked) for name, spec in jobs.items()}
     missing = [name for name, run in runs.items() if run is None]
+    for run in runs.values():   # the intervals' resamples (the same for every configuration)
+        if run is not None:
+            run["boot"] = bootstrap_scores(run["test"], args.n_boot)
     report = ["# Scaling experiments", ""]
     if missing:
         report += [f"**Not finished** (left out of every figure): {', '.join(missing)}.", ""]
     report += [f"Brain score: test Pearson r per parcel (06_ridge.py), {args.score} over parcels "
-               f"unless said; subjects {', '.join(subs)}; 95% intervals from {args.n_boot} "
-               "bootstrap resamples of parcels.", ""]
+               f"unless said; subjects {', '.join(subs)}; 95% intervals of max and median r from "
+               f"{args.n_boot} block-bootstrap resamples of the test time course (blocks of "
+               f"{BLOCK_TRS} TRs within each test run, r recomputed per parcel); intervals of means "
+               "over parcels from resampling parcels.", ""]
     for experiment, rows in per_experiment.items():
         done = [(value, name, runs[name]) for value, _, name, _ in rows if runs[name] is not None]
         report += experiment_section(args, experiment, done, subs, figures)
@@ -691,7 +763,8 @@ def verdict(experiment, knob, done, args):
         return precision_verdict(done, args)
     r = np.stack([run["r"] for _, _, run in done])                                       # (K, S, P)
     x = np.array([knob_value(value, run) for value, _, run in done], float)
-    est, lo, hi = bootstrap_fits(x, r, args.score, args.n_boot)["log_linear"]["b"]
+    samples = score_samples([run for _, _, run in done], args.score)
+    est, lo, hi = bootstrap_fits(x, brain_score(r, args.score), samples)["log_linear"]["b"]
     trend = (f"the {args.score} r changes by {est:+.3f} per tenfold {SCALE_KNOBS[knob]} (95% CI "
              f"[{lo:+.3f}, {hi:+.3f}], {len(done)} configurations)")
     if experiment in ("data", "hidden"):          # the claim: more improves encoding
@@ -705,7 +778,7 @@ def verdict(experiment, knob, done, args):
 def precision_verdict(done, args):
     """Faster, and not worse: the second precision against the first (the reference)."""
     (ref_value, _, ref), (value, _, other) = done[0], done[1]
-    difference, lo, hi = paired_difference(other["r"], ref["r"], args.score, args.n_boot)
+    difference, lo, hi = paired_difference(other, ref, args.score)
     speedup = ref["wall_s"] / other["wall_s"]
     supported = speedup > 1 and hi >= 0   # faster, and not worse: the interval reaches 0 or above
     return (f"{'supported' if supported else 'not supported'} on this data: {value} trained "
@@ -714,13 +787,21 @@ def precision_verdict(done, args):
             f"{', which includes 0' if lo <= 0 <= hi else ''}).")
 
 
-def paired_difference(a, b, kind, n_boot, seed=0):
-    """The brain score of r `a` minus that of `b` (S, P each, mean over subjects) and its 95%
-    interval from resampling parcels (the same resample for both: the parcels are paired)."""
+def paired_difference(a, b, kind):
+    """The brain score (max or median r over parcels, mean over subjects) of run `a` minus that of
+    run `b`, and its 95% interval from the block bootstrap (the same resamples for both: paired)."""
+    samples = score_samples([a, b], kind)
+    difference = brain_score(a["r"], kind) - brain_score(b["r"], kind)
+    return difference, *np.nanpercentile(samples[0] - samples[1], [2.5, 97.5])
+
+
+def parcel_paired_difference(a, b, n_boot, seed=0):
+    """The mean over parcels (and subjects) of a (S, P) minus that of b (S, P), and its 95% interval
+    from resampling parcels (the same resample for both: the parcels are paired)."""
     rng = np.random.default_rng(seed)
-    samples = [brain_score(a[:, idx], kind) - brain_score(b[:, idx], kind)
+    samples = [np.nanmean(a[:, idx]) - np.nanmean(b[:, idx])
                for idx in (rng.integers(0, a.shape[-1], a.shape[-1]) for _ in range(n_boot))]
-    return brain_score(a, kind) - brain_score(b, kind), *np.percentile(samples, [2.5, 97.5])
+    return np.nanmean(a) - np.nanmean(b), *np.percentile(samples, [2.5, 97.5])
 
 
 def interval_word(lo, hi):
@@ -735,11 +816,10 @@ def controls_verdict(done, args):
     if "trained" not in runs:
         return "none yet: the trained model has not finished."
     sentences = []
-    trained = runs["trained"]["r"]
     for control in (v for v in runs if v != "trained"):
         parts = []
         for kind in ("max", "median"):
-            diff, lo, hi = paired_difference(trained, runs[control]["r"], kind, args.n_boot)
+            diff, lo, hi = paired_difference(runs["trained"], runs[control], kind)
             parts.append(f"{kind} r {diff:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]: "
                          f"{interval_word(lo, hi)})")
         sentences.append(f"against the {control} control, {', '.join(parts)}")
@@ -773,8 +853,8 @@ def planted_comparison(runs, args):
     text = (f"On the {len(columns)} planted parcels of {Path(args.ground_truth).name}, mean r: "
             f"{means}.")
     if "untrained" in runs:
-        diff, lo, hi = paired_difference(runs["trained"]["r"][:, columns],
-                                         runs["untrained"]["r"][:, columns], "mean", args.n_boot)
+        diff, lo, hi = parcel_paired_difference(runs["trained"]["r"][:, columns],
+                                                runs["untrained"]["r"][:, columns], args.n_boot)
         text += (f" There, the trained model minus its untrained copy: {diff:+.3f} "
                  f"(95% CI [{lo:+.3f}, {hi:+.3f}]: {interval_word(lo, hi)}).")
     return text
@@ -834,9 +914,10 @@ def scores_figure(experiment, knob, figure, done, subs, args, path):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, kind in zip(axes, ("max", "median")):
         for j, s in enumerate(subs):
-            scores = np.array([score_interval(run["r"][j], kind, args.n_boot)
+            scores = np.array([score_interval(run, j, kind)
                                for _, _, run in done])                                 # (K, 3)
-            errors = [scores[:, 0] - scores[:, 1], scores[:, 2] - scores[:, 0]]
+            # (an interval from resamples may leave out its estimate: its bar then stops there)
+            errors = np.maximum([scores[:, 0] - scores[:, 1], scores[:, 2] - scores[:, 0]], 0)
             nulls = [(run["summaries"][s].get("null") or {}).get(f"{kind}_r_95")
                      for _, _, run in done]
             style = dict(color=colors[j % len(colors)], capsize=3, label=f"sub-{s}")
@@ -969,8 +1050,7 @@ def scaling_section(args, per_experiment, runs, figures):
             ax.axis("off")
             continue
         x = np.array([runs[n][key] for n in names], float)                            # (K,)
-        r = np.stack([runs[n]["r"] for n in names])                                    # (K, S, P)
-        fit, samples = fit_laws(x, r, args.score, args.n_boot)
+        fit, samples = fit_laws(x, [runs[n] for n in names], args.score)
         fits[key] = {"runs": names, **fit}
         draw_laws(ax, x, fit, samples)
     fig.tight_layout()
@@ -979,15 +1059,16 @@ def scaling_section(args, per_experiment, runs, figures):
     return scaling_report(args, fits)
 
 
-def fit_laws(x, r, kind, n_boot):
-    """Both laws on one axis, x (K,) and r (K, S, P): (the fit as scaling.json keeps it, {law:
+def fit_laws(x, runs, kind):
+    """Both laws on one axis, x (K,) and the K runs: (the fit as scaling.json keeps it, {law:
     (n, n_params) parameters of the bootstrap resamples}). A law the data do not determine keeps no
     estimate worth keeping: only the reason, under "omitted"."""
-    fit = bootstrap_fits(x, r, kind, n_boot)
+    score = np.array([brain_score(run["r"], kind) for run in runs])                    # (K,)
+    fit = bootstrap_fits(x, score, score_samples(runs, kind))
     samples = fit.pop("samples")
     omitted = omitted_fits(x, fit)
     kept = {law: value for law, value in fit.items() if law not in omitted}
-    fit = {"x": x.tolist(), "score": brain_score(r, kind).tolist(), **kept, "omitted": omitted}
+    fit = {"x": x.tolist(), "score": score.tolist(), **kept, "omitted": omitted}
     return fit, samples
 
 
@@ -1021,8 +1102,8 @@ def scaling_report(args, fits):
     drawn and why."""
     lines = ["## Scaling laws (beyond the paper)", "", "![](scaling.png)", "",
              f"Brain score = {args.score} r over parcels, mean over subjects; 95% intervals and "
-             f"bands from {args.n_boot} bootstrap resamples of parcels (for the max r they lie at "
-             "or below the estimate: a resample's maximum cannot exceed the observed one). "
+             f"bands from {args.n_boot} block-bootstrap resamples of the test time course, the "
+             "same for every configuration. "
              "Compute = FLOPs of one training sample (forward + backward, counted by torch) x "
              "samples seen.", "",
              "| x | law | parameter | estimate | 95% interval |", "| --- | --- | --- | --- | --- |"]

@@ -33,7 +33,7 @@ def test_saturating_fit_reports_parameters_stuck_on_a_bound():
     straight = 0.1 + 0.05 * np.log10(x / x[0])            # no curvature: r_inf runs off to its upper bound
     params = sweep.fit_saturating_power(x, straight)
     assert "r_inf" in sweep.saturating_bounds_hit(x, params) and params[0] == pytest.approx(2.0)
-    fits = sweep.bootstrap_fits(x[:4], np.repeat(straight[:4, None, None], 3, axis=2), n_boot=5)
+    fits = sweep.bootstrap_fits(x[:4], straight[:4], np.repeat(straight[:4, None], 5, axis=1))
     assert "r_inf" in fits["saturating_power_at_bound"]
 
 
@@ -63,19 +63,74 @@ def test_slope_permutation_p_values_count_each_ordering_once():
     assert np.all(sampled >= 1 / 11) and np.all(sampled <= 1)
 
 
-def test_bootstrap_intervals_cover_the_truth_and_shrink_with_more_parcels():
-    rng = np.random.default_rng(0)
-    x = np.geomspace(1e4, 1e7, 5)
-    mean_r = 0.05 + 0.03 * np.log10(x)                                  # (K,)
+def correlated_time_courses(rho, rng, runs=2, length=150, phi=0.6, prediction=None):
+    """Test BOLD y and a prediction (runs * length, P) whose population correlation per parcel is rho
+    (P,), both autocorrelated (AR(1) phi) as HRF-smoothed signals are; `prediction` may be given."""
+    def ar(shape):
+        x = rng.normal(size=shape)
+        for t in range(1, shape[0]):
+            x[t] = phi * x[t - 1] + np.sqrt(1 - phi**2) * x[t]
+        return x
+    z = ar((runs * length, len(rho))) if prediction is None else prediction
+    return rho * z + np.sqrt(1 - rho**2) * ar(z.shape), z
 
-    def widths(n_parcels):
-        r = mean_r[:, None, None] + rng.normal(0, 0.1, (len(x), 2, n_parcels))  # (K, S, P)
-        fit = sweep.bootstrap_fits(x, r, kind="median", n_boot=60)["log_linear"]
-        est, lo, hi = fit["b"]
-        assert lo <= 0.03 <= hi and lo <= est <= hi
+
+def test_block_bootstrap_intervals_cover_the_true_max_and_median_r():
+    """One parcel clearly best (rho 0.6), 29 others between 0 and 0.3; 2 test runs of 150 autocorrelated
+    TRs. Over 120 datasets the 95% intervals of the max and median r over parcels hold the population
+    values at about their nominal rate, and hold their own estimate (a parcel bootstrap's interval of a
+    maximum lies below it by construction)."""
+    rng = np.random.default_rng(0)
+    rho = np.r_[0.6, np.linspace(0, 0.3, 29)]
+    run = np.repeat([0, 1], 150)
+    covered = {"max": 0, "median": 0}
+    holds_estimate = {"max": 0, "median": 0}
+    for _ in range(120):
+        y, z = correlated_time_courses(rho, rng)
+        boot = sweep.bootstrap_scores([{"bold": y, "prediction": z, "run": run}], n_boot=300,
+                                      seed=int(rng.integers(1 << 30)))
+        r = np.array([np.corrcoef(y[:, j], z[:, j])[0, 1] for j in range(len(rho))])
+        for kind, truth, estimate in (("max", rho.max(), r.max()), ("median", np.median(rho), np.median(r))):
+            lo, hi = np.percentile(boot[kind][0], [2.5, 97.5])
+            covered[kind] += lo <= truth <= hi
+            holds_estimate[kind] += lo <= estimate <= hi
+    for kind in covered:
+        assert 0.88 <= covered[kind] / 120 <= 0.99, (kind, covered[kind] / 120)
+        assert holds_estimate[kind] / 120 >= 0.95, (kind, holds_estimate[kind] / 120)
+
+
+def test_block_counts_rebuild_each_run_from_blocks_of_its_own_trs():
+    rng = np.random.default_rng(1)
+    run = np.repeat([3, 5], [45, 30])
+    counts = sweep.block_counts(run, 50, rng, block=20)
+    assert counts.shape == (50, 75) and (counts[:, :45].sum(1) == 45).all() and (counts[:, 45:].sum(1) == 30).all()
+    y, p = rng.normal(size=(75, 4)), rng.normal(size=(75, 4))
+    index = np.repeat(np.arange(75), counts[0].astype(int))                   # the first resample, built
+    expected = [np.corrcoef(y[index, j], p[index, j])[0, 1] for j in range(4)]
+    np.testing.assert_allclose(sweep.resampled_r(y, p, counts[:1])[0], expected, rtol=1e-10)
+
+
+def test_a_law_fitted_to_block_bootstrap_scores_covers_the_true_slope():
+    """Five configurations whose predictions of one subject's BOLD improve with log10 x: the interval of
+    the log-linear slope of the median r holds the true one, and narrows with more parcels."""
+    rng = np.random.default_rng(3)
+    x = np.geomspace(1e4, 1e7, 5)
+
+    def slope_interval(n_parcels):
+        signal = rng.normal(size=(300, n_parcels))
+        runs = []
+        for k, rho in enumerate(0.05 + 0.05 * np.log10(x / x[0])):
+            # the same BOLD for every configuration: y = signal + noise; each prediction tracks signal
+            prediction, _ = correlated_time_courses(np.full(n_parcels, rho), rng, prediction=signal)
+            runs.append({"bold": signal, "prediction": prediction, "run": np.repeat([0, 1], 150)})
+        samples = np.stack([sweep.bootstrap_scores([run], 200)["median"][0] for run in runs])   # (K, B)
+        score = np.array([np.median([np.corrcoef(run["bold"][:, j], run["prediction"][:, j])[0, 1]
+                                     for j in range(n_parcels)]) for run in runs])
+        est, lo, hi = sweep.bootstrap_fits(x, score, samples)["log_linear"]["b"]
+        assert lo <= 0.05 <= hi and lo <= est <= hi, (lo, est, hi)
         return hi - lo
 
-    assert widths(1000) < widths(60) / 2
+    assert slope_interval(200) < slope_interval(10)
 
 
 def test_dry_run_lists_each_configuration_once():
@@ -229,6 +284,7 @@ def synthetic_sweep(work, slope=0.08, seed=0):
     _, jobs = sweep.plan(args)
     # the controls fall short of the trained model; in block 1 (the demo's last), post_fc_dp encodes best
     gains = {"untrained": 0.3, "vqvae": 0.5, "lowlevel": 0.8}
+    bold = {sub: rng.normal(size=(120, n_parcels)) for sub in subs}    # each subject's test BOLD
     for name, spec in jobs.items():
         config = spec["config"]
         frames = config["train_frames"] or 30000
@@ -237,11 +293,17 @@ def synthetic_sweep(work, slope=0.08, seed=0):
         for j, sub in enumerate(subs):
             out = work / "results" / name / f"sub-{sub}"
             out.mkdir(parents=True)
-            r = rng.normal(0, 0.05, n_parcels)
-            r[:4] += level + 0.05 * j                               # the parcels with signal
+            target = np.clip(rng.normal(0, 0.05, n_parcels), -0.5, 0.5)
+            target[:4] += level + 0.05 * j                               # the parcels with signal
+            # 06's test time course: a prediction of the subject's BOLD with about that correlation
+            prediction = target * bold[sub] + np.sqrt(1 - target**2) * rng.normal(size=bold[sub].shape)
+            r = np.array([np.corrcoef(bold[sub][:, k], prediction[:, k])[0, 1] for k in range(n_parcels)])
             significant = r > 0.15
             np.save(out / "r.npy", r.astype(np.float32))
             np.save(out / "significant.npy", significant)
+            np.save(out / "test_bold.npy", bold[sub].astype(np.float32))
+            np.save(out / "test_prediction.npy", prediction.astype(np.float32))
+            np.save(out / "test_run.npy", np.repeat([0, 1], 60))
             common.write_json(out / "summary.json", {"r_max": float(r.max()), "r_median": float(np.median(r)),
                                                      "null": {"max_r_95": 0.12, "median_r_95": 0.02}})
         if spec["model"] is None or (work / "gpt" / spec["model"]).exists():
