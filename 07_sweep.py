@@ -89,6 +89,8 @@ DEMO_EXTRACT_ARGS = "--device cpu"
 # ~300 training TRs x a few thousand standardized features need stronger penalties than the paper's
 # grid.
 DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 1e7 1e8 --n-permutations 100"
+# The controls' variance partition: the GPT's features fitted with these (06 --with), jobs of their own
+PARTITION_WITH = ("lowlevel", "buttons")
 # Beyond the paper's sweeps: controls for what the GPT learned, appendix A's comparison of layers.
 EXTRA_EXPERIMENTS = {"controls": ("control", None, "beyond the paper"),
                      "appendix": ("module", None, "Figure 7, appendix A")}
@@ -206,16 +208,17 @@ def appendix_layers(config):
     return modules + [f"attn_stack.attn_nets.{i}" for i in range(config["layers"])]
 
 
-def job(config, layer, kind="model", features=None, extract_layers=None):
+def job(config, layer, kind="model", features=None, extract_layers=None, needs=()):
     """One configuration's jobs: `kind` says which model its features come from (model: the trained
     GPT; untrained: the same GPT with its initial weights; vqvae: the trained GPT's VQ-VAE alone;
-    lowlevel: no model), `features` names its feature set, `extract_layers` what 05 extracts
+    lowlevel, buttons: no model; partition: no features of its own, the jobs `needs` names are fitted
+    together by 06 --with), `features` names its feature set, `extract_layers` what 05 extracts
     (several for appendix A)."""
     model = None
-    if kind != "lowlevel":
+    if kind in ("model", "untrained", "vqvae"):
         model = config_name(config) + ("-untrained" if kind == "untrained" else "")
     return dict(config=config, layer=layer, kind=kind, model=model, features=features,
-                extract_layers=extract_layers or [layer])
+                extract_layers=extract_layers or [layer], needs=list(needs))
 
 
 def plan(args):
@@ -237,6 +240,10 @@ def plan(args):
             add(rows, "untrained", name + "-untrained", job(base, layer, "untrained"))
             add(rows, "VQ-VAE alone", name + "-vqvae", job(base, "vqvae.codebook", "vqvae"))
             add(rows, "low-level", "lowlevel", job(base, "lowlevel", "lowlevel"))
+            add(rows, "button presses", "buttons", job(base, "buttons", "buttons"))
+            for model in (name, name + "-untrained"):   # beyond low-level vision and the buttons
+                jobs[f"{model}+{'+'.join(PARTITION_WITH)}"] = job(
+                    base, layer, "partition", model, needs=(model, *PARTITION_WITH))
         elif experiment == "appendix":
             layers, features = appendix_layers(base), config_name(base) + "-appendix"
             for layer in layers:
@@ -256,12 +263,12 @@ def plan(args):
 
 
 def commands(args, name, spec):
-    """The stage commands of one job, as argument lists: train (04; none for the low-level control),
-    extract (05), encode (06)."""
+    """The stage commands of one job, as argument lists: train (04; none without a model), extract
+    (05; none for a partition, which reads other jobs' features), encode (06)."""
     work, config = args.work, spec["config"]
     demo = lambda flags: shlex.split((flags + " " if args.demo else ""))  # noqa: E731
     cmds = []
-    if spec["kind"] != "lowlevel":
+    if spec["model"] is not None:
         train = ["04_train_gpt.py", "--work", work, "--name", spec["model"],
                  "--hidden-dim", config["hidden_dim"], "--layers", config["layers"],
                  "--heads", config["heads"], "--precision", config["precision"], "--resume"]
@@ -273,20 +280,24 @@ def commands(args, name, spec):
         cmds.append(train)
         extract = ["05_extract.py", "--work", work, "--ckpt", f"{work}/gpt/{spec['model']}/ckpt.pt",
                    "--name", spec["features"], "--layer", *spec["extract_layers"]]
-    else:
-        extract = ["05_extract.py", "--work", work, "--features", "lowlevel",
+    else:   # a feature set without a model (lowlevel, buttons)
+        extract = ["05_extract.py", "--work", work, "--features", spec["kind"],
                    "--name", spec["features"]]
-    cmds.append(extract + demo(DEMO_EXTRACT_ARGS) + shlex.split(args.extract_args))
+    if spec["kind"] != "partition":
+        cmds.append(extract + demo(DEMO_EXTRACT_ARGS) + shlex.split(args.extract_args))
     ridge = ["06_ridge.py", "--work", work, "--name", spec["features"], "--layer", spec["layer"]]
-    if name != spec["features"]:
+    if spec["kind"] == "partition":
+        ridge += ["--with", *PARTITION_WITH]
+    elif name != spec["features"]:
         ridge += ["--results-name", name]
     cmds.append(ridge + demo(DEMO_RIDGE_ARGS) + shlex.split(args.ridge_args))
     return [[str(a) for a in cmd] for cmd in cmds]
 
 
 def print_jobs(args, jobs):
-    """--dry-run. With --jobs-tsv, one line per job for slurm/submit_sweep.sh: name, then the 04, 05
-    and 06 commands ("-" for a stage the job does not need). Otherwise each job's commands under its
+    """--dry-run. With --jobs-tsv, one line per job for slurm/submit_sweep.sh: name, the 04, 05 and
+    06 commands ("-" for a stage the job does not need), and the jobs whose features its 06 also
+    reads (a partition: comma-separated names; else "-"). Otherwise each job's commands under its
     name, each distinct command once, in the order submit_sweep.sh submits them: a model that
     several jobs read trains once, a feature set is extracted once (the appendix's modules share
     both)."""
@@ -294,7 +305,9 @@ def print_jobs(args, jobs):
     for name, spec in jobs.items():
         cmds = [shlex.join(cmd) for cmd in commands(args, name, spec)]
         if args.jobs_tsv:
-            print("\t".join([name] + ["-"] * (3 - len(cmds)) + cmds))
+            stages = cmds if spec["kind"] != "partition" else ["-", "-", *cmds]
+            stages = ["-"] * (3 - len(stages)) + stages
+            print("\t".join([name, *stages, ",".join(spec["needs"]) or "-"]))
             continue
         print(f"# {name}")
         for cmd in cmds:
@@ -581,6 +594,10 @@ def load_run(work, name, spec, subs, checked=None):
            "significant": np.stack([np.load(f / "significant.npy") for f in folders.values()]),
            "log": pd.DataFrame(), "params": np.nan, "compute": np.nan, "frames": np.nan,
            "wall_s": np.nan}
+    if spec["kind"] == "partition":   # 06 --with: (subjects, sets, P) and (subjects, P) arrays
+        run["partition"] = {key: np.stack([np.load(f / f"{key}.npy") for f in folders.values()])
+                            for key in ("unique", "unique_significant", "r2_alone", "r2_all", "shared")}
+        run["sets"] = run["summaries"][subs[0]]["partition"]["sets"]
     if spec["model"] is None:
         return run
     model_dir = work / "gpt" / spec["model"]
@@ -633,6 +650,9 @@ def draw_figures(args, per_experiment, jobs):
     for experiment, rows in per_experiment.items():
         done = [(value, name, runs[name]) for value, _, name, _ in rows if runs[name] is not None]
         report += experiment_section(args, experiment, done, subs, figures)
+        if experiment == "controls":   # and beyond them: the variance partition
+            partitions = [runs[name] for name, spec in jobs.items() if spec["kind"] == "partition"]
+            report += partition_section(args, partitions, subs, figures)
     # the scaling laws over the paper's configurations (controls, modules: not points of a law)
     paper_runs = {name: runs[name] for experiment, rows in per_experiment.items()
                   if experiment in EXPERIMENTS for _, _, name, _ in rows if runs[name] is not None}
@@ -858,6 +878,122 @@ def planted_comparison(runs, args):
         text += (f" There, the trained model minus its untrained copy: {diff:+.3f} "
                  f"(95% CI [{lo:+.3f}, {hi:+.3f}]: {interval_word(lo, hi)}).")
     return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Controls, beyond: what the GPT explains beyond low-level vision and button presses
+# --------------------------------------------------------------------------------------------------
+def partition_section(args, partitions, subs, figures):
+    """The report's lines on the variance partition of the trained GPT's features with low-level vision
+    and the button presses (06 --with, jobs "<model>+lowlevel+buttons"): per subject the parts, where
+    the GPT's unique part lies, and whether training changes it. partitions: the runs of the trained
+    and the untrained model's partitions (None: not finished)."""
+    trained, untrained = partitions
+    lines = ["### What the GPT explains beyond low-level vision and button presses", "",
+             "Banded ridge of the GPT's features with low-level vision and the button presses (06 "
+             "--with lowlevel buttons; a penalty per feature set), test R^2 per parcel; the unique part "
+             "of a set is R^2(all sets) - R^2(all but it), significant by circular shifts of the test "
+             "predictions (FDR q < 0.05); intervals of means over parcels from resampling parcels.", ""]
+    if trained is None:
+        return lines + ["Not finished yet.", ""]
+    partition_figure(partitions, subs, args.n_boot, figures / "controls_partition.png")
+    lines += ["![](controls_partition.png)", "", *partition_table(trained, subs), ""]
+    lines += top_unique_parcels(trained, Path(args.work), subs)
+    if untrained is not None:
+        diff, lo, hi = parcel_paired_difference(trained["partition"]["unique"][:, 0],
+                                                untrained["partition"]["unique"][:, 0], args.n_boot)
+        lines += [f"Training: the trained GPT's unique R^2 minus its untrained copy's, mean over parcels "
+                  f"and subjects: {diff:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}]: {interval_word(lo, hi)}).",
+                  ""]
+    if args.ground_truth:
+        lines += planted_partition(trained, args)
+    return lines
+
+
+def partition_table(run, subs):
+    """Per subject: R^2 of all the sets, each set's unique part (mean and max over parcels, parcels
+    significant) and the shared part (mean), as a markdown table."""
+    names = ["GPT" if i == 0 else name for i, name in enumerate(run["sets"])]
+    header = ["subject", "R^2 all (mean)", *(f"unique {n}: mean, max, significant" for n in names),
+              "shared (mean)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    part = run["partition"]
+    for j, s in enumerate(subs):
+        cells = [f"{np.nanmean(part['r2_all'][j]):.4f}"]
+        for k in range(len(names)):
+            unique = part["unique"][j, k]
+            cells.append(f"{np.nanmean(unique):+.4f}, {np.nanmax(unique):+.4f}, "
+                         f"{int(part['unique_significant'][j, k].sum())}/{unique.size}")
+        lines.append(f"| sub-{s} | " + " | ".join(cells) + f" | {np.nanmean(part['shared'][j]):+.4f} |")
+    return lines
+
+
+def top_unique_parcels(run, work, subs, n=10):
+    """Where the GPT's unique part lies: the n parcels of largest unique R^2 (mean over subjects), by
+    atlas label and name, with the subjects where it is significant."""
+    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
+    names = labels["name"].fillna("").tolist() if "name" in labels else [""] * len(labels)
+    unique = np.nanmean(run["partition"]["unique"][:, 0], axis=0)                       # (P,)
+    significant = run["partition"]["unique_significant"][:, 0].sum(axis=0)              # (P,)
+    lines = [f"The {n} parcels where the GPT's unique R^2 is largest (mean over subjects):", "",
+             "| parcel (atlas label) | name | unique R^2 | significant in |", "| --- | --- | --- | --- |"]
+    for column in np.argsort(-np.nan_to_num(unique, nan=-np.inf))[:n]:
+        lines.append(f"| {labels['label'].iloc[column]} | {names[column]} | {unique[column]:+.4f} | "
+                     f"{int(significant[column])} of {len(subs)} subjects |")
+    return lines + [""]
+
+
+def planted_partition(run, args):
+    """On a synthetic dataset: the mean unique R^2 of each set over the planted visual parcels, with
+    its interval (resampling them), and each set's R^2 alone on the parcels planted on button
+    presses."""
+    labels = read_tsv(Path(args.work) / "bold" / "labels.tsv", required=("column", "label"))
+    labels = labels.sort_values("column")["label"].astype(int)
+    names = ["GPT" if i == 0 else name for i, name in enumerate(run["sets"])]
+    part, lines = run["partition"], []
+    visual = np.flatnonzero(labels.isin(common.read_planted_labels(args.ground_truth)).to_numpy())
+    if len(visual):
+        parts = []
+        for k, name in enumerate(names):
+            values = part["unique"][:, k, visual]                                         # (S, planted)
+            estimate, lo, hi = parcel_paired_difference(values, np.zeros_like(values), args.n_boot)
+            parts.append(f"{name} {estimate:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}])")
+        lines += [f"On the {len(visual)} planted visual parcels, mean unique R^2: {', '.join(parts)}.", ""]
+    buttons = np.flatnonzero(labels.isin(
+        common.read_planted_labels(args.ground_truth, "planted_buttons")).to_numpy())
+    if len(buttons):
+        alone = ", ".join(f"{name} {np.nanmean(part['r2_alone'][:, k, buttons]):+.3f}"
+                          for k, name in enumerate(names))
+        lines += [f"On the {len(buttons)} parcel(s) planted on button presses, R^2 of each set alone "
+                  f"(mean over subjects): {alone}.", ""]
+    return lines
+
+
+def partition_figure(partitions, subs, n_boot, path):
+    """controls_partition.png: per model (trained, untrained) and subject, the mean over parcels of
+    R^2 with all the sets, each set's unique part and the shared part, with 95% intervals over
+    parcels."""
+    import matplotlib.pyplot as plt
+    finished = [(label, run) for label, run in zip(("trained GPT", "untrained GPT"), partitions) if run]
+    fig, axes = plt.subplots(1, len(finished), figsize=(6 * len(finished), 4), squeeze=False, sharey=True)
+    for ax, (label, run) in zip(axes[0], finished):
+        part = run["partition"]
+        names = ["GPT" if i == 0 else name for i, name in enumerate(run["sets"])]
+        bars = [("all sets", part["r2_all"]), *((f"unique {n}", part["unique"][:, k])
+                                                for k, n in enumerate(names)), ("shared", part["shared"])]
+        width = 0.8 / len(bars)
+        for b, (name, values) in enumerate(bars):                                   # values (S, P)
+            estimates = [parcel_paired_difference(values[j:j + 1], np.zeros_like(values[j:j + 1]), n_boot)
+                         for j in range(len(subs))]
+            mean, lo, hi = np.array(estimates).T
+            ax.bar(np.arange(len(subs)) + b * width, mean, width, label=name,
+                   yerr=np.maximum([mean - lo, hi - mean], 0), capsize=2)
+        ax.set_xticks(np.arange(len(subs)) + 0.4 - width / 2, [f"sub-{s}" for s in subs])
+        ax.axhline(0, color="0.7", linewidth=0.8)
+        ax.set(ylabel="test R^2, mean over parcels", title=label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
 
 
 def appendix_verdict(done, args):

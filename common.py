@@ -1097,12 +1097,14 @@ def nifti_data(image, path, dtype=np.float32):
                          f"{str(err).splitlines()[0] or type(err).__name__})") from None
 
 
-def read_planted_labels(path):
+def read_planted_labels(path, key="planted"):
     """The atlas labels that carry a planted signal in 00_make_demo.py's ground_truth.json: a set of
-    ints (06 reports their recovery, 07 compares the controls on them)."""
+    ints (06 reports their recovery, 07 compares the controls on them). key "planted": the visual
+    parcels; "planted_buttons": those of the button presses (none in a demo made before them)."""
     path = Path(path)
     try:
-        planted = json.loads(path.read_text())["planted"]
+        truth = json.loads(path.read_text())
+        planted = truth[key] if key == "planted" else truth.get(key, {})
         return {int(label) for label in planted}
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None

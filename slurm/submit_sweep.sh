@@ -44,12 +44,23 @@ ridge_ids=()
 # One job per distinct command: chains that read the same model (its block-4 and last-block features,
 # the VQ-VAE control, every appendix module) share its training, and chains that read the same features
 # share their extraction, instead of several jobs writing one checkpoint or folder at once.
-declare -A job_of=()
-while IFS=$'\t' read -r name train extract ridge; do
+declare -A job_of=() extract_of=()
+while IFS=$'\t' read -r name train extract ridge needs; do
   # shellcheck disable=SC2086  # the commands are shell-quoted by 07_sweep.py
-  eval "extract_args=($extract)" && eval "ridge_args=($ridge)"
+  eval "ridge_args=($ridge)"
+  if [ "$extract" = "-" ]; then           # a variance partition: 06 reads the features of `needs`
+    ids=()
+    for need in ${needs//,/ }; do ids+=("${extract_of[$need]}"); done
+    submit ridge_id --job-name "ridge-$name" --dependency "afterok:$(IFS=:; echo "${ids[*]}")" \
+      --kill-on-invalid-dep=yes --gpus-per-node 1 --time 02:00:00 slurm/gpu_stage.sbatch \
+      "${ridge_args[0]}" --device cuda "${ridge_args[@]:1}"
+    echo "$name: extract ${ids[*]} -> ridge $ridge_id"
+    ridge_ids+=("$ridge_id")
+    continue
+  fi
+  eval "extract_args=($extract)"
   after=()
-  if [ "$train" != "-" ]; then            # "-": the low-level control trains nothing
+  if [ "$train" != "-" ]; then            # "-": no model to train (low-level vision, buttons)
     if [ -z "${job_of[$train]:-}" ]; then
       eval "train_args=($train)"
       submit train_id --job-name "train-$name" --gpus-per-node "$gpus" slurm/gpu_stage.sbatch "${train_args[@]}"
@@ -62,6 +73,7 @@ while IFS=$'\t' read -r name train extract ridge; do
       --time 02:00:00 slurm/gpu_stage.sbatch "${extract_args[@]}"
     job_of[$extract]=$extract_id
   fi
+  extract_of[$name]=${job_of[$extract]}
   submit ridge_id --job-name "ridge-$name" --dependency "afterok:${job_of[$extract]}" --kill-on-invalid-dep=yes \
     --gpus-per-node 1 --time 01:00:00 slurm/gpu_stage.sbatch "${ridge_args[0]}" --device cuda "${ridge_args[@]:1}"
   echo "$name: train ${job_of[$train]:-none} -> extract ${job_of[$extract]} -> ridge $ridge_id"

@@ -158,9 +158,11 @@ def test_dry_run_prints_each_distinct_command_once_in_submission_order(capsys):
     cmds = [line for line in lines if line.startswith("python ")]
     assert len(cmds) == len(set(cmds))
     n_modules = len(sweep.appendix_layers(sweep.DEMO_CONFIG))
-    # trained, untrained (04 05 06 each), VQ-VAE alone and low-level (05 06), the appendix's 05, its 06s
-    assert [cmd.split()[1][:2] for cmd in cmds] == ("04 05 06 " * 2 + "05 06 " * 3 + "06 " * (n_modules - 1)).split()
-    assert len([line for line in lines if line.startswith("# ")]) == 4 + n_modules
+    # trained, untrained (04 05 06 each), VQ-VAE alone, low-level, buttons (05 06), the two partitions
+    # (06 of features already extracted), the appendix's 05, its 06s
+    expected = "04 05 06 " * 2 + "05 06 " * 3 + "06 " * 2 + "05 06 " + "06 " * (n_modules - 1)
+    assert [cmd.split()[1][:2] for cmd in cmds] == expected.split()
+    assert len([line for line in lines if line.startswith("# ")]) == 7 + n_modules
 
 
 def test_values_replace_the_list_of_one_paper_experiment(capsys):
@@ -206,8 +208,12 @@ def test_every_sweep_configuration_is_a_model_04_accepts(demo):
     _, jobs = sweep.plan(args)
     for name, spec in jobs.items():
         cmds = sweep.commands(args, name, spec)
-        if spec["kind"] == "lowlevel":   # no model: 05 and 06 only
+        if spec["kind"] in ("lowlevel", "buttons"):   # no model: 05 and 06 only
             assert [c[0] for c in cmds] == ["05_extract.py", "06_ridge.py"] and "--ckpt" not in cmds[0]
+            continue
+        if spec["kind"] == "partition":   # 06 alone, reading the features of the jobs it needs
+            assert [c[0] for c in cmds] == ["06_ridge.py"] and "--with" in cmds[0]
+            assert all(need in jobs for need in spec["needs"])
             continue
         config = train_gpt.model_config(train_gpt.parse_args(cmds[0][1:]), vqvae)
         layer = spec["layer"]
@@ -244,9 +250,15 @@ def test_submit_sweep_trains_each_model_once_and_stops_when_sbatch_fails(tmp_pat
     sbatch = [line for line in result.stdout.splitlines() if line.startswith("sbatch")]
     trains = [line for line in sbatch if "04_train_gpt.py" in line]
     assert len(trains) == 2                                       # the trained model and its untrained copy
-    # trained, untrained, VQ-VAE, low-level, and one for the 24 appendix modules
-    assert len([line for line in sbatch if "05_extract.py" in line]) == 5
+    # trained, untrained, VQ-VAE, low-level, buttons, and one for the 24 appendix modules
+    extracts = [line for line in sbatch if "05_extract.py" in line]
+    assert len(extracts) == 6
     assert "lowlevel: train none -> extract" in result.stdout and " - " not in " ".join(sbatch)
+    # the partition's 06 waits for the three extractions it reads: the GPT's, low-level vision's, buttons'
+    ids = {name: extract for name, extract in re.findall(r"^(\S+): train \S+ -> extract (\d+)", result.stdout, re.M)}
+    partition = next(line for line in sbatch if "--job-name ridge-h24-l2-a2-fall-fp32+lowlevel+buttons" in line)
+    needs = (ids["h24-l2-a2-fall-fp32"], ids["lowlevel"], ids["buttons"])
+    assert f"--dependency afterok:{':'.join(needs)} " in partition and "--with lowlevel buttons" in partition
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "sbatch").write_text('#!/usr/bin/env bash\ncase "$*" in *train-*) echo "rejected" >&2; exit 1;; esac\n'
@@ -283,7 +295,7 @@ def synthetic_sweep(work, slope=0.08, seed=0):
                                  values=None))()
     _, jobs = sweep.plan(args)
     # the controls fall short of the trained model; in block 1 (the demo's last), post_fc_dp encodes best
-    gains = {"untrained": 0.3, "vqvae": 0.5, "lowlevel": 0.8}
+    gains = {"untrained": 0.3, "vqvae": 0.5, "lowlevel": 0.8, "buttons": 0.2}
     bold = {sub: rng.normal(size=(120, n_parcels)) for sub in subs}    # each subject's test BOLD
     for name, spec in jobs.items():
         config = spec["config"]
@@ -304,8 +316,20 @@ def synthetic_sweep(work, slope=0.08, seed=0):
             np.save(out / "test_bold.npy", bold[sub].astype(np.float32))
             np.save(out / "test_prediction.npy", prediction.astype(np.float32))
             np.save(out / "test_run.npy", np.repeat([0, 1], 60))
-            common.write_json(out / "summary.json", {"r_max": float(r.max()), "r_median": float(np.median(r)),
-                                                     "null": {"max_r_95": 0.12, "median_r_95": 0.02}})
+            summary = {"r_max": float(r.max()), "r_median": float(np.median(r)),
+                       "null": {"max_r_95": 0.12, "median_r_95": 0.02}}
+            if spec["kind"] == "partition":   # 06 --with: the GPT's part is unique in parcels 0-1
+                sets = [spec["features"], "lowlevel", "buttons"]
+                unique = rng.normal(0, 0.005, (3, n_parcels))
+                unique[0, :2] += 0.08 if "untrained" not in name else 0.02
+                unique[1, 2:4] += 0.1                                   # low-level vision's own parcels
+                np.save(out / "unique.npy", unique)
+                np.save(out / "unique_significant.npy", unique > 0.04)
+                np.save(out / "r2_alone.npy", unique + 0.01)
+                np.save(out / "shared.npy", np.full(n_parcels, 0.01))
+                np.save(out / "r2_all.npy", unique.sum(0) + 0.01)
+                summary["partition"] = {"sets": sets}
+            common.write_json(out / "summary.json", summary)
         if spec["model"] is None or (work / "gpt" / spec["model"]).exists():
             continue
         gpt = work / "gpt" / spec["model"]
@@ -349,6 +373,26 @@ def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
     assert [float(v) for v in planted.groups()] == pytest.approx([trained_r, untrained_r], abs=6e-4)
     assert "There, the trained model minus its untrained copy: +" in controls and ": higher)." in controls
     assert (figures / "controls_scores.png").is_file() and (figures / "appendix_scores.png").is_file()
+    # beyond low-level vision and buttons: the GPT's unique part, where it lies, what training changes
+    assert "against the button presses control, max r" in controls
+    partition = controls[controls.index("### What the GPT explains beyond"):]
+    assert (figures / "controls_partition.png").stat().st_size > 10_000
+    unique = {name: np.stack([np.load(work / "results" / name / f"sub-{s}/unique.npy")[0] for s in ("01", "02")])
+              for name in ("h24-l2-a2-fall-fp32+lowlevel+buttons", "h24-l2-a2-fall-fp32-untrained+lowlevel+buttons")}
+    for j, sub in enumerate(("01", "02")):
+        row = re.search(rf"\| sub-{sub} \| \S+ \| (\S+), (\S+), (\d+)/12 \|", partition)
+        trained = unique["h24-l2-a2-fall-fp32+lowlevel+buttons"][j]
+        assert float(row[1]) == pytest.approx(trained.mean(), abs=6e-5) and int(row[3]) == (trained > 0.04).sum()
+    top = re.findall(r"^\| (\d+) \| .* \| [+-]\S+ \| \d of 2 subjects \|$", partition, re.M)
+    assert len(top) == 10 and set(top[:2]) == {"1", "2"}               # labels 1-2 = columns 0-1, planted there
+    difference = np.mean(unique["h24-l2-a2-fall-fp32+lowlevel+buttons"]) - np.mean(
+        unique["h24-l2-a2-fall-fp32-untrained+lowlevel+buttons"])
+    reported = re.search(r"its untrained copy's, mean over parcels and subjects: (\S+) \(95% CI \[(\S+), (\S+)\]: "
+                         r"(higher|lower|no difference)\)", partition)
+    lo, hi = float(reported[2]), float(reported[3])
+    assert float(reported[1]) == pytest.approx(difference, abs=6e-5) and lo < difference < hi
+    assert reported[4] == ("higher" if lo > 0 else "lower" if hi < 0 else "no difference")
+    assert "On the 4 planted visual parcels, mean unique R^2: GPT +" in partition
     appendix = next(s for s in sections if s.startswith("appendix"))
     assert "**Verdict**: supported on this data: post_fc_dp ranks 1 of" in appendix
     for experiment in ("data", "hidden"):      # where scaling pays: a map, a glass brain, the top 10 parcels
