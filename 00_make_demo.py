@@ -1,33 +1,41 @@
 """00 — Make the embedded demo: a small CNeuroMod-style dataset with a known, planted encoding signal.
 
-The real data (CNeuroMod Shinobi) cannot ship with the code: its ROM is not distributable and the fMRI is
-gigabytes. This script makes a stand-in in the same layout, so that every stage runs on a fresh machine:
+The real data (CNeuroMod Shinobi) cannot ship with the code: its ROM is not distributable and the
+fMRI is gigabytes. This script makes a stand-in in the same layout, so that every stage runs on a
+fresh machine:
 
     python 00_make_demo.py --work work                       # ~1 minute on 2 cores
-    python 00_make_demo.py --work work --subjects 1 --runs 1 --reps 2 --rep-seconds 8   # tiny, for tests
+    python 00_make_demo.py --work work --subjects 1 --runs 1 --reps 2 \\
+        --rep-seconds 8                                      # tiny, for tests
 
 It writes <work>/demo/ (a BIDS dataset):
-  sub-XX/ses-YYY/gamelogs/sub-XX_ses-YYY_task-airstriker_run-NN_level-1_rep-RR.bk2   real stable-retro replays
-      of Airstriker-Genesis-v0 (its ROM ships with stable-retro), played by a seeded scripted policy
-  sub-XX/ses-YYY/func/..._events.tsv            one row per repetition: trial_type onset duration duration_bk2
-      level stim_file (stim_file relative to the dataset root; one row says "Missing file" as in the real data)
-  derivatives/fmriprep/sub-XX/ses-YYY/func/     fMRIPrep-style 4D BOLD (6 mm MNI grid, TR 1.49 s), brain mask,
-      desc-confounds_timeseries.tsv/.json (24 motion columns, cosine drifts, framewise displacement, ...)
-  atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz (+ .tsv)   a labels atlas of --parcels parcels
+  sub-XX/ses-YYY/gamelogs/sub-XX_ses-YYY_task-airstriker_run-NN_level-1_rep-RR.bk2
+      real stable-retro replays of Airstriker-Genesis-v0 (its ROM ships with stable-retro), played
+      by a seeded scripted policy
+  sub-XX/ses-YYY/func/..._events.tsv            one row per repetition: trial_type onset duration
+      duration_bk2 level stim_file (stim_file relative to the dataset root; one row says
+      "Missing file" as in the real data)
+  derivatives/fmriprep/sub-XX/ses-YYY/func/     fMRIPrep-style 4D BOLD (6 mm MNI grid,
+      TR 1.49 s), brain mask, desc-confounds_timeseries.tsv/.json (24 motion columns, cosine
+      drifts, framewise displacement, ...)
+  atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz (+ .tsv)
+      a labels atlas of --parcels parcels
   ground_truth.json, ground_truth/<run>_signals.tsv   which parcels carry which visual property
   ground_truth/<run>_buttons.tsv                the signal of the parcel that follows the B presses
-  demo.json                                     the flags it was made with (a re-run with others is refused)
+  demo.json                                     the flags it was made with (a re-run with others
+                                                is refused)
 
-The planted signal (what a good encoding model should recover): each planted parcel follows one visual
-property of the gameplay frames — mean luminance or motion energy (mean absolute frame difference) in one
-screen quadrant — computed on the raw emulator screens, convolved with nilearn's Glover HRF, sampled at the
-middle of each volume. Nothing here uses our models. One more parcel (--planted-buttons) follows
-the hands: the rate of presses of B (fire), through the same HRF, with gains drawn as for the
-others (ground_truth.json's "planted_buttons", apart from the visual "planted"; 05_extract.py
---features buttons finds it). Presses stop between repetitions, where the screen is black, so the
-visual features predict it in part too. The other parcels carry only noise. Every voxel also carries
-head-motion artefacts (a random mixture of the 6 motion parameters) and a slow drift (the run's
-cosine regressor), large enough that confound removal matters, plus a non-steady-state first volume.
+The planted signal (what a good encoding model should recover): each planted parcel follows one
+visual property of the gameplay frames — mean luminance or motion energy (mean absolute frame
+difference) in one screen quadrant — computed on the raw emulator screens, convolved with nilearn's
+Glover HRF, sampled at the middle of each volume. Nothing here uses our models. One more parcel
+(--planted-buttons) follows the hands: the rate of presses of B (fire), through the same HRF, with
+gains drawn as for the others (ground_truth.json's "planted_buttons", apart from the visual
+"planted"; 05_extract.py --features buttons finds it). Presses stop between repetitions, where the
+screen is black, so the visual features predict it in part too. The other parcels carry only
+noise. Every voxel also carries head-motion artefacts (a random mixture of the 6 motion parameters)
+and a slow drift (the run's cosine regressor), large enough that confound removal matters, plus a
+non-steady-state first volume.
 """
 import argparse
 import json
@@ -49,6 +57,7 @@ from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, run_main, run_stem, wr
 GAME = "Airstriker-Genesis-v0"
 TASK = "airstriker"
 SPACE = "MNI152NLin2009cAsym"
+ATLAS_NAME = f"tpl-{SPACE}_res-06_atlas-demo_dseg"   # atlas/<ATLAS_NAME>.nii.gz and .tsv
 VOXEL_MM = 6.0
 GRID = (16, 19, 16)  # a coarse MNI-like grid: 96 x 114 x 96 mm
 QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
@@ -66,7 +75,8 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subjects", type=int, default=2)
     p.add_argument("--sessions", type=int, default=5,
-                   help="sessions per subject; ses-004 is validation and ses-005 test in later stages")
+                   help="sessions per subject; "
+                        "ses-004 is validation and ses-005 test in later stages")
     p.add_argument("--runs", type=int, default=2, help="runs per session")
     p.add_argument("--reps", type=int, default=3, help="level repetitions per run")
     p.add_argument("--rep-seconds", type=float, default=20.0,
@@ -88,10 +98,12 @@ def seed_for(*keys):
 
 
 # --------------------------------------------------------------------------------------------------
-# Gameplay: record .bk2 replays with a scripted policy, and measure the visual properties of each frame
+# Gameplay: record .bk2 replays with a scripted policy, and measure the visual properties of each
+# frame
 # --------------------------------------------------------------------------------------------------
 def scripted_actions(n_steps, rng, buttons):
-    """A seeded player: holds a direction for 0.3-1.5 s at a time and fires in bursts. (n_steps, 12) uint8."""
+    """A seeded player: holds a direction for 0.3-1.5 s at a time and fires in bursts.
+    (n_steps, 12) uint8."""
     index = {name: i for i, name in enumerate(buttons)}
     actions = np.zeros((n_steps, len(buttons)), np.uint8)
     t = 0
@@ -117,7 +129,8 @@ def button_properties(actions, buttons):
 def visual_properties(screen, previous_luminance):
     """Luminance and motion energy per screen quadrant of one (224, 320, 3) uint8 screen.
 
-    Returns (properties (8,), luminance (56, 80)); the frame is subsampled 4x, which is plenty for means.
+    Returns (properties (8,), luminance (56, 80)); the frame is subsampled 4x, which is plenty for
+    means.
     """
     small = screen[::4, ::4].astype(np.float32) / 255.0                       # (56, 80, 3)
     luminance = small @ np.array([0.299, 0.587, 0.114], np.float32)         # (56, 80)
@@ -180,7 +193,8 @@ def make_brain(n_parcels, seed):
     radii = np.array(GRID) / 2 - 0.5
     mask = (((ijk - centre) / radii) ** 2).sum(-1) <= 1.0
     kmeans = KMeans(n_clusters=n_parcels, n_init=1, random_state=seed).fit(ijk[mask])
-    # Number parcels by position (x, then y, then z of their centres) so labels do not depend on k-means.
+    # Number parcels by position (x, then y, then z of their centres) so labels do not depend on
+    # k-means.
     order = np.lexsort(kmeans.cluster_centers_.T[::-1])
     rank = np.empty(n_parcels, int)
     rank[order] = np.arange(n_parcels)
@@ -193,7 +207,8 @@ def make_brain(n_parcels, seed):
 # fMRI: HRF-convolved properties in planted parcels, noise, motion and drift in every voxel
 # --------------------------------------------------------------------------------------------------
 def run_timeline(reps, n_volumes, tr):
-    """Place each repetition's per-frame properties on the run's 60 Hz timeline (zeros = black screen).
+    """Place each repetition's per-frame properties on the run's 60 Hz timeline (zeros = black
+    screen).
 
     Returns (n_volumes * tr * 60, 9) float32, columns ALL_PROPERTIES.
     """
@@ -209,7 +224,8 @@ def run_timeline(reps, n_volumes, tr):
 def planted_signals(timeline, n_volumes, tr):
     """HRF-convolve each property (column) and sample it at mid-volume times (t + 0.5) * TR.
     (n_volumes, K) for a timeline (n_frames, K), z-scored."""
-    hrf = glover_hrf(t_r=1.0 / GAMEPLAY_HZ, oversampling=1, time_length=32.0)  # (1920,) at 60 Hz, sums to 1
+    # (1920,) at 60 Hz, sums to 1
+    hrf = glover_hrf(t_r=1.0 / GAMEPLAY_HZ, oversampling=1, time_length=32.0)
     convolved = np.stack([np.convolve(col, hrf)[: len(col)] for col in timeline.T], 1)  # (n, K)
     samples = np.round((np.arange(n_volumes) + 0.5) * tr * GAMEPLAY_HZ).astype(int)
     signals = convolved[np.minimum(samples, len(convolved) - 1)]                       # (T, K)
@@ -218,8 +234,10 @@ def planted_signals(timeline, n_volumes, tr):
 
 
 def motion_confounds(n_volumes, rng):
-    """fMRIPrep-like head motion: 6 random-walk parameters and their 24-column expansion. DataFrame (T, 24)."""
-    steps = rng.normal(0, 1, (n_volumes, 6)) * [0.05, 0.05, 0.08, 0.001, 0.001, 0.001]  # mm and radians
+    """fMRIPrep-like head motion: 6 random-walk parameters and their 24-column expansion.
+    DataFrame (T, 24)."""
+    # mm and radians
+    steps = rng.normal(0, 1, (n_volumes, 6)) * [0.05, 0.05, 0.08, 0.001, 0.001, 0.001]
     params = np.cumsum(steps, 0)
     table = {}
     for name, col in zip(MOTION_PARAMS, params.T):
@@ -248,11 +266,11 @@ def cosine_drifts(n_volumes, tr, cutoff_s=128.0):
 def synthesize_bold(signals, confounds, drifts, atlas, mask, planted, gains, rng, button_rng):
     """Voxel time series (X, Y, Z, T) float32 in scanner units (mean ~ 600 in the brain, 0 outside).
 
-    Each component is in percent signal change before scaling: planted property (gain ~ 1.2 % per unit),
-    parcel-shared AR(1) noise, voxel white noise, a motion artefact, a slow drift, and a brighter first
-    (non-steady-state) volume. signals (T, 9) has the columns ALL_PROPERTIES; planted maps a label
-    to one of them. The voxel gains of button parcels come from button_rng, so that the visual
-    parcels and the noise are what they would be without them.
+    Each component is in percent signal change before scaling: planted property (gain ~ 1.2 % per
+    unit), parcel-shared AR(1) noise, voxel white noise, a motion artefact, a slow drift, and a
+    brighter first (non-steady-state) volume. signals (T, 9) has the columns ALL_PROPERTIES;
+    planted maps a label to one of them. The voxel gains of button parcels come from button_rng,
+    so that the visual parcels and the noise are what they would be without them.
     """
     n_volumes = len(signals)
     labels = atlas[mask]                                                     # (V,)
@@ -270,14 +288,16 @@ def synthesize_bold(signals, confounds, drifts, atlas, mask, planted, gains, rng
     percent += shared[:, labels] + rng.normal(0, 1.0, (n_volumes, n_vox))
     motion = confounds[list(MOTION_PARAMS)].to_numpy()                      # (T, 6)
     motion = (motion - motion.mean(0)) / (motion.std(0) + 1e-12)
-    # Artefacts shared within a parcel (so they survive parcel averaging) plus a voxel-specific part.
-    motion_loading = rng.normal(0, 2.0, (6, atlas.max() + 1))[:, labels] + rng.normal(0, 1.0, (6, n_vox))
+    # Artefacts shared within a parcel (so they survive parcel averaging) plus a voxel-specific
+    # part.
+    motion_loading = (rng.normal(0, 2.0, (6, atlas.max() + 1))[:, labels]
+                      + rng.normal(0, 1.0, (6, n_vox)))
     percent += motion @ motion_loading
     drift_loading = rng.normal(0, 8.0, (drifts.shape[1], atlas.max() + 1))[:, labels]
     percent += drifts @ (drift_loading + rng.normal(0, 2.0, drift_loading.shape))
     baseline = rng.uniform(400, 800, n_vox)
     voxels = baseline * (1 + percent / 100)
-    voxels[0] *= 1.6  # T1 saturation not yet reached: fMRIPrep flags it as non_steady_state_outlier00
+    voxels[0] *= 1.6  # T1 saturation not yet reached: fMRIPrep flags non_steady_state_outlier00
     bold = np.zeros(mask.shape + (n_volumes,), np.float32)
     bold[mask] = voxels.T
     return bold
@@ -311,7 +331,8 @@ def choose_planted(args):
     parcels are drawn among the others with a seed of their own, so that the visual ones are what
     they were before button parcels existed."""
     rng = np.random.default_rng(seed_for(args.seed, "planted"))
-    planted_labels = sorted(rng.choice(np.arange(1, args.parcels + 1), args.planted, replace=False).tolist())
+    planted_labels = sorted(rng.choice(np.arange(1, args.parcels + 1), args.planted,
+                                       replace=False).tolist())
     planted = {label: PROPERTIES[i % len(PROPERTIES)] for i, label in enumerate(planted_labels)}
     rng = np.random.default_rng(seed_for(args.seed, "planted buttons"))
     others = [label for label in range(1, args.parcels + 1) if label not in planted]
@@ -320,104 +341,161 @@ def choose_planted(args):
 
 
 def write_demo(args, root):
+    """The dataset under root: the replays, the atlas, and for every run its events.tsv,
+    ground-truth signals and fMRIPrep outputs; then ground_truth.json (main writes demo.json)."""
     runs = plan_runs(args)
-    # The real data has "Missing file" rows (lost replays): drop the 2nd repetition of the 2nd run
-    # recorded (or the last one of a tiny demo). Its gameplay still drives the BOLD, as in real life.
+    # The real data has "Missing file" rows (lost replays): drop the 2nd repetition of the 2nd
+    # run recorded (or the last one of a tiny demo). Its gameplay still drives the BOLD, as in
+    # real life.
     missing_run = runs[min(1, len(runs) - 1)]
     missing_rep = missing_run["reps"][min(1, len(missing_run["reps"]) - 1)]
     missing_rep["missing"] = True
+    props = record_replays(runs, root, args.workers)
 
-    # --- record every repetition (the slow part: ~1,500 emulator steps/s per process) ---
+    # --- brain, atlas, which parcels carry what, and how strongly in each subject ---
+    brain = make_brain(args.parcels, args.seed)                   # affine, mask, atlas
+    planted, planted_buttons = choose_planted(args)
+    carried = {**planted, **planted_buttons}             # {label: property}: visual, then buttons
+    write_atlas(root, brain, args.parcels)
+    subjects = sorted({run["sub"] for run in runs})
+    gains = {sub: {label: np.random.default_rng(seed_for(args.seed, "gain", sub, label))
+                   .uniform(1.0, 1.5) for label in carried} for sub in subjects}
+
+    # --- one run at a time: events.tsv, ground-truth signals, BOLD, mask, confounds ---
+    (root / "ground_truth").mkdir()
+    for run in runs:
+        reps = [dict(rep, props=props[str(root / rep["bk2"])]) for rep in run["reps"]]
+        write_events(root, run, reps)
+        signals = write_signals(root, run, reps, args.tr)                          # (T, 9)
+        bold, confounds, n_cosines = synthesize_run(args, run, signals, brain, carried,
+                                                    gains[run["sub"]])
+        write_fmriprep(root, run, bold, confounds, n_cosines, brain, args.tr)
+
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "Airstriker demo (synthetic fMRI, real stable-retro replays)",
+         "BIDSVersion": "1.9.0", "DatasetType": "raw",
+         "GeneratedBy": [{"Name": "00_make_demo.py"}]}, indent=1))
+    truth = ground_truth(args, planted, planted_buttons, gains, missing_rep["bk2"], subjects)
+    (root / "ground_truth.json").write_text(json.dumps(truth, indent=1))
+
+
+def record_replays(runs, root, workers):
+    """Record every repetition to its .bk2 under root, in `workers` processes (the slow part:
+    ~1,500 emulator steps/s per process). Returns {bk2 path: properties (n_frames, 9)}."""
     jobs = [dict(rep, bk2=str(root / rep["bk2"])) for run in runs for rep in run["reps"]]
     for job in jobs:
         Path(job["bk2"]).parent.mkdir(parents=True, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         props = {job["bk2"]: p for job, p in pool.map(record_repetition, jobs)}
+    return props
 
-    # --- brain, atlas, which parcels carry what ---
-    affine, mask, atlas = make_brain(args.parcels, args.seed)
-    planted, planted_buttons = choose_planted(args)
+
+def write_atlas(root, brain, n_parcels):
+    """atlas/<ATLAS_NAME>.nii.gz, the labels image of brain = make_brain(...), and its .tsv."""
+    affine, _, atlas = brain
     atlas_dir = root / "atlas"
     atlas_dir.mkdir(parents=True)
-    atlas_name = f"tpl-{SPACE}_res-06_atlas-demo_dseg"
-    nib.save(nib.Nifti1Image(atlas, affine), atlas_dir / f"{atlas_name}.nii.gz")
-    write_tsv(atlas_dir / f"{atlas_name}.tsv",
-              {"index": range(1, args.parcels + 1), "name": [f"parcel-{i:02d}" for i in range(1, args.parcels + 1)]})
+    nib.save(nib.Nifti1Image(atlas, affine), atlas_dir / f"{ATLAS_NAME}.nii.gz")
+    write_tsv(atlas_dir / f"{ATLAS_NAME}.tsv",
+              {"index": range(1, n_parcels + 1),
+               "name": [f"parcel-{i:02d}" for i in range(1, n_parcels + 1)]})
 
-    subjects = sorted({run["sub"] for run in runs})
-    gains = {sub: {label: np.random.default_rng(seed_for(args.seed, "gain", sub, label)).uniform(1.0, 1.5)
-                   for label in {**planted, **planted_buttons}} for sub in subjects}
 
-    # --- one run at a time: events.tsv, BOLD, mask, confounds, ground-truth signals ---
-    (root / "ground_truth").mkdir()
-    for run in runs:
-        sub, ses, stem = run["sub"], run["ses"], run["stem"]
-        reps = [dict(rep, props=props[str(root / rep["bk2"])]) for rep in run["reps"]]
-        events = pd.DataFrame({
-            "trial_type": "gym-retro_game",
-            "onset": [rep["onset"] for rep in reps],
-            "duration": [len(rep["props"]) / GAMEPLAY_HZ for rep in reps],
-            "duration_bk2": [len(rep["props"]) / GAMEPLAY_HZ for rep in reps],
-            "level": "1",
-            "stim_file": ["Missing file" if rep.get("missing") else rep["bk2"] for rep in reps],
-        })
-        func = root / f"sub-{sub}/ses-{ses}/func"
-        func.mkdir(parents=True, exist_ok=True)
-        write_tsv(func / f"{stem}_events.tsv", events)
-        for rep in reps:
-            if rep.get("missing"):
-                (root / rep["bk2"]).unlink()
+def write_events(root, run, reps):
+    """The run's events.tsv, one row per repetition (reps: with their properties `props`); the
+    replay of the repetition marked missing is deleted, its row says "Missing file"."""
+    sub, ses, stem = run["sub"], run["ses"], run["stem"]
+    events = pd.DataFrame({
+        "trial_type": "gym-retro_game",
+        "onset": [rep["onset"] for rep in reps],
+        "duration": [len(rep["props"]) / GAMEPLAY_HZ for rep in reps],
+        "duration_bk2": [len(rep["props"]) / GAMEPLAY_HZ for rep in reps],
+        "level": "1",
+        "stim_file": ["Missing file" if rep.get("missing") else rep["bk2"] for rep in reps],
+    })
+    func = root / f"sub-{sub}/ses-{ses}/func"
+    func.mkdir(parents=True, exist_ok=True)
+    write_tsv(func / f"{stem}_events.tsv", events)
+    for rep in reps:
+        if rep.get("missing"):
+            (root / rep["bk2"]).unlink()
 
-        last_offset = max(rep["onset"] + len(rep["props"]) / GAMEPLAY_HZ for rep in reps)
-        n_volumes = int(np.ceil((last_offset + 8.0) / args.tr))  # 8 s tail: the HRF of the last seconds
-        signals = planted_signals(run_timeline(reps, n_volumes, args.tr), n_volumes, args.tr)
-        table = pd.DataFrame(signals, columns=ALL_PROPERTIES).round(6)
-        write_tsv(root / "ground_truth" / f"{stem}_signals.tsv", table[list(PROPERTIES)])
-        write_tsv(root / "ground_truth" / f"{stem}_buttons.tsv", table[list(BUTTON_PROPERTIES)])
 
-        rng = np.random.default_rng(seed_for(args.seed, "bold", sub, ses, run["run"]))
-        button_rng = np.random.default_rng(seed_for(args.seed, "button voxels", sub, ses,
-                                                    run["run"]))
-        confounds = motion_confounds(n_volumes, rng)
-        drifts = cosine_drifts(n_volumes, args.tr)
-        bold = synthesize_bold(signals, confounds, drifts, atlas, mask,
-                               {**planted, **planted_buttons}, gains[sub], rng, button_rng)
-        for k, col in enumerate(drifts.T):
-            confounds[f"cosine{k:02d}"] = col
-        brain = bold[mask]                                                      # (V, T)
-        confounds["global_signal"] = brain.mean(0)
-        confounds["csf"] = rng.normal(600, 5, n_volumes)
-        confounds["white_matter"] = rng.normal(600, 5, n_volumes)
-        confounds["non_steady_state_outlier00"] = (np.arange(n_volumes) == 0).astype(float)
+def write_signals(root, run, reps, tr):
+    """The planted signals of the run, (T, 9) z-scored, columns ALL_PROPERTIES, also written to
+    ground_truth/<run>_signals.tsv (visual) and <run>_buttons.tsv. The run lasts until 8 s after
+    its last repetition ends."""
+    stem = run["stem"]
+    last_offset = max(rep["onset"] + len(rep["props"]) / GAMEPLAY_HZ for rep in reps)
+    n_volumes = int(np.ceil((last_offset + 8.0) / tr))  # 8 s tail: the HRF of the last seconds
+    signals = planted_signals(run_timeline(reps, n_volumes, tr), n_volumes, tr)
+    table = pd.DataFrame(signals, columns=ALL_PROPERTIES).round(6)
+    write_tsv(root / "ground_truth" / f"{stem}_signals.tsv", table[list(PROPERTIES)])
+    write_tsv(root / "ground_truth" / f"{stem}_buttons.tsv", table[list(BUTTON_PROPERTIES)])
+    return signals
 
-        deriv = root / f"derivatives/fmriprep/sub-{sub}/ses-{ses}/func"
-        deriv.mkdir(parents=True, exist_ok=True)
-        prefix = f"{stem}_space-{SPACE}"
-        image = nib.Nifti1Image(bold, affine)
-        image.header.set_xyzt_units("mm", "sec")
-        image.header["pixdim"][4] = args.tr
-        nib.save(image, deriv / f"{prefix}_desc-preproc_bold.nii.gz")
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), deriv / f"{prefix}_desc-brain_mask.nii.gz")
-        (deriv / f"{prefix}_desc-preproc_bold.json").write_text(
-            json.dumps({"RepetitionTime": args.tr, "TaskName": TASK, "SkullStripped": False}, indent=1))
-        write_tsv(deriv / f"{stem}_desc-confounds_timeseries.tsv", confounds.round(8))
-        (deriv / f"{stem}_desc-confounds_timeseries.json").write_text(json.dumps(
-            {f"cosine{k:02d}": {"Method": "Discrete cosine basis", "Cutoff": 128.0} for k in range(drifts.shape[1])},
-            indent=1))
 
-    (root / "dataset_description.json").write_text(json.dumps(
-        {"Name": "Airstriker demo (synthetic fMRI, real stable-retro replays)", "BIDSVersion": "1.9.0",
-         "DatasetType": "raw", "GeneratedBy": [{"Name": "00_make_demo.py"}]}, indent=1))
-    truth = {
+def synthesize_run(args, run, signals, brain, planted, gains):
+    """One run's BOLD (X, Y, Z, T) float32 and its fMRIPrep confounds (DataFrame (T, .): motion,
+    cosine drifts, global signal, CSF, white matter, the non-steady-state volume), from its planted
+    signals (T, 9), with the run's own seeds; and the number of cosine regressors. planted
+    {label: property}, gains {label: percent per unit} of the run's subject."""
+    _, mask, atlas = brain
+    n_volumes = len(signals)
+    rng = np.random.default_rng(seed_for(args.seed, "bold", run["sub"], run["ses"], run["run"]))
+    button_rng = np.random.default_rng(seed_for(args.seed, "button voxels", run["sub"],
+                                                run["ses"], run["run"]))
+    confounds = motion_confounds(n_volumes, rng)
+    drifts = cosine_drifts(n_volumes, args.tr)
+    bold = synthesize_bold(signals, confounds, drifts, atlas, mask, planted, gains, rng,
+                           button_rng)
+    for k, col in enumerate(drifts.T):
+        confounds[f"cosine{k:02d}"] = col
+    voxels = bold[mask]                                                      # (V, T)
+    confounds["global_signal"] = voxels.mean(0)
+    confounds["csf"] = rng.normal(600, 5, n_volumes)
+    confounds["white_matter"] = rng.normal(600, 5, n_volumes)
+    confounds["non_steady_state_outlier00"] = (np.arange(n_volumes) == 0).astype(float)
+    return bold, confounds, drifts.shape[1]
+
+
+def write_fmriprep(root, run, bold, confounds, n_cosines, brain, tr):
+    """The run's fMRIPrep derivatives: preprocessed BOLD (+ .json), brain mask, confounds (+ .json
+    describing the n_cosines cosine regressors)."""
+    affine, mask, _ = brain
+    stem = run["stem"]
+    deriv = root / f"derivatives/fmriprep/sub-{run['sub']}/ses-{run['ses']}/func"
+    deriv.mkdir(parents=True, exist_ok=True)
+    prefix = f"{stem}_space-{SPACE}"
+    image = nib.Nifti1Image(bold, affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.header["pixdim"][4] = tr
+    nib.save(image, deriv / f"{prefix}_desc-preproc_bold.nii.gz")
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine),
+             deriv / f"{prefix}_desc-brain_mask.nii.gz")
+    (deriv / f"{prefix}_desc-preproc_bold.json").write_text(
+        json.dumps({"RepetitionTime": tr, "TaskName": TASK, "SkullStripped": False}, indent=1))
+    write_tsv(deriv / f"{stem}_desc-confounds_timeseries.tsv", confounds.round(8))
+    (deriv / f"{stem}_desc-confounds_timeseries.json").write_text(json.dumps(
+        {f"cosine{k:02d}": {"Method": "Discrete cosine basis", "Cutoff": 128.0}
+         for k in range(n_cosines)}, indent=1))
+
+
+def ground_truth(args, planted, planted_buttons, gains, missing_bk2, subjects):
+    """ground_truth.json: which parcels carry which property (planted: visual; planted_buttons:
+    the B presses), with which gain in each subject, how the signals were made, the lost replay."""
+    return {
         "game": GAME, "task": TASK, "tr_s": args.tr, "seed": args.seed,
-        "atlas": f"atlas/{atlas_name}.nii.gz",
+        "atlas": f"atlas/{ATLAS_NAME}.nii.gz",
         "properties": {
-            **{f"luminance_{q}": f"mean luminance (0.299 R + 0.587 G + 0.114 B, in [0, 1]) of the {q.replace('_', ' ')} "
-               "quadrant of the 224 x 320 screen" for q in QUADRANTS},
-            **{f"motion_{q}": f"mean absolute luminance change from the previous 60 Hz frame, {q.replace('_', ' ')} "
-               "quadrant" for q in QUADRANTS}},
-        "signal_model": "property on the run's 60 Hz timeline (0 = black screen), convolved with nilearn's Glover "
-                        "HRF, sampled at (t + 0.5) * TR, z-scored per run; ground_truth/<run>_signals.tsv",
+            **{f"luminance_{q}": f"mean luminance (0.299 R + 0.587 G + 0.114 B, in [0, 1]) of the "
+                                 f"{q.replace('_', ' ')} quadrant of the 224 x 320 screen"
+               for q in QUADRANTS},
+            **{f"motion_{q}": f"mean absolute luminance change from the previous 60 Hz frame, "
+                              f"{q.replace('_', ' ')} quadrant" for q in QUADRANTS}},
+        "signal_model": "property on the run's 60 Hz timeline (0 = black screen), convolved with "
+                        "nilearn's Glover HRF, sampled at (t + 0.5) * TR, z-scored per run; "
+                        "ground_truth/<run>_signals.tsv",
         "planted": {str(label): prop for label, prop in planted.items()},
         "planted_gain_percent": {sub: {str(k): round(g[k], 4) for k in planted}
                                  for sub, g in gains.items()},
@@ -431,11 +509,10 @@ def write_demo(args, root):
                                          for sub, g in gains.items()},
         "noise_parcels": [label for label in range(1, args.parcels + 1)
                           if label not in planted and label not in planted_buttons],
-        "missing_file": missing_rep["bk2"],
+        "missing_file": missing_bk2,
         "non_steady_state_volumes": [0],
         "subjects": subjects,
     }
-    (root / "ground_truth.json").write_text(json.dumps(truth, indent=1))
 
 
 def main():
@@ -447,18 +524,19 @@ def main():
         raise InputError(f"--planted-buttons {args.planted_buttons}: must be 0 to --parcels minus "
                          f"--planted ({args.parcels - args.planted})")
     if min(args.subjects, args.sessions, args.runs, args.reps) < 1 or args.rep_seconds <= 0:
-        raise InputError("--subjects, --sessions, --runs, --reps and --rep-seconds must be positive")
-    # the flags that shape the demo, recorded in demo.json: a demo made with other flags is not reused
-    # (one made before --planted-buttons existed lacks it: "made with --planted-buttons (unset)", to
-    # be remade with --overwrite)
+        raise InputError("--subjects, --sessions, --runs, --reps and --rep-seconds "
+                         "must be positive")
+    # the flags that shape the demo, recorded in demo.json: a demo made with other flags is not
+    # reused (one made before --planted-buttons existed lacks it: "made with --planted-buttons
+    # (unset)", to be remade with --overwrite)
     settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in
                 ("seed", "subjects", "sessions", "runs", "reps", "rep_seconds", "tr", "parcels",
                  "planted", "planted_buttons")}
     if root.exists() and not args.overwrite:
         record = common.read_record(root / "demo.json")
         if record is None:
-            raise InputError(f"{root}: exists but has no demo.json (made by an older 00_make_demo.py, or not a "
-                             "demo): --overwrite to remake it")
+            raise InputError(f"{root}: exists but has no demo.json (made by an older "
+                             "00_make_demo.py, or not a demo): --overwrite to remake it")
         changed = common.changed_settings(record, settings)
         if changed:
             raise common.flags_differ_error(root, record, settings, changed)

@@ -2,8 +2,9 @@
 
     python 01_render_frames.py --work work                          # the demo: <work>/demo
     python 01_render_frames.py --work work --bids /data/shinobi --resolution 64 --workers 8
-    python 01_render_frames.py --work work --bk2 a.bk2 b.bk2        # explicit replays, no events.tsv
-    sbatch slurm/cpu_stage.sbatch 01_render_frames.py --work work --bids /data/shinobi   # SLURM, CPU only
+    python 01_render_frames.py --work work --bk2 a.bk2 b.bk2    # explicit replays, no events.tsv
+    sbatch slurm/cpu_stage.sbatch \
+        01_render_frames.py --work work --bids /data/shinobi    # SLURM, CPU only
 
 Each repetition is replayed exactly: every 60 Hz emulator step, with the recorded keys. The whole
 224 x 320 screen is squashed (aspect ratio not kept) to a square --resolution by box averaging, and
@@ -19,16 +20,17 @@ saved as one uint8 array (N, H, W, 3) per repetition, beside the keys held for e
 05_extract.py --features buttons turns the keys into features per fMRI volume: the button presses
 drive motor and somatosensory cortex whatever the screen shows.
 
-First-step convention (the same as stable-retro's playback_movie.py): a bk2 starts with the save state
-and one input that stable-retro's reset() consumes; frame i (0-based) is the screen after the emulator
-has applied the (i+1)-th recorded input, and row i of the buttons array is that input. A bk2 of K
-movie steps gives N = K - 1 frames, so a replay recorded for n env.step() calls gives exactly those
-n screens and the n actions passed to env.step().
+First-step convention (the same as stable-retro's playback_movie.py): a bk2 starts with the save
+state and one input that stable-retro's reset() consumes; frame i (0-based) is the screen after the
+emulator has applied the (i+1)-th recorded input, and row i of the buttons array is that input. A
+bk2 of K movie steps gives N = K - 1 frames, so a replay recorded for n env.step() calls gives
+exactly those n screens and the n actions passed to env.step().
 
-Bad input never stops the batch: a corrupt bk2, a missing replay, a game whose ROM is not imported are
-recorded in the manifest (status failed/missing, with the reason) and reported; the exit status is 1
-if any replay failed, unless --allow-missing. "Missing file" rows of events.tsv (lost replays, as in
-the real dataset) are reported and kept in the manifest as status missing; they are not failures.
+Bad input never stops the batch: a corrupt bk2, a missing replay, a game whose ROM is not imported
+are recorded in the manifest (status failed/missing, with the reason) and reported; the exit status
+is 1 if any replay failed, unless --allow-missing. "Missing file" rows of events.tsv (lost replays,
+as in the real dataset) are reported and kept in the manifest as status missing; they are not
+failures.
 """
 import argparse
 import os
@@ -44,7 +46,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
-from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, bids_entities, read_tsv, run_main, write_tsv
+from common import (DEFAULT_WORK, GAMEPLAY_HZ, InputError, bids_entities, read_tsv, run_main,
+                    write_tsv)
 
 STAGE = "01_render_frames"
 MISSING = "Missing file"
@@ -57,13 +60,18 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
-    p.add_argument("--bids", default=None, help="BIDS root with events.tsv and bk2 files (default: <work>/demo)")
-    p.add_argument("--bk2", nargs="+", default=None, help="replay these .bk2 files instead of a BIDS root")
-    p.add_argument("--subjects", nargs="+", default=None, help="only these subject labels, e.g. 01 02")
-    p.add_argument("--resolution", type=int, default=128, help="output frames are resolution x resolution")
+    p.add_argument("--bids", default=None,
+                   help="BIDS root with events.tsv and bk2 files (default: <work>/demo)")
+    p.add_argument("--bk2", nargs="+", default=None,
+                   help="replay these .bk2 files instead of a BIDS root")
+    p.add_argument("--subjects", nargs="+", default=None,
+                   help="only these subject labels, e.g. 01 02")
+    p.add_argument("--resolution", type=int, default=128,
+                   help="output frames are resolution x resolution")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="replaying processes (each runs one emulator)")
-    p.add_argument("--overwrite", action="store_true", help="re-render repetitions that already have frames")
+    p.add_argument("--overwrite", action="store_true",
+                   help="re-render repetitions that already have frames")
     p.add_argument("--allow-missing", action="store_true",
                    help="exit 0 even when some replays could not be rendered")
     return p.parse_args()
@@ -72,7 +80,8 @@ def parse_args():
 # --------------------------------------------------------------------------------------------------
 # Replay (paper section 2.2): emulate every recorded input, keep every screen, squash it to a square
 # --------------------------------------------------------------------------------------------------
-_ENV = {"game": None, "env": None}  # one emulator per process (stable-retro allows only one at a time)
+# one emulator per process (stable-retro allows only one at a time)
+_ENV = {"game": None, "env": None}
 
 
 def emulator_for(game):
@@ -88,16 +97,17 @@ def emulator_for(game):
         except FileNotFoundError:
             raise InputError(f"the ROM of {game} is not imported into stable-retro; import it with "
                              f"`python -m stable_retro.import DIR_WITH_ROMS`") from None
-        _ENV["env"] = retro.make(game=game, state=retro.State.NONE, use_restricted_actions=retro.Actions.ALL,
-                                 render_mode=None)
+        _ENV["env"] = retro.make(game=game, state=retro.State.NONE,
+                                 use_restricted_actions=retro.Actions.ALL, render_mode=None)
         _ENV["game"] = game
     return _ENV["env"]
 
 
 def squash(screen, resolution):
-    """(224, 320, 3) uint8 -> (resolution, resolution, 3) uint8 with PIL's BOX filter: each output pixel is
-    the mean of the screen pixels whose centres fall in its footprint (1.75 x 2.5 pixels at 128 px), so
-    every screen pixel counts once, without the aliasing of point or bilinear sampling."""
+    """(224, 320, 3) uint8 -> (resolution, resolution, 3) uint8 with PIL's BOX filter: each output
+    pixel is the mean of the screen pixels whose centres fall in its footprint (1.75 x 2.5 pixels at
+    128 px), so every screen pixel counts once, without the aliasing of point or bilinear
+    sampling."""
     return np.asarray(Image.fromarray(screen).resize((resolution, resolution), Image.BOX))
 
 
@@ -123,14 +133,16 @@ def read_movie(bk2_path):
     try:
         movie = retro.Movie(str(bk2_path))
     except RuntimeError:
-        raise InputError(f"{bk2_path}: corrupt or truncated bk2 (stable-retro could not load the movie)") from None
+        raise InputError(f"{bk2_path}: corrupt or truncated bk2 "
+                         "(stable-retro could not load the movie)") from None
     movie.step()   # the input that reset() consumes
     try:
         env = emulator_for(movie.get_game())
     except InputError as err:
         raise InputError(f"{bk2_path}: {err}") from None
     if movie.players != env.players:
-        raise InputError(f"{bk2_path}: {movie.players}-player movie, emulator set up for {env.players}")
+        raise InputError(f"{bk2_path}: {movie.players}-player movie, "
+                         f"emulator set up for {env.players}")
     env.initial_state = movie.get_state()
     keys = []
     while movie.step():
@@ -153,7 +165,8 @@ def replay(bk2_path, resolution, out_path=None, final=None):
     env.reset()
     n_frames, players, n_buttons = keys.shape
     shape = (n_frames, resolution, resolution, 3)
-    frames = common.open_npy_for_writing(out_path, np.uint8, shape, final) if out_path else np.empty(shape, np.uint8)
+    frames = (common.open_npy_for_writing(out_path, np.uint8, shape, final) if out_path
+              else np.empty(shape, np.uint8))
     em = env.em
     for i in range(n_frames):
         for p in range(players):
@@ -199,18 +212,22 @@ def render_repetition(task):
 
 
 def check_duration(row):
-    """Flag a rendered repetition whose length disagrees with events.tsv's duration_bk2 by over 1 s."""
+    """Flag a rendered repetition whose length disagrees with events.tsv's duration_bk2 by over
+    1 s."""
     expected = row.get("duration_s")
-    if row["status"] == "ok" and pd.notna(expected) and abs(row["n_frames"] / GAMEPLAY_HZ - expected) > 1.0:
-        row["error"] = (f"warning: {row['n_frames']} frames = {row['n_frames'] / GAMEPLAY_HZ:.1f} s, "
+    if (row["status"] == "ok" and pd.notna(expected)
+            and abs(row["n_frames"] / GAMEPLAY_HZ - expected) > 1.0):
+        row["error"] = (f"warning: {row['n_frames']} frames = "
+                        f"{row['n_frames'] / GAMEPLAY_HZ:.1f} s, "
                         f"events.tsv says duration_bk2 = {expected:.1f} s")
     return row
 
 
 def plan_repetition(rep, work, resolution, overwrite):
-    """What to do with one repetition: ("row", manifest row) when nothing needs rendering (a "Missing file"
-    row, or frames whose record says they came from this bk2 at this --resolution), else ("render",
-    the task for render_repetition). Frames of another --resolution are an InputError."""
+    """What to do with one repetition: ("row", manifest row) when nothing needs rendering (a
+    "Missing file" row, or frames whose record says they came from this bk2 at this --resolution),
+    else ("render", the task for render_repetition). Frames of another --resolution are an
+    InputError."""
     if rep["bk2"] == MISSING:
         return "row", dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=np.nan,
                            buttons_path=np.nan, status="missing",
@@ -221,7 +238,8 @@ def plan_repetition(rep, work, resolution, overwrite):
     inputs = {}
     if Path(rep["bk2"]).is_file():   # a missing replay fails in the worker, with its message
         inputs["bk2"] = common.fingerprint(rep["bk2"], (record or {}).get("inputs", {}).get("bk2"))
-    if common.is_up_to_date(out, record, STAGE, settings, inputs, overwrite, say=lambda line: tqdm.write(line)):
+    if common.is_up_to_date(out, record, STAGE, settings, inputs, overwrite,
+                            say=lambda line: tqdm.write(line)):
         buttons = buttons_path_for(out)
         if buttons.name in record.get("outputs", {}):   # is_up_to_date checked that file too
             return "row", check_duration(dict(rep, n_frames=record["n_frames"], fps=GAMEPLAY_HZ,
@@ -245,19 +263,39 @@ def main():
     else:
         root = Path(args.bids) if args.bids else work / "demo"
         if not root.is_dir():
-            raise InputError(f"{root}: dataset root does not exist (run 00_make_demo.py, or pass --bids DIR)")
+            raise InputError(f"{root}: dataset root does not exist "
+                             "(run 00_make_demo.py, or pass --bids DIR)")
         reps = repetitions_from_bids(root, args.subjects)
 
     common.remove_stale_temporaries(work / "frames")
-    # Every repetition is planned before any is rendered: a flag that disagrees with earlier frames stops
-    # the stage here, with nothing written.
+    # Every repetition is planned before any is rendered: a flag that disagrees with earlier frames
+    # stops the stage here, with nothing written.
     plans = [plan_repetition(rep, work, args.resolution, args.overwrite) for rep in reps]
     tasks = [plan for kind, plan in plans if kind == "render"]
     workers = max(1, min(args.workers, len(tasks)))
-    print(f"{STAGE}: {len(reps)} repetitions, {len(tasks)} to render at {args.resolution} px, {workers} worker(s)")
+    print(f"{STAGE}: {len(reps)} repetitions, {len(tasks)} to render at {args.resolution} px, "
+          f"{workers} worker(s)")
+    rows = render_all(plans, tasks, workers)
+    # this call's replays decide the exit status
+    n_failed = sum(row["status"] == "failed" for row in rows)
+    manifest = write_manifest(rows, work, {rep["sub"] for rep in reps})
+    counts = manifest["status"].value_counts().to_dict()
+    print(f"{STAGE}: wrote {work / 'frames' / 'manifest.tsv'}: "
+          + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    if n_failed and not args.allow_missing:
+        print(f"error: {n_failed} replay(s) failed "
+              "(see the manifest's error column; --allow-missing to accept)", file=sys.stderr)
+        sys.exit(common.EXIT_SOME_FAILED)
+
+
+def render_all(plans, tasks, workers):
+    """The manifest row of every planned repetition, in order: the rows planned as they are, the
+    `tasks` rendered by `workers` processes (a progress bar of frames; failures and warnings are
+    said as they come)."""
     # the bar counts frames; its total comes from events.tsv's durations when every replay has one
     durations = [rep["duration_s"] for rep, *_ in tasks]
-    expected = round(GAMEPLAY_HZ * sum(durations)) if durations and all(pd.notna(durations)) else None
+    expected = (round(GAMEPLAY_HZ * sum(durations)) if durations and all(pd.notna(durations))
+                else None)
     rows, n_rendered = [], 0
     with ProcessPoolExecutor(max_workers=workers) as pool, \
             tqdm(total=expected, unit="frame", unit_scale=True, desc="render", file=sys.stderr,
@@ -276,27 +314,26 @@ def main():
                 tqdm.write(f"{row['status']}: {row['error']}", file=sys.stderr)
         bar.total = bar.n  # the durations are rounded: end at 100%
         bar.refresh()
+    return rows
 
+
+def write_manifest(rows, work, subjects):
+    """frames/manifest.tsv: this call's rows (paths relative to work) and an earlier manifest's
+    rows of other subjects. Returns the manifest written (a DataFrame)."""
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     for column in ("frames_path", "buttons_path"):
         ok = manifest[column].notna()
         manifest.loc[ok, column] = [os.path.relpath(p, work) for p in manifest.loc[ok, column]]
-    # one manifest for subjects rendered in separate calls, in the order one call over all of them gives;
-    # read only now, so that jobs rendering other subjects at the same time have most likely finished
+    # one manifest for subjects rendered in separate calls, in the order one call over all of them
+    # gives; read only now, so that jobs rendering other subjects at the same time have most likely
+    # finished
     manifest_path = work / "frames" / "manifest.tsv"
-    earlier = rows_of_other_subjects(manifest_path, {rep["sub"] for rep in reps})
-    n_failed = int((manifest["status"] == "failed").sum())  # this call's replays decide the exit status
+    earlier = rows_of_other_subjects(manifest_path, subjects)
     manifest = pd.concat([earlier, manifest]) if len(earlier) else manifest
     manifest = manifest.sort_values("sub", kind="stable", na_position="last")
     manifest["n_frames"] = manifest["n_frames"].astype("Int64")
     write_tsv(manifest_path, manifest)
-    counts = manifest["status"].value_counts().to_dict()
-    print(f"{STAGE}: wrote {work / 'frames' / 'manifest.tsv'}: "
-          + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    if n_failed and not args.allow_missing:
-        print(f"error: {n_failed} replay(s) failed (see the manifest's error column; --allow-missing to accept)",
-              file=sys.stderr)
-        sys.exit(common.EXIT_SOME_FAILED)
+    return manifest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,9 +341,11 @@ def main():
 # --------------------------------------------------------------------------------------------------
 def repetitions_from_bids(root, subjects):
     """One dict per gameplay row of every sub-*/ses-*/func/*_events.tsv under root."""
-    events_files = sorted(root.glob("sub-*/ses-*/func/*_events.tsv")) + sorted(root.glob("sub-*/func/*_events.tsv"))
+    events_files = (sorted(root.glob("sub-*/ses-*/func/*_events.tsv"))
+                    + sorted(root.glob("sub-*/func/*_events.tsv")))
     if not events_files:
-        raise InputError(f"{root}: no sub-*/ses-*/func/*_events.tsv files (is this a BIDS dataset root?)")
+        raise InputError(f"{root}: no sub-*/ses-*/func/*_events.tsv files "
+                         "(is this a BIDS dataset root?)")
     reps = []
     for events_path in events_files:
         run = bids_entities(events_path)
@@ -319,16 +358,17 @@ def repetitions_from_bids(root, subjects):
             if stim != MISSING and not stim.endswith(".bk2"):
                 continue
             if pd.isna(row["onset"]):   # 05 could not place this repetition on the run's timeline
-                raise InputError(f"{events_path}: row {k} ({Path(stim).name}) has onset n/a; every gameplay "
-                                 "row needs its onset in seconds")
+                raise InputError(f"{events_path}: row {k} ({Path(stim).name}) has onset n/a; "
+                                 "every gameplay row needs its onset in seconds")
             bk2 = None if stim == MISSING else resolve_stim_file(stim, root, events_path)
             names = bids_entities(bk2) if bk2 else {}
             duration = row.get("duration_bk2", row.get("duration", np.nan))
             reps.append({
                 "source": f"{events_path} row {k}",
-                "sub": run.get("sub"), "ses": run.get("ses"), "task": run.get("task"), "run": run.get("run"),
-                "level": row.get("level", names.get("level")), "rep": names.get("rep", f"{k:02d}"),
-                "bk2": str(bk2) if bk2 else MISSING, "onset_s": row["onset"], "duration_s": duration,
+                "sub": run.get("sub"), "ses": run.get("ses"), "task": run.get("task"),
+                "run": run.get("run"), "level": row.get("level", names.get("level")),
+                "rep": names.get("rep", f"{k:02d}"), "bk2": str(bk2) if bk2 else MISSING,
+                "onset_s": row["onset"], "duration_s": duration,
             })
     if subjects and not reps:
         raise InputError(f"{root}: no events.tsv for subject(s) {', '.join(subjects)}")
@@ -337,9 +377,9 @@ def repetitions_from_bids(root, subjects):
 
 def resolve_stim_file(stim, root, events_path):
     """stim_file is relative to the dataset root in CNeuroMod; also accept absolute paths and paths
-    relative to the events file, never the current directory (another copy of the dataset may be there).
-    A path that exists nowhere is kept (root-relative) and fails later."""
-    candidates = [root / stim, events_path.parent / stim,             # root / an absolute path = that path
+    relative to the events file, never the current directory (another copy of the dataset may be
+    there). A path that exists nowhere is kept (root-relative) and fails later."""
+    candidates = [root / stim, events_path.parent / stim,    # root / an absolute path = that path
                   events_path.parent.parent / "gamelogs" / Path(stim).name]
     return next((c for c in candidates if c.is_file()), root / stim)
 
@@ -376,7 +416,8 @@ def rows_of_other_subjects(manifest_path, subjects):
     if "buttons_path" not in earlier.columns:   # written before 01 recorded the inputs: n/a there
         earlier.insert(MANIFEST_COLUMNS.index("buttons_path"), "buttons_path", np.nan)
     if list(earlier.columns) != MANIFEST_COLUMNS:
-        raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); delete it")
+        raise InputError(f"{manifest_path}: not a manifest of this stage (columns differ); "
+                         "delete it")
     return earlier[~earlier["sub"].fillna("").isin({s or "" for s in subjects})]
 
 

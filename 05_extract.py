@@ -1,43 +1,52 @@
 """05 — Brain features per TR from any layer of a VideoGPT checkpoint (paper sections 2.3, 2.4.2, appendix A).
 
-    python 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt              # the paper's layer
-    python 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt --list-layers  # what can be hooked
-    python 05_extract.py --work work --ckpt work/gpt/h576-l4-a4/ckpt.pt --layer last   # depth sweep (Table 3)
+    python 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt        # the paper's layer
+    python 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt \\
+        --list-layers                                                # what can be hooked
+    python 05_extract.py --work work --ckpt work/gpt/h576-l4-a4/ckpt.pt \\
+        --layer last                                                 # depth sweep (Table 3)
     python 05_extract.py --work work --ckpt authors_gpt.ckpt --name authors \\
         --layer attn_stack.attn_nets.4.post_fc_dp attn_stack.attn_nets.4.fc_block.0 --pool space
-    python 05_extract.py --work work --ckpt ... --device cpu --batch-size 4         # no GPU (demo)
-    python 05_extract.py --work work --ckpt ... --layer vqvae.codebook --name vqvae   # control: the VQ-VAE alone
-    python 05_extract.py --work work --features lowlevel                             # control: no model at all
-    python 05_extract.py --work work --features buttons       # the player's key presses, no model
-    sbatch --gpus-per-node 1 slurm/gpu_stage.sbatch 05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt
+    python 05_extract.py --work work --ckpt ... --device cpu --batch-size 4    # no GPU (demo)
+    python 05_extract.py --work work --ckpt ... --layer vqvae.codebook \\
+        --name vqvae                                                 # control: the VQ-VAE alone
+    python 05_extract.py --work work --features lowlevel             # control: no model at all
+    python 05_extract.py --work work --features buttons   # the player's key presses, no model
+    sbatch --gpus-per-node 1 slurm/gpu_stage.sbatch \\
+        05_extract.py --work work --ckpt work/gpt/h576-l8-a4/ckpt.pt
 
-Every fMRI run of <work>/bold/manifest.tsv gets one feature row per volume, from the activation of one
-(or several) modules of the GPT prior while it reads the gameplay the subject saw just before.
+Every fMRI run of <work>/bold/manifest.tsv gets one feature row per volume, from the activation of
+one (or several) modules of the GPT prior while it reads the gameplay the subject saw just before.
 
 Alignment (docs/CONTRACT.md, "Time conventions"; t counts volumes from 0, TR in seconds):
   - the run's 60 Hz timeline starts at its first volume; frame i (0-based) of a repetition is 60 Hz
-    frame round(onset_s x 60) + i, shown from that frame's time for 1/60 s. Frames before the run, between
-    repetitions, after the last one, and of repetitions whose replay is "Missing file" are black
-    (a later repetition overwrites an earlier one where rounding makes them overlap by a frame);
+    frame round(onset_s x 60) + i, shown from that frame's time for 1/60 s. Frames before the run,
+    between repetitions, after the last one, and of repetitions whose replay is "Missing file" are
+    black (a later repetition overwrites an earlier one where rounding makes them overlap by a
+    frame);
   - row t is the window of 32 frames (2 x the VQ-VAE's sequence_length) at 15 Hz (every --frame-step
     = 4th 60 Hz frame) whose last frame is the last one shown before the end of volume t, at time
-    (t + 1) x TR: 60 Hz frames e_t - 4 x 31, ..., e_t - 4, e_t with e_t = ceil((t + 1) x TR x 60) - 1.
-    Its first 16 frames condition the GPT, the last 16 are the target clip it reads (paper 2.3.1.2).
-    No haemodynamic delay here: 06 applies it.
+    (t + 1) x TR: 60 Hz frames e_t - 4 x 31, ..., e_t - 4, e_t with
+    e_t = ceil((t + 1) x TR x 60) - 1. Its first 16 frames condition the GPT, the last 16 are the
+    target clip it reads (paper 2.3.1.2). No haemodynamic delay here: 06 applies it.
 
 Outputs, for each --layer (written atomically; a run whose record says it was made from the same
-checkpoint, frames and timeline with the same flags is skipped, one made from other inputs is made again):
-    <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.npy   float16 (T, D), T = n_volumes of the run;
+checkpoint, frames and timeline with the same flags is skipped, one made from other inputs is made
+again):
+    <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.npy   float16 (T, D),
+        T = n_volumes of the run;
         D = 147,456 = 4 x 8 x 8 x 576 for attn_stack.attn_nets.4.post_fc_dp of the paper's model
-        (activation flattened in C order from its (T', H', W', C) shape); --pool space/time averages
-        the latent space (H', W') or time (T') axes first. vqvae.codebook: the codebook vectors of the
-        window's two clips, (2, D, t, h, w). lowlevel: 32 x 8 x 8 luminances and 8 x 8 motion energies.
+        (activation flattened in C order from its (T', H', W', C) shape); --pool space/time
+        averages the latent space (H', W') or time (T') axes first. vqvae.codebook: the codebook
+        vectors of the window's two clips, (2, D, t, h, w). lowlevel: 32 x 8 x 8 luminances and
+        8 x 8 motion energies.
         buttons: D = 2 x B (B = 12 on the Genesis), from the inputs 01 recorded beside the
         frames: for each button the fraction of the window's 128 60 Hz frames (32 x --frame-step)
         it is held, then for each button its presses there (see button_rows); `06_ridge.py --name
         buttons` reads them.
-    <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.json  its record: flags, fingerprints of the
-        checkpoint, VQ-VAE and frames, per-TR activation shape, alignment, the repetitions placed.
+    <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.json  its record: flags,
+        fingerprints of the checkpoint, VQ-VAE and frames, per-TR activation shape, alignment, the
+        repetitions placed.
 """
 import argparse
 import contextlib
@@ -45,6 +54,7 @@ import difflib
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,41 +67,55 @@ import common
 from common import DEFAULT_WORK, GAMEPLAY_HZ, PAPER_LAYER, InputError, read_tsv, run_main, run_stem
 
 STAGE = "05_extract"
-BLOCK_OUTPUT = "post_fc_dp"                        # --layer last = attn_stack.attn_nets.<L-1>.post_fc_dp
-FRAMES_COLUMNS = ("sub", "ses", "task", "run", "rep", "onset_s", "n_frames", "frames_path", "status")
+BLOCK_OUTPUT = "post_fc_dp"                 # --layer last = attn_stack.attn_nets.<L-1>.post_fc_dp
+FRAMES_COLUMNS = ("sub", "ses", "task", "run", "rep", "onset_s", "n_frames", "frames_path",
+                  "status")
 BOLD_COLUMNS = ("sub", "ses", "task", "run", "n_volumes", "tr_s")
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}   # --precision: its dtype
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
-    p.add_argument("--ckpt", help="GPT checkpoint: ours (<work>/gpt/<name>/ckpt.pt) or the authors' Lightning .ckpt")
+    p.add_argument("--ckpt", help="GPT checkpoint: ours (<work>/gpt/<name>/ckpt.pt) "
+                                  "or the authors' Lightning .ckpt")
     p.add_argument("--features", choices=("model", "lowlevel", "buttons"), default="model",
-                   help="model: a layer of the GPT (or its VQ-VAE); lowlevel: a control without any model, the "
-                        "window's frames as a grayscale grid and their motion energy (no --ckpt); "
-                        "buttons: the player's inputs over the window, held fraction and presses "
-                        "per button (no --ckpt)")
+                   help="model: a layer of the GPT (or its VQ-VAE); lowlevel: a control without "
+                        "any model, the window's frames as a grayscale grid and their motion "
+                        "energy (no --ckpt); buttons: the player's inputs over the window, held "
+                        "fraction and presses per button (no --ckpt)")
     p.add_argument("--name", default=None,
-                   help="features/<name>/ (default: the folder of ckpt.pt, else the checkpoint's file stem)")
+                   help="features/<name>/ (default: the folder of ckpt.pt, "
+                        "else the checkpoint's file stem)")
     p.add_argument("--layer", nargs="+", default=[PAPER_LAYER],
-                   help=f"module name(s) to hook (default {PAPER_LAYER}); 'last' = the last block's {BLOCK_OUTPUT}")
-    p.add_argument("--list-layers", action="store_true", help="print every hookable module and its output shape")
+                   help=f"module name(s) to hook (default {PAPER_LAYER}); "
+                        f"'last' = the last block's {BLOCK_OUTPUT}")
+    p.add_argument("--list-layers", action="store_true",
+                   help="print every hookable module and its output shape")
     p.add_argument("--pool", choices=("none", "space", "time"), default="none",
-                   help="average the activation over latent space (H', W') or time (T') (default none, as the paper)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="dtype of the saved features")
+                   help="average the activation over latent space (H', W') or time (T') "
+                        "(default none, as the paper)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of the saved features")
     p.add_argument("--vqvae", default=None,
-                   help="VQ-VAE checkpoint for one of our GPT checkpoints (default: the one it was trained with)")
+                   help="VQ-VAE checkpoint for one of our GPT checkpoints "
+                        "(default: the one it was trained with)")
     p.add_argument("--frame-step", type=int, default=None,
-                   help="60 Hz frames per clip frame (default: the GPT's training value, else 4: clips at 15 Hz)")
+                   help="60 Hz frames per clip frame "
+                        "(default: the GPT's training value, else 4: clips at 15 Hz)")
     p.add_argument("--batch-size", type=int, default=32, help="TR windows per forward pass")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                   help="autocast dtype of the GPT's forward pass (auto: fp16 on GPU, as the paper, fp32 on CPU); "
+                   help="autocast dtype of the GPT's forward pass "
+                        "(auto: fp16 on GPU, as the paper, fp32 on CPU); "
                         "the VQ-VAE always encodes in fp32, as 04 did")
-    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="cuda, cpu, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes gathering frames (default 4 on GPU, 0 = in the main process on CPU)")
-    p.add_argument("--subjects", nargs="+", default=None, help="only these subject labels, e.g. 01 02")
+                   help="processes gathering frames "
+                        "(default 4 on GPU, 0 = in the main process on CPU)")
+    p.add_argument("--subjects", nargs="+", default=None,
+                   help="only these subject labels, e.g. 01 02")
     p.add_argument("--allow-missing", action="store_true",
                    help="treat repetitions that 01 failed to render as black instead of stopping")
     p.add_argument("--allow-unfinished", action="store_true",
@@ -101,20 +125,25 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------------
-# Alignment (docs/CONTRACT.md, "Time conventions"): which 60 Hz frame each slot of each TR's window shows
+# Alignment (docs/CONTRACT.md, "Time conventions"): which 60 Hz frame each slot of each TR's window
+# shows
 # --------------------------------------------------------------------------------------------------
 def window_frame_indices(n_volumes, tr_s, window, frame_step, fps=GAMEPLAY_HZ):
-    """(n_volumes, window) int64: the run-timeline index (60 Hz frames from the first volume) of each
-    frame of each TR's window. Row t ends with e_t = ceil((t + 1) x TR x fps) - 1, the last frame shown
-    before the end of TR t, and steps back frame_step frames at a time. Negative = before the run."""
-    # round() first: 1.49 x 60 x 100 is 8940.000000000002 in floating point, whose ceil would be one too many
-    ends = np.ceil(np.round(np.arange(1, n_volumes + 1) * tr_s * fps, 6)).astype(np.int64) - 1  # (T,)
-    steps = frame_step * np.arange(-(window - 1), 1)                                            # (window,)
-    return ends[:, None] + steps[None, :]                                                       # (T, window)
+    """(n_volumes, window) int64: the run-timeline index (60 Hz frames from the first volume) of
+    each frame of each TR's window. Row t ends with e_t = ceil((t + 1) x TR x fps) - 1, the last
+    frame shown before the end of TR t, and steps back frame_step frames at a time. Negative =
+    before the run."""
+    # round() first: 1.49 x 60 x 100 is 8940.000000000002 in floating point, whose ceil would be
+    # one too many
+    volume_ends = np.round(np.arange(1, n_volumes + 1) * tr_s * fps, 6)      # (T,) in frames
+    ends = np.ceil(volume_ends).astype(np.int64) - 1                                      # (T,)
+    steps = frame_step * np.arange(-(window - 1), 1)                                 # (window,)
+    return ends[:, None] + steps[None, :]                                         # (T, window)
 
 
 def repetition_start(onset_s, fps=GAMEPLAY_HZ):
-    """Timeline index of a repetition's first frame: its onset rounded to the nearest 60 Hz frame."""
+    """Timeline index of a repetition's first frame: its onset rounded to the nearest 60 Hz
+    frame."""
     return int(math.floor(onset_s * fps + 0.5))
 
 
@@ -140,33 +169,8 @@ def gather_frames(indices, repetitions, frame_shape, open_frames, path_key="fram
 def main(argv=None):
     args = parse_args(argv)
     work = Path(args.work)
-    if args.features == "model" and not args.ckpt:
-        raise InputError("--ckpt: required for --features model (the GPT whose layers are read)")
-    if args.features != "model":   # no model: its flags would be ignored, so refused or said so
-        given = [flag for flag, used in (("--ckpt", args.ckpt), ("--layer", args.layer != [PAPER_LAYER]),
-                                         ("--list-layers", args.list_layers)) if used]
-        if given:
-            raise InputError(f"{' '.join(given)}: not used by --features {args.features} "
-                             f"(features without a model)")
-        ignored = [flag for flag, used in (("--pool", args.pool != "none"), ("--precision", args.precision != "auto"))
-                   if used]   # a sweep's --extract-args reach every job: a note, not an error, and not recorded
-        if ignored:
-            print(f"{STAGE}: note: {' '.join(ignored)} ignored by --features {args.features} "
-                  f"(no model to pool or run)")
-    ckpt = Path(args.ckpt) if args.ckpt else None
-    if ckpt is not None and not ckpt.is_file():
-        raise InputError(f"{ckpt}: checkpoint not found")
-    if (args.frame_step is not None and args.frame_step < 1) or args.batch_size < 1:
-        raise InputError("--frame-step and --batch-size must be at least 1")
-    try:
-        device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise InputError(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1 ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: torch sees no CUDA device")
-    precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    ckpt = check_flags(args)
+    device, precision = choose_device(args)
     name = args.name or (args.features if ckpt is None else ckpt.parent.name
                          if ckpt.name == "ckpt.pt" else ckpt.name.split(".")[0])
 
@@ -175,102 +179,202 @@ def main(argv=None):
         model, info = None, model_free_info(work, args.features)
     else:
         model, info = load_model(ckpt, args.vqvae, work, device, args.allow_unfinished)
-    frame_step = args.frame_step or info["frame_step"] or 4
-    window, frame_shape = info["window"], info["frame_shape"]
-
-    # --- --list-layers: every module, with its output for one (black) window --------------------------
-    if args.list_layers and model is not None:
-        names = [n for n, _ in model.named_modules() if n]
-        with LayerRecorder(model, names) as recorder:
-            run_model(model, torch.zeros((1, window, *frame_shape), dtype=torch.uint8), device, autocast_dtype)
-        modules = dict(model.named_modules())
-        print(f"{'module':<48} {'type':<28} output shape for one window")
-        for n in names:
-            calls = recorder.outputs[n]
-            shape = ("not run" if not calls else
-                     " + ".join(str(list(c.shape)) if torch.is_tensor(c) else type(c).__name__ for c in calls))
-            print(f"{n:<48} {type(modules[n]).__name__:<28} {shape}")
+    if args.list_layers:   # with a model only: check_flags refused it for the others
+        list_layers(model, info, device, AUTOCAST[precision])
         return
 
-    # --- plan: which runs still need features -------------------------------------------------------
-    # A run's features are skipped when their record says they were made with these flags from these
-    # exact inputs: the checkpoint, its VQ-VAE, the frames of the run's repetitions and its timeline.
+    # --- plan: which runs still need features -----------------------------------------------------
+    frame_step = args.frame_step or info["frame_step"] or 4
     layers = ([args.features] if model is None
               else resolve_layers(model, args.layer, info["n_layers"]))
-    buttons = args.features == "buttons"
-    runs = plan_runs(work, args.subjects, frame_shape, window, frame_step, args.allow_missing,
-                     buttons)
-    if buttons:
+    runs = plan_runs(work, args.subjects, info["frame_shape"], info["window"], frame_step,
+                     args.allow_missing, args.features == "buttons")
+    if args.features == "buttons":
         info["config"]["buttons"] = same_buttons(runs, work / "frames" / "manifest.tsv")
-    models = {} if model is None else common.input_fingerprints(work, [ckpt, info["vqvae_path"]])
-    model_settings = {} if model is None else {"--pool": args.pool, "--precision": precision}  # lowlevel: unused
-    settings = {layer: {"--layer": layer, **model_settings, "--dtype": args.dtype, "--frame-step": frame_step}
-                for layer in layers}
-    todo, records = [], {}
-    read = "buttons_path" if buttons else "frames_path"   # the files each run's features come from
-    for run in runs:
-        files = sorted({rep[read] for rep in run["repetitions"] if rep.get(read)})
-        inputs = {**models, **common.input_fingerprints(work, files),
-                  "timeline": {"n_volumes": run["n_volumes"], "tr_s": run["tr_s"],
-                               "repetitions": [{k: rep[k] for k in ("rep", "status", "start", "n_frames")}
-                                               for rep in run["repetitions"]]}}
-        paths = {layer: output_path(work, name, layer, run) for layer in layers}
-        if not all(common.is_up_to_date(path, common.read_record(common.record_path(path)), STAGE,
-                                         settings[layer], inputs, args.overwrite) for layer, path in paths.items()):
-            todo.append((run, paths))
-            records[run["stem"]] = {layer: (settings[layer], inputs) for layer in layers}
+    extractor = Extractor(ckpt, model, info, device, precision, frame_step, layers)
+    todo = runs_to_do(args, work, name, extractor, runs)
     print(f"{STAGE}: {ckpt or '--features ' + args.features} -> {work / 'features' / name}: "
           f"{len(layers)} layer(s) {', '.join(layers)}; "
-          f"{len(todo)} of {len(runs)} run(s) to do, {sum(r['n_volumes'] for r, _ in todo)} TRs; "
+          f"{len(todo)} of {len(runs)} run(s) to do, "
+          f"{sum(r['n_volumes'] for r, _, _ in todo)} TRs; "
           f"{device}, {precision}, batch {args.batch_size}")
     if not todo:
         return
-    if buttons:   # no frames, no model: every row of a run at once, from its repetitions' inputs
-        for run, paths in todo:
-            rows = button_rows(run, window, frame_step, len(info["config"]["buttons"]))
-            details = run_details(run, ckpt, info, args.features,
-                                  button_alignment(window, frame_step))
-            write_rows(run, paths, rows, (2, rows.shape[1] // 2), np.dtype(args.dtype),
-                       {"buttons": (*records[run["stem"]]["buttons"], details)})
+
+    # --- extract: the rows of every run to do, into its files -------------------------------------
+    if args.features == "buttons":   # no frames, no model: every row of a run at once
+        write_button_features(extractor, todo, np.dtype(args.dtype))
         print(f"{STAGE}: wrote {len(todo)} run(s) under {work / 'features' / name}")
         return
+    extract(args, extractor, todo)
+    print(f"{STAGE}: wrote {len(todo)} run(s) x {len(layers)} layer(s) "
+          f"under {work / 'features' / name}")
 
-    # --- extract: batches of TR windows through the model, hooked rows into each run's files ---------
-    dataset = TRWindows([run for run, _ in todo], frame_shape)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-    writers = [RunWriter(run, paths, np.dtype(args.dtype)) for run, paths in todo]
-    rows_left = [run["n_volumes"] for run, _ in todo]
+
+def check_flags(args):
+    """The checkpoint (a Path; None without a model), once the flags agree with --features: a
+    model's flags are refused without one (or said to be ignored: those a sweep passes to every
+    job)."""
+    if args.features == "model" and not args.ckpt:
+        raise InputError("--ckpt: required for --features model (the GPT whose layers are read)")
+    if args.features != "model":   # no model: its flags would be ignored, so refused or said so
+        given = [flag for flag, used in (("--ckpt", args.ckpt),
+                                         ("--layer", args.layer != [PAPER_LAYER]),
+                                         ("--list-layers", args.list_layers)) if used]
+        if given:
+            raise InputError(f"{' '.join(given)}: not used by --features {args.features} "
+                             f"(features without a model)")
+        # a sweep's --extract-args reach every job: a note, not an error, and not recorded
+        ignored = [flag for flag, used in (("--pool", args.pool != "none"),
+                                           ("--precision", args.precision != "auto")) if used]
+        if ignored:
+            print(f"{STAGE}: note: {' '.join(ignored)} ignored by --features {args.features} "
+                  f"(no model to pool or run)")
+    ckpt = Path(args.ckpt) if args.ckpt else None
+    if ckpt is not None and not ckpt.is_file():
+        raise InputError(f"{ckpt}: checkpoint not found")
+    if (args.frame_step is not None and args.frame_step < 1) or args.batch_size < 1:
+        raise InputError("--frame-step and --batch-size must be at least 1")
+    return ckpt
+
+
+def choose_device(args):
+    """(torch.device, precision) of --device and --precision: auto is cuda when available, and fp16
+    on a GPU (as the paper), fp32 on the CPU. A device torch does not know or see: InputError."""
     try:
-        with (LayerRecorder(model, layers) if model is not None else contextlib.nullcontext()) as recorder, \
+        device = torch.device(args.device if args.device != "auto"
+                              else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise InputError(f"--device {args.device}: not a torch device "
+                         "(cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: torch sees no CUDA device")
+    precision = (args.precision if args.precision != "auto"
+                 else ("fp16" if device.type == "cuda" else "fp32"))
+    return device, precision
+
+
+def list_layers(model, info, device, autocast_dtype):
+    """--list-layers: every module of the model, with its output for one (black) window."""
+    names = [n for n, _ in model.named_modules() if n]
+    black = torch.zeros((1, info["window"], *info["frame_shape"]), dtype=torch.uint8)
+    with LayerRecorder(model, names) as recorder:
+        run_model(model, black, device, autocast_dtype)
+    modules = dict(model.named_modules())
+    print(f"{'module':<48} {'type':<28} output shape for one window")
+    for n in names:
+        calls = recorder.outputs[n]
+        shape = ("not run" if not calls else
+                 " + ".join(str(list(c.shape)) if torch.is_tensor(c) else type(c).__name__
+                            for c in calls))
+        print(f"{n:<48} {type(modules[n]).__name__:<28} {shape}")
+
+
+@dataclass
+class Extractor:
+    """What every run's features are made with, decided before any run: the checkpoint and the model
+    (None for --features lowlevel and buttons), its description (load_model or model_free_info:
+    window, frame shape, config ...), the device and --precision it runs at, the 60 Hz frames per
+    clip frame and the layers read (one output folder each)."""
+    ckpt: Path | None
+    model: torch.nn.Module | None
+    info: dict
+    device: torch.device
+    precision: str
+    frame_step: int
+    layers: list
+
+
+def runs_to_do(args, work, name, extractor, runs):
+    """[(run, {layer: output path}, {layer: (settings, inputs, details) of its record})] of the runs
+    of plan_runs whose features are not up to date. A run's features are skipped when their record
+    says they were made with these flags from these exact inputs: the checkpoint, its VQ-VAE, the
+    frames of the run's repetitions and its timeline."""
+    model_settings = ({} if extractor.model is None    # lowlevel, buttons: unused, so not recorded
+                      else {"--pool": args.pool, "--precision": extractor.precision})
+    settings = {layer: {"--layer": layer, **model_settings, "--dtype": args.dtype,
+                        "--frame-step": extractor.frame_step} for layer in extractor.layers}
+    models = ({} if extractor.model is None else
+              common.input_fingerprints(work, [extractor.ckpt, extractor.info["vqvae_path"]]))
+    alignment = (button_alignment if args.features == "buttons"
+                 else window_alignment)(extractor.info["window"], extractor.frame_step)
+    todo = []
+    for run in runs:
+        inputs = {**models, **run_inputs(work, run, args.features)}
+        paths = {layer: output_path(work, name, layer, run) for layer in extractor.layers}
+        if not all(common.is_up_to_date(path, common.read_record(common.record_path(path)), STAGE,
+                                         settings[layer], inputs, args.overwrite)
+                   for layer, path in paths.items()):
+            details = run_details(run, extractor.ckpt, extractor.info, args.features, alignment)
+            todo.append((run, paths, {layer: (settings[layer], inputs, details)
+                                      for layer in extractor.layers}))
+    return todo
+
+
+def run_inputs(work, run, features):
+    """The inputs of a run's record besides the model: the fingerprints of the files its features
+    come from (its repetitions' frames; their inputs for --features buttons) and its timeline."""
+    read = "buttons_path" if features == "buttons" else "frames_path"
+    files = sorted({rep[read] for rep in run["repetitions"] if rep.get(read)})
+    return {**common.input_fingerprints(work, files),
+            "timeline": {"n_volumes": run["n_volumes"], "tr_s": run["tr_s"],
+                         "repetitions": [{k: rep[k] for k in ("rep", "status", "start", "n_frames")}
+                                         for rep in run["repetitions"]]}}
+
+
+def extract(args, extractor, todo):
+    """Batches of TR windows through the model (or the low-level control), every layer's rows into
+    their runs' files (todo: runs_to_do's); a run's files and records are written with its last
+    row."""
+    model, device, info = extractor.model, extractor.device, extractor.info
+    dataset = TRWindows([run for run, _, _ in todo], info["frame_shape"])
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    writers = [RunWriter(run, paths, np.dtype(args.dtype)) for run, paths, _ in todo]
+    rows_left = [run["n_volumes"] for run, _, _ in todo]
+    hooks = (LayerRecorder(model, extractor.layers) if model is not None
+             else contextlib.nullcontext())
+    try:
+        with hooks as recorder, \
                 tqdm(total=len(dataset), unit="TR", desc="extract", file=sys.stderr) as bar:
-            for clips, run_index, t in loader:                      # clips (B, window, H, W, 3) uint8
-                if model is None:                                   # the low-level control: no model
+            for clips, run_index, t in loader:                  # clips (B, window, H, W, 3) uint8
+                if model is None:                               # the low-level control: no model
                     rows = lowlevel_rows(clips.to(device))
                     features = {"lowlevel": (rows, tuple(rows.shape[1:]))}
                 else:
-                    features = layer_rows(model, clips, recorder, args.pool, info["latent_shape"], device,
-                                          autocast_dtype)
-                for layer, (rows, activation_shape) in features.items():
-                    rows = rows.to(getattr(torch, args.dtype)).cpu().numpy()          # (B, D)
-                    if not np.isfinite(rows).all():
-                        raise InputError(f"--layer {layer}: non-finite features (overflow in {args.dtype} or "
-                                         f"{precision}? try --dtype float32 --precision fp32)")
-                    for r in np.unique(run_index.numpy()):
-                        mine = (run_index == r).numpy()
-                        writers[r].write(layer, t.numpy()[mine], rows[mine], activation_shape)
+                    features = layer_rows(model, clips, recorder, args.pool, info["latent_shape"],
+                                          device, AUTOCAST[extractor.precision])
+                write_batch(writers, features, run_index, t, args.dtype, extractor.precision)
                 for r in run_index.numpy():
                     rows_left[r] -= 1
                     if rows_left[r] == 0:
-                        run = todo[r][0]
-                        details = run_details(run, ckpt, info, args.features,
-                                              window_alignment(window, frame_step))
-                        writers[r].close({layer: (*records[run["stem"]][layer], details) for layer in layers})
+                        writers[r].close(todo[r][2])
                 bar.update(len(clips))
     finally:
         for writer in writers:
             writer.discard()
-    print(f"{STAGE}: wrote {len(todo)} run(s) x {len(layers)} layer(s) under {work / 'features' / name}")
+
+
+def write_batch(writers, features, run_index, t, dtype, precision):
+    """Every layer's rows of a batch into the writers of their runs, as `dtype`: features
+    {layer: ((B, D) rows, activation shape)}; run_index and t (B,) the run and TR of each row."""
+    for layer, (rows, activation_shape) in features.items():
+        rows = rows.to(getattr(torch, dtype)).cpu().numpy()          # (B, D)
+        if not np.isfinite(rows).all():
+            raise InputError(f"--layer {layer}: non-finite features (overflow in {dtype} or "
+                             f"{precision}? try --dtype float32 --precision fp32)")
+        for r in np.unique(run_index.numpy()):
+            mine = (run_index == r).numpy()
+            writers[r].write(layer, t.numpy()[mine], rows[mine], activation_shape)
+
+
+def write_button_features(extractor, todo, dtype):
+    """--features buttons: every row of each run to do at once, from its repetitions' inputs."""
+    n_buttons = len(extractor.info["config"]["buttons"])
+    for run, paths, records in todo:
+        rows = button_rows(run, extractor.info["window"], extractor.frame_step, n_buttons)
+        write_rows(run, paths, rows, (2, rows.shape[1] // 2), dtype, records)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,12 +384,14 @@ LOWLEVEL_GRID = 8   # the screen as 8 x 8 regions
 
 
 def lowlevel_rows(clips, grid=LOWLEVEL_GRID):
-    """Model-free features of windows uint8 (B, window, H, W, 3): the luminance of every frame on a grid x grid
-    of screen regions (mean gray level in [0, 1]), then the motion energy of each region (mean absolute
-    difference of consecutive frames over the window). Returns float32 (B, window * grid^2 + grid^2)."""
-    gray = clips.float().mean(dim=-1) / 255.0                                    # (B, window, H, W)
-    luminance = F.adaptive_avg_pool2d(gray, grid)                                 # (B, window, grid, grid)
-    motion = F.adaptive_avg_pool2d((gray[:, 1:] - gray[:, :-1]).abs(), grid)      # (B, window - 1, grid, grid)
+    """Model-free features of windows uint8 (B, window, H, W, 3): the luminance of every frame on a
+    grid x grid of screen regions (mean gray level in [0, 1]), then the motion energy of each region
+    (mean absolute difference of consecutive frames over the window).
+    Returns float32 (B, window * grid^2 + grid^2)."""
+    gray = clips.float().mean(dim=-1) / 255.0                              # (B, window, H, W)
+    luminance = F.adaptive_avg_pool2d(gray, grid)                    # (B, window, grid, grid)
+    change = (gray[:, 1:] - gray[:, :-1]).abs()                        # (B, window - 1, H, W)
+    motion = F.adaptive_avg_pool2d(change, grid)                 # (B, window - 1, grid, grid)
     return torch.cat([luminance.flatten(1), motion.mean(dim=1).flatten(1)], dim=1)
 
 
@@ -298,7 +404,8 @@ def model_free_info(work, features):
     ok = manifest[manifest["status"] == "ok"]
     if ok.empty:
         raise InputError(f"{frames_tsv}: no rendered repetition")
-    shape = common.load_npy(work / str(ok["frames_path"].iloc[0]), advice="re-run 01_render_frames.py").shape
+    shape = common.load_npy(work / str(ok["frames_path"].iloc[0]),
+                            advice="re-run 01_render_frames.py").shape
     config = {"features": features, **({"grid": LOWLEVEL_GRID} if features == "lowlevel" else {})}
     return dict(format="none", vqvae_path=None, config=config, n_layers=0, latent_shape=None,
                 frame_shape=tuple(shape[1:]), window=2 * 16, frame_step=4)
@@ -379,16 +486,18 @@ def same_buttons(runs, frames_tsv):
 # --------------------------------------------------------------------------------------------------
 def load_model(path, vqvae_path, work, device, allow_unfinished=False):
     """The GPT prior of a checkpoint with its frozen VQ-VAE attached as `model.vqvae` (the authors'
-    layout: its modules can be hooked as vqvae.encoder...), in eval mode on `device`, and a description.
+    layout: its modules can be hooked as vqvae.encoder...), in eval mode on `device`, and a
+    description.
 
-    Ours (04_train_gpt.py) names its VQ-VAE checkpoint (--vqvae overrides it; default <work>/vqvae/ckpt.pt);
-    the authors' Lightning checkpoint holds its VQ-VAE under `vqvae.`. common.py infers both architectures
-    from the stored configuration and tensor shapes and loads the weights strictly. A GPT or VQ-VAE whose
-    training was interrupted is refused unless allow_unfinished."""
+    Ours (04_train_gpt.py) names its VQ-VAE checkpoint (--vqvae overrides it; default
+    <work>/vqvae/ckpt.pt); the authors' Lightning checkpoint holds its VQ-VAE under `vqvae.`.
+    common.py infers both architectures from the stored configuration and tensor shapes and loads
+    the weights strictly. A GPT or VQ-VAE whose training was interrupted is refused unless
+    allow_unfinished."""
     config, state, extra = common.load_gpt_checkpoint(path)
     common.require_complete(extra, path, "04_train_gpt.py", "--allow-unfinished", allow_unfinished)
     gpt = common.build_gpt(config, state, path)
-    if extra.get("vqvae_state"):                                      # the authors' Lightning checkpoint
+    if extra.get("vqvae_state"):                             # the authors' Lightning checkpoint
         checkpoint_format = "lightning"
         vqvae_path = Path(vqvae_path or path)
         vqvae = common.load_vqvae(vqvae_path, allow_unfinished=allow_unfinished)
@@ -396,25 +505,28 @@ def load_model(path, vqvae_path, work, device, allow_unfinished=False):
         checkpoint_format = "ours"
         # 04 stores the --vqvae path as given (relative to where it ran): also try it under <work>
         named = (extra.get("args") or {}).get("vqvae")
-        candidates = [Path(vqvae_path)] if vqvae_path else [Path(named), work / named] if named else []
+        candidates = ([Path(vqvae_path)] if vqvae_path
+                      else [Path(named), work / named] if named else [])
         candidates.append(work / "vqvae" / "ckpt.pt")
         vqvae_path = next((c for c in candidates if c.is_file()), candidates[0])
         if not vqvae_path.is_file():
             raise InputError(f"{path}: its VQ-VAE {vqvae_path} does not exist (pass --vqvae PATH)")
-        if extra.get("vqvae_sha256") and extra["vqvae_sha256"] != common.fingerprint(vqvae_path)["sha256"]:
-            raise InputError(f"{vqvae_path}: not the VQ-VAE {path} was trained with (sha256 differs; "
-                             f"pass --vqvae PATH to the right one)")
+        if (extra.get("vqvae_sha256")
+                and extra["vqvae_sha256"] != common.fingerprint(vqvae_path)["sha256"]):
+            raise InputError(f"{vqvae_path}: not the VQ-VAE {path} was trained with "
+                             f"(sha256 differs; pass --vqvae PATH to the right one)")
         vqvae = common.load_vqvae(vqvae_path, allow_unfinished=allow_unfinished)
     latent, width = tuple(vqvae.latent_shape), vqvae.embedding_dim
     if latent != tuple(config["latent_shape"]) or width != config["embedding_dim"]:
         raise InputError(f"{path}: the GPT reads {tuple(config['latent_shape'])} tokens of width "
                          f"{config['embedding_dim']}, its VQ-VAE gives {latent} of width {width}")
-    gpt.vqvae = vqvae                           # a submodule: hookable, moved and switched to eval with the rest
+    gpt.vqvae = vqvae   # a submodule: hookable, moved and switched to eval with the rest
     gpt.to(device).eval()
     args = extra.get("args") or {}
     resolution = vqvae.config["resolution"]
-    info = dict(format=checkpoint_format, vqvae_path=vqvae_path, config={"gpt": config, "vqvae": vqvae.config},
-                n_layers=config["layers"], latent_shape=latent, frame_shape=(resolution, resolution, 3),
+    info = dict(format=checkpoint_format, vqvae_path=vqvae_path,
+                config={"gpt": config, "vqvae": vqvae.config}, n_layers=config["layers"],
+                latent_shape=latent, frame_shape=(resolution, resolution, 3),
                 window=2 * vqvae.config["sequence_length"], frame_step=args.get("frame_step"))
     return gpt, info
 
@@ -423,27 +535,30 @@ def encode_windows(vqvae, clips):
     """VQ-VAE codes of each window's conditioning clip (first half) and target clip (second half):
     (B, t, h, w) long each, from uint8 clips (B, window, H, W, 3).
 
-    Always in exact fp32 (VQVAE.encode sees to it), whatever --precision says for the GPT: 04 trained the
-    GPT on codes computed that way. Two encoder calls rather than one of 2B clips, so that a hooked
-    VQ-VAE module sees B samples per call: its features are (B, 2, ...), conditioning clip then target clip."""
-    video = common.video_from_uint8(clips)                           # (B, 3, window, H, W) in [-0.5, 0.5]
+    Always in exact fp32 (VQVAE.encode sees to it), whatever --precision says for the GPT: 04
+    trained the GPT on codes computed that way. Two encoder calls rather than one of 2B clips, so
+    that a hooked VQ-VAE module sees B samples per call: its features are (B, 2, ...), conditioning
+    clip then target clip."""
+    video = common.video_from_uint8(clips)                # (B, 3, window, H, W) in [-0.5, 0.5]
     half = video.shape[2] // 2
     return vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])
 
 
 def read_windows(model, clips):
-    """Run the model on uint8 clips (B, window, H, W, 3) as it was trained (paper 2.3.1.2): the first
-    half of each window is the conditioning clip, the second half the target clip; each goes through the
-    frozen VQ-VAE to codes, whose codebook vectors the GPT reads. Returns the logits (B, t, h, w, n_codes)."""
+    """Run the model on uint8 clips (B, window, H, W, 3) as it was trained (paper 2.3.1.2): the
+    first half of each window is the conditioning clip, the second half the target clip; each goes
+    through the frozen VQ-VAE to codes, whose codebook vectors the GPT reads. Returns the logits
+    (B, t, h, w, n_codes)."""
     cond_codes, target_codes = encode_windows(model.vqvae, clips)   # (B, t, h, w) each
     lookup = model.vqvae.codebook.dictionary_lookup                  # codes -> (B, t, h, w, D)
     return model(lookup(target_codes), lookup(cond_codes))
 
 
 def run_model(model, clips, device, autocast_dtype):
-    """read_windows under no_grad, with the GPT under autocast to autocast_dtype (None = fp32) on the
-    model's device."""
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    """read_windows under no_grad, with the GPT under autocast to autocast_dtype (None = fp32) on
+    the model's device."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype,
+                                         enabled=autocast_dtype is not None):
         read_windows(model, clips.to(device, non_blocking=True))
 
 
@@ -455,7 +570,8 @@ def layer_rows(model, clips, recorder, pool, latent_shape, device, autocast_dtyp
     rows = {}
     for layer, calls in recorder.outputs.items():
         activation = per_sample_activation(layer, calls, len(clips)).float()   # (B, ...)
-        rows[layer] = pool_activation(activation, pool, latent_shape, layer), tuple(activation.shape[1:])
+        rows[layer] = (pool_activation(activation, pool, latent_shape, layer),
+                       tuple(activation.shape[1:]))
     return rows
 
 
@@ -475,7 +591,8 @@ def resolve_layers(model, names, n_layers):
             continue
         if name in parameters:
             owner = name.rsplit(".", 1)[0]
-            raise InputError(f"--layer {name}: a parameter or buffer, not a module (its module is {owner})")
+            raise InputError(f"--layer {name}: a parameter or buffer, not a module "
+                             f"(its module is {owner})")
         close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
         hint = f"closest: {', '.join(close)}" if close else "see --list-layers"
         raise InputError(f"--layer {name}: no such module in the checkpoint's model ({hint})")
@@ -485,7 +602,8 @@ def resolve_layers(model, names, n_layers):
 class LayerRecorder:
     """Forward hooks on named modules; `outputs[name]` lists what each call returned, detached.
 
-    A module that runs several times per sample (the VQ-VAE's, once per clip) is recorded every time.
+    A module that runs several times per sample (the VQ-VAE's, once per clip) is recorded every
+    time.
     Use as a context manager so that the hooks are removed however the block ends."""
 
     def __init__(self, model, names):
@@ -496,8 +614,8 @@ class LayerRecorder:
     def _hook(self, name):
         def record(module, inputs, output):
             if isinstance(output, dict) and "embeddings" in output:
-                # the VQ-VAE's codebook returns a dict: its quantised vectors (B, D, t, h, w) are what the
-                # GPT reads (the VQ-VAE-alone control: --layer vqvae.codebook)
+                # the VQ-VAE's codebook returns a dict: its quantised vectors (B, D, t, h, w) are
+                # what the GPT reads (the VQ-VAE-alone control: --layer vqvae.codebook)
                 output = output["embeddings"]
             self.outputs[name].append(output.detach() if torch.is_tensor(output) else output)
         return record
@@ -515,26 +633,31 @@ class LayerRecorder:
 
 
 def per_sample_activation(name, calls, batch_size):
-    """The recorded calls of one module as one tensor (B, ...); several calls are stacked on axis 1."""
+    """The recorded calls of one module as one tensor (B, ...); several calls are stacked on
+    axis 1."""
     if not calls:
         raise InputError(f"--layer {name}: this module does not run when the model reads a clip")
     if not all(torch.is_tensor(c) for c in calls):
-        raise InputError(f"--layer {name}: returns {type(calls[0]).__name__}, not a tensor; hook one of its submodules")
+        raise InputError(f"--layer {name}: returns {type(calls[0]).__name__}, not a tensor; "
+                         "hook one of its submodules")
     if any(c.shape[0] != batch_size for c in calls):
-        raise InputError(f"--layer {name}: output of shape {tuple(calls[0].shape)} does not have one row per "
-                         f"sample (batch {batch_size}); hook the module that contains it")
+        raise InputError(f"--layer {name}: output of shape {tuple(calls[0].shape)} does not have "
+                         f"one row per sample (batch {batch_size}); "
+                         f"hook the module that contains it")
     return calls[0] if len(calls) == 1 else torch.stack(calls, dim=1)
 
 
 def pool_activation(activation, pool, latent_shape, name):
     """(B, ...) -> (B, D). 'space'/'time' average the latent axes (H', W') or T', found as the
-    right-most run of axes equal to latent_shape = (T', H', W') (channels-last or channels-first)."""
+    right-most run of axes equal to latent_shape = (T', H', W') (channels-last or
+    channels-first)."""
     if pool != "none":
         shape = tuple(activation.shape)
         starts = [a for a in range(1, len(shape) - 2) if shape[a:a + 3] == tuple(latent_shape)]
         if not starts:
-            raise InputError(f"--pool {pool}: the output of {name} has shape {shape[1:]} per sample, without "
-                             f"the latent (T', H', W') = {tuple(latent_shape)} axes to pool over")
+            raise InputError(f"--pool {pool}: the output of {name} has shape {shape[1:]} per "
+                             f"sample, without the latent (T', H', W') = {tuple(latent_shape)} "
+                             f"axes to pool over")
         a = starts[-1]
         activation = activation.mean(dim=(a + 1, a + 2) if pool == "space" else (a,))
     return activation.reshape(activation.shape[0], -1)                            # (B, D)
@@ -563,39 +686,50 @@ def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing, bu
         stem = run_stem(**labels)
         n_volumes, tr_s = int(row["n_volumes"]), float(row["tr_s"])
         if n_volumes * tr_s < window_s:
-            raise InputError(f"{bold_tsv}: {stem} lasts {n_volumes} volume(s) x {tr_s:g} s = {n_volumes * tr_s:.2f} s, "
-                             f"shorter than one {window}-frame window ({window_s:.2f} s)")
+            raise InputError(f"{bold_tsv}: {stem} lasts {n_volumes} volume(s) x {tr_s:g} s = "
+                             f"{n_volumes * tr_s:.2f} s, shorter than one {window}-frame window "
+                             f"({window_s:.2f} s)")
         rows = frames[(frames["sub"] == labels["sub"]) & (frames["ses"] == labels["ses"])
                       & (frames["task"] == labels["task"]) & (frames["run"] == labels["run"])]
         if rows.empty:
             raise InputError(f"{frames_tsv}: no repetition of {stem}, which {bold_tsv} lists")
-        reps = []
-        for _, rep in rows.sort_values("onset_s", kind="stable").iterrows():
-            where = f"{frames_tsv}: {stem} rep {rep['rep']}"
-            placed = {"rep": rep["rep"], "status": rep["status"], "onset_s": float(rep["onset_s"]),
-                      "start": repetition_start(float(rep["onset_s"])), "n_frames": 0, "frames_path": None}
-            if rep["status"] == "failed" and not allow_missing:
-                raise InputError(f"{where} failed to render ({rep.get('error', '')}); fix it and re-run "
-                                 f"01_render_frames.py, or pass --allow-missing to show black frames instead")
-            if rep["status"] == "ok":
-                path = work / str(rep["frames_path"])
-                if pd.isna(rep["frames_path"]) or not path.is_file():
-                    raise InputError(f"{where} is listed as rendered but its frames {path} do not exist "
-                                     f"(re-run 01_render_frames.py)")
-                shape = common.load_npy(path, advice="re-render it with 01_render_frames.py --overwrite").shape
-                if shape[1:] != frame_shape:
-                    raise InputError(f"{path}: frames of shape {shape[1:]}, the checkpoint's VQ-VAE reads "
-                                     f"{frame_shape} (render with 01_render_frames.py --resolution {frame_shape[0]})")
-                if shape[0] != int(rep["n_frames"]):
-                    raise InputError(f"{path}: {shape[0]} frames, {frames_tsv} says {int(rep['n_frames'])} "
-                                     f"(re-render with 01_render_frames.py --overwrite)")
-                placed.update(n_frames=shape[0], frames_path=str(path))
-                if buttons:
-                    placed.update(recorded_buttons(frames_tsv, rep, where, shape[0], work))
-            reps.append(placed)
+        reps = [place_repetition(rep, stem, work, frame_shape, allow_missing, buttons)
+                for _, rep in rows.sort_values("onset_s", kind="stable").iterrows()]
         runs.append(dict(labels, stem=stem, n_volumes=n_volumes, tr_s=tr_s, repetitions=reps,
                          windows=window_frame_indices(n_volumes, tr_s, window, frame_step)))
     return runs
+
+
+def place_repetition(rep, stem, work, frame_shape, allow_missing, buttons):
+    """A row of the frames manifest as plan_runs places it on run `stem`'s timeline: rep, status,
+    onset_s, start, n_frames and frames_path (0 and None: black), with buttons also buttons_path and
+    buttons; InputError as plan_runs says."""
+    frames_tsv = work / "frames" / "manifest.tsv"
+    where = f"{frames_tsv}: {stem} rep {rep['rep']}"
+    placed = {"rep": rep["rep"], "status": rep["status"], "onset_s": float(rep["onset_s"]),
+              "start": repetition_start(float(rep["onset_s"])), "n_frames": 0, "frames_path": None}
+    if rep["status"] == "failed" and not allow_missing:
+        raise InputError(f"{where} failed to render ({rep.get('error', '')}); fix it and re-run "
+                         f"01_render_frames.py, or pass --allow-missing to show black frames "
+                         f"instead")
+    if rep["status"] != "ok":
+        return placed
+    path = work / str(rep["frames_path"])
+    if pd.isna(rep["frames_path"]) or not path.is_file():
+        raise InputError(f"{where} is listed as rendered but its frames {path} do not exist "
+                         f"(re-run 01_render_frames.py)")
+    shape = common.load_npy(path, advice="re-render it with 01_render_frames.py --overwrite").shape
+    if shape[1:] != frame_shape:
+        raise InputError(f"{path}: frames of shape {shape[1:]}, the checkpoint's VQ-VAE reads "
+                         f"{frame_shape} (render with 01_render_frames.py --resolution "
+                         f"{frame_shape[0]})")
+    if shape[0] != int(rep["n_frames"]):
+        raise InputError(f"{path}: {shape[0]} frames, {frames_tsv} says {int(rep['n_frames'])} "
+                         f"(re-render with 01_render_frames.py --overwrite)")
+    placed.update(n_frames=shape[0], frames_path=str(path))
+    if buttons:
+        placed.update(recorded_buttons(frames_tsv, rep, where, shape[0], work))
+    return placed
 
 
 class TRWindows(torch.utils.data.Dataset):
@@ -617,15 +751,17 @@ class TRWindows(torch.utils.data.Dataset):
     def __getitem__(self, k):
         r, t = self.items[k]
         run = self.runs[r]
-        clip = gather_frames(run["windows"][t], run["repetitions"], self.frame_shape, self.open_frames)
-        return torch.from_numpy(clip), r, t                                    # (window, H, W, 3) uint8
+        clip = gather_frames(run["windows"][t], run["repetitions"], self.frame_shape,
+                             self.open_frames)
+        return torch.from_numpy(clip), r, t                           # (window, H, W, 3) uint8
 
 
 # --------------------------------------------------------------------------------------------------
 # Outputs: one .npy (T, D) and its record (.json) per run and layer, written atomically
 # --------------------------------------------------------------------------------------------------
 def output_path(work, name, layer, run):
-    return work / "features" / name / layer / f"sub-{run['sub']}" / f"ses-{run['ses']}" / f"{run['stem']}.npy"
+    return (work / "features" / name / layer / f"sub-{run['sub']}" / f"ses-{run['ses']}"
+            / f"{run['stem']}.npy")
 
 
 def window_alignment(window, frame_step):
@@ -659,8 +795,9 @@ def write_rows(run, paths, rows, activation_shape, dtype, records):
 
 
 class RunWriter:
-    """Collects the rows of one run for every layer in memory-mapped temp files; `close()` renames them
-    to their final names and writes their records once every row is in; `discard()` removes leftovers."""
+    """Collects the rows of one run for every layer in memory-mapped temp files; `close()` renames
+    them to their final names and writes their records once every row is in; `discard()` removes
+    leftovers."""
 
     def __init__(self, run, paths, dtype):
         self.run, self.paths, self.dtype = run, paths, dtype
@@ -671,8 +808,9 @@ class RunWriter:
         """rows (len(t), D) go to rows t of the layer's (n_volumes, D) array."""
         if layer not in self.arrays:
             self.tmp[layer].parent.mkdir(parents=True, exist_ok=True)
-            self.arrays[layer] = common.open_npy_for_writing(self.tmp[layer], self.dtype,
-                                                             (self.run["n_volumes"], rows.shape[1]), self.paths[layer])
+            shape = (self.run["n_volumes"], rows.shape[1])
+            self.arrays[layer] = common.open_npy_for_writing(self.tmp[layer], self.dtype, shape,
+                                                             self.paths[layer])
             self.shapes[layer] = [int(n) for n in activation_shape]
         self.arrays[layer][t] = rows
 
@@ -685,8 +823,9 @@ class RunWriter:
             del array
             os.replace(self.tmp[layer], path)
             settings, inputs, details = records[layer]
-            common.write_record(path, common.new_record(STAGE, settings, inputs, path, **details, layer=layer,
-                                                        activation_shape=self.shapes[layer], n_features=n_features))
+            record = common.new_record(STAGE, settings, inputs, path, **details, layer=layer,
+                                       activation_shape=self.shapes[layer], n_features=n_features)
+            common.write_record(path, record)
 
     def discard(self):
         self.arrays.clear()

@@ -1,35 +1,40 @@
 """06 — Ridge encoding: predict each parcel's BOLD from delayed features, score it, test it, map it.
 
-Paper sections 2.3.2-2.3.3 and 3. For each subject: features of TR t-3 (05) predict the parcel BOLD at TR t
-(02) by ridge regression; the penalty is chosen per parcel from {0.1, 1, 100} by exact leave-one-out on the
-training set; the score is Pearson's r between predicted and measured BOLD on the test set.
+Paper sections 2.3.2-2.3.3 and 3. For each subject: features of TR t-3 (05) predict the parcel BOLD
+at TR t (02) by ridge regression; the penalty is chosen per parcel from {0.1, 1, 100} by exact
+leave-one-out on the training set; the score is Pearson's r between predicted and measured BOLD on
+the test set.
 
-    python 06_ridge.py --work work --name demo                       # every subject in bold/manifest.tsv
+    python 06_ridge.py --work work --name demo             # every subject in bold/manifest.tsv
     python 06_ridge.py --work work --name demo --subjects 01 --delays 1 2 3 4 --cv runs
-    python 06_ridge.py --work work --name demo --split random --test-size 0.1 --n-permutations 0   # the paper's split
+    python 06_ridge.py --work work --name demo --split random --test-size 0.1 \
+        --n-permutations 0                                 # the paper's split
     python 06_ridge.py --work work --name demo --device cuda --n-permutations 1000
-    sbatch --gpus-per-node 1 slurm/gpu_stage.sbatch 06_ridge.py --work work --name NAME --device cuda
+    sbatch --gpus-per-node 1 slurm/gpu_stage.sbatch \
+        06_ridge.py --work work --name NAME --device cuda
 
 Inputs (docs/CONTRACT.md):
-  <work>/bold/manifest.tsv       sub ses task run n_volumes tr_s split bold_path ...; split is train,
-                                 validation or test; bold_path -> float32 (T, P), rows of non-steady-state
-                                 volumes may be NaN (dropped here)
+  <work>/bold/manifest.tsv       sub ses task run n_volumes tr_s split bold_path ...; split is
+                                 train, validation or test; bold_path -> float32 (T, P), rows of
+                                 non-steady-state volumes may be NaN (dropped here)
   <work>/bold/labels.tsv         column label name: BOLD column -> atlas label value
   <work>/bold/atlas.nii.gz       the labels image on the BOLD grid
   <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.npy   float16/32 (T, D), row t = TR t
-Outputs, per subject, in <work>/results/<name>/sub-XX/ (summary.json is written last and marks it done):
+Outputs, per subject, in <work>/results/<name>/sub-XX/ (summary.json is written last and marks
+it done):
   r.npy (P,) test Pearson r, alphas.npy (P,) chosen penalty, p_values.npy (P,) permutation p-values,
   significant.npy (P,) bool (FDR q < --fdr), r_map.nii.gz, r_map.png, summary.json;
-  and <work>/results/<name>/r_by_subject.png (the subjects made with this run's flags from the current
-  inputs; a printed line names those left out).
+  and <work>/results/<name>/r_by_subject.png (the subjects made with this run's flags from the
+  current inputs; a printed line names those left out).
 
-Conventions: features are standardized with training-set means and standard deviations (the paper does
-not say; --no-standardize fits them as they are); an intercept is fitted (X and Y centered with training
-means), as scikit-learn's RidgeCV does, so both choose the same alphas. Split `session` (default) trains
-on runs whose manifest split is `train` and tests on `test`; `validation` runs are left out unless
---train-on-validation. Split `random` pools every run of the subject and draws --test-size of the samples
-at random (paper section 2.3.3; neighbouring TRs are correlated, so its scores are optimistic, and it
-gets no p-values: a test TR's neighbours were trained on, and no circular-shift null accounts for that).
+Conventions: features are standardized with training-set means and standard deviations (the paper
+does not say; --no-standardize fits them as they are); an intercept is fitted (X and Y centered with
+training means), as scikit-learn's RidgeCV does, so both choose the same alphas. Split `session`
+(default) trains on runs whose manifest split is `train` and tests on `test`; `validation` runs are
+left out unless --train-on-validation. Split `random` pools every run of the subject and draws
+--test-size of the samples at random (paper section 2.3.3; neighbouring TRs are correlated, so its
+scores are optimistic, and it gets no p-values: a test TR's neighbours were trained on, and no
+circular-shift null accounts for that).
 """
 import argparse
 import functools
@@ -46,63 +51,24 @@ import torch
 from scipy.linalg import blas, lapack
 
 import common
-from common import DEFAULT_WORK, InputError, atomic_path, load_npy, read_tsv, run_main, run_stem, save_npy
+from common import (DEFAULT_WORK, InputError, atomic_path, load_npy, read_tsv, run_main, run_stem,
+                    save_npy)
 
 STAGE = "06_ridge"
 PAPER_ALPHAS = (0.1, 1.0, 100.0)  # paper section 2.3.3
 BAND_GRID = (-2.0, -1.0, 0.0, 1.0, 2.0)   # --with: log10 ratios of the sets' weights (banded ridge)
 # what a subject's folder holds besides summary.json, which lists them with their fingerprints; with
 # several feature sets (--with), the variance partition too
-OUTPUT_FILES = ("r.npy", "alphas.npy", "p_values.npy", "significant.npy", "r_map.nii.gz", "r_map.png",
-                "test_bold.npy", "test_prediction.npy", "test_run.npy")
+OUTPUT_FILES = ("r.npy", "alphas.npy", "p_values.npy", "significant.npy", "r_map.nii.gz",
+                "r_map.png", "test_bold.npy", "test_prediction.npy", "test_run.npy")
 PARTITION_FILES = ("band_weights.npy", "r2_alone.npy", "r2_all.npy", "unique.npy", "shared.npy",
                    "unique_p.npy", "unique_significant.npy", "unique_map.nii.gz", "unique_map.png")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
-    p.add_argument("--name", required=True, help="feature set: <work>/features/<name>/")
-    p.add_argument("--results-name", default=None,
-                   help="results folder <work>/results/<results-name>/ (default: --name; one per layer when "
-                        "several layers of a feature set are encoded)")
-    p.add_argument("--layer", default=None,
-                   help="feature layer folder (default: the only layer present; needed when there are several)")
-    p.add_argument("--with", dest="with_sets", nargs="+", default=[], metavar="NAME[:LAYER]",
-                   help="more feature sets, fitted jointly with --name (banded ridge: a penalty per set) "
-                        "and compared by variance partitioning, e.g. --with lowlevel buttons")
-    p.add_argument("--band-grid", type=float, nargs="+", default=list(BAND_GRID), metavar="U",
-                   help="with --with: the weights of the sets tried, log10 of each set's weight relative "
-                        "to another's (default -2 -1 0 1 2; a set may also be left out)")
-    p.add_argument("--subjects", nargs="+", default=None, type=lambda s: s.removeprefix("sub-"),
-                   help="subject labels, e.g. 01 02 (default: all)")
-    p.add_argument("--delays", type=int, nargs="+", default=[3],
-                   help="feature delays in TRs: 3 = features of TR t-3 predict TR t (paper); several = FIR")
-    p.add_argument("--alphas", type=float, nargs="+", default=list(PAPER_ALPHAS), help="ridge penalty grid")
-    p.add_argument("--cv", choices=("loo", "runs"), default="loo",
-                   help="alpha selection: exact leave-one-out (paper) or leave-one-run-out")
-    p.add_argument("--split", choices=("session", "random"), default="session",
-                   help="session: manifest split column (paper 2.1.4); random: paper 2.3.3's 90/10 split")
-    p.add_argument("--test-size", type=float, default=0.1, help="test fraction for --split random")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random split, PCA and null shifts")
-    p.add_argument("--train-on-validation", action="store_true",
-                   help="with --split session, also train on the runs whose split is `validation`")
-    p.add_argument("--no-standardize", action="store_true",
-                   help="fit the features as they are instead of z-scoring them with training statistics (the "
-                        "paper does not say; z-scoring changes what an alpha of the grid means)")
-    p.add_argument("--pca", type=int, default=None, metavar="K",
-                   help="replace the standardized features by their first K principal components")
-    p.add_argument("--n-permutations", type=int, default=1000,
-                   help="circular time shifts in the null distribution of r (0: no p-values)")
-    p.add_argument("--fdr", type=float, default=0.05, help="Benjamini-Hochberg level of the significance mask")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: float64 throughout; cuda: float32 products, float64 decomposition")
-    p.add_argument("--parcel-batch", type=int, default=256, help="parcels solved at once")
-    p.add_argument("--overwrite", action="store_true", help="recompute subjects whose summary.json exists")
-    p.add_argument("--ground-truth", metavar="JSON",
-                   help="the demo's ground_truth.json (00_make_demo.py): report whether its planted parcels "
-                        "score above its noise parcels")
+    """The flags of the stage, checked: a value out of range is a usage error (exit status 2), a
+    combination that cannot give valid results an InputError."""
+    p = argument_parser()
     args = p.parse_args(argv)
     if min(args.delays) < 0:
         p.error("--delays must be >= 0")
@@ -113,63 +79,130 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
     if args.with_sets and args.pca:
-        raise InputError("--pca with --with: project each feature set yourself (05 --pool), or fit one set")
+        raise InputError("--pca with --with: project each feature set yourself (05 --pool), "
+                         "or fit one set")
     if args.split == "random" and args.n_permutations > 0:
-        # On pure noise with autocorrelated features, the random split gives a median r near 0.8 and a
-        # circular-shift null calls every parcel significant: the null cannot model the leak.
-        raise InputError("--split random: no valid permutation p-values (its test TRs lie between training "
-                         "TRs, whose fit leaks into their r): pass --n-permutations 0, or use --split session")
+        # On pure noise with autocorrelated features, the random split gives a median r near 0.8 and
+        # a circular-shift null calls every parcel significant: the null cannot model the leak.
+        raise InputError("--split random: no valid permutation p-values (its test TRs lie between "
+                         "training TRs, whose fit leaks into their r): pass --n-permutations 0, "
+                         "or use --split session")
     return args
 
 
+def argument_parser():
+    """The stage's command line (parse_args checks the values it parses)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
+    p.add_argument("--name", required=True, help="feature set: <work>/features/<name>/")
+    p.add_argument("--results-name", default=None,
+                   help="results folder <work>/results/<results-name>/ (default: --name; one per "
+                        "layer when several layers of a feature set are encoded)")
+    p.add_argument("--layer", default=None,
+                   help="feature layer folder "
+                        "(default: the only layer present; needed when there are several)")
+    p.add_argument("--with", dest="with_sets", nargs="+", default=[], metavar="NAME[:LAYER]",
+                   help="more feature sets, fitted jointly with --name (banded ridge: a penalty "
+                        "per set) and compared by variance partitioning, "
+                        "e.g. --with lowlevel buttons")
+    p.add_argument("--band-grid", type=float, nargs="+", default=list(BAND_GRID), metavar="U",
+                   help="with --with: the weights of the sets tried, log10 of each set's weight "
+                        "relative to another's (default -2 -1 0 1 2; a set may also be left out)")
+    p.add_argument("--subjects", nargs="+", default=None, type=lambda s: s.removeprefix("sub-"),
+                   help="subject labels, e.g. 01 02 (default: all)")
+    p.add_argument("--delays", type=int, nargs="+", default=[3],
+                   help="feature delays in TRs: 3 = features of TR t-3 predict TR t (paper); "
+                        "several = FIR")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(PAPER_ALPHAS),
+                   help="ridge penalty grid")
+    p.add_argument("--cv", choices=("loo", "runs"), default="loo",
+                   help="alpha selection: exact leave-one-out (paper) or leave-one-run-out")
+    p.add_argument("--split", choices=("session", "random"), default="session",
+                   help="session: manifest split column (paper 2.1.4); "
+                        "random: paper 2.3.3's 90/10 split")
+    p.add_argument("--test-size", type=float, default=0.1, help="test fraction for --split random")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random split, PCA and null shifts")
+    p.add_argument("--train-on-validation", action="store_true",
+                   help="with --split session, also train on the runs whose split is `validation`")
+    p.add_argument("--no-standardize", action="store_true",
+                   help="fit the features as they are instead of z-scoring them with training "
+                        "statistics (the paper does not say; z-scoring changes what an alpha of "
+                        "the grid means)")
+    p.add_argument("--pca", type=int, default=None, metavar="K",
+                   help="replace the standardized features by their first K principal components")
+    p.add_argument("--n-permutations", type=int, default=1000,
+                   help="circular time shifts in the null distribution of r (0: no p-values)")
+    p.add_argument("--fdr", type=float, default=0.05,
+                   help="Benjamini-Hochberg level of the significance mask")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: float64 throughout; cuda: float32 products, float64 decomposition")
+    p.add_argument("--parcel-batch", type=int, default=256, help="parcels solved at once")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute subjects whose summary.json exists")
+    p.add_argument("--ground-truth", metavar="JSON",
+                   help="the demo's ground_truth.json (00_make_demo.py): report whether its "
+                        "planted parcels score above its noise parcels")
+    return p
+
+
 # --------------------------------------------------------------------------------------------------
-# Ridge with exact leave-one-out for every alpha and every parcel at once (paper sections 2.3.2-2.3.3)
+# Ridge with exact leave-one-out for every alpha and every parcel at once (paper 2.3.2-2.3.3)
 # --------------------------------------------------------------------------------------------------
-# The model of one parcel is y = b0 + X b, b minimizing ||y - b0 - X b||^2 + alpha ||b||^2 (paper Eq. 8;
-# the intercept b0 is not penalized). Its fitted values are H y with the hat matrix
+# The model of one parcel is y = b0 + X b, b minimizing ||y - b0 - X b||^2 + alpha ||b||^2 (paper
+# Eq. 8; the intercept b0 is not penalized). Its fitted values are H y with the hat matrix
 #     H = 11'/n + Xc (Xc'Xc + alpha I)^-1 Xc'          (Xc: X centered with its training means)
-# and its leave-one-out residual needs no refit: e_i = r_i / (1 - H_ii), r = (I - H) y. Likewise, leaving
-# a whole group g of samples (a run) out gives e_g = [(I - H)_gg]^-1 r_g. I - H in closed form:
-#   dual (p > n), with K = Xc Xc' (n, n) and G = (K + alpha I)^-1: H = 11'/n + K G and I - K G = alpha G, so
+# and its leave-one-out residual needs no refit: e_i = r_i / (1 - H_ii), r = (I - H) y. Likewise,
+# leaving a whole group g of samples (a run) out gives e_g = [(I - H)_gg]^-1 r_g. I - H in closed
+# form:
+#   dual (p > n), with K = Xc Xc' (n, n) and G = (K + alpha I)^-1: H = 11'/n + K G and
+#   I - K G = alpha G, so
 #       I - H = alpha G - 11'/n  and  r = alpha G yc  (yc = y - mean(y), so 11'yc = 0); either
-#     "cholesky", one factorization per alpha: K + alpha I = L L', G = L^-T L^-1, diag(G) = column sums of
-#       squares of L^-1; or
-#     "eigh", one decomposition for every alpha: K = Q diag(lam) Q', alpha G = Q diag(alpha / (lam + alpha)) Q'
+#     "cholesky", one factorization per alpha: K + alpha I = L L', G = L^-T L^-1, diag(G) = column
+#       sums of squares of L^-1; or
+#     "eigh", one decomposition for every alpha: K = Q diag(lam) Q',
+#       alpha G = Q diag(alpha / (lam + alpha)) Q'
 #   primal (n >= p): Xc = U diag(s) V'      ->  I - H = I - 11'/n - U diag(s^2 / (s^2 + alpha)) U'
-# (1 is in K's null space, so G 1 = 1 / alpha: subtracting 11'/n leaves the intercept's direction unpenalized,
-# as scikit-learn does by zeroing the weight of K's eigenvector along 1.)
-# This is the leave-one-out that scikit-learn's RidgeCV(alphas, alpha_per_target=True, cv=None) computes,
-# with the same criterion (mean squared leave-one-out error) and the same tie rule (the first alpha).
+# (1 is in K's null space, so G 1 = 1 / alpha: subtracting 11'/n leaves the intercept's direction
+# unpenalized, as scikit-learn does by zeroing the weight of K's eigenvector along 1.)
+# This is the leave-one-out that scikit-learn's RidgeCV(alphas, alpha_per_target=True, cv=None)
+# computes, with the same criterion (mean squared leave-one-out error) and the same tie rule (the
+# first alpha).
 
 
 def fit_ridge_loo(X_train, Y_train, X_test, alphas, groups=None, device="cpu", dtype=torch.float64,
                   feature_chunk=4096, row_block=1024, parcel_batch=256, solver="auto"):
     """Ridge per target with the penalty chosen by exact leave-one-out (or leave-one-group-out).
 
-    X_train (n, p), Y_train (n, P), X_test (m, p): numpy arrays, any float dtype (read a block of columns
-    at a time, so a float32 X of the paper's size never exists in float64). groups (n,) or None: with
-    groups, the penalty minimizes the leave-one-group-out error instead. Products of X run in `dtype` on
-    `device`; the decomposition and everything after it in float64. solver, when p > n: "cholesky" (one
-    factorization of Xc Xc' + alpha I per alpha), "eigh" (one eigendecomposition of Xc Xc' for every
-    alpha) or "auto" (the faster for these sizes: Cholesky below ~25 alphas at n = 4000); n >= p uses the
-    SVD of Xc ("svd"). feature_chunk, row_block and parcel_batch bound the memory of temporaries: blocks
-    of columns of X, of rows of the Gram matrix (device cuda or float32 products), of targets.
+    X_train (n, p), Y_train (n, P), X_test (m, p): numpy arrays, any float dtype (read a block of
+    columns at a time, so a float32 X of the paper's size never exists in float64). groups (n,) or
+    None: with groups, the penalty minimizes the leave-one-group-out error instead. Products of X
+    run in `dtype` on `device`; the decomposition and everything after it in float64. solver, when
+    p > n: "cholesky" (one factorization of Xc Xc' + alpha I per alpha), "eigh" (one
+    eigendecomposition of Xc Xc' for every alpha) or "auto" (the faster for these sizes: Cholesky
+    below ~25 alphas at n = 4000); n >= p uses the SVD of Xc ("svd"). feature_chunk, row_block and
+    parcel_batch bound the memory of temporaries: blocks of columns of X, of rows of the Gram matrix
+    (device cuda or float32 products), of targets.
 
     Returns a dict:
       alpha (P,) chosen penalty; cv_error (A, P) mean squared held-out error of each alpha;
       test_prediction (m, P); train_fit (n, P) in-sample fitted values; mode "dual" or "primal";
       solver "cholesky", "eigh" or "svd"; seconds {phase: wall time}: "products" (the Gram matrices;
-      primal: centered X), "selection" (decompositions, held-out errors of every alpha), "prediction".
+      primal: centered X), "selection" (decompositions, held-out errors of every alpha),
+      "prediction".
     """
     clock = Stopwatch(device)
     n, p = X_train.shape
     f64 = dict(device=device, dtype=torch.float64)
     alphas = torch.tensor(list(alphas), **f64)                                   # (A,)
     y_mean = torch.as_tensor(Y_train.mean(axis=0, dtype=np.float64), **f64)      # (P,)
-    # (n, P) column-major: a batch of targets is one contiguous block, which BLAS reads without a copy
+    # (n, P) column-major: a batch of targets is one contiguous block, which BLAS reads without a
+    # copy
     yc = (torch.as_tensor(Y_train, **f64) - y_mean).T.contiguous().T
-    members = None if groups is None else [torch.as_tensor(np.flatnonzero(np.asarray(groups) == g),
-                                                           device=device) for g in np.unique(groups)]
+    members = (None if groups is None else
+               [torch.as_tensor(np.flatnonzero(np.asarray(groups) == g), device=device)
+                for g in np.unique(groups)])
     mode = "dual" if p > n else "primal"
     if mode == "dual":    # (n, n) and (m, n) Gram matrices
         products = _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block)
@@ -185,21 +218,22 @@ def fit_ridge_loo(X_train, Y_train, X_test, alphas, groups=None, device="cpu", d
         result = SOLVERS[solver](*products, yc, alphas, members, parcel_batch, clock)
     cv_error, best, fit, prediction = result
     out = dict(alpha=alphas[best].cpu().numpy(), cv_error=cv_error.cpu().numpy(),
-               test_prediction=(prediction + y_mean).cpu().numpy(), train_fit=(fit + y_mean).cpu().numpy(),
-               mode=mode, solver=solver)
+               test_prediction=(prediction + y_mean).cpu().numpy(),
+               train_fit=(fit + y_mean).cpu().numpy(), mode=mode, solver=solver)
     clock.lap("prediction")
     return dict(out, seconds=clock.seconds)
 
 
-# The solvers. Each takes the centered products (K (n, n) and K_test (m, n) in the dual, Xc (n, p) and
-# Xc_test (m, p) in the primal), the centered targets yc (n, P), the alphas (A,), the held-out groups
-# (None: leave-one-out; else the sample indices of each group), a batch size over targets and the
-# Stopwatch (its "selection" lap ends before the test prediction), and returns (cv_error (A, P), best (P,)
-# index of the chosen alpha, the in-sample fit (n, P) and the test prediction (m, P), both centered).
-# Ties go to the first alpha, as scikit-learn's argmin.
+# The solvers. Each takes the centered products (K (n, n) and K_test (m, n) in the dual, Xc (n, p)
+# and Xc_test (m, p) in the primal), the centered targets yc (n, P), the alphas (A,), the held-out
+# groups (None: leave-one-out; else the sample indices of each group), a batch size over targets and
+# the Stopwatch (its "selection" lap ends before the test prediction), and returns (cv_error (A, P),
+# best (P,) index of the chosen alpha, the in-sample fit (n, P) and the test prediction (m, P), both
+# centered). Ties go to the first alpha, as scikit-learn's argmin.
 def solve_cholesky(K, K_test, yc, alphas, members, parcel_batch, clock):
     """Dual, one Cholesky factorization of K + alpha I per alpha (a few alphas, the paper's 3)."""
-    cv_error, dual = _select_cholesky(K, yc, alphas, members, parcel_batch)  # dual = G yc, best alphas
+    # dual = G yc, best alphas
+    cv_error, dual = _select_cholesky(K, yc, alphas, members, parcel_batch)
     best = torch.argmin(cv_error, dim=0)
     clock.lap("selection")
     fit = yc - alphas[best] * dual                       # H yc = yc - alpha G yc
@@ -210,11 +244,11 @@ def solve_eigh(K, K_test, yc, alphas, members, parcel_batch, clock):
     """Dual, one eigendecomposition K = Q diag(lam) Q' for every alpha (a long grid)."""
     lam, basis = _eigh(K)                                # (n,), (n, n)
     lam = lam.clamp(min=0)     # K is positive semi-definite; rounding can make 0 slightly negative
-    # 1, the intercept's direction, is K's null vector: its eigenvalue is 0, not eigh's rounding error
-    # (scikit-learn likewise leaves the eigenvector closest to 1 unpenalized)
+    # 1, the intercept's direction, is K's null vector: its eigenvalue is 0, not eigh's rounding
+    # error (scikit-learn likewise leaves the eigenvector closest to 1 unpenalized)
     lam[torch.argmax(basis.sum(dim=0).abs())] = 0
-    cv_error, QTy, residual = _select_spectral(basis, lambda a: a / (lam + a), 1, yc, alphas, members,
-                                               parcel_batch)
+    cv_error, QTy, residual = _select_spectral(basis, lambda a: a / (lam + a), 1, yc, alphas,
+                                               members, parcel_batch)
     best = torch.argmin(cv_error, dim=0)
     clock.lap("selection")
     # b = Xc' (K + alpha I)^-1 yc, so X_test b = K_test Q diag(1 / (lam + alpha)) Q' yc
@@ -226,8 +260,8 @@ def solve_svd(Xc, Xc_test, yc, alphas, members, parcel_batch, clock):
     """Primal, the SVD Xc = U diag(s) V' (n >= p)."""
     basis, s, Vh = torch.linalg.svd(Xc, full_matrices=False)   # (n, r), (r,), (r, p)
     s2 = s**2
-    cv_error, QTy, residual = _select_spectral(basis, lambda a: s2 / (s2 + a), -1, yc, alphas, members,
-                                               parcel_batch)
+    cv_error, QTy, residual = _select_spectral(basis, lambda a: s2 / (s2 + a), -1, yc, alphas,
+                                               members, parcel_batch)
     best = torch.argmin(cv_error, dim=0)
     clock.lap("selection")
     # b = V diag(s / (s^2 + alpha)) U' yc
@@ -252,16 +286,19 @@ class Stopwatch:
 
 
 def _select_cholesky(K, yc, alphas, members, parcel_batch):
-    """Held-out errors of every alpha from one Cholesky factorization of K + alpha I per alpha (dual).
+    """Held-out errors of every alpha from one Cholesky factorization of K + alpha I per alpha
+    (dual).
 
-    K (n, n) centered Gram matrix, yc (n, P) centered targets, alphas (A,), members None or the sample indices
-    of each group. Returns cv_error (A, P) and dual (n, P) = G yc, each target with its best alpha (the
-    first of its smallest errors, as argmin). Raises LinAlgError as _inverse_cholesky_factor.
+    K (n, n) centered Gram matrix, yc (n, P) centered targets, alphas (A,), members None or the
+    sample indices of each group. Returns cv_error (A, P) and dual (n, P) = G yc, each target with
+    its best alpha (the first of its smallest errors, as argmin). Raises LinAlgError as
+    _inverse_cholesky_factor.
 
-    The factorization is of S = K + s 11' + alpha I instead (s: K's mean eigenvalue / n). As K 1 = 0, 1 is an
-    eigenvector of S with eigenvalue n s + alpha, so G = S^-1 + (1/alpha - 1/(n s + alpha)) 11'/n, which gives
-    G yc = S^-1 yc and I - H = alpha S^-1 - c 11', c = alpha / (n (n s + alpha)). In G itself the intercept's
-    direction weighs 1/alpha, and subtracting 11'/n from alpha diag(G) would cancel leading digits where
+    The factorization is of S = K + s 11' + alpha I instead (s: K's mean eigenvalue / n). As
+    K 1 = 0, 1 is an eigenvector of S with eigenvalue n s + alpha, so
+    G = S^-1 + (1/alpha - 1/(n s + alpha)) 11'/n, which gives G yc = S^-1 yc and
+    I - H = alpha S^-1 - c 11', c = alpha / (n (n s + alpha)). In G itself the intercept's direction
+    weighs 1/alpha, and subtracting 11'/n from alpha diag(G) would cancel leading digits where
     1 - H_ii is small (small alpha); in S^-1 it weighs no more than the other directions.
     """
     n, P = yc.shape
@@ -272,8 +309,11 @@ def _select_cholesky(K, yc, alphas, members, parcel_batch):
         F = _inverse_cholesky_factor(K, alpha, shift)  # S^-1 = F'F
         c = alpha / (n * (n * shift + alpha))
         if members is None:
-            held_out = alpha * torch.einsum("ij,ij->j", F, F) - c  # diag(I - H), without an (n, n) temporary
-        else:  # (I - H)_gg = alpha F_g'F_g - c 11'; F is lower triangular, so F_g's rows above group g are 0
+            # diag(I - H), without an (n, n) temporary
+            held_out = alpha * torch.einsum("ij,ij->j", F, F) - c
+        else:
+            # (I - H)_gg = alpha F_g'F_g - c 11'; F is lower triangular, so F_g's rows above
+            # group g are 0
             held_out = [torch.linalg.inv(alpha * F[int(idx[0]):, idx].T @ F[int(idx[0]):, idx] - c)
                         for idx in members]
         for b in _chunks(P, parcel_batch):
@@ -283,15 +323,18 @@ def _select_cholesky(K, yc, alphas, members, parcel_batch):
             if a == 0:
                 dual[:, b] = solved
             else:  # strictly smaller: a tie keeps the earlier alpha
-                dual[:, b] = torch.where(cv_error[a, b] < cv_error[:a, b].amin(dim=0), solved, dual[:, b])
+                better = cv_error[a, b] < cv_error[:a, b].amin(dim=0)
+                dual[:, b] = torch.where(better, solved, dual[:, b])
     return cv_error, dual
 
 
 def _select_spectral(basis, shrink, sign, yc, alphas, members, parcel_batch):
-    """Held-out errors of every alpha from one decomposition for all of them (dual eigh or primal SVD).
+    """Held-out errors of every alpha from one decomposition for all of them (dual eigh or primal
+    SVD).
 
-    I - H = base I + sign basis diag(shrink(alpha)) basis' - 11'/n with basis (n, r) orthonormal, sign +1
-    (dual, base 0) or -1 (primal, base 1); yc (n, P) centered targets, alphas (A,), members as _select_cholesky.
+    I - H = base I + sign basis diag(shrink(alpha)) basis' - 11'/n with basis (n, r) orthonormal,
+    sign +1 (dual, base 0) or -1 (primal, base 1); yc (n, P) centered targets, alphas (A,),
+    members as _select_cholesky.
     Returns cv_error (A, P), basis'yc (r, P) and the residuals (n, P) of each target's best alpha.
     """
     n, P = yc.shape
@@ -300,10 +343,10 @@ def _select_spectral(basis, shrink, sign, yc, alphas, members, parcel_batch):
         basis_sq = basis**2  # (n, r)
         held_out = [base + sign * (basis_sq @ shrink(a)) - 1.0 / n for a in alphas]  # A x (n,)
         del basis_sq
-    else:
+    else:   # A x [inverse of (I - H)_gg for each group g]
         held_out = [[torch.linalg.inv(base * torch.eye(len(idx), dtype=yc.dtype, device=yc.device)
                                       + sign * (basis[idx] * shrink(a)) @ basis[idx].T - 1.0 / n)
-                     for idx in members] for a in alphas]  # A x [inverse of (I - H)_gg for each group g]
+                     for idx in members] for a in alphas]
     cv_error = torch.empty(len(alphas), P, dtype=yc.dtype, device=yc.device)
     QTy = torch.empty(basis.shape[1], P, dtype=yc.dtype, device=yc.device)
     chosen_residual = torch.empty_like(yc)
@@ -322,8 +365,8 @@ def _held_out_errors(residual, held_out, members):
     """Held-out errors (n, b) from the residuals r = (I - H) y (n, b) of a batch of targets.
 
     Leave-one-out (members None): r / diag(I - H), held_out = diag(I - H) (n,). Leave-one-group-out:
-    [(I - H)_gg]^-1 r_g for each group g, held_out = those inverses, members = the groups' sample indices;
-    the rows come out in group order.
+    [(I - H)_gg]^-1 r_g for each group g, held_out = those inverses, members = the groups' sample
+    indices; the rows come out in group order.
     """
     if members is None:
         return residual / held_out[:, None]
@@ -333,12 +376,12 @@ def _held_out_errors(residual, held_out, members):
 def _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block):
     """K = Xc Xc' (n, n) and K_test = (X_test - x_mean) Xc' (m, n), float64 tensors on `device`.
 
-    X_train (n, p), X_test (m, p): numpy arrays, read feature_chunk columns at a time and centered with
-    the training means. Products run in `dtype`; the chunks' products are summed in float64.
+    X_train (n, p), X_test (m, p): numpy arrays, read feature_chunk columns at a time and centered
+    with the training means. Products run in `dtype`; the chunks' products are summed in float64.
     """
     n, p = X_train.shape
     m = X_test.shape[0]
-    if device == "cpu" and dtype == torch.float64:   # the same sums with BLAS's syrk: see the last section
+    if device == "cpu" and dtype == torch.float64:   # the same sums with BLAS's syrk (last section)
         K, K_test = _centered_gram_syrk(X_train, X_test, feature_chunk)
     else:
         f64 = dict(device=device, dtype=torch.float64)
@@ -346,14 +389,15 @@ def _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block):
         K_test = torch.zeros(m, n, **f64)
         row_blocks = _chunks(n, row_block)
         for c in _chunks(p, feature_chunk):
-            A, A_test = _centered_blocks(X_train, X_test, c, device, dtype)  # (n, chunk), (m, chunk)
+            # (n, chunk), (m, chunk)
+            A, A_test = _centered_blocks(X_train, X_test, c, device, dtype)
             for rows in row_blocks:  # K is symmetric: the blocks on and above the diagonal suffice
                 K[rows, rows.start:] += (A[rows] @ A[rows.start:].T).double()
             K_test += (A_test @ A.T).double()
         K.triu_()  # the diagonal blocks were computed whole
     K += torch.triu(K, diagonal=1).T  # mirror the upper triangle
-    # Centering again in float64 makes 1 an exact null vector of K despite rounding; one vector of means
-    # for rows and columns keeps K exactly symmetric.
+    # Centering again in float64 makes 1 an exact null vector of K despite rounding; one vector of
+    # means for rows and columns keeps K exactly symmetric.
     mean = K.mean(dim=1)  # (n,)
     K -= mean[:, None] + mean[None, :] - mean.mean()
     return K, K_test
@@ -361,13 +405,15 @@ def _centered_gram(X_train, X_test, device, dtype, feature_chunk, row_block):
 
 def _centered_features(X_train, X_test, device, dtype, feature_chunk):
     """Xc (n, p) and Xc_test (m, p): both minus the training means, float64 tensors on `device`."""
-    blocks = [_centered_blocks(X_train, X_test, c, device, dtype) for c in _chunks(X_train.shape[1], feature_chunk)]
+    blocks = [_centered_blocks(X_train, X_test, c, device, dtype)
+              for c in _chunks(X_train.shape[1], feature_chunk)]
     return (torch.cat([train for train, _ in blocks], dim=1).double(),
             torch.cat([test for _, test in blocks], dim=1).double())
 
 
 def _centered_blocks(X_train, X_test, c, device, dtype):
-    """Columns c of X_train and X_test minus the training means, as `dtype` tensors on `device`: (n, .), (m, .)."""
+    """Columns c of X_train and X_test minus the training means, as `dtype` tensors on `device`:
+    (n, .), (m, .)."""
     block = torch.as_tensor(X_train[:, c], device=device).to(dtype)  # (n, chunk)
     mean = block.mean(dim=0, dtype=torch.float64).to(dtype)  # (chunk,)
     return block - mean, torch.as_tensor(X_test[:, c], device=device).to(dtype) - mean
@@ -381,8 +427,10 @@ def _chunks(n, size):
 # Scores and their null distribution (paper section 2.3.3: Pearson r on the test set)
 # --------------------------------------------------------------------------------------------------
 def pearson_r(a, b):
-    """Pearson r of each column of a (n, P) with the same column of b (n, P): (P,). NaN for a constant column."""
-    constant = (np.ptp(a, axis=0) == 0) | (np.ptp(b, axis=0) == 0)   # centering could leave rounding noise
+    """Pearson r of each column of a (n, P) with the same column of b (n, P): (P,). NaN for a
+    constant column."""
+    # centering could leave rounding noise
+    constant = (np.ptp(a, axis=0) == 0) | (np.ptp(b, axis=0) == 0)
     a = a - a.mean(axis=0)
     b = b - b.mean(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -392,28 +440,29 @@ def pearson_r(a, b):
 
 
 def circular_shift_null(y_test, prediction, test_run, n_permutations, rng):
-    """Null distribution of the test r: the fitted model applied to circularly time-shifted features.
+    """Null distribution of the test r: the fitted model applied to circularly time-shifted
+    features.
 
-    Shifting the features of a run by k TRs shifts the model's predictions by k TRs, so the null r of a
-    permutation correlates the test BOLD at TR t with the prediction at TR t + k (modulo the run length,
-    one k per run), which keeps the autocorrelation of both series but breaks their alignment.
-    y_test, prediction (m, P); test_run (m,) as shift_sources. Returns (n_null, P).
+    Shifting the features of a run by k TRs shifts the model's predictions by k TRs, so the null r
+    of a permutation correlates the test BOLD at TR t with the prediction at TR t + k (modulo the
+    run length, one k per run), which keeps the autocorrelation of both series but breaks their
+    alignment. y_test, prediction (m, P); test_run (m,) as shift_sources. Returns (n_null, P).
     """
     return np.stack([pearson_r(y_test, prediction[source])
                      for source in shift_sources(test_run, n_permutations, rng)])
 
 
 def shift_sources(test_run, n_permutations, rng):
-    """The circular shifts of the null, as row indices (n_null, m): row i of a shifted prediction is row
-    sources[k, i] of the prediction. test_run (m,): the run of each test sample, the samples of a run
-    contiguous and in time order (whole test runs: --split session).
+    """The circular shifts of the null, as row indices (n_null, m): row i of a shifted prediction is
+    row sources[k, i] of the prediction. test_run (m,): the run of each test sample, the samples of
+    a run contiguous and in time order (whole test runs: --split session).
 
-    The shifts are the whole group of circular shifts, k = 0 ... L - 1 in each run independently (all
-    runs at 0 is the observed r): when it has no more than n_permutations other elements, all of them
-    are used (an exact test), otherwise n_permutations drawn at random. Small shifts stay in on purpose:
-    leaving out |k| < 10, say, compares the observed r only with distant shifts and makes the test
-    anti-conservative (2 test runs of 77 TRs, autocorrelated predictions, no signal: 7.9% of parcels
-    below p = 0.05).
+    The shifts are the whole group of circular shifts, k = 0 ... L - 1 in each run independently
+    (all runs at 0 is the observed r): when it has no more than n_permutations other elements, all
+    of them are used (an exact test), otherwise n_permutations drawn at random. Small shifts stay in
+    on purpose: leaving out |k| < 10, say, compares the observed r only with distant shifts and
+    makes the test anti-conservative (2 test runs of 77 TRs, autocorrelated predictions, no signal:
+    7.9% of parcels below p = 0.05).
     """
     runs, starts, lengths = np.unique(test_run, return_index=True, return_counts=True)
     if not all((test_run[s:s + n] == g).all() for g, s, n in zip(runs, starts, lengths)):
@@ -424,9 +473,10 @@ def shift_sources(test_run, n_permutations, rng):
                          "--n-permutations 0")
     if n_shifts <= n_permutations:
         every = np.stack(np.meshgrid(*[np.arange(n) for n in lengths], indexing="ij"), axis=-1)
-        shifts = every.reshape(-1, len(runs))[1:]                   # every combination but all zeros
+        shifts = every.reshape(-1, len(runs))[1:]               # every combination but all zeros
     else:
-        shifts = np.stack([rng.integers(0, n, n_permutations) for n in lengths], axis=1)  # (n_perm, runs)
+        shifts = np.stack([rng.integers(0, n, n_permutations) for n in lengths],
+                          axis=1)                                              # (n_perm, runs)
     run_index = np.searchsorted(runs, test_run)                     # (m,)
     position = np.arange(len(test_run)) - starts[run_index]         # (m,) index within the run
     start, length = starts[run_index], lengths[run_index]
@@ -452,44 +502,49 @@ def main():
     args = parse_args()
     work = Path(args.work)
     stage = read_stage_inputs(args, work)
-    results_dir = work / "results" / (args.results_name or "+".join(name for name, _ in stage.feature_sets))
-    # What a subject's results are made of: these flags, and the exact bytes of every BOLD and feature
-    # file of the runs used (fingerprints from 02's and 05's records), the atlas and its labels. Finished
-    # subjects made the same way are skipped; a changed input makes them again.
-    settings = common.settings_of(args, {"work", "name", "results_name", "subjects", "device", "parcel_batch",
-                                         "overwrite", "ground_truth", "layer", "with_sets"})
+    names = [name for name, _ in stage.feature_sets]
+    results_dir = work / "results" / (args.results_name or "+".join(names))
+    # What a subject's results are made of: these flags, and the exact bytes of every BOLD and
+    # feature file of the runs used (fingerprints from 02's and 05's records), the atlas and its
+    # labels. Finished subjects made the same way are skipped; a changed input makes them again.
+    settings = common.settings_of(args, {"work", "name", "results_name", "subjects", "device",
+                                         "parcel_batch", "overwrite", "ground_truth", "layer",
+                                         "with_sets"})
     settings["--layer"] = stage.feature_sets[0][1]
     if args.with_sets:
         settings["--with"] = [f"{name}:{layer}" for name, layer in stage.feature_sets[1:]]
     else:   # a single set's record as before: no band grid either
         settings.pop("--band-grid")
     shared = [work / "bold" / "labels.tsv", stage.atlas_path, *filter(None, [args.ground_truth])]
-    inputs_of = functools.partial(subject_inputs, work, args, stage.manifest, shared,
-                                  [work / "features" / name / layer for name, layer in stage.feature_sets])
+    feature_dirs = [work / "features" / name / layer for name, layer in stage.feature_sets]
+    inputs_of = functools.partial(subject_inputs, work, args, stage.manifest, shared, feature_dirs)
     fitted = 0
     for sub in stage.subjects:
         out_dir = results_dir / f"sub-{sub}"
         earlier = common.read_record(out_dir / "summary.json")
         files, inputs = inputs_of(sub, earlier)
-        if subject_is_done(out_dir, earlier, settings, inputs, len(stage.feature_sets), args.overwrite):
-            print(f"sub-{sub}: done already with these flags and inputs ({out_dir / 'summary.json'}); "
-                  "--overwrite to redo")
+        if subject_is_done(out_dir, earlier, settings, inputs, len(stage.feature_sets),
+                           args.overwrite):
+            print(f"sub-{sub}: done already with these flags and inputs "
+                  f"({out_dir / 'summary.json'}); --overwrite to redo")
             continue
         summary = encode_subject(args, sub, files, stage, out_dir, (settings, inputs))
         fitted += 1
-        print(f"sub-{sub}: {summary['n_train_samples']} train / {summary['n_test_samples']} test samples, "
+        print(f"sub-{sub}: {summary['n_train_samples']} train / "
+              f"{summary['n_test_samples']} test samples, "
               f"{summary['n_features']} features, r max {score_text(summary['r_max'])}, median "
-              f"{score_text(summary['r_median'])}, {summary['n_significant']}/{summary['n_parcels']} "
-              f"significant, alphas {summary['alphas_chosen']}, {summary['seconds']} s")
+              f"{score_text(summary['r_median'])}, "
+              f"{summary['n_significant']}/{summary['n_parcels']} significant, "
+              f"alphas {summary['alphas_chosen']}, {summary['seconds']} s")
     update_subjects_figure(results_dir, stage, settings, inputs_of, redraw=fitted > 0)
     print_summary(results_dir, stage.subjects)
 
 
 @dataclass
 class StageInputs:
-    """What every subject shares: bold/manifest.tsv (a DataFrame), the atlas label of each BOLD column,
-    the atlas on the BOLD grid, the demo's planted labels (or None), the feature sets [(name, layer)]
-    (--name first, then --with), the subjects."""
+    """What every subject shares: bold/manifest.tsv (a DataFrame), the atlas label of each BOLD
+    column, the atlas on the BOLD grid, the demo's planted labels (or None), the feature sets
+    [(name, layer)] (--name first, then --with), the subjects."""
     manifest: object
     labels: list
     atlas_path: Path
@@ -499,23 +554,27 @@ class StageInputs:
 
 
 def read_stage_inputs(args, work):
-    """StageInputs, after checking them before any subject is fitted (a mismatch leaves no results)."""
+    """StageInputs, after checking them before any subject is fitted (a mismatch leaves no
+    results)."""
     manifest_path = work / "bold" / "manifest.tsv"
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: file not found (run 02_prep_fmri.py)")
     manifest = read_tsv(manifest_path, required=("sub", "ses", "task", "run", "split", "bold_path"))
-    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
-    labels = labels["label"].astype(int).tolist()
+    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label"))
+    labels = labels.sort_values("column")["label"].astype(int).tolist()
     atlas_path = work / "bold" / "atlas.nii.gz"
     if not atlas_path.is_file():
         raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
     atlas = common.load_nifti(atlas_path)
     unknown = sorted(set(labels) - set(np.unique(common.nifti_data(atlas, atlas_path)).tolist()))
     if unknown:
-        raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} listed in bold/labels.tsv")
+        raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} "
+                         "listed in bold/labels.tsv")
     planted_labels = common.read_planted_labels(args.ground_truth) if args.ground_truth else None
-    named = [(args.name, args.layer)] + [tuple(f"{spec}:".split(":")[:2]) for spec in args.with_sets]
-    feature_sets = [(name, find_layer(work / "features" / name, layer or None)) for name, layer in named]
+    named = ([(args.name, args.layer)]
+             + [tuple(f"{spec}:".split(":")[:2]) for spec in args.with_sets])
+    feature_sets = [(name, find_layer(work / "features" / name, layer or None))
+                    for name, layer in named]
     if len(set(feature_sets)) < len(feature_sets):
         raise InputError(f"--with {' '.join(args.with_sets)}: a feature set is given twice")
     subjects = sorted(manifest["sub"].unique())
@@ -530,11 +589,13 @@ def read_stage_inputs(args, work):
 def update_subjects_figure(results_dir, stage, settings, inputs_of, redraw):
     """r_by_subject.png compares subjects, so it shows only those made as this run makes them; the
     folder's other subjects (from a run with other --subjects and flags, or from inputs that changed
-    since) are left out, with a line saying why. Refusing would stop this run over results it did not
-    make, and that it does not need: a run that reaches them refuses other flags and remakes changed
-    inputs. A re-run of finished subjects rewrites nothing, unless the figure may show other runs'."""
-    made = sorted(path.parent.name.removeprefix("sub-") for path in results_dir.glob("sub-*/summary.json"))
-    others = [sub for sub in made if sub not in stage.subjects]   # this run's subjects: checked above
+    since) are left out, with a line saying why. Refusing would stop this run over results it did
+    not make, and that it does not need: a run that reaches them refuses other flags and remakes
+    changed inputs. A re-run of finished subjects rewrites nothing, unless the figure may show other
+    runs'."""
+    made = sorted(path.parent.name.removeprefix("sub-")
+                  for path in results_dir.glob("sub-*/summary.json"))
+    others = [sub for sub in made if sub not in stage.subjects]   # this run's: checked above
     left_out = subjects_not_current(results_dir, others, stage.manifest, settings, inputs_of)
     if redraw or left_out or not (results_dir / "r_by_subject.png").is_file():
         plot_subjects(results_dir, [sub for sub in made if sub not in left_out])
@@ -550,8 +611,10 @@ def score_text(value):
 
 def subject_is_done(out_dir, record, settings, inputs, n_sets, overwrite):
     """common.is_up_to_date for a subject's summary.json, which must also list every output this
-    version writes (results of an older 06 lack the test time course that 07's intervals resample)."""
-    if not common.is_up_to_date(out_dir / "summary.json", record, STAGE, settings, inputs, overwrite):
+    version writes (results of an older 06 lack the test time course that 07's intervals
+    resample)."""
+    if not common.is_up_to_date(out_dir / "summary.json", record, STAGE, settings, inputs,
+                                overwrite):
         return False
     missing = [name for name in output_files(n_sets) if name not in record.get("outputs", {})]
     if missing:
@@ -560,9 +623,10 @@ def subject_is_done(out_dir, record, settings, inputs, n_sets, overwrite):
 
 
 def subject_inputs(work, args, manifest, shared, feature_dirs, sub, earlier=None):
-    """(files, inputs) of one subject: run_files(...) of the runs it uses, and the inputs of its record
-    (fingerprints of the `shared` files and of every run's BOLD and features, reusing those of the
-    `earlier` record's inputs where they vouch, and each run's split). InputError for a missing file."""
+    """(files, inputs) of one subject: run_files(...) of the runs it uses, and the inputs of its
+    record (fingerprints of the `shared` files and of every run's BOLD and features, reusing those
+    of the `earlier` record's inputs where they vouch, and each run's split). InputError for a
+    missing file."""
     files = run_files(work, runs_used(args, manifest[manifest["sub"] == sub]), feature_dirs)
     for stem, _, bold_path, feature_paths in files:
         if not bold_path.is_file():
@@ -577,9 +641,9 @@ def subject_inputs(work, args, manifest, shared, feature_dirs, sub, earlier=None
 
 
 def subjects_not_current(results_dir, subjects, manifest, settings, inputs_of):
-    """{subject: why, in a few words} for those of `subjects` (labels, "01") whose results in `results_dir`
-    were not made as this run makes them: with `settings`, from the inputs `inputs_of(subject, its
-    record)` gives; 06's rule, common.is_up_to_date."""
+    """{subject: why, in a few words} for those of `subjects` (labels, "01") whose results in
+    `results_dir` were not made as this run makes them: with `settings`, from the inputs
+    `inputs_of(subject, its record)` gives; 06's rule, common.is_up_to_date."""
     why = {}
     for sub in subjects:
         path = results_dir / f"sub-{sub}" / "summary.json"
@@ -593,20 +657,23 @@ def subjects_not_current(results_dir, subjects, manifest, settings, inputs_of):
             why[sub] = "its BOLD or features are missing"
             continue
         try:
-            if common.is_up_to_date(path, record, STAGE, settings, inputs, False, say=lambda line: None):
+            if common.is_up_to_date(path, record, STAGE, settings, inputs, False,
+                                    say=lambda line: None):
                 continue
         except InputError:   # other flags
             why[sub] = f"made with other {', '.join(common.changed_settings(record, settings))}"
             continue
         changed = common.changed_inputs(record or {}, inputs)
         why[sub] = ("no record of how it was made" if record is None else
-                    f"{changed[0]} changed since" if changed else "its files changed since it was made")
+                    f"{changed[0]} changed since" if changed else
+                    "its files changed since it was made")
     return why
 
 
 def encode_subject(args, sub, files, stage, out_dir, record):
-    """Fit, score, test and map one subject; write its outputs, then summary.json (its record: `record`
-    is (settings, inputs) as main computed them). files: run_files(...) of the runs used."""
+    """Fit, score, test and map one subject; write its outputs, then summary.json (its record:
+    `record` is (settings, inputs) as main computed them). files: run_files(...) of the runs
+    used."""
     start = time.time()
     rng = np.random.default_rng(args.seed)
     design = subject_design(args, sub, files, stage.labels, rng)
@@ -615,7 +682,7 @@ def encode_subject(args, sub, files, stage, out_dir, record):
         fit = fit_ridge_loo(design.X_train[0], design.Y_train, design.X_test[0], args.alphas,
                             groups=design.groups, device=args.device, dtype=products_dtype(args),
                             parcel_batch=args.parcel_batch)
-    else:                          # --with: banded ridge of all the sets, and the variance partition
+    else:                          # --with: banded ridge of all the sets, the variance partition
         fit, partition = partition_variance(design, args)
     r = pearson_r(design.Y_test, fit["test_prediction"])  # (P,)
     if design.all_constant:
@@ -629,23 +696,27 @@ def encode_subject(args, sub, files, stage, out_dir, record):
     names = [name for name, _ in stage.feature_sets]
     common.remove_stale_temporaries(out_dir)
     # a subject is all or nothing: a failed write (full disk) removes what this attempt wrote
-    with common.all_or_nothing([out_dir / name for name in (*output_files(len(names)), "summary.json")]):
+    with common.all_or_nothing([out_dir / name
+                                for name in (*output_files(len(names)), "summary.json")]):
         save_npy(out_dir / "r.npy", r.astype(np.float32))
         save_npy(out_dir / "alphas.npy", fit["alpha"])
         save_npy(out_dir / "p_values.npy", p_values)
         save_npy(out_dir / "significant.npy", significant)
         save_test_time_course(out_dir, design, fit["test_prediction"])
         best = score_text(np.nanmax(r) if np.isfinite(r).any() else None)
-        write_r_map(r, significant, args.n_permutations > 0, stage.labels, stage.atlas_path, out_dir,
-                    f"sub-{sub} {'+'.join(names)}: test r (max {best})")
+        write_r_map(r, significant, args.n_permutations > 0, stage.labels, stage.atlas_path,
+                    out_dir, f"sub-{sub} {'+'.join(names)}: test r (max {best})")
         if partition is not None:
             write_partition(out_dir, fit, partition, names, stage, sub)
-        summary = subject_summary(args, sub, r, significant, null, fit, design, files, record, start)
+        summary = subject_summary(args, sub, r, significant, null, fit, design, files, record,
+                                  start)
         if partition is not None:
             summary["partition"] = partition_summary(partition, names, args)
         if stage.planted_labels is not None:
-            summary["ground_truth"] = planted_recovery(r, significant, stage.labels, stage.planted_labels)
-        summary["outputs"] = {name: common.hash_file(out_dir / name) for name in output_files(len(names))}
+            summary["ground_truth"] = planted_recovery(r, significant, stage.labels,
+                                                       stage.planted_labels)
+        summary["outputs"] = {name: common.hash_file(out_dir / name)
+                              for name in output_files(len(names))}
         common.write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -656,7 +727,8 @@ def products_dtype(args):
 
 
 def output_files(n_sets):
-    """What a subject's folder holds besides summary.json (which lists them with their fingerprints)."""
+    """What a subject's folder holds besides summary.json (which lists them with their
+    fingerprints)."""
     return OUTPUT_FILES + (PARTITION_FILES if n_sets > 1 else ())
 
 
@@ -670,11 +742,11 @@ def save_test_time_course(out_dir, design, prediction):
 
 @dataclass
 class Design:
-    """One subject's regression: X_train [(n, D_s)] and X_test [(m, D_s)] float32, one per feature set
-    (delayed, standardized or projected), Y_train (n, P) and Y_test (m, P) float64 BOLD; the samples,
-    (run index, index among the run's samples) for each row; the runs (load_runs); groups (n,) the
-    training run of each row for --cv runs, else None; n_constant features constant over the training
-    samples (all sets)."""
+    """One subject's regression: X_train [(n, D_s)] and X_test [(m, D_s)] float32, one per feature
+    set (delayed, standardized or projected), Y_train (n, P) and Y_test (m, P) float64 BOLD; the
+    samples, (run index, index among the run's samples) for each row; the runs (load_runs); groups
+    (n,) the training run of each row for --cv runs, else None; n_constant features constant over
+    the training samples (all sets)."""
     X_train: list
     X_test: list
     Y_train: np.ndarray
@@ -700,25 +772,29 @@ def subject_design(args, sub, files, labels, rng):
     runs = load_runs(files, args.delays)
     train_ids, test_ids = split_samples(runs, args, rng)
     if not train_ids or not test_ids:
-        raise InputError(f"{Path(args.work) / 'bold' / 'manifest.tsv'}: sub-{sub} has {len(train_ids)} "
-                         f"training and {len(test_ids)} test samples with --split {args.split}")
-    n_sets = len(runs[0]["features"])
-    X_train = [delayed_design(runs, train_ids, args.delays, s) for s in range(n_sets)]  # (n, D_s * delays)
-    X_test = [delayed_design(runs, test_ids, args.delays, s) for s in range(n_sets)]    # (m, D_s * delays)
+        raise InputError(f"{Path(args.work) / 'bold' / 'manifest.tsv'}: sub-{sub} has "
+                         f"{len(train_ids)} training and {len(test_ids)} test samples "
+                         f"with --split {args.split}")
+    sets = range(len(runs[0]["features"]))
+    X_train = [delayed_design(runs, train_ids, args.delays, s) for s in sets]  # (n, D_s * delays)
+    X_test = [delayed_design(runs, test_ids, args.delays, s) for s in sets]    # (m, D_s * delays)
     Y_train = np.stack([runs[g]["bold"][k] for g, k in train_ids]).astype(np.float64)  # (n, P)
     Y_test = np.stack([runs[g]["bold"][k] for g, k in test_ids]).astype(np.float64)    # (m, P)
     if Y_train.shape[1] != len(labels):
-        raise InputError(f"{Path(args.work) / 'bold' / 'labels.tsv'}: lists {len(labels)} parcels but the "
-                         f"BOLD of sub-{sub} has {Y_train.shape[1]} columns")
+        raise InputError(f"{Path(args.work) / 'bold' / 'labels.tsv'}: lists {len(labels)} parcels "
+                         f"but the BOLD of sub-{sub} has {Y_train.shape[1]} columns")
     n_constant = sum(standardize(X, X_test_s, scale=not args.no_standardize)
                      for X, X_test_s in zip(X_train, X_test))
     if n_constant == sum(X.shape[1] for X in X_train):
-        print(f"{STAGE}: warning: sub-{sub}: all {n_constant} features are constant over the training "
-              "samples: no prediction is possible, r is NaN for every parcel", file=sys.stderr)
+        print(f"{STAGE}: warning: sub-{sub}: all {n_constant} features are constant over the "
+              "training samples: no prediction is possible, r is NaN for every parcel",
+              file=sys.stderr)
     if args.pca:   # one set (parse_args refuses --pca with --with)
         if args.pca >= min(X_train[0].shape):
-            raise InputError(f"--pca {args.pca}: must be below min(samples, features) = {min(X_train[0].shape)}")
-        X_train[0], X_test[0] = principal_components(X_train[0], X_test[0], args.pca, args.device, args.seed)
+            raise InputError(f"--pca {args.pca}: must be below min(samples, features) = "
+                             f"{min(X_train[0].shape)}")
+        X_train[0], X_test[0] = principal_components(X_train[0], X_test[0], args.pca, args.device,
+                                                     args.seed)
     groups = None
     if args.cv == "runs":
         groups = np.array([g for g, _ in train_ids])
@@ -728,11 +804,13 @@ def subject_design(args, sub, files, labels, rng):
 
 
 def significance(args, design, prediction, r, rng):
-    """p-values (P,), the FDR mask (P,) and the null's summary (its size and the 95th percentile of the
-    max and median null r over parcels: the chance level of the scores; None without a null)."""
+    """p-values (P,), the FDR mask (P,) and the null's summary (its size and the 95th percentile of
+    the max and median null r over parcels: the chance level of the scores; None without a null)."""
     if args.n_permutations == 0:
-        return np.full(len(r), np.nan), np.zeros(len(r), bool), {"n_permutations": 0, "levels": None}
-    test_run = np.array([g for g, _ in design.test_ids])   # whole runs, in time order (split_samples)
+        return (np.full(len(r), np.nan), np.zeros(len(r), bool),
+                {"n_permutations": 0, "levels": None})
+    # whole runs, in time order (split_samples)
+    test_run = np.array([g for g, _ in design.test_ids])
     null = circular_shift_null(design.Y_test, prediction, test_run, args.n_permutations, rng)
     p_values, _, significant = permutation_p_values(r, null, args.fdr)
     levels = None
@@ -745,15 +823,15 @@ def significance(args, design, prediction, r, rng):
 
 def warn_if_alphas_at_grid_edge(args, sub, alphas, significant, all_constant):
     """Parcels without signal rightly take the largest penalty, whatever the grid. When every parcel
-    sits on an edge of the grid, or a parcel with signal (significant) does, its best penalty probably
-    lies outside the grid: say which --alphas to add."""
+    sits on an edge of the grid, or a parcel with signal (significant) does, its best penalty
+    probably lies outside the grid: say which --alphas to add."""
     if len(set(args.alphas)) < 2 or all_constant:
         return
     for edge, direction in ((max(args.alphas), "larger"), (min(args.alphas), "smaller")):
         on_edge = alphas == edge
         if on_edge.all():
-            print(f"{STAGE}: warning: sub-{sub}: every parcel chose alpha {edge:g}, the edge of the grid: "
-                  f"add {direction} --alphas", file=sys.stderr)
+            print(f"{STAGE}: warning: sub-{sub}: every parcel chose alpha {edge:g}, "
+                  f"the edge of the grid: add {direction} --alphas", file=sys.stderr)
         elif (on_edge & significant).any():
             print(f"{STAGE}: warning: sub-{sub}: {int((on_edge & significant).sum())} significant "
                   f"parcel(s) chose alpha {edge:g}, the edge of the grid: add {direction} --alphas",
@@ -761,7 +839,8 @@ def warn_if_alphas_at_grid_edge(args, sub, alphas, significant, all_constant):
 
 
 def subject_summary(args, sub, r, significant, null, fit, design, files, record, start):
-    """summary.json without its outputs' fingerprints: scores, significance, method, data, record."""
+    """summary.json without its outputs' fingerprints: scores, significance, method, data,
+    record."""
     finite = np.isfinite(r).any()
     values, counts = np.unique(fit["alpha"], return_counts=True)
     settings, inputs = record
@@ -772,8 +851,9 @@ def subject_summary(args, sub, r, significant, null, fit, design, files, record,
         "r_mean": float(np.nanmean(r)) if finite else None,
         "n_parcels": int(len(r)), "n_parcels_nan_r": int(np.isnan(r).sum()),
         "n_significant": int(significant.sum()),
-        "significance": (f"one-sided permutation p-value against {null['n_permutations']} circular shifts of "
-                         f"the features within each run, Benjamini-Hochberg q < {args.fdr}"
+        "significance": (f"one-sided permutation p-value against {null['n_permutations']} "
+                         f"circular shifts of the features within each run, "
+                         f"Benjamini-Hochberg q < {args.fdr}"
                          if args.n_permutations else "not computed (--n-permutations 0)"),
         "null": null["levels"],
         "alphas_chosen": {f"{v:g}": int(c) for v, c in zip(values, counts)},
@@ -793,13 +873,15 @@ def subject_summary(args, sub, r, significant, null, fit, design, files, record,
 
 SOLVER_TEXT = {"cholesky": "dual (a Cholesky factorization of X X^T + alpha I for each alpha)",
                "eigh": "dual (eigendecomposition of X X^T)", "svd": "primal (SVD of X)",
-               "banded": "banded ridge, dual (an eigendecomposition of sum_s w_s X_s X_s^T per weighting w)"}
+               "banded": "banded ridge, dual "
+                         "(an eigendecomposition of sum_s w_s X_s X_s^T per weighting w)"}
 
 
 def standardization_text(args, n_constant):
     """How the features entered the ridge, in words (summary.json)."""
-    text = (f"features z-scored with training-set means and standard deviations ({n_constant} constant "
-            "features set to 0)" if not args.no_standardize else "features as 05 wrote them (--no-standardize)")
+    text = (f"features z-scored with training-set means and standard deviations "
+            f"({n_constant} constant features set to 0)" if not args.no_standardize
+            else "features as 05 wrote them (--no-standardize)")
     text += "; intercept fitted (X and BOLD centered with training means)"
     if args.pca:
         text += f"; then the first {args.pca} principal components of the training features"
@@ -807,8 +889,8 @@ def standardization_text(args, n_constant):
 
 
 def runs_used(args, runs_table):
-    """The manifest rows of one subject that --split uses (session: train and test runs, plus validation
-    runs with --train-on-validation; random: every run)."""
+    """The manifest rows of one subject that --split uses (session: train and test runs, plus
+    validation runs with --train-on-validation; random: every run)."""
     if args.split == "session":
         used = {"train", "validation", "test"} if args.train_on_validation else {"train", "test"}
         runs_table = runs_table[runs_table["split"].isin(used)]
@@ -818,19 +900,21 @@ def runs_used(args, runs_table):
 # --------------------------------------------------------------------------------------------------
 # Several feature sets at once: banded ridge and variance partitioning (beyond the paper)
 # --------------------------------------------------------------------------------------------------
-# With feature sets X_1 ... X_S (the GPT's, low-level vision, the button presses), banded ridge gives
-# each set its own penalty: b minimizes ||y - b0 - sum_s X_s b_s||^2 + sum_s lambda_s ||b_s||^2. Writing
-# lambda_s = alpha / w_s, it is the ridge of penalty alpha on the kernel K_w = sum_s w_s K_s (K_s = X_s
-# X_s', centered), so one eigendecomposition of K_w gives the leave-one-out error of every alpha at once
-# (solve_eigh's algebra). The weights w are searched on a grid: every subset of the sets switched on
-# (w_s = 0 drops set s), the others at 10^u times the first one, u in --band-grid; each parcel keeps the
+# With feature sets X_1 ... X_S (the GPT's, low-level vision, the button presses), banded ridge
+# gives each set its own penalty: b minimizes
+# ||y - b0 - sum_s X_s b_s||^2 + sum_s lambda_s ||b_s||^2. Writing lambda_s = alpha / w_s, it is
+# the ridge of penalty alpha on the kernel K_w = sum_s w_s K_s (K_s = X_s X_s', centered), so one
+# eigendecomposition of K_w gives the leave-one-out error of every alpha at once (solve_eigh's
+# algebra). The weights w are searched on a grid: every subset of the sets switched on (w_s = 0
+# drops set s), the others at 10^u times the first one, u in --band-grid; each parcel keeps the
 # (w, alpha) of smallest held-out error, as himalaya's MultipleKernelRidgeCV does with a list of
 # candidate weights. Variance partitioning fits every non-empty subset of the sets this way and
-# compares test R^2: the unique part of A is R^2(all) - R^2(all but A), the shared part what R^2(all) has
-# beyond the unique parts, and a set alone its own R^2.
+# compares test R^2: the unique part of A is R^2(all) - R^2(all but A), the shared part what
+# R^2(all) has beyond the unique parts, and a set alone its own R^2.
 def band_candidates(n_sets, log_ratios):
-    """The kernel weights w (C, n_sets) to try, each summing to 1 (alpha sets the overall scale): every
-    non-empty subset of the sets on, its first set at weight 1 and the others at 10^u, u in log_ratios."""
+    """The kernel weights w (C, n_sets) to try, each summing to 1 (alpha sets the overall scale):
+    every non-empty subset of the sets on, its first set at weight 1 and the others at 10^u, u in
+    log_ratios."""
     candidates = set()
     for on in itertools.chain.from_iterable(itertools.combinations(range(n_sets), k)
                                             for k in range(1, n_sets + 1)):
@@ -842,12 +926,12 @@ def band_candidates(n_sets, log_ratios):
 
 
 def fit_banded_ridge(grams, grams_test, Y_train, alphas, candidates, groups=None, parcel_batch=256):
-    """Banded ridge, the weights of the sets and the penalty chosen per target by exact leave-one-out (or
-    leave-one-group-out) among `candidates` x `alphas`.
+    """Banded ridge, the weights of the sets and the penalty chosen per target by exact
+    leave-one-out (or leave-one-group-out) among `candidates` x `alphas`.
 
     grams (S, n, n) and grams_test (S, m, n): the centered Gram matrices K_s = Xc_s Xc_s' and
-    K_test,s = (X_test,s - mean) Xc_s' of each set (float64 tensors, _centered_gram); Y_train (n, P);
-    alphas (A,); candidates (C, S) from band_candidates; groups as fit_ridge_loo.
+    K_test,s = (X_test,s - mean) Xc_s' of each set (float64 tensors, _centered_gram);
+    Y_train (n, P); alphas (A,); candidates (C, S) from band_candidates; groups as fit_ridge_loo.
 
     Returns a dict: alpha (P,); weights (P, S); cv_error (P,) of the chosen pair; test_prediction
     (m, P); train_fit (n, P); solver "banded".
@@ -857,8 +941,9 @@ def fit_banded_ridge(grams, grams_test, Y_train, alphas, candidates, groups=None
     alphas = torch.tensor(list(alphas), **f64)
     y_mean = torch.as_tensor(Y_train.mean(axis=0, dtype=np.float64), **f64)      # (P,)
     yc = torch.as_tensor(Y_train, **f64) - y_mean                                # (n, P)
-    members = None if groups is None else [torch.as_tensor(np.flatnonzero(np.asarray(groups) == g),
-                                                           device=device) for g in np.unique(groups)]
+    members = (None if groups is None else
+               [torch.as_tensor(np.flatnonzero(np.asarray(groups) == g), device=device)
+                for g in np.unique(groups)])
     n, P = yc.shape
     best_error = torch.full((P,), torch.inf, **f64)
     alpha = torch.zeros(P, **f64)
@@ -866,29 +951,32 @@ def fit_banded_ridge(grams, grams_test, Y_train, alphas, candidates, groups=None
     fit = torch.zeros_like(yc)
     prediction = torch.zeros(grams_test.shape[1], P, **f64)
     for w in torch.as_tensor(candidates, **f64):
-        K = torch.einsum("s,sij->ij", w, grams)                                  # (n, n)
+        K = torch.einsum("s,sij->ij", w, grams)                              # (n, n)
         lam, basis = _eigh(K)
         lam = lam.clamp(min=0)
         lam[torch.argmax(basis.sum(dim=0).abs())] = 0    # the intercept's direction, as solve_eigh
-        cv_error, QTy, residual = _select_spectral(basis, lambda a: a / (lam + a), 1, yc, alphas, members,
-                                                   parcel_batch)
-        error, index = cv_error.min(dim=0)                                       # (P,) first minimum
-        better = error < best_error                                              # ties keep the earlier
+        cv_error, QTy, residual = _select_spectral(basis, lambda a: a / (lam + a), 1, yc, alphas,
+                                                   members, parcel_batch)
+        error, index = cv_error.min(dim=0)                                   # (P,) first minimum
+        better = error < best_error                                          # ties keep the earlier
         if not better.any():
             continue
-        chosen = alphas[index[better]]                                           # (b,)
-        dual = basis @ (QTy[:, better] / (lam[:, None] + chosen[None, :]))       # c = (K_w + alpha I)^-1 yc
+        chosen = alphas[index[better]]                                       # (b,)
+        # c = (K_w + alpha I)^-1 yc
+        dual = basis @ (QTy[:, better] / (lam[:, None] + chosen[None, :]))
         best_error[better], alpha[better], weights[better] = error[better], chosen, w
         fit[:, better] = yc[:, better] - residual[:, better]
-        prediction[:, better] = torch.einsum("s,smn->mn", w, grams_test) @ dual  # K_test,w c: (m, b)
-    return dict(alpha=alpha.cpu().numpy(), weights=weights.cpu().numpy(), cv_error=best_error.cpu().numpy(),
-                test_prediction=(prediction + y_mean).cpu().numpy(), train_fit=(fit + y_mean).cpu().numpy(),
-                solver="banded")
+        # K_test,w c: (m, b)
+        prediction[:, better] = torch.einsum("s,smn->mn", w, grams_test) @ dual
+    return dict(alpha=alpha.cpu().numpy(), weights=weights.cpu().numpy(),
+                cv_error=best_error.cpu().numpy(),
+                test_prediction=(prediction + y_mean).cpu().numpy(),
+                train_fit=(fit + y_mean).cpu().numpy(), solver="banded")
 
 
 def r2_score(y, prediction):
-    """Test R^2 of each column, 1 - SSE / SS around the test mean: y, prediction (m, P) -> (P,); NaN for
-    a constant column of y. Negative when the prediction is worse than the test mean."""
+    """Test R^2 of each column, 1 - SSE / SS around the test mean: y, prediction (m, P) -> (P,); NaN
+    for a constant column of y. Negative when the prediction is worse than the test mean."""
     ss = ((y - y.mean(axis=0)) ** 2).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = 1 - ((y - prediction) ** 2).sum(axis=0) / ss
@@ -898,18 +986,20 @@ def r2_score(y, prediction):
 
 def partition_variance(design, args):
     """Every non-empty subset of the S >= 2 feature sets fitted by banded ridge, and the variance
-    partition of the test BOLD. Returns (the fit of all the sets (fit_banded_ridge), a dict of arrays:
-    r2_alone (S, P), r2_all (P,), unique (S, P), shared (P,), and the models without set s, for the null:
-    reduced_prediction (S, m, P))."""
-    grams, grams_test = zip(*(_centered_gram(X, X_test, args.device, products_dtype(args), 4096, 1024)
+    partition of the test BOLD. Returns (the fit of all the sets (fit_banded_ridge), a dict of
+    arrays: r2_alone (S, P), r2_all (P,), unique (S, P), shared (P,), and the models without set s,
+    for the null: reduced_prediction (S, m, P))."""
+    grams, grams_test = zip(*(_centered_gram(X, X_test, args.device, products_dtype(args), 4096,
+                                             1024)
                               for X, X_test in zip(design.X_train, design.X_test)))
-    grams, grams_test = torch.stack(grams), torch.stack(grams_test)              # (S, n, n), (S, m, n)
+    grams, grams_test = torch.stack(grams), torch.stack(grams_test)      # (S, n, n), (S, m, n)
     n_sets = len(grams)
     fits = {}
     for size in range(1, n_sets + 1):
         for subset in itertools.combinations(range(n_sets), size):
-            fits[subset] = fit_banded_ridge(grams[list(subset)], grams_test[list(subset)], design.Y_train,
-                                            args.alphas, band_candidates(size, args.band_grid), design.groups,
+            fits[subset] = fit_banded_ridge(grams[list(subset)], grams_test[list(subset)],
+                                            design.Y_train, args.alphas,
+                                            band_candidates(size, args.band_grid), design.groups,
                                             args.parcel_batch)
     r2 = {subset: r2_score(design.Y_test, fit["test_prediction"]) for subset, fit in fits.items()}
     everything = tuple(range(n_sets))
@@ -922,11 +1012,12 @@ def partition_variance(design, args):
 
 
 def unique_null(y_test, prediction, reduced_prediction, test_run, n_permutations, rng):
-    """Null distributions of the unique parts: the test BOLD against circularly shifted predictions (the
-    shifts of the null of r), of all the sets and of all but set s, R^2(all) - R^2(all but s) each time.
-    Shifting breaks every alignment with the BOLD; when set s has no unique part, the observed value
-    lies in this null (it is wider than the unique part's own spread, so the test errs on the safe side).
-    y_test, prediction (m, P); reduced_prediction (S, m, P). Returns (S, n_null, P)."""
+    """Null distributions of the unique parts: the test BOLD against circularly shifted predictions
+    (the shifts of the null of r), of all the sets and of all but set s, R^2(all) - R^2(all but s)
+    each time. Shifting breaks every alignment with the BOLD; when set s has no unique part, the
+    observed value lies in this null (it is wider than the unique part's own spread, so the test
+    errs on the safe side). y_test, prediction (m, P); reduced_prediction (S, m, P).
+    Returns (S, n_null, P)."""
     sources = shift_sources(test_run, n_permutations, rng)                       # (n_null, m)
     full = np.stack([r2_score(y_test, prediction[source]) for source in sources])   # (n_null, P)
     return np.stack([full - np.stack([r2_score(y_test, reduced[source]) for source in sources])
@@ -935,20 +1026,23 @@ def unique_null(y_test, prediction, reduced_prediction, test_run, n_permutations
 
 def unique_significance(args, design, fit, partition, rng):
     """unique_p (S, P) one-sided permutation p-values of the unique parts (unique_null) and
-    unique_significant (S, P) their Benjamini-Hochberg mask per set (NaN and False without a null)."""
+    unique_significant (S, P) their Benjamini-Hochberg mask per set (NaN and False without a
+    null)."""
     unique = partition["unique"]
     if args.n_permutations == 0:
-        return dict(unique_p=np.full(unique.shape, np.nan), unique_significant=np.zeros(unique.shape, bool))
+        return dict(unique_p=np.full(unique.shape, np.nan),
+                    unique_significant=np.zeros(unique.shape, bool))
     test_run = np.array([g for g, _ in design.test_ids])
-    null = unique_null(design.Y_test, fit["test_prediction"], partition["reduced_prediction"], test_run,
-                       args.n_permutations, rng)
+    null = unique_null(design.Y_test, fit["test_prediction"], partition["reduced_prediction"],
+                       test_run, args.n_permutations, rng)
     tests = [permutation_p_values(u, n, args.fdr) for u, n in zip(unique, null)]   # per set
-    return dict(unique_p=np.stack([p for p, _, _ in tests]), unique_significant=np.stack([m for _, _, m in tests]))
+    return dict(unique_p=np.stack([p for p, _, _ in tests]),
+                unique_significant=np.stack([m for _, _, m in tests]))
 
 
 def partition_summary(partition, names, args):
-    """The variance partition in summary.json: per set its R^2 alone and its unique part (median and max
-    over parcels, significant parcels), and the R^2 of all the sets and their shared part."""
+    """The variance partition in summary.json: per set its R^2 alone and its unique part (median and
+    max over parcels, significant parcels), and the R^2 of all the sets and their shared part."""
     def median(x):
         return float(np.nanmedian(x)) if np.isfinite(x).any() else None
     per_set = {name: {"r2_alone_median": median(partition["r2_alone"][s]),
@@ -957,10 +1051,12 @@ def partition_summary(partition, names, args):
                       if np.isfinite(partition["unique"][s]).any() else None,
                       "unique_n_significant": int(partition["unique_significant"][s].sum())}
                for s, name in enumerate(names)}
-    return {"sets": names, "band_grid": list(args.band_grid), "r2_all_median": median(partition["r2_all"]),
+    return {"sets": names, "band_grid": list(args.band_grid),
+            "r2_all_median": median(partition["r2_all"]),
             "shared_median": median(partition["shared"]), "per_set": per_set,
-            "definition": "test R^2; unique part of a set = R^2(all sets) - R^2(all sets but it); shared = "
-                          "R^2(all sets) - the sum of the unique parts; each model a banded ridge"}
+            "definition": "test R^2; unique part of a set = R^2(all sets) - R^2(all sets but it); "
+                          "shared = R^2(all sets) - the sum of the unique parts; "
+                          "each model a banded ridge"}
 
 
 def write_partition(out_dir, fit, partition, names, stage, sub):
@@ -980,9 +1076,9 @@ def write_partition(out_dir, fit, partition, names, stage, sub):
 # Inputs: BOLD runs (02) and feature runs (05), matched run by run through the manifest
 # --------------------------------------------------------------------------------------------------
 def find_layer(features_root, layer):
-    """The layer folder: --layer if given, else the only layer present. With several, --layer is needed,
-    even when the paper's layer is among them: another layer extracted later (run_all.sh's EXTRACT_ARGS)
-    would otherwise be passed over silently for the paper's."""
+    """The layer folder: --layer if given, else the only layer present. With several, --layer is
+    needed, even when the paper's layer is among them: another layer extracted later (run_all.sh's
+    EXTRACT_ARGS) would otherwise be passed over silently for the paper's."""
     if not features_root.is_dir():
         raise InputError(f"{features_root}: feature folder not found (run 05_extract.py)")
     if layer is not None:
@@ -996,12 +1092,13 @@ def find_layer(features_root, layer):
 
 
 def run_files(work, runs, feature_dirs):
-    """[(stem, split, BOLD path, [feature path of each set])] of the manifest rows `runs`, in manifest
-    order; feature_dirs: the folder of each feature set, <work>/features/<name>/<layer>."""
+    """[(stem, split, BOLD path, [feature path of each set])] of the manifest rows `runs`, in
+    manifest order; feature_dirs: the folder of each feature set, <work>/features/<name>/<layer>."""
     files = []
     for row in runs.itertuples():
         stem = run_stem(row.sub, row.ses, row.task, row.run)
-        features = [folder / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy" for folder in feature_dirs]
+        features = [folder / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy"
+                    for folder in feature_dirs]
         files.append((stem, row.split, work / row.bold_path, features))
     return files
 
@@ -1009,15 +1106,14 @@ def run_files(work, runs, feature_dirs):
 def load_runs(files, delays):
     """Read each run's BOLD and features; return the samples each run gives to the delayed design.
 
-    files: run_files(...). A sample is a TR t with finite BOLD and t >= max(delays): its design row is
-    the concatenation of the features of TRs t - d for d in delays, all from the same run (shifts never
-    cross run boundaries). Returns a list of dicts: stem, split, bold (T_valid, P) float32, features [one
-    (T, D_s) memory-mapped array per feature set], rows (T_valid,).
+    files: run_files(...), whose files subject_inputs found. A sample is a TR t with finite BOLD
+    and t >= max(delays): its design row is the concatenation of the features of TRs t - d for d in
+    delays, all from the same run (shifts never cross run boundaries). Returns a list of dicts:
+    stem, split, bold (T_valid, P) float32, features [one (T, D_s) memory-mapped array per feature
+    set], rows (T_valid,).
     """
     loaded = []
     for stem, split, bold_path, feature_paths in files:
-        if not bold_path.is_file():
-            raise InputError(f"{bold_path}: BOLD file of run {stem} not found")
         bold = np.array(load_npy(bold_path, advice="re-run 02_prep_fmri.py --overwrite"))
         if bold.ndim != 2:
             raise InputError(f"{bold_path}: expected a 2-D (T, P) array")
@@ -1026,8 +1122,8 @@ def load_runs(files, delays):
             raise InputError(f"{bold_path}: BOLD contains inf")
         nan_rows = np.isnan(bold).all(axis=1)  # non-steady-state volumes, left out by stage 02
         if np.isnan(bold[~nan_rows]).any():
-            raise InputError(f"{bold_path}: BOLD has NaN in some parcels of a volume (only whole NaN rows, "
-                             "for non-steady-state volumes, are allowed)")
+            raise InputError(f"{bold_path}: BOLD has NaN in some parcels of a volume "
+                             "(only whole NaN rows, for non-steady-state volumes, are allowed)")
         if len(bold) <= max(delays):
             raise InputError(f"run {stem}: {len(bold)} volumes, not more than the largest delay "
                              f"{max(delays)}: no sample left")
@@ -1036,14 +1132,14 @@ def load_runs(files, delays):
     for s, path in enumerate(files[0][3]):
         widths = {run["features"][s].shape[1] for run in loaded}
         if len(widths) > 1:
-            raise InputError(f"{path.parents[2]}: runs have different feature sizes {sorted(widths)}")
+            raise InputError(f"{path.parents[2]}: runs have different feature sizes "
+                             f"{sorted(widths)}")
     return loaded
 
 
 def run_features(path, stem, bold_path, n_volumes):
-    """One run's features of one set, (T, D) memory-mapped, after checking them against its BOLD."""
-    if not path.is_file():
-        raise InputError(f"{path}: features missing for run {stem}")
+    """One run's features of one set, (T, D) memory-mapped, after checking them against its BOLD
+    (subject_inputs found the file)."""
     features = load_npy(path, advice="re-run 05_extract.py --overwrite")
     if features.ndim != 2:
         raise InputError(f"{path}: expected a 2-D (T, D) array")
@@ -1056,16 +1152,18 @@ def run_features(path, stem, bold_path, n_volumes):
 
 
 def delayed_design(runs, sample_ids, delays, feature_set=0):
-    """The delayed feature rows of the chosen samples, float32 (len(sample_ids), D * len(delays)), of one
-    feature set. sample_ids: list of (run index, row index within the run's valid samples)."""
+    """The delayed feature rows of the chosen samples, float32 (len(sample_ids), D * len(delays)),
+    of one feature set. sample_ids: list of (run index, row index within the run's valid
+    samples)."""
     n_features = runs[0]["features"][feature_set].shape[1]
     X = np.empty((len(sample_ids), n_features * len(delays)), np.float32)
     ids = np.array(sample_ids).reshape(-1, 2)  # (N, 2): run index, sample index
     for g in np.unique(ids[:, 0]):
         out_rows = np.flatnonzero(ids[:, 0] == g)
         t = runs[g]["rows"][ids[out_rows, 1]]  # TR of each sample
+        features = runs[g]["features"][feature_set]   # (T, D)
         for j, d in enumerate(delays):
-            X[out_rows, j * n_features:(j + 1) * n_features] = runs[g]["features"][feature_set][t - d]
+            X[out_rows, j * n_features:(j + 1) * n_features] = features[t - d]
     return X
 
 
@@ -1074,29 +1172,33 @@ def split_samples(runs, args, rng):
     samples = [(g, k) for g, run in enumerate(runs) for k in range(len(run["rows"]))]
     if args.split == "random":  # paper 2.3.3: 90% of the samples at random for training
         test = np.zeros(len(samples), bool)
-        test[rng.choice(len(samples), max(1, round(args.test_size * len(samples))), replace=False)] = True
-        return ([s for s, t in zip(samples, test) if not t], [s for s, t in zip(samples, test) if t])
+        n_test = max(1, round(args.test_size * len(samples)))
+        test[rng.choice(len(samples), n_test, replace=False)] = True
+        return ([s for s, t in zip(samples, test) if not t],
+                [s for s, t in zip(samples, test) if t])
     train_splits = {"train", "validation"} if args.train_on_validation else {"train"}
     return ([s for s in samples if runs[s[0]]["split"] in train_splits],
             [s for s in samples if runs[s[0]]["split"] == "test"])
 
 
 def principal_components(X_train, X_test, k, device, seed):
-    """Both projected on the first k principal axes of the training features: (n, k), (m, k) float32.
+    """Both projected on the first k principal axes of the training features: (n, k), (m, k)
+    float32.
 
-    The axes are those of the centred training features (z-scoring centred them, --no-standardize did
-    not; center=True subtracts the means inside the products, without a centred copy of the (n, p)
-    matrix). The projections keep a constant offset, which the ridge's intercept absorbs."""
+    The axes are those of the centred training features (z-scoring centred them, --no-standardize
+    did not; center=True subtracts the means inside the products, without a centred copy of the
+    (n, p) matrix). The projections keep a constant offset, which the ridge's intercept absorbs."""
     torch.manual_seed(seed)
-    train_t = torch.as_tensor(X_train, device=device)                       # (n, p), float32: not copied on CPU
+    # (n, p), float32: not copied on CPU
+    train_t = torch.as_tensor(X_train, device=device)
     _, _, components = torch.pca_lowrank(train_t, q=k, center=True)         # (p, k)
     return ((train_t @ components).cpu().numpy(),
             (torch.as_tensor(X_test, device=device) @ components).cpu().numpy())
 
 
 def standardize(X_train, X_test, scale=True, chunk=4096):
-    """Scale both to zero mean, unit variance with training statistics, in place (scale False: leave them
-    as they are); returns the number of columns that are constant over the training samples."""
+    """Scale both to zero mean, unit variance with training statistics, in place (scale False: leave
+    them as they are); returns the number of columns that are constant over the training samples."""
     n_constant = 0
     for c in _chunks(X_train.shape[1], chunk):
         std = X_train[:, c].std(axis=0, dtype=np.float64)
@@ -1113,16 +1215,17 @@ def standardize(X_train, X_test, scale=True, chunk=4096):
 # Outputs: brain map, figures, the demo's ground truth, the summary
 # --------------------------------------------------------------------------------------------------
 def write_r_map(r, significant, tested, labels, atlas_path, out_dir, title):
-    """r per BOLD column -> r_map.nii.gz through the atlas labels, and r_map.png of it on one symmetric
-    colour scale, the parcels that are not significant (FDR) faded when a null was `tested`."""
-    write_parcel_maps(r[None], significant[None], tested, labels, atlas_path, out_dir / "r_map", [title],
-                      "test r")
+    """r per BOLD column -> r_map.nii.gz through the atlas labels, and r_map.png of it on one
+    symmetric colour scale, the parcels that are not significant (FDR) faded when a null was
+    `tested`."""
+    write_parcel_maps(r[None], significant[None], tested, labels, atlas_path, out_dir / "r_map",
+                      [title], "test r")
 
 
 def write_parcel_maps(values, significant, tested, labels, atlas_path, stem, titles, unit):
     """Maps of per-parcel values (K, P) (one per row; NaN drawn as 0): <stem>.nii.gz (3D for K = 1,
-    else 4D) and <stem>.png, one stat map per row on one symmetric colour scale, the parcels that are not
-    `significant` (K, P) faded when a null was `tested`."""
+    else 4D) and <stem>.png, one stat map per row on one symmetric colour scale, the parcels that
+    are not `significant` (K, P) faded when a null was `tested`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1130,7 +1233,8 @@ def write_parcel_maps(values, significant, tested, labels, atlas_path, stem, tit
     from nilearn.maskers import NiftiLabelsMasker
 
     masker = NiftiLabelsMasker(labels_img=str(atlas_path)).fit()
-    atlas_labels = [v for k, v in masker.region_ids_.items() if k != "background"]  # sorted label values
+    # the sorted label values
+    atlas_labels = [v for k, v in masker.region_ids_.items() if k != "background"]
     values = np.nan_to_num(values, nan=0.0)
 
     def parcel_image(row):            # per-column values (P,) -> a NIfTI image on the atlas grid
@@ -1141,14 +1245,15 @@ def write_parcel_maps(values, significant, tested, labels, atlas_path, stem, tit
     with atomic_path(stem.with_name(stem.name + ".nii.gz")) as tmp:
         (maps[0] if len(maps) == 1 else image.concat_imgs(maps)).to_filename(tmp)
     vmax = max(float(np.abs(values).max()), 1e-3)
-    cuts = plotting.find_xyz_cut_coords(parcel_image(np.abs(values).max(axis=0)))   # the same in every row
+    # the same in every row
+    cuts = plotting.find_xyz_cut_coords(parcel_image(np.abs(values).max(axis=0)))
     fig, axes = plt.subplots(len(values), 1, figsize=(10, 3.5 * len(values)), squeeze=False)
     for row, shown_if_tested, title, ax in zip(values, significant, titles, axes[:, 0]):
         shown = shown_if_tested if tested else np.ones(len(row), bool)
         title += "; faded: not significant (FDR)" if tested else "; no significance tested"
-        display = plotting.plot_stat_map(parcel_image(np.where(shown, row, 0)), axes=ax, title=title,
-                                         cut_coords=cuts, vmax=vmax, cmap="cold_hot", colorbar=True,
-                                         symmetric_cbar=True)
+        display = plotting.plot_stat_map(parcel_image(np.where(shown, row, 0)), axes=ax,
+                                         title=title, cut_coords=cuts, vmax=vmax, cmap="cold_hot",
+                                         colorbar=True, symmetric_cbar=True)
         if (row[~shown] != 0).any():  # nilearn warns of an empty overlay
             display.add_overlay(parcel_image(np.where(shown, 0, row)), cmap="cold_hot", vmin=-vmax,
                                 vmax=vmax, threshold=1e-6, transparency=0.3)
@@ -1159,20 +1264,21 @@ def write_parcel_maps(values, significant, tested, labels, atlas_path, stem, tit
 
 
 def plot_subjects(results_dir, subjects):
-    """Bar chart of max and median test r of `subjects` (labels, "01"), from their summary.json, with the
-    permutation null's 95% level of each (dotted) when it was computed."""
+    """Bar chart of max and median test r of `subjects` (labels, "01"), from their summary.json,
+    with the permutation null's 95% level of each (dotted) when it was computed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summaries = [json.loads((results_dir / f"sub-{sub}" / "summary.json").read_text()) for sub in subjects]
+    summaries = [json.loads((results_dir / f"sub-{sub}" / "summary.json").read_text())
+                 for sub in subjects]
     if not summaries:
         return
     x = np.arange(len(summaries))
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(summaries), 3.5))
     for offset, kind, label in ((-0.2, "max", "max r (paper)"), (0.2, "median", "median r")):
-        ax.bar(x + offset, [np.nan if s[f"r_{kind}"] is None else s[f"r_{kind}"] for s in summaries], 0.4,
-               label=label)
+        ax.bar(x + offset, [np.nan if s[f"r_{kind}"] is None else s[f"r_{kind}"]
+                            for s in summaries], 0.4, label=label)
         for xi, s in zip(x, summaries):
             level = (s.get("null") or {}).get(f"{kind}_r_95")
             if level is not None:
@@ -1180,7 +1286,8 @@ def plot_subjects(results_dir, subjects):
     ax.set_xticks(x, [s["subject"] for s in summaries])
     ax.set_ylabel("test Pearson r")
     ax.axhline(0, color="0.7", linewidth=0.8)
-    ax.set_title(f"{results_dir.name}: encoding per subject\n(dotted: the null's 95% level)", fontsize=8)
+    ax.set_title(f"{results_dir.name}: encoding per subject\n(dotted: the null's 95% level)",
+                 fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(results_dir / "r_by_subject.png") as tmp:
@@ -1191,23 +1298,29 @@ def plot_subjects(results_dir, subjects):
 def planted_recovery(r, significant, labels, planted_labels):
     """How the planted parcels of a synthetic dataset score against its noise parcels.
 
-    r (P,) test r, significant (P,) bool, labels: the atlas label of each of the P columns. The planted
-    parcels are recovered when a planted parcel beats a noise parcel in at least 80% of the (planted,
-    noise) pairs, i.e. the area under the ROC curve of r as a detector of planted parcels is >= 0.8.
+    r (P,) test r, significant (P,) bool, labels: the atlas label of each of the P columns. The
+    planted parcels are recovered when a planted parcel beats a noise parcel in at least 80% of the
+    (planted, noise) pairs, i.e. the area under the ROC curve of r as a detector of planted parcels
+    is >= 0.8.
     """
     is_planted = np.array([label in planted_labels for label in labels])
     r_planted, r_noise = r[is_planted], r[~is_planted]
-    beats = float(np.mean(r_planted[:, None] > r_noise[None, :])) if len(r_planted) and len(r_noise) else float("nan")
+    beats = (float(np.mean(r_planted[:, None] > r_noise[None, :]))
+             if len(r_planted) and len(r_noise) else float("nan"))
     return {"planted_columns": np.flatnonzero(is_planted).tolist(),
-            "planted_r_median": float(np.nanmedian(r_planted)), "noise_r_median": float(np.nanmedian(r_noise)),
+            "planted_r_median": float(np.nanmedian(r_planted)),
+            "noise_r_median": float(np.nanmedian(r_noise)),
             "noise_r_max": float(np.nanmax(r_noise)),
-            "planted_significant": int(significant[is_planted].sum()), "n_planted": int(is_planted.sum()),
-            "noise_significant": int(significant[~is_planted].sum()), "n_noise": int((~is_planted).sum()),
+            "planted_significant": int(significant[is_planted].sum()),
+            "n_planted": int(is_planted.sum()),
+            "noise_significant": int(significant[~is_planted].sum()),
+            "n_noise": int((~is_planted).sum()),
             "planted_beats_noise": beats, "recovered": bool(beats >= 0.8)}
 
 
 def print_summary(results_dir, subjects):
-    """One screen: per subject, max and median r, significant parcels, and the planted parcels if known."""
+    """One screen: per subject, max and median r, significant parcels, and the planted parcels if
+    known."""
     print(f"\n06_ridge: test Pearson r per parcel in {results_dir}")
     print(f"{'subject':<9}{'r max':>7}{'r median':>10}{'significant':>13}   planted parcels (demo)")
     for sub in subjects:
@@ -1220,8 +1333,10 @@ def print_summary(results_dir, subjects):
                 f"{str(s['n_significant']) + '/' + str(s['n_parcels']):>13}   ")
         truth = s.get("ground_truth")
         if truth:
-            line += (f"{'recovered' if truth['recovered'] else 'NOT recovered'}: median r {truth['planted_r_median']:.2f} "
-                     f"vs {truth['noise_r_median']:.2f} (noise), beats noise in {truth['planted_beats_noise']:.0%} "
+            line += (f"{'recovered' if truth['recovered'] else 'NOT recovered'}: "
+                     f"median r {truth['planted_r_median']:.2f} "
+                     f"vs {truth['noise_r_median']:.2f} (noise), "
+                     f"beats noise in {truth['planted_beats_noise']:.0%} "
                      f"of pairs, {truth['planted_significant']}/{truth['n_planted']} significant "
                      f"({truth['noise_significant']}/{truth['n_noise']} noise)")
         print(line)
@@ -1234,23 +1349,27 @@ def print_summary(results_dir, subjects):
 # is computed, only how fast: tests/test_ridge.py checks both against scikit-learn.
 # --------------------------------------------------------------------------------------------------
 def _centered_gram_syrk(X_train, X_test, feature_chunk):
-    """_centered_gram on the CPU in float64: K (n, n) with its upper triangle filled (the caller mirrors
-    it) and K_test (m, n)."""
+    """_centered_gram on the CPU in float64: K (n, n) with its upper triangle filled (the caller
+    mirrors it) and K_test (m, n)."""
     n, p = X_train.shape
     m = X_test.shape[0]
-    # BLAS syrk computes one triangle of B B' (half the multiply-adds of torch's general products) and
-    # adds it in place; with the test rows stacked under the training rows, the same call gives K_test
-    # for m^2 extra multiply-adds per feature.
+    # BLAS syrk computes one triangle of B B' (half the multiply-adds of torch's general products)
+    # and adds it in place; with the test rows stacked under the training rows, the same call gives
+    # K_test for m^2 extra multiply-adds per feature.
     gram = np.zeros((n + m, n + m), order="F")  # lower triangle filled: [[K, 0], [K_test, .]]
-    buffer = np.empty((n + m) * min(feature_chunk, p))  # reused: each fresh block would be page-faulted in
+    # reused: each fresh block would be page-faulted in
+    buffer = np.empty((n + m) * min(feature_chunk, p))
     for c in _chunks(p, feature_chunk):
         mean = X_train[:, c].mean(axis=0, dtype=np.float64)  # (chunk,)
-        block = buffer[:(n + m) * (c.stop - c.start)].reshape(n + m, -1)  # centered training, then test rows
+        # (n + m, chunk): centered training, then test rows
+        block = buffer[:(n + m) * (c.stop - c.start)].reshape(n + m, -1)
         np.subtract(X_train[:, c], mean, out=block[:n])
         np.subtract(X_test[:, c], mean, out=block[n:])
-        # block.T is block's memory in Fortran order, (chunk, n + m): trans=1 gives block block', no copy
+        # block.T is block's memory in Fortran order, (chunk, n + m): trans=1 gives block block',
+        # no copy
         gram = blas.dsyrk(1.0, block.T, beta=1.0, c=gram, trans=1, lower=1, overwrite_c=1)
-    # K is symmetric: its lower triangle in column-major order is the upper triangle of a row-major K
+    # K is symmetric: its lower triangle in column-major order is the upper triangle of a
+    # row-major K
     K = torch.from_numpy(gram[:n, :n].T)
     K_test = torch.from_numpy(gram[n:, :n])
     return K, K_test
@@ -1259,11 +1378,12 @@ def _centered_gram_syrk(X_train, X_test, feature_chunk):
 def _dual_solver(n, n_targets, n_alphas):
     """"cholesky" or "eigh": the dual solver that takes less time for these sizes.
 
-    Times in multiply-adds at the rate of BLAS's general product, fitted to timings with n = 4000 and 1095
-    targets on the project's 2-core CPU (the two break even at ~25 alphas): an eigendecomposition ~6.5 n^3 (half
-    of its tridiagonal reduction is memory-bound), a Cholesky factorization and triangular inverse ~0.4 n^3 per
-    alpha; each target then ~1.8 n^2 per alpha with Cholesky (two triangular products, held-out errors) and
-    ~2.3 n^2 per alpha and once more (Q'y) with eigh (torch's products, held-out errors of every alpha).
+    Times in multiply-adds at the rate of BLAS's general product, fitted to timings with n = 4000
+    and 1095 targets on the project's 2-core CPU (the two break even at ~25 alphas): an
+    eigendecomposition ~6.5 n^3 (half of its tridiagonal reduction is memory-bound), a Cholesky
+    factorization and triangular inverse ~0.4 n^3 per alpha; each target then ~1.8 n^2 per alpha
+    with Cholesky (two triangular products, held-out errors) and ~2.3 n^2 per alpha and once more
+    (Q'y) with eigh (torch's products, held-out errors of every alpha).
     """
     cholesky = n_alphas * (0.4 * n**3 + 1.8 * n**2 * n_targets)
     eigh = 6.5 * n**3 + 2.3 * (n_alphas + 1) * n**2 * n_targets
@@ -1271,16 +1391,19 @@ def _dual_solver(n, n_targets, n_alphas):
 
 
 def _fortran_copy(K):
-    """K (n, n) symmetric, on the CPU, as a new column-major numpy array, copied without transposing memory."""
+    """K (n, n) symmetric, on the CPU, as a new column-major numpy array, copied without transposing
+    memory."""
     k = K.numpy()
-    return np.array(k.T if k.strides[1] == k.itemsize else k, order="F")  # a row-major K' is K, column-major
+    # a row-major K' is K, column-major
+    return np.array(k.T if k.strides[1] == k.itemsize else k, order="F")
 
 
 def _inverse_cholesky_factor(K, alpha, shift):
-    """F = L^-1 (n, n), lower triangular, where K + shift 11' + alpha I = L L' for K (n, n) symmetric float64.
+    """F = L^-1 (n, n), lower triangular, where K + shift 11' + alpha I = L L' for K (n, n)
+    symmetric float64.
 
-    Raises numpy's LinAlgError when that matrix is not positive definite in floating point (alpha below the
-    rounding errors of K).
+    Raises numpy's LinAlgError when that matrix is not positive definite in floating point (alpha
+    below the rounding errors of K).
     """
     n = K.shape[0]
     if K.is_cuda:
@@ -1289,11 +1412,13 @@ def _inverse_cholesky_factor(K, alpha, shift):
         if info.item():
             raise np.linalg.LinAlgError(f"K + {alpha:g} I is not positive definite")
         return torch.linalg.solve_triangular(L, eye, upper=False)
-    # LAPACK's triangular inverse (trtri, n^3/6 multiply-adds; torch has none) costs a third of solving L F = I
+    # LAPACK's triangular inverse (trtri, n^3/6 multiply-adds; torch has none) costs a third of
+    # solving L F = I
     shifted = _fortran_copy(K)  # potrf and trtri overwrite it
     shifted += shift
     shifted[np.diag_indices(n)] += alpha
-    L, info = lapack.dpotrf(shifted, lower=1, clean=1, overwrite_a=1)  # clean: zero upper triangle, kept in F
+    # clean: zero upper triangle, kept in F
+    L, info = lapack.dpotrf(shifted, lower=1, clean=1, overwrite_a=1)
     if info == 0:
         F, info = lapack.dtrtri(L, lower=1, overwrite_c=1)
     if info != 0:
@@ -1311,10 +1436,12 @@ def _times_inverse(F, B):
 
 
 def _eigh(K):
-    """Eigenvalues (n,), ascending, and eigenvectors (n, n) of K (n, n) symmetric float64, on K's device."""
+    """Eigenvalues (n,), ascending, and eigenvectors (n, n) of K (n, n) symmetric float64, on K's
+    device."""
     if K.is_cuda:
         return torch.linalg.eigh(K)
-    # LAPACK's divide and conquer (syevd) in scipy's OpenBLAS takes ~2/3 of the time of torch's (MKL) on our CPUs
+    # LAPACK's divide and conquer (syevd) in scipy's OpenBLAS takes ~2/3 of the time of torch's
+    # (MKL) on our CPUs
     lam, Q = scipy.linalg.eigh(_fortran_copy(K), driver="evd", overwrite_a=True, check_finite=False)
     return torch.from_numpy(lam), torch.from_numpy(Q)
 
