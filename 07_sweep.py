@@ -596,7 +596,8 @@ def load_run(work, name, spec, subs, checked=None):
            "wall_s": np.nan}
     if spec["kind"] == "partition":   # 06 --with: (subjects, sets, P) and (subjects, P) arrays
         run["partition"] = {key: np.stack([np.load(f / f"{key}.npy") for f in folders.values()])
-                            for key in ("unique", "unique_significant", "r2_alone", "r2_all", "shared")}
+                            for key in ("unique", "unique_p", "unique_significant", "r2_alone", "r2_all",
+                                        "shared")}
         run["sets"] = run["summaries"][subs[0]]["partition"]["sets"]
     if spec["model"] is None:
         return run
@@ -922,8 +923,10 @@ def partition_table(run, subs):
         cells = [f"{np.nanmean(part['r2_all'][j]):.4f}"]
         for k in range(len(names)):
             unique = part["unique"][j, k]
-            cells.append(f"{np.nanmean(unique):+.4f}, {np.nanmax(unique):+.4f}, "
-                         f"{int(part['unique_significant'][j, k].sum())}/{unique.size}")
+            tested = np.isfinite(part["unique_p"][j, k]).any()   # 06 --n-permutations 0: no null
+            significant = f"{int(part['unique_significant'][j, k].sum())}/{unique.size}" if tested \
+                else "not tested"
+            cells.append(f"{np.nanmean(unique):+.4f}, {np.nanmax(unique):+.4f}, {significant}")
         lines.append(f"| sub-{s} | " + " | ".join(cells) + f" | {np.nanmean(part['shared'][j]):+.4f} |")
     return lines
 
@@ -952,13 +955,17 @@ def planted_partition(run, args):
     names = ["GPT" if i == 0 else name for i, name in enumerate(run["sets"])]
     part, lines = run["partition"], []
     visual = np.flatnonzero(labels.isin(common.read_planted_labels(args.ground_truth)).to_numpy())
+    def mean_with_interval(values):                                                  # (S, parcels)
+        estimate, lo, hi = parcel_paired_difference(values, np.zeros_like(values), args.n_boot)
+        return f"{estimate:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}])"
+
     if len(visual):
-        parts = []
-        for k, name in enumerate(names):
-            values = part["unique"][:, k, visual]                                         # (S, planted)
-            estimate, lo, hi = parcel_paired_difference(values, np.zeros_like(values), args.n_boot)
-            parts.append(f"{name} {estimate:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}])")
-        lines += [f"On the {len(visual)} planted visual parcels, mean unique R^2: {', '.join(parts)}.", ""]
+        unique = ", ".join(f"{name} {mean_with_interval(part['unique'][:, k, visual])}"
+                           for k, name in enumerate(names))
+        alone = ", ".join(f"{name} {mean_with_interval(part['r2_alone'][:, k, visual])}"
+                          for k, name in enumerate(names))
+        lines += [f"On the {len(visual)} planted visual parcels, mean R^2 of each set alone: {alone}; "
+                  f"mean unique R^2: {unique}.", ""]
     buttons = np.flatnonzero(labels.isin(
         common.read_planted_labels(args.ground_truth, "planted_buttons")).to_numpy())
     if len(buttons):

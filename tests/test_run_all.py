@@ -157,15 +157,32 @@ def test_demo_controls_run_end_to_end(pipeline, tmp_path):
     # Trained against untrained on the planted parcels: the report's numbers, recomputed from the r maps.
     (untrained,) = (work / "results").glob("*-untrained")
     folders = {"trained": untrained.name[:-len("-untrained")], "untrained": untrained.name,
-               "VQ-VAE alone": untrained.name.replace("-untrained", "-vqvae"), "low-level": "lowlevel"}
+               "VQ-VAE alone": untrained.name.replace("-untrained", "-vqvae"), "low-level": "lowlevel",
+               "button presses": "buttons"}
     mean_r = {control: float(np.load(work / "results" / folder / "sub-01" / "r.npy")[planted].mean())
               for control, folder in folders.items()}
     reported = re.search(r"On the 10 planted parcels of ground_truth.json, mean r: trained (\S+), untrained (\S+), "
-                         r"VQ-VAE alone (\S+), low-level (\S+)\. There, the trained model minus its untrained "
-                         r"copy: (\S+) \(95% CI \[(\S+), (\S+)\]: (higher|lower|no difference)\)", controls)
+                         r"VQ-VAE alone (\S+), low-level (\S+), button presses (\S+)\. There, the trained model "
+                         r"minus its untrained copy: (\S+) \(95% CI \[(\S+), (\S+)\]: (higher|lower|no difference)\)",
+                         controls)
     assert reported, controls
-    assert [float(v) for v in reported.groups()[:4]] == pytest.approx(list(mean_r.values()), abs=6e-4)
-    diff, lo, hi = (float(v) for v in reported.groups()[4:7])
+    assert [float(v) for v in reported.groups()[:5]] == pytest.approx(list(mean_r.values()), abs=6e-4)
+    diff, lo, hi = (float(v) for v in reported.groups()[5:8])
     assert diff == pytest.approx(mean_r["trained"] - mean_r["untrained"], abs=6e-4)
-    assert reported.group(8) == ("higher" if lo > 0 else "lower" if hi < 0 else "no difference")
+    assert reported.group(9) == ("higher" if lo > 0 else "lower" if hi < 0 else "no difference")
+    # Beyond low-level vision and the buttons (06 --with): the planted visual parcels are explained by
+    # low-level vision (its R^2 alone above 0), the GPT adds nothing there that the data can tell from 0,
+    # and the parcel planted on button presses is found best by the buttons alone.
+    partition = controls[controls.index("### What the GPT explains beyond"):]
+    interval = r"(\S+) \(95% CI \[(\S+), (\S+)\]\)"
+    alone = re.search(rf"mean R\^2 of each set alone: GPT {interval}, lowlevel {interval}, buttons {interval}; "
+                      rf"mean unique R\^2: GPT {interval}", partition)
+    assert alone, partition
+    lowlevel_lo, gpt_unique = float(alone[5]), [float(v) for v in alone.groups()[9:12]]
+    assert lowlevel_lo > 0 and gpt_unique[1] <= 0 <= gpt_unique[2], alone.group(0)
+    joint = work / "results" / f"{folders['trained']}+lowlevel+buttons"       # the trained GPT's partition
+    r2_alone = np.load(joint / "sub-01" / "r2_alone.npy")                      # (sets, P): GPT, low-level, buttons
+    button_parcel = [int(label) - 1 for label in truth["planted_buttons"]]
+    assert r2_alone[2, button_parcel].min() > 0 and (r2_alone[2, button_parcel] >= r2_alone[:2, button_parcel]).all()
+    assert (work / "figures" / "controls_partition.png").is_file()
     assert (work / "figures" / "controls_scores.png").is_file() and (work / "figures" / "controls_maps.png").is_file()

@@ -392,7 +392,7 @@ def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
     lo, hi = float(reported[2]), float(reported[3])
     assert float(reported[1]) == pytest.approx(difference, abs=6e-5) and lo < difference < hi
     assert reported[4] == ("higher" if lo > 0 else "lower" if hi < 0 else "no difference")
-    assert "On the 4 planted visual parcels, mean unique R^2: GPT +" in partition
+    assert "On the 4 planted visual parcels, mean R^2 of each set alone: GPT +" in partition
     appendix = next(s for s in sections if s.startswith("appendix"))
     assert "**Verdict**: supported on this data: post_fc_dp ranks 1 of" in appendix
     for experiment in ("data", "hidden"):      # where scaling pays: a map, a glass brain, the top 10 parcels
