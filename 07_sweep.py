@@ -89,7 +89,8 @@ DEMO_EXTRACT_ARGS = "--device cpu"
 # ~300 training TRs x a few thousand standardized features need stronger penalties than the paper's
 # grid.
 DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 1e7 1e8 --n-permutations 100"
-# The controls' variance partition: the GPT's features fitted with these (06 --with), jobs of their own
+# The controls' variance partition: the GPT's features fitted with these (06 --with), in jobs of
+# their own
 PARTITION_WITH = ("lowlevel", "buttons")
 # Beyond the paper's sweeps: controls for what the GPT learned, appendix A's comparison of layers.
 EXTRA_EXPERIMENTS = {"controls": ("control", None, "beyond the paper"),
@@ -211,8 +212,8 @@ def appendix_layers(config):
 def job(config, layer, kind="model", features=None, extract_layers=None, needs=()):
     """One configuration's jobs: `kind` says which model its features come from (model: the trained
     GPT; untrained: the same GPT with its initial weights; vqvae: the trained GPT's VQ-VAE alone;
-    lowlevel, buttons: no model; partition: no features of its own, the jobs `needs` names are fitted
-    together by 06 --with), `features` names its feature set, `extract_layers` what 05 extracts
+    lowlevel, buttons: no model; partition: no features of its own, 06 --with fits together those of
+    the jobs `needs` names), `features` names its feature set, `extract_layers` what 05 extracts
     (several for appendix A)."""
     model = None
     if kind in ("model", "untrained", "vqvae"):
@@ -225,7 +226,8 @@ def plan(args):
     """{experiment: [(value, config, name, layer)]} and the ordered unique jobs {name: job(...)}; a
     job's name is its results folder, results/<name>/. args.values, when given, replace the values
     of the (one) experiment's knob."""
-    base, experiments = (DEMO_CONFIG, DEMO_EXPERIMENTS) if args.demo else (PAPER_CONFIG, EXPERIMENTS)
+    base, experiments = ((DEMO_CONFIG, DEMO_EXPERIMENTS) if args.demo
+                         else (PAPER_CONFIG, EXPERIMENTS))
     per_experiment, jobs = {}, {}
 
     def add(rows, value, name, spec):
@@ -389,7 +391,7 @@ def fit_saturating_power(x, r):
     scale = geometric_mean(x)
     start = (r.max() + 0.05, max(r.max() - r.min(), 1e-3), 0.5)
     try:
-        with warnings.catch_warnings():   # 3 points for 3 parameters: no covariance, and none needed
+        with warnings.catch_warnings():   # 3 points, 3 parameters: no covariance, and none needed
             warnings.simplefilter("ignore", OptimizeWarning)
             (r_inf, c, alpha), _ = curve_fit(saturating_power, x / scale, r, p0=start,
                                              bounds=SATURATING_BOUNDS, maxfev=20000)
@@ -422,9 +424,9 @@ def bootstrap_fits(x, score, samples):
     """Both laws fitted to the brain score of K configurations, with 95% intervals from the score's
     bootstrap resamples.
 
-    x: (K,) compute, data or parameters; score: (K,) the brain score of each configuration; samples:
-    (K, n_boot) its block-bootstrap resamples (bootstrap_scores; one resample of the test time course
-    applies to every configuration, keeping them paired).
+    x: (K,) compute, data or parameters; score: (K,) the brain score of each configuration;
+    samples: (K, n_boot) its block-bootstrap resamples (bootstrap_scores; one resample of the test
+    time course applies to every configuration, keeping them paired).
     Returns {"log_linear": {"a": [est, lo, hi], "b": ...}, "saturating_power": {"r_inf": ...,
     "c": ..., "alpha": ...}, "saturating_power_at_bound": the names of the point estimate's
     parameters stuck on a search bound, "samples": {law: (n_ok, n_params) parameters of the
@@ -460,8 +462,9 @@ BLOCK_TRS = 20   # ~30 s at the CNeuroMod TR of 1.49 s: longer than the HRF's au
 
 
 def block_counts(test_run, n_boot, rng, block=BLOCK_TRS):
-    """How often each test TR enters each resample, (n_boot, m): each test run of length L is rebuilt
-    from ceil(L / block) blocks of `block` consecutive TRs (circular within the run), cut to L.
+    """How often each test TR enters each resample, (n_boot, m): each test run of length L is
+    rebuilt from ceil(L / block) blocks of `block` consecutive TRs (circular within the run), cut
+    to L.
     test_run (m,): the run of each test TR, the TRs of a run contiguous (06's test_run.npy)."""
     _, starts, lengths = np.unique(test_run, return_index=True, return_counts=True)
     counts = np.zeros((n_boot, len(test_run)))
@@ -504,8 +507,8 @@ def bootstrap_scores(test, n_boot, seed=0):
 
 
 def score_interval(run, subject_index, kind):
-    """One subject's brain score (max or median r over parcels) and its 95% block-bootstrap interval:
-    (est, lo, hi); NaNs when no parcel has an r."""
+    """One subject's brain score (max or median r over parcels) and its 95% block-bootstrap
+    interval: (est, lo, hi); NaNs when no parcel has an r."""
     r, samples = run["r"][subject_index], run["boot"][kind][subject_index]
     if not np.isfinite(r).any() or not np.isfinite(samples).any():
         return (np.nan,) * 3
@@ -514,7 +517,8 @@ def score_interval(run, subject_index, kind):
 
 
 def score_samples(runs, kind):
-    """(K, n_boot): each run's brain score (kind over parcels, mean over subjects) in every resample."""
+    """(K, n_boot): each run's brain score (kind over parcels, mean over subjects) in every
+    resample."""
     return np.stack([run["boot"][kind].mean(axis=0) for run in runs])
 
 
@@ -583,21 +587,21 @@ def load_run(work, name, spec, subs, checked=None):
             raise out_of_date(work, work / "results" / name, stale)
     for folder in folders.values():
         if not (folder / "test_run.npy").is_file():
-            raise InputError(f"{folder}: made by an older 06_ridge.py, without its test time course "
-                             "(test_bold.npy ...) for the intervals: re-run 07_sweep.py without "
-                             "--figures-only (06 then redoes it)")
+            raise InputError(f"{folder}: made by an older 06_ridge.py, without its test time "
+                             "course (test_bold.npy ...) for the intervals: re-run 07_sweep.py "
+                             "without --figures-only (06 then redoes it)")
     run = {"summaries": {s: json.loads((f / "summary.json").read_text())
                          for s, f in folders.items()},
-           "test": [{"bold": np.load(f / "test_bold.npy"), "prediction": np.load(f / "test_prediction.npy"),
-                     "run": np.load(f / "test_run.npy")} for f in folders.values()],
+           "test": [{"bold": np.load(f / "test_bold.npy"), "run": np.load(f / "test_run.npy"),
+                     "prediction": np.load(f / "test_prediction.npy")} for f in folders.values()],
            "r": np.stack([np.load(f / "r.npy") for f in folders.values()]),               # (S, P)
            "significant": np.stack([np.load(f / "significant.npy") for f in folders.values()]),
            "log": pd.DataFrame(), "params": np.nan, "compute": np.nan, "frames": np.nan,
            "wall_s": np.nan}
     if spec["kind"] == "partition":   # 06 --with: (subjects, sets, P) and (subjects, P) arrays
+        keys = ("unique", "unique_p", "unique_significant", "r2_alone", "r2_all", "shared")
         run["partition"] = {key: np.stack([np.load(f / f"{key}.npy") for f in folders.values()])
-                            for key in ("unique", "unique_p", "unique_significant", "r2_alone", "r2_all",
-                                        "shared")}
+                            for key in keys}
         run["sets"] = run["summaries"][subs[0]]["partition"]["sets"]
     if spec["model"] is None:
         return run
@@ -644,10 +648,10 @@ def draw_figures(args, per_experiment, jobs):
     if missing:
         report += [f"**Not finished** (left out of every figure): {', '.join(missing)}.", ""]
     report += [f"Brain score: test Pearson r per parcel (06_ridge.py), {args.score} over parcels "
-               f"unless said; subjects {', '.join(subs)}; 95% intervals of max and median r from "
-               f"{args.n_boot} block-bootstrap resamples of the test time course (blocks of "
-               f"{BLOCK_TRS} TRs within each test run, r recomputed per parcel); intervals of means "
-               "over parcels from resampling parcels.", ""]
+               f"unless said; subjects {', '.join(subs)}; 95% intervals of max and median r "
+               f"from {args.n_boot} block-bootstrap resamples of the test time course (blocks of "
+               f"{BLOCK_TRS} TRs within each test run, r recomputed per parcel); intervals of "
+               "means over parcels from resampling parcels.", ""]
     for experiment, rows in per_experiment.items():
         done = [(value, name, runs[name]) for value, _, name, _ in rows if runs[name] is not None]
         report += experiment_section(args, experiment, done, subs, figures)
@@ -885,16 +889,17 @@ def planted_comparison(runs, args):
 # Controls, beyond: what the GPT explains beyond low-level vision and button presses
 # --------------------------------------------------------------------------------------------------
 def partition_section(args, partitions, subs, figures):
-    """The report's lines on the variance partition of the trained GPT's features with low-level vision
-    and the button presses (06 --with, jobs "<model>+lowlevel+buttons"): per subject the parts, where
-    the GPT's unique part lies, and whether training changes it. partitions: the runs of the trained
-    and the untrained model's partitions (None: not finished)."""
+    """The report's lines on the variance partition of the trained GPT's features with low-level
+    vision and the button presses (06 --with, jobs "<model>+lowlevel+buttons"): per subject the
+    parts, where the GPT's unique part lies, and whether training changes it. partitions: the runs
+    of the trained and the untrained model's partitions (None: not finished)."""
     trained, untrained = partitions
     lines = ["### What the GPT explains beyond low-level vision and button presses", "",
              "Banded ridge of the GPT's features with low-level vision and the button presses (06 "
-             "--with lowlevel buttons; a penalty per feature set), test R^2 per parcel; the unique part "
-             "of a set is R^2(all sets) - R^2(all but it), significant by circular shifts of the test "
-             "predictions (FDR q < 0.05); intervals of means over parcels from resampling parcels.", ""]
+             "--with lowlevel buttons; a penalty per feature set), test R^2 per parcel; the unique "
+             "part of a set is R^2(all sets) - R^2(all but it), significant by circular shifts of "
+             "the test predictions (FDR q < 0.05); intervals of means over parcels from resampling "
+             "parcels.", ""]
     if trained is None:
         return lines + ["Not finished yet.", ""]
     partition_figure(partitions, subs, args.n_boot, figures / "controls_partition.png")
@@ -903,76 +908,90 @@ def partition_section(args, partitions, subs, figures):
     if untrained is not None:
         diff, lo, hi = parcel_paired_difference(trained["partition"]["unique"][:, 0],
                                                 untrained["partition"]["unique"][:, 0], args.n_boot)
-        lines += [f"Training: the trained GPT's unique R^2 minus its untrained copy's, mean over parcels "
-                  f"and subjects: {diff:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}]: {interval_word(lo, hi)}).",
-                  ""]
+        lines += ["Training: the trained GPT's unique R^2 minus its untrained copy's, mean over "
+                  f"parcels and subjects: {diff:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}]: "
+                  f"{interval_word(lo, hi)}).", ""]
     if args.ground_truth:
         lines += planted_partition(trained, args)
     return lines
 
 
+def set_names(run):
+    """The feature sets of a partition, the GPT's (--name, first) called GPT."""
+    return ["GPT", *run["sets"][1:]]
+
+
+def mean_interval(values, n_boot, seed=0):
+    """The mean of values (S, P) over parcels and subjects, and its 95% interval from resampling
+    parcels: (est, lo, hi)."""
+    return parcel_paired_difference(values, np.zeros_like(values), n_boot, seed)
+
+
 def partition_table(run, subs):
     """Per subject: R^2 of all the sets, each set's unique part (mean and max over parcels, parcels
     significant) and the shared part (mean), as a markdown table."""
-    names = ["GPT" if i == 0 else name for i, name in enumerate(run["sets"])]
-    header = ["subject", "R^2 all (mean)", *(f"unique {n}: mean, max, significant" for n in names),
+    part = run["partition"]
+    header = ["subject", "R^2 all (mean)",
+              *(f"unique {name}: mean, max, significant" for name in set_names(run)),
               "shared (mean)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    part = run["partition"]
     for j, s in enumerate(subs):
         cells = [f"{np.nanmean(part['r2_all'][j]):.4f}"]
-        for k in range(len(names)):
-            unique = part["unique"][j, k]
+        for k, unique in enumerate(part["unique"][j]):                               # (P,) per set
             tested = np.isfinite(part["unique_p"][j, k]).any()   # 06 --n-permutations 0: no null
-            significant = f"{int(part['unique_significant'][j, k].sum())}/{unique.size}" if tested \
-                else "not tested"
+            significant = (f"{int(part['unique_significant'][j, k].sum())}/{unique.size}" if tested
+                           else "not tested")
             cells.append(f"{np.nanmean(unique):+.4f}, {np.nanmax(unique):+.4f}, {significant}")
-        lines.append(f"| sub-{s} | " + " | ".join(cells) + f" | {np.nanmean(part['shared'][j]):+.4f} |")
+        cells.append(f"{np.nanmean(part['shared'][j]):+.4f}")
+        lines.append(f"| sub-{s} | " + " | ".join(cells) + " |")
     return lines
 
 
 def top_unique_parcels(run, work, subs, n=10):
-    """Where the GPT's unique part lies: the n parcels of largest unique R^2 (mean over subjects), by
-    atlas label and name, with the subjects where it is significant."""
-    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
+    """Where the GPT's unique part lies: the n parcels of largest unique R^2 (mean over subjects),
+    by atlas label and name, with the subjects where it is significant."""
+    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label"))
+    labels = labels.sort_values("column")
     names = labels["name"].fillna("").tolist() if "name" in labels else [""] * len(labels)
-    unique = np.nanmean(run["partition"]["unique"][:, 0], axis=0)                       # (P,)
-    significant = run["partition"]["unique_significant"][:, 0].sum(axis=0)              # (P,)
+    unique = np.nanmean(run["partition"]["unique"][:, 0], axis=0)                      # (P,)
+    significant = run["partition"]["unique_significant"][:, 0].sum(axis=0)             # (P,)
     lines = [f"The {n} parcels where the GPT's unique R^2 is largest (mean over subjects):", "",
-             "| parcel (atlas label) | name | unique R^2 | significant in |", "| --- | --- | --- | --- |"]
+             "| parcel (atlas label) | name | unique R^2 | significant in |",
+             "| --- | --- | --- | --- |"]
     for column in np.argsort(-np.nan_to_num(unique, nan=-np.inf))[:n]:
-        lines.append(f"| {labels['label'].iloc[column]} | {names[column]} | {unique[column]:+.4f} | "
+        lines.append(f"| {labels['label'].iloc[column]} | {names[column]} | "
+                     f"{unique[column]:+.4f} | "
                      f"{int(significant[column])} of {len(subs)} subjects |")
     return lines + [""]
 
 
 def planted_partition(run, args):
-    """On a synthetic dataset: the mean unique R^2 of each set over the planted visual parcels, with
-    its interval (resampling them), and each set's R^2 alone on the parcels planted on button
-    presses."""
+    """On a synthetic dataset: each set's mean R^2 alone and unique R^2 over the planted visual
+    parcels, with their intervals (resampling them), and each set's R^2 alone on the parcels planted
+    on button presses."""
     labels = read_tsv(Path(args.work) / "bold" / "labels.tsv", required=("column", "label"))
     labels = labels.sort_values("column")["label"].astype(int)
-    names = ["GPT" if i == 0 else name for i, name in enumerate(run["sets"])]
-    part, lines = run["partition"], []
-    visual = np.flatnonzero(labels.isin(common.read_planted_labels(args.ground_truth)).to_numpy())
-    def mean_with_interval(values):                                                  # (S, parcels)
-        estimate, lo, hi = parcel_paired_difference(values, np.zeros_like(values), args.n_boot)
-        return f"{estimate:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}])"
+    part, names, lines = run["partition"], set_names(run), []
 
+    def per_set(key, columns):   # "GPT +0.0019 (95% CI [-0.0015, +0.0067]), lowlevel ..."
+        texts = []
+        for k, name in enumerate(names):
+            estimate, lo, hi = mean_interval(part[key][:, k, columns], args.n_boot)
+            texts.append(f"{name} {estimate:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}])")
+        return ", ".join(texts)
+
+    visual = np.flatnonzero(labels.isin(common.read_planted_labels(args.ground_truth)).to_numpy())
     if len(visual):
-        unique = ", ".join(f"{name} {mean_with_interval(part['unique'][:, k, visual])}"
-                           for k, name in enumerate(names))
-        alone = ", ".join(f"{name} {mean_with_interval(part['r2_alone'][:, k, visual])}"
-                          for k, name in enumerate(names))
-        lines += [f"On the {len(visual)} planted visual parcels, mean R^2 of each set alone: {alone}; "
-                  f"mean unique R^2: {unique}.", ""]
-    buttons = np.flatnonzero(labels.isin(
-        common.read_planted_labels(args.ground_truth, "planted_buttons")).to_numpy())
+        lines += [f"On the {len(visual)} planted visual parcels, mean R^2 of each set alone: "
+                  f"{per_set('r2_alone', visual)}; mean unique R^2: "
+                  f"{per_set('unique', visual)}.", ""]
+    planted_buttons = common.read_planted_labels(args.ground_truth, "planted_buttons")
+    buttons = np.flatnonzero(labels.isin(planted_buttons).to_numpy())
     if len(buttons):
         alone = ", ".join(f"{name} {np.nanmean(part['r2_alone'][:, k, buttons]):+.3f}"
                           for k, name in enumerate(names))
-        lines += [f"On the {len(buttons)} parcel(s) planted on button presses, R^2 of each set alone "
-                  f"(mean over subjects): {alone}.", ""]
+        lines += [f"On the {len(buttons)} parcel(s) planted on button presses, R^2 of each set "
+                  f"alone (mean over subjects): {alone}.", ""]
     return lines
 
 
@@ -981,18 +1000,18 @@ def partition_figure(partitions, subs, n_boot, path):
     R^2 with all the sets, each set's unique part and the shared part, with 95% intervals over
     parcels."""
     import matplotlib.pyplot as plt
-    finished = [(label, run) for label, run in zip(("trained GPT", "untrained GPT"), partitions) if run]
-    fig, axes = plt.subplots(1, len(finished), figsize=(6 * len(finished), 4), squeeze=False, sharey=True)
+    finished = [(label, run) for label, run in zip(("trained GPT", "untrained GPT"), partitions)
+                if run is not None]
+    fig, axes = plt.subplots(1, len(finished), figsize=(6 * len(finished), 4), squeeze=False,
+                             sharey=True)
     for ax, (label, run) in zip(axes[0], finished):
         part = run["partition"]
-        names = ["GPT" if i == 0 else name for i, name in enumerate(run["sets"])]
-        bars = [("all sets", part["r2_all"]), *((f"unique {n}", part["unique"][:, k])
-                                                for k, n in enumerate(names)), ("shared", part["shared"])]
+        unique = [(f"unique {name}", part["unique"][:, k]) for k, name in enumerate(set_names(run))]
+        bars = [("all sets", part["r2_all"]), *unique, ("shared", part["shared"])]
         width = 0.8 / len(bars)
-        for b, (name, values) in enumerate(bars):                                   # values (S, P)
-            estimates = [parcel_paired_difference(values[j:j + 1], np.zeros_like(values[j:j + 1]), n_boot)
-                         for j in range(len(subs))]
-            mean, lo, hi = np.array(estimates).T
+        for b, (name, values) in enumerate(bars):                                     # (S, P)
+            mean, lo, hi = np.array([mean_interval(values[j:j + 1], n_boot)
+                                     for j in range(len(subs))]).T
             ax.bar(np.arange(len(subs)) + b * width, mean, width, label=name,
                    yerr=np.maximum([mean - lo, hi - mean], 0), capsize=2)
         ax.set_xticks(np.arange(len(subs)) + 0.4 - width / 2, [f"sub-{s}" for s in subs])

@@ -325,6 +325,7 @@ def synthetic_sweep(work, slope=0.08, seed=0):
                 unique[1, 2:4] += 0.1                                   # low-level vision's own parcels
                 np.save(out / "unique.npy", unique)
                 np.save(out / "unique_significant.npy", unique > 0.04)
+                np.save(out / "unique_p.npy", np.where(unique > 0.04, 0.001, 0.5))
                 np.save(out / "r2_alone.npy", unique + 0.01)
                 np.save(out / "shared.npy", np.full(n_parcels, 0.01))
                 np.save(out / "r2_all.npy", unique.sum(0) + 0.01)
