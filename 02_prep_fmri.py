@@ -118,8 +118,35 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
     """
     image = common.load_nifti(bold_path)
     data = common.nifti_data(image, bold_path)                                  # (X, Y, Z, T)
-    n_volumes = data.shape[3]
-    # --- voxels that cannot enter a parcel mean: NaN anywhere in the run, or constant over time ---
+    usable, notes = usable_voxels(data, atlas_grid, bold_path)
+    fill_and_demean(data)
+    # --- the paper's denoising: smoothing, parcel means, confound regression, z-scoring over time ---
+    # The paper z-scores each voxel and then averages; nilearn's masker averages, cleans, then
+    # z-scores each parcel, which is what the encoding model predicts
+    # (unit variance per parcel and run).
+    masker = NiftiLabelsMasker(
+        labels_img=nib.Nifti1Image(atlas_grid, image.affine),
+        mask_img=nib.Nifti1Image(usable.astype(np.uint8), image.affine),
+        smoothing_fwhm=fwhm or None, strategy="mean", standardize=STANDARDIZE, detrend=False,
+        t_r=tr)
+    with warnings.catch_warnings():
+        # empty parcels: reported below
+        warnings.filterwarnings("ignore", message="After applying mask")
+        signals = masker.fit_transform(nib.Nifti1Image(data, image.affine), confounds=confounds,
+                                       sample_mask=sample_mask)             # (T_kept, P_present)
+    # {column: label, "background": 0}; a property rebuilt at each access
+    region_ids = masker.region_ids_
+    present = [region_ids[i] for i in range(signals.shape[1])]
+    series, empty = one_column_per_label(signals, present, labels, data.shape[3], sample_mask)
+    if empty:
+        notes.append(f"{bold_path}: {len(empty)} parcel(s) have no usable voxel (0.0 columns): "
+                     f"labels {' '.join(map(str, empty))}")
+    return series, notes
+
+
+def usable_voxels(data, atlas_grid, bold_path):
+    """The voxels that can enter a parcel mean, (X, Y, Z) bool: inside the atlas, finite over the
+    whole run and not constant over time; and the notes that report the others. data (X, Y, Z, T)."""
     in_atlas = atlas_grid > 0
     voxels = data[in_atlas]                                                     # (V, T)
     empty_volumes = np.flatnonzero(~np.isfinite(voxels).any(axis=0))
@@ -143,10 +170,19 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
         raise InputError(f"{bold_path}: no atlas parcel overlaps the brain data "
                          "(every voxel inside the atlas is constant or NaN): "
                          "is the atlas in the same space as the BOLD?")
-    del voxels
-    # Smoothing would spread NaN, and a 0 in their place would become a spike of minus the baseline
-    # once the voxel is demeaned: a voxel (in a parcel or not) takes its own mean over time where it
-    # is not finite.
+    return usable, notes
+
+
+def fill_and_demean(data):
+    """In place, data (X, Y, Z, T): each voxel's mean over time where it is not finite, then each
+    voxel's mean removed.
+
+    Smoothing would spread NaN, and a 0 in their place would become a spike of minus the baseline
+    once the voxel is demeaned: a voxel (in a parcel or not) takes its own mean over time where it is
+    not finite. Every step after is blind to a constant per voxel (the confounds are demeaned, the
+    output z-scored), and float32 keeps 7 digits, which a baseline of ~1000 would otherwise spend
+    before the fluctuations that matter.
+    """
     damaged = ~np.isfinite(data).all(axis=3)                                   # (X, Y, Z)
     if damaged.any():
         series = data[damaged]                                                  # (n_damaged, T)
@@ -154,40 +190,19 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
         # 0 if none
         fill = np.where(finite, series, 0.0).sum(axis=1) / np.maximum(finite.sum(axis=1), 1)
         data[damaged] = np.where(finite, series, fill[:, None])
-    # Remove each voxel's mean: every step below is blind to a constant per voxel (the confounds are
-    # demeaned, the output z-scored), and float32 keeps 7 digits, which a baseline of ~1000 would
-    # otherwise spend before the fluctuations that matter.
     data -= data.mean(axis=3, keepdims=True)
 
-    # --- the paper's denoising: smoothing, parcel means, confound regression, z-scoring over time ---
-    # The paper z-scores each voxel and then averages; nilearn's masker averages, cleans, then
-    # z-scores each parcel, which is what the encoding model predicts
-    # (unit variance per parcel and run).
-    masker = NiftiLabelsMasker(
-        labels_img=nib.Nifti1Image(atlas_grid, image.affine),
-        mask_img=nib.Nifti1Image(usable.astype(np.uint8), image.affine),
-        smoothing_fwhm=fwhm or None, strategy="mean", standardize=STANDARDIZE, detrend=False,
-        t_r=tr)
-    with warnings.catch_warnings():
-        # empty parcels: reported below
-        warnings.filterwarnings("ignore", message="After applying mask")
-        signals = masker.fit_transform(nib.Nifti1Image(data, image.affine), confounds=confounds,
-                                       sample_mask=sample_mask)             # (T_kept, P_present)
-    # {column: label, "background": 0}; a property rebuilt at each access
-    region_ids = masker.region_ids_
-    present = [region_ids[i] for i in range(signals.shape[1])]
 
-    # --- back to one row per volume and one column per atlas label ---
+def one_column_per_label(signals, present, labels, n_volumes, sample_mask):
+    """The masker's signals (T_kept, P_present) of the labels `present`, back to one row per volume
+    (NaN rows for the volumes left out) and one column per atlas label (P,) (0.0 for a label without
+    a usable voxel). Returns (Y (T, P) float32, the labels without a column of their own)."""
     kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask)
     column_of = {label: j for j, label in enumerate(labels)}
     series = np.full((n_volumes, len(labels)), np.nan, np.float32)             # (T, P)
     series[kept] = 0.0
     series[np.ix_(kept, [column_of[label] for label in present])] = signals
-    empty = sorted(set(labels.tolist()) - set(present))
-    if empty:
-        notes.append(f"{bold_path}: {len(empty)} parcel(s) have no usable voxel (0.0 columns): "
-                     f"labels {' '.join(map(str, empty))}")
-    return series, notes
+    return series, sorted(set(labels.tolist()) - set(present))
 
 
 def process_run(job):

@@ -137,7 +137,11 @@ def parse_args(argv=None):
     common.add_run_flags(p, ["--device", "--tf32", "--compile", "--log-every", "--val-every",
                              "--val-samples", "--ckpt-every", "--resume", "--overwrite",
                              "--allow-unfinished"])
-    args = p.parse_args(argv)
+    return check_flags(p.parse_args(argv))
+
+
+def check_flags(args):
+    """The parsed flags, after checking the values argparse cannot (InputError otherwise)."""
     for flag in ("batch_size", "log_every", "val_every", "ckpt_every", "frame_step"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: "
