@@ -60,14 +60,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
     data = p.add_argument_group("data")
-    data.add_argument("--test-sessions", nargs="*", default=["005"], type=common.session_flag,
-                      help="sessions left out of training (the encoding test set; none: use all, "
-                           "as the authors)")
-    data.add_argument("--val-reps", type=int, default=2,
-                      help="last N training repetitions held out for the validation reconstruction "
-                           "error (04 holds out the same; default 2)")
-    data.add_argument("--frame-step", type=int, default=4,
-                      help="60 Hz frames per clip frame (4: clips at 15 Hz)")
+    common.add_split_flags(data)
     paper = common.VQVAE_PAPER_CONFIG
     model = p.add_argument_group("model (the authors' configuration by default: "
                                  "Table 2(a)'s parameter counts)")

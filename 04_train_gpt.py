@@ -84,12 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--name", help="run folder under <work>/gpt/ (default: from the configuration)")
     p.add_argument("--vqvae", help="frozen VQ-VAE checkpoint (default: <work>/vqvae/ckpt.pt)")
     data = p.add_argument_group("data")
-    data.add_argument("--test-sessions", nargs="*", default=["005"], type=common.session_flag,
-                      help="sessions kept out of training (the encoding test set); "
-                           "none: use every session")
-    data.add_argument("--val-reps", type=int, default=2,
-                      help="last N repetitions (manifest order) held out for the validation loss "
-                           "(03 holds out the same; default 2)")
+    common.add_split_flags(data)
     data.add_argument("--train-frames", type=int, default=0,
                       help="60 Hz frames of training repetitions to use, "
                            "the first ones in --subset-order (0: all; paper: 10k, 100k, 1M, 6M)")
@@ -97,8 +92,6 @@ def parse_args(argv=None):
                       help="order in which --train-frames takes repetitions: "
                            "the authors' (subject, then level, then session) "
                            "or frames/manifest.tsv's (subject, session, run, repetition)")
-    data.add_argument("--frame-step", type=int, default=4,
-                      help="60 Hz frames per clip frame (4: clips at 15 Hz)")
     model = p.add_argument_group("model (paper configuration by default: "
                                  "Table 2(b), 40,324,768 parameters)")
     model.add_argument("--hidden-dim", type=int, default=576,

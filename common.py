@@ -1513,6 +1513,20 @@ RUN_FLAGS = {
 NOT_RECORDED = {"work", "name", *(flag[2:].replace("-", "_") for flag in RUN_FLAGS)}
 
 
+def add_split_flags(group):
+    """Add the flags that choose 03's and 04's training and validation repetitions to an argparse
+    `group`, declared once so that both stages hold out the same ones by default: the frozen VQ-VAE
+    never sees the GPT's validation clips."""
+    group.add_argument("--test-sessions", nargs="*", default=["005"], type=session_flag,
+                       help="sessions left out of training (the encoding test set); none: use every "
+                            "session, as the authors did")
+    group.add_argument("--val-reps", type=int, default=2,
+                       help="the last N training repetitions (manifest order) held out for validation "
+                            "(default 2, the same in 03 and 04)")
+    group.add_argument("--frame-step", type=int, default=4,
+                       help="60 Hz frames per clip frame (4: clips at 15 Hz)")
+
+
 def add_run_flags(parser, flags, **defaults):
     """Add the RUN_FLAGS named in `flags` to `parser`, in a group of their own; `defaults` overrides
     theirs by destination (log_every=50)."""
