@@ -543,12 +543,14 @@ def main():
 @dataclass
 class StageInputs:
     """What every subject shares: bold/manifest.tsv (a DataFrame), the atlas label of each BOLD
-    column, the atlas on the BOLD grid, the demo's planted labels (or None), the feature sets
-    [(name, layer)] (--name first, then --with), the subjects."""
+    column, the atlas on the BOLD grid, the demo's planted labels (or None) and those planted on
+    something else (its button parcel: not noise), the feature sets [(name, layer)] (--name first,
+    then --with), the subjects."""
     manifest: object
     labels: list
     atlas_path: Path
     planted_labels: set | None
+    other_signal: set
     feature_sets: list
     subjects: list
 
@@ -571,6 +573,8 @@ def read_stage_inputs(args, work):
         raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} "
                          "listed in bold/labels.tsv")
     planted_labels = common.read_planted_labels(args.ground_truth) if args.ground_truth else None
+    other_signal = (common.read_planted_labels(args.ground_truth, "planted_buttons")
+                    if args.ground_truth else set())
     named = ([(args.name, args.layer)]
              + [tuple(f"{spec}:".split(":")[:2]) for spec in args.with_sets])
     feature_sets = [(name, find_layer(work / "features" / name, layer or None))
@@ -583,7 +587,8 @@ def read_stage_inputs(args, work):
         if absent:
             raise InputError(f"{manifest_path}: no runs of sub-{absent[0]}")
         subjects = args.subjects
-    return StageInputs(manifest, labels, atlas_path, planted_labels, feature_sets, subjects)
+    return StageInputs(manifest, labels, atlas_path, planted_labels, other_signal, feature_sets,
+                       subjects)
 
 
 def update_subjects_figure(results_dir, stage, settings, inputs_of, redraw):
@@ -714,7 +719,7 @@ def encode_subject(args, sub, files, stage, out_dir, record):
             summary["partition"] = partition_summary(partition, names, args)
         if stage.planted_labels is not None:
             summary["ground_truth"] = planted_recovery(r, significant, stage.labels,
-                                                       stage.planted_labels)
+                                                       stage.planted_labels, stage.other_signal)
         summary["outputs"] = {name: common.hash_file(out_dir / name)
                               for name in output_files(len(names))}
         common.write_json(out_dir / "summary.json", summary)
@@ -1295,16 +1300,18 @@ def plot_subjects(results_dir, subjects):
     plt.close(fig)
 
 
-def planted_recovery(r, significant, labels, planted_labels):
+def planted_recovery(r, significant, labels, planted_labels, other_signal=frozenset()):
     """How the planted parcels of a synthetic dataset score against its noise parcels.
 
-    r (P,) test r, significant (P,) bool, labels: the atlas label of each of the P columns. The
-    planted parcels are recovered when a planted parcel beats a noise parcel in at least 80% of the
-    (planted, noise) pairs, i.e. the area under the ROC curve of r as a detector of planted parcels
-    is >= 0.8.
+    r (P,) test r, significant (P,) bool, labels: the atlas label of each of the P columns;
+    other_signal: labels planted on something else (the demo's button parcel), neither planted here
+    nor noise. The planted parcels are recovered when a planted parcel beats a noise parcel in at
+    least 80% of the (planted, noise) pairs, i.e. the area under the ROC curve of r as a detector of
+    planted parcels is >= 0.8.
     """
     is_planted = np.array([label in planted_labels for label in labels])
-    r_planted, r_noise = r[is_planted], r[~is_planted]
+    is_noise = ~is_planted & np.array([label not in other_signal for label in labels])
+    r_planted, r_noise = r[is_planted], r[is_noise]
     beats = (float(np.mean(r_planted[:, None] > r_noise[None, :]))
              if len(r_planted) and len(r_noise) else float("nan"))
     return {"planted_columns": np.flatnonzero(is_planted).tolist(),
@@ -1313,8 +1320,8 @@ def planted_recovery(r, significant, labels, planted_labels):
             "noise_r_max": float(np.nanmax(r_noise)),
             "planted_significant": int(significant[is_planted].sum()),
             "n_planted": int(is_planted.sum()),
-            "noise_significant": int(significant[~is_planted].sum()),
-            "n_noise": int((~is_planted).sum()),
+            "noise_significant": int(significant[is_noise].sum()),
+            "n_noise": int(is_noise.sum()),
             "planted_beats_noise": beats, "recovered": bool(beats >= 0.8)}
 
 

@@ -546,6 +546,10 @@ def test_planted_recovery_against_hand_counts():
     assert swapped["planted_beats_noise"] == 0.0 and not swapped["recovered"]
     mixed = ridge.planted_recovery(r, significant, labels, planted_labels={1, 2})   # 0.5 wins 4, 0.1 wins 1
     assert mixed["planted_beats_noise"] == pytest.approx(5 / 8) and not mixed["recovered"]
+    # a parcel planted on something else (the demo's button presses) is not noise either
+    other = ridge.planted_recovery(r, significant, labels, planted_labels={1, 5}, other_signal={6})
+    assert other["n_noise"] == 3 and other["noise_r_max"] == pytest.approx(0.3)
+    assert (other["noise_significant"], other["planted_beats_noise"]) == (0, 1.0)
 
 
 def test_ground_truth_file_errors(tmp_path):
