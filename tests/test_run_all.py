@@ -25,7 +25,9 @@ def test_run_all_recovers_the_planted_parcels(pipeline):
     summary = json.loads((work / "results" / "demo" / "sub-01" / "summary.json").read_text())
     r = np.load(work / "results" / "demo" / "sub-01" / "r.npy")
     planted = np.array(sorted(int(label) for label in truth["planted"])) - 1   # labels 1..P are columns 0..P-1
-    noise = np.setdiff1d(np.arange(len(r)), planted)
+    # The ground truth's noise parcels: neither planted on vision nor on the button presses.
+    noise = np.array(sorted(truth["noise_parcels"])) - 1
+    assert len(noise) == len(r) - len(planted) - len(truth["planted_buttons"])
     # Independent of 06's own bookkeeping: the planted parcels score clearly above the noise parcels.
     assert np.median(r[planted]) > np.median(r[noise]) + 0.15, (r[planted], r[noise])
     pairs_won = (r[planted][:, None] > r[noise][None, :]).mean()
@@ -152,7 +154,7 @@ def test_demo_controls_run_end_to_end(pipeline, tmp_path):
     truth = json.loads((work / "demo" / "ground_truth.json").read_text())
     r = np.load(work / "results" / "lowlevel" / "sub-01" / "r.npy")
     planted = np.array(sorted(int(label) for label in truth["planted"])) - 1   # labels 1..P are columns 0..P-1
-    noise = np.setdiff1d(np.arange(len(r)), planted)
+    noise = np.array(sorted(truth["noise_parcels"])) - 1
     assert np.median(r[planted]) > np.median(r[noise]) + 0.15, (r[planted], r[noise])
     # Trained against untrained on the planted parcels: the report's numbers, recomputed from the r maps.
     (untrained,) = (work / "results").glob("*-untrained")
