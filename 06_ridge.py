@@ -696,9 +696,12 @@ def encode_subject(args, sub, files, stage, out_dir, record):
     if partition is not None:
         partition |= unique_significance(args, design, fit, partition, rng)
     warn_if_alphas_at_grid_edge(args, sub, fit["alpha"], significant, design.all_constant)
+    names = [name for name, _ in stage.feature_sets]
+    warn_if_too_few_shifts(args, sub, design, "parcel's r", significant)
+    for name, unique_significant in zip(names, (partition or {}).get("unique_significant", [])):
+        warn_if_too_few_shifts(args, sub, design, f"unique part of {name}", unique_significant)
 
     # --- outputs (summary.json last: it is the subject's record, and marks it as done) ---
-    names = [name for name, _ in stage.feature_sets]
     common.remove_stale_temporaries(out_dir)
     # a subject is all or nothing: a failed write (full disk) removes what this attempt wrote
     with common.all_or_nothing([out_dir / name
@@ -841,6 +844,28 @@ def warn_if_alphas_at_grid_edge(args, sub, alphas, significant, all_constant):
             print(f"{STAGE}: warning: sub-{sub}: {int((on_edge & significant).sum())} significant "
                   f"parcel(s) chose alpha {edge:g}, the edge of the grid: add {direction} --alphas",
                   file=sys.stderr)
+
+
+def warn_if_too_few_shifts(args, sub, design, what, significant):
+    """Benjamini-Hochberg passes the k-th smallest of P p-values only when it is at most k q / P,
+    and a permutation p-value is at least 1 / (n_null + 1): with few shifts and many parcels,
+    parcels pass only in groups. When none passed (significant (P,) all False), say so, and what a
+    single parcel would need; a lone effect (one parcel's unique part) is otherwise never found."""
+    if args.n_permutations == 0 or significant.any():
+        return
+    n_parcels = significant.size
+    _, lengths = np.unique([g for g, _ in design.test_ids], return_counts=True)
+    n_null = int(min(args.n_permutations, np.prod(lengths.astype(float)) - 1))   # shift_sources
+    smallest_group = int(np.ceil(n_parcels / (args.fdr * (n_null + 1))))
+    if smallest_group <= 1:
+        return
+    needed = int(np.ceil(n_parcels / args.fdr)) - 1    # 1 / (n_null + 1) <= q / P
+    hint = (f"--n-permutations {needed}" if n_null == args.n_permutations
+            else f"longer or more test runs (these allow {n_null} circular shifts)")
+    print(f"{STAGE}: warning: sub-{sub}: no {what} is significant, but with {n_null} circular "
+          f"shifts the smallest p-value is {1 / (n_null + 1):.2g}, and FDR q < {args.fdr:g} over "
+          f"{n_parcels} parcels passes parcels only {smallest_group} or more at a time; for a single "
+          f"one: {hint}", file=sys.stderr)
 
 
 def subject_summary(args, sub, r, significant, null, fit, design, files, record, start):
@@ -1257,8 +1282,9 @@ def write_parcel_maps(values, significant, tested, labels, atlas_path, stem, tit
         shown = shown_if_tested if tested else np.ones(len(row), bool)
         title += "; faded: not significant (FDR)" if tested else "; no significance tested"
         display = plotting.plot_stat_map(parcel_image(np.where(shown, row, 0)), axes=ax,
-                                         title=title, cut_coords=cuts, vmax=vmax, cmap="cold_hot",
+                                         cut_coords=cuts, vmax=vmax, cmap="cold_hot",
                                          colorbar=True, symmetric_cbar=True)
+        ax.set_title(title, fontsize=11)  # above the brain: nilearn's own title hides the L / R
         if (row[~shown] != 0).any():  # nilearn warns of an empty overlay
             display.add_overlay(parcel_image(np.where(shown, 0, row)), cmap="cold_hot", vmin=-vmax,
                                 vmax=vmax, threshold=1e-6, transparency=0.3)

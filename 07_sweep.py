@@ -87,8 +87,8 @@ DEMO_TRAIN_ARGS = ("--device cpu --cond-dim 24 --max-steps 80 --batch-size 16 --
                    "--log-every 10 --val-every 40 --val-samples 32 --ckpt-every 80")
 DEMO_EXTRACT_ARGS = "--device cpu"
 # ~300 training TRs x a few thousand standardized features need stronger penalties than the paper's
-# grid.
-DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 1e7 1e8 --n-permutations 100"
+# grid; 1,000 circular shifts, enough for FDR to pass a lone parcel of 40 (run_all.sh).
+DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 1e7 1e8 --n-permutations 1000"
 # The controls' variance partition: the GPT's features fitted with these (06 --with), in jobs of
 # their own
 PARTITION_WITH = ("lowlevel", "buttons")

@@ -207,6 +207,33 @@ def test_permutation_p_values_and_fdr():
     assert significant.tolist() == [True, False, False]
 
 
+@pytest.mark.parametrize("n_permutations, run_lengths, warned", [
+    (100, (50, 50), "--n-permutations 799"),             # 40 parcels / q 0.05 = 800 p-values' room
+    (1000, (50, 50), None),                              # 1 / 1001 <= 0.05 / 40: a lone parcel can pass
+    (1000, (30,), "longer or more test runs (these allow 29 circular shifts)")])
+def test_a_warning_when_too_few_shifts_let_no_parcel_pass_fdr(capsys, n_permutations, run_lengths,
+                                                             warned):
+    from types import SimpleNamespace
+    args = SimpleNamespace(n_permutations=n_permutations, fdr=0.05)
+    design = SimpleNamespace(test_ids=[(run, i) for run, n in enumerate(run_lengths) for i in range(n)])
+    ridge.warn_if_too_few_shifts(args, "01", design, "parcel's r", np.zeros(40, bool))
+    message = capsys.readouterr().err
+    assert (warned in message) if warned else message == ""
+    if warned:
+        n_null = min(n_permutations, int(np.prod(run_lengths)) - 1)
+        group = int(message.split(" or more at a time")[0].split()[-1])
+        # The group size the warning names, against scipy's Benjamini-Hochberg: `group`
+        # parcels at the smallest p-value all pass, one fewer none.
+        for k, passes in ((group, True), (group - 1, False)):
+            p = np.ones(40)
+            p[:k] = 1 / (n_null + 1)
+            null = np.zeros((n_null, 40))
+            r = np.where(np.arange(40) < k, 1.0, -1.0)    # beats every null r, or none
+            np.testing.assert_allclose(ridge.permutation_p_values(r, null, 0.05)[0], p)
+            assert ridge.permutation_p_values(r, null, 0.05)[2][:max(k, 1)].all() == passes
+    ridge.warn_if_too_few_shifts(args, "01", design, "parcel's r", np.eye(40, dtype=bool)[0])
+    assert capsys.readouterr().err == ""                 # a parcel passed: nothing to say
+
 # --------------------------------------------------------------------------------------------------
 # A work directory in the stage contract's layout, with a planted signal
 # --------------------------------------------------------------------------------------------------
