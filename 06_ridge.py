@@ -42,6 +42,7 @@ import itertools
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -851,7 +852,7 @@ def warn_if_too_few_shifts(args, sub, design, what, significant):
     and a permutation p-value is at least 1 / (n_null + 1): with few shifts and many parcels,
     parcels pass only in groups. When none passed (significant (P,) all False), say so, and what a
     single parcel would need; a lone effect (one parcel's unique part) is otherwise never found."""
-    if args.n_permutations == 0 or significant.any():
+    if args.n_permutations == 0 or significant.any() or design.all_constant:   # (no r to test)
         return
     n_parcels = significant.size
     _, lengths = np.unique([g for g, _ in design.test_ids], return_counts=True)
@@ -1281,9 +1282,11 @@ def write_parcel_maps(values, significant, tested, labels, atlas_path, stem, tit
     for row, shown_if_tested, title, ax in zip(values, significant, titles, axes[:, 0]):
         shown = shown_if_tested if tested else np.ones(len(row), bool)
         title += "; faded: not significant (FDR)" if tested else "; no significance tested"
-        display = plotting.plot_stat_map(parcel_image(np.where(shown, row, 0)), axes=ax,
-                                         cut_coords=cuts, vmax=vmax, cmap="cold_hot",
-                                         colorbar=True, symmetric_cbar=True)
+        with warnings.catch_warnings():  # nothing significant: the faded overlay shows the values
+            warnings.filterwarnings("ignore", "empty mask")
+            display = plotting.plot_stat_map(parcel_image(np.where(shown, row, 0)), axes=ax,
+                                             cut_coords=cuts, vmax=vmax, cmap="cold_hot",
+                                             colorbar=True, symmetric_cbar=True)
         ax.set_title(title, fontsize=11)  # above the brain: nilearn's own title hides the L / R
         if (row[~shown] != 0).any():  # nilearn warns of an empty overlay
             display.add_overlay(parcel_image(np.where(shown, 0, row)), cmap="cold_hot", vmin=-vmax,
