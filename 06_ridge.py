@@ -698,9 +698,11 @@ def encode_subject(args, sub, files, stage, out_dir, record):
         partition |= unique_significance(args, design, fit, partition, rng)
     warn_if_alphas_at_grid_edge(args, sub, fit["alpha"], significant, design.all_constant)
     names = [name for name, _ in stage.feature_sets]
-    warn_if_too_few_shifts(args, sub, design, "parcel's r", significant)
-    for name, unique_significant in zip(names, (partition or {}).get("unique_significant", [])):
-        warn_if_too_few_shifts(args, sub, design, f"unique part of {name}", unique_significant)
+    if not design.all_constant:                   # (else there is no r to test)
+        n_null = null["n_permutations"]           # the unique parts' nulls use the same shifts
+        warn_if_too_few_shifts(args, sub, n_null, "parcel's r", significant)
+        for name, unique_significant in zip(names, (partition or {}).get("unique_significant", [])):
+            warn_if_too_few_shifts(args, sub, n_null, f"unique part of {name}", unique_significant)
 
     # --- outputs (summary.json last: it is the subject's record, and marks it as done) ---
     common.remove_stale_temporaries(out_dir)
@@ -847,16 +849,15 @@ def warn_if_alphas_at_grid_edge(args, sub, alphas, significant, all_constant):
                   file=sys.stderr)
 
 
-def warn_if_too_few_shifts(args, sub, design, what, significant):
+def warn_if_too_few_shifts(args, sub, n_null, what, significant):
     """Benjamini-Hochberg passes the k-th smallest of P p-values only when it is at most k q / P,
     and a permutation p-value is at least 1 / (n_null + 1): with few shifts and many parcels,
     parcels pass only in groups. When none passed (significant (P,) all False), say so, and what a
-    single parcel would need; a lone effect (one parcel's unique part) is otherwise never found."""
-    if args.n_permutations == 0 or significant.any() or design.all_constant:   # (no r to test)
+    single parcel would need; a lone effect (one parcel's unique part) is otherwise never found.
+    n_null: the null's size (fewer than --n-permutations when the test runs allow no more)."""
+    if n_null == 0 or significant.any():
         return
     n_parcels = significant.size
-    _, lengths = np.unique([g for g, _ in design.test_ids], return_counts=True)
-    n_null = int(min(args.n_permutations, np.prod(lengths.astype(float)) - 1))   # shift_sources
     smallest_group = int(np.ceil(n_parcels / (args.fdr * (n_null + 1))))
     if smallest_group <= 1:
         return

@@ -215,13 +215,12 @@ def test_a_warning_when_too_few_shifts_let_no_parcel_pass_fdr(capsys, n_permutat
                                                              warned):
     from types import SimpleNamespace
     args = SimpleNamespace(n_permutations=n_permutations, fdr=0.05)
-    design = SimpleNamespace(test_ids=[(run, i) for run, n in enumerate(run_lengths) for i in range(n)],
-                             all_constant=False)
-    ridge.warn_if_too_few_shifts(args, "01", design, "parcel's r", np.zeros(40, bool))
+    test_run = np.repeat(np.arange(len(run_lengths)), run_lengths)
+    n_null = len(ridge.shift_sources(test_run, n_permutations, np.random.default_rng(0)))
+    ridge.warn_if_too_few_shifts(args, "01", n_null, "parcel's r", np.zeros(40, bool))
     message = capsys.readouterr().err
     assert (warned in message) if warned else message == ""
     if warned:
-        n_null = min(n_permutations, int(np.prod(run_lengths)) - 1)
         group = int(message.split(" or more at a time")[0].split()[-1])
         # The group size the warning names, against scipy's Benjamini-Hochberg: `group`
         # parcels at the smallest p-value all pass, one fewer none.
@@ -232,7 +231,7 @@ def test_a_warning_when_too_few_shifts_let_no_parcel_pass_fdr(capsys, n_permutat
             r = np.where(np.arange(40) < k, 1.0, -1.0)    # beats every null r, or none
             np.testing.assert_allclose(ridge.permutation_p_values(r, null, 0.05)[0], p)
             assert ridge.permutation_p_values(r, null, 0.05)[2][:max(k, 1)].all() == passes
-    ridge.warn_if_too_few_shifts(args, "01", design, "parcel's r", np.eye(40, dtype=bool)[0])
+    ridge.warn_if_too_few_shifts(args, "01", n_null, "parcel's r", np.eye(40, dtype=bool)[0])
     assert capsys.readouterr().err == ""                 # a parcel passed: nothing to say
 
 # --------------------------------------------------------------------------------------------------
