@@ -2,7 +2,7 @@
 
     python 04_train_gpt.py --work work                                 # paper config (Table 2)
     python 04_train_gpt.py --work work --precision bf16 --compile      # fast path on a GPU
-    python 04_train_gpt.py --work work --train-frames 100000           # data-size sweep (2.4.1)
+    python 04_train_gpt.py --work work --train-frames 100000 --epochs 100   # data size (2.4.1)
     python 04_train_gpt.py --work work --hidden-dim 255                # model-size sweep (2.4.2)
     python 04_train_gpt.py --work work --layers 4 --heads 8 --name my-run
     python 04_train_gpt.py --work work --resume                        # continue an interrupted run
@@ -28,9 +28,15 @@ Splits: repetitions with status ok outside --test-sessions (the encoding test se
 with no value includes them, as the authors did); the last --val-reps of them in manifest order are
 held out for the validation loss. --train-frames N keeps the first N 60 Hz frames of the remaining
 training repetitions (the last one cut), taken in the authors' order (subject, then game level, then
-session: their 100k subset is sub-01's level 1 only), as the paper's 10k/100k/1M/6M data sizes
-(Figure 2); --subset-order manifest takes them in manifest order instead.
-The checkpoint's record lists them.
+session: their 10k, 100k and 1M subsets hold sub-01's gameplay only), as the paper's 10k/100k/1M/6M
+data sizes (Figure 2); --subset-order balanced gives every subject an equal share of the frames
+(each subject's first ones in the authors' order), so that a data size does not also change whose
+gameplay the model saw; --subset-order manifest takes them in manifest order. The checkpoint's
+record lists them.
+
+Budget: --max-steps optimizer steps (200,000 by default), or --epochs E passes over the training
+samples (the authors' script trains 100 epochs; the paper's loss curves are against epochs), which
+makes max_steps = ceil(E x samples / batch size), recorded in the checkpoint.
 
 Outputs (<work>/gpt/<name>/, name derived from the configuration unless --name):
     ckpt.pt    model, model_config, optimizer, GradScaler, step, RNG states per rank, args, record
@@ -67,6 +73,7 @@ LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "val_loss", "clips_per_s", "t
               "peak_mem_gb", "wall_s"]
 ADAM_BETAS = (0.9, 0.999)   # paper 2.3.1.2
 ENCODE_BATCH = 32           # clips per VQ-VAE forward pass when the code cache is filled
+DEFAULT_MAX_STEPS = 200000  # optimizer steps when neither --max-steps nor --epochs is given
 
 # Dense peak throughput (TFLOP/s) for the MFU column, by GPU name and --precision. fp32 is the
 # non-tensor-core peak (TF32 is off unless --tf32). On other devices MFU stays empty.
@@ -88,9 +95,11 @@ def parse_args(argv=None):
     data.add_argument("--train-frames", type=int, default=0,
                       help="60 Hz frames of training repetitions to use, "
                            "the first ones in --subset-order (0: all; paper: 10k, 100k, 1M, 6M)")
-    data.add_argument("--subset-order", choices=("authors", "manifest"), default="authors",
+    data.add_argument("--subset-order", choices=("authors", "balanced", "manifest"),
+                      default="authors",
                       help="order in which --train-frames takes repetitions: "
-                           "the authors' (subject, then level, then session) "
+                           "the authors' (subject, then level, then session), balanced (an equal "
+                           "share of frames per subject, each in the authors' order) "
                            "or frames/manifest.tsv's (subject, session, run, repetition)")
     model = p.add_argument_group("model (paper configuration by default: "
                                  "Table 2(b), 40,324,768 parameters)")
@@ -114,9 +123,12 @@ def parse_args(argv=None):
     train.add_argument("--batch-size", type=int, default=64,
                        help="samples per optimizer step, over all processes "
                             "(the authors': 16 per GPU x 4)")
-    train.add_argument("--max-steps", type=int, default=200000,
-                       help="optimizer steps (cosine period); "
+    train.add_argument("--max-steps", type=int, default=None,
+                       help="optimizer steps (cosine period; default 200000 unless --epochs); "
                             "0 saves the initial weights (the untrained control)")
+    train.add_argument("--epochs", type=float, default=None,
+                       help="or a budget in passes over the training samples (the authors' "
+                            "script: 100): max_steps = ceil(epochs x samples / batch size)")
     train.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (paper: 3e-4)")
     train.add_argument("--grad-clip", type=float, default=1.0,
                        help="max gradient norm (the authors': 1; 0: none)")
@@ -139,9 +151,12 @@ def check_flags(args):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: "
                              "must be at least 1")
-    if args.max_steps < 0:
+    if args.max_steps is not None and args.max_steps < 0:
         raise InputError(f"--max-steps {args.max_steps}: must not be negative "
                          "(0: the untrained model, a control)")
+    if args.epochs is not None and (args.max_steps is not None or not args.epochs > 0):
+        raise InputError(f"--epochs {args.epochs}: must be > 0, and is a budget instead of "
+                         "--max-steps: give one of them")
     if args.train_frames < 0 or args.val_reps < 0:
         raise InputError("--train-frames and --val-reps must not be negative")
     return args
@@ -164,7 +179,7 @@ def main(argv=None):
 
 def train(args, run, ctx, preemption):
     """Paper 2.3.1.2: Adam on the cross-entropy of the next clip's codes (eq. 7), cosine schedule
-    (eq. 2), to --max-steps. A signal stops it at the end of a step, its checkpoint saved, or after
+    (eq. 2), to the run's max_steps (--max-steps or --epochs). A signal stops it at the end of a step, its checkpoint saved, or after
     a repetition of the code cache: common.Interrupted."""
     device = ctx.device
     common.seed_everything(args.seed, ctx.rank)
@@ -177,22 +192,23 @@ def train(args, run, ctx, preemption):
     model = common.wrap_for_training(state.model, args, ctx)
     log = (common.CSVLog(run.out_dir / "log.csv", LOG_FIELDS, resume_step=state.step)
            if ctx.is_main else None)
-    if args.max_steps == 0:   # the untrained control: its initial weights are the result
+    max_steps = run.data.max_steps
+    if max_steps == 0:   # the untrained control: its initial weights are the result
         save(args, run, ctx, state)
     # --- loop; the bar is closed however it ends,
     # so that an error message stays the last line printed
-    with tqdm(total=args.max_steps, initial=state.step, disable=not ctx.is_main,
+    with tqdm(total=max_steps, initial=state.step, disable=not ctx.is_main,
               desc="04 gpt") as progress:
-        while state.step < args.max_steps:
+        while state.step < max_steps:
             index = batch_indices(state.step, len(train_samples), args.batch_size, args.seed,
                                   ctx.rank, ctx.world_size)
             cond, target = train_samples.batch(index.to(device))                 # (B, t, h, w) each
-            lr = common.cosine_lr(state.step, args.max_steps, args.lr)           # paper eq. 2
+            lr = common.cosine_lr(state.step, max_steps, args.lr)                # paper eq. 2
             loss = optimizer_step(model, state, codebook, cond, target, lr, args)
             state.add_step(loss)
             progress.update(1)
 
-            last = state.step == args.max_steps
+            last = state.step == max_steps
             if state.step % args.log_every == 0 or last:
                 val_loss = ""
                 if (state.step % args.val_every == 0 or last) and len(val_samples):
@@ -204,7 +220,7 @@ def train(args, run, ctx, preemption):
             if state.step % args.ckpt_every == 0 or last or stop:
                 save(args, run, ctx, state)
             if stop and not last:
-                raise preemption.interrupted(STAGE, f"at step {state.step} of {args.max_steps}")
+                raise preemption.interrupted(STAGE, f"at step {state.step} of {max_steps}")
 
     if ctx.is_main:
         save_loss_figure(run.out_dir / "log.csv", run.out_dir / "loss.png",
@@ -308,8 +324,8 @@ def save(args, run, ctx, state):
         data = run.data
         common.save_checkpoint(run.ckpt_path, dict(
             model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
-            scaler=state.scaler.state_dict(), step=state.step, max_steps=args.max_steps,
-            complete=state.step >= args.max_steps, rng=rng,
+            scaler=state.scaler.state_dict(), step=state.step, max_steps=data.max_steps,
+            complete=state.step >= data.max_steps, rng=rng,
             args=dict(vars(args), vqvae=str(data.vqvae_path)),   # 05 finds the VQ-VAE there
             model_config=run.model_config, kind=STAGE, provenance=run.record,
             vqvae_sha256=data.vqvae_sha256, train_frames=sum(data.frames_used),
@@ -345,7 +361,8 @@ def log_row(log, args, run, ctx, state, lr, val_loss, n_samples):
 class GPTData:
     """The frozen VQ-VAE (the model, its path and sha256) and the repetitions: training ones in
     --subset-order with the leading 60 Hz frames used of each, validation ones, and the sha256 of
-    the frames of both (training first), which name their code cache files."""
+    the frames of both (training first), which name their code cache files; the training samples
+    those frames give and the optimizer steps of the run (--max-steps, or --epochs of them)."""
     vqvae: torch.nn.Module
     vqvae_path: Path
     vqvae_sha256: str
@@ -353,6 +370,8 @@ class GPTData:
     frames_used: list
     val_reps: list
     frames_sha256: list
+    n_samples: int
+    max_steps: int
 
 
 def plan_run(args):
@@ -369,14 +388,21 @@ def plan_run(args):
     train_reps, val_reps, used = training_data(work, args)
     warn_if_vqvae_saw_validation(work, vqvae_path, val_reps)
     frames_paths = [work / str(r["frames_path"]) for r in train_reps + val_reps]
-    settings = common.settings_of(args, common.NOT_RECORDED | {"vqvae", "init_from"})
+    span = vqvae.config["sequence_length"] * args.frame_step                 # 60 Hz frames per clip
+    n_samples = sum(max(0, n // span - 1) for n in used)    # (clip j, clip j + 1) pairs
+    max_steps = training_steps(args, n_samples)
+    settings = common.settings_of(args, common.NOT_RECORDED | {"vqvae", "init_from", "epochs"})
+    # the budget as steps (a run with --epochs is the same run as one with the steps it gives)
+    settings["--max-steps"] = max_steps
+    if args.epochs is not None:
+        settings["--epochs"] = args.epochs
     inputs = common.input_fingerprints(work, [vqvae_path, *frames_paths,
                                               *filter(None, [args.init_from])])
     checkpoint, _ = common.checkpoint_to_resume(out_dir / "ckpt.pt", STAGE, settings, inputs,
                                                 args.resume, args.overwrite)
     sha256 = lambda path: inputs[os.path.relpath(path, work)]["sha256"]  # noqa: E731
     data = GPTData(vqvae, vqvae_path, sha256(vqvae_path), train_reps, used, val_reps,
-                   [sha256(p) for p in frames_paths])
+                   [sha256(p) for p in frames_paths], n_samples, max_steps)
     with torch.device("meta"):   # the model's size, without its memory
         n_parameters = sum(p.numel() for p in common.GPTPrior(**config).parameters())
     # the record says which frames this data size means, repetition by repetition, and (for 07's
@@ -385,8 +411,17 @@ def plan_run(args):
                "frames_used": n, "level": r["level"] if isinstance(r.get("level"), str) else None}
               for r, n in zip(train_reps, used)]
     record = dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset,
-                  n_parameters=n_parameters, train_flops_per_sample=train_flops_per_sample(config))
+                  n_parameters=n_parameters, train_flops_per_sample=train_flops_per_sample(config),
+                  n_train_samples=n_samples)
     return common.TrainingRun(out_dir, checkpoint, config, record, data)
+
+
+def training_steps(args, n_samples):
+    """The run's optimizer steps: --max-steps, or --epochs passes over the n_samples training
+    samples at --batch-size per step (200,000 when neither is given)."""
+    if args.epochs is None:
+        return DEFAULT_MAX_STEPS if args.max_steps is None else args.max_steps
+    return math.ceil(args.epochs * n_samples / args.batch_size)
 
 
 def run_name(args):
@@ -444,7 +479,11 @@ def training_data(work, args):
     train_reps, val_reps = common.split_validation(reps, args.val_reps,
                                                    work / "frames" / "manifest.tsv")
     train_reps = in_subset_order(train_reps, args.subset_order)
-    used = select_training_frames([int(r["n_frames"]) for r in train_reps], args.train_frames)
+    n_frames = [int(r["n_frames"]) for r in train_reps]
+    if args.subset_order == "balanced":
+        used = select_balanced_frames(n_frames, [r["sub"] for r in train_reps], args.train_frames)
+    else:
+        used = select_training_frames(n_frames, args.train_frames)
     return [r for r, n in zip(train_reps, used) if n > 0], val_reps, [n for n in used if n > 0]
 
 
@@ -460,7 +499,7 @@ def in_subset_order(reps, order):
     (then run and repetition): their 100k-frame subset is sub-01's level 1 only. "manifest":
     frames/manifest.tsv's order (subject, session, run, repetition), which mixes levels."""
     if order == "manifest":
-        return list(reps)
+        return list(reps)   # "balanced" takes each subject's repetitions in the authors' order
     return sorted(reps, key=lambda r: tuple(natural_key(r.get(k, ""))
                                             for k in ("sub", "level", "ses", "run", "rep")))
 
@@ -482,6 +521,28 @@ def select_training_frames(n_frames, train_frames):
     for n in n_frames:
         used.append(min(int(n), left))
         left -= used[-1]
+    return used
+
+
+def select_balanced_frames(n_frames, subjects, train_frames):
+    """select_training_frames with an equal share of the budget per subject: each subject's
+    repetitions (in the given order) give train_frames / S frames (the first subjects one more when
+    it does not divide), so every data size holds every subject's gameplay. n_frames, subjects:
+    per training repetition; returns the frames used of each."""
+    if train_frames == 0:
+        return [int(n) for n in n_frames]
+    names = list(dict.fromkeys(subjects))                      # in order of first appearance
+    shares = [train_frames // len(names) + (k < train_frames % len(names))
+              for k in range(len(names))]
+    used = [0] * len(n_frames)
+    for name, share in zip(names, shares):
+        mine = [i for i, s in enumerate(subjects) if s == name]
+        total = sum(n_frames[i] for i in mine)
+        if share > total:
+            raise InputError(f"--train-frames {train_frames} --subset-order balanced: sub-{name}'s "
+                             f"training repetitions hold only {total} frames, not {share}")
+        for i, n in zip(mine, select_training_frames([n_frames[i] for i in mine], share)):
+            used[i] = n
     return used
 
 

@@ -1,4 +1,5 @@
 """Stage 04 and common.GPTPrior: the conditioned GPT prior (paper 2.3.1.2), its code cache and training."""
+import math
 import os
 import shutil
 import signal
@@ -248,6 +249,34 @@ def test_subsets_follow_the_authors_order_subject_level_session():
                        ("01", "1", "010", "01"), ("01", "4", "001", "02"), ("01", "5", "002", "01"),
                        ("01", "10", "003", "01"), ("02", "1", "001", "01")]   # level 10 after 5: numbers
     assert gpt_stage.in_subset_order(reps, "manifest") == reps
+
+
+def test_balanced_subsets_give_every_subject_an_equal_share():
+    """--subset-order balanced: a data size holds each subject's first frames (authors' order), an equal
+    share each, where the authors' order fills the budget with sub-01's gameplay first."""
+    n_frames, subjects = [300, 300, 300, 250, 250, 400], ["01", "01", "01", "02", "02", "03"]
+    assert gpt_stage.select_training_frames(n_frames, 600) == [300, 300, 0, 0, 0, 0]   # authors: sub-01 only
+    assert gpt_stage.select_balanced_frames(n_frames, subjects, 600) == [200, 0, 0, 200, 0, 200]
+    assert gpt_stage.select_balanced_frames(n_frames, subjects, 1000) == [300, 34, 0, 250, 83, 333]
+    assert gpt_stage.select_balanced_frames(n_frames, subjects, 0) == n_frames
+    with pytest.raises(common.InputError, match="sub-03's training repetitions hold only 400 frames, not 434"):
+        gpt_stage.select_balanced_frames(n_frames, subjects, 1302)
+
+
+def test_an_epoch_budget_sets_the_steps_from_the_training_samples(work):
+    """--epochs E trains ceil(E x samples / batch size) steps, as the authors' 100-epoch script, and its
+    record holds them as --max-steps (the run is the same as one asked for in steps); both at once are
+    refused."""
+    run04("--work", work, *TINY_FLAGS, "--epochs", "1.5", "--name", "epochs", "--log-every", "5")
+    record = common.read_record(work / "gpt" / "epochs" / "ckpt.json")
+    span = TINY_VQVAE["sequence_length"] * 4                            # 60 Hz frames of one clip
+    samples = sum(n // span - 1 for n in N_FRAMES[:-1])                  # (clip j, clip j + 1) per repetition
+    assert record["n_train_samples"] == samples
+    assert record["max_steps"] == record["step"] == math.ceil(1.5 * samples / 4)
+    assert record["settings"]["--max-steps"] == record["max_steps"] and record["settings"]["--epochs"] == 1.5
+    assert read_log(work, "epochs")["epoch"].iloc[-1] == pytest.approx(record["step"] * 4 / samples, rel=1e-5)
+    with pytest.raises(common.InputError, match="--epochs 2.0: must be > 0, and is a budget instead of"):
+        gpt_stage.main(["--work", str(work), *TINY_FLAGS, "--epochs", "2", "--max-steps", "3"])
 
 
 def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
