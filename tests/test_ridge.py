@@ -79,6 +79,75 @@ def test_leave_one_out_and_leave_one_run_out_match_refitting(n, p, solver):
         np.testing.assert_allclose(by_run["cv_error"][a], ((Y - held_run) ** 2).mean(axis=0), rtol=1e-7)
 
 
+@pytest.mark.parametrize("n, p", [(40, 120), (80, 12)], ids=["dual", "primal"])
+def test_a_relative_grid_multiplies_the_mean_nonzero_eigenvalue(n, p):
+    """--alphas wide: penalties relative to the features' scale, the mean of the non-zero eigenvalues of
+    Xc Xc' (computed here by numpy's eigvalsh), give the same fit as those absolute penalties."""
+    X, Y, X_test = regression_data(n, p, n_targets=4)
+    Xc = X - X.mean(axis=0)
+    eigenvalues = np.linalg.eigvalsh(Xc @ Xc.T)
+    scale = eigenvalues[eigenvalues > 1e-8 * eigenvalues.max()].mean()
+    relative = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, relative=True)
+    absolute = ridge.fit_ridge_loo(X, Y, X_test, [a * scale for a in ALPHAS])
+    np.testing.assert_allclose(relative["alpha_grid"], np.array(ALPHAS) * scale, rtol=1e-10)
+    np.testing.assert_allclose(relative["alpha"], absolute["alpha"], rtol=1e-10)
+    np.testing.assert_allclose(relative["test_prediction"], absolute["test_prediction"], rtol=1e-8)
+
+
+def test_the_default_grid_is_wide_and_the_papers_is_one_flag_away():
+    """At the paper's scale (standardized features, p >> n) its grid {0.1, 1, 100} is almost no penalty:
+    every parcel with signal sits on its top edge and predicts worse than with the default grid, whose
+    choices lie inside it."""
+    assert ridge.parse_args(["--name", "x"]).alphas == ["wide"]
+    assert ridge.penalty_grid(ridge.parse_args(["--name", "x", "--alphas", "paper"]).alphas) == (
+        (0.1, 1.0, 100.0), False)
+    rng = np.random.default_rng(4)
+    n, m, p = 200, 200, 3000
+    latent = rng.normal(size=(n + m, 5))
+    X = latent @ rng.normal(size=(5, p)) + 3 * rng.normal(size=(n + m, p))
+    X = (X - X[:n].mean(axis=0)) / X[:n].std(axis=0)
+    Y = latent @ rng.normal(size=(5, 6)) + 3 * rng.normal(size=(n + m, 6))
+    wide = ridge.fit_ridge_loo(X[:n], Y[:n], X[n:], *ridge.penalty_grid(["wide"])[:1], relative=True)
+    paper = ridge.fit_ridge_loo(X[:n], Y[:n], X[n:], ridge.PAPER_ALPHAS)
+    r_wide, r_paper = ridge.pearson_r(Y[n:], wide["test_prediction"]), ridge.pearson_r(Y[n:], paper["test_prediction"])
+    assert (paper["alpha_index"] == 2).all()                                     # the paper's top edge
+    assert ((wide["alpha_index"] > 0) & (wide["alpha_index"] < len(ridge.WIDE_GRID) - 1)).all()
+    assert (r_wide > r_paper).all() and (r_wide - r_paper).mean() > 0.02, (r_wide, r_paper)
+
+
+def test_leave_one_run_out_estimates_the_error_that_leave_one_out_underestimates():
+    """Noise autocorrelated over TRs (AR 0.9 within runs): exact leave-one-out sees each TR's neighbours,
+    underestimates the held-out error several fold and picks a smaller penalty; leave-one-run-out (the
+    default, --cv runs) estimates the error on new runs within 25%."""
+    assert ridge.parse_args(["--name", "x"]).cv == "runs"
+    rng = np.random.default_rng(5)
+    runs, length, p = 12, 60, 400
+
+    def autocorrelated(width):
+        x = np.empty((runs * length, width))
+        for start in range(0, runs * length, length):
+            x[start] = rng.normal(size=width)
+            for t in range(start + 1, start + length):
+                x[t] = 0.9 * x[t - 1] + np.sqrt(1 - 0.81) * rng.normal(size=width)
+        return x
+
+    X = autocorrelated(p)
+    Y = X[:, :3] @ rng.normal(size=(3, 8)) * 0.3 + autocorrelated(8)
+    train = np.arange(runs * length) < 8 * length
+    group = np.repeat(np.arange(runs), length)[train]
+    loo = ridge.fit_ridge_loo(X[train], Y[train], X[~train], ridge.WIDE_GRID, relative=True)
+    by_run = ridge.fit_ridge_loo(X[train], Y[train], X[~train], ridge.WIDE_GRID, groups=group, relative=True)
+    for fit, name in ((loo, "loo"), (by_run, "runs")):
+        true_error = ((Y[~train] - fit["test_prediction"]) ** 2).mean(axis=0)
+        estimate = fit["cv_error"][fit["alpha_index"], np.arange(8)]
+        ratio = np.median(estimate / true_error)
+        if name == "loo":
+            assert ratio < 0.5, ratio
+        else:
+            assert 0.75 < ratio < 1.25, ratio
+    assert np.median(np.log10(by_run["alpha"] / loo["alpha"])) >= 1
+
+
 def test_dual_solver_choice_and_cholesky_fallback(monkeypatch):
     assert ridge._dual_solver(4000, 1095, 3) == "cholesky"  # the paper's grid: 3 factorizations
     assert ridge._dual_solver(4000, 1095, 40) == "eigh"  # one decomposition serves a long grid
@@ -337,13 +406,14 @@ def test_end_to_end_planted_signal(tmp_path):
     assert again.returncode == 0 and "done already" in again.stdout
     assert (work / "results/demo/sub-01/r.npy").stat().st_mtime_ns == before
     summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
-    assert summary["stage"] == "06_ridge" and summary["settings"]["--alphas"] == [0.1, 1.0, 100.0]
+    assert summary["stage"] == "06_ridge" and summary["settings"]["--alphas"] == ["wide"]
+    assert summary["settings"]["--cv"] == "runs" and "leave-one-run-out" in summary["penalty_selection"]
     assert summary["inputs"]["features/demo/layer_a/sub-01/ses-005/sub-01_ses-005_task-airstriker_run-02.npy"][
         "sha256"] == common.file_sha256(work / "features/demo/layer_a/sub-01/ses-005/sub-01_ses-005_task-airstriker_run-02.npy")
     # other flags for the same results: refused, naming the flag, nothing touched
     other = run_ridge(work, "--n-permutations", 200, "--alphas", 1, 10)
     assert other.returncode == 2 and other.stderr.strip() == (
-        f"error: {work / 'results/demo/sub-01/summary.json'}: made with --alphas 0.1 1.0 100.0, not 1.0 10.0: pass "
+        f"error: {work / 'results/demo/sub-01/summary.json'}: made with --alphas wide, not 1.0 10.0: pass "
         "the same flags, or --overwrite to redo it")
     assert (work / "results/demo/sub-01/r.npy").stat().st_mtime_ns == before
     # new features of one run of sub-01 (05 recomputed them), a lost output of sub-02: both made again
@@ -383,7 +453,7 @@ def test_r_by_subject_shows_only_subjects_made_with_these_flags_and_inputs(tmp_p
     again = run_ridge(work, "--n-permutations", 0, "--subjects", "01", "--alphas", 1, 10)
     assert again.returncode == 0 and "done already" in again.stdout and png.stat().st_mtime_ns != stamp
     assert f"06_ridge: {png} leaves out sub-02 (made with other --alphas)" in again.stdout.splitlines()
-    assert json.loads((results / "sub-02/summary.json").read_text())["settings"]["--alphas"] == [0.1, 1.0, 100.0]
+    assert json.loads((results / "sub-02/summary.json").read_text())["settings"]["--alphas"] == ["wide"]
     # new features for a run of sub-02: left out until 06 makes it again
     path = work / "features/demo/layer_a/sub-02/ses-001/sub-02_ses-001_task-airstriker_run-01.npy"
     np.save(path, np.load(path)[:, ::-1])
@@ -493,45 +563,71 @@ def test_bad_input_clear_error(tmp_path, corrupt, flags, expected):
     assert not (work / "results/demo/sub-01").exists()
 
 
-@pytest.mark.parametrize("standardize", [True, False])
-def test_script_equals_scikit_learn_on_the_delayed_features(tmp_path, standardize):
+def chosen_by_refitting(X, Y, alphas, held_out):
+    """Brute force of a penalty selection: per target, the alpha whose scikit-learn Ridge refitted
+    without each held-out group of rows predicts it best (mean squared error over the held-out rows).
+    held_out: a list of boolean row masks."""
+    from sklearn.linear_model import Ridge
+    errors = np.zeros((len(alphas), Y.shape[1]))
+    for a, alpha in enumerate(alphas):
+        for rows in held_out:
+            model = Ridge(alpha=alpha).fit(X[~rows], Y[~rows])
+            errors[a] += ((model.predict(X[rows]) - Y[rows]) ** 2).sum(axis=0)
+    return np.asarray(alphas)[np.argmin(errors, axis=0)]
+
+
+@pytest.mark.parametrize("standardize, cv", [(True, "loo"), (False, "loo"), (True, "runs"),
+                                             (True, "validation")])
+def test_script_equals_scikit_learn_on_the_delayed_features(tmp_path, standardize, cv):
     """The whole stage against an independent pipeline: the delayed design written out here, z-scored
-    (or not: --no-standardize) with scikit-learn, RidgeCV with a penalty per parcel, Pearson r by scipy."""
+    (or not: --no-standardize) with scikit-learn, a penalty per parcel chosen by RidgeCV's leave-one-out
+    (--cv loo), by refitting without each training run (--cv runs) or on the validation run (--cv
+    validation, then refitted on training and validation runs), Pearson r by scipy."""
     from sklearn.preprocessing import StandardScaler
     work = make_work(tmp_path, volumes=40)
     scales = np.logspace(-1, 1, N_FEATURES)   # features of unequal scales: z-scoring them changes the fit
     for path in (work / "features/demo/layer_a").rglob("*.npy"):
         np.save(path, (np.load(path) * scales).astype(np.float16))
-    flags = ["--n-permutations", 0, "--alphas", 0.1, 10, 1000] + ([] if standardize else ["--no-standardize"])
+    grid = [0.1, 10, 1000]
+    flags = ["--n-permutations", 0, "--alphas", *grid, "--cv", cv] + ([] if standardize else ["--no-standardize"])
     result = run_ridge(work, *flags)
     assert result.returncode == 0, result.stderr
     manifest = pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)
-    X, Y = {"train": [], "test": []}, {"train": [], "test": []}
+    fitted = {"train", "validation"} if cv == "validation" else {"train"}
+    X, Y, run = {"fit": [], "test": []}, {"fit": [], "test": []}, {"fit": [], "test": []}
     for row in manifest.itertuples():
-        if row.split not in X:   # validation runs are left out
+        part = "test" if row.split == "test" else "fit" if row.split in fitted else None
+        if part is None:   # validation runs are left out
             continue
         stem = run_stem(row.sub, row.ses, row.task, row.run)
         features = np.load(work / "features/demo/layer_a" / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy")
         bold = np.load(work / row.bold_path)
-        X[row.split].append(features[:-3].astype(np.float64))   # samples: volumes t = 3 ... 39, features of t - 3
-        Y[row.split].append(bold[3:].astype(np.float64))
+        X[part].append(features[:-3].astype(np.float64))   # samples: volumes t = 3 ... 39, features of t - 3
+        Y[part].append(bold[3:].astype(np.float64))
+        run[part] += [(row.split, stem)] * 37
     X = {k: np.concatenate(v) for k, v in X.items()}
     Y = {k: np.concatenate(v) for k, v in Y.items()}
     if standardize:
-        scaler = StandardScaler().fit(X["train"])
+        scaler = StandardScaler().fit(X["fit"])
         X = {k: scaler.transform(v) for k, v in X.items()}
-    reference = RidgeCV(alphas=[0.1, 10, 1000], alpha_per_target=True).fit(X["train"], Y["train"])
-    prediction = reference.predict(X["test"])
+    if cv == "loo":
+        reference_alphas = RidgeCV(alphas=grid, alpha_per_target=True).fit(X["fit"], Y["fit"]).alpha_
+    else:
+        runs = np.array([stem if cv == "runs" else split for split, stem in run["fit"]])
+        held_out = ([runs == stem for stem in np.unique(runs)] if cv == "runs" else [runs == "validation"])
+        reference_alphas = chosen_by_refitting(X["fit"], Y["fit"], grid, held_out)
     r = np.load(work / "results/demo/sub-01/r.npy")
     alphas = np.load(work / "results/demo/sub-01/alphas.npy")
     for j in range(N_PARCELS):
         if j == EMPTY:
             assert np.isnan(r[j])
             continue
-        assert alphas[j] == reference.alpha_[j]
-        assert r[j] == pytest.approx(pearsonr(Y["test"][:, j], prediction[:, j])[0], abs=1e-5)
+        assert alphas[j] == reference_alphas[j]
+        prediction = Ridge(alpha=reference_alphas[j]).fit(X["fit"], Y["fit"][:, j]).predict(X["test"])
+        assert r[j] == pytest.approx(pearsonr(Y["test"][:, j], prediction)[0], abs=1e-5)
     summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
     assert summary["standardization"].startswith("features z-scored" if standardize else "features as 05 wrote them")
+    assert summary["penalty_selection"] == ridge.PENALTY_SELECTION[cv]
 
 
 def test_significant_parcels_on_the_edge_of_the_grid_are_reported(tmp_path):
@@ -539,7 +635,7 @@ def test_significant_parcels_on_the_edge_of_the_grid_are_reported(tmp_path):
     result = run_ridge(work, "--alphas", "1e-3", "1e-2", "--n-permutations", 200)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "06_ridge: warning: sub-01: 3 significant parcel(s) chose alpha 0.01, the edge of the grid: add larger --alphas")
+        "06_ridge: warning: sub-01: 3 significant parcel(s) chose the largest alpha of the grid: add larger --alphas")
     summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
     assert summary["parcels_at_largest_alpha"] == 11 and summary["parcels_at_smallest_alpha"] == 1
 
