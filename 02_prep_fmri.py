@@ -2,7 +2,7 @@
 
     python 02_prep_fmri.py --work work   # the demo: <work>/demo/derivatives/fmriprep
     python 02_prep_fmri.py --work work --fmriprep /data/shinobi/derivatives/fmriprep \\
-        --atlas MIST_ROI.nii.gz --task shinobi --subjects 01 02 --workers 8
+        --atlas MIST_ATOM.nii.gz --task shinobi --subjects 01 02 --workers 8
     python 02_prep_fmri.py --work work --confounds motion high_pass wm_csf --fwhm 6 --overwrite
     sbatch --cpus-per-task 8 slurm/cpu_stage.sbatch 02_prep_fmri.py --work work --fmriprep DIR \\
         --atlas ATLAS

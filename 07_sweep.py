@@ -9,7 +9,11 @@
     bash slurm/submit_sweep.sh                                # SLURM: a job chain per configuration
 
 Experiments (paper section 2.4; each varies one knob of the paper configuration, Table 2(b)):
-    data       --train-frames 10k, 100k, 1M, 6M 60 Hz frames       (Figure 2)
+    data       --train-frames 10k, 100k, 1M and all training frames (Figure 2; the paper's 6M is
+               more than remain once the test session and the validation repetitions are held
+               out), each for --data-epochs 100 epochs as the authors' script (--data-epochs 0:
+               the steps of the other experiments), in --subset-order (the authors' puts sub-01's
+               gameplay alone in the 10k to 1M subsets; balanced shares every size out evenly)
     hidden     --hidden-dim 6, 15, 30, 63, 126, 255, 576, 1023       (Figure 3; the paper's 1024)
     layers     --layers 1, 2, 4, 8, 16; features of the last block  (Figure 4, Table 3)
     heads      --heads 1, 2, 4, 8                                    (Figure 5)
@@ -19,6 +23,9 @@ and beyond the paper:
                model); on a synthetic dataset (--ground-truth) also compared on its planted parcels
     appendix   every module of block 4 and every block's output (Figure 7, appendix A)
 --values replaces the list of one of the five (or the demo's list) with values of its knob.
+--seeds K trains every configuration of the five and the controls' models K times (04 --seed 0 ...
+K - 1): the report gives the spread over seeds beside each interval, which resamples the test time
+course only and so leaves out training's own variance.
 A configuration shared by several experiments (the paper model appears in all five) trains once.
 Its name spells it out, e.g. h576-l8-a4-f6M-fp32, and names its folders: gpt/<name>/,
 features/<name>/, results/<name>/. Each stage of a configuration skips what its records vouch for
@@ -42,6 +49,12 @@ and precision.md (time, speedup, r difference); scaling.png + scaling.json (beyo
 score against training compute, data and parameters, r = a + b log10 x and r = r_inf - c x^-alpha
 with 95% bands, each law drawn only where the data determine it); report.md: per experiment the
 paper's claim, a verdict computed from the numbers and their intervals, the figures and a table.
+
+Verdicts are on the median r over parcels (stable; the max r, the paper's figure, beside it). A claim
+of an effect (more data, width improve) is supported when its 95% interval lies above 0; a claim of
+no effect (depth, heads, precision) only when the interval lies within --margin (10% of the
+reference's score, per tenfold for a slope) of 0: an interval that merely holds 0 is
+"inconclusive", never support.
 """
 import argparse
 import json
@@ -60,10 +73,12 @@ import common
 from common import DEFAULT_WORK, PAPER_LAYER, InputError, read_tsv, run_main
 
 REPO = Path(__file__).resolve().parent
-PAPER_CONFIG = {"hidden_dim": 576, "layers": 8, "heads": 4, "train_frames": 6_000_000,
-                "precision": "fp32"}
+# The reference trains on every training frame (--train-frames 0, "all"): the paper's 6M are more
+# than remain once the test session (473,949 of 6,476,018 frames) and the validation repetitions are
+# held out; the report gives the count.
+PAPER_CONFIG = {"hidden_dim": 576, "layers": 8, "heads": 4, "train_frames": 0, "precision": "fp32"}
 EXPERIMENTS = {  # experiment -> (knob, values, the paper's figure)
-    "data": ("train_frames", [10_000, 100_000, 1_000_000, 6_000_000], "Figure 2"),
+    "data": ("train_frames", [10_000, 100_000, 1_000_000, 0], "Figure 2"),
     # The paper lists 1024 but also requires a multiple of 3 (VideoGPT's position tables split the
     # width over t, h, w), which 1024 is not: 1023 is the nearest width that builds.
     "hidden": ("hidden_dim", [6, 15, 30, 63, 126, 255, 576, 1023], "Figure 3"),
@@ -83,12 +98,14 @@ DEMO_EXPERIMENTS = {
 # 3e-3, not the paper's 3e-4: at 3e-4 no tiny model moves in 80 steps (validation loss ~3.95 for all
 # widths, chance ln 64 = 4.16) and every sweep would compare untrained models; at 3e-3, 6 / 12 / 24
 # wide reach 3.55 / 3.17 / 2.51.
-DEMO_TRAIN_ARGS = ("--device cpu --cond-dim 24 --max-steps 80 --batch-size 16 --lr 3e-3 "
+DEMO_TRAIN_ARGS = ("--device cpu --cond-dim 24 --batch-size 16 --lr 3e-3 "
                    "--log-every 10 --val-every 40 --val-samples 32 --ckpt-every 80")
+DEMO_MAX_STEPS = 80          # the demo's budget, but for the data experiment's epochs
+DATA_EPOCHS = 100            # the authors' budget of every data size (their script's max_epochs)
+DEMO_DATA_EPOCHS = 10        # the demo's: its 2k-frame size then trains 20 steps, all frames ~300
 DEMO_EXTRACT_ARGS = "--device cpu"
-# ~300 training TRs x a few thousand standardized features need stronger penalties than the paper's
-# grid; 1,000 circular shifts, enough for FDR to pass a lone parcel of 40 (run_all.sh).
-DEMO_RIDGE_ARGS = "--alphas 1e2 1e3 1e4 1e5 1e6 1e7 1e8 --n-permutations 1000"
+# 1,000 circular shifts, enough for FDR to pass a lone parcel of 40 (run_all.sh); 06's default grid
+DEMO_RIDGE_ARGS = "--n-permutations 1000"
 # The controls' variance partition: the GPT's features fitted with these (06 --with), in jobs of
 # their own
 PARTITION_WITH = ("lowlevel", "buttons")
@@ -107,6 +124,10 @@ CLAIMS = {
     "appendix": ("Among the modules of block 4, post_fc_dp encodes best (appendix A, Figure 7, "
                  "Table 4); the paper reads block 4 of 8 as mid-level features."),
 }
+# What kind of claim each of the paper's is: an effect (supported when the interval lies above 0), or
+# no effect beyond a margin (supported only when the interval lies inside it: equivalence)
+CLAIM_KIND = {"data": "increase", "hidden": "increase", "layers": "no increase", "heads": "none",
+              "precision": "not worse"}
 
 
 def parse_args(argv=None):
@@ -134,13 +155,28 @@ def parse_args(argv=None):
     p.add_argument("--ridge-args", default="", help="extra flags for 06_ridge.py")
     p.add_argument("--score", choices=("max", "median"), default="max",
                    help="brain score for the scaling laws: max r over parcels (as the paper) or "
-                        "median r")
+                        "median r (the verdicts use the median r, the max beside it)")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="what counts as no effect in a verdict: a change smaller than this "
+                        "fraction of the reference's median r (per tenfold for a trend)")
+    p.add_argument("--data-epochs", type=float, default=None,
+                   help="the data experiment's budget, epochs of each data size (default: the "
+                        f"authors' {DATA_EPOCHS:g}; --demo {DEMO_DATA_EPOCHS:g}; 0: the steps of "
+                        "the other experiments)")
+    p.add_argument("--subset-order", choices=("authors", "balanced"), default="authors",
+                   help="the data experiment's subsets (04 --subset-order): the authors' (the "
+                        "small ones hold sub-01's gameplay only) or balanced over subjects")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train each model of the five experiments and the controls with seeds "
+                        "0 ... K - 1 (04 --seed); the report gives their spread")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of parcels")
     p.add_argument("--ground-truth", metavar="JSON", default=None,
                    help="a synthetic dataset's ground_truth.json: the controls are also compared "
                         "on its planted parcels (default with --demo: "
                         "<work>/demo/ground_truth.json)")
     args = p.parse_args(argv)
+    if args.seeds < 1 or args.margin < 0 or (args.data_epochs or 0) < 0:
+        p.error("--seeds must be >= 1, --margin and --data-epochs >= 0")
     if args.values is not None:
         args.values = knob_values(args.experiments, args.values)
     demo_truth = Path(args.work) / "demo" / "ground_truth.json"
@@ -184,8 +220,28 @@ def short_count(n):
 
 
 def config_name(c):
-    return (f"h{c['hidden_dim']}-l{c['layers']}-a{c['heads']}-f{short_count(c['train_frames'])}-"
+    """h576-l8-a4-fall-fp32, then what sets a configuration apart from the other experiments' when
+    it does: -e100 (trained for epochs), -balanced (subset order), -s1 (the seed)."""
+    name = (f"h{c['hidden_dim']}-l{c['layers']}-a{c['heads']}-f{short_count(c['train_frames'])}-"
             f"{c['precision']}")
+    if c.get("epochs"):
+        name += f"-e{c['epochs']:g}"
+    if c.get("subset_order", "authors") != "authors":
+        name += f"-{c['subset_order']}"
+    return name + (f"-s{c['seed']}" if c.get("seed") else "")
+
+
+def data_epochs(args):
+    """The data experiment's budget in epochs (0: the steps of the other experiments)."""
+    if args.data_epochs is not None:
+        return args.data_epochs
+    return DEMO_DATA_EPOCHS if args.demo else DATA_EPOCHS
+
+
+def with_seeds(name, seeds):
+    """The names of a configuration's runs over --seeds: name, name-s1, ... (seed 0 keeps the
+    name)."""
+    return [name] + [f"{name}-s{k}" for k in range(1, seeds)]
 
 
 def feature_layer(config, experiment):
@@ -254,14 +310,38 @@ def plan(args):
         else:
             knob, values, _ = experiments[experiment]
             for value in values if args.values is None else args.values:
-                config = dict(base, **{knob: value})
+                config = dict(base, **{knob: value}, **data_budget(args, experiment))
                 layer = feature_layer(config, experiment)
                 name = config_name(config)
                 if layer != feature_layer(config, "data"):
                     name += "-last"  # same model, other layer: a feature set of its own
                 add(rows, value, name, job(config, layer))
         per_experiment[experiment] = rows
+    add_seeds(args, per_experiment, jobs)
     return per_experiment, jobs
+
+
+def data_budget(args, experiment):
+    """What the data experiment's configurations add to the paper's: their budget in epochs and
+    their subset order (none for the other experiments)."""
+    if experiment != "data":
+        return {}
+    return {"epochs": data_epochs(args) or None, "subset_order": args.subset_order}
+
+
+def add_seeds(args, per_experiment, jobs):
+    """--seeds K: a job for each other seed of every model of the five experiments and of the
+    controls' trained and untrained GPT, its features and results (name-s1, ...), after the jobs of
+    seed 0."""
+    seeded = {name for experiment, rows in per_experiment.items() if experiment != "appendix"
+              for _, _, name, _ in rows if jobs[name]["kind"] in ("model", "untrained")}
+    for name in [n for n in jobs if n in seeded]:
+        spec = jobs[name]
+        for k, seed_name in enumerate(with_seeds(name, args.seeds)[1:], 1):
+            config = dict(spec["config"], seed=k)
+            jobs[seed_name] = job(config, spec["layer"], spec["kind"], seed_name,
+                                  spec["extract_layers"])
+            jobs[seed_name]["model"] = spec["model"] + f"-s{k}"
 
 
 def commands(args, name, spec):
@@ -274,8 +354,7 @@ def commands(args, name, spec):
         train = ["04_train_gpt.py", "--work", work, "--name", spec["model"],
                  "--hidden-dim", config["hidden_dim"], "--layers", config["layers"],
                  "--heads", config["heads"], "--precision", config["precision"], "--resume"]
-        if config["train_frames"]:
-            train += ["--train-frames", config["train_frames"]]
+        train += model_flags(config, args.demo)
         train += demo(DEMO_TRAIN_ARGS) + shlex.split(args.train_args)
         if spec["kind"] == "untrained":
             train += ["--max-steps", "0"]
@@ -294,6 +373,19 @@ def commands(args, name, spec):
         ridge += ["--results-name", name]
     cmds.append(ridge + demo(DEMO_RIDGE_ARGS) + shlex.split(args.ridge_args))
     return [[str(a) for a in cmd] for cmd in cmds]
+
+
+def model_flags(config, demo):
+    """04's flags for what a configuration sets beyond the architecture: its data size, subset
+    order and budget, its seed."""
+    flags = ["--train-frames", config["train_frames"]] if config["train_frames"] else []
+    if config.get("subset_order", "authors") != "authors":
+        flags += ["--subset-order", config["subset_order"]]
+    if config.get("epochs"):
+        flags += ["--epochs", f"{config['epochs']:g}"]
+    elif demo:
+        flags += ["--max-steps", DEMO_MAX_STEPS]
+    return flags + (["--seed", config["seed"]] if config.get("seed") else [])
 
 
 def print_jobs(args, jobs):
@@ -597,7 +689,7 @@ def load_run(work, name, spec, subs, checked=None):
            "r": np.stack([np.load(f / "r.npy") for f in folders.values()]),               # (S, P)
            "significant": np.stack([np.load(f / "significant.npy") for f in folders.values()]),
            "log": pd.DataFrame(), "params": np.nan, "compute": np.nan, "frames": np.nan,
-           "wall_s": np.nan}
+           "wall_s": np.nan, "steps": np.nan, "epochs": np.nan, "frames_by_subject": {}}
     if spec["kind"] == "partition":   # 06 --with: (subjects, sets, P) and (subjects, P) arrays
         keys = ("unique", "unique_p", "unique_significant", "r2_alone", "r2_all", "shared")
         run["partition"] = {key: np.stack([np.load(f / f"{key}.npy") for f in folders.values()])
@@ -612,10 +704,14 @@ def load_run(work, name, spec, subs, checked=None):
                          "of an older 04_train_gpt.py: re-run it with --overwrite)")
     log = pd.read_csv(model_dir / "log.csv")
     samples_seen = record["settings"]["--batch-size"] * record["step"]
-    frames = spec["config"]["train_frames"] or sum(   # 0: every training repetition's frames
-        rep["frames_used"] for rep in record["training_repetitions"])
+    by_subject = {}                   # the frames of each subject's gameplay the model trained on
+    for rep in record["training_repetitions"]:
+        sub = rep.get("sub", "?")
+        by_subject[sub] = by_subject.get(sub, 0) + rep["frames_used"]
     return dict(run, log=log, params=record["n_parameters"],
-                compute=float(record["train_flops_per_sample"]) * samples_seen, frames=frames,
+                compute=float(record["train_flops_per_sample"]) * samples_seen,
+                frames=sum(by_subject.values()), frames_by_subject=by_subject, steps=record["step"],
+                epochs=samples_seen / record.get("n_train_samples", np.nan),
                 wall_s=float(log["wall_s"].dropna().iloc[-1]) if len(log) else np.nan)
 
 
@@ -641,6 +737,10 @@ def draw_figures(args, per_experiment, jobs):
     checked = set()   # the inputs found current, shared by the jobs (a model's frames checked once)
     runs = {name: load_run(work, name, spec, subs, checked) for name, spec in jobs.items()}
     missing = [name for name, run in runs.items() if run is None]
+    for name, run in runs.items():   # each seed-0 run also holds the runs of its seeds (--seeds)
+        if run is not None:
+            run["seed_runs"] = [runs[n] for n in with_seeds(name, args.seeds)
+                                if runs.get(n) is not None]
     for run in runs.values():   # the intervals' resamples (the same for every configuration)
         if run is not None:
             run["boot"] = bootstrap_scores(run["test"], args.n_boot)
@@ -692,20 +792,59 @@ def experiment_section(args, experiment, done, subs, figures):
         lines += [f"![]({experiment}_maps.png)", ""]
     if experiment == "precision" and len(done) >= 2:
         lines += precision_table(done, subs, figures)
+    if experiment == "data":
+        lines += subset_lines(args, done)
     return lines
+
+
+def subset_lines(args, done):
+    """The data experiment's subsets: whose gameplay each data size holds (frames per subject, from
+    the checkpoints' records) and, in the authors' order, the confound that makes."""
+    subjects = sorted({sub for _, _, run in done for sub in run["frames_by_subject"]})
+    lines = ["Whose gameplay each data size holds (60 Hz frames per subject):", "",
+             "| train frames | " + " | ".join(f"sub-{s}" for s in subjects) + " |",
+             "|" + " --- |" * (len(subjects) + 1)]
+    for value, _, run in done:
+        counts = [str(run["frames_by_subject"].get(sub, 0)) for sub in subjects]
+        lines.append(f"| {value_label(value)} ({run['frames']:.0f}) | " + " | ".join(counts) + " |")
+    single = [str(value_label(value)) for value, _, run in done
+              if len(run["frames_by_subject"]) == 1 and len(subjects) > 1]
+    if args.subset_order == "authors" and single:
+        lines += ["", f"In the authors' order, the {', '.join(single)} subsets hold one subject's "
+                  "gameplay only: a gain with data size is also a gain in whose gameplay the model "
+                  "saw, per subject (`--subset-order balanced` shares every size out evenly)."]
+    return lines + [""]
 
 
 def score_table(knob, done, subs):
-    """The report's table: per configuration, each subject's max r and the median r (mean over
-    subjects)."""
-    header = [knob, *(f"sub-{s} max r" for s in subs), "median r (mean)"]
+    """The report's table: per configuration, each subject's max r, the median r (mean over
+    subjects; with --seeds, its spread over the seeds), the training budget and compute, and the
+    parcels whose penalty sat on an edge of the ridge's grid (the significant ones there)."""
+    header = [knob, *(f"sub-{s} max r" for s in subs), "median r (mean)", "steps (epochs)",
+              "compute (FLOPs)", "penalty on the grid's low / high edge (significant)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for value, _, run in done:
         summaries = [run["summaries"][s] for s in subs]
-        median = np.mean([r_of(summary, "r_median") for summary in summaries])
-        cells = [format_r(r_of(summary, "r_max")) for summary in summaries] + [format_r(median)]
-        lines.append(f"| {value_label(value)} | " + " | ".join(cells) + " |")
+        median = format_r(np.mean([r_of(summary, "r_median") for summary in summaries]))
+        if len(run["seed_runs"]) > 1:
+            median += f" ({seed_spread(run, 'median')})"
+        budget = ("n/a" if not np.isfinite(run["steps"]) else f"{run['steps']:.0f}"
+                  + (f" ({run['epochs']:.3g})" if np.isfinite(run["epochs"]) else ""))
+        compute = f"{run['compute']:.3g}" if np.isfinite(run["compute"]) else "n/a"
+        edges = (f"{sum(x.get('parcels_at_smallest_alpha', 0) for x in summaries)} / "
+                 f"{sum(x.get('parcels_at_largest_alpha', 0) for x in summaries)} "
+                 f"({sum(x.get('parcels_significant_at_an_edge', 0) for x in summaries)})")
+        cells = [format_r(r_of(summary, "r_max")) for summary in summaries]
+        lines.append(f"| {value_label(value)} | " + " | ".join(
+            [*cells, median, budget, compute, edges]) + " |")
     return lines
+
+
+def seed_spread(run, kind):
+    """The spread of a configuration's brain score (kind over parcels, mean over subjects) over its
+    training seeds: 'sd 0.004 over 3 seeds'."""
+    scores = [brain_score(seed_run["r"], kind) for seed_run in run["seed_runs"]]
+    return f"sd {np.std(scores, ddof=1):.3f} over {len(scores)} seeds"
 
 
 def r_of(summary, key):
@@ -786,30 +925,83 @@ def verdict(experiment, knob, done, args):
         return appendix_verdict(done, args)
     if experiment == "precision":
         return precision_verdict(done, args)
+    ref = reference_score(args, knob, done)
+    margin = args.margin * abs(ref)                        # r per tenfold
+    est, lo, hi = trend(knob, done, "median")
+    max_est, max_lo, max_hi = trend(knob, done, "max")
+    return (f"{claim_word(CLAIM_KIND[experiment], lo, hi, margin)} on this data: the median r "
+            f"changes by {est:+.4f} per tenfold {SCALE_KNOBS[knob]} (95% CI [{lo:+.4f}, "
+            f"{hi:+.4f}], {len(done)} configurations; no effect: within +-{margin:.4f}, "
+            f"{args.margin:g} x the reference's {ref:.3f}){seed_trend_text(knob, done)}; the max r "
+            f"(the paper's score) by {max_est:+.3f} [{max_lo:+.3f}, {max_hi:+.3f}].")
+
+
+def trend(knob, done, kind):
+    """The slope of the brain score (kind over parcels, mean over subjects) against log10 of the
+    knob, and its 95% block-bootstrap interval: (est, lo, hi)."""
     r = np.stack([run["r"] for _, _, run in done])                                       # (K, S, P)
     x = np.array([knob_value(value, run) for value, _, run in done], float)
-    samples = score_samples([run for _, _, run in done], args.score)
-    est, lo, hi = bootstrap_fits(x, brain_score(r, args.score), samples)["log_linear"]["b"]
-    trend = (f"the {args.score} r changes by {est:+.3f} per tenfold {SCALE_KNOBS[knob]} (95% CI "
-             f"[{lo:+.3f}, {hi:+.3f}], {len(done)} configurations)")
-    if experiment in ("data", "hidden"):          # the claim: more improves encoding
-        return f"{'supported' if lo > 0 else 'not supported'} on this data: {trend}."
-    if experiment == "layers":                    # the claim: more layers do not reliably help
-        return f"{'not supported' if lo > 0 else 'supported'} on this data: {trend}."
-    # heads: a modest effect, i.e. none that the data can tell from zero
-    return f"{'supported' if lo <= 0 <= hi else 'not supported'} on this data: {trend}."
+    samples = score_samples([run for _, _, run in done], kind)
+    return bootstrap_fits(x, brain_score(r, kind), samples)["log_linear"]["b"]
+
+
+def seed_trend_text(knob, done):
+    """With --seeds: the slope of the median r fitted to each seed's runs, their mean and spread
+    (training's variance, which the test-time-course interval leaves out); else nothing."""
+    n_seeds = min(len(run["seed_runs"]) for _, _, run in done)
+    if n_seeds < 2:
+        return ""
+    x = np.array([knob_value(value, run) for value, _, run in done], float)
+    slopes = [fit_log_linear(x, np.array([brain_score(run["seed_runs"][k]["r"], "median")
+                                          for _, _, run in done]))[1] for k in range(n_seeds)]
+    return (f"; over {n_seeds} training seeds the slope is {np.mean(slopes):+.4f} "
+            f"(sd {np.std(slopes, ddof=1):.4f})")
+
+
+def reference_score(args, knob, done):
+    """The median r (mean over subjects) of the experiment's reference, the paper's configuration
+    (the demo's with --demo); of the mean over configurations when --values left it out."""
+    base = DEMO_CONFIG if args.demo else PAPER_CONFIG
+    scores = {value: brain_score(run["r"], "median") for value, _, run in done}
+    return scores.get(base[knob], float(np.mean(list(scores.values()))))
+
+
+def claim_word(kind, lo, hi, margin):
+    """The verdict on a claim from the 95% interval [lo, hi] of its effect and the margin of no
+    effect. "increase": supported when the interval lies above 0. "no increase", "none", "not
+    worse": no effect beyond the margin, supported only when the interval lies inside it (an
+    interval that merely holds 0 is absence of evidence, not evidence of absence). Each is "not
+    supported" when the interval lies wholly on the other side, else "inconclusive"."""
+    if kind == "increase":
+        supported, refuted = lo > 0, hi < margin
+    elif kind == "no increase":
+        supported, refuted = hi < margin, lo > margin
+    elif kind == "none":
+        supported, refuted = -margin < lo and hi < margin, lo > margin or hi < -margin
+    else:   # "not worse"
+        supported, refuted = lo > -margin, hi < -margin
+    return "supported" if supported else "not supported" if refuted else "inconclusive"
 
 
 def precision_verdict(done, args):
-    """Faster, and not worse: the second precision against the first (the reference)."""
+    """Faster, and not worse beyond the margin: the second precision against the first (the
+    reference), on the median r, the max r beside it."""
     (ref_value, _, ref), (value, _, other) = done[0], done[1]
-    difference, lo, hi = paired_difference(other, ref, args.score)
+    difference, lo, hi = paired_difference(other, ref, "median")
+    max_difference, max_lo, max_hi = paired_difference(other, ref, "max")
+    margin = args.margin * abs(brain_score(ref["r"], "median"))
     speedup = ref["wall_s"] / other["wall_s"]
-    supported = speedup > 1 and hi >= 0   # faster, and not worse: the interval reaches 0 or above
-    return (f"{'supported' if supported else 'not supported'} on this data: {value} trained "
-            f"{speedup:.2f}x as fast as {ref_value}, and its {args.score} r differs by "
-            f"{difference:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]"
-            f"{', which includes 0' if lo <= 0 <= hi else ''}).")
+    word = "not supported" if speedup <= 1 else claim_word("not worse", lo, hi, margin)
+    seeds = ""
+    if min(len(ref["seed_runs"]), len(other["seed_runs"])) > 1:
+        per_seed = [brain_score(a["r"], "median") - brain_score(b["r"], "median")
+                    for a, b in zip(other["seed_runs"], ref["seed_runs"])]
+        seeds = (f"; over {len(per_seed)} training seeds the difference is "
+                 f"{np.mean(per_seed):+.4f} (sd {np.std(per_seed, ddof=1):.4f})")
+    return (f"{word} on this data: {value} trained {speedup:.2f}x as fast as {ref_value}, and "
+            f"its median r differs by {difference:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}]; not "
+            f"worse: above -{margin:.4f}, {args.margin:g} x {ref_value}'s median r){seeds}; its "
+            f"max r (the paper's score) by {max_difference:+.3f} [{max_lo:+.3f}, {max_hi:+.3f}].")
 
 
 def paired_difference(a, b, kind):
@@ -829,9 +1021,14 @@ def parcel_paired_difference(a, b, n_boot, seed=0):
     return np.nanmean(a) - np.nanmean(b), *np.percentile(samples, [2.5, 97.5])
 
 
-def interval_word(lo, hi):
-    """What a difference's 95% interval says: higher, lower, or no difference (it holds 0)."""
-    return "higher" if lo > 0 else "lower" if hi < 0 else "no difference"
+def interval_word(lo, hi, margin=None):
+    """What a difference's 95% interval says: higher, lower, no difference beyond the margin (it
+    lies inside +-margin), or inconclusive (it holds 0 but not only small differences)."""
+    if lo > 0 or hi < 0:
+        return "higher" if lo > 0 else "lower"
+    if margin is not None and -margin < lo and hi < margin:
+        return f"no difference beyond +-{margin:.3f}"
+    return "inconclusive"
 
 
 def controls_verdict(done, args):
@@ -843,11 +1040,13 @@ def controls_verdict(done, args):
     sentences = []
     for control in (v for v in runs if v != "trained"):
         parts = []
-        for kind in ("max", "median"):
+        for kind in ("median", "max"):
             diff, lo, hi = paired_difference(runs["trained"], runs[control], kind)
+            margin = args.margin * abs(brain_score(runs["trained"]["r"], kind))
             parts.append(f"{kind} r {diff:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]: "
-                         f"{interval_word(lo, hi)})")
-        sentences.append(f"against the {control} control, {', '.join(parts)}")
+                         f"{interval_word(lo, hi, margin)})")
+        sentences.append(f"against the {control} control, {', '.join(parts)}"
+                         + seed_difference_text(runs["trained"], runs[control]))
     best = {s: max(runs, key=lambda v: runs[v]["summaries"][s]["r_max"])
             for s in done[0][2]["summaries"]}
     text = ("the trained model, " + "; ".join(sentences) + ". Best max r: "
@@ -859,6 +1058,18 @@ def controls_verdict(done, args):
                  "quadrants, the low-level control is expected to be strong: it measures exactly "
                  "those.")
     return text
+
+
+def seed_difference_text(a, b):
+    """With --seeds (both runs trained over seeds): the median r of run a minus run b for each
+    seed, their mean and spread; else nothing."""
+    n_seeds = min(len(a["seed_runs"]), len(b["seed_runs"]))
+    if n_seeds < 2:
+        return ""
+    per_seed = [brain_score(x["r"], "median") - brain_score(y["r"], "median")
+                for x, y in zip(a["seed_runs"][:n_seeds], b["seed_runs"][:n_seeds])]
+    return (f" (median r over {n_seeds} training seeds: {np.mean(per_seed):+.3f}, "
+            f"sd {np.std(per_seed, ddof=1):.3f})")
 
 
 def planted_comparison(runs, args):
@@ -880,8 +1091,9 @@ def planted_comparison(runs, args):
     if "untrained" in runs:
         diff, lo, hi = parcel_paired_difference(runs["trained"]["r"][:, columns],
                                                 runs["untrained"]["r"][:, columns], args.n_boot)
+        margin = args.margin * abs(brain_score(runs["trained"]["r"][:, columns], "mean"))
         text += (f" There, the trained model minus its untrained copy: {diff:+.3f} "
-                 f"(95% CI [{lo:+.3f}, {hi:+.3f}]: {interval_word(lo, hi)}).")
+                 f"(95% CI [{lo:+.3f}, {hi:+.3f}]: {interval_word(lo, hi, margin)}).")
     return text
 
 
@@ -1053,12 +1265,13 @@ def loss_figure(experiment, knob, figure, done, path):
     configuration."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for value, name, run in done:
-        line, = ax.plot(run["log"]["step"], run["log"]["train_loss"],
+    for value, name, run in done:   # against epochs, as the paper's panels (a)
+        line, = ax.plot(run["log"]["epoch"], run["log"]["train_loss"],
                         label=f"{knob} = {value_label(value)}")
         val = run["log"].dropna(subset=["val_loss"])
-        ax.plot(val["step"], val["val_loss"], "--o", markersize=3, color=line.get_color())
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats per code)",
+        ax.plot(val["epoch"], val["val_loss"], "--o", markersize=3, color=line.get_color())
+    ax.set(xlabel="epoch (passes over the training samples)",
+           ylabel="cross-entropy (nats per code)",
            title=f"GPT loss, {experiment} ({panel(figure, 'a')}): train solid, validation dashed")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -3,7 +3,7 @@
 # (a few minutes on 2 cores), ending with a one-screen summary of the brain scores.
 #
 #   bash run_all.sh                                   # demo: makes work/demo, then every stage
-#   WORK=/scratch/me/shinobi DATA=/data/shinobi ATLAS=/data/atlas/MIST_ROI.nii.gz bash run_all.sh
+#   WORK=/scratch/me/shinobi DATA=/data/shinobi ATLAS=/data/atlas/MIST_ATOM.nii.gz bash run_all.sh
 #   GPT_ARGS="--precision bf16 --compile" RIDGE_ARGS="--device cuda" DATA=... ATLAS=... bash run_all.sh
 #
 # Variables:
@@ -48,11 +48,10 @@ if [ -z "${DATA:-}" ]; then
     --lr 3e-3 --log-every 25 --val-every 75 --val-samples 64 --ckpt-every 150"
   # A 2-layer model has no block 4 (the paper's layer): read the last block, as the depth sweep does.
   DEMO_EXTRACT="--device cpu --layer last"
-  # The paper's grid {0.1, 1, 100} is far too weak for ~300 training TRs x 12,288 standardized features:
-  # every parcel would pick its top value. On 1e2 ... 1e8 the planted parcels choose 1e4 ... 1e6, inside
-  # the grid; noise parcels take the top, as they should. 1,000 circular shifts: FDR q < 0.05 over
-  # 40 parcels passes a lone parcel only at p <= 0.05 / 40, and p is at least 1 / (shifts + 1).
-  DEMO_RIDGE="--alphas 1e2 1e3 1e4 1e5 1e6 1e7 1e8 --n-permutations 1000 --ground-truth $DATA/ground_truth.json"
+  # 06's default penalty grid (wide, scaled to the features) and leave-one-run-out choice. 1,000 circular
+  # shifts: FDR q < 0.05 over 40 parcels passes a lone parcel only at p <= 0.05 / 40, and p is at least
+  # 1 / (shifts + 1).
+  DEMO_RIDGE="--n-permutations 1000 --ground-truth $DATA/ground_truth.json"
 else
   DEMO=0
   RESOLUTION=${RESOLUTION:-128}
