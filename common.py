@@ -7,6 +7,7 @@
 | Loading checkpoints | ours, VideoGPT's and the authors' PyTorch Lightning ones | 04, 05 |
 | Errors and exit statuses | `InputError`, `Interrupted`, `run_main` | every stage |
 | Atomic writes | `atomic_path`, `save_npy`, `write_json`, `write_tsv` | every stage |
+| A folder in use | `hold_folder`: one run at a time writes a training run's folder | 03, 04 |
 | Readers | `read_tsv`, `load_npy`, `load_nifti`: a damaged file is named | every stage |
 | BIDS names, the frames manifest | `bids_entities`, `training_repetitions` | 01-05 |
 | Provenance | records, fingerprints, `is_up_to_date`, `stale_input` | every stage |
@@ -16,6 +17,7 @@ The paper's training and encoding algorithms live in the numbered stage scripts.
 """
 import contextlib
 import csv
+import fcntl
 import gc
 import hashlib
 import io
@@ -1034,6 +1036,46 @@ def write_json(path, value):
 
 
 # --------------------------------------------------------------------------------------------------
+# A folder in use: two runs writing one folder (a second `03 --resume` while the first trains, or
+# run_all.sh killed and run again while its stage goes on) would each log and checkpoint the same
+# steps, and both end with 0.
+# --------------------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def hold_folder(folder):
+    """Hold `folder` for the block: an exclusive flock on `<folder>/.lock`, which names this process
+    (host and pid) for the run that finds it taken: that run stops with an InputError naming the
+    holder. The kernel releases the lock when the process ends, however it ends, so a killed run
+    never leaves the folder locked; the file stays (removing it would let two runs lock two files).
+    Under DDP rank 0 holds it for every rank of its run. A filesystem without locks (some cluster
+    mounts) is said, and the run goes on unguarded."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise InputError(f"{folder}: in use by {holder}, another run of this stage: wait for it "
+                             "to end, or stop it, before running it again") from None
+        except OSError as err:
+            print(f"warning: {folder / LOCK_NAME}: cannot lock it ({err.strerror}): a second run "
+                  "on this folder at the same time would not be noticed", file=sys.stderr)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{HOST} pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
 # Readers that turn a damaged or foreign file into one line naming it
 # --------------------------------------------------------------------------------------------------
 # labels, not numbers: "001" stays "001"
@@ -1450,13 +1492,13 @@ def seed_everything(seed, rank=0):
 
 class PreemptionFlag:
     """Remembers that SIGTERM or SIGUSR1 arrived (SLURM sends one before it kills or requeues a
-    job), so that training can save a checkpoint and stop cleanly at the end of its step. Made first
-    thing in a training stage's main(): from then on a signal never kills the process, whatever it
-    is doing (caching codes, validating, writing a checkpoint, drawing the last figure); it is only
-    read where stopping is safe. A signal after the last step is then harmless:
+    job), or SIGINT (Ctrl-C), so that training can save a checkpoint and stop cleanly at the end of
+    its step. Made first thing in a training stage's main(): from then on a signal never kills the
+    process, whatever it is doing (caching codes, validating, writing a checkpoint, drawing the last
+    figure); it is only read where stopping is safe. A signal after the last step is then harmless:
     the run completes and exits 0."""
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         self.name = None
         for signum in signals:
             signal.signal(signum, self._handler)
