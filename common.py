@@ -889,6 +889,7 @@ EXIT_SOME_FAILED = 1   # finished, but some items failed (01: replays that could
 EXIT_BAD_INPUT = 2     # one line `error: <file>: <what is wrong>`; nothing was written
 EXIT_INTERRUPTED = 75  # a signal stopped training before --max-steps: checkpoint saved,
                        # re-run resumes (75 is EX_TEMPFAIL of sysexits.h: "try again later")
+EXIT_SIGINT = 130      # Ctrl-C in a stage with nothing to checkpoint (128 + SIGINT, as a shell says)
 
 
 class InputError(Exception):
@@ -904,13 +905,23 @@ class Interrupted(Exception):
 def run_main(main):
     """Call `main()`. Bad input, and a file that cannot be read or written
     (read-only folder, full disk), become one line `error: <file>: <what is wrong>` on stderr and
-    exit status 2; an interrupted training run, one line (from rank 0) and exit status 75."""
+    exit status 2; an interrupted training run, one line (from rank 0) and exit status 75; Ctrl-C
+    elsewhere, one line and 130 (atomic writes leave nothing half-written)."""
+    # A script that starts a stage in the background (run_all.sh, to pass its signals on) leaves
+    # SIGINT ignored in it, and Python keeps it so: a Ctrl-C passed on must still stop the stage.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except Interrupted as stop:
         if int(os.environ.get("RANK", "0")) == 0:
             print(stop, file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut this line
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{Path(sys.argv[0]).stem}: interrupted by SIGINT; what it finished is kept, "
+                  "nothing is half-written: re-run to go on", file=sys.stderr, flush=True)
+        sys.exit(EXIT_SIGINT)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
