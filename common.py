@@ -1289,6 +1289,25 @@ def input_fingerprints(work, paths, earlier=None):
     return fingerprints
 
 
+def vouched_fingerprint(path, advice):
+    """The fingerprint of an input, checked against its producer's record (`outputs` lists it by
+    name; `output` is the file of the record's own stem): without reading it while it keeps the size
+    and modification time the record saw, by its sha256 otherwise. Bytes other than those the record
+    lists (another repetition's array copied in its place, a file edited by hand) are an InputError
+    naming the file, with `advice`: what is made from it would be wrong, and say it was right. A file
+    without a record of ours is only fingerprinted."""
+    path = Path(path)
+    record = read_record(record_path(path)) or {}
+    listed = record.get("outputs", {}).get(path.name)
+    if listed is None and path.stem == record_path(path).stem:
+        listed = record.get("output")
+    found = fingerprint(path, listed)
+    if isinstance(listed, dict) and found["sha256"] != listed.get("sha256", found["sha256"]):
+        raise InputError(f"{path}: not the file its record {record_path(path)} lists (other bytes: "
+                         f"replaced or changed since {record['stage']} wrote it); {advice}")
+    return found
+
+
 def _content(value):
     return value["sha256"] if isinstance(value, dict) and "sha256" in value else value
 
