@@ -1329,12 +1329,18 @@ def changed_inputs(record, inputs):
 
 def flags_differ_error(output, record, settings, changed):
     """The InputError for an output made with other flags: names the first differing flag."""
+    return InputError(f"{output}: {other_flags_text(record, settings, changed)}: "
+                      f"pass the same flags, or --overwrite to redo it")
+
+
+def other_flags_text(record, settings, changed):
+    """'made with --lr 0.0003, not 0.001' for the first flag of `changed` (changed_settings' list),
+    and how many others differ."""
     flag = changed[0]
     before, now = record["settings"].get(flag), settings.get(flag)
     others = (f" (and {len(changed) - 1} other flag(s): {', '.join(changed[1:])})"
               if len(changed) > 1 else "")
-    return InputError(f"{output}: made with {flag} {_show(before)}, not {_show(now)}{others}: "
-                      f"pass the same flags, or --overwrite to redo it")
+    return f"made with {flag} {_show(before)}, not {_show(now)}{others}"
 
 
 def _show(value):
