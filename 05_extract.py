@@ -471,7 +471,8 @@ def recorded_buttons(frames_tsv, rep, where, n_frames, work):
                          f"{redo}")
     # held or not: anything else (a float array, NaN) would be counted as presses all the same
     if buttons.dtype.kind not in "biu":
-        raise InputError(f"{path}: {buttons.dtype} inputs, not integers 0 or 1 (held or not); {redo}")
+        raise InputError(f"{path}: {buttons.dtype} inputs, not integers 0 or 1 (held or not); "
+                         f"{redo}")
     if not np.isin(buttons, (0, 1)).all():
         raise InputError(f"{path}: inputs other than 0 and 1 (held or not); {redo}")
     return {"buttons_path": str(path), "buttons": names}
@@ -716,9 +717,9 @@ def place_repetition(rep, stem, work, frame_shape, allow_missing, buttons):
     frames_tsv = work / "frames" / "manifest.tsv"
     where = f"{frames_tsv}: {stem} rep {rep['rep']}"
     if not np.isfinite(float(rep["onset_s"])):
-        raise InputError(f"{where} has no onset_s (rendered from bare .bk2 files, 01 --bk2, without "
-                         f"events.tsv): 05 cannot place it on the run's timeline; render the BIDS "
-                         f"dataset instead (01 --bids)")
+        raise InputError(f"{where} has no onset_s (rendered from bare .bk2 files, 01 --bk2, "
+                         f"without events.tsv): 05 cannot place it on the run's timeline; render "
+                         f"the BIDS dataset instead (01 --bids)")
     placed = {"rep": rep["rep"], "status": rep["status"], "onset_s": float(rep["onset_s"]),
               "start": repetition_start(float(rep["onset_s"])), "n_frames": 0, "frames_path": None}
     if rep["status"] == "failed" and not allow_missing:

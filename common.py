@@ -889,7 +889,7 @@ EXIT_SOME_FAILED = 1   # finished, but some items failed (01: replays that could
 EXIT_BAD_INPUT = 2     # one line `error: <file>: <what is wrong>`; nothing was written
 EXIT_INTERRUPTED = 75  # a signal stopped training before --max-steps: checkpoint saved,
                        # re-run resumes (75 is EX_TEMPFAIL of sysexits.h: "try again later")
-EXIT_SIGINT = 130      # Ctrl-C in a stage with nothing to checkpoint (128 + SIGINT, as a shell says)
+EXIT_SIGINT = 130      # Ctrl-C in a stage with nothing to checkpoint (128 + SIGINT, as shells say)
 
 
 class InputError(Exception):
@@ -1073,8 +1073,8 @@ def hold_folder(folder):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise InputError(f"{folder}: in use by {holder}, another run of this stage: wait for it "
-                             "to end, or stop it, before running it again") from None
+            raise InputError(f"{folder}: in use by {holder}, another run of this stage: wait for "
+                             "it to end, or stop it, before running it again") from None
         except OSError as err:
             print(f"warning: {folder / LOCK_NAME}: cannot lock it ({err.strerror}): a second run "
                   "on this folder at the same time would not be noticed", file=sys.stderr)
@@ -1294,8 +1294,8 @@ def vouched_fingerprint(path, advice):
     name; `output` is the file of the record's own stem): without reading it while it keeps the size
     and modification time the record saw, by its sha256 otherwise. Bytes other than those the record
     lists (another repetition's array copied in its place, a file edited by hand) are an InputError
-    naming the file, with `advice`: what is made from it would be wrong, and say it was right. A file
-    without a record of ours is only fingerprinted."""
+    naming the file, with `advice`: what is made from it would be wrong, and say it was right. A
+    file without a record of ours is only fingerprinted."""
     path = Path(path)
     record = read_record(record_path(path)) or {}
     listed = record.get("outputs", {}).get(path.name)

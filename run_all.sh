@@ -22,8 +22,9 @@
 # one). The demo instead trains tiny models on CPU and widens the ridge penalty grid (see README).
 # Each stage skips an output whose record says it was made with the same flags from the same inputs, so
 # re-running after a failure or an interruption is cheap and never keeps a stale result; the first stage
-# that does not finish stops the script with its own message (and its exit status). SIGTERM or Ctrl-C to
-# the script reaches the stage that runs (03 and 04 save a checkpoint); the script waits for it to stop.
+# that does not finish stops the script with its own message (and its exit status).
+# SIGTERM or Ctrl-C to the script reaches the stage that runs (03 and 04 save a checkpoint); the
+# script waits for it to stop.
 set -euo pipefail
 cd "$(dirname "$0")"
 
