@@ -343,7 +343,10 @@ def process_runs(jobs, workers):
     """Run process_run on every job (in `workers` processes); returns their notes. A bad run stops
     the batch; the runs finished before it stay."""
     if workers <= 1 or len(jobs) <= 1:
-        return [note for job in tqdm(jobs, desc="runs", unit="run") for note in process_run(job)]
+        # closed however it ends (a comprehension's frame would keep it open in the traceback), so
+        # that an error message starts a line of its own
+        with tqdm(jobs, desc="runs", unit="run") as bar:
+            return [note for job in bar for note in process_run(job)]
     notes = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(process_run, job) for job in jobs]
@@ -482,8 +485,10 @@ def load_run_confounds(bold_path, n_volumes, strategy, motion):
                   for kind in ("timeseries", "regressors")]
     expected = next((c for c in candidates if c.is_file()), candidates[0])
     try:
-        confounds, sample_mask = load_confounds(str(bold_path), strategy=tuple(strategy),
-                                                motion=motion)
+        with warnings.catch_warnings():   # "All volumes were marked as motion outliers": said below
+            warnings.filterwarnings("ignore", "All volumes were marked", RuntimeWarning)
+            confounds, sample_mask = load_confounds(str(bold_path), strategy=tuple(strategy),
+                                                    motion=motion)
     except ValueError as err:
         message = str(err).replace("\n", " ")
         if "Could not find associated confound file" in message:
@@ -500,6 +505,9 @@ def load_run_confounds(bold_path, n_volumes, strategy, motion):
     if len(confounds) != n_volumes:
         raise InputError(f"{expected}: {len(confounds)} rows but {bold_path.name} "
                          f"has {n_volumes} volumes")
+    if sample_mask is not None and len(sample_mask) == 0:   # (nilearn then leaves its columns NaN)
+        raise InputError(f"{expected}: every volume is marked as an outlier (non-steady-state, or "
+                         f"scrubbed with --confounds scrub): no usable volume in {bold_path.name}")
     not_finite = confounds.columns[~np.isfinite(confounds.to_numpy(dtype=float)).all(0)]
     # nilearn fills the first row of derivatives only; a hole elsewhere is an error
     if len(not_finite):

@@ -30,8 +30,9 @@ Loss (VideoGPT): MSE(x, x_hat) / 0.06 + beta x commitment (eq. 1); the codebook 
 of one optimizer step over all processes; BatchNorm statistics stay per process
 (over --batch-size / N clips with N processes), as in VideoGPT without Lightning's --sync_batchnorm,
 so N > 1 is close to, not equal to, one process. The run checkpoints every --ckpt-every steps and
-on SIGTERM/SIGUSR1 (SLURM's preemption), then exits with status 75; --resume continues it exactly
-(same clips, same losses).
+on SIGTERM/SIGUSR1 (SLURM's preemption) or SIGINT (Ctrl-C), then exits with status 75; --resume
+continues it exactly (same clips, same losses). One run at a time writes <work>/vqvae/: a second
+one stops at once, naming the first's host and pid.
 """
 import argparse
 import math
@@ -110,15 +111,16 @@ def parse_args(argv=None):
 # Training (paper section 2.3.1.1)
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
-    # from here on SIGTERM/SIGUSR1 ask to stop; they no longer kill
+    # from here on SIGTERM/SIGUSR1/SIGINT ask to stop; they no longer kill
     preemption = common.PreemptionFlag()
     args = parse_args(argv)
-    run = plan_run(args)
-    if run.checkpoint is not None and run.checkpoint["complete"]:
-        common.print0(f"{STAGE}: {run.ckpt_path} is complete ({run.checkpoint['step']} steps, "
-                      "same flags and frames); --overwrite to train again")
-        return
-    common.run_training(train, args, run, preemption)
+    with common.hold_folder(Path(args.work) / "vqvae"):   # a second run there stops at once
+        run = plan_run(args)
+        if run.checkpoint is not None and run.checkpoint["complete"]:
+            common.print0(f"{STAGE}: {run.ckpt_path} is complete ({run.checkpoint['step']} steps, "
+                          "same flags and frames); --overwrite to train again")
+            return
+        common.run_training(train, args, run, preemption)
 
 
 def train(args, run, ctx, preemption):

@@ -48,8 +48,9 @@ Outputs (<work>/gpt/<name>/, name derived from the configuration unless --name):
 Optimisation (the authors'): Adam(3e-4, betas 0.9/0.999), cosine annealing to 0 over --max-steps,
 gradient clipping at 1.0, --batch-size 64 samples per optimizer step over all processes
 (16 per GPU on 4 GPUs). --precision fp16 is autocast + GradScaler as in the paper; bf16 needs no
-scaler. The run checkpoints every --ckpt-every steps and on SIGTERM/SIGUSR1 (SLURM's preemption),
-then exits with status 75; --resume continues it exactly.
+scaler. The run checkpoints every --ckpt-every steps and on SIGTERM/SIGUSR1 (SLURM's preemption)
+or SIGINT (Ctrl-C), then exits with status 75; --resume continues it exactly. One run at a time
+writes <work>/gpt/<name>/: a second one stops at once, naming the first's host and pid.
 """
 import argparse
 import functools
@@ -166,15 +167,17 @@ def check_flags(args):
 # Training (paper sections 2.3.1.2 and 2.4)
 # --------------------------------------------------------------------------------------------------
 def main(argv=None):
-    # from here on SIGTERM/SIGUSR1 ask to stop; they no longer kill
+    # from here on SIGTERM/SIGUSR1/SIGINT ask to stop; they no longer kill
     preemption = common.PreemptionFlag()
     args = parse_args(argv)
-    run = plan_run(args)
-    if run.checkpoint is not None and run.checkpoint["complete"]:
-        common.print0(f"{STAGE}: {run.ckpt_path} is complete ({run.checkpoint['step']} steps, "
-                      "same flags and inputs); --overwrite to train again")
-        return
-    common.run_training(train, args, run, preemption)
+    # a second run there stops at once (the code cache is shared: each file is written atomically)
+    with common.hold_folder(Path(args.work) / "gpt" / run_name(args)):
+        run = plan_run(args)
+        if run.checkpoint is not None and run.checkpoint["complete"]:
+            common.print0(f"{STAGE}: {run.ckpt_path} is complete ({run.checkpoint['step']} steps, "
+                          "same flags and inputs); --overwrite to train again")
+            return
+        common.run_training(train, args, run, preemption)
 
 
 def train(args, run, ctx, preemption):

@@ -313,10 +313,13 @@ def runs_to_do(args, work, name, extractor, runs):
 
 def run_inputs(work, run, features):
     """The inputs of a run's record besides the model: the fingerprints of the files its features
-    come from (its repetitions' frames; their inputs for --features buttons) and its timeline."""
+    come from (its repetitions' frames; their inputs for --features buttons) and its timeline. A
+    file that is not the one 01's record lists (another repetition's, of the same shape) is an
+    InputError: its features would be another repetition's, recorded as this one's."""
     read = "buttons_path" if features == "buttons" else "frames_path"
     files = sorted({rep[read] for rep in run["repetitions"] if rep.get(read)})
-    return {**common.input_fingerprints(work, files),
+    redo = "re-run 01_render_frames.py, which renders it again"
+    return {**{os.path.relpath(f, work): common.vouched_fingerprint(f, redo) for f in files},
             "timeline": {"n_volumes": run["n_volumes"], "tr_s": run["tr_s"],
                          "repetitions": [{k: rep[k] for k in ("rep", "status", "start", "n_frames")}
                                          for rep in run["repetitions"]]}}
@@ -466,6 +469,12 @@ def recorded_buttons(frames_tsv, rep, where, n_frames, work):
         raise InputError(f"{path}: inputs of shape {buttons.shape}, not one row per frame "
                          f"({n_frames}) and one column per button its record names ({len(names)}); "
                          f"{redo}")
+    # held or not: anything else (a float array, NaN) would be counted as presses all the same
+    if buttons.dtype.kind not in "biu":
+        raise InputError(f"{path}: {buttons.dtype} inputs, not integers 0 or 1 (held or not); "
+                         f"{redo}")
+    if not np.isin(buttons, (0, 1)).all():
+        raise InputError(f"{path}: inputs other than 0 and 1 (held or not); {redo}")
     return {"buttons_path": str(path), "buttons": names}
 
 
@@ -671,7 +680,8 @@ def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing, bu
     buttons: each rendered one also with its recorded inputs, `buttons_path` and `buttons`).
 
     Raises InputError for a repetition listed as rendered whose frames (or inputs) are missing or of
-    the wrong size or length, a failed one (unless allow_missing), or a run under one window."""
+    the wrong size or length, a failed one (unless allow_missing), one without onset (01 --bk2), or
+    a run under one window."""
     frames_tsv, bold_tsv = work / "frames" / "manifest.tsv", work / "bold" / "manifest.tsv"
     frames = read_tsv(frames_tsv, required=FRAMES_COLUMNS)
     bold = read_tsv(bold_tsv, required=BOLD_COLUMNS)
@@ -706,6 +716,10 @@ def place_repetition(rep, stem, work, frame_shape, allow_missing, buttons):
     buttons; InputError as plan_runs says."""
     frames_tsv = work / "frames" / "manifest.tsv"
     where = f"{frames_tsv}: {stem} rep {rep['rep']}"
+    if not np.isfinite(float(rep["onset_s"])):
+        raise InputError(f"{where} has no onset_s (rendered from bare .bk2 files, 01 --bk2, "
+                         f"without events.tsv): 05 cannot place it on the run's timeline; render "
+                         f"the BIDS dataset instead (01 --bids)")
     placed = {"rep": rep["rep"], "status": rep["status"], "onset_s": float(rep["onset_s"]),
               "start": repetition_start(float(rep["onset_s"])), "n_frames": 0, "frames_path": None}
     if rep["status"] == "failed" and not allow_missing:

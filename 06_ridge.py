@@ -143,9 +143,10 @@ def argument_parser():
                    help="more feature sets, fitted jointly with --name (banded ridge: a penalty "
                         "per set) and compared by variance partitioning, "
                         "e.g. --with lowlevel buttons")
-    p.add_argument("--band-grid", type=float, nargs="+", default=list(BAND_GRID), metavar="U",
+    p.add_argument("--band-grid", type=band_ratio, nargs="+", default=list(BAND_GRID), metavar="U",
                    help="with --with: the weights of the sets tried, log10 of each set's weight "
-                        "relative to another's (default -2 -1 0 1 2; a set may also be left out)")
+                        "relative to another's, from -15 to 15 (default -2 -1 0 1 2; a set may "
+                        "also be left out)")
     p.add_argument("--subjects", nargs="+", default=None, type=lambda s: s.removeprefix("sub-"),
                    help="subject labels, e.g. 01 02 (default: all)")
     p.add_argument("--delays", type=int, nargs="+", default=[3],
@@ -873,6 +874,7 @@ def subject_design(args, sub, files, labels, rng):
     sets = range(len(runs[0]["features"]))
     X_train = [delayed_design(runs, train_ids, args.delays, s) for s in sets]  # (n, D_s * delays)
     X_test = [delayed_design(runs, test_ids, args.delays, s) for s in sets]    # (m, D_s * delays)
+    X_train, X_test = without_constant_features(sub, files, X_train, X_test)
     Y_train = np.stack([runs[g]["bold"][k] for g, k in train_ids]).astype(np.float64)  # (n, P)
     Y_test = np.stack([runs[g]["bold"][k] for g, k in test_ids]).astype(np.float64)    # (m, P)
     if Y_train.shape[1] != len(labels):
@@ -919,6 +921,29 @@ PENALTY_SELECTION = {
     "validation": "the error on the validation runs of the model fitted on the training runs; "
                   "the final model then fits both",
     "loo": "exact leave-one-out over the training samples (the paper's)"}
+
+
+def without_constant_features(sub, files, X_train, X_test):
+    """With several feature sets (--with), each set's design without its columns that are constant
+    over the training samples, said in a warning. A set constant everywhere is an InputError: the
+    banded ridge would give it a unique part all the same (its weight rescales the others' penalty)
+    and r NaN where it alone is chosen. One set is left as it is (all constant: r NaN, said)."""
+    if len(X_train) < 2:
+        return X_train, X_test
+    kept_train, kept_test = [], []
+    for s, (X, X_test_s) in enumerate(zip(X_train, X_test)):
+        folder = files[0][3][s].parents[2]                       # features/<name>/<layer>
+        varies = X.max(axis=0) > X.min(axis=0)                    # (D_s * delays,)
+        if not varies.any():
+            raise InputError(f"{folder}: every feature is constant over the training samples of "
+                             f"sub-{sub}: nothing to fit (leave the set out of --name and --with)")
+        if not varies.all():
+            print(f"{STAGE}: warning: sub-{sub}: {folder}: {int((~varies).sum())} of {len(varies)} "
+                  "features constant over the training samples, left out", file=sys.stderr)
+            X, X_test_s = X[:, varies], X_test_s[:, varies]
+        kept_train.append(X)
+        kept_test.append(X_test_s)
+    return kept_train, kept_test
 
 
 def significance(args, design, prediction, r, rng):
@@ -1075,6 +1100,22 @@ def fits_validation(args):
 # candidate weights. Variance partitioning fits every non-empty subset of the sets this way and
 # compares test R^2: the unique part of A is R^2(all) - R^2(all but A), the shared part what
 # R^2(all) has beyond the unique parts, and a set alone its own R^2.
+MAX_BAND_RATIO = 15   # float64 resolves a sum of two weights 10^15 apart, no more
+
+
+def band_ratio(text):
+    """One value of --band-grid (argparse type): a log10 ratio of two sets' weights, within
+    MAX_BAND_RATIO: beyond, the lighter set vanishes in the sum (and 10^400 overflows)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+    if not -MAX_BAND_RATIO <= value <= MAX_BAND_RATIO:
+        raise argparse.ArgumentTypeError(f"{text}: a log10 ratio of weights, between "
+                                         f"-{MAX_BAND_RATIO} and {MAX_BAND_RATIO}")
+    return value
+
+
 def band_candidates(n_sets, log_ratios):
     """The kernel weights w (C, n_sets) to try, each summing to 1 (alpha sets the overall scale):
     every non-empty subset of the sets on, its first set at weight 1 and the others at 10^u, u in
@@ -1380,6 +1421,7 @@ def load_runs(files, delays):
         bold = np.array(load_npy(bold_path, advice="re-run 02_prep_fmri.py --overwrite"))
         if bold.ndim != 2:
             raise InputError(f"{bold_path}: expected a 2-D (T, P) array")
+        require_numbers(bold, bold_path, "re-run 02_prep_fmri.py --overwrite")
         features = [run_features(path, stem, bold_path, len(bold)) for path in feature_paths]
         if np.isinf(bold).any():
             raise InputError(f"{bold_path}: BOLD contains inf")
@@ -1406,12 +1448,20 @@ def run_features(path, stem, bold_path, n_volumes):
     features = load_npy(path, advice="re-run 05_extract.py --overwrite")
     if features.ndim != 2:
         raise InputError(f"{path}: expected a 2-D (T, D) array")
+    require_numbers(features, path, "re-run 05_extract.py --overwrite")
     if len(features) != n_volumes:
         raise InputError(f"run {stem}: features have {len(features)} rows ({path}) but BOLD has "
                          f"{n_volumes} volumes ({bold_path})")
     if not np.isfinite(features).all():
         raise InputError(f"{path}: features contain NaN or inf")
     return features
+
+
+def require_numbers(array, path, advice):
+    """Refuse an array of anything but integers or floats (strings, booleans), which the checks of
+    finite values could not even read."""
+    if array.dtype.kind not in "iuf":
+        raise InputError(f"{path}: an array of {array.dtype}, not numbers; {advice}")
 
 
 def delayed_design(runs, sample_ids, delays, feature_set=0):

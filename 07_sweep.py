@@ -22,17 +22,19 @@ and beyond the paper:
     controls   the paper model untrained (04 --max-steps 0), its VQ-VAE alone, low-level vision (no
                model); on a synthetic dataset (--ground-truth) also compared on its planted parcels
     appendix   every module of block 4 and every block's output (Figure 7, appendix A)
---values replaces the list of one of the five (or the demo's list) with values of its knob.
+--values replaces the list of one of the five (or the demo's list) with values of its knob (checked
+against 04's rules before anything runs).
 --seeds K trains every configuration of the five and the controls' models K times (04 --seed 0 ...
 K - 1): the report gives the spread over seeds beside each interval, which resamples the test time
 course only and so leaves out training's own variance.
 A configuration shared by several experiments (the paper model appears in all five) trains once.
-Its name spells it out, e.g. h576-l8-a4-f6M-fp32, and names its folders: gpt/<name>/,
+Its name spells it out, e.g. h576-l8-a4-fall-fp32, and names its folders: gpt/<name>/,
 features/<name>/, results/<name>/. Each stage of a configuration skips what its records vouch for
 (see the README). The frozen VQ-VAE (<work>/vqvae/ckpt.pt) and the parcel time series (<work>/bold/)
 must exist: run stages 01-03 first. The figures take a configuration only when its records chain up
 to the current files (its results from the features, these from the checkpoint, and so on);
---figures-only refuses one whose model, say, was trained again since (04 ran, 05 and 06 did not). A
+--figures-only refuses one whose model, say, was trained again since (04 ran, 05 and 06 did not),
+or whose results were made with other flags of 06 than --ridge-args (and --demo) ask for. A
 configuration without results (its job failed or has not run) is left out of every figure and named
 at the top of report.md and on stderr, and the exit status is then 1.
 
@@ -57,6 +59,8 @@ reference's score, per tenfold for a slope) of 0: an interval that merely holds 
 "inconclusive", never support.
 """
 import argparse
+import functools
+import importlib.util
 import json
 import math
 import shlex
@@ -177,17 +181,20 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.seeds < 1 or args.margin < 0 or (args.data_epochs or 0) < 0:
         p.error("--seeds must be >= 1, --margin and --data-epochs >= 0")
+    if args.n_boot < 1:
+        p.error(f"--n-boot {args.n_boot}: must be at least 1 (the intervals' resamples)")
     if args.values is not None:
-        args.values = knob_values(args.experiments, args.values)
+        args.values = knob_values(args.experiments, args.values,
+                                  DEMO_CONFIG if args.demo else PAPER_CONFIG)
     demo_truth = Path(args.work) / "demo" / "ground_truth.json"
     if args.ground_truth is None and args.demo and demo_truth.is_file():
         args.ground_truth = str(demo_truth)
     return args
 
 
-def knob_values(experiments, values):
+def knob_values(experiments, values, base):
     """--values as values of the knob of the one paper experiment they are for: integers (frames,
-    width, layers, heads) or precisions."""
+    width, layers, heads) that 04 accepts for the `base` configuration, or precisions."""
     if len(experiments) != 1 or experiments[0] not in EXPERIMENTS:
         raise InputError(f"--values: for one of the experiments {', '.join(EXPERIMENTS)} alone, "
                          f"not --experiments {' '.join(experiments)}")
@@ -201,9 +208,27 @@ def knob_values(experiments, values):
                              f"({', '.join(common.PRECISIONS)})")
         return values
     try:
-        return [int(v) for v in values]
+        numbers = [int(v) for v in values]
     except ValueError:
         raise InputError(f"--values {' '.join(values)}: {knob} takes integers") from None
+    for value in numbers:   # refused now, not by 04 after the configurations before it trained
+        rule = knob_rule_broken(knob, value, base)
+        if rule:
+            raise InputError(f"--values {value}: {knob} {rule}")
+    return numbers
+
+
+def knob_rule_broken(knob, value, base):
+    """What 04 would refuse in `value` of `knob` for the `base` configuration, or None."""
+    if knob == "train_frames" and value < 0:
+        return "must not be negative (0: every training frame)"
+    if knob == "hidden_dim" and (value < 3 or value % 3):
+        return "must be a positive multiple of 3 (one position table per latent axis t, h, w)"
+    if knob == "layers" and value < 1:
+        return "must be at least 1"
+    if knob == "heads" and not 1 <= value <= base["hidden_dim"]:
+        return f"must be between 1 and the hidden size {base['hidden_dim']} (a channel per head)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -662,38 +687,39 @@ def out_of_date(work, output, stale):
     return InputError(f"{output}: {made}: re-run 07_sweep.py without --figures-only{then}")
 
 
-def load_run(work, name, spec, subs, checked=None):
+REDO_RESULTS = "re-run 07_sweep.py without --figures-only (06 then redoes it)"
+
+
+def load_run(work, name, spec, subs, checked=None, asked=None):
     """What the figures need from one job, or None when it has not finished: per subject the
     summary, r (P,) and the significance mask (P,); and, for jobs with a trained model, its training
     log, size and compute (from the checkpoint's record, which 04 writes beside it). Refuses
     (InputError) results whose record chain is not current (04 ran again since 05, say), instead of
-    pairing them with the log and compute of another model; `checked` is common.stale_input's,
-    shared by the jobs."""
+    pairing them with the log and compute of another model, and results made with other flags of
+    06 than `asked` (ridge_settings'); `checked` is common.stale_input's, shared by the jobs. A
+    damaged file is named."""
     work = Path(work)
     if not finished(work, name, subs):
         return None
     folders = {s: work / "results" / name / f"sub-{s}" for s in subs}
-    for folder in folders.values():
-        stale = common.stale_input(work, common.read_record(folder / "summary.json"), checked)
-        if stale:
-            raise out_of_date(work, work / "results" / name, stale)
+    summaries = current_summaries(work, name, folders, checked, asked or {})
     for folder in folders.values():
         if not (folder / "test_run.npy").is_file():
             raise InputError(f"{folder}: made by an older 06_ridge.py, without its test time "
-                             "course (test_bold.npy ...) for the intervals: re-run 07_sweep.py "
-                             "without --figures-only (06 then redoes it)")
-    run = {"summaries": {s: json.loads((f / "summary.json").read_text())
-                         for s, f in folders.items()},
-           "test": [{"bold": np.load(f / "test_bold.npy"), "run": np.load(f / "test_run.npy"),
-                     "prediction": np.load(f / "test_prediction.npy")} for f in folders.values()],
-           "r": np.stack([np.load(f / "r.npy") for f in folders.values()]),               # (S, P)
-           "significant": np.stack([np.load(f / "significant.npy") for f in folders.values()]),
+                             f"course (test_bold.npy ...) for the intervals: {REDO_RESULTS}")
+
+    def stacked(file):   # (subjects, ...)
+        return np.stack([read_result(f / file) for f in folders.values()])
+
+    run = {"summaries": summaries,
+           "test": [{key: read_result(f / f"test_{key}.npy")
+                     for key in ("bold", "run", "prediction")} for f in folders.values()],
+           "r": stacked("r.npy"), "significant": stacked("significant.npy"),           # (S, P)
            "log": pd.DataFrame(), "params": np.nan, "compute": np.nan, "frames": np.nan,
            "wall_s": np.nan, "steps": np.nan, "epochs": np.nan, "frames_by_subject": {}}
     if spec["kind"] == "partition":   # 06 --with: (subjects, sets, P) and (subjects, P) arrays
         keys = ("unique", "unique_p", "unique_significant", "r2_alone", "r2_all", "shared")
-        run["partition"] = {key: np.stack([np.load(f / f"{key}.npy") for f in folders.values()])
-                            for key in keys}
+        run["partition"] = {key: stacked(f"{key}.npy") for key in keys}
         run["sets"] = run["summaries"][subs[0]]["partition"]["sets"]
     if spec["model"] is None:
         return run
@@ -713,6 +739,56 @@ def load_run(work, name, spec, subs, checked=None):
                 frames=sum(by_subject.values()), frames_by_subject=by_subject, steps=record["step"],
                 epochs=samples_seen / record.get("n_train_samples", np.nan),
                 wall_s=float(log["wall_s"].dropna().iloc[-1]) if len(log) else np.nan)
+
+
+def current_summaries(work, name, folders, checked, asked):
+    """{subject: its summary.json (06's record)} of the result `folders` {subject: folder} of job
+    `name`, once each is found readable, its record chain current (common.stale_input) and its flags
+    of 06 those `asked` (the flags its record holds; the layer and the sets are the job's)."""
+    summaries = {}
+    for sub, folder in folders.items():
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+        except (ValueError, OSError):   # a UnicodeDecodeError is a ValueError
+            summary = None
+        if not isinstance(summary, dict):
+            raise InputError(f"{folder / 'summary.json'}: not a readable summary (truncated or "
+                             f"damaged): {REDO_RESULTS}")
+        stale = common.stale_input(work, summary, checked)
+        if stale:
+            raise out_of_date(work, work / "results" / name, stale)
+        made = {flag: value for flag, value in summary.get("settings", {}).items() if flag in asked}
+        changed = common.changed_settings({"settings": made},
+                                          {flag: asked[flag] for flag in made})
+        if changed:
+            raise InputError(f"{work / 'results' / name}: "
+                             f"{common.other_flags_text(summary, asked, changed)} (06's flags): "
+                             "pass the --ridge-args it was made with, or redo it without "
+                             "--figures-only and with --overwrite among the --ridge-args")
+        summaries[sub] = summary
+    return summaries
+
+
+def read_result(path):
+    """An array of 06's results, read whole; a damaged file is an InputError naming it."""
+    return common.load_npy(path, mmap=False, advice=REDO_RESULTS)
+
+
+def ridge_settings(args, name, spec):
+    """The flags of the 06 command this sweep runs for job `name` (its --ridge-args and the demo's
+    included) as 06 records them in summary.json's settings."""
+    command = commands(args, name, spec)[-1]
+    return common.settings_of(ridge_parser().parse_args(command[1:]), {"with_sets"})
+
+
+@functools.lru_cache(maxsize=1)
+def ridge_parser():
+    """06_ridge.py's command line parser (the script is loaded as a module: its name starts with
+    a digit)."""
+    spec = importlib.util.spec_from_file_location("ridge_stage", REPO / "06_ridge.py")
+    ridge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ridge)
+    return ridge.argument_parser()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -735,7 +811,8 @@ def draw_figures(args, per_experiment, jobs):
     figures = work / "figures"
     subs = subjects(work)
     checked = set()   # the inputs found current, shared by the jobs (a model's frames checked once)
-    runs = {name: load_run(work, name, spec, subs, checked) for name, spec in jobs.items()}
+    runs = {name: load_run(work, name, spec, subs, checked, ridge_settings(args, name, spec))
+            for name, spec in jobs.items()}
     missing = [name for name, run in runs.items() if run is None]
     for name, run in runs.items():   # each seed-0 run also holds the runs of its seeds (--seeds)
         if run is not None:

@@ -7,6 +7,7 @@
 | Loading checkpoints | ours, VideoGPT's and the authors' PyTorch Lightning ones | 04, 05 |
 | Errors and exit statuses | `InputError`, `Interrupted`, `run_main` | every stage |
 | Atomic writes | `atomic_path`, `save_npy`, `write_json`, `write_tsv` | every stage |
+| A folder in use | `hold_folder`: one run at a time writes a training run's folder | 03, 04 |
 | Readers | `read_tsv`, `load_npy`, `load_nifti`: a damaged file is named | every stage |
 | BIDS names, the frames manifest | `bids_entities`, `training_repetitions` | 01-05 |
 | Provenance | records, fingerprints, `is_up_to_date`, `stale_input` | every stage |
@@ -16,6 +17,7 @@ The paper's training and encoding algorithms live in the numbered stage scripts.
 """
 import contextlib
 import csv
+import fcntl
 import gc
 import hashlib
 import io
@@ -887,6 +889,7 @@ EXIT_SOME_FAILED = 1   # finished, but some items failed (01: replays that could
 EXIT_BAD_INPUT = 2     # one line `error: <file>: <what is wrong>`; nothing was written
 EXIT_INTERRUPTED = 75  # a signal stopped training before --max-steps: checkpoint saved,
                        # re-run resumes (75 is EX_TEMPFAIL of sysexits.h: "try again later")
+EXIT_SIGINT = 130      # Ctrl-C in a stage with nothing to checkpoint (128 + SIGINT, as shells say)
 
 
 class InputError(Exception):
@@ -902,13 +905,23 @@ class Interrupted(Exception):
 def run_main(main):
     """Call `main()`. Bad input, and a file that cannot be read or written
     (read-only folder, full disk), become one line `error: <file>: <what is wrong>` on stderr and
-    exit status 2; an interrupted training run, one line (from rank 0) and exit status 75."""
+    exit status 2; an interrupted training run, one line (from rank 0) and exit status 75; Ctrl-C
+    elsewhere, one line and 130 (atomic writes leave nothing half-written)."""
+    # A script that starts a stage in the background (run_all.sh, to pass its signals on) leaves
+    # SIGINT ignored in it, and Python keeps it so: a Ctrl-C passed on must still stop the stage.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except Interrupted as stop:
         if int(os.environ.get("RANK", "0")) == 0:
             print(stop, file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut this line
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{Path(sys.argv[0]).stem}: interrupted by SIGINT; what it finished is kept, "
+                  "nothing is half-written: re-run to go on", file=sys.stderr, flush=True)
+        sys.exit(EXIT_SIGINT)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
@@ -1031,6 +1044,46 @@ def write_json(path, value):
     """json.dump to `path` atomically, indented for a human reader."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# A folder in use: two runs writing one folder (a second `03 --resume` while the first trains, or
+# run_all.sh killed and run again while its stage goes on) would each log and checkpoint the same
+# steps, and both end with 0.
+# --------------------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def hold_folder(folder):
+    """Hold `folder` for the block: an exclusive flock on `<folder>/.lock`, which names this process
+    (host and pid) for the run that finds it taken: that run stops with an InputError naming the
+    holder. The kernel releases the lock when the process ends, however it ends, so a killed run
+    never leaves the folder locked; the file stays (removing it would let two runs lock two files).
+    Under DDP rank 0 holds it for every rank of its run. A filesystem without locks (some cluster
+    mounts) is said, and the run goes on unguarded."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise InputError(f"{folder}: in use by {holder}, another run of this stage: wait for "
+                             "it to end, or stop it, before running it again") from None
+        except OSError as err:
+            print(f"warning: {folder / LOCK_NAME}: cannot lock it ({err.strerror}): a second run "
+                  "on this folder at the same time would not be noticed", file=sys.stderr)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{HOST} pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1236,6 +1289,25 @@ def input_fingerprints(work, paths, earlier=None):
     return fingerprints
 
 
+def vouched_fingerprint(path, advice):
+    """The fingerprint of an input, checked against its producer's record (`outputs` lists it by
+    name; `output` is the file of the record's own stem): without reading it while it keeps the size
+    and modification time the record saw, by its sha256 otherwise. Bytes other than those the record
+    lists (another repetition's array copied in its place, a file edited by hand) are an InputError
+    naming the file, with `advice`: what is made from it would be wrong, and say it was right. A
+    file without a record of ours is only fingerprinted."""
+    path = Path(path)
+    record = read_record(record_path(path)) or {}
+    listed = record.get("outputs", {}).get(path.name)
+    if listed is None and path.stem == record_path(path).stem:
+        listed = record.get("output")
+    found = fingerprint(path, listed)
+    if isinstance(listed, dict) and found["sha256"] != listed.get("sha256", found["sha256"]):
+        raise InputError(f"{path}: not the file its record {record_path(path)} lists (other bytes: "
+                         f"replaced or changed since {record['stage']} wrote it); {advice}")
+    return found
+
+
 def _content(value):
     return value["sha256"] if isinstance(value, dict) and "sha256" in value else value
 
@@ -1257,12 +1329,18 @@ def changed_inputs(record, inputs):
 
 def flags_differ_error(output, record, settings, changed):
     """The InputError for an output made with other flags: names the first differing flag."""
+    return InputError(f"{output}: {other_flags_text(record, settings, changed)}: "
+                      f"pass the same flags, or --overwrite to redo it")
+
+
+def other_flags_text(record, settings, changed):
+    """'made with --lr 0.0003, not 0.001' for the first flag of `changed` (changed_settings' list),
+    and how many others differ."""
     flag = changed[0]
     before, now = record["settings"].get(flag), settings.get(flag)
     others = (f" (and {len(changed) - 1} other flag(s): {', '.join(changed[1:])})"
               if len(changed) > 1 else "")
-    return InputError(f"{output}: made with {flag} {_show(before)}, not {_show(now)}{others}: "
-                      f"pass the same flags, or --overwrite to redo it")
+    return f"made with {flag} {_show(before)}, not {_show(now)}{others}"
 
 
 def _show(value):
@@ -1450,13 +1528,13 @@ def seed_everything(seed, rank=0):
 
 class PreemptionFlag:
     """Remembers that SIGTERM or SIGUSR1 arrived (SLURM sends one before it kills or requeues a
-    job), so that training can save a checkpoint and stop cleanly at the end of its step. Made first
-    thing in a training stage's main(): from then on a signal never kills the process, whatever it
-    is doing (caching codes, validating, writing a checkpoint, drawing the last figure); it is only
-    read where stopping is safe. A signal after the last step is then harmless:
+    job), or SIGINT (Ctrl-C), so that training can save a checkpoint and stop cleanly at the end of
+    its step. Made first thing in a training stage's main(): from then on a signal never kills the
+    process, whatever it is doing (caching codes, validating, writing a checkpoint, drawing the last
+    figure); it is only read where stopping is safe. A signal after the last step is then harmless:
     the run completes and exits 0."""
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         self.name = None
         for signum in signals:
             signal.signal(signum, self._handler)

@@ -23,6 +23,8 @@
 # Each stage skips an output whose record says it was made with the same flags from the same inputs, so
 # re-running after a failure or an interruption is cheap and never keeps a stale result; the first stage
 # that does not finish stops the script with its own message (and its exit status).
+# SIGTERM or Ctrl-C to the script reaches the stage that runs (03 and 04 save a checkpoint); the
+# script waits for it to stop.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -64,17 +66,54 @@ else
   DEMO_VQVAE="" DEMO_GPT="" DEMO_EXTRACT="" DEMO_RIDGE=""
 fi
 
+# SIGTERM or SIGINT to this script goes to the stage that runs, which stops where it is safe (03 and
+# 04 save a checkpoint and exit 75); the script waits for it, then stops with the stage's status.
+# Without this, bash would die at once and leave the stage running on its own. Each stage runs in a
+# process group of its own, so that the workers of a stage that died (a process pool's) stop too.
+stage_pid="" signalled=""
+pass_on() {
+  signalled=$1
+  if [ -z "$stage_pid" ]; then
+    echo "run_all.sh: SIG$1 between stages: stopping" >&2
+    exit $((128 + $(kill -l "$1")))
+  fi
+  echo "run_all.sh: SIG$1: passed to $stage_name (pid $stage_pid); waiting for it to stop" >&2
+  kill -s "$1" "$stage_pid" 2>/dev/null || true
+}
+trap 'pass_on TERM' TERM
+trap 'pass_on INT' INT
+
 # stage NAME SCRIPT ARGS...: run one stage; stop here unless it finished. Exit statuses (common.py):
-# 0 done, 1 some items failed, 2 bad input, 75 training interrupted by a signal (resumable).
+# 0 done, 1 some items failed, 2 bad input, 75 training interrupted by a signal (resumable), 130
+# Ctrl-C elsewhere.
 stage() {
-  local name=$1
+  stage_name=$1
   shift
-  echo "=== $name: $PYTHON $*"
-  local start=$SECONDS status=0
-  "$PYTHON" "$@" || status=$?
+  echo "=== $stage_name: $PYTHON $*"
+  local name=$stage_name start=$SECONDS status
+  # In the background: bash runs a trap only once a foreground command ends, but a trap ends `wait`.
+  # Job control for the start only: a process group of its own, SIGINT not ignored, no job reports.
+  set -m
+  "$PYTHON" "$@" &
+  stage_pid=$!
+  set +m
+  while :; do
+    status=0
+    wait "$stage_pid" || status=$?
+    kill -0 "$stage_pid" 2>/dev/null || break   # still running: a signal interrupted the wait
+  done
+  if [ -n "$signalled" ]; then   # what the stage left running (a pool's workers) stops with it
+    kill -s TERM -- "-$stage_pid" 2>/dev/null || true
+  fi
+  stage_pid=""
   if [ "$status" = 75 ]; then
     echo "run_all.sh: $name interrupted at $(progress_of "$name"): re-run to resume" >&2
     exit 75
+  elif [ -n "$signalled" ]; then   # stopped, or finished before the signal reached it: stop here
+    [ "$status" != 0 ] || status=$((128 + $(kill -l "$signalled")))
+    echo "run_all.sh: SIG$signalled: stopped after $name (exit $status): re-run to go on:" \
+      "finished stages are skipped" >&2
+    exit "$status"
   elif [ "$status" != 0 ]; then
     echo "run_all.sh: stage $name failed (exit $status; its message is above); fix it and re-run:" \
       "finished stages are skipped" >&2

@@ -189,6 +189,32 @@ def test_buttons_refuse_model_flags_and_inputs_that_do_not_fit(with_buttons):
         extract.main(["--work", str(work), "--features", "buttons"])
 
 
+def test_inputs_other_than_those_01_recorded_are_refused(with_buttons):
+    """Another repetition's buttons or frames of the same shape in place of the right ones were read,
+    though 01's record lists another sha256 (and 06 --with then fitted them); a float buttons array with
+    NaN was read as presses."""
+    work, _ = with_buttons
+    frames = work / "frames/sub-01/ses-002/sub-01_ses-002_task-airstriker_run-01_level-1_rep-1.npy"
+    buttons = frames.with_suffix(".buttons.npy")
+    record = common.read_record(common.record_path(frames))      # as 01 writes it: both files' fingerprints
+    common.write_record(frames, dict(record, output=common.hash_file(frames),
+                                     outputs={buttons.name: common.hash_file(buttons)}))
+    extract.main(["--work", str(work), "--features", "buttons"])   # what the record lists: accepted
+    np.save(buttons, np.roll(np.load(buttons), 1, axis=0))         # the same shape, other inputs
+    assert extract_error(work) == (
+        f"{buttons}: not the file its record {common.record_path(frames)} lists (other bytes: replaced or "
+        "changed since 01_render_frames wrote it); re-run 01_render_frames.py, which renders it again")
+    np.save(frames, np.roll(np.load(frames), 1, axis=0))
+    with pytest.raises(common.InputError, match=rf"^{frames}: not the file its record .* lists"):
+        extract.main(["--work", str(work), "--features", "lowlevel"])
+    for other, message in ((np.full((700, 3), np.nan), "float64 inputs, not integers 0 or 1"),
+                           (np.full((700, 3), 2, np.uint8), "inputs other than 0 and 1")):
+        np.save(buttons, other)
+        common.write_record(frames, record)                      # (no fingerprints: its bytes are not checked)
+        assert extract_error(work) == f"{buttons}: {message} (held or not); re-render it with " \
+                                      "01_render_frames.py --overwrite"
+
+
 # --------------------------------------------------------------------------------------------------
 # The demo: 00's button parcel, as 01 records the presses, found by the buttons features alone
 # --------------------------------------------------------------------------------------------------

@@ -198,6 +198,16 @@ def test_failed_repetition_stops_unless_allowed(synthetic):
     assert (decode(dataset[8][0].numpy()) == 0).all()                     # row 8 lay inside rep 3
 
 
+def test_repetition_without_onset_is_refused(synthetic):
+    """Frames rendered with 01 --bk2 (no events.tsv) have onset n/a: placing them was a ValueError traceback."""
+    manifest = pd.read_csv(synthetic / "frames/manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
+    manifest.loc[2, "onset_s"] = "n/a"                                                        # ses-001 rep 3
+    manifest.to_csv(synthetic / "frames/manifest.tsv", sep="\t", index=False)
+    with pytest.raises(extract.InputError, match=r"ses-001_task-airstriker_run-01 rep 3 has no onset_s \(rendered "
+                                                 r"from bare \.bk2 files, 01 --bk2, without events\.tsv\)"):
+        planned_windows(synthetic)
+
+
 def test_run_shorter_than_the_window(tmp_path):
     work = make_work(tmp_path, runs={"001": 12, "002": 1})
     with pytest.raises(extract.InputError, match=r"ses-002.* 1 volume\(s\) x 1.49 s = 1.49 s, shorter than one "

@@ -361,6 +361,32 @@ def test_two_process_gloo_torchrun(work):
     assert "error: --batch-size 7: does not divide evenly between 2 processes" in uneven.stderr
 
 
+HOLDER = """import sys, time, common
+with common.hold_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_folder_held_by_another_run_is_refused_until_that_run_dies(work, tmp_path):
+    """04 on the run folder of a run in progress stops at once, naming the holder (both used to train, and
+    log the same steps twice); the kernel frees the folder when the holder dies, even by SIGKILL."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(work / "gpt" / "held")], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        refused = run04("--work", work, *TINY_FLAGS, "--name", "held", "--vqvae", tmp_path / "none.pt", check=False)
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines() == [
+            f"error: {work / 'gpt' / 'held'}: in use by {common.HOST} pid {holder.pid}, another run of this "
+            "stage: wait for it to end, or stop it, before running it again"]
+    finally:
+        holder.kill()
+        holder.wait()
+    free = run04("--work", work, *TINY_FLAGS, "--name", "held", "--vqvae", tmp_path / "none.pt", check=False)
+    assert free.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.pt'}: checkpoint not found"]
+
+
 def test_authors_lightning_checkpoint_loads_strictly_and_initialises_training(work, tmp_path):
     torch.manual_seed(5)
     theirs = common.GPTPrior(**TINY_GPT)

@@ -276,3 +276,40 @@ def test_deleted_run_errors_equal_refitting_without_each_run():
             refit = Ridge(alpha=fit["alpha"][j]).fit(scaled[:n][keep], Y[:n][keep, j])
             expected = ((Y[n:, j] - refit.predict(scaled[n:])) ** 2).sum()
             assert errors[g, j] == pytest.approx(expected, rel=1e-7)
+
+
+def test_06_with_a_constant_set_refuses_it_and_leaves_constant_columns_out(tmp_path):
+    """A --with set whose features never change (every window black, say) used to get NaN r in the
+    parcels where it alone was chosen and a unique R^2 up to +0.04, without a word: refused in one line.
+    Constant columns of a set that varies are left out, and said."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_ridge import N_FEATURES, make_work
+
+    work = make_work(tmp_path)
+    rng = np.random.default_rng(3)
+    for path in (work / "features/demo/layer_a").rglob("*.npy"):
+        other = work / "features/other/other" / path.relative_to(work / "features/demo/layer_a")
+        other.parent.mkdir(parents=True, exist_ok=True)
+        features = rng.normal(size=(len(np.load(path)), N_FEATURES))
+        features[:, :3] = 0.5                                                  # 3 constant columns
+        np.save(other, features.astype(np.float16))
+
+    def ridge_with(name):
+        return subprocess.run([sys.executable, "06_ridge.py", "--work", str(work), "--name", "demo", "--with",
+                               name, "--n-permutations", "0", "--band-grid", "0"],
+                              cwd=REPO, capture_output=True, text=True)
+
+    partly = ridge_with("other")
+    assert partly.returncode == 0, partly.stderr
+    assert (f"06_ridge: warning: sub-01: {work / 'features/other/other'}: 3 of {N_FEATURES} features constant "
+            "over the training samples, left out") in partly.stderr.splitlines()
+    for path in (work / "features/other/other").rglob("*.npy"):
+        np.save(path, np.full(np.load(path).shape, 0.5, np.float16))
+    constant = ridge_with("other")
+    assert constant.returncode == 2
+    assert constant.stderr.splitlines() == [
+        f"error: {work / 'features/other/other'}: every feature is constant over the training samples of "
+        "sub-01: nothing to fit (leave the set out of --name and --with)"]

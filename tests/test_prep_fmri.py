@@ -526,3 +526,31 @@ def test_read_only_work(data, tmp_path):
     result, _ = run_confined("02_prep_fmri.py", *flags(data, work, "--motion", "basic"), read_only=work)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {work / 'bold'}: Read-only file system"
+
+
+def test_every_volume_an_outlier_is_said_as_such(data, tmp_path):
+    """Every volume marked non-steady-state: 02 blamed 'n/a or infinite values' in confound columns that
+    hold none (nilearn leaves them NaN when it keeps no volume)."""
+    run = data["runs"]["001"]
+    path = run["bold"].parent / f"{run['stem']}_desc-confounds_timeseries.tsv"
+    table = pd.read_csv(path, sep="\t", na_values="n/a")
+    table = table.drop(columns=[c for c in table.columns if c.startswith("non_steady_state")])
+    names = [f"non_steady_state_outlier{i:02d}" for i in range(len(table))]
+    outliers = pd.DataFrame(np.eye(len(table)), columns=names)                  # one per volume
+    pd.concat([table, outliers], axis=1).to_csv(path, sep="\t", index=False, na_rep="n/a")
+    expect_error(data, tmp_path, rf"{path.name}: every volume is marked as an outlier \(non-steady-state, or "
+                                 rf"scrubbed with --confounds scrub\): no usable volume in {run['bold'].name}$",
+                 "--motion", "basic", "--sessions", "001")
+
+
+def test_an_error_starts_a_line_of_its_own_after_the_progress_bar(data, tmp_path):
+    """A damaged run stopped 02 (one process) with its `error:` printed on the unfinished progress bar's
+    line, where `grep '^error:'` does not find it."""
+    bold = data["runs"]["002"]["bold"]
+    bold.write_bytes(bold.read_bytes()[:bold.stat().st_size * 2 // 3])     # the header reads, the voxels not
+    result = run_script("02_prep_fmri.py", *flags(data, tmp_path, "--motion", "basic", "--workers", "1"),
+                        check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.split("\n") if "error: " in line]   # "\r" ends no line for grep
+    assert len(errors) == 1 and errors[0].startswith("error: "), errors
+    assert f"{bold.name}: cannot read its voxels (truncated or damaged" in result.stderr

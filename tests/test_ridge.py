@@ -746,3 +746,18 @@ def test_several_layer_folders_need_layer_even_with_the_papers(tmp_path):
     assert ridge.find_layer(root, "attn_stack.attn_nets.7.post_fc_dp") == "attn_stack.attn_nets.7.post_fc_dp"
     (root / common.PAPER_LAYER).rmdir()
     assert ridge.find_layer(root, None) == "attn_stack.attn_nets.7.post_fc_dp"   # the only one: no question
+
+
+def test_bold_of_strings_and_band_grid_out_of_range_are_one_line(tmp_path):
+    """A BOLD .npy of strings was a TypeError traceback from np.isinf; --band-grid 400 an OverflowError."""
+    work = make_work(tmp_path)
+    bold = work / "bold/sub-01/ses-002" / f"{STEM}.npy"
+    np.save(bold, np.load(bold).astype(str))
+    result = run_ridge(work, "--n-permutations", 0)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {bold}: an array of {np.load(bold).dtype}, not numbers; re-run "
+                                          "02_prep_fmri.py --overwrite"]
+    result = run_ridge(work, "--with", "demo:layer_a", "--band-grid", "0", "400")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == ("06_ridge.py: error: argument --band-grid: 400: a log10 ratio of "
+                                              "weights, between -15 and 15")

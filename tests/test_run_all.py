@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -47,9 +48,9 @@ def test_run_all_recovers_the_planted_parcels(pipeline):
 
 def test_run_all_again_skips_every_stage(pipeline):
     work, _ = pipeline
-    def outputs():  # every stage's outputs
+    def outputs():  # every stage's outputs (not a training folder's lock: each run that holds it names itself)
         return {p: p.stat().st_mtime_ns for folder in ("frames", "bold", "vqvae", "gpt", "features", "results/demo")
-                for p in (work / folder).rglob("*") if p.is_file()}
+                for p in (work / folder).rglob("*") if p.is_file() and p.name != common.LOCK_NAME}
 
     before = outputs()
     again = run_all(work)
@@ -63,6 +64,59 @@ def test_run_all_stops_at_the_first_failing_stage(tmp_path):
     assert result.returncode == 2                      # 01's status: bad input
     assert "stage 01_render_frames failed (exit 2" in result.stderr
     assert "=== 02_prep_fmri" not in result.stdout
+
+
+FAKE_STAGE = """#!/usr/bin/env bash
+# stands in for python: each stage runs until SIGTERM, then stops as 03 does (a checkpoint, exit 75)
+[ "$1" = -c ] && exit 1                                       # run_all.sh's progress_of: no record
+trap 'echo "$1" > "$(dirname "$0")/stopped"; exit 75' TERM
+echo $$ > "$(dirname "$0")/pid"
+while :; do sleep 0.1; done
+"""
+
+
+def test_sigterm_to_run_all_reaches_the_stage_and_waits_for_it(tmp_path):
+    """SIGTERM to run_all.sh itself (a job's time limit, a `kill`) used to kill the script alone (143, no
+    message) and leave its stage running as an orphan: it is passed to the stage, whose status ends the
+    script, and said. A stand-in for python keeps the test to a second."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_STAGE)
+    fake.chmod(0o755)
+    process = subprocess.Popen(["bash", "run_all.sh"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, WORK=str(tmp_path / "work"), PYTHON=str(fake)))
+    deadline = time.time() + 30
+    while time.time() < deadline and not (tmp_path / "pid").is_file() or not (tmp_path / "pid").read_text():
+        time.sleep(0.05)
+    stage_pid = int((tmp_path / "pid").read_text())
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if common._process_is_alive(stage_pid):               # left running: the test fails below
+            os.kill(stage_pid, signal.SIGKILL)
+    assert process.returncode == 75
+    assert (tmp_path / "stopped").read_text() == "00_make_demo.py\n"
+    assert stderr.splitlines() == [
+        f"run_all.sh: SIGTERM: passed to 00_make_demo (pid {stage_pid}); waiting for it to stop",
+        "run_all.sh: 00_make_demo interrupted at an unknown step: re-run to resume"]
+    assert not common._process_is_alive(stage_pid)
+
+
+CTRL_C = """import os, signal, sys, time
+sys.argv[0] = "05_extract.py"
+import common
+common.run_main(lambda: os.kill(os.getpid(), signal.SIGINT) or time.sleep(30))
+"""
+
+
+def test_ctrl_c_in_a_stage_without_checkpoint_is_one_line_and_130():
+    """Ctrl-C in a stage that has no checkpoint to save was a KeyboardInterrupt traceback; started with
+    SIGINT ignored, as run_all.sh starts its stages (in the background), a passed-on Ctrl-C did nothing."""
+    result = subprocess.run([sys.executable, "-c", CTRL_C], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert result.returncode == 130
+    assert result.stderr.splitlines() == ["05_extract: interrupted by SIGINT; what it finished is kept, nothing is "
+                                          "half-written: re-run to go on"]
 
 
 def test_sigterm_to_03_stops_run_all_and_the_rerun_equals_an_uninterrupted_run(pipeline, tmp_path):

@@ -208,6 +208,28 @@ def test_values_replace_the_list_of_one_paper_experiment(capsys):
     assert result.stderr == f"error: --values: for one of the experiments {five} alone, not --experiments controls\n"
 
 
+def test_values_04_would_refuse_and_no_resamples_are_usage_errors():
+    """A width that is not a multiple of 3 failed late, in 04, after the configurations before it had trained;
+    --n-boot 0 or below had no meaning (and was not refused)."""
+    for experiment, value, rule in [
+            ("hidden", "10", "hidden_dim must be a positive multiple of 3 (one position table per latent axis "
+                             "t, h, w)"),
+            ("layers", "0", "layers must be at least 1"),
+            ("heads", "0", "heads must be between 1 and the hidden size 576 (a channel per head)"),
+            ("heads", "577", "heads must be between 1 and the hidden size 576 (a channel per head)"),
+            ("data", "-5", "train_frames must not be negative (0: every training frame)")]:
+        with pytest.raises(common.InputError) as refused:
+            sweep.parse_args(["--experiments", experiment, "--values", "6", value])
+        assert str(refused.value) == f"--values {value}: {rule}"
+    with pytest.raises(common.InputError, match=r"^--values 30: heads must be between 1 and the hidden size 24 "):
+        sweep.parse_args(["--demo", "--experiments", "heads", "--values", "30"])
+    for n_boot in ("0", "-3"):
+        result = run_script("07_sweep.py", "--n-boot", n_boot, "--dry-run", check=False)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.splitlines()[-1] == (f"07_sweep.py: error: --n-boot {n_boot}: must be at least 1 "
+                                                  "(the intervals' resamples)")
+
+
 @pytest.mark.parametrize("demo", [False, True])
 def test_every_sweep_configuration_is_a_model_04_accepts(demo):
     """A dry run checks no settings: each planned training command must pass 04's model checks."""
@@ -461,6 +483,25 @@ def test_a_configuration_without_any_r_is_drawn_and_its_scores_are_n_a(tmp_path)
         assert (figures / f"precision_{kind}.png").stat().st_size > 10_000, kind
 
 
+def test_a_damaged_result_is_named_in_one_line(tmp_path):
+    """A truncated test_bold.npy, unique.npy or summary.json was a traceback of numpy or json."""
+    work = synthetic_sweep(tmp_path)
+    folder = work / "results" / "h24-l2-a2-fall-fp32+lowlevel+buttons" / "sub-02"   # a partition: unique.npy
+    redo = "re-run 07_sweep.py without --figures-only (06 then redoes it)"
+    for name, what in (("test_bold.npy", "truncated ("), ("unique.npy", "truncated ("),
+                       ("summary.json", "not a readable summary (truncated or damaged): ")):
+        path = folder / name
+        content = path.read_bytes()
+        path.write_bytes(content[:len(content) // 2])
+        result = run_script("07_sweep.py", "--work", work, "--demo", "--figures-only", "--n-boot", "20",
+                            "--experiments", "controls", check=False)
+        path.write_bytes(content)
+        assert result.returncode == 2, result.stderr[-2000:]
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"error: {path}: {what}") and line.endswith(redo), line
+    assert not (work / "figures" / "report.md").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Figures from a real record chain: frames (01), BOLD (02), a VQ-VAE (03), one configuration through
 # 07's own jobs (04 -> 05 -> 06)
@@ -550,6 +591,21 @@ def test_figures_refuse_results_of_a_replaced_checkpoint_until_the_sweep_redoes_
     run = sweep.load_run(work, CONFIG, tiny_jobs(work)[CONFIG], ["01"])
     np.testing.assert_array_equal(run["r"][0], np.load(work / "results" / CONFIG / "sub-01" / "r.npy"))
     assert run["params"] == common.read_record(ckpt.with_suffix(".json"))["n_parameters"]
+
+
+def test_figures_refuse_results_made_with_other_ridge_args(swept):
+    """--figures-only with other --ridge-args than the results were made with drew the old results as if
+    made with these; the record's flags (summary.json's settings) must be the ones asked for."""
+    refused = run_script("07_sweep.py", "--work", swept, "--demo", "--experiments", "heads", "--figures-only",
+                         "--ridge-args", "--n-permutations 0 --alphas 1 10", check=False)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert refused.stderr.strip() == (
+        f"error: {swept / 'results' / CONFIG}: made with --alphas wide, not 1.0 10.0 (06's flags): pass the --ridge-args it was made with, or redo it "
+        "without --figures-only and with --overwrite among the --ridge-args")
+    assert not (swept / "figures").exists()
+    spec = tiny_jobs(swept)[CONFIG]      # the flags it was made with: taken
+    run = sweep.load_run(swept, CONFIG, spec, ["01"], asked=sweep.ridge_settings(tiny_args(swept), CONFIG, spec))
+    assert run["summaries"]["01"]["settings"]["--n-permutations"] == 0
 
 
 def test_a_sweep_refuses_a_vqvae_older_than_its_frames_before_training(swept, tmp_path):

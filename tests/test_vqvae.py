@@ -444,6 +444,35 @@ def test_resume_after_sigterm_reproduces_uninterrupted_losses(tmp_path):
         torch.testing.assert_close(sb[key], sa[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_a_run_holds_its_folder_and_ctrl_c_checkpoints_it(tmp_path):
+    """A second run on the folder of a run in progress stops at once, naming the holder (both used to
+    train, and log the same steps twice); Ctrl-C (SIGINT) is taken like SIGTERM: checkpoint, one line,
+    75 (it was a KeyboardInterrupt traceback); the kernel frees the folder when the holder ends."""
+    work = make_frames_work(tmp_path)
+    flags = [*TINY_FLAGS, "--max-steps", "100000", "--log-every", "1", "--val-every", "100000", "--batch-size", "2"]
+    holder = subprocess.Popen([sys.executable, "03_train_vqvae.py", "--work", str(work), *flags], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_path = work / "vqvae" / "log.csv"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not log_path.exists() or len(log_path.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    try:
+        second = subprocess.run([sys.executable, "03_train_vqvae.py", "--work", str(work), *flags, "--resume"],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert last_error_line(second) == (f"error: {work / 'vqvae'}: in use by {common.HOST} pid {holder.pid}, "
+                                           "another run of this stage: wait for it to end, or stop it, before "
+                                           "running it again")
+    finally:
+        holder.send_signal(signal.SIGINT)          # Ctrl-C
+        _, stderr = holder.communicate(timeout=60)
+    assert holder.returncode == common.EXIT_INTERRUPTED, stderr
+    step = common.read_record(work / "vqvae/ckpt.json")["step"]
+    assert stderr.strip().splitlines()[-1] == (f"03_train_vqvae: interrupted at step {step} of 100000 by SIGINT; "
+                                               "checkpoint saved: re-run to resume")
+    with common.hold_folder(work / "vqvae"):     # free again
+        pass
+
+
 TORCHRUN_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {repo!r})
@@ -547,7 +576,7 @@ def test_read_only_work_and_full_disk(tmp_path):
     result, left = run_confined("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "2",
                                 full=work / "vqvae", full_bytes=64 * 1024)
     assert last_error_line(result) == f"error: {work / 'vqvae/ckpt.pt'}: cannot write it (No space left on device)"
-    assert left == ["log.csv"]      # the log of what ran; no checkpoint, no temporary file
+    assert left == [".lock", "log.csv"]   # the folder's lock, the log of what ran; no checkpoint, no temporary
     run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "2")   # a re-run with room
     assert common.read_record(work / "vqvae/ckpt.json")["complete"] is True
 
