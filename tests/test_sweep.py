@@ -10,39 +10,44 @@ import numpy as np
 import pytest
 
 import common
+import controls as beyond_paper
+import scaling_laws
+import significance
+import sweep_report
 from conftest import REPO, load_stage, run_script
+from paper import experiments as paper_experiments
 
 sweep = load_stage("07_sweep.py")
 
 
 def test_log_linear_fit_recovers_known_parameters():
     x = np.array([1e4, 1e5, 1e6, 6e6])
-    np.testing.assert_allclose(sweep.fit_log_linear(x, 0.1 + 0.05 * np.log10(x)), [0.1, 0.05], atol=1e-12)
+    np.testing.assert_allclose(scaling_laws.fit_log_linear(x, 0.1 + 0.05 * np.log10(x)), [0.1, 0.05], atol=1e-12)
 
 
 def test_saturating_power_fit_recovers_known_parameters():
     x = np.geomspace(1e15, 1e19, 8)
     truth = (0.6, 2e3, 0.25)  # r_inf, c, alpha: r goes from ~0.24 to ~0.56 over these 4 decades
-    r = sweep.saturating_power(x, *truth)
-    np.testing.assert_allclose(sweep.fit_saturating_power(x, r), truth, rtol=1e-4)
+    r = scaling_laws.saturating_power(x, *truth)
+    np.testing.assert_allclose(scaling_laws.fit_saturating_power(x, r), truth, rtol=1e-4)
 
 
 def test_saturating_fit_reports_parameters_stuck_on_a_bound():
     x = np.geomspace(1e15, 1e19, 8)
-    assert sweep.saturating_bounds_hit(x, sweep.fit_saturating_power(x, sweep.saturating_power(x, 0.6, 2e3, 0.25))) == []
+    assert scaling_laws.saturating_bounds_hit(x, scaling_laws.fit_saturating_power(x, scaling_laws.saturating_power(x, 0.6, 2e3, 0.25))) == []
     straight = 0.1 + 0.05 * np.log10(x / x[0])            # no curvature: r_inf runs off to its upper bound
-    params = sweep.fit_saturating_power(x, straight)
-    assert "r_inf" in sweep.saturating_bounds_hit(x, params) and params[0] == pytest.approx(2.0)
-    fits = sweep.bootstrap_fits(x[:4], straight[:4], np.repeat(straight[:4, None], 5, axis=1))
+    params = scaling_laws.fit_saturating_power(x, straight)
+    assert "r_inf" in scaling_laws.saturating_bounds_hit(x, params) and params[0] == pytest.approx(2.0)
+    fits = scaling_laws.bootstrap_fits(x[:4], straight[:4], np.repeat(straight[:4, None], 5, axis=1))
     assert "r_inf" in fits["saturating_power_at_bound"]
 
 
 def test_runs_of_the_same_x_pin_one_point_of_a_law():
     """Four data sizes trained with the same compute are one point on the compute axis: no law is fitted."""
     fit = {"saturating_power": {"r_inf": [0.6, 0.5, 0.7]}, "saturating_power_at_bound": []}
-    assert set(sweep.omitted_fits(np.full(4, 7.4e11), fit)) == {"log_linear", "saturating_power"}
-    assert set(sweep.omitted_fits(np.array([1.0, 1.0, 10.0, 100.0, 100.0]), fit)) == {"saturating_power"}
-    assert sweep.omitted_fits(np.geomspace(1, 1e3, 4), fit) == {}
+    assert set(scaling_laws.omitted_fits(np.full(4, 7.4e11), fit)) == {"log_linear", "saturating_power"}
+    assert set(scaling_laws.omitted_fits(np.array([1.0, 1.0, 10.0, 100.0, 100.0]), fit)) == {"saturating_power"}
+    assert scaling_laws.omitted_fits(np.geomspace(1, 1e3, 4), fit) == {}
 
 
 def test_slope_permutation_p_values_count_each_ordering_once():
@@ -52,14 +57,14 @@ def test_slope_permutation_p_values_count_each_ordering_once():
     rng = np.random.default_rng(2)
     x = np.array([1e3, 1e4, 1e5, 1e6])
     r = np.c_[[0.1, 0.2, 0.3, 0.4], rng.normal(size=(4, 5))]              # (K, P): parcel 0 rises with x
-    slopes, p = sweep.slope_permutation_test(x, r)
+    slopes, p = scaling_laws.slope_permutation_test(x, r)
     lx = np.log10(x)
     for j in range(r.shape[1]):
         brute = [np.polyfit(lx[list(order)], r[:, j], 1)[0] for order in permutations(range(4))]
         assert slopes[j] == pytest.approx(np.polyfit(lx, r[:, j], 1)[0])
         assert p[j] == pytest.approx(np.mean(np.array(brute) >= slopes[j] - 1e-12))
     assert p[0] == pytest.approx(1 / 24)
-    _, sampled = sweep.slope_permutation_test(x, r, n_permutations=10)     # 10 < 4!: random orderings
+    _, sampled = scaling_laws.slope_permutation_test(x, r, n_permutations=10)     # 10 < 4!: random orderings
     assert np.all(sampled >= 1 / 11) and np.all(sampled <= 1)
 
 
@@ -87,7 +92,7 @@ def test_block_bootstrap_intervals_cover_the_true_max_and_median_r():
     holds_estimate = {"max": 0, "median": 0}
     for _ in range(120):
         y, z = correlated_time_courses(rho, rng)
-        boot = sweep.bootstrap_scores([{"bold": y, "prediction": z, "run": run}], n_boot=300,
+        boot = significance.bootstrap_scores([{"bold": y, "prediction": z, "run": run}], n_boot=300,
                                       seed=int(rng.integers(1 << 30)))
         r = np.array([np.corrcoef(y[:, j], z[:, j])[0, 1] for j in range(len(rho))])
         for kind, truth, estimate in (("max", rho.max(), r.max()), ("median", np.median(rho), np.median(r))):
@@ -102,12 +107,12 @@ def test_block_bootstrap_intervals_cover_the_true_max_and_median_r():
 def test_block_counts_rebuild_each_run_from_blocks_of_its_own_trs():
     rng = np.random.default_rng(1)
     run = np.repeat([3, 5], [45, 30])
-    counts = sweep.block_counts(run, 50, rng, block=20)
+    counts = significance.block_counts(run, 50, rng, block=20)
     assert counts.shape == (50, 75) and (counts[:, :45].sum(1) == 45).all() and (counts[:, 45:].sum(1) == 30).all()
     y, p = rng.normal(size=(75, 4)), rng.normal(size=(75, 4))
     index = np.repeat(np.arange(75), counts[0].astype(int))                   # the first resample, built
     expected = [np.corrcoef(y[index, j], p[index, j])[0, 1] for j in range(4)]
-    np.testing.assert_allclose(sweep.resampled_r(y, p, counts[:1])[0], expected, rtol=1e-10)
+    np.testing.assert_allclose(significance.resampled_r(y, p, counts[:1])[0], expected, rtol=1e-10)
 
 
 def test_a_law_fitted_to_block_bootstrap_scores_covers_the_true_slope():
@@ -123,10 +128,10 @@ def test_a_law_fitted_to_block_bootstrap_scores_covers_the_true_slope():
             # the same BOLD for every configuration: y = signal + noise; each prediction tracks signal
             prediction, _ = correlated_time_courses(np.full(n_parcels, rho), rng, prediction=signal)
             runs.append({"bold": signal, "prediction": prediction, "run": np.repeat([0, 1], 150)})
-        samples = np.stack([sweep.bootstrap_scores([run], 200)["median"][0] for run in runs])   # (K, B)
+        samples = np.stack([significance.bootstrap_scores([run], 200)["median"][0] for run in runs])   # (K, B)
         score = np.array([np.median([np.corrcoef(run["bold"][:, j], run["prediction"][:, j])[0, 1]
                                      for j in range(n_parcels)]) for run in runs])
-        est, lo, hi = sweep.bootstrap_fits(x, score, samples)["log_linear"]["b"]
+        est, lo, hi = scaling_laws.bootstrap_fits(x, score, samples)["log_linear"]["b"]
         assert lo <= 0.05 <= hi and lo <= est <= hi, (lo, est, hi)
         return hi - lo
 
@@ -161,7 +166,7 @@ def test_dry_run_prints_each_distinct_command_once_in_submission_order(capsys):
     lines = capsys.readouterr().out.splitlines()
     cmds = [line for line in lines if line.startswith("python ")]
     assert len(cmds) == len(set(cmds))
-    n_modules = len(sweep.appendix_layers(sweep.DEMO_CONFIG))
+    n_modules = len(beyond_paper.appendix_layers(sweep.DEMO_CONFIG))
     # trained, untrained (04 05 06 each), VQ-VAE alone, low-level, buttons (05 06), the two partitions
     # (06 of features already extracted), the appendix's 05, its 06s
     expected = "04 05 06 " * 2 + "05 06 " * 3 + "06 " * 2 + "05 06 " + "06 " * (n_modules - 1)
@@ -235,7 +240,7 @@ def test_every_sweep_configuration_is_a_model_04_accepts(demo):
     """A dry run checks no settings: each planned training command must pass 04's model checks."""
     train_gpt = load_stage("04_train_gpt.py")
     vqvae = type("VQVAE", (), dict(latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024))()
-    args = type("Args", (), dict(experiments=[*sweep.EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS], demo=demo, work="w",
+    args = type("Args", (), dict(experiments=[*paper_experiments.EXPERIMENTS, *beyond_paper.EXTRA_EXPERIMENTS], demo=demo, work="w",
                                  values=None, train_args="", extract_args="", ridge_args="", seeds=2,
                                  data_epochs=None, subset_order="balanced"))()
     _, jobs = sweep.plan(args)
@@ -324,7 +329,7 @@ def synthetic_sweep(work, slope=0.08, seed=0):
         work / "bold/labels.tsv", sep="\t", index=False)                 # rows in any order: "column" says which
     (work / "demo").mkdir()   # as 00_make_demo.py writes it: the parcels with signal are labels 1-4
     common.write_json(work / "demo/ground_truth.json", {"planted": {str(label): "x" for label in range(1, 5)}})
-    args = type("Args", (), dict(demo=True, experiments=[*sweep.DEMO_EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS],
+    args = type("Args", (), dict(demo=True, experiments=[*sweep.DEMO_EXPERIMENTS, *beyond_paper.EXTRA_EXPERIMENTS],
                                  values=None, seeds=1, data_epochs=None, subset_order="authors"))()
     _, jobs = sweep.plan(args)
     # the controls fall short of the trained model; in block 1 (the demo's last), post_fc_dp encodes best
@@ -384,7 +389,7 @@ def synthetic_sweep(work, slope=0.08, seed=0):
 def test_every_figure_and_a_verdict_from_a_synthetic_sweep(tmp_path):
     work = synthetic_sweep(tmp_path)
     result = run_script("07_sweep.py", "--work", work, "--demo", "--figures-only", "--n-boot", "50", "--experiments",
-                        *sweep.DEMO_EXPERIMENTS, *sweep.EXTRA_EXPERIMENTS)
+                        *sweep.DEMO_EXPERIMENTS, *beyond_paper.EXTRA_EXPERIMENTS)
     figures = work / "figures"
     for experiment in sweep.DEMO_EXPERIMENTS:
         for kind in ("loss", "scores", "maps"):
@@ -637,7 +642,7 @@ def test_a_claim_of_no_effect_needs_an_interval_inside_the_margin():
              ("none", -0.05, -0.02, "not supported"), ("not worse", -0.009, 0.05, "supported"),
              ("not worse", -0.05, 0.01, "inconclusive"), ("not worse", -0.05, -0.02, "not supported")]
     for kind, lo, hi, word in cases:
-        assert sweep.claim_word(kind, lo, hi, margin=0.01) == word, (kind, lo, hi)
+        assert sweep_report.claim_word(kind, lo, hi, margin=0.01) == word, (kind, lo, hi)
 
 
 def test_a_worse_fp16_model_is_not_reported_as_not_hurting():
@@ -653,14 +658,14 @@ def test_a_worse_fp16_model_is_not_reported_as_not_hurting():
     def run(prediction, wall_s):
         test = {"bold": bold, "prediction": prediction, "run": np.repeat([0, 1], m // 2)}
         r = ridge_r(bold, prediction)[None]                                  # (1 subject, P)
-        finished = {"r": r, "boot": sweep.bootstrap_scores([test], 500), "wall_s": wall_s}
+        finished = {"r": r, "boot": significance.bootstrap_scores([test], 500), "wall_s": wall_s}
         return finished | {"seed_runs": [finished]}
 
     reference, fp16 = run(signal, 100.0), run(worse, 80.0)
     drop = 1 - np.median(fp16["r"]) / np.median(reference["r"])
     assert 0.1 < drop < 0.25, drop
     args = sweep.parse_args(["--work", "w"])
-    text = sweep.precision_verdict([("fp32", "a", reference), ("fp16", "b", fp16)], args)
+    text = sweep_report.precision_verdict([("fp32", "a", reference), ("fp16", "b", fp16)], args)
     assert not text.startswith("supported"), text
     assert text.startswith(("not supported", "inconclusive")) and "trained 1.25x as fast" in text
 

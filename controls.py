@@ -1,0 +1,35 @@
+"""Beyond the paper's sweeps: controls for what the GPT learned (its untrained copy, its VQ-VAE
+alone, low-level vision, the button presses, and the variance they share with the GPT), and
+appendix A's comparison of the modules of one block. 07_sweep.py plans and reports them.
+"""
+import torch
+
+from paper.experiments import feature_layer
+from common import GPTPrior
+
+CONTROLS_CLAIM = ("(not the paper's: the paper reports trained models only) The score comes from "
+                  "what the GPT learned: the trained model beats its untrained copy, its VQ-VAE "
+                  "alone and low-level vision.")
+
+
+# Beyond the paper's sweeps: controls for what the GPT learned, appendix A's comparison of layers.
+EXTRA_EXPERIMENTS = {"controls": ("control", None, "beyond the paper"),
+                     "appendix": ("module", None, "Figure 7, appendix A")}
+
+
+# The controls' variance partition: the GPT's features fitted with these (06 --with), in jobs of
+# their own
+PARTITION_WITH = ("lowlevel", "buttons")
+
+
+def appendix_layers(config):
+    """Appendix A: every module of the block the paper reads (block 4 of 8; the last block of a
+    shallower model), as 05 --list-layers names them, then the output of every block (the depth
+    profile)."""
+    block = int(feature_layer(config, "data").split(".")[2])
+    with torch.device("meta"):   # the module names depend on the depth only
+        model = GPTPrior(latent_shape=(4, 8, 8), embedding_dim=6, n_codes=8, hidden_dim=12, heads=2,
+                         layers=config["layers"], cond_dim=12)
+    prefix = f"attn_stack.attn_nets.{block}."
+    modules = [name for name, _ in model.named_modules() if name.startswith(prefix)]
+    return modules + [f"attn_stack.attn_nets.{i}" for i in range(config["layers"])]
