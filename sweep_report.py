@@ -145,9 +145,11 @@ def partition_section(args, partitions, subs, figures):
     lines = ["### What the GPT explains beyond low-level vision and button presses", "",
              "Banded ridge of the GPT's features with low-level vision and the button presses (06 "
              "--with lowlevel buttons; a penalty per feature set), test R^2 per parcel; the unique "
-             "part of a set is R^2(all sets) - R^2(all but it), significant by circular shifts of "
-             "the test predictions (FDR q < 0.05); intervals of means over parcels from resampling "
-             "parcels.", ""]
+             "part of a set is R^2(all sets) - R^2(all but it), tested per parcel by 06 (a t-test "
+             "whose variance adds the test TRs' and the training runs', FDR q < 0.05). A mean over "
+             "parcels is given with the parcels where its part is significant, not with an "
+             "interval from resampling parcels: that would leave out both variances, and call "
+             "unique what a set gains by luck where it re-encodes another.", ""]
     if trained is None:
         return lines + ["Not finished yet.", ""]
     partition_figure(partitions, subs, args.n_boot, figures / "controls_partition.png")
@@ -203,25 +205,31 @@ def top_unique_parcels(run, work, subs, n=10):
 
 
 def planted_partition(run, args):
-    """On a synthetic dataset: each set's mean R^2 alone and unique R^2 over the planted visual
-    parcels, with their intervals (resampling them), and each set's R^2 alone on the parcels planted
-    on button presses."""
+    """On a synthetic dataset: each set's mean R^2 alone over the planted visual parcels, with its
+    interval (resampling them), and its mean unique R^2 there with the parcels and subjects where 06
+    found it significant; each set's R^2 alone on the parcels planted on button presses."""
     labels = read_tsv(Path(args.work) / "bold" / "labels.tsv", required=("column", "label"))
     labels = labels.sort_values("column")["label"].astype(int)
     part, names, lines = run["partition"], set_names(run), []
 
-    def per_set(key, columns):   # "GPT +0.0019 (95% CI [-0.0015, +0.0067]), lowlevel ..."
+    def alone(columns):   # "GPT +0.1336 (95% CI [+0.1002, +0.1701]), lowlevel ..."
         texts = []
         for k, name in enumerate(names):
-            estimate, lo, hi = mean_interval(part[key][:, k, columns], args.n_boot)
+            estimate, lo, hi = mean_interval(part["r2_alone"][:, k, columns], args.n_boot)
             texts.append(f"{name} {estimate:+.4f} (95% CI [{lo:+.4f}, {hi:+.4f}])")
         return ", ".join(texts)
+
+    def unique(columns):   # "GPT +0.0063 (significant in 0 of 10 parcels x subjects), ..."
+        significant = part["unique_significant"][:, :, columns]                  # (S, sets, P)
+        return ", ".join(f"{name} {np.nanmean(part['unique'][:, k, columns]):+.4f} (significant "
+                         f"in {int(significant[:, k].sum())} of {significant[:, k].size})"
+                         for k, name in enumerate(names))
 
     visual = np.flatnonzero(labels.isin(common.read_planted_labels(args.ground_truth)).to_numpy())
     if len(visual):
         lines += [f"On the {len(visual)} planted visual parcels, mean R^2 of each set alone: "
-                  f"{per_set('r2_alone', visual)}; mean unique R^2: "
-                  f"{per_set('unique', visual)}.", ""]
+                  f"{alone(visual)}; mean unique R^2 (parcels x subjects where 06 finds it): "
+                  f"{unique(visual)}.", ""]
     planted_buttons = common.read_planted_labels(args.ground_truth, "planted_buttons")
     buttons = np.flatnonzero(labels.isin(planted_buttons).to_numpy())
     if len(buttons):
