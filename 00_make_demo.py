@@ -74,9 +74,9 @@ def parse_args():
     p.add_argument("--out", default=None, help="dataset root (default: <work>/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subjects", type=int, default=2)
-    p.add_argument("--sessions", type=int, default=5,
-                   help="sessions per subject; "
-                        "ses-004 is validation and ses-005 test in later stages")
+    p.add_argument("--sessions", type=int, nargs="+", default=[5],
+                   help="sessions per subject, or one number per subject (3 1: sub-02 has a "
+                        "single session); ses-004 is validation and ses-005 test in later stages")
     p.add_argument("--runs", type=int, default=2, help="runs per session")
     p.add_argument("--reps", type=int, default=3, help="level repetitions per run")
     p.add_argument("--rep-seconds", type=float, default=20.0,
@@ -310,7 +310,7 @@ def plan_runs(args):
     """Every run with its repetitions, onsets and recording jobs. List of dicts."""
     runs = []
     for s in range(1, args.subjects + 1):
-        for ses in range(1, args.sessions + 1):
+        for ses in range(1, sessions_of(args, s) + 1):
             for r in range(1, args.runs + 1):
                 sub, ses_label, run = f"{s:02d}", f"{ses:03d}", f"{r:02d}"
                 rng = np.random.default_rng(seed_for(args.seed, "onsets", sub, ses_label, run))
@@ -324,6 +324,12 @@ def plan_runs(args):
                     onset += args.rep_seconds + float(np.round(rng.uniform(2.0, 4.0), 3))
                 runs.append({"sub": sub, "ses": ses_label, "run": run, "stem": stem, "reps": reps})
     return runs
+
+
+def sessions_of(args, subject):
+    """The number of sessions of subject `subject` (1, 2 ...): --sessions, one for all or per
+    subject."""
+    return args.sessions[0] if len(args.sessions) == 1 else args.sessions[subject - 1]
 
 
 def choose_planted(args):
@@ -523,15 +529,20 @@ def main():
     if not 0 <= args.planted_buttons <= args.parcels - args.planted:
         raise InputError(f"--planted-buttons {args.planted_buttons}: must be 0 to --parcels minus "
                          f"--planted ({args.parcels - args.planted})")
-    if min(args.subjects, args.sessions, args.runs, args.reps) < 1 or args.rep_seconds <= 0:
+    if min(args.subjects, *args.sessions, args.runs, args.reps) < 1 or args.rep_seconds <= 0:
         raise InputError("--subjects, --sessions, --runs, --reps and --rep-seconds "
                          "must be positive")
+    if len(args.sessions) not in (1, args.subjects):
+        raise InputError(f"--sessions {' '.join(map(str, args.sessions))}: one number, or one per "
+                         f"subject ({args.subjects})")
     # the flags that shape the demo, recorded in demo.json: a demo made with other flags is not
     # reused (one made before --planted-buttons existed lacks it: "made with --planted-buttons
     # (unset)", to be remade with --overwrite)
     settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in
                 ("seed", "subjects", "sessions", "runs", "reps", "rep_seconds", "tr", "parcels",
                  "planted", "planted_buttons")}
+    if len(args.sessions) == 1:   # recorded as one number, as before per-subject counts existed
+        settings["--sessions"] = args.sessions[0]
     if root.exists() and not args.overwrite:
         record = common.read_record(root / "demo.json")
         if record is None:

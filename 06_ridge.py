@@ -127,6 +127,9 @@ def argument_parser():
                    help="seed of the random split, PCA and null shifts")
     p.add_argument("--train-on-validation", action="store_true",
                    help="with --split session, also train on the runs whose split is `validation`")
+    p.add_argument("--allow-trained-on-test", action="store_true",
+                   help="score test runs whose stimuli the model trained on (03/04 "
+                        "--test-sessions with no value, as the authors did); refused by default")
     p.add_argument("--no-standardize", action="store_true",
                    help="fit the features as they are instead of z-scoring them with training "
                         "statistics (the paper does not say; z-scoring changes what an alpha of "
@@ -510,7 +513,7 @@ def main():
     # labels. Finished subjects made the same way are skipped; a changed input makes them again.
     settings = common.settings_of(args, {"work", "name", "results_name", "subjects", "device",
                                          "parcel_batch", "overwrite", "ground_truth", "layer",
-                                         "with_sets"})
+                                         "with_sets", "allow_trained_on_test"})
     settings["--layer"] = stage.feature_sets[0][1]
     if args.with_sets:
         settings["--with"] = [f"{name}:{layer}" for name, layer in stage.feature_sets[1:]]
@@ -519,11 +522,14 @@ def main():
     shared = [work / "bold" / "labels.tsv", stage.atlas_path, *filter(None, [args.ground_truth])]
     feature_dirs = [work / "features" / name / layer for name, layer in stage.feature_sets]
     inputs_of = functools.partial(subject_inputs, work, args, stage.manifest, shared, feature_dirs)
+    skipped = subjects_without_split(args, stage)
+    stage.subjects = [sub for sub in stage.subjects if sub not in skipped]
     fitted = 0
     for sub in stage.subjects:
         out_dir = results_dir / f"sub-{sub}"
         earlier = common.read_record(out_dir / "summary.json")
         files, inputs = inputs_of(sub, earlier)
+        refuse_trained_on_test(args, work, sub, stage.manifest, files)
         if subject_is_done(out_dir, earlier, settings, inputs, len(stage.feature_sets),
                            args.overwrite):
             print(f"sub-{sub}: done already with these flags and inputs "
@@ -535,10 +541,10 @@ def main():
               f"{summary['n_test_samples']} test samples, "
               f"{summary['n_features']} features, r max {score_text(summary['r_max'])}, median "
               f"{score_text(summary['r_median'])}, "
-              f"{summary['n_significant']}/{summary['n_parcels']} significant, "
+              f"significant {significant_text(summary)}, "
               f"alphas {summary['alphas_chosen']}, {summary['seconds']} s")
     update_subjects_figure(results_dir, stage, settings, inputs_of, redraw=fitted > 0)
-    print_summary(results_dir, stage.subjects)
+    print_summary(results_dir, stage.subjects, skipped)
 
 
 @dataclass
@@ -563,6 +569,7 @@ def read_stage_inputs(args, work):
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: file not found (run 02_prep_fmri.py)")
     manifest = read_tsv(manifest_path, required=("sub", "ses", "task", "run", "split", "bold_path"))
+    manifest["split"] = split_of_runs(work, manifest)
     labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label"))
     labels = labels.sort_values("column")["label"].astype(int).tolist()
     atlas_path = work / "bold" / "atlas.nii.gz"
@@ -590,6 +597,65 @@ def read_stage_inputs(args, work):
         subjects = args.subjects
     return StageInputs(manifest, labels, atlas_path, planted_labels, other_signal, feature_sets,
                        subjects)
+
+
+def split_of_runs(work, manifest):
+    """The split of each run of the manifest: bold/splits.tsv's, the one split that 03 and 04
+    follow too (the manifest's own column when an older 02 wrote no such file)."""
+    path = common.splits_path(work)
+    if not path.is_file():
+        return manifest["split"]
+    table = common.read_splits(path)
+    split = manifest.apply(common.run_key, axis=1).map(
+        dict(zip(table.apply(common.run_key, axis=1), table["split"])))
+    if split.isna().any():
+        row = manifest[split.isna()].iloc[0]
+        stem = run_stem(row.sub, row.ses, row.task, row.run)
+        raise InputError(f"{path}: no row for run {stem}, which bold/manifest.tsv lists "
+                         "(re-run 02_prep_fmri.py, or add it)")
+    return split
+
+
+def subjects_without_split(args, stage):
+    """{subject: why} of the subjects that --split session cannot split (no training or no test
+    run: a single-session subject, say), each said on one line: they are skipped, the others
+    fitted. InputError when no subject is left."""
+    if args.split == "random":
+        return {}
+    training = {"train", "validation"} if args.train_on_validation else {"train"}
+    why = {}
+    for sub in stage.subjects:
+        splits = stage.manifest.loc[stage.manifest["sub"] == sub, "split"]
+        lacking = [name for name, wanted in (("training", training), ("test", {"test"}))
+                   if not splits.isin(wanted).any()]
+        if lacking:
+            runs = ", ".join(f"{n} {split}" for split, n in splits.value_counts().items())
+            why[sub] = f"no {' and no '.join(lacking)} run in the split (its runs: {runs})"
+            print(f"{STAGE}: sub-{sub}: skipped: {why[sub]}", file=sys.stderr)
+    if len(why) == len(stage.subjects):
+        raise InputError(f"{common.splits_path(args.work)}: no subject has both training and "
+                         "test runs: choose the split with 02's --test-sessions, --test-runs or "
+                         "--splits")
+    return why
+
+
+def refuse_trained_on_test(args, work, sub, manifest, files):
+    """InputError when a model whose features predict the BOLD (04's GPT, 03's VQ-VAE, as the
+    first run's features record lists them) trained on the stimuli of one of the subject's test
+    runs: its r there would measure memory, not encoding. --allow-trained-on-test lets it pass."""
+    if args.allow_trained_on_test or args.split == "random":
+        return
+    runs = manifest[(manifest["sub"] == sub) & (manifest["split"] == "test")]
+    test = {common.run_key(row): run_stem(row["sub"], row["ses"], row["task"], row["run"])
+            for _, row in runs.iterrows()}
+    for path in files[0][3]:
+        record = common.read_record(common.record_path(path))
+        for key, model_record in common.runs_trained_on(work, record).items():
+            if key in test:
+                raise InputError(f"{model_record}: trained on the stimuli of test run {test[key]} "
+                                 f"of sub-{sub} ({common.splits_path(work)}): train it without "
+                                 "them (03 and 04 follow that file), or pass "
+                                 "--allow-trained-on-test")
 
 
 def update_subjects_figure(results_dir, stage, settings, inputs_of, redraw):
@@ -1355,9 +1421,9 @@ def planted_recovery(r, significant, labels, planted_labels, other_signal=frozen
             "planted_beats_noise": beats, "recovered": bool(beats >= 0.8)}
 
 
-def print_summary(results_dir, subjects):
+def print_summary(results_dir, subjects, skipped):
     """One screen: per subject, max and median r, significant parcels, and the planted parcels if
-    known."""
+    known; the subjects `skipped` ({subject: why}) last."""
     print(f"\n06_ridge: test Pearson r per parcel in {results_dir}")
     print(f"{'subject':<9}{'r max':>7}{'r median':>10}{'significant':>13}   planted parcels (demo)")
     for sub in subjects:
@@ -1366,17 +1432,30 @@ def print_summary(results_dir, subjects):
             continue
         s = json.loads(path.read_text())
         r_max, r_median = score_text(s["r_max"]), score_text(s["r_median"])
-        line = (f"{s['subject']:<9}{r_max:>7}{r_median:>10}"
-                f"{str(s['n_significant']) + '/' + str(s['n_parcels']):>13}   ")
+        line = f"{s['subject']:<9}{r_max:>7}{r_median:>10}{significant_text(s):>13}   "
         truth = s.get("ground_truth")
         if truth:
             line += (f"{'recovered' if truth['recovered'] else 'NOT recovered'}: "
                      f"median r {truth['planted_r_median']:.2f} "
                      f"vs {truth['noise_r_median']:.2f} (noise), "
-                     f"beats noise in {truth['planted_beats_noise']:.0%} "
-                     f"of pairs, {truth['planted_significant']}/{truth['n_planted']} significant "
-                     f"({truth['noise_significant']}/{truth['n_noise']} noise)")
+                     f"beats noise in {truth['planted_beats_noise']:.0%} of pairs")
+            if tested(s):
+                line += (f", {truth['planted_significant']}/{truth['n_planted']} significant "
+                         f"({truth['noise_significant']}/{truth['n_noise']} noise)")
         print(line)
+    for sub, why in skipped.items():
+        print(f"{'sub-' + sub:<9}skipped: {why}")
+
+
+def tested(summary):
+    """Whether a subject's parcels were tested for significance (--n-permutations above 0)."""
+    return summary["settings"].get("--n-permutations", 0) > 0
+
+
+def significant_text(summary):
+    """"k/P" parcels significant, or "not tested" (no null: --n-permutations 0)."""
+    return (f"{summary['n_significant']}/{summary['n_parcels']}" if tested(summary)
+            else "not tested")
 
 
 # --------------------------------------------------------------------------------------------------

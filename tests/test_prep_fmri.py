@@ -305,6 +305,46 @@ def test_split_flags_are_applied_on_a_rerun_and_labels_compare_as_numbers(tmp_pa
         prep.main(flags(data, work, "--motion", "basic", "--validation-sessions", "2", "--test-sessions", "002"))
 
 
+def test_the_split_is_written_once_and_a_hand_edit_is_kept_unless_flags_say_otherwise(tmp_path, capsys):
+    """bold/splits.tsv, which 03-06 follow: made from the session flags, refused for a label that names no
+    run, kept with its hand edits when 02 runs again without split flags, protected from other flags, and
+    taken from a user's file that must list every run."""
+    data = make_dataset(tmp_path / "data")
+    work = tmp_path / "work"
+    path = work / "bold/splits.tsv"
+
+    def splits():
+        table = pd.read_csv(path, sep="\t", dtype=str)
+        manifest = pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)
+        assert table["split"].tolist() == manifest["split"].tolist()         # the manifest's copy agrees
+        return dict(zip(table["ses"], table["split"]))
+    prep.main(flags(data, work, "--motion", "basic"))                       # defaults: 005 matches no run
+    assert "warning: --test-sessions 005 (the default): no run has that session (sessions found: 001, 002)" \
+        in capsys.readouterr().err
+    assert splits() == {"001": "train", "002": "train"}
+    with pytest.raises(InputError, match=r"^--test-sessions 009: no run has that session \(sessions found: "
+                                         r"001, 002\)$"):
+        prep.main(flags(data, work, "--motion", "basic", "--test-sessions", "009"))
+    with pytest.raises(InputError, match="--test-sessions and --test-runs: choose one way"):
+        prep.main(flags(data, work, "--motion", "basic", "--test-runs", "01", "--test-sessions", "002"))
+    prep.main(flags(data, work, "--motion", "basic", "--test-sessions", "002", "--validation-sessions"))
+    assert splits() == {"001": "train", "002": "test"}
+    path.write_text(path.read_text().replace("train", "TEST").replace("test", "train").replace("TEST", "test"))
+    prep.main(flags(data, work, "--motion", "basic"))                       # no split flag: the edit is kept
+    assert splits() == {"001": "test", "002": "train"}
+    with pytest.raises(InputError, match=r"splits\.tsv: edited since 02 wrote it, and the split flags make "
+                                         r"another split: keep the edit with --splits"):
+        prep.main(flags(data, work, "--motion", "basic", "--test-sessions", "002"))
+    mine = tmp_path / "mine.tsv"
+    mine.write_text("sub\tses\ttask\trun\tsplit\n01\t1\tsynth\t1\tvalidation\n")     # labels as numbers
+    with pytest.raises(InputError, match=r"mine\.tsv: no row for run sub-01_ses-002_task-synth_run-01"):
+        prep.main(flags(data, work, "--motion", "basic", "--splits", str(mine)))
+    mine.write_text(mine.read_text() + "01\t002\tsynth\t01\ttest\n")
+    prep.main(flags(data, work, "--motion", "basic", "--splits", str(mine)))
+    assert splits() == {"001": "validation", "002": "test"}
+    assert json.loads((work / "bold/splits.json").read_text())["settings"] == {"--splits": str(mine.resolve())}
+
+
 def test_runs_of_another_atlas_are_not_mixed_into_the_manifest(tmp_path):
     """A second call with another atlas (same labels, other regions) must not list its runs beside the
     first call's: column j would be another region in some runs than in others."""

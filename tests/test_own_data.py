@@ -1,0 +1,56 @@
+"""Your own data, as 00_make_demo.py makes it in variants (conftest.VARIANT_FLAGS: a single-session subject,
+TR 2.0 s), through the stages as a user runs them: 02 -> 05 (low-level features: no model to train) -> 06."""
+import json
+import shutil
+
+import pytest
+
+from conftest import run_script
+
+
+def copy_of(variant_work, work):
+    """A work directory of its own with the variant's dataset and frames (01's outputs)."""
+    for folder in ("demo", "frames"):
+        shutil.copytree(variant_work / folder, work / folder)
+    return work
+
+
+def prep_extract_ridge(work, *split_flags):
+    """02 with `split_flags`, 05 --features lowlevel, 06 without a null: the CompletedProcess of 02 and 06."""
+    prep = run_script("02_prep_fmri.py", "--work", work, "--motion", "basic", *split_flags)
+    run_script("05_extract.py", "--work", work, "--features", "lowlevel")
+    ridge = run_script("06_ridge.py", "--work", work, "--name", "lowlevel", "--n-permutations", "0")
+    return prep, ridge
+
+
+def summary_of(work, sub):
+    return json.loads((work / "results/lowlevel" / f"sub-{sub}" / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def by_session(variant_work, tmp_path_factory):
+    """The variant split by session, ses-003 test: (work, 02's CompletedProcess, 06's)."""
+    work = copy_of(variant_work, tmp_path_factory.mktemp("by_session"))
+    return work, *prep_extract_ridge(work, "--test-sessions", "003", "--validation-sessions")
+
+
+def test_a_subject_that_cannot_be_split_by_session_is_skipped_and_the_others_finish(by_session):
+    work, prep, ridge = by_session
+    assert "note: sub-02: no test run in this split: 06 will skip it" in prep.stderr.splitlines()
+    why = "no test run in the split (its runs: 2 train)"
+    assert f"06_ridge: sub-02: skipped: {why}" in ridge.stderr.splitlines()
+    assert f"sub-02   skipped: {why}" in ridge.stdout.splitlines()
+    assert summary_of(work, "01")["test_runs"] == [f"sub-01_ses-003_task-airstriker_run-0{r}" for r in (1, 2)]
+    assert not (work / "results/lowlevel/sub-02").exists()
+
+
+def test_a_split_by_run_splits_the_single_session_subject_and_remakes_what_changed(by_session, tmp_path):
+    """Run 02 of every session is test: sub-02 is fitted too, and sub-01's results are made again from the
+    new split (bold/splits.tsv's runs are in the results' record)."""
+    work = tmp_path / "work"
+    shutil.copytree(by_session[0], work)
+    _, ridge = prep_extract_ridge(work, "--test-runs", "02", "--validation-runs")
+    assert "skipped" not in ridge.stdout + ridge.stderr and "splits changed since" in ridge.stdout
+    for sub, sessions in (("01", ("001", "002", "003")), ("02", ("001",))):
+        assert summary_of(work, sub)["test_runs"] == [f"sub-{sub}_ses-{ses}_task-airstriker_run-02"
+                                                      for ses in sessions]
