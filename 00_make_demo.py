@@ -19,7 +19,8 @@ It writes <work>/demo/ (a BIDS dataset):
       TR 1.49 s), brain mask, desc-confounds_timeseries.tsv/.json (24 motion columns, cosine
       drifts, framewise displacement, ...)
   atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz (+ .tsv)
-      a labels atlas of --parcels parcels
+      a labels atlas of --parcels parcels (and one below the BOLD field of view with
+      --parcel-outside-fov)
   ground_truth.json, ground_truth/<run>_signals.tsv   which parcels carry which visual property
   ground_truth/<run>_buttons.tsv                the signal of the parcel that follows the B presses
   demo.json                                     the flags it was made with (a re-run with others
@@ -60,6 +61,7 @@ SPACE = "MNI152NLin2009cAsym"
 ATLAS_NAME = f"tpl-{SPACE}_res-06_atlas-demo_dseg"   # atlas/<ATLAS_NAME>.nii.gz and .tsv
 VOXEL_MM = 6.0
 GRID = (16, 19, 16)  # a coarse MNI-like grid: 96 x 114 x 96 mm
+OUTSIDE_SLICES = 3   # --parcel-outside-fov: the atlas's slices below the BOLD grid
 QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
 PROPERTIES = tuple(f"luminance_{q}" for q in QUADRANTS) + tuple(f"motion_{q}" for q in QUADRANTS)
 BUTTON_PROPERTIES = ("presses_B",)                 # after the visual ones in every per-frame array
@@ -86,6 +88,9 @@ def parse_args():
     p.add_argument("--planted", type=int, default=10, help="parcels that carry a visual property")
     p.add_argument("--planted-buttons", type=int, default=1,
                    help="other parcels, which follow the player's presses of B (fire)")
+    p.add_argument("--parcel-outside-fov", action="store_true",
+                   help="one more atlas parcel, below the BOLD field of view (as the cerebellum of "
+                        "a scan that stops above it): it has no voxel on the BOLD grid")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes recording replays (one emulator per process)")
     p.add_argument("--overwrite", action="store_true", help="remake the demo even if it exists")
@@ -362,7 +367,7 @@ def write_demo(args, root):
     brain = make_brain(args.parcels, args.seed)                   # affine, mask, atlas
     planted, planted_buttons = choose_planted(args)
     carried = {**planted, **planted_buttons}             # {label: property}: visual, then buttons
-    write_atlas(root, brain, args.parcels)
+    write_atlas(root, brain, args.parcels, args.parcel_outside_fov)
     subjects = sorted({run["sub"] for run in runs})
     gains = {sub: {label: np.random.default_rng(seed_for(args.seed, "gain", sub, label))
                    .uniform(1.0, 1.5) for label in carried} for sub in subjects}
@@ -396,15 +401,24 @@ def record_replays(runs, root, workers):
     return props
 
 
-def write_atlas(root, brain, n_parcels):
-    """atlas/<ATLAS_NAME>.nii.gz, the labels image of brain = make_brain(...), and its .tsv."""
+def write_atlas(root, brain, n_parcels, outside_fov):
+    """atlas/<ATLAS_NAME>.nii.gz, the labels image of brain = make_brain(...), and its .tsv. With
+    outside_fov, the atlas reaches OUTSIDE_SLICES slices below the BOLD grid, where parcel
+    n_parcels + 1 lies."""
     affine, _, atlas = brain
+    if outside_fov:
+        below = np.zeros((*atlas.shape[:2], OUTSIDE_SLICES), np.int32)
+        x, y = (n // 2 for n in atlas.shape[:2])
+        below[x - 2:x + 2, y - 2:y + 2, :] = n_parcels + 1
+        atlas = np.concatenate([below, atlas], axis=2)
+        affine = affine.copy()
+        affine[2, 3] -= OUTSIDE_SLICES * VOXEL_MM
+    labels = range(1, n_parcels + 1 + outside_fov)
     atlas_dir = root / "atlas"
     atlas_dir.mkdir(parents=True)
     nib.save(nib.Nifti1Image(atlas, affine), atlas_dir / f"{ATLAS_NAME}.nii.gz")
     write_tsv(atlas_dir / f"{ATLAS_NAME}.tsv",
-              {"index": range(1, n_parcels + 1),
-               "name": [f"parcel-{i:02d}" for i in range(1, n_parcels + 1)]})
+              {"index": labels, "name": [f"parcel-{i:02d}" for i in labels]})
 
 
 def write_events(root, run, reps):
@@ -515,6 +529,7 @@ def ground_truth(args, planted, planted_buttons, gains, missing_bk2, subjects):
                                          for sub, g in gains.items()},
         "noise_parcels": [label for label in range(1, args.parcels + 1)
                           if label not in planted and label not in planted_buttons],
+        "outside_fov": [args.parcels + 1] if args.parcel_outside_fov else [],
         "missing_file": missing_bk2,
         "non_steady_state_volumes": [0],
         "subjects": subjects,
@@ -541,6 +556,8 @@ def main():
     settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in
                 ("seed", "subjects", "sessions", "runs", "reps", "rep_seconds", "tr", "parcels",
                  "planted", "planted_buttons")}
+    if args.parcel_outside_fov:   # recorded when set: the demos made before the flag stay valid
+        settings["--parcel-outside-fov"] = True
     if len(args.sessions) == 1:   # recorded as one number, as before per-subject counts existed
         settings["--sessions"] = args.sessions[0]
     if root.exists() and not args.overwrite:

@@ -134,9 +134,12 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
     region_ids = masker.region_ids_
     present = [region_ids[i] for i in range(signals.shape[1])]
     series, empty = one_column_per_label(signals, present, labels, data.shape[3], sample_mask)
+    on_grid = set(np.unique(atlas_grid).tolist())
+    empty = [label for label in empty if label in on_grid]   # the others are said once, by main
     if empty:
-        notes.append(f"{bold_path}: {len(empty)} parcel(s) have no usable voxel (0.0 columns): "
-                     f"labels {' '.join(map(str, empty))}")
+        notes.append(f"{bold_path}: {len(empty)} parcel(s) have no usable voxel (each is NaN or "
+                     f"constant: outside the acquired field of view or the brain?): labels "
+                     f"{' '.join(map(str, empty))}; 0.0 columns, not scored by 06")
     return series, notes
 
 
@@ -304,11 +307,26 @@ def atlas_for_runs(atlas, atlas_path, labels, runs, images, space):
     if n_voxels.sum() == 0:
         raise InputError(f"{atlas_path}: no atlas label falls inside the BOLD field of view of "
                          f"{runs[0]['bold'].name}: is the atlas in {space} space?")
-    if (n_voxels == 0).any():
-        print(f"warning: {atlas_path}: {(n_voxels == 0).sum()} label(s) vanish on the BOLD grid "
-              f"(too small): {' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0",
-              file=sys.stderr)
+    vanished = labels[n_voxels == 0]
+    if len(vanished):
+        why = {label: why_vanished(atlas, label, reference) for label in vanished}
+        print(f"warning: {atlas_path}: {len(vanished)} label(s) have no voxel on the BOLD grid: "
+              + "; ".join(f"{' '.join(str(k) for k in why if why[k] == reason)} {reason}"
+                          for reason in sorted(set(why.values())))
+              + "; their columns are 0.0, and 06 does not score them", file=sys.stderr)
     return atlas_grid, n_voxels
+
+
+def why_vanished(atlas, label, reference):
+    """Why parcel `label` of the atlas image has no voxel on the grid of the BOLD image
+    `reference`: none of its voxels' centres lies inside the BOLD grid ("outside the field of
+    view", as the cerebellum of a scan that stops above it), or the nearest-neighbour resampling
+    passed it over ("too small for the BOLD grid")."""
+    ijk = np.argwhere(np.asarray(atlas.dataobj) == label)                        # (V, 3)
+    to_bold = np.linalg.inv(reference.affine) @ atlas.affine
+    bold_ijk = nib.affines.apply_affine(to_bold, ijk)                             # (V, 3)
+    inside = ((bold_ijk > -0.5) & (bold_ijk < np.array(reference.shape[:3]) - 0.5)).all(axis=1)
+    return "too small for the BOLD grid" if inside.any() else "outside the BOLD field of view"
 
 
 def run_job(run, work, atlas_path, atlas_grid, labels, settings, image, tr, args):

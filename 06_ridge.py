@@ -552,7 +552,7 @@ class StageInputs:
     """What every subject shares: bold/manifest.tsv (a DataFrame), the atlas label of each BOLD
     column, the atlas on the BOLD grid, the demo's planted labels (or None) and those planted on
     something else (its button parcel: not noise), the feature sets [(name, layer)] (--name first,
-    then --with), the subjects."""
+    then --with), the subjects; the labels without a voxel on the BOLD grid (02's 0.0 columns)."""
     manifest: object
     labels: list
     atlas_path: Path
@@ -560,6 +560,7 @@ class StageInputs:
     other_signal: set
     feature_sets: list
     subjects: list
+    off_grid: set
 
 
 def read_stage_inputs(args, work):
@@ -570,16 +571,7 @@ def read_stage_inputs(args, work):
         raise InputError(f"{manifest_path}: file not found (run 02_prep_fmri.py)")
     manifest = read_tsv(manifest_path, required=("sub", "ses", "task", "run", "split", "bold_path"))
     manifest["split"] = split_of_runs(work, manifest)
-    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label"))
-    labels = labels.sort_values("column")["label"].astype(int).tolist()
-    atlas_path = work / "bold" / "atlas.nii.gz"
-    if not atlas_path.is_file():
-        raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
-    atlas = common.load_nifti(atlas_path)
-    unknown = sorted(set(labels) - set(np.unique(common.nifti_data(atlas, atlas_path)).tolist()))
-    if unknown:
-        raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} "
-                         "listed in bold/labels.tsv")
+    labels, atlas_path, off_grid = read_parcels(work)
     planted_labels = common.read_planted_labels(args.ground_truth) if args.ground_truth else None
     other_signal = (common.read_planted_labels(args.ground_truth, "planted_buttons")
                     if args.ground_truth else set())
@@ -596,7 +588,28 @@ def read_stage_inputs(args, work):
             raise InputError(f"{manifest_path}: no runs of sub-{absent[0]}")
         subjects = args.subjects
     return StageInputs(manifest, labels, atlas_path, planted_labels, other_signal, feature_sets,
-                       subjects)
+                       subjects, off_grid)
+
+
+def read_parcels(work):
+    """(the atlas label of each BOLD column, the atlas on the BOLD grid, the labels 02 found no
+    voxel of on that grid: their columns are 0.0 and they are not scored), after checking that
+    the atlas holds every other label."""
+    table = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
+    labels = table["label"].astype(int).tolist()
+    # labels.tsv of an older 02 has no n_voxels column: every label then has voxels
+    empty = (table["n_voxels"] == 0).to_numpy() if "n_voxels" in table else np.zeros(len(table), bool)
+    off_grid = set(table.loc[empty, "label"].astype(int))
+    atlas_path = work / "bold" / "atlas.nii.gz"
+    if not atlas_path.is_file():
+        raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
+    atlas = common.load_nifti(atlas_path)
+    unknown = sorted(set(labels) - off_grid
+                     - set(np.unique(common.nifti_data(atlas, atlas_path)).tolist()))
+    if unknown:
+        raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} "
+                         "listed in bold/labels.tsv")
+    return labels, atlas_path, off_grid
 
 
 def split_of_runs(work, manifest):
@@ -759,6 +772,8 @@ def encode_subject(args, sub, files, stage, out_dir, record):
     r = pearson_r(design.Y_test, fit["test_prediction"])  # (P,)
     if design.all_constant:
         r[:] = np.nan   # a constant prediction has no correlation, whatever rounding leaves in it
+    not_scored = parcels_not_scored(stage, sub, files)
+    r[np.isin(stage.labels, list(not_scored))] = np.nan   # no data there: NaN, not a score of 0.0s
     p_values, significant, null = significance(args, design, fit["test_prediction"], r, rng)
     if partition is not None:
         partition |= unique_significance(args, design, fit, partition, rng)
@@ -789,6 +804,7 @@ def encode_subject(args, sub, files, stage, out_dir, record):
                                   start)
         if partition is not None:
             summary["partition"] = partition_summary(partition, names, args)
+        summary["parcels_not_scored"] = {str(label): why for label, why in not_scored.items()}
         if stage.planted_labels is not None:
             summary["ground_truth"] = planted_recovery(r, significant, stage.labels,
                                                        stage.planted_labels, stage.other_signal)
@@ -796,6 +812,22 @@ def encode_subject(args, sub, files, stage, out_dir, record):
                               for name in output_files(len(names))}
         common.write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def parcels_not_scored(stage, sub, files):
+    """{atlas label: why} of the parcels that have no data in a run the subject uses (02's 0.0
+    columns: no voxel on the BOLD grid, or none usable in that run): carried as NaN, listed in the
+    summary, never a stop."""
+    why = {label: "no voxel on the BOLD grid (outside the field of view, or too small)"
+           for label in stage.off_grid}
+    used = {stem for stem, *_ in files}
+    runs = stage.manifest[stage.manifest["sub"] == sub]
+    for row in runs.itertuples():
+        stem = run_stem(row.sub, row.ses, row.task, row.run)
+        if stem in used and common.has_label(getattr(row, "empty_parcels", None)):
+            for label in str(row.empty_parcels).split():
+                why.setdefault(int(label), f"no usable voxel in {stem}")
+    return why
 
 
 def products_dtype(args):
@@ -1401,12 +1433,13 @@ def planted_recovery(r, significant, labels, planted_labels, other_signal=frozen
 
     r (P,) test r, significant (P,) bool, labels: the atlas label of each of the P columns;
     other_signal: labels planted on something else (the demo's button parcel), neither planted here
-    nor noise. The planted parcels are recovered when a planted parcel beats a noise parcel in at
-    least 80% of the (planted, noise) pairs, i.e. the area under the ROC curve of r as a detector of
-    planted parcels is >= 0.8.
+    nor noise, and so are the parcels without an r (no data: not scored). The planted parcels are
+    recovered when a planted parcel beats a noise parcel in at least 80% of the (planted, noise)
+    pairs, i.e. the area under the ROC curve of r as a detector of planted parcels is >= 0.8.
     """
     is_planted = np.array([label in planted_labels for label in labels])
-    is_noise = ~is_planted & np.array([label not in other_signal for label in labels])
+    is_noise = (~is_planted & np.array([label not in other_signal for label in labels])
+                & ~np.isnan(r))
     r_planted, r_noise = r[is_planted], r[is_noise]
     beats = (float(np.mean(r_planted[:, None] > r_noise[None, :]))
              if len(r_planted) and len(r_noise) else float("nan"))
@@ -1443,6 +1476,11 @@ def print_summary(results_dir, subjects, skipped):
                 line += (f", {truth['planted_significant']}/{truth['n_planted']} significant "
                          f"({truth['noise_significant']}/{truth['n_noise']} noise)")
         print(line)
+        reasons = {}
+        for label, why in s.get("parcels_not_scored", {}).items():
+            reasons.setdefault(why, []).append(label)
+        for why, labels in reasons.items():
+            print(f"{'':<9}not scored: parcel(s) {' '.join(labels)}: {why}")
     for sub, why in skipped.items():
         print(f"{'sub-' + sub:<9}skipped: {why}")
 
@@ -1453,9 +1491,9 @@ def tested(summary):
 
 
 def significant_text(summary):
-    """"k/P" parcels significant, or "not tested" (no null: --n-permutations 0)."""
-    return (f"{summary['n_significant']}/{summary['n_parcels']}" if tested(summary)
-            else "not tested")
+    """"k/P" of the P parcels scored, k significant; or "not tested" (--n-permutations 0)."""
+    scored = summary["n_parcels"] - len(summary.get("parcels_not_scored", {}))
+    return f"{summary['n_significant']}/{scored}" if tested(summary) else "not tested"
 
 
 # --------------------------------------------------------------------------------------------------

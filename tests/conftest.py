@@ -60,9 +60,10 @@ def demo_root(demo_work):
 
 
 # Your own data, as 00_make_demo.py makes it in variants (each a few seconds): sub-01 with 3 sessions and
-# sub-02 with a single one, 2 runs each, at TR 2.0 s. Runs of ~18 volumes: stage 02 needs --motion basic.
+# sub-02 with a single one, 2 runs each, at TR 2.0 s, an atlas parcel (41) below the BOLD field of view. Runs
+# of ~18 volumes: stage 02 needs --motion basic.
 VARIANT_FLAGS = ["--subjects", "2", "--sessions", "3", "1", "--runs", "2", "--reps", "1", "--rep-seconds", "25",
-                 "--tr", "2.0"]
+                 "--tr", "2.0", "--parcel-outside-fov"]
 
 
 @pytest.fixture(scope="session")

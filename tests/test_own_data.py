@@ -1,8 +1,11 @@
 """Your own data, as 00_make_demo.py makes it in variants (conftest.VARIANT_FLAGS: a single-session subject,
-TR 2.0 s), through the stages as a user runs them: 02 -> 05 (low-level features: no model to train) -> 06."""
+TR 2.0 s, a parcel outside the field of view), through the stages as a user runs them: 02 -> 05 (low-level
+features: no model to train) -> 06."""
 import json
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import run_script
@@ -54,3 +57,19 @@ def test_a_split_by_run_splits_the_single_session_subject_and_remakes_what_chang
     for sub, sessions in (("01", ("001", "002", "003")), ("02", ("001",))):
         assert summary_of(work, sub)["test_runs"] == [f"sub-{sub}_ses-{ses}_task-airstriker_run-02"
                                                       for ses in sessions]
+
+
+def test_a_parcel_outside_the_field_of_view_is_said_and_carried_as_nan(by_session):
+    """Parcel 41 lies below the BOLD grid: 02 says so (not "too small") and keeps a 0.0 column; 06 scores the
+    other parcels, gives it NaN and lists it, instead of stopping."""
+    work, prep, ridge = by_session
+    atlas = work / "demo/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz"
+    assert (f"warning: {atlas}: 1 label(s) have no voxel on the BOLD grid: 41 outside the BOLD field of view; "
+            "their columns are 0.0, and 06 does not score them") in prep.stderr.splitlines()
+    labels = pd.read_csv(work / "bold/labels.tsv", sep="\t")
+    r = np.load(work / "results/lowlevel/sub-01/r.npy")
+    outside = labels["label"] == 41
+    assert np.isnan(r[outside]).all() and np.isfinite(r[~outside]).all()
+    why = "no voxel on the BOLD grid (outside the field of view, or too small)"
+    assert summary_of(work, "01")["parcels_not_scored"] == {"41": why}
+    assert f"         not scored: parcel(s) 41: {why}" in ridge.stdout.splitlines()

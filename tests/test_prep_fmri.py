@@ -437,6 +437,20 @@ def test_unknown_subject_session_and_no_runs(data, tmp_path):
     expect_error(data, tmp_path, r"fmriprep: no runs found .*space-T1w", "--space", "T1w")
 
 
+def test_a_parcel_too_small_for_the_bold_grid_is_said_so(data, tmp_path, capsys):
+    """One 2 mm atlas voxel at odd indices, which the 4 mm BOLD grid's nearest neighbours pass over (they
+    sample atlas voxels 2i): "too small", not "outside the field of view" (test_own_data.py has that one)."""
+    image = nib.load(data["atlas"])
+    atlas = np.asarray(image.dataobj).copy()
+    atlas[5, 5, 5] = 20
+    nib.save(nib.Nifti1Image(atlas, image.affine), data["atlas"])
+    prep.main(flags(data, tmp_path, "--motion", "basic", "--sessions", "001"))
+    assert (f"warning: {data['atlas']}: 1 label(s) have no voxel on the BOLD grid: 20 too small for the BOLD grid; "
+            "their columns are 0.0, and 06 does not score them") in capsys.readouterr().err.splitlines()
+    y = output(tmp_path, "001")
+    assert (y[np.isfinite(y).all(1), column(tmp_path, 20)] == 0).all()
+
+
 def test_two_resolutions_of_one_run_are_refused(data, tmp_path):
     run = data["runs"]["001"]
     twin = run["bold"].with_name(run["bold"].name.replace("_desc-preproc", "_res-2_desc-preproc"))
@@ -456,7 +470,8 @@ def test_nan_and_constant_voxels_are_left_out_and_reported(data, tmp_path, capsy
     prep.main(flags(data, tmp_path, "--motion", "basic", "--sessions", "001"))
     err = capsys.readouterr().err
     assert "1 voxel(s) inside the atlas hold NaN and" in err and "are constant over time" in err
-    assert "1 parcel(s) have no usable voxel (0.0 columns): labels 12" in err
+    assert ("1 parcel(s) have no usable voxel (each is NaN or constant: outside the acquired field of view or "
+            "the brain?): labels 12; 0.0 columns, not scored by 06") in err
     y = output(tmp_path, "001")[run["kept"]]
     assert np.isfinite(y).all()
     assert (y[:, column(tmp_path, 12)] == 0).all()
