@@ -9,7 +9,8 @@ fresh machine:
         --rep-seconds 8                                      # tiny, for tests
 
 It writes <work>/demo/ (a BIDS dataset):
-  sub-XX/ses-YYY/gamelogs/sub-XX_ses-YYY_task-airstriker_run-NN_level-1_rep-RR.bk2
+  sub-XX/ses-YYY/gamelogs/sub-XX_ses-YYY_task-airstriker_run-NN_level-1_rep-RR.bk2 (--no-sessions:
+      no ses-YYY level, here and below)
       real stable-retro replays of Airstriker-Genesis-v0 (its ROM ships with stable-retro), played
       by a seeded scripted policy
   sub-XX/ses-YYY/func/..._events.tsv            one row per repetition: trial_type onset duration
@@ -53,7 +54,8 @@ from nilearn.glm.first_level import glover_hrf
 from sklearn.cluster import KMeans
 
 import common
-from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, run_main, run_stem, write_tsv
+from common import (DEFAULT_WORK, GAMEPLAY_HZ, InputError, run_folder, run_main, run_stem,
+                    write_tsv)
 
 GAME = "Airstriker-Genesis-v0"
 TASK = "airstriker"
@@ -76,9 +78,12 @@ def parse_args():
     p.add_argument("--out", default=None, help="dataset root (default: <work>/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subjects", type=int, default=2)
-    p.add_argument("--sessions", type=int, nargs="+", default=[5],
-                   help="sessions per subject, or one number per subject (3 1: sub-02 has a "
-                        "single session); ses-004 is validation and ses-005 test in later stages")
+    p.add_argument("--sessions", type=int, nargs="+", default=None,
+                   help="sessions per subject (default 5), or one number per subject (3 1: sub-02 "
+                        "has a single session); ses-004 is validation and ses-005 test in later "
+                        "stages")
+    p.add_argument("--no-sessions", action="store_true",
+                   help="BIDS without a session level: sub-XX/func/sub-XX_task-..._run-NN_...")
     p.add_argument("--runs", type=int, default=2, help="runs per session")
     p.add_argument("--reps", type=int, default=3, help="level repetitions per run")
     p.add_argument("--rep-seconds", type=float, default=20.0,
@@ -317,12 +322,13 @@ def plan_runs(args):
     for s in range(1, args.subjects + 1):
         for ses in range(1, sessions_of(args, s) + 1):
             for r in range(1, args.runs + 1):
-                sub, ses_label, run = f"{s:02d}", f"{ses:03d}", f"{r:02d}"
+                sub, run = f"{s:02d}", f"{r:02d}"
+                ses_label = None if args.no_sessions else f"{ses:03d}"
                 rng = np.random.default_rng(seed_for(args.seed, "onsets", sub, ses_label, run))
                 stem = run_stem(sub, ses_label, TASK, run)
                 onset, reps = float(np.round(rng.uniform(1.5, 3.0), 3)), []
                 for k in range(1, args.reps + 1):
-                    bk2 = f"sub-{sub}/ses-{ses_label}/gamelogs/{stem}_level-1_rep-{k:02d}.bk2"
+                    bk2 = f"{run_folder(sub, ses_label)}/gamelogs/{stem}_level-1_rep-{k:02d}.bk2"
                     reps.append({"bk2": bk2, "onset": onset,
                                  "seed": seed_for(args.seed, "policy", sub, ses_label, run, k),
                                  "n_steps": int(args.rep_seconds * GAMEPLAY_HZ)})
@@ -433,7 +439,7 @@ def write_events(root, run, reps):
         "level": "1",
         "stim_file": ["Missing file" if rep.get("missing") else rep["bk2"] for rep in reps],
     })
-    func = root / f"sub-{sub}/ses-{ses}/func"
+    func = root / run_folder(sub, ses) / "func"
     func.mkdir(parents=True, exist_ok=True)
     write_tsv(func / f"{stem}_events.tsv", events)
     for rep in reps:
@@ -484,7 +490,7 @@ def write_fmriprep(root, run, bold, confounds, n_cosines, brain, tr):
     describing the n_cosines cosine regressors)."""
     affine, mask, _ = brain
     stem = run["stem"]
-    deriv = root / f"derivatives/fmriprep/sub-{run['sub']}/ses-{run['ses']}/func"
+    deriv = root / "derivatives/fmriprep" / run_folder(run["sub"], run["ses"]) / "func"
     deriv.mkdir(parents=True, exist_ok=True)
     prefix = f"{stem}_space-{SPACE}"
     image = nib.Nifti1Image(bold, affine)
@@ -536,30 +542,46 @@ def ground_truth(args, planted, planted_buttons, gains, missing_bk2, subjects):
     }
 
 
-def main():
-    args = parse_args()
-    root = Path(args.out) if args.out else Path(args.work) / "demo"
+def check_flags(args):
+    """The flags, after checking the values argparse cannot (InputError otherwise), with --sessions
+    filled in: 5, or 1 without a session level."""
     if args.planted > args.parcels:
         raise InputError(f"--planted {args.planted} is more than --parcels {args.parcels}")
     if not 0 <= args.planted_buttons <= args.parcels - args.planted:
         raise InputError(f"--planted-buttons {args.planted_buttons}: must be 0 to --parcels minus "
                          f"--planted ({args.parcels - args.planted})")
+    if args.no_sessions and args.sessions not in (None, [1]):
+        raise InputError("--no-sessions: a dataset without a session level has one session's "
+                         "runs: leave --sessions out")
+    args.sessions = args.sessions or [1 if args.no_sessions else 5]
     if min(args.subjects, *args.sessions, args.runs, args.reps) < 1 or args.rep_seconds <= 0:
         raise InputError("--subjects, --sessions, --runs, --reps and --rep-seconds "
                          "must be positive")
     if len(args.sessions) not in (1, args.subjects):
         raise InputError(f"--sessions {' '.join(map(str, args.sessions))}: one number, or one per "
                          f"subject ({args.subjects})")
-    # the flags that shape the demo, recorded in demo.json: a demo made with other flags is not
-    # reused (one made before --planted-buttons existed lacks it: "made with --planted-buttons
-    # (unset)", to be remade with --overwrite)
+    return args
+
+
+def demo_settings(args):
+    """The flags that shape the demo, recorded in demo.json: a demo made with other flags is not
+    reused (one made before --planted-buttons existed lacks it: "made with --planted-buttons
+    (unset)", to be remade with --overwrite). The variants' flags are recorded when set, and one
+    --sessions as a number, so that the demos made before them stay valid."""
     settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in
                 ("seed", "subjects", "sessions", "runs", "reps", "rep_seconds", "tr", "parcels",
                  "planted", "planted_buttons")}
-    if args.parcel_outside_fov:   # recorded when set: the demos made before the flag stay valid
-        settings["--parcel-outside-fov"] = True
-    if len(args.sessions) == 1:   # recorded as one number, as before per-subject counts existed
+    settings.update({f"--{k.replace('_', '-')}": True for k in ("parcel_outside_fov", "no_sessions")
+                     if getattr(args, k)})
+    if len(args.sessions) == 1:
         settings["--sessions"] = args.sessions[0]
+    return settings
+
+
+def main():
+    args = check_flags(parse_args())
+    root = Path(args.out) if args.out else Path(args.work) / "demo"
+    settings = demo_settings(args)
     if root.exists() and not args.overwrite:
         record = common.read_record(root / "demo.json")
         if record is None:
@@ -583,7 +605,7 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     truth = json.loads((root / "ground_truth.json").read_text())
-    n_bk2 = len(list(root.glob("sub-*/ses-*/gamelogs/*.bk2")))
+    n_bk2 = len(list(root.glob("sub-*/**/gamelogs/*.bk2")))
     print(f"demo written to {root}: {len(truth['subjects'])} subject(s), {n_bk2} replays, "
           f"{len(truth['planted'])} planted parcels of {args.parcels} "
           f"(+ {len(truth['planted_buttons'])} following the button presses)")

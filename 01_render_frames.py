@@ -340,12 +340,13 @@ def write_manifest(rows, work, subjects):
 # Which repetitions to render: events.tsv rows of a BIDS dataset, or an explicit list of bk2 files
 # --------------------------------------------------------------------------------------------------
 def repetitions_from_bids(root, subjects):
-    """One dict per gameplay row of every sub-*/ses-*/func/*_events.tsv under root."""
+    """One dict per gameplay row of every sub-*/ses-*/func/*_events.tsv under root (or
+    sub-*/func/*_events.tsv: BIDS without sessions)."""
     events_files = (sorted(root.glob("sub-*/ses-*/func/*_events.tsv"))
                     + sorted(root.glob("sub-*/func/*_events.tsv")))
     if not events_files:
-        raise InputError(f"{root}: no sub-*/ses-*/func/*_events.tsv files "
-                         "(is this a BIDS dataset root?)")
+        raise InputError(f"{root}: no sub-*/ses-*/func/*_events.tsv files, nor sub-*/func/... "
+                         "without sessions (is this a BIDS dataset root?)")
     reps = []
     for events_path in events_files:
         run = bids_entities(events_path)

@@ -7,8 +7,8 @@
     sbatch --cpus-per-task 8 slurm/cpu_stage.sbatch 02_prep_fmri.py --work work --fmriprep DIR \\
         --atlas ATLAS
 
-For every `sub-*/ses-*/func/*_space-<space>_*desc-preproc_bold.nii.gz` under --fmriprep,
-as in the paper:
+For every `sub-*/ses-*/func/*_space-<space>_*desc-preproc_bold.nii.gz` under --fmriprep (or
+`sub-*/func/...`: BIDS without sessions), as in the paper:
   1. confounds: nilearn's load_confounds(strategy=("motion", "high_pass"), motion="full") =
      load_confounds' Params24 (6 motion parameters, their derivatives, and the squares of both)
      + fMRIPrep's cosine drift regressors (periods over 128 s by default;
@@ -615,7 +615,8 @@ def find_runs(fmriprep, space, task, subjects, sessions):
         raise InputError(f"{fmriprep}: fMRIPrep derivatives directory not found")
     pattern = f"sub-*/ses-*/func/*_space-{space}_*desc-preproc_bold.nii.gz"
     runs = []
-    for bold in sorted(fmriprep.glob(pattern)):
+    # BIDS with sessions, and without: sub-*/func/...
+    for bold in sorted([*fmriprep.glob(pattern), *fmriprep.glob(pattern.replace("ses-*/", ""))]):
         names = bids_entities(bold)
         if task and names.get("task") != task:
             continue
@@ -627,16 +628,16 @@ def find_runs(fmriprep, space, task, subjects, sessions):
                              f"e.g. --space {space}_res-2")
         runs.append({"sub": names.get("sub"), "ses": names.get("ses"), "task": names.get("task"),
                      "run": names.get("run"), "stem": stem, "bold": bold})
-    what = f"{pattern}" + (f" with task {task}" if task else "")
+    what = f"{pattern} or sub-*/func/..." + (f" with task {task}" if task else "")
     if not runs:
         raise InputError(f"{fmriprep}: no runs found ({what})")
     for flag, key, wanted in (("--subjects", "sub", subjects), ("--sessions", "ses", sessions)):
         if wanted:
-            found = sorted({r[key] for r in runs})
+            found = sorted({r[key] for r in runs if r[key]})
             unknown = [w for w in wanted if w not in found]
             if unknown:
                 raise InputError(f"{fmriprep}: {flag} {' '.join(unknown)} not found "
-                                 f"(found: {', '.join(found)})")
+                                 f"(found: {', '.join(found) or 'none'})")
             runs = [r for r in runs if r[key] in wanted]
     return runs
 
@@ -700,7 +701,7 @@ def load_run_confounds(bold_path, n_volumes, strategy, motion):
 
 
 def output_path(work, run):
-    return work / "bold" / f"sub-{run['sub']}" / f"ses-{run['ses']}" / f"{run['stem']}.npy"
+    return work / "bold" / common.run_folder(run["sub"], run["ses"]) / f"{run['stem']}.npy"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -763,7 +764,7 @@ def check_settings(out_dir, settings, atlas_path, atlas_sha256, overwrite):
                          f"({before.get('atlas')}), not {atlas_path}: pass that atlas, "
                          "or --overwrite to redo every run with this one")
     changed = changed + (["--atlas"] if other_atlas else [])
-    stale = sorted(out_dir.glob("sub-*/ses-*/*.npy")) + sorted(out_dir.glob("sub-*/ses-*/*.json")) \
+    stale = sorted(out_dir.glob("sub-*/**/*.npy")) + sorted(out_dir.glob("sub-*/**/*.json")) \
         + [out_dir / "manifest.tsv"]
     print(f"flags changed ({', '.join(changed)}): removing the earlier outputs in {out_dir}")
     for path in stale:

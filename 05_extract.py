@@ -674,6 +674,7 @@ def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing, bu
     the wrong size or length, a failed one (unless allow_missing), or a run under one window."""
     frames_tsv, bold_tsv = work / "frames" / "manifest.tsv", work / "bold" / "manifest.tsv"
     frames = read_tsv(frames_tsv, required=FRAMES_COLUMNS)
+    frame_runs = frames.apply(common.run_key, axis=1)
     bold = read_tsv(bold_tsv, required=BOLD_COLUMNS)
     if subjects:
         bold = bold[bold["sub"].isin(subjects)]
@@ -689,8 +690,7 @@ def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing, bu
             raise InputError(f"{bold_tsv}: {stem} lasts {n_volumes} volume(s) x {tr_s:g} s = "
                              f"{n_volumes * tr_s:.2f} s, shorter than one {window}-frame window "
                              f"({window_s:.2f} s)")
-        rows = frames[(frames["sub"] == labels["sub"]) & (frames["ses"] == labels["ses"])
-                      & (frames["task"] == labels["task"]) & (frames["run"] == labels["run"])]
+        rows = frames[frame_runs == common.run_key(labels)]   # no session: '' in both
         if rows.empty:
             raise InputError(f"{frames_tsv}: no repetition of {stem}, which {bold_tsv} lists")
         reps = [place_repetition(rep, stem, work, frame_shape, allow_missing, buttons)
@@ -760,7 +760,7 @@ class TRWindows(torch.utils.data.Dataset):
 # Outputs: one .npy (T, D) and its record (.json) per run and layer, written atomically
 # --------------------------------------------------------------------------------------------------
 def output_path(work, name, layer, run):
-    return (work / "features" / name / layer / f"sub-{run['sub']}" / f"ses-{run['ses']}"
+    return (work / "features" / name / layer / common.run_folder(run["sub"], run["ses"])
             / f"{run['stem']}.npy")
 
 

@@ -1227,7 +1227,7 @@ def run_files(work, runs, feature_dirs):
     files = []
     for row in runs.itertuples():
         stem = run_stem(row.sub, row.ses, row.task, row.run)
-        features = [folder / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy"
+        features = [folder / common.run_folder(row.sub, row.ses) / f"{stem}.npy"
                     for folder in feature_dirs]
         files.append((stem, row.split, work / row.bold_path, features))
     return files

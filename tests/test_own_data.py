@@ -1,6 +1,6 @@
 """Your own data, as 00_make_demo.py makes it in variants (conftest.VARIANT_FLAGS: a single-session subject,
-TR 2.0 s, a parcel outside the field of view), through the stages as a user runs them: 02 -> 05 (low-level
-features: no model to train) -> 06."""
+TR 2.0 s, a parcel outside the field of view; BIDS without sessions), through the stages as a user runs them:
+02 -> 05 (low-level features: no model to train) -> 06."""
 import json
 import shutil
 
@@ -73,3 +73,19 @@ def test_a_parcel_outside_the_field_of_view_is_said_and_carried_as_nan(by_sessio
     why = "no voxel on the BOLD grid (outside the field of view, or too small)"
     assert summary_of(work, "01")["parcels_not_scored"] == {"41": why}
     assert f"         not scored: parcel(s) 41: {why}" in ridge.stdout.splitlines()
+
+
+def test_bids_without_sessions_runs_from_00_to_06(tmp_path):
+    """BIDS without a session level (00 --no-sessions): 01 and 02 read it, every output is named as the dataset
+    names its runs (no ses- anywhere), and a split by run scores the test run."""
+    run_script("00_make_demo.py", "--work", tmp_path, "--no-sessions", "--subjects", "1", "--runs", "3",
+               "--reps", "1", "--rep-seconds", "25")
+    run_script("01_render_frames.py", "--work", tmp_path, "--resolution", "32", "--workers", "2")
+    prep_extract_ridge(tmp_path, "--test-runs", "03")
+    stems = [f"sub-01_task-airstriker_run-0{r}" for r in (1, 2, 3)]
+    manifest = pd.read_csv(tmp_path / "bold/manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert manifest["ses"].tolist() == ["n/a"] * 3
+    assert manifest["bold_path"].tolist() == [f"bold/sub-01/{stem}.npy" for stem in stems]
+    assert all((tmp_path / "features/lowlevel/lowlevel/sub-01" / f"{stem}.npy").is_file() for stem in stems)
+    assert summary_of(tmp_path, "01")["test_runs"] == [stems[2]]
+    assert not list((tmp_path / "bold").rglob("*ses-*")) and not list((tmp_path / "features").rglob("*ses-*"))
