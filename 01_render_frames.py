@@ -68,8 +68,9 @@ def parse_args():
                    help="only these subject labels, e.g. 01 02")
     p.add_argument("--resolution", type=int, default=128,
                    help="output frames are resolution x resolution")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="replaying processes (each runs one emulator)")
+    p.add_argument("--workers", type=int, default=common.available_cpus(),
+                   help="replaying processes (each runs one emulator; default: the CPUs this job "
+                        "may use)")
     p.add_argument("--overwrite", action="store_true",
                    help="re-render repetitions that already have frames")
     p.add_argument("--allow-missing", action="store_true",
@@ -297,7 +298,8 @@ def render_all(plans, tasks, workers):
     expected = (round(GAMEPLAY_HZ * sum(durations)) if durations and all(pd.notna(durations))
                 else None)
     rows, n_rendered = [], 0
-    with ProcessPoolExecutor(max_workers=workers) as pool, \
+    with ProcessPoolExecutor(max_workers=workers, initializer=common.limit_threads,
+                             initargs=(workers,)) as pool, \
             tqdm(total=expected, unit="frame", unit_scale=True, desc="render", file=sys.stderr,
                  disable=not tasks) as bar:
         rendered = pool.map(render_repetition, tasks)

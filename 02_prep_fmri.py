@@ -362,7 +362,9 @@ def process_runs(jobs, workers):
     if workers <= 1 or len(jobs) <= 1:
         return [note for job in tqdm(jobs, desc="runs", unit="run") for note in process_run(job)]
     notes = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # each worker's thread pools get its share of the CPUs, not all of them
+    with ProcessPoolExecutor(max_workers=workers, initializer=common.limit_threads,
+                             initargs=(workers,)) as pool:
         futures = [pool.submit(process_run, job) for job in jobs]
         try:
             for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):

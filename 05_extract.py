@@ -171,6 +171,7 @@ def main(argv=None):
     work = Path(args.work)
     ckpt = check_flags(args)
     device, precision = choose_device(args)
+    threads = common.limit_threads()   # one process (its loader's workers take one thread each)
     name = args.name or (args.features if ckpt is None else ckpt.parent.name
                          if ckpt.name == "ckpt.pt" else ckpt.name.split(".")[0])
 
@@ -197,7 +198,7 @@ def main(argv=None):
           f"{len(layers)} layer(s) {', '.join(layers)}; "
           f"{len(todo)} of {len(runs)} run(s) to do, "
           f"{sum(r['n_volumes'] for r, _, _ in todo)} TRs; "
-          f"{device}, {precision}, batch {args.batch_size}")
+          f"{device} ({threads} CPU thread(s)), {precision}, batch {args.batch_size}")
     if not todo:
         return
 

@@ -1453,6 +1453,40 @@ def write_record(output, record):
 
 
 # --------------------------------------------------------------------------------------------------
+# CPU threads: the CPUs a job was given, shared between its processes (one thread pool each).
+# Left alone, torch and BLAS start one thread per CPU in every process: N worker processes run N x
+# CPUs threads, and under SLURM without CPU binding or in a container with a CPU quota they count
+# CPUs the job does not have. OMP_NUM_THREADS, when set, is the user's choice and is obeyed.
+# --------------------------------------------------------------------------------------------------
+def available_cpus(cpu_max=Path("/sys/fs/cgroup/cpu.max")):
+    """The CPUs this job may use: the fewest of the process's CPU affinity (taskset, a cpuset),
+    SLURM's --cpus-per-task and the cgroup's CPU quota (`cpu_max`: docker --cpus)."""
+    counts = [len(os.sched_getaffinity(0))]
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        counts.append(int(os.environ["SLURM_CPUS_PER_TASK"]))
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max":
+            counts.append(math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):   # no cgroup v2 CPU controller: no quota to read
+        pass
+    return max(1, min(counts))
+
+
+def limit_threads(processes=1):
+    """Size the thread pools of this process (torch's, and numpy's and scipy's BLAS) to
+    OMP_NUM_THREADS when set, else to its share of available_cpus() among `processes` processes
+    of the job. Returns that number of threads."""
+    from threadpoolctl import threadpool_limits   # imported here: only the stages that use it
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(threads) if threads.isdigit() else max(1, available_cpus() // processes)
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+    return threads
+
+
+# --------------------------------------------------------------------------------------------------
 # --- Training plumbing (stages 03 and 04) ---
 # One code path for CPU, one GPU and DDP (torchrun, or srun under SLURM: one node or many);
 # checkpoints that resume exactly; SLURM preemption; the cosine schedule; a CSV log; mixed
@@ -1701,6 +1735,10 @@ def run_training(train, args, run, preemption):
     """Join the process group of --device, remove the checkpoint of a run that starts over, call
     train(args, run, ctx, preemption), and leave the group however it ends."""
     ctx = setup_distributed(args.device)
+    # the processes on this node share its CPUs (torchrun says how many; srun: OMP_NUM_THREADS)
+    limit_threads(int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
+    print0(f"{run.record['stage']}: {torch.get_num_threads()} CPU thread(s) per process "
+           "(OMP_NUM_THREADS sets it)")
     try:
         if run.checkpoint is None:
             start_over(run.ckpt_path, ctx)

@@ -12,7 +12,11 @@
 #   FMRIPREP    fMRIPrep derivatives (default: DATA/derivatives/fmriprep)
 #   ATLAS       integer labels NIfTI (required for real data; the demo ships its own)
 #   RESOLUTION  frame size (default: 64 on the demo, 128 = the paper otherwise)
-#   WORKERS     processes for the CPU stages (default: all cores)
+#   WORKERS     processes for the CPU stages (default: the CPUs this job may use: its CPU affinity,
+#               SLURM's --cpus-per-task, a container's CPU quota)
+#   THREADS     CPU threads per process (default: each stage shares those CPUs between its processes,
+#               one thread pool each; OMP_NUM_THREADS works too). On a machine shared with other work,
+#               THREADS=1 is fastest
 #   NAME        name of the GPT run, its features and its results (default: demo / paper)
 #   DEMO_ARGS   flags for 00_make_demo.py, e.g. "--subjects 1" for a smaller demo
 #   RENDER_ARGS PREP_ARGS VQVAE_ARGS GPT_ARGS EXTRACT_ARGS RIDGE_ARGS
@@ -27,8 +31,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 WORK=${WORK:-work}
-WORKERS=${WORKERS:-$(nproc)}
 PYTHON=${PYTHON:-python3}
+WORKERS=${WORKERS:-$("$PYTHON" -c 'import common; print(common.available_cpus())')}
+if [ -n "${THREADS:-}" ]; then
+  export OMP_NUM_THREADS=$THREADS
+fi
+# Threads that wait for work sleep instead of spinning: on a machine shared with other work, spinning
+# OpenMP threads made 03 and 04 up to 12x slower (benchmarks/README.md).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 if [ -z "${DATA:-}" ]; then
   DEMO=1
   DATA=$WORK/demo

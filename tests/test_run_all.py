@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -56,6 +57,35 @@ def test_run_all_again_skips_every_stage(pipeline):
     assert again.returncode == 0, again.stderr[-2000:]
     assert outputs() == before
     assert "is complete" in again.stdout    # 03 and 04 report their finished runs
+
+
+def stage_calls(tmp_path, **env):
+    """run_all.sh with a stand-in for python that records, for each stage it starts, its command line and
+    the thread settings it gets, and runs nothing (`python -c`, run_all.sh's own questions, goes through).
+    Returns {script: (arguments, OMP_NUM_THREADS, OMP_WAIT_POLICY)}."""
+    log, fake = tmp_path / "calls.tsv", tmp_path / "python"
+    tmp_path.mkdir(exist_ok=True)
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec "{sys.executable}" "$@"; fi\n'
+                    f'printf "%s\\t%s\\t%s\\n" "$*" "${{OMP_NUM_THREADS:-}}" "${{OMP_WAIT_POLICY:-}}" >> "{log}"\n')
+    fake.chmod(0o755)
+    outside = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "SLURM_"))}
+    result = subprocess.run(["bash", "run_all.sh"], cwd=REPO, capture_output=True, text=True,
+                            env={**outside, "WORK": str(tmp_path / "work"), "PYTHON": str(fake), **env})
+    assert result.returncode == 0, result.stderr
+    calls = [line.split("\t") for line in log.read_text().splitlines()]
+    return {args.split()[0]: (args.split()[1:], threads, policy) for args, threads, policy in calls}
+
+
+def test_run_all_shares_the_cpus_it_was_given_and_threads_wait_asleep(tmp_path):
+    """WORKERS follows the CPUs the job may use (SLURM's --cpus-per-task 1 here), each stage divides them
+    between its processes unless THREADS says otherwise, and idle OpenMP threads sleep (spinning ones made
+    03 and 04 6-15x slower on a shared machine)."""
+    calls = stage_calls(tmp_path, SLURM_CPUS_PER_TASK="1")
+    for script in ("01_render_frames.py", "02_prep_fmri.py"):
+        arguments, threads, policy = calls[script]
+        assert arguments[arguments.index("--workers") + 1] == "1" and threads == "" and policy == "PASSIVE"
+    calls = stage_calls(tmp_path / "threads", THREADS="1")
+    assert {threads for _, threads, _ in calls.values()} == {"1"}
 
 
 def test_run_all_stops_at_the_first_failing_stage(tmp_path):
