@@ -257,6 +257,7 @@ def main(argv=None):
     jobs = [job for run in runs
             if (job := run_job(run, work, atlas_path, atlas_grid, labels, settings,
                                images[run["stem"]], trs[run["stem"]], args))]
+    warn_if_confounds_take_the_signal(jobs)
     atlas_sha256 = common.file_sha256(atlas_path)
     # after every check: --overwrite removes earlier outputs
     check_settings(out_dir, settings, atlas_path, atlas_sha256, args.overwrite)
@@ -344,16 +345,27 @@ def run_job(run, work, atlas_path, atlas_grid, labels, settings, image, tr, args
     n_volumes = image.shape[3]
     confounds, sample_mask = load_run_confounds(run["bold"], n_volumes, args.confounds, args.motion)
     n_kept = n_volumes if sample_mask is None else len(sample_mask)
-    dof = n_kept - confounds.shape[1] - 1  # the mean is removed too
-    if dof < 1:
+    if n_kept - confounds.shape[1] - 1 < 1:  # the mean is removed too
         raise InputError(f"{run['bold']}: {confounds.shape[1]} confound regressors leave no degree "
                          f"of freedom in {n_kept} kept volumes; use fewer (e.g. --motion basic)")
-    if dof < 10:  # a short run (the tiny demo): the signal cannot survive the regression
-        print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only "
-              f"{dof} degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
     return {"bold": run["bold"], "out": out, "atlas_grid": atlas_grid, "inputs": inputs,
             "settings": settings, "labels": labels, "confounds": confounds,
-            "sample_mask": sample_mask, "tr": tr, "fwhm": args.fwhm}
+            "sample_mask": sample_mask, "n_kept": n_kept, "tr": tr, "fwhm": args.fwhm}
+
+
+def warn_if_confounds_take_the_signal(jobs):
+    """One line for the runs whose confound regressors number more than a third of their kept
+    volumes. Regressing out K of n dimensions removes about K / n of a white signal's variance and
+    more of a slow one, which Params24's random walks and the cosines resemble: a signal of the
+    HRF's time scale keeps about a third of its variance with Params24 + a cosine (25 regressors)
+    in a 60-volume run, half at 80 volumes (benchmarks/README.md); the paper's runs have ~400."""
+    short = [job for job in jobs if 3 * job["confounds"].shape[1] > job["n_kept"]]
+    if short:
+        example = short[0]
+        print(f"warning: {len(short)} run(s) have more confound regressors than a third of their "
+              f"kept volumes ({example['bold'].name}: {example['confounds'].shape[1]} for "
+              f"{example['n_kept']}): regressing them out removes much of the signal too; use "
+              "fewer (--motion basic has 6, and the cosines) or longer runs", file=sys.stderr)
 
 
 def process_runs(jobs, workers):

@@ -89,3 +89,18 @@ def test_bids_without_sessions_runs_from_00_to_06(tmp_path):
     assert all((tmp_path / "features/lowlevel/lowlevel/sub-01" / f"{stem}.npy").is_file() for stem in stems)
     assert summary_of(tmp_path, "01")["test_runs"] == [stems[2]]
     assert not list((tmp_path / "bold").rglob("*ses-*")) and not list((tmp_path / "features").rglob("*ses-*"))
+
+
+def test_a_warning_when_confound_regressors_take_a_short_run(tmp_path):
+    """One run of 2 x 35 s (51 volumes, 50 kept): Params24 + a cosine are 25 regressors, which would take
+    most of an HRF-paced signal with the noise; 02 used to warn below 10 degrees of freedom only, and these
+    leave 24. The 6 motion parameters and the cosine do not warn."""
+    run_script("00_make_demo.py", "--work", tmp_path, "--subjects", "1", "--sessions", "1", "--runs", "1",
+               "--reps", "2", "--rep-seconds", "35")
+    warning = ("warning: 1 run(s) have more confound regressors than a third of their kept volumes "
+               "(sub-01_ses-001_task-airstriker_run-01_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz: 25 for "
+               "50): regressing them out removes much of the signal too; use fewer (--motion basic has 6, and the "
+               "cosines) or longer runs")
+    assert warning in run_script("02_prep_fmri.py", "--work", tmp_path).stderr.splitlines()
+    basic = run_script("02_prep_fmri.py", "--work", tmp_path, "--motion", "basic", "--overwrite")
+    assert "confound regressors" not in basic.stderr
