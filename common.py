@@ -10,6 +10,7 @@
 | Readers | `read_tsv`, `load_npy`, `load_nifti`: a damaged file is named | every stage |
 | BIDS names, the split, the frames manifest | `run_stem`, `read_splits`, `training_repetitions` | 01-06 |
 | Provenance | records, fingerprints, `is_up_to_date`, `stale_input` | every stage |
+| CPU threads | `available_cpus`, `limit_threads`: the job's CPUs, one thread pool per process | 01-05 |
 | Training plumbing | DDP, preemption, run flags, checkpoints, schedule, precision | 03, 04 |
 
 The paper's training and encoding algorithms live in the numbered stage scripts.

@@ -7,6 +7,7 @@ that the whole pipeline runs in about two minutes on 2 cores.
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -86,6 +87,26 @@ def test_run_all_shares_the_cpus_it_was_given_and_threads_wait_asleep(tmp_path):
         assert arguments[arguments.index("--workers") + 1] == "1" and threads == "" and policy == "PASSIVE"
     calls = stage_calls(tmp_path / "threads", THREADS="1")
     assert {threads for _, threads, _ in calls.values()} == {"1"}
+
+
+def test_your_own_data_small_preset_first_then_the_papers(tmp_path):
+    """The README's "Your own data" command runs the small CPU preset on real data (tiny models, 64 px, the
+    demo's penalty grid, results/small, no ground truth), on the one subject it names; without PRESET, real
+    data gets the paper's configuration."""
+    readme = (REPO / "README.md").read_text()
+    own = readme[readme.index("\n## Your own data\n"):readme.index("\n## Real data and a cluster\n")]
+    command = own[own.index("```bash\n") + 8:own.index("\n```", own.index("```bash"))].replace("\\\n", "")
+    settings = dict(word.split("=", 1) for word in shlex.split(command) if "=" in word and word[0].isupper())
+    calls = stage_calls(tmp_path / "small", **{**settings, "DATA": str(tmp_path / "data")})
+    assert calls["01_render_frames.py"][0][-2:] == ["--subjects", "01"]
+    assert "--resolution 64" in " ".join(calls["01_render_frames.py"][0])
+    assert {"--n-hiddens", "--device"} <= set(calls["03_train_vqvae.py"][0])
+    assert calls["04_train_gpt.py"][0][calls["04_train_gpt.py"][0].index("--name") + 1] == "small"
+    ridge = " ".join(calls["06_ridge.py"][0])
+    assert "--alphas 1e2" in ridge and "--ground-truth" not in ridge
+    paper = stage_calls(tmp_path / "paper", DATA=str(tmp_path / "data"), ATLAS="atlas.nii.gz")
+    assert paper["03_train_vqvae.py"][0] == ["--work", str(tmp_path / "paper/work"), "--resume"]
+    assert "--resolution 128" in " ".join(paper["01_render_frames.py"][0])
 
 
 def test_run_all_stops_at_the_first_failing_stage(tmp_path):
