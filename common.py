@@ -1196,7 +1196,7 @@ def read_splits(path):
     return table
 
 
-def test_runs(work, frames, test_sessions):
+def held_out_runs(work, frames, test_sessions):
     """The run keys of the encoding test runs, which 03 and 04 leave out of training: those of
     bold/splits.tsv when 02 wrote it, else the runs of `frames` (the frames manifest) in
     `test_sessions` (default 005). `test_sessions` given beside the file must name the same runs
@@ -1222,11 +1222,12 @@ def test_runs(work, frames, test_sessions):
 
 def training_repetitions(work, test_sessions):
     """The repetitions 03 and 04 train on: rows (dicts) of frames/manifest.tsv with status ok
-    outside the encoding test runs (test_runs: the models must not see them), in manifest order."""
+    outside the encoding test runs (held_out_runs: the models must not see them), in manifest
+    order."""
     manifest_path = Path(work) / "frames" / "manifest.tsv"
     manifest = read_tsv(manifest_path, required=(*RUN_ENTITIES, "status", "frames_path",
                                                  "n_frames"))
-    held_out = test_runs(work, manifest, test_sessions)
+    held_out = held_out_runs(work, manifest, test_sessions)
     rows = manifest[(manifest["status"] == "ok") & ~manifest.apply(run_key, axis=1).isin(held_out)]
     if rows.empty:
         raise InputError(f"{manifest_path}: no repetition with status ok outside the "
