@@ -14,9 +14,11 @@ the test set.
         06_ridge.py --work work --name NAME --device cuda
 
 Inputs (docs/CONTRACT.md):
-  <work>/bold/manifest.tsv       sub ses task run n_volumes tr_s split bold_path ...; split is
-                                 train, validation or test; bold_path -> float32 (T, P), rows of
-                                 non-steady-state volumes may be NaN (dropped here)
+  <work>/bold/manifest.tsv       sub ses task run n_volumes tr_s split bold_path ...;
+                                 bold_path -> float32 (T, P), rows of non-steady-state volumes
+                                 may be NaN (dropped here); empty_parcels: 0.0 columns, not scored
+  <work>/bold/splits.tsv         sub ses task run split (train, validation or test), the split
+                                 that 03 and 04 followed too (an older 02's: the manifest's)
   <work>/bold/labels.tsv         column label name: BOLD column -> atlas label value
   <work>/bold/atlas.nii.gz       the labels image on the BOLD grid
   <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.npy   float16/32 (T, D), row t = TR t
@@ -30,8 +32,9 @@ it done):
 Conventions: features are standardized with training-set means and standard deviations (the paper
 does not say; --no-standardize fits them as they are); an intercept is fitted (X and Y centered with
 training means), as scikit-learn's RidgeCV does, so both choose the same alphas. Split `session`
-(default) trains on runs whose manifest split is `train` and tests on `test`; `validation` runs are
-left out unless --train-on-validation. Split `random` pools every run of the subject and draws
+(default) trains on runs whose split is `train` and tests on `test`; `validation` runs are left out
+unless --train-on-validation; a subject without both is skipped, and a model that trained on one of
+its test runs refused. Split `random` pools every run of the subject and draws
 --test-size of the samples at random (paper section 2.3.3; neighbouring TRs are correlated, so its
 scores are optimistic, and it gets no p-values: a test TR's neighbours were trained on, and no
 circular-shift null accounts for that).
