@@ -9,7 +9,8 @@ fresh machine:
         --rep-seconds 8                                      # tiny, for tests
 
 It writes <work>/demo/ (a BIDS dataset):
-  sub-XX/ses-YYY/gamelogs/sub-XX_ses-YYY_task-airstriker_run-NN_level-1_rep-RR.bk2
+  sub-XX/ses-YYY/gamelogs/sub-XX_ses-YYY_task-airstriker_run-NN_level-1_rep-RR.bk2 (--no-sessions:
+      no ses-YYY level, here and below)
       real stable-retro replays of Airstriker-Genesis-v0 (its ROM ships with stable-retro), played
       by a seeded scripted policy
   sub-XX/ses-YYY/func/..._events.tsv            one row per repetition: trial_type onset duration
@@ -19,7 +20,8 @@ It writes <work>/demo/ (a BIDS dataset):
       TR 1.49 s), brain mask, desc-confounds_timeseries.tsv/.json (24 motion columns, cosine
       drifts, framewise displacement, ...)
   atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz (+ .tsv)
-      a labels atlas of --parcels parcels
+      a labels atlas of --parcels parcels (and one below the BOLD field of view with
+      --parcel-outside-fov)
   ground_truth.json, ground_truth/<run>_signals.tsv   which parcels carry which visual property
   ground_truth/<run>_buttons.tsv                the signal of the parcel that follows the B presses
   demo.json                                     the flags it was made with (a re-run with others
@@ -52,7 +54,8 @@ from nilearn.glm.first_level import glover_hrf
 from sklearn.cluster import KMeans
 
 import common
-from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, run_main, run_stem, write_tsv
+from common import (DEFAULT_WORK, GAMEPLAY_HZ, InputError, run_folder, run_main, run_stem,
+                    write_tsv)
 
 GAME = "Airstriker-Genesis-v0"
 TASK = "airstriker"
@@ -60,6 +63,7 @@ SPACE = "MNI152NLin2009cAsym"
 ATLAS_NAME = f"tpl-{SPACE}_res-06_atlas-demo_dseg"   # atlas/<ATLAS_NAME>.nii.gz and .tsv
 VOXEL_MM = 6.0
 GRID = (16, 19, 16)  # a coarse MNI-like grid: 96 x 114 x 96 mm
+OUTSIDE_SLICES = 3   # --parcel-outside-fov: the atlas's slices below the BOLD grid
 QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
 PROPERTIES = tuple(f"luminance_{q}" for q in QUADRANTS) + tuple(f"motion_{q}" for q in QUADRANTS)
 BUTTON_PROPERTIES = ("presses_B",)                 # after the visual ones in every per-frame array
@@ -74,9 +78,12 @@ def parse_args():
     p.add_argument("--out", default=None, help="dataset root (default: <work>/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subjects", type=int, default=2)
-    p.add_argument("--sessions", type=int, default=5,
-                   help="sessions per subject; "
-                        "ses-004 is validation and ses-005 test in later stages")
+    p.add_argument("--sessions", type=int, nargs="+", default=None,
+                   help="sessions per subject (default 5), or one number per subject (3 1: sub-02 "
+                        "has a single session); ses-004 is validation and ses-005 test in later "
+                        "stages")
+    p.add_argument("--no-sessions", action="store_true",
+                   help="BIDS without a session level: sub-XX/func/sub-XX_task-..._run-NN_...")
     p.add_argument("--runs", type=int, default=2, help="runs per session")
     p.add_argument("--reps", type=int, default=3, help="level repetitions per run")
     p.add_argument("--rep-seconds", type=float, default=20.0,
@@ -86,6 +93,9 @@ def parse_args():
     p.add_argument("--planted", type=int, default=10, help="parcels that carry a visual property")
     p.add_argument("--planted-buttons", type=int, default=1,
                    help="other parcels, which follow the player's presses of B (fire)")
+    p.add_argument("--parcel-outside-fov", action="store_true",
+                   help="one more atlas parcel, below the BOLD field of view (as the cerebellum of "
+                        "a scan that stops above it): it has no voxel on the BOLD grid")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes recording replays (one emulator per process)")
     p.add_argument("--overwrite", action="store_true", help="remake the demo even if it exists")
@@ -310,20 +320,27 @@ def plan_runs(args):
     """Every run with its repetitions, onsets and recording jobs. List of dicts."""
     runs = []
     for s in range(1, args.subjects + 1):
-        for ses in range(1, args.sessions + 1):
+        for ses in range(1, sessions_of(args, s) + 1):
             for r in range(1, args.runs + 1):
-                sub, ses_label, run = f"{s:02d}", f"{ses:03d}", f"{r:02d}"
+                sub, run = f"{s:02d}", f"{r:02d}"
+                ses_label = None if args.no_sessions else f"{ses:03d}"
                 rng = np.random.default_rng(seed_for(args.seed, "onsets", sub, ses_label, run))
                 stem = run_stem(sub, ses_label, TASK, run)
                 onset, reps = float(np.round(rng.uniform(1.5, 3.0), 3)), []
                 for k in range(1, args.reps + 1):
-                    bk2 = f"sub-{sub}/ses-{ses_label}/gamelogs/{stem}_level-1_rep-{k:02d}.bk2"
+                    bk2 = f"{run_folder(sub, ses_label)}/gamelogs/{stem}_level-1_rep-{k:02d}.bk2"
                     reps.append({"bk2": bk2, "onset": onset,
                                  "seed": seed_for(args.seed, "policy", sub, ses_label, run, k),
                                  "n_steps": int(args.rep_seconds * GAMEPLAY_HZ)})
                     onset += args.rep_seconds + float(np.round(rng.uniform(2.0, 4.0), 3))
                 runs.append({"sub": sub, "ses": ses_label, "run": run, "stem": stem, "reps": reps})
     return runs
+
+
+def sessions_of(args, subject):
+    """The number of sessions of subject `subject` (1, 2 ...): --sessions, one for all or per
+    subject."""
+    return args.sessions[0] if len(args.sessions) == 1 else args.sessions[subject - 1]
 
 
 def choose_planted(args):
@@ -356,7 +373,7 @@ def write_demo(args, root):
     brain = make_brain(args.parcels, args.seed)                   # affine, mask, atlas
     planted, planted_buttons = choose_planted(args)
     carried = {**planted, **planted_buttons}             # {label: property}: visual, then buttons
-    write_atlas(root, brain, args.parcels)
+    write_atlas(root, brain, args.parcels, args.parcel_outside_fov)
     subjects = sorted({run["sub"] for run in runs})
     gains = {sub: {label: np.random.default_rng(seed_for(args.seed, "gain", sub, label))
                    .uniform(1.0, 1.5) for label in carried} for sub in subjects}
@@ -390,15 +407,24 @@ def record_replays(runs, root, workers):
     return props
 
 
-def write_atlas(root, brain, n_parcels):
-    """atlas/<ATLAS_NAME>.nii.gz, the labels image of brain = make_brain(...), and its .tsv."""
+def write_atlas(root, brain, n_parcels, outside_fov):
+    """atlas/<ATLAS_NAME>.nii.gz, the labels image of brain = make_brain(...), and its .tsv. With
+    outside_fov, the atlas reaches OUTSIDE_SLICES slices below the BOLD grid, where parcel
+    n_parcels + 1 lies."""
     affine, _, atlas = brain
+    if outside_fov:
+        below = np.zeros((*atlas.shape[:2], OUTSIDE_SLICES), np.int32)
+        x, y = (n // 2 for n in atlas.shape[:2])
+        below[x - 2:x + 2, y - 2:y + 2, :] = n_parcels + 1
+        atlas = np.concatenate([below, atlas], axis=2)
+        affine = affine.copy()
+        affine[2, 3] -= OUTSIDE_SLICES * VOXEL_MM
+    labels = range(1, n_parcels + 1 + outside_fov)
     atlas_dir = root / "atlas"
     atlas_dir.mkdir(parents=True)
     nib.save(nib.Nifti1Image(atlas, affine), atlas_dir / f"{ATLAS_NAME}.nii.gz")
     write_tsv(atlas_dir / f"{ATLAS_NAME}.tsv",
-              {"index": range(1, n_parcels + 1),
-               "name": [f"parcel-{i:02d}" for i in range(1, n_parcels + 1)]})
+              {"index": labels, "name": [f"parcel-{i:02d}" for i in labels]})
 
 
 def write_events(root, run, reps):
@@ -413,7 +439,7 @@ def write_events(root, run, reps):
         "level": "1",
         "stim_file": ["Missing file" if rep.get("missing") else rep["bk2"] for rep in reps],
     })
-    func = root / f"sub-{sub}/ses-{ses}/func"
+    func = root / run_folder(sub, ses) / "func"
     func.mkdir(parents=True, exist_ok=True)
     write_tsv(func / f"{stem}_events.tsv", events)
     for rep in reps:
@@ -464,7 +490,7 @@ def write_fmriprep(root, run, bold, confounds, n_cosines, brain, tr):
     describing the n_cosines cosine regressors)."""
     affine, mask, _ = brain
     stem = run["stem"]
-    deriv = root / f"derivatives/fmriprep/sub-{run['sub']}/ses-{run['ses']}/func"
+    deriv = root / "derivatives/fmriprep" / run_folder(run["sub"], run["ses"]) / "func"
     deriv.mkdir(parents=True, exist_ok=True)
     prefix = f"{stem}_space-{SPACE}"
     image = nib.Nifti1Image(bold, affine)
@@ -509,29 +535,53 @@ def ground_truth(args, planted, planted_buttons, gains, missing_bk2, subjects):
                                          for sub, g in gains.items()},
         "noise_parcels": [label for label in range(1, args.parcels + 1)
                           if label not in planted and label not in planted_buttons],
+        "outside_fov": [args.parcels + 1] if args.parcel_outside_fov else [],
         "missing_file": missing_bk2,
         "non_steady_state_volumes": [0],
         "subjects": subjects,
     }
 
 
-def main():
-    args = parse_args()
-    root = Path(args.out) if args.out else Path(args.work) / "demo"
+def check_flags(args):
+    """The flags, after checking the values argparse cannot (InputError otherwise), with --sessions
+    filled in: 5, or 1 without a session level."""
     if args.planted > args.parcels:
         raise InputError(f"--planted {args.planted} is more than --parcels {args.parcels}")
     if not 0 <= args.planted_buttons <= args.parcels - args.planted:
         raise InputError(f"--planted-buttons {args.planted_buttons}: must be 0 to --parcels minus "
                          f"--planted ({args.parcels - args.planted})")
-    if min(args.subjects, args.sessions, args.runs, args.reps) < 1 or args.rep_seconds <= 0:
+    if args.no_sessions and args.sessions not in (None, [1]):
+        raise InputError("--no-sessions: a dataset without a session level has one session's "
+                         "runs: leave --sessions out")
+    args.sessions = args.sessions or [1 if args.no_sessions else 5]
+    if min(args.subjects, *args.sessions, args.runs, args.reps) < 1 or args.rep_seconds <= 0:
         raise InputError("--subjects, --sessions, --runs, --reps and --rep-seconds "
                          "must be positive")
-    # the flags that shape the demo, recorded in demo.json: a demo made with other flags is not
-    # reused (one made before --planted-buttons existed lacks it: "made with --planted-buttons
-    # (unset)", to be remade with --overwrite)
+    if len(args.sessions) not in (1, args.subjects):
+        raise InputError(f"--sessions {' '.join(map(str, args.sessions))}: one number, or one per "
+                         f"subject ({args.subjects})")
+    return args
+
+
+def demo_settings(args):
+    """The flags that shape the demo, recorded in demo.json: a demo made with other flags is not
+    reused (one made before --planted-buttons existed lacks it: "made with --planted-buttons
+    (unset)", to be remade with --overwrite). The variants' flags are recorded when set, and one
+    --sessions as a number, so that the demos made before them stay valid."""
     settings = {f"--{k.replace('_', '-')}": getattr(args, k) for k in
                 ("seed", "subjects", "sessions", "runs", "reps", "rep_seconds", "tr", "parcels",
                  "planted", "planted_buttons")}
+    settings.update({f"--{k.replace('_', '-')}": True for k in ("parcel_outside_fov", "no_sessions")
+                     if getattr(args, k)})
+    if len(args.sessions) == 1:
+        settings["--sessions"] = args.sessions[0]
+    return settings
+
+
+def main():
+    args = check_flags(parse_args())
+    root = Path(args.out) if args.out else Path(args.work) / "demo"
+    settings = demo_settings(args)
     if root.exists() and not args.overwrite:
         record = common.read_record(root / "demo.json")
         if record is None:
@@ -555,7 +605,7 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     truth = json.loads((root / "ground_truth.json").read_text())
-    n_bk2 = len(list(root.glob("sub-*/ses-*/gamelogs/*.bk2")))
+    n_bk2 = len(list(root.glob("sub-*/**/gamelogs/*.bk2")))
     print(f"demo written to {root}: {len(truth['subjects'])} subject(s), {n_bk2} replays, "
           f"{len(truth['planted'])} planted parcels of {args.parcels} "
           f"(+ {len(truth['planted_buttons'])} following the button presses)")

@@ -68,8 +68,9 @@ def parse_args():
                    help="only these subject labels, e.g. 01 02")
     p.add_argument("--resolution", type=int, default=128,
                    help="output frames are resolution x resolution")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="replaying processes (each runs one emulator)")
+    p.add_argument("--workers", type=int, default=common.available_cpus(),
+                   help="replaying processes (each runs one emulator; default: the CPUs this job "
+                        "may use)")
     p.add_argument("--overwrite", action="store_true",
                    help="re-render repetitions that already have frames")
     p.add_argument("--allow-missing", action="store_true",
@@ -297,7 +298,8 @@ def render_all(plans, tasks, workers):
     expected = (round(GAMEPLAY_HZ * sum(durations)) if durations and all(pd.notna(durations))
                 else None)
     rows, n_rendered = [], 0
-    with ProcessPoolExecutor(max_workers=workers) as pool, \
+    with ProcessPoolExecutor(max_workers=workers, initializer=common.limit_threads,
+                             initargs=(workers,)) as pool, \
             tqdm(total=expected, unit="frame", unit_scale=True, desc="render", file=sys.stderr,
                  disable=not tasks) as bar:
         rendered = pool.map(render_repetition, tasks)
@@ -340,12 +342,13 @@ def write_manifest(rows, work, subjects):
 # Which repetitions to render: events.tsv rows of a BIDS dataset, or an explicit list of bk2 files
 # --------------------------------------------------------------------------------------------------
 def repetitions_from_bids(root, subjects):
-    """One dict per gameplay row of every sub-*/ses-*/func/*_events.tsv under root."""
+    """One dict per gameplay row of every sub-*/ses-*/func/*_events.tsv under root (or
+    sub-*/func/*_events.tsv: BIDS without sessions)."""
     events_files = (sorted(root.glob("sub-*/ses-*/func/*_events.tsv"))
                     + sorted(root.glob("sub-*/func/*_events.tsv")))
     if not events_files:
-        raise InputError(f"{root}: no sub-*/ses-*/func/*_events.tsv files "
-                         "(is this a BIDS dataset root?)")
+        raise InputError(f"{root}: no sub-*/ses-*/func/*_events.tsv files, nor sub-*/func/... "
+                         "without sessions (is this a BIDS dataset root?)")
     reps = []
     for events_path in events_files:
         run = bids_entities(events_path)

@@ -7,8 +7,8 @@
     sbatch --cpus-per-task 8 slurm/cpu_stage.sbatch 02_prep_fmri.py --work work --fmriprep DIR \\
         --atlas ATLAS
 
-For every `sub-*/ses-*/func/*_space-<space>_*desc-preproc_bold.nii.gz` under --fmriprep,
-as in the paper:
+For every `sub-*/ses-*/func/*_space-<space>_*desc-preproc_bold.nii.gz` under --fmriprep (or
+`sub-*/func/...`: BIDS without sessions), as in the paper:
   1. confounds: nilearn's load_confounds(strategy=("motion", "high_pass"), motion="full") =
      load_confounds' Params24 (6 motion parameters, their derivatives, and the squares of both)
      + fMRIPrep's cosine drift regressors (periods over 128 s by default;
@@ -25,6 +25,9 @@ Outputs (docs/CONTRACT.md), all written atomically:
         with no usable voxel in a run are 0.0 on the valid rows (and are reported).
     <work>/bold/manifest.tsv   sub ses task run n_volumes tr_s split bold_path kept_volumes
                                empty_parcels
+    <work>/bold/splits.tsv     sub ses task run split: the split of every run that 03, 04 and 06
+                               follow (--test-sessions / --test-runs / --splits; kept, edits
+                               included, when 02 runs again without them); its record splits.json
     <work>/bold/labels.tsv     column label name n_voxels (column of the .npy -> atlas label value)
     <work>/bold/atlas.nii.gz   the atlas as used: resampled (nearest neighbour) to the BOLD grid
     <work>/bold/prep.json      the settings used; a re-run with other settings needs --overwrite
@@ -87,18 +90,11 @@ def parse_args(argv=None):
                    help="motion model of load_confounds (paper: full = Params24)")
     p.add_argument("--fwhm", type=float, default=8.0,
                    help="Gaussian smoothing FWHM in mm, 0 for none (paper: 8)")
-    p.add_argument("--validation-sessions", nargs="+", default=["004"], type=common.session_flag,
-                   help="sessions of the validation split")
-    p.add_argument("--test-sessions", nargs="+", default=["005"], type=common.session_flag,
-                   help="sessions of the test split")
     p.add_argument("--workers", type=int, default=1, help="runs processed in parallel (processes)")
     p.add_argument("--overwrite", action="store_true", help="recompute runs whose outputs exist")
+    add_split_arguments(p)
     args = p.parse_args(argv)
-    overlap = ({common.session_label(s) for s in args.validation_sessions}
-               & {common.session_label(s) for s in args.test_sessions})
-    if overlap:
-        raise InputError(f"--validation-sessions and --test-sessions share session(s) "
-                         f"{' '.join(sorted(overlap))}")
+    check_split_flags(args)
     if "compcor" in args.confounds and "high_pass" not in args.confounds:
         raise InputError("--confounds compcor needs high_pass too "
                          "(fMRIPrep's CompCor assumes high-passed data)")
@@ -138,9 +134,12 @@ def parcel_time_series(bold_path, atlas_grid, labels, confounds, sample_mask, tr
     region_ids = masker.region_ids_
     present = [region_ids[i] for i in range(signals.shape[1])]
     series, empty = one_column_per_label(signals, present, labels, data.shape[3], sample_mask)
+    on_grid = set(np.unique(atlas_grid).tolist())
+    empty = [label for label in empty if label in on_grid]   # the others are said once, by main
     if empty:
-        notes.append(f"{bold_path}: {len(empty)} parcel(s) have no usable voxel (0.0 columns): "
-                     f"labels {' '.join(map(str, empty))}")
+        notes.append(f"{bold_path}: {len(empty)} parcel(s) have no usable voxel (each is NaN or "
+                     f"constant: outside the acquired field of view or the brain?): labels "
+                     f"{' '.join(map(str, empty))}; 0.0 columns, not scored by 06")
     return series, notes
 
 
@@ -250,16 +249,20 @@ def main(argv=None):
 
     # --- every input is checked before the long part, so that bad input fails fast ---
     runs = find_runs(fmriprep, args.space, args.task, args.subjects, args.sessions)
+    rule, splits = plan_splits(args, runs_to_split(out_dir, work, runs), out_dir)
+    check_splits_file(out_dir, splits, args)
     images, trs = read_headers(runs)
     atlas, labels, names = load_atlas(atlas_path)
     atlas_grid, n_voxels = atlas_for_runs(atlas, atlas_path, labels, runs, images, args.space)
     jobs = [job for run in runs
             if (job := run_job(run, work, atlas_path, atlas_grid, labels, settings,
                                images[run["stem"]], trs[run["stem"]], args))]
+    warn_if_confounds_take_the_signal(jobs)
     atlas_sha256 = common.file_sha256(atlas_path)
     # after every check: --overwrite removes earlier outputs
     check_settings(out_dir, settings, atlas_path, atlas_sha256, args.overwrite)
-    if not jobs and manifest_is_current(out_dir, work, runs, args):
+    if not jobs and manifest_is_current(out_dir, work, runs, splits):
+        write_splits(out_dir, read_tsv(out_dir / "manifest.tsv"), rule)
         print(f"02_prep_fmri: all {len(runs)} run(s) done already ({out_dir / 'manifest.tsv'}); "
               "--overwrite to redo")
         return
@@ -271,7 +274,7 @@ def main(argv=None):
           f"{len(jobs)} to do")
     for note in process_runs(jobs, args.workers):
         print(f"warning: {note}", file=sys.stderr)
-    write_manifest(out_dir, work, runs, images, trs, labels, args)
+    write_splits(out_dir, write_manifest(out_dir, work, runs, images, trs, labels, splits), rule)
 
 
 def read_headers(runs):
@@ -305,11 +308,26 @@ def atlas_for_runs(atlas, atlas_path, labels, runs, images, space):
     if n_voxels.sum() == 0:
         raise InputError(f"{atlas_path}: no atlas label falls inside the BOLD field of view of "
                          f"{runs[0]['bold'].name}: is the atlas in {space} space?")
-    if (n_voxels == 0).any():
-        print(f"warning: {atlas_path}: {(n_voxels == 0).sum()} label(s) vanish on the BOLD grid "
-              f"(too small): {' '.join(map(str, labels[n_voxels == 0]))}; their columns are 0.0",
-              file=sys.stderr)
+    vanished = labels[n_voxels == 0]
+    if len(vanished):
+        why = {label: why_vanished(atlas, label, reference) for label in vanished}
+        print(f"warning: {atlas_path}: {len(vanished)} label(s) have no voxel on the BOLD grid: "
+              + "; ".join(f"{' '.join(str(k) for k in why if why[k] == reason)} {reason}"
+                          for reason in sorted(set(why.values())))
+              + "; their columns are 0.0, and 06 does not score them", file=sys.stderr)
     return atlas_grid, n_voxels
+
+
+def why_vanished(atlas, label, reference):
+    """Why parcel `label` of the atlas image has no voxel on the grid of the BOLD image
+    `reference`: none of its voxels' centres lies inside the BOLD grid ("outside the field of
+    view", as the cerebellum of a scan that stops above it), or the nearest-neighbour resampling
+    passed it over ("too small for the BOLD grid")."""
+    ijk = np.argwhere(np.asarray(atlas.dataobj) == label)                        # (V, 3)
+    to_bold = np.linalg.inv(reference.affine) @ atlas.affine
+    bold_ijk = nib.affines.apply_affine(to_bold, ijk)                             # (V, 3)
+    inside = ((bold_ijk > -0.5) & (bold_ijk < np.array(reference.shape[:3]) - 0.5)).all(axis=1)
+    return "too small for the BOLD grid" if inside.any() else "outside the BOLD field of view"
 
 
 def run_job(run, work, atlas_path, atlas_grid, labels, settings, image, tr, args):
@@ -327,16 +345,27 @@ def run_job(run, work, atlas_path, atlas_grid, labels, settings, image, tr, args
     n_volumes = image.shape[3]
     confounds, sample_mask = load_run_confounds(run["bold"], n_volumes, args.confounds, args.motion)
     n_kept = n_volumes if sample_mask is None else len(sample_mask)
-    dof = n_kept - confounds.shape[1] - 1  # the mean is removed too
-    if dof < 1:
+    if n_kept - confounds.shape[1] - 1 < 1:  # the mean is removed too
         raise InputError(f"{run['bold']}: {confounds.shape[1]} confound regressors leave no degree "
                          f"of freedom in {n_kept} kept volumes; use fewer (e.g. --motion basic)")
-    if dof < 10:  # a short run (the tiny demo): the signal cannot survive the regression
-        print(f"warning: {run['bold'].name}: {confounds.shape[1]} confound regressors leave only "
-              f"{dof} degree(s) of freedom in {n_kept} kept volumes", file=sys.stderr)
     return {"bold": run["bold"], "out": out, "atlas_grid": atlas_grid, "inputs": inputs,
             "settings": settings, "labels": labels, "confounds": confounds,
-            "sample_mask": sample_mask, "tr": tr, "fwhm": args.fwhm}
+            "sample_mask": sample_mask, "n_kept": n_kept, "tr": tr, "fwhm": args.fwhm}
+
+
+def warn_if_confounds_take_the_signal(jobs):
+    """One line for the runs whose confound regressors number more than a third of their kept
+    volumes. Regressing out K of n dimensions removes about K / n of a white signal's variance and
+    more of a slow one, which Params24's random walks and the cosines resemble: a signal of the
+    HRF's time scale keeps about a third of its variance with Params24 + a cosine (25 regressors)
+    in a 60-volume run, half at 80 volumes (benchmarks/README.md); the paper's runs have ~400."""
+    short = [job for job in jobs if 3 * job["confounds"].shape[1] > job["n_kept"]]
+    if short:
+        example = short[0]
+        print(f"warning: {len(short)} run(s) have more confound regressors than a third of their "
+              f"kept volumes ({example['bold'].name}: {example['confounds'].shape[1]} for "
+              f"{example['n_kept']}): regressing them out removes much of the signal too; use "
+              "fewer (--motion basic has 6, and the cosines) or longer runs", file=sys.stderr)
 
 
 def process_runs(jobs, workers):
@@ -348,7 +377,9 @@ def process_runs(jobs, workers):
         with tqdm(jobs, desc="runs", unit="run") as bar:
             return [note for job in bar for note in process_run(job)]
     notes = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # each worker's thread pools get its share of the CPUs, not all of them
+    with ProcessPoolExecutor(max_workers=workers, initializer=common.limit_threads,
+                             initargs=(workers,)) as pool:
         futures = [pool.submit(process_run, job) for job in jobs]
         try:
             for future in tqdm(as_completed(futures), total=len(futures), desc="runs", unit="run"):
@@ -362,20 +393,27 @@ def process_runs(jobs, workers):
 # --------------------------------------------------------------------------------------------------
 # The shared outputs and the manifest
 # --------------------------------------------------------------------------------------------------
-def manifest_is_current(out_dir, work, runs, args):
+def manifest_is_current(out_dir, work, runs, splits):
     """True when every run is listed in bold/manifest.tsv, the shared outputs exist, and the listed
-    splits are those of the split flags (other splits: the manifest is rewritten)."""
+    splits are `splits` (plan_splits'; others: the manifest is rewritten)."""
     manifest_path = out_dir / "manifest.tsv"
-    shared = [out_dir / name
-              for name in ("prep.json", "labels.tsv", "atlas.nii.gz", "manifest.tsv")]
+    shared = [out_dir / name for name in ("prep.json", "labels.tsv", "atlas.nii.gz",
+                                          "manifest.tsv", "splits.tsv")]
     if not all(path.is_file() for path in shared):
         return False
-    listed = read_tsv(manifest_path, required=("bold_path", "ses", "split"))
-    splits_now = [split_of(ses, args.validation_sessions, args.test_sessions)
-                  for ses in listed["ses"]]
+    listed = read_tsv(manifest_path, required=(*common.RUN_ENTITIES, "bold_path", "split"))
     listed_paths = set(listed["bold_path"])
     return (all(str(output_path(work, run).relative_to(work)) in listed_paths for run in runs)
-            and listed["split"].tolist() == splits_now)
+            and listed.apply(common.run_key, axis=1).map(splits).tolist()
+            == listed["split"].tolist())
+
+
+def runs_to_split(out_dir, work, runs):
+    """The runs that the manifest will list (this call's and those of earlier calls whose outputs
+    are still there), as a DataFrame of their labels: sub ses task run."""
+    batch = [str(output_path(work, run).relative_to(work)) for run in runs]
+    rows = runs + earlier_rows(out_dir / "manifest.tsv", work, batch)
+    return pd.DataFrame([{key: row[key] for key in common.RUN_ENTITIES} for row in rows])
 
 
 def write_shared_outputs(out_dir, args, fmriprep, atlas_path, atlas_sha256, settings, atlas_grid,
@@ -400,21 +438,189 @@ def write_shared_outputs(out_dir, args, fmriprep, atlas_path, atlas_sha256, sett
         nib.save(nib.Nifti1Image(atlas_grid, affine), tmp)
 
 
-def write_manifest(out_dir, work, runs, images, trs, labels, args):
+def write_manifest(out_dir, work, runs, images, trs, labels, splits):
     """bold/manifest.tsv: this batch's runs, plus the runs of earlier calls (other --subjects), with
-    the split of each session."""
+    the split of each (`splits`: plan_splits'). Returns it (a DataFrame)."""
     manifest_path = out_dir / "manifest.tsv"
     rows = [manifest_row(run, work, images[run["stem"]].shape[3], trs[run["stem"]], labels)
             for run in runs]
     rows += earlier_rows(manifest_path, work, [row["bold_path"] for row in rows])
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("bold_path")
-    manifest["split"] = [split_of(ses, args.validation_sessions, args.test_sessions)
-                         for ses in manifest["ses"]]
+    manifest["split"] = manifest.apply(common.run_key, axis=1).map(splits)
     write_tsv(manifest_path, manifest)
     n_volumes, n_kept = (manifest["n_volumes"].astype(int).sum(),
                          manifest["kept_volumes"].astype(int).sum())
     print(f"wrote {out_dir}: {len(manifest)} run(s), {n_kept} of {n_volumes} volumes kept; splits "
           + ", ".join(f"{k} {v}" for k, v in manifest["split"].value_counts().sort_index().items()))
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# The split of the runs into train, validation and test (paper 2.1.4: sessions 004 and 005),
+# written once to bold/splits.tsv, which 03 and 04 (they never train on a test run) and 06 read
+# --------------------------------------------------------------------------------------------------
+SPLIT_DEFAULTS = {"test": common.DEFAULT_TEST_SESSIONS,
+                  "validation": common.DEFAULT_VALIDATION_SESSIONS}
+
+
+def add_split_arguments(parser):
+    """The flags that choose the split: by session (the default), by run, or a file."""
+    group = parser.add_argument_group(
+        "split (one way: sessions, runs or a file; written to bold/splits.tsv, which 03-06 "
+        "follow; without these flags an existing bold/splits.tsv is kept, edits included)")
+    for role in ("test", "validation"):
+        group.add_argument(f"--{role}-sessions", nargs="*", default=None, type=common.session_flag,
+                           help=f"sessions of the {role} split (default "
+                                f"{' '.join(SPLIT_DEFAULTS[role])}; no value: none)")
+    for role in ("test", "validation"):
+        group.add_argument(f"--{role}-runs", nargs="*", default=None, type=common.run_flag,
+                           help=f"run labels of the {role} split, in every session (e.g. 03; "
+                                "no value: none)")
+    group.add_argument("--splits", metavar="TSV",
+                       help="the split of every run from a file: columns sub ses task run split "
+                            "(train, validation or test), e.g. an edited copy of bold/splits.tsv")
+
+
+def split_flags(args):
+    """{flag: value} of the split flags given on the command line."""
+    values = {"--splits": args.splits}
+    for kind in ("sessions", "runs"):
+        for role in ("test", "validation"):
+            values[f"--{role}-{kind}"] = getattr(args, f"{role}_{kind}")
+    return {flag: value for flag, value in values.items() if value is not None}
+
+
+def check_split_flags(args):
+    """InputError when the split flags mix two ways (sessions, runs, a file) or put a label in
+    both test and validation."""
+    given = split_flags(args)
+    if len({flag.split("-")[-1] for flag in given}) > 1:
+        raise InputError(f"{' and '.join(given)}: choose one way to split the runs "
+                         "(sessions, runs or a --splits file)")
+    rule = split_rule(args)
+    if "--splits" in rule:
+        return
+    (test_flag, test), (validation_flag, validation) = rule.items()
+    shared = set(map(common.bids_label, test)) & set(map(common.bids_label, validation))
+    if shared:
+        raise InputError(f"{validation_flag} and {test_flag} share "
+                         f"{test_flag.split('-')[-1][:-1]}(s) {' '.join(sorted(shared))}")
+
+
+def split_rule(args):
+    """The split the flags ask for, as it is recorded: {"--splits": path}, or the labels of each
+    role by run or by session (the default), e.g. {"--test-sessions": ["005"], ...}."""
+    if args.splits is not None:
+        return {"--splits": str(Path(args.splits).resolve())}
+    kind = "runs" if args.test_runs is not None or args.validation_runs is not None else "sessions"
+    rule = {}
+    for role in ("test", "validation"):
+        given = getattr(args, f"{role}_{kind}")
+        default = SPLIT_DEFAULTS[role] if kind == "sessions" else ()
+        rule[f"--{role}-{kind}"] = list(default if given is None else given)
+    return rule
+
+
+def plan_splits(args, runs, out_dir):
+    """(the split rule, {run key: split} of `runs`: a DataFrame of sub ses task run). Split flags
+    split every run; without them, bold/splits.tsv is kept (a hand edit too) and the rule it was
+    made with splits the runs it does not list. A label asked for that names no run is an
+    InputError (a warning or a note for a default); subjects without a test run are said."""
+    given, path = split_flags(args), out_dir / "splits.tsv"
+    rule, kept = split_rule(args), {}
+    if not given and path.is_file():
+        table = common.read_splits(path)
+        kept = dict(zip(table.apply(common.run_key, axis=1), table["split"]))
+        rule = (common.read_record(common.record_path(path)) or {}).get("settings") or rule
+    keys = runs.apply(common.run_key, axis=1)
+    new = runs[~keys.isin(kept)]
+    split = keys.map(kept).astype(object)
+    if "--splits" in rule:
+        split[new.index] = split_from_file(Path(rule["--splits"]), new)
+    else:
+        for flag, labels in rule.items():
+            role, kind = flag[2:].split("-")
+            entity = new["ses" if kind == "sessions" else "run"]
+            check_labels_exist(flag, labels, entity, explicit=flag in given)
+            chosen = entity.map(common.bids_label).isin(set(map(common.bids_label, labels)))
+            split[chosen[chosen].index] = role
+        split = split.fillna("train")
+    for role in ("train", "test"):
+        for sub in sorted(set(runs["sub"]) - set(runs["sub"][split == role])):
+            print(f"note: sub-{sub}: no {role} run in this split: 06 will skip it",
+                  file=sys.stderr)
+    return rule, dict(zip(keys, split))
+
+
+def check_labels_exist(flag, labels, found, explicit):
+    """A label of --{role}-{kind} that names none of the runs (`found`: their labels of that
+    entity) is an InputError when `explicit`, else (a default) a warning for test, a note for
+    validation."""
+    present = set(found.map(common.bids_label))
+    missing = [label for label in labels if common.bids_label(label) not in present]
+    if not missing or found.empty:
+        return
+    entity = flag.split("-")[-1][:-1]
+    found_text = ", ".join(sorted(set(found.dropna()))) or "none"
+    message = (f"{flag} {' '.join(missing)}{'' if explicit else ' (the default)'}: no run has "
+               f"that {entity} ({entity}s found: {found_text})")
+    if explicit:
+        raise InputError(message)
+    if flag.startswith("--validation"):
+        print(f"note: {message}: no validation run", file=sys.stderr)
+        return
+    print(f"warning: {message}: every run is train or validation, and 06 finds no test run; "
+          "choose them with --test-sessions, --test-runs or --splits", file=sys.stderr)
+
+
+def split_from_file(path, runs):
+    """The split of each of `runs` (a Series like it) from a user's splits file: every run needs
+    a row."""
+    table = common.read_splits(path)
+    split_of = dict(zip(table.apply(common.run_key, axis=1), table["split"]))
+    keys = runs.apply(common.run_key, axis=1)
+    missing = runs[~keys.isin(split_of)]
+    if len(missing):
+        row = missing.iloc[0]
+        raise InputError(f"{path}: no row for run "
+                         f"{common.run_stem(*(row[k] for k in common.RUN_ENTITIES))}, one of "
+                         f"{len(missing)} run(s) it does not list")
+    return keys.map(split_of)
+
+
+def check_splits_file(out_dir, splits, args):
+    """Refuse to replace a bold/splits.tsv edited by hand since 02 wrote it with the other split
+    that the flags make: 03-06 follow that file, so an edit is dropped on purpose only (delete
+    the file) and kept with --splits."""
+    path = out_dir / "splits.tsv"
+    if not split_flags(args) or args.splits is not None or not path.is_file():
+        return
+    written = (common.read_record(common.record_path(path)) or {}).get("output", {})
+    if written.get("sha256") == common.file_sha256(path):
+        return
+    edited = common.read_splits(path)
+    if dict(zip(edited.apply(common.run_key, axis=1), edited["split"])) != splits:
+        raise InputError(f"{path}: edited since 02 wrote it, and the split flags make another "
+                         f"split: keep the edit with --splits {path}, or delete the file to make "
+                         "it from the flags")
+
+
+def write_splits(out_dir, manifest, rule):
+    """bold/splits.tsv (sub ses task run split, one row per run of the manifest) and its record,
+    bold/splits.json (the split rule; the --splits file), unless the file already holds that
+    split: a hand edit that 02 kept stays as the user wrote it."""
+    path = out_dir / "splits.tsv"
+    table = manifest[[*common.RUN_ENTITIES, "split"]]
+    if path.is_file():
+        current = common.read_splits(path)
+        record = common.read_record(common.record_path(path)) or {}
+        if (record.get("settings") == rule and dict(zip(current.apply(common.run_key, axis=1),
+                                                        current["split"]))
+                == dict(zip(table.apply(common.run_key, axis=1), table["split"]))):
+            return
+    write_tsv(path, table)
+    inputs = {"splits_file": common.hash_file(rule["--splits"])} if "--splits" in rule else {}
+    common.write_record(path, common.new_record(STAGE, rule, inputs, path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,7 +632,8 @@ def find_runs(fmriprep, space, task, subjects, sessions):
         raise InputError(f"{fmriprep}: fMRIPrep derivatives directory not found")
     pattern = f"sub-*/ses-*/func/*_space-{space}_*desc-preproc_bold.nii.gz"
     runs = []
-    for bold in sorted(fmriprep.glob(pattern)):
+    # BIDS with sessions, and without: sub-*/func/...
+    for bold in sorted([*fmriprep.glob(pattern), *fmriprep.glob(pattern.replace("ses-*/", ""))]):
         names = bids_entities(bold)
         if task and names.get("task") != task:
             continue
@@ -438,16 +645,16 @@ def find_runs(fmriprep, space, task, subjects, sessions):
                              f"e.g. --space {space}_res-2")
         runs.append({"sub": names.get("sub"), "ses": names.get("ses"), "task": names.get("task"),
                      "run": names.get("run"), "stem": stem, "bold": bold})
-    what = f"{pattern}" + (f" with task {task}" if task else "")
+    what = f"{pattern} or sub-*/func/..." + (f" with task {task}" if task else "")
     if not runs:
         raise InputError(f"{fmriprep}: no runs found ({what})")
     for flag, key, wanted in (("--subjects", "sub", subjects), ("--sessions", "ses", sessions)):
         if wanted:
-            found = sorted({r[key] for r in runs})
+            found = sorted({r[key] for r in runs if r[key]})
             unknown = [w for w in wanted if w not in found]
             if unknown:
                 raise InputError(f"{fmriprep}: {flag} {' '.join(unknown)} not found "
-                                 f"(found: {', '.join(found)})")
+                                 f"(found: {', '.join(found) or 'none'})")
             runs = [r for r in runs if r[key] in wanted]
     return runs
 
@@ -515,17 +722,8 @@ def load_run_confounds(bold_path, n_volumes, strategy, motion):
     return confounds, sample_mask
 
 
-def split_of(ses, validation_sessions, test_sessions):
-    """Paper section 2.1.4: validation = ses-004, test = ses-005, train = the other sessions. Labels
-    are compared as 03 and 04 compare them: "5", "005" and "ses-005" are one session."""
-    label = common.session_label(ses)
-    if label in {common.session_label(s) for s in validation_sessions}:
-        return "validation"
-    return "test" if label in {common.session_label(s) for s in test_sessions} else "train"
-
-
 def output_path(work, run):
-    return work / "bold" / f"sub-{run['sub']}" / f"ses-{run['ses']}" / f"{run['stem']}.npy"
+    return work / "bold" / common.run_folder(run["sub"], run["ses"]) / f"{run['stem']}.npy"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,7 +786,7 @@ def check_settings(out_dir, settings, atlas_path, atlas_sha256, overwrite):
                          f"({before.get('atlas')}), not {atlas_path}: pass that atlas, "
                          "or --overwrite to redo every run with this one")
     changed = changed + (["--atlas"] if other_atlas else [])
-    stale = sorted(out_dir.glob("sub-*/ses-*/*.npy")) + sorted(out_dir.glob("sub-*/ses-*/*.json")) \
+    stale = sorted(out_dir.glob("sub-*/**/*.npy")) + sorted(out_dir.glob("sub-*/**/*.json")) \
         + [out_dir / "manifest.tsv"]
     print(f"flags changed ({', '.join(changed)}): removing the earlier outputs in {out_dir}")
     for path in stale:

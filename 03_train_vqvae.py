@@ -11,9 +11,11 @@
         --max-steps 50                                                 # tiny
 
 Input: <work>/frames/manifest.tsv and its uint8 (N, H, W, 3) frame arrays (stage 01). Training uses
-the repetitions with status ok outside --test-sessions (the encoding test set); the last --val-reps
-of them (in manifest order) are held out to measure reconstruction. A clip is --sequence-length
-frames at 15 Hz (every --frame-step-th 60 Hz frame) from a random repetition and start.
+the repetitions with status ok outside the encoding test runs (those of bold/splits.tsv, which 02
+writes, else of --test-sessions, default 005; the record lists the repetitions trained on); the
+last --val-reps of them (in manifest order) are held out to measure reconstruction. A clip is
+--sequence-length frames at 15 Hz (every --frame-step-th 60 Hz frame) from a random repetition and
+start.
 
 Output (<work>/vqvae/):
     ckpt.pt     model, optimizer, GradScaler, step, RNG states (per rank), args, model_config,
@@ -293,13 +295,16 @@ def plan_run(args):
     out_dir = work / "vqvae"
     common.remove_stale_temporaries(out_dir)
     config = model_config(args)
-    paths, train_arrays, val_arrays = read_frames(work, args)
+    paths, train_arrays, val_arrays, train_reps = read_frames(work, args)
     settings = common.settings_of(args)
     inputs = common.input_fingerprints(work, paths)
     checkpoint, _ = common.checkpoint_to_resume(out_dir / "ckpt.pt", STAGE, settings, inputs,
                                                 args.resume, args.overwrite)
+    # the runs it trained on, which 06 never scores (bold/splits.tsv's test runs)
+    trained_on = [common.repetition_record(rep) for rep in train_reps]
     return common.TrainingRun(out_dir, checkpoint, config,
-                              dict(stage=STAGE, settings=settings, inputs=inputs),
+                              dict(stage=STAGE, settings=settings, inputs=inputs,
+                                   training_repetitions=trained_on),
                               (train_arrays, val_arrays))
 
 
@@ -322,13 +327,13 @@ def model_config(args):
 def read_frames(work, args):
     """The frames of the training and the validation repetitions (the last --val-reps in manifest
     order, as in 04) that hold at least one clip: (paths of both, training arrays, validation
-    arrays), the arrays memory-mapped uint8 (N, H, W, 3)."""
+    arrays, training repetitions), the arrays memory-mapped uint8 (N, H, W, 3)."""
     manifest = work / "frames" / "manifest.tsv"
     clip_span = (args.sequence_length - 1) * args.frame_step + 1   # 60 Hz frames one clip covers
     reps = common.training_repetitions(work, args.test_sessions)
     paths, split = [], []
     for part in common.split_validation(reps, args.val_reps, manifest):
-        arrays = []
+        arrays, used = [], []
         for rep in part:
             path = work / str(rep["frames_path"])
             frames = common.load_npy(path, advice="re-render it with 01_render_frames.py")
@@ -341,12 +346,13 @@ def read_frames(work, args):
             if len(frames) >= clip_span:
                 paths.append(path)
                 arrays.append(frames)
-        split.append(arrays)
-    if not split[0]:
-        raise InputError(f"{manifest}: no ok repetition outside test sessions "
-                         f"{args.test_sessions} and the --val-reps {args.val_reps} held out "
-                         f"has the {clip_span} frames one clip needs")
-    return paths, split[0], split[1]
+                used.append(rep)
+        split.append((arrays, used))
+    (train_arrays, train_reps), (val_arrays, _) = split
+    if not train_arrays:
+        raise InputError(f"{manifest}: no ok repetition outside the test runs and the --val-reps "
+                         f"{args.val_reps} held out has the {clip_span} frames one clip needs")
+    return paths, train_arrays, val_arrays, train_reps
 
 
 def samplers(data, args, ctx):

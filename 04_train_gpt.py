@@ -24,15 +24,16 @@ The VQ-VAE is frozen, so every clip is encoded once, in exact fp32 (no TF32), in
 named after the VQ-VAE and the frames it encodes; training then reads codes only
 (the same loss as encoding at every step).
 
-Splits: repetitions with status ok outside --test-sessions (the encoding test set; `--test-sessions`
-with no value includes them, as the authors did); the last --val-reps of them in manifest order are
-held out for the validation loss. --train-frames N keeps the first N 60 Hz frames of the remaining
-training repetitions (the last one cut), taken in the authors' order (subject, then game level, then
-session: their 10k, 100k and 1M subsets hold sub-01's gameplay only), as the paper's 10k/100k/1M/6M
-data sizes (Figure 2); --subset-order balanced gives every subject an equal share of the frames
-(each subject's first ones in the authors' order), so that a data size does not also change whose
-gameplay the model saw; --subset-order manifest takes them in manifest order. The checkpoint's
-record lists them.
+Splits: repetitions with status ok outside the encoding test runs (those of bold/splits.tsv, which
+02 writes, else of --test-sessions, default 005; `--test-sessions` with no value includes them, as
+the authors did, and 06 then refuses to score them); the last --val-reps of them in manifest order
+are held out for the validation loss. --train-frames N keeps the first N 60 Hz frames of the
+remaining training repetitions (the last one cut), taken in the authors' order (subject, then game
+level, then session: their 10k, 100k and 1M subsets hold sub-01's gameplay only), as the paper's
+10k/100k/1M/6M data sizes (Figure 2); --subset-order balanced gives every subject an equal share of
+the frames (each subject's first ones in the authors' order), so that a data size does not also
+change whose gameplay the model saw; --subset-order manifest takes them in manifest order. The
+checkpoint's record lists them.
 
 Budget: --max-steps optimizer steps (200,000 by default), or --epochs E passes over the training
 samples (the authors' script trains 100 epochs; the paper's loss curves are against epochs), which
@@ -410,8 +411,8 @@ def plan_run(args):
         n_parameters = sum(p.numel() for p in common.GPTPrior(**config).parameters())
     # the record says which frames this data size means, repetition by repetition, and (for 07's
     # scaling laws) the model's size and the compute of one training sample
-    subset = [{"frames_path": str(r["frames_path"]), "sub": r["sub"], "ses": r["ses"],
-               "frames_used": n, "level": r["level"] if isinstance(r.get("level"), str) else None}
+    subset = [{**common.repetition_record(r), "frames_used": n,
+               "level": r["level"] if isinstance(r.get("level"), str) else None}
               for r, n in zip(train_reps, used)]
     record = dict(stage=STAGE, settings=settings, inputs=inputs, training_repetitions=subset,
                   n_parameters=n_parameters, train_flops_per_sample=train_flops_per_sample(config),
@@ -448,11 +449,13 @@ def warn_if_vqvae_saw_validation(work, vqvae_path, val_reps):
     held_out = {str(r["frames_path"]) for r in reps[len(reps) - settings["--val-reps"]:]}
     seen = [str(r["frames_path"]) for r in val_reps if str(r["frames_path"]) not in held_out]
     if seen:
+        test_sessions = settings["--test-sessions"]
         common.print0(f"{STAGE}: warning: the VQ-VAE {vqvae_path} trained on {len(seen)} of the "
                       f"{len(val_reps)} validation repetitions "
-                      f"(its --val-reps {settings['--val-reps']}, "
-                      f"--test-sessions {settings['--test-sessions']}): "
-                      "pass the same to both stages")
+                      f"(its --val-reps {settings['--val-reps']}"
+                      + ("" if test_sessions is None
+                         else f", --test-sessions {' '.join(test_sessions)}")
+                      + "): pass the same to both stages")
 
 
 def model_config(args, vqvae):

@@ -171,6 +171,7 @@ def main(argv=None):
     work = Path(args.work)
     ckpt = check_flags(args)
     device, precision = choose_device(args)
+    threads = common.limit_threads()   # one process (its loader's workers take one thread each)
     name = args.name or (args.features if ckpt is None else ckpt.parent.name
                          if ckpt.name == "ckpt.pt" else ckpt.name.split(".")[0])
 
@@ -197,7 +198,7 @@ def main(argv=None):
           f"{len(layers)} layer(s) {', '.join(layers)}; "
           f"{len(todo)} of {len(runs)} run(s) to do, "
           f"{sum(r['n_volumes'] for r, _, _ in todo)} TRs; "
-          f"{device}, {precision}, batch {args.batch_size}")
+          f"{device} ({threads} CPU thread(s)), {precision}, batch {args.batch_size}")
     if not todo:
         return
 
@@ -684,6 +685,7 @@ def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing, bu
     a run under one window."""
     frames_tsv, bold_tsv = work / "frames" / "manifest.tsv", work / "bold" / "manifest.tsv"
     frames = read_tsv(frames_tsv, required=FRAMES_COLUMNS)
+    frame_runs = frames.apply(common.run_key, axis=1)
     bold = read_tsv(bold_tsv, required=BOLD_COLUMNS)
     if subjects:
         bold = bold[bold["sub"].isin(subjects)]
@@ -699,8 +701,7 @@ def plan_runs(work, subjects, frame_shape, window, frame_step, allow_missing, bu
             raise InputError(f"{bold_tsv}: {stem} lasts {n_volumes} volume(s) x {tr_s:g} s = "
                              f"{n_volumes * tr_s:.2f} s, shorter than one {window}-frame window "
                              f"({window_s:.2f} s)")
-        rows = frames[(frames["sub"] == labels["sub"]) & (frames["ses"] == labels["ses"])
-                      & (frames["task"] == labels["task"]) & (frames["run"] == labels["run"])]
+        rows = frames[frame_runs == common.run_key(labels)]   # no session: '' in both
         if rows.empty:
             raise InputError(f"{frames_tsv}: no repetition of {stem}, which {bold_tsv} lists")
         reps = [place_repetition(rep, stem, work, frame_shape, allow_missing, buttons)
@@ -774,7 +775,7 @@ class TRWindows(torch.utils.data.Dataset):
 # Outputs: one .npy (T, D) and its record (.json) per run and layer, written atomically
 # --------------------------------------------------------------------------------------------------
 def output_path(work, name, layer, run):
-    return (work / "features" / name / layer / f"sub-{run['sub']}" / f"ses-{run['ses']}"
+    return (work / "features" / name / layer / common.run_folder(run["sub"], run["ses"])
             / f"{run['stem']}.npy")
 
 

@@ -18,9 +18,11 @@ which autocorrelated TRs make choose penalties far too small).
         06_ridge.py --work work --name NAME --device cuda
 
 Inputs (docs/CONTRACT.md):
-  <work>/bold/manifest.tsv       sub ses task run n_volumes tr_s split bold_path ...; split is
-                                 train, validation or test; bold_path -> float32 (T, P), rows of
-                                 non-steady-state volumes may be NaN (dropped here)
+  <work>/bold/manifest.tsv       sub ses task run n_volumes tr_s split bold_path ...;
+                                 bold_path -> float32 (T, P), rows of non-steady-state volumes
+                                 may be NaN (dropped here); empty_parcels: 0.0 columns, not scored
+  <work>/bold/splits.tsv         sub ses task run split (train, validation or test), the split
+                                 that 03 and 04 followed too (an older 02's: the manifest's)
   <work>/bold/labels.tsv         column label name: BOLD column -> atlas label value
   <work>/bold/atlas.nii.gz       the labels image on the BOLD grid
   <work>/features/<name>/<layer>/sub-XX/ses-YYY/<run stem>.npy   float16/32 (T, D), row t = TR t
@@ -34,8 +36,9 @@ it done):
 Conventions: features are standardized with training-set means and standard deviations (the paper
 does not say; --no-standardize fits them as they are); an intercept is fitted (X and Y centered with
 training means), as scikit-learn's RidgeCV does, so both choose the same alphas. Split `session`
-(default) trains on runs whose manifest split is `train` and tests on `test`; `validation` runs are
-left out unless --train-on-validation. Split `random` pools every run of the subject and draws
+(default) trains on runs whose split is `train` and tests on `test`; `validation` runs are left out
+unless --train-on-validation; a subject without both is skipped, and a model that trained on one of
+its test runs refused. Split `random` pools every run of the subject and draws
 --test-size of the samples at random (paper section 2.3.3; neighbouring TRs are correlated, so its
 scores are optimistic, and it gets no p-values: a test TR's neighbours were trained on, and no
 circular-shift null accounts for that).
@@ -169,6 +172,9 @@ def argument_parser():
                    help="seed of the random split, PCA and null shifts")
     p.add_argument("--train-on-validation", action="store_true",
                    help="with --split session, also train on the runs whose split is `validation`")
+    p.add_argument("--allow-trained-on-test", action="store_true",
+                   help="score test runs whose stimuli the model trained on (03/04 "
+                        "--test-sessions with no value, as the authors did); refused by default")
     p.add_argument("--no-standardize", action="store_true",
                    help="fit the features as they are instead of z-scoring them with training "
                         "statistics (the paper does not say; z-scoring changes what an alpha of "
@@ -586,7 +592,7 @@ def main():
     # labels. Finished subjects made the same way are skipped; a changed input makes them again.
     settings = common.settings_of(args, {"work", "name", "results_name", "subjects", "device",
                                          "parcel_batch", "overwrite", "ground_truth", "layer",
-                                         "with_sets"})
+                                         "with_sets", "allow_trained_on_test"})
     settings["--layer"] = stage.feature_sets[0][1]
     if args.with_sets:
         settings["--with"] = [f"{name}:{layer}" for name, layer in stage.feature_sets[1:]]
@@ -595,11 +601,14 @@ def main():
     shared = [work / "bold" / "labels.tsv", stage.atlas_path, *filter(None, [args.ground_truth])]
     feature_dirs = [work / "features" / name / layer for name, layer in stage.feature_sets]
     inputs_of = functools.partial(subject_inputs, work, args, stage.manifest, shared, feature_dirs)
+    skipped = subjects_without_split(args, stage)
+    stage.subjects = [sub for sub in stage.subjects if sub not in skipped]
     fitted = 0
     for sub in stage.subjects:
         out_dir = results_dir / f"sub-{sub}"
         earlier = common.read_record(out_dir / "summary.json")
         files, inputs = inputs_of(sub, earlier)
+        refuse_trained_on_test(args, work, sub, stage.manifest, files)
         if subject_is_done(out_dir, earlier, settings, inputs, len(stage.feature_sets),
                            args.overwrite):
             print(f"sub-{sub}: done already with these flags and inputs "
@@ -611,12 +620,12 @@ def main():
               f"{summary['n_test_samples']} test samples, "
               f"{summary['n_features']} features, r max {score_text(summary['r_max'])}, median "
               f"{score_text(summary['r_median'])}, "
-              f"{summary['n_significant']}/{summary['n_parcels']} significant, "
+              f"significant {significant_text(summary)}, "
               f"penalty on the grid's edges in {summary['parcels_at_smallest_alpha']} (smallest) "
               f"and {summary['parcels_at_largest_alpha']} (largest) parcels, "
               f"{summary['seconds']} s")
     update_subjects_figure(results_dir, stage, settings, inputs_of, redraw=fitted > 0)
-    print_summary(results_dir, stage.subjects)
+    print_summary(results_dir, stage.subjects, skipped)
 
 
 @dataclass
@@ -624,7 +633,7 @@ class StageInputs:
     """What every subject shares: bold/manifest.tsv (a DataFrame), the atlas label of each BOLD
     column, the atlas on the BOLD grid, the demo's planted labels (or None) and those planted on
     something else (its button parcel: not noise), the feature sets [(name, layer)] (--name first,
-    then --with), the subjects."""
+    then --with), the subjects; the labels without a voxel on the BOLD grid (02's 0.0 columns)."""
     manifest: object
     labels: list
     atlas_path: Path
@@ -632,6 +641,7 @@ class StageInputs:
     other_signal: set
     feature_sets: list
     subjects: list
+    off_grid: set
 
 
 def read_stage_inputs(args, work):
@@ -641,16 +651,8 @@ def read_stage_inputs(args, work):
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: file not found (run 02_prep_fmri.py)")
     manifest = read_tsv(manifest_path, required=("sub", "ses", "task", "run", "split", "bold_path"))
-    labels = read_tsv(work / "bold" / "labels.tsv", required=("column", "label"))
-    labels = labels.sort_values("column")["label"].astype(int).tolist()
-    atlas_path = work / "bold" / "atlas.nii.gz"
-    if not atlas_path.is_file():
-        raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
-    atlas = common.load_nifti(atlas_path)
-    unknown = sorted(set(labels) - set(np.unique(common.nifti_data(atlas, atlas_path)).tolist()))
-    if unknown:
-        raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} "
-                         "listed in bold/labels.tsv")
+    manifest["split"] = split_of_runs(work, manifest)
+    labels, atlas_path, off_grid = read_parcels(work)
     planted_labels = common.read_planted_labels(args.ground_truth) if args.ground_truth else None
     other_signal = (common.read_planted_labels(args.ground_truth, "planted_buttons")
                     if args.ground_truth else set())
@@ -667,7 +669,93 @@ def read_stage_inputs(args, work):
             raise InputError(f"{manifest_path}: no runs of sub-{absent[0]}")
         subjects = args.subjects
     return StageInputs(manifest, labels, atlas_path, planted_labels, other_signal, feature_sets,
-                       subjects)
+                       subjects, off_grid)
+
+
+def read_parcels(work):
+    """(the atlas label of each BOLD column, the atlas on the BOLD grid, the labels 02 found no
+    voxel of on that grid: their columns are 0.0 and they are not scored), after checking that
+    the atlas holds every other label."""
+    table = read_tsv(work / "bold" / "labels.tsv", required=("column", "label")).sort_values("column")
+    labels = table["label"].astype(int).tolist()
+    # labels.tsv of an older 02 has no n_voxels column: every label then has voxels
+    empty = (table["n_voxels"] == 0).to_numpy() if "n_voxels" in table else np.zeros(len(table), bool)
+    off_grid = set(table.loc[empty, "label"].astype(int))
+    atlas_path = work / "bold" / "atlas.nii.gz"
+    if not atlas_path.is_file():
+        raise InputError(f"{atlas_path}: file not found (run 02_prep_fmri.py)")
+    atlas = common.load_nifti(atlas_path)
+    unknown = sorted(set(labels) - off_grid
+                     - set(np.unique(common.nifti_data(atlas, atlas_path)).tolist()))
+    if unknown:
+        raise InputError(f"{atlas_path}: has no parcel with label {unknown[0]:g} "
+                         "listed in bold/labels.tsv")
+    return labels, atlas_path, off_grid
+
+
+def split_of_runs(work, manifest):
+    """The split of each run of the manifest: bold/splits.tsv's, the one split that 03 and 04
+    follow too (the manifest's own column when an older 02 wrote no such file)."""
+    path = common.splits_path(work)
+    if not path.is_file():
+        return manifest["split"]
+    table = common.read_splits(path)
+    split = manifest.apply(common.run_key, axis=1).map(
+        dict(zip(table.apply(common.run_key, axis=1), table["split"])))
+    if split.isna().any():
+        row = manifest[split.isna()].iloc[0]
+        stem = run_stem(row.sub, row.ses, row.task, row.run)
+        raise InputError(f"{path}: no row for run {stem}, which bold/manifest.tsv lists "
+                         "(re-run 02_prep_fmri.py, or add it)")
+    return split
+
+
+def subjects_without_split(args, stage):
+    """{subject: why} of the subjects that --split session cannot split (no training or no test
+    run: a single-session subject, say), each said on one line: they are skipped, the others
+    fitted. InputError when no subject is left."""
+    if args.split == "random":
+        return {}
+    training = {"train", "validation"} if args.train_on_validation else {"train"}
+    why = {}
+    for sub in stage.subjects:
+        splits = stage.manifest.loc[stage.manifest["sub"] == sub, "split"]
+        lacking = [name for name, wanted in (("training", training), ("test", {"test"}))
+                   if not splits.isin(wanted).any()]
+        runs = ", ".join(f"{n} {split}" for split, n in splits.value_counts().items())
+        if lacking:
+            why[sub] = f"no {' and no '.join(lacking)} run in the split (its runs: {runs})"
+        elif args.cv == "runs" and splits.isin(training).sum() < 2:
+            why[sub] = (f"one training run: --cv runs leaves one out to choose the penalty (its "
+                        f"runs: {runs}; --cv loo chooses by leave-one-out)")
+        elif args.cv == "validation" and not (splits == "validation").any():
+            why[sub] = f"no validation run for --cv validation (its runs: {runs})"
+        if sub in why:
+            print(f"{STAGE}: sub-{sub}: skipped: {why[sub]}", file=sys.stderr)
+    if len(why) == len(stage.subjects):
+        raise InputError(f"{common.splits_path(args.work)}: no subject can be fitted as asked "
+                         f"(sub-{stage.subjects[0]}: {why[stage.subjects[0]]}): choose the split "
+                         "with 02's --test-sessions, --test-runs or --splits, or another --cv")
+    return why
+
+
+def refuse_trained_on_test(args, work, sub, manifest, files):
+    """InputError when a model whose features predict the BOLD (04's GPT, 03's VQ-VAE, as the
+    first run's features record lists them) trained on the stimuli of one of the subject's test
+    runs: its r there would measure memory, not encoding. --allow-trained-on-test lets it pass."""
+    if args.allow_trained_on_test or args.split == "random":
+        return
+    runs = manifest[(manifest["sub"] == sub) & (manifest["split"] == "test")]
+    test = {common.run_key(row): run_stem(row["sub"], row["ses"], row["task"], row["run"])
+            for _, row in runs.iterrows()}
+    for path in files[0][3]:
+        record = common.read_record(common.record_path(path))
+        for key, model_record in common.runs_trained_on(work, record).items():
+            if key in test:
+                raise InputError(f"{model_record}: trained on the stimuli of test run {test[key]} "
+                                 f"of sub-{sub} ({common.splits_path(work)}): train it without "
+                                 "them (03 and 04 follow that file), or pass "
+                                 "--allow-trained-on-test")
 
 
 def update_subjects_figure(results_dir, stage, settings, inputs_of, redraw):
@@ -777,6 +865,8 @@ def encode_subject(args, sub, files, stage, out_dir, record):
     r = pearson_r(design.Y_test, fit["test_prediction"])  # (P,)
     if design.all_constant:
         r[:] = np.nan   # a constant prediction has no correlation, whatever rounding leaves in it
+    not_scored = parcels_not_scored(stage, sub, files)
+    r[np.isin(stage.labels, list(not_scored))] = np.nan   # no data there: NaN, not a score of 0.0s
     p_values, significant, null = significance(args, design, fit["test_prediction"], r, rng)
     if partition is not None:
         partition |= unique_significance(args, design, fit, partition)
@@ -804,6 +894,7 @@ def encode_subject(args, sub, files, stage, out_dir, record):
                                   start)
         if partition is not None:
             summary["partition"] = partition_summary(partition, names, args)
+        summary["parcels_not_scored"] = {str(label): why for label, why in not_scored.items()}
         if stage.planted_labels is not None:
             summary["ground_truth"] = planted_recovery(r, significant, stage.labels,
                                                        stage.planted_labels, stage.other_signal)
@@ -811,6 +902,22 @@ def encode_subject(args, sub, files, stage, out_dir, record):
                               for name in output_files(len(names))}
         common.write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def parcels_not_scored(stage, sub, files):
+    """{atlas label: why} of the parcels that have no data in a run the subject uses (02's 0.0
+    columns: no voxel on the BOLD grid, or none usable in that run): carried as NaN, listed in the
+    summary, never a stop."""
+    why = {label: "no voxel on the BOLD grid (outside the field of view, or too small)"
+           for label in stage.off_grid}
+    used = {stem for stem, *_ in files}
+    runs = stage.manifest[stage.manifest["sub"] == sub]
+    for row in runs.itertuples():
+        stem = run_stem(row.sub, row.ses, row.task, row.run)
+        if stem in used and common.has_label(getattr(row, "empty_parcels", None)):
+            for label in str(row.empty_parcels).split():
+                why.setdefault(int(label), f"no usable voxel in {stem}")
+    return why
 
 
 def products_dtype(args):
@@ -1401,7 +1508,7 @@ def run_files(work, runs, feature_dirs):
     files = []
     for row in runs.itertuples():
         stem = run_stem(row.sub, row.ses, row.task, row.run)
-        features = [folder / f"sub-{row.sub}" / f"ses-{row.ses}" / f"{stem}.npy"
+        features = [folder / common.run_folder(row.sub, row.ses) / f"{stem}.npy"
                     for folder in feature_dirs]
         files.append((stem, row.split, work / row.bold_path, features))
     return files
@@ -1616,12 +1723,13 @@ def planted_recovery(r, significant, labels, planted_labels, other_signal=frozen
 
     r (P,) test r, significant (P,) bool, labels: the atlas label of each of the P columns;
     other_signal: labels planted on something else (the demo's button parcel), neither planted here
-    nor noise. The planted parcels are recovered when a planted parcel beats a noise parcel in at
-    least 80% of the (planted, noise) pairs, i.e. the area under the ROC curve of r as a detector of
-    planted parcels is >= 0.8.
+    nor noise, and so are the parcels without an r (no data: not scored). The planted parcels are
+    recovered when a planted parcel beats a noise parcel in at least 80% of the (planted, noise)
+    pairs, i.e. the area under the ROC curve of r as a detector of planted parcels is >= 0.8.
     """
     is_planted = np.array([label in planted_labels for label in labels])
-    is_noise = ~is_planted & np.array([label not in other_signal for label in labels])
+    is_noise = (~is_planted & np.array([label not in other_signal for label in labels])
+                & ~np.isnan(r))
     r_planted, r_noise = r[is_planted], r[is_noise]
     beats = (float(np.mean(r_planted[:, None] > r_noise[None, :]))
              if len(r_planted) and len(r_noise) else float("nan"))
@@ -1636,9 +1744,9 @@ def planted_recovery(r, significant, labels, planted_labels, other_signal=frozen
             "planted_beats_noise": beats, "recovered": bool(beats >= 0.8)}
 
 
-def print_summary(results_dir, subjects):
+def print_summary(results_dir, subjects, skipped):
     """One screen: per subject, max and median r, significant parcels, and the planted parcels if
-    known."""
+    known; the subjects `skipped` ({subject: why}) last."""
     print(f"\n06_ridge: test Pearson r per parcel in {results_dir}")
     print(f"{'subject':<9}{'r max':>7}{'r median':>10}{'significant':>13}   planted parcels (demo)")
     for sub in subjects:
@@ -1647,17 +1755,35 @@ def print_summary(results_dir, subjects):
             continue
         s = json.loads(path.read_text())
         r_max, r_median = score_text(s["r_max"]), score_text(s["r_median"])
-        line = (f"{s['subject']:<9}{r_max:>7}{r_median:>10}"
-                f"{str(s['n_significant']) + '/' + str(s['n_parcels']):>13}   ")
+        line = f"{s['subject']:<9}{r_max:>7}{r_median:>10}{significant_text(s):>13}   "
         truth = s.get("ground_truth")
         if truth:
             line += (f"{'recovered' if truth['recovered'] else 'NOT recovered'}: "
                      f"median r {truth['planted_r_median']:.2f} "
                      f"vs {truth['noise_r_median']:.2f} (noise), "
-                     f"beats noise in {truth['planted_beats_noise']:.0%} "
-                     f"of pairs, {truth['planted_significant']}/{truth['n_planted']} significant "
-                     f"({truth['noise_significant']}/{truth['n_noise']} noise)")
+                     f"beats noise in {truth['planted_beats_noise']:.0%} of pairs")
+            if tested(s):
+                line += (f", {truth['planted_significant']}/{truth['n_planted']} significant "
+                         f"({truth['noise_significant']}/{truth['n_noise']} noise)")
         print(line)
+        reasons = {}
+        for label, why in s.get("parcels_not_scored", {}).items():
+            reasons.setdefault(why, []).append(label)
+        for why, labels in reasons.items():
+            print(f"{'':<9}not scored: parcel(s) {' '.join(labels)}: {why}")
+    for sub, why in skipped.items():
+        print(f"{'sub-' + sub:<9}skipped: {why}")
+
+
+def tested(summary):
+    """Whether a subject's parcels were tested for significance (--n-permutations above 0)."""
+    return summary["settings"].get("--n-permutations", 0) > 0
+
+
+def significant_text(summary):
+    """"k/P" of the P parcels scored, k significant; or "not tested" (--n-permutations 0)."""
+    scored = summary["n_parcels"] - len(summary.get("parcels_not_scored", {}))
+    return f"{summary['n_significant']}/{scored}" if tested(summary) else "not tested"
 
 
 # --------------------------------------------------------------------------------------------------

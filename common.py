@@ -9,8 +9,9 @@
 | Atomic writes | `atomic_path`, `save_npy`, `write_json`, `write_tsv` | every stage |
 | A folder in use | `hold_folder`: one run at a time writes a training run's folder | 03, 04 |
 | Readers | `read_tsv`, `load_npy`, `load_nifti`: a damaged file is named | every stage |
-| BIDS names, the frames manifest | `bids_entities`, `training_repetitions` | 01-05 |
+| BIDS names, the split, the frames manifest | `run_stem`, `read_splits`, `training_repetitions` | 01-06 |
 | Provenance | records, fingerprints, `is_up_to_date`, `stale_input` | every stage |
+| CPU threads | `available_cpus`, `limit_threads`: the job's CPUs, one thread pool per process | 01-05 |
 | Training plumbing | DDP, preemption, run flags, checkpoints, schedule, precision | 03, 04 |
 
 The paper's training and encoding algorithms live in the numbered stage scripts.
@@ -1168,9 +1169,13 @@ def read_planted_labels(path, key="planted"):
 
 # --------------------------------------------------------------------------------------------------
 # BIDS names (sub-01_ses-002_task-shinobi_run-03_level-1_rep-02.bk2 -> {"sub": "01", ...}),
-# the frames manifest
+# the split of the fMRI runs (bold/splits.tsv), the frames manifest
 # --------------------------------------------------------------------------------------------------
 _ENTITY = re.compile(r"(?:^|_)([a-zA-Z]+)-([a-zA-Z0-9]+)")
+RUN_ENTITIES = ("sub", "ses", "task", "run")
+SPLITS = ("train", "validation", "test")
+# 02's split when no flag or file names the test runs: the paper's (section 2.1.4)
+DEFAULT_TEST_SESSIONS, DEFAULT_VALIDATION_SESSIONS = ("005",), ("004",)
 
 
 def bids_entities(path):
@@ -1179,9 +1184,23 @@ def bids_entities(path):
     return dict(_ENTITY.findall(stem))
 
 
+def has_label(value):
+    """Whether a BIDS label is there: a dataset without sessions has none (None, n/a, '')."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value)) \
+        and str(value) != ""
+
+
 def run_stem(sub, ses, task, run):
-    """The BIDS prefix that names one fMRI run: sub-01_ses-002_task-shinobi_run-03."""
-    return f"sub-{sub}_ses-{ses}_task-{task}_run-{run}"
+    """The BIDS prefix that names one fMRI run: sub-01_ses-002_task-shinobi_run-03; an entity the
+    dataset does not have (no session level) is left out, as in its file names."""
+    labels = zip(RUN_ENTITIES, (sub, ses, task, run))
+    return "_".join(f"{key}-{value}" for key, value in labels if has_label(value))
+
+
+def run_folder(sub, ses):
+    """Where a run's outputs go below a stage's folder: sub-01/ses-002, or sub-01 without
+    sessions."""
+    return Path(f"sub-{sub}", *([f"ses-{ses}"] if has_label(ses) else []))
 
 
 def session_flag(text):
@@ -1189,30 +1208,110 @@ def session_flag(text):
     return text.removeprefix("ses-")
 
 
-def session_label(value):
-    """A session label that compares as a number when it is one: '005' (a manifest), 'ses-005' and
-    '5' (as a flag may give it) are all '5'."""
-    text = str(value).removeprefix("ses-")
+def run_flag(text):
+    """argparse type of --test-runs and kin: 'run-02' and '02' are both given as '02'."""
+    return text.removeprefix("run-")
+
+
+def bids_label(value):
+    """A label that compares as a number when it is one: '005' (a manifest), 'ses-005' and '5' (as
+    a flag may give it) are all '5'; '' when there is none (a dataset without sessions)."""
+    if not has_label(value):
+        return ""
+    text = re.sub(r"^[a-z]+-", "", str(value))
     return str(int(text)) if text.isdigit() else text
+
+
+def run_key(row):
+    """(sub, ses, task, run) labels of one run (a manifest row or a dict), compared as bids_label
+    compares them: how bold/splits.tsv and both manifests name the same run."""
+    return tuple(bids_label(row.get(key)) for key in RUN_ENTITIES)
+
+
+def splits_path(work):
+    return Path(work) / "bold" / "splits.tsv"
+
+
+def read_splits(path):
+    """A splits file (02's bold/splits.tsv, or one a user gives 02): a DataFrame with one row per
+    run, `sub ses task run split`, after checking the split values and that no run is listed
+    twice."""
+    table = read_tsv(path, required=(*RUN_ENTITIES, "split"))
+    wrong = table[~table["split"].isin(SPLITS)]
+    if len(wrong):
+        raise InputError(f"{path}: row {wrong.index[0] + 2} has split {wrong['split'].iloc[0]!r}; "
+                         f"expected one of {', '.join(SPLITS)}")
+    keys = table.apply(run_key, axis=1)
+    if keys.duplicated().any():
+        row = table[keys.duplicated()].iloc[0]
+        stem = run_stem(*(row[k] for k in RUN_ENTITIES))
+        raise InputError(f"{path}: run {stem} is listed twice")
+    return table
+
+
+def held_out_runs(work, frames, test_sessions):
+    """The run keys of the encoding test runs, which 03 and 04 leave out of training: those of
+    bold/splits.tsv when 02 wrote it, else the runs of `frames` (the frames manifest) in
+    `test_sessions` (default 005). `test_sessions` given beside the file must name the same runs
+    (InputError otherwise); [] names none (train on every run, as the authors did)."""
+    path = splits_path(work)
+    if test_sessions is not None and not test_sessions:
+        return set()
+    sessions = {bids_label(s) for s in (test_sessions or DEFAULT_TEST_SESSIONS)}
+    if not path.is_file():
+        return {run_key(row) for _, row in frames.iterrows() if bids_label(row["ses"]) in sessions}
+    splits = read_splits(path)
+    in_file = splits["split"] == "test"
+    if test_sessions is not None:
+        named = splits["ses"].map(bids_label).isin(sessions)
+        if (named != in_file).any():
+            row = splits[named != in_file].iloc[0]
+            raise InputError(f"--test-sessions {' '.join(test_sessions)}: {path} makes run "
+                             f"{run_stem(*(row[k] for k in RUN_ENTITIES))} {row['split']}: leave "
+                             "the flag out to follow the file, or remake the file with 02's split "
+                             "flags")
+    return set(splits[in_file].apply(run_key, axis=1))
 
 
 def training_repetitions(work, test_sessions):
     """The repetitions 03 and 04 train on: rows (dicts) of frames/manifest.tsv with status ok
-    outside `test_sessions` (the encoding test set, which the models must not see),
-    in manifest order."""
+    outside the encoding test runs (held_out_runs: the models must not see them), in manifest
+    order."""
     manifest_path = Path(work) / "frames" / "manifest.tsv"
-    manifest = read_tsv(manifest_path, required=("sub", "ses", "status", "frames_path", "n_frames"))
-    test = {session_label(s) for s in test_sessions}
-    rows = manifest[(manifest["status"] == "ok") & ~manifest["ses"].map(session_label).isin(test)]
+    manifest = read_tsv(manifest_path, required=(*RUN_ENTITIES, "status", "frames_path",
+                                                 "n_frames"))
+    held_out = held_out_runs(work, manifest, test_sessions)
+    rows = manifest[(manifest["status"] == "ok") & ~manifest.apply(run_key, axis=1).isin(held_out)]
     if rows.empty:
-        raise InputError(f"{manifest_path}: no repetition with status ok outside test sessions "
-                         f"{list(test_sessions)}")
+        raise InputError(f"{manifest_path}: no repetition with status ok outside the "
+                         f"{len(held_out)} test run(s)")
     reps = [dict(row) for _, row in rows.iterrows()]
     for rep in reps:
         if not (Path(work) / str(rep["frames_path"])).is_file():
             raise InputError(f"{manifest_path}: frames file {Path(work) / str(rep['frames_path'])} "
                              "is listed as ok but does not exist (re-run 01_render_frames.py)")
     return reps
+
+
+def repetition_record(rep):
+    """What a model's record says of one repetition it trained on (04's, 03's
+    `training_repetitions`): its frames and the labels of its run."""
+    return {"frames_path": str(rep["frames_path"]),
+            **{key: str(rep[key]) if has_label(rep.get(key)) else None for key in RUN_ENTITIES}}
+
+
+def runs_trained_on(work, record):
+    """{run key: the record of the model that trained on it} of the models (04's GPT, 03's
+    VQ-VAE) among the inputs of `record` (a features record of 05), from their
+    `training_repetitions`; a record of an older 04 names a run by its frames file."""
+    trained = {}
+    for name in (record or {}).get("inputs", {}):
+        model_record = record_path(Path(work) / name)
+        for rep in (read_record(model_record) or {}).get("training_repetitions", []):
+            labels = {**bids_entities(rep["frames_path"]),
+                      **{k: v for k, v in rep.items() if k in RUN_ENTITIES and has_label(v)}}
+            trained.setdefault(run_key(labels), model_record)
+    return trained
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1434,6 +1533,40 @@ def write_record(output, record):
 
 
 # --------------------------------------------------------------------------------------------------
+# CPU threads: the CPUs a job was given, shared between its processes (one thread pool each).
+# Left alone, torch and BLAS start one thread per CPU in every process: N worker processes run N x
+# CPUs threads, and under SLURM without CPU binding or in a container with a CPU quota they count
+# CPUs the job does not have. OMP_NUM_THREADS, when set, is the user's choice and is obeyed.
+# --------------------------------------------------------------------------------------------------
+def available_cpus(cpu_max=Path("/sys/fs/cgroup/cpu.max")):
+    """The CPUs this job may use: the fewest of the process's CPU affinity (taskset, a cpuset),
+    SLURM's --cpus-per-task and the cgroup's CPU quota (`cpu_max`: docker --cpus)."""
+    counts = [len(os.sched_getaffinity(0))]
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        counts.append(int(os.environ["SLURM_CPUS_PER_TASK"]))
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max":
+            counts.append(math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):   # no cgroup v2 CPU controller: no quota to read
+        pass
+    return max(1, min(counts))
+
+
+def limit_threads(processes=1):
+    """Size the thread pools of this process (torch's, and numpy's and scipy's BLAS) to
+    OMP_NUM_THREADS when set, else to its share of available_cpus() among `processes` processes
+    of the job. Returns that number of threads."""
+    from threadpoolctl import threadpool_limits   # imported here: only the stages that use it
+
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(threads) if threads.isdigit() else max(1, available_cpus() // processes)
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+    return threads
+
+
+# --------------------------------------------------------------------------------------------------
 # --- Training plumbing (stages 03 and 04) ---
 # One code path for CPU, one GPU and DDP (torchrun, or srun under SLURM: one node or many);
 # checkpoints that resume exactly; SLURM preemption; the cosine schedule; a CSV log; mixed
@@ -1595,9 +1728,10 @@ def add_split_flags(group):
     """Add the flags that choose 03's and 04's training and validation repetitions to an argparse
     `group`, declared once so that both stages hold out the same ones by default: the frozen VQ-VAE
     never sees the GPT's validation clips."""
-    group.add_argument("--test-sessions", nargs="*", default=["005"], type=session_flag,
-                       help="sessions left out of training (the encoding test set); none: use every "
-                            "session, as the authors did")
+    group.add_argument("--test-sessions", nargs="*", default=None, type=session_flag,
+                       help="sessions left out of training (the encoding test set; default: the "
+                            "test runs of bold/splits.tsv, which 02 writes, else 005); with no "
+                            "value: train on every run, as the authors did")
     group.add_argument("--val-reps", type=int, default=2,
                        help="the last N training repetitions (manifest order) held out for validation "
                             "(default 2, the same in 03 and 04)")
@@ -1681,6 +1815,10 @@ def run_training(train, args, run, preemption):
     """Join the process group of --device, remove the checkpoint of a run that starts over, call
     train(args, run, ctx, preemption), and leave the group however it ends."""
     ctx = setup_distributed(args.device)
+    # the processes on this node share its CPUs (torchrun says how many; srun: OMP_NUM_THREADS)
+    limit_threads(int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
+    print0(f"{run.record['stage']}: {torch.get_num_threads()} CPU thread(s) per process "
+           "(OMP_NUM_THREADS sets it)")
     try:
         if run.checkpoint is None:
             start_over(run.ckpt_path, ctx)

@@ -3,6 +3,7 @@
 # (a few minutes on 2 cores), ending with a one-screen summary of the brain scores.
 #
 #   bash run_all.sh                                   # demo: makes work/demo, then every stage
+#   PRESET=small DATA=/data/mygame ATLAS=atlas.nii.gz bash run_all.sh    # your data, tiny CPU models first
 #   WORK=/scratch/me/shinobi DATA=/data/shinobi ATLAS=/data/atlas/MIST_ATOM.nii.gz bash run_all.sh
 #   GPT_ARGS="--precision bf16 --compile" RIDGE_ARGS="--device cuda" DATA=... ATLAS=... bash run_all.sh
 #
@@ -11,15 +12,21 @@
 #   DATA        BIDS root with events.tsv + .bk2 files (default: the demo, made by 00_make_demo.py)
 #   FMRIPREP    fMRIPrep derivatives (default: DATA/derivatives/fmriprep)
 #   ATLAS       integer labels NIfTI (required for real data; the demo ships its own)
-#   RESOLUTION  frame size (default: 64 on the demo, 128 = the paper otherwise)
-#   WORKERS     processes for the CPU stages (default: all cores)
-#   NAME        name of the GPT run, its features and its results (default: demo / paper)
+#   PRESET      small: tiny models on CPU, the demo's (default on the demo); paper: the paper's
+#               configurations (default with DATA)
+#   RESOLUTION  frame size (default: 64 with PRESET=small, 128 = the paper otherwise)
+#   WORKERS     processes for the CPU stages (default: the CPUs this job may use: its CPU affinity,
+#               SLURM's --cpus-per-task, a container's CPU quota)
+#   THREADS     CPU threads per process (default: each stage shares those CPUs between its processes,
+#               one thread pool each; OMP_NUM_THREADS works too). On a machine shared with other work,
+#               THREADS=1 is fastest
+#   NAME        name of the GPT run, its features and its results (default: demo, small or paper)
 #   DEMO_ARGS   flags for 00_make_demo.py, e.g. "--subjects 1" for a smaller demo
 #   RENDER_ARGS PREP_ARGS VQVAE_ARGS GPT_ARGS EXTRACT_ARGS RIDGE_ARGS
 #               extra flags for stages 01, 02, 03, 04, 05, 06 (see `python 0N_....py --help`); they come
 #               after this script's own, so they override them.
-# On real data the stages run the paper's configurations (Table 2; GPU stages pick CUDA when there is
-# one). The demo instead trains tiny models on CPU and widens the ridge penalty grid (see README).
+# PRESET=paper runs the paper's configurations (Table 2; GPU stages pick CUDA when there is one);
+# PRESET=small trains tiny models on CPU and widens the ridge penalty grid (see README).
 # Each stage skips an output whose record says it was made with the same flags from the same inputs, so
 # re-running after a failure or an interruption is cheap and never keeps a stale result; the first stage
 # that does not finish stops the script with its own message (and its exit status).
@@ -29,41 +36,58 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 WORK=${WORK:-work}
-WORKERS=${WORKERS:-$(nproc)}
 PYTHON=${PYTHON:-python3}
+WORKERS=${WORKERS:-$("$PYTHON" -c 'import common; print(common.available_cpus())')}
+if [ -n "${THREADS:-}" ]; then
+  export OMP_NUM_THREADS=$THREADS
+fi
+# Threads that wait for work sleep instead of spinning: on a machine shared with other work, spinning
+# OpenMP threads made 03 and 04 3-7x slower (benchmarks/README.md).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 if [ -z "${DATA:-}" ]; then
   DEMO=1
   DATA=$WORK/demo
-  RESOLUTION=${RESOLUTION:-64}
-  NAME=${NAME:-demo}
-  FMRIPREP=${FMRIPREP:-$DATA/derivatives/fmriprep}
+  PRESET=${PRESET:-small}
   ATLAS=${ATLAS:-$DATA/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz}
-  # Tiny models that train in minutes on 2 CPU cores. The VQ-VAE keeps the paper's latent grid
-  # (4 x 8 x 8 tokens per 16-frame clip) but is narrow; its higher learning rate matters: at 3e-4 and
-  # a few hundred steps it encodes only position on the demo's dark, sparse frames (03 warns of this).
-  DEMO_VQVAE="--device cpu --resolution $RESOLUTION --sequence-length 16 --downsample 4 8 8 --n-hiddens 32
-    --n-res-layers 1 --n-codes 64 --embedding-dim 16 --batch-size 8 --max-steps 400 --lr 1e-3
-    --log-every 50 --val-every 200 --ckpt-every 200 --val-clips 16"
-  # The GPT too: at the paper's 3e-4 a 48-wide model barely moves in 150 steps (validation loss 3.35,
-  # chance is ln 64 = 4.16); at 3e-3 it learns the game's codes (0.81) in the same minute.
-  DEMO_GPT="--device cpu --hidden-dim 48 --layers 2 --heads 2 --cond-dim 48 --batch-size 16 --max-steps 150
-    --lr 3e-3 --log-every 25 --val-every 75 --val-samples 64 --ckpt-every 150"
-  # A 2-layer model has no block 4 (the paper's layer): read the last block, as the depth sweep does.
-  DEMO_EXTRACT="--device cpu --layer last"
-  # 06's default penalty grid (wide, scaled to the features) and leave-one-run-out choice. 1,000 circular
-  # shifts: FDR q < 0.05 over 40 parcels passes a lone parcel only at p <= 0.05 / 40, and p is at least
-  # 1 / (shifts + 1).
-  DEMO_RIDGE="--n-permutations 1000 --ground-truth $DATA/ground_truth.json"
 else
   DEMO=0
-  RESOLUTION=${RESOLUTION:-128}
-  NAME=${NAME:-paper}
-  FMRIPREP=${FMRIPREP:-$DATA/derivatives/fmriprep}
+  PRESET=${PRESET:-paper}
   if [ -z "${ATLAS:-}" ]; then
     echo "run_all.sh: set ATLAS to an integer labels NIfTI (the paper used MIST ATOM)" >&2
     exit 2
   fi
-  DEMO_VQVAE="" DEMO_GPT="" DEMO_EXTRACT="" DEMO_RIDGE=""
+fi
+FMRIPREP=${FMRIPREP:-$DATA/derivatives/fmriprep}
+case "$PRESET" in
+  small)
+    RESOLUTION=${RESOLUTION:-64}
+    NAME=${NAME:-$([ "$DEMO" = 1 ] && echo demo || echo small)}
+    # Tiny models that train in minutes on 2 CPU cores. The VQ-VAE keeps the paper's latent grid
+    # (4 x 8 x 8 tokens per 16-frame clip) but is narrow; its higher learning rate matters: at 3e-4 and
+    # a few hundred steps it encodes only position on the demo's dark, sparse frames (03 warns of this).
+    PRESET_VQVAE="--device cpu --resolution $RESOLUTION --sequence-length 16 --downsample 4 8 8 --n-hiddens 32
+      --n-res-layers 1 --n-codes 64 --embedding-dim 16 --batch-size 8 --max-steps 400 --lr 1e-3
+      --log-every 50 --val-every 200 --ckpt-every 200 --val-clips 16"
+    # The GPT too: at the paper's 3e-4 a 48-wide model barely moves in 150 steps (validation loss 3.35,
+    # chance is ln 64 = 4.16); at 3e-3 it learns the game's codes (0.81) in the same minute.
+    PRESET_GPT="--device cpu --hidden-dim 48 --layers 2 --heads 2 --cond-dim 48 --batch-size 16 --max-steps 150
+      --lr 3e-3 --log-every 25 --val-every 75 --val-samples 64 --ckpt-every 150"
+    # A 2-layer model has no block 4 (the paper's layer): read the last block, as the depth sweep does.
+    PRESET_EXTRACT="--device cpu --layer last"
+    # 06's default penalty grid (wide, scaled to the features) and leave-one-run-out choice. 1,000
+    # circular shifts: FDR q < 0.05 over 40 parcels passes a lone parcel only at p <= 0.05 / 40, and p
+    # is at least 1 / (shifts + 1).
+    PRESET_RIDGE="--n-permutations 1000" ;;
+  paper)
+    RESOLUTION=${RESOLUTION:-128}
+    NAME=${NAME:-paper}
+    PRESET_VQVAE="" PRESET_GPT="" PRESET_EXTRACT="" PRESET_RIDGE="" ;;
+  *)
+    echo "run_all.sh: PRESET=$PRESET: expected small or paper" >&2
+    exit 2 ;;
+esac
+if [ "$DEMO" = 1 ]; then   # 06 reports whether the demo's planted parcels were recovered
+  PRESET_RIDGE="$PRESET_RIDGE --ground-truth $DATA/ground_truth.json"
 fi
 
 # SIGTERM or SIGINT to this script goes to the stage that runs, which stops where it is safe (03 and
@@ -140,11 +164,11 @@ stage 01_render_frames 01_render_frames.py --work "$WORK" --bids "$DATA" --resol
   --workers "$WORKERS" ${RENDER_ARGS:-}
 stage 02_prep_fmri 02_prep_fmri.py --work "$WORK" --fmriprep "$FMRIPREP" --atlas "$ATLAS" \
   --workers "$WORKERS" ${PREP_ARGS:-}
-stage 03_train_vqvae 03_train_vqvae.py --work "$WORK" --resume $DEMO_VQVAE ${VQVAE_ARGS:-}
-stage 04_train_gpt 04_train_gpt.py --work "$WORK" --name "$NAME" --resume $DEMO_GPT ${GPT_ARGS:-}
+stage 03_train_vqvae 03_train_vqvae.py --work "$WORK" --resume $PRESET_VQVAE ${VQVAE_ARGS:-}
+stage 04_train_gpt 04_train_gpt.py --work "$WORK" --name "$NAME" --resume $PRESET_GPT ${GPT_ARGS:-}
 stage 05_extract 05_extract.py --work "$WORK" --ckpt "$WORK/gpt/$NAME/ckpt.pt" --name "$NAME" \
-  $DEMO_EXTRACT ${EXTRACT_ARGS:-}
-stage 06_ridge 06_ridge.py --work "$WORK" --name "$NAME" $DEMO_RIDGE ${RIDGE_ARGS:-}
+  $PRESET_EXTRACT ${EXTRACT_ARGS:-}
+stage 06_ridge 06_ridge.py --work "$WORK" --name "$NAME" $PRESET_RIDGE ${RIDGE_ARGS:-}
 }
 
 echo

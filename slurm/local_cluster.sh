@@ -10,9 +10,10 @@
 #   bash slurm/local_cluster.sh status      # the daemons and the node
 #   bash slurm/local_cluster.sh stop        # stop the daemons and remove the state folder
 #
-# The node is this machine under its short hostname, declared with LOCAL_CLUSTER_CPUS CPUs (default 64,
-# so the templates' --cpus-per-task 32 fit), 256 GB and four GPUs on dummy files (gres.conf,
-# AutoDetect=off): the jobs then run on the CPU, as on a node whose GPUs torch does not see. Two
+# The node is this machine under its short hostname, declared with LOCAL_CLUSTER_CPUS CPUs (default 64),
+# LOCAL_CLUSTER_MEMORY_MB of memory (default 262144: 256 GB) and LOCAL_CLUSTER_GPUS GPUs (default 4) on
+# dummy files (gres.conf, AutoDetect=off): the jobs then run on the CPU, as on a node whose GPUs torch
+# does not see. Smaller values make a small node, on which the templates' default resources must fit. Two
 # partitions share the node: `batch` (the default) and `urgent`, whose jobs preempt `batch` jobs
 # (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE): a preempted job gets SIGTERM, keeps running
 # for GraceTime (LOCAL_CLUSTER_GRACE_S, default 60 s) and is requeued. Everything lives in
@@ -24,6 +25,8 @@ set -euo pipefail
 state=${LOCAL_CLUSTER_DIR:-/tmp/brain-encoding-slurm}
 port=${LOCAL_CLUSTER_PORT:-6817}
 cpus=${LOCAL_CLUSTER_CPUS:-64}
+memory=${LOCAL_CLUSTER_MEMORY_MB:-262144}
+gpus=${LOCAL_CLUSTER_GPUS:-4}
 grace=${LOCAL_CLUSTER_GRACE_S:-60}
 node=$(hostname -s)
 
@@ -79,11 +82,11 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 MinJobAge=3600
 KillWait=30
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=262144 Gres=gpu:4 State=UNKNOWN
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory Gres=gpu:$gpus State=UNKNOWN
 PartitionName=batch Nodes=$node Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=$grace
 PartitionName=urgent Nodes=$node MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
-  printf 'AutoDetect=off\nName=gpu File=%s/gpu[0-3]\n' "$state" > "$state/gres.conf"
+  printf 'AutoDetect=off\nName=gpu File=%s/gpu[0-%d]\n' "$state" $((gpus - 1)) > "$state/gres.conf"
   echo "# no cgroups here: ProctrackType=proctrack/linuxproc, TaskPlugin=task/none" > "$state/cgroup.conf"
 }
 
@@ -95,7 +98,7 @@ start() {
   rm -rf "$state"
   mkdir -p -m 0700 "$state"
   mkdir -p "$state/ctld" "$state/spool"
-  for i in 0 1 2 3; do mknod "$state/gpu$i" c 1 3; done   # dummy GPUs: character devices like /dev/null
+  for i in $(seq 0 $((gpus - 1))); do mknod "$state/gpu$i" c 1 3; done   # dummy GPUs, like /dev/null
   write_config
   dd if=/dev/urandom of="$state/munge.key" bs=1024 count=1 status=none
   chmod 0400 "$state/munge.key"

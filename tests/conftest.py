@@ -59,6 +59,22 @@ def demo_root(demo_work):
     return demo_work / "demo"
 
 
+# Your own data, as 00_make_demo.py makes it in variants (each a few seconds): sub-01 with 3 sessions and
+# sub-02 with a single one, 2 runs each, at TR 2.0 s, an atlas parcel (41) below the BOLD field of view. Runs
+# of ~18 volumes: stage 02 needs --motion basic.
+VARIANT_FLAGS = ["--subjects", "2", "--sessions", "3", "1", "--runs", "2", "--reps", "1", "--rep-seconds", "25",
+                 "--tr", "2.0", "--parcel-outside-fov"]
+
+
+@pytest.fixture(scope="session")
+def variant_work(tmp_path_factory):
+    """A work directory holding demo/ made with VARIANT_FLAGS, and its frames rendered at 32 px."""
+    work = tmp_path_factory.mktemp("variant")
+    run_script("00_make_demo.py", "--work", work, *VARIANT_FLAGS)
+    run_script("01_render_frames.py", "--work", work, "--resolution", "32", "--workers", "2")
+    return work
+
+
 @pytest.fixture(scope="session")
 def rendered_work(demo_work):
     """demo_work after 01_render_frames.py at 32 px (frames/manifest.tsv and the .npy files)."""

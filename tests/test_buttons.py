@@ -52,7 +52,7 @@ def test_render_records_the_input_of_every_frame(rendered_work):
     np.testing.assert_array_equal(buttons, movie_inputs(first["bk2"]))
     # ... which are the demo player's actions, passed to env.step() one per frame
     assert TINY_DEMO_FLAGS == "--subjects 1 --sessions 5 --runs 1 --reps 2 --rep-seconds 15".split()
-    tiny = Namespace(seed=0, subjects=1, sessions=5, runs=1, reps=2, rep_seconds=15.0)
+    tiny = Namespace(seed=0, subjects=1, sessions=[5], no_sessions=False, runs=1, reps=2, rep_seconds=15.0)
     plan = demo.plan_runs(tiny)
     job = plan[0]["reps"][0]
     actions = demo.scripted_actions(job["n_steps"], np.random.default_rng(job["seed"]), GENESIS)

@@ -305,6 +305,46 @@ def test_split_flags_are_applied_on_a_rerun_and_labels_compare_as_numbers(tmp_pa
         prep.main(flags(data, work, "--motion", "basic", "--validation-sessions", "2", "--test-sessions", "002"))
 
 
+def test_the_split_is_written_once_and_a_hand_edit_is_kept_unless_flags_say_otherwise(tmp_path, capsys):
+    """bold/splits.tsv, which 03-06 follow: made from the session flags, refused for a label that names no
+    run, kept with its hand edits when 02 runs again without split flags, protected from other flags, and
+    taken from a user's file that must list every run."""
+    data = make_dataset(tmp_path / "data")
+    work = tmp_path / "work"
+    path = work / "bold/splits.tsv"
+
+    def splits():
+        table = pd.read_csv(path, sep="\t", dtype=str)
+        manifest = pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)
+        assert table["split"].tolist() == manifest["split"].tolist()         # the manifest's copy agrees
+        return dict(zip(table["ses"], table["split"]))
+    prep.main(flags(data, work, "--motion", "basic"))                       # defaults: 005 matches no run
+    assert "warning: --test-sessions 005 (the default): no run has that session (sessions found: 001, 002)" \
+        in capsys.readouterr().err
+    assert splits() == {"001": "train", "002": "train"}
+    with pytest.raises(InputError, match=r"^--test-sessions 009: no run has that session \(sessions found: "
+                                         r"001, 002\)$"):
+        prep.main(flags(data, work, "--motion", "basic", "--test-sessions", "009"))
+    with pytest.raises(InputError, match="--test-sessions and --test-runs: choose one way"):
+        prep.main(flags(data, work, "--motion", "basic", "--test-runs", "01", "--test-sessions", "002"))
+    prep.main(flags(data, work, "--motion", "basic", "--test-sessions", "002", "--validation-sessions"))
+    assert splits() == {"001": "train", "002": "test"}
+    path.write_text(path.read_text().replace("train", "TEST").replace("test", "train").replace("TEST", "test"))
+    prep.main(flags(data, work, "--motion", "basic"))                       # no split flag: the edit is kept
+    assert splits() == {"001": "test", "002": "train"}
+    with pytest.raises(InputError, match=r"splits\.tsv: edited since 02 wrote it, and the split flags make "
+                                         r"another split: keep the edit with --splits"):
+        prep.main(flags(data, work, "--motion", "basic", "--test-sessions", "002"))
+    mine = tmp_path / "mine.tsv"
+    mine.write_text("sub\tses\ttask\trun\tsplit\n01\t1\tsynth\t1\tvalidation\n")     # labels as numbers
+    with pytest.raises(InputError, match=r"mine\.tsv: no row for run sub-01_ses-002_task-synth_run-01"):
+        prep.main(flags(data, work, "--motion", "basic", "--splits", str(mine)))
+    mine.write_text(mine.read_text() + "01\t002\tsynth\t01\ttest\n")
+    prep.main(flags(data, work, "--motion", "basic", "--splits", str(mine)))
+    assert splits() == {"001": "validation", "002": "test"}
+    assert json.loads((work / "bold/splits.json").read_text())["settings"] == {"--splits": str(mine.resolve())}
+
+
 def test_runs_of_another_atlas_are_not_mixed_into_the_manifest(tmp_path):
     """A second call with another atlas (same labels, other regions) must not list its runs beside the
     first call's: column j would be another region in some runs than in others."""
@@ -397,6 +437,20 @@ def test_unknown_subject_session_and_no_runs(data, tmp_path):
     expect_error(data, tmp_path, r"fmriprep: no runs found .*space-T1w", "--space", "T1w")
 
 
+def test_a_parcel_too_small_for_the_bold_grid_is_said_so(data, tmp_path, capsys):
+    """One 2 mm atlas voxel at odd indices, which the 4 mm BOLD grid's nearest neighbours pass over (they
+    sample atlas voxels 2i): "too small", not "outside the field of view" (test_own_data.py has that one)."""
+    image = nib.load(data["atlas"])
+    atlas = np.asarray(image.dataobj).copy()
+    atlas[5, 5, 5] = 20
+    nib.save(nib.Nifti1Image(atlas, image.affine), data["atlas"])
+    prep.main(flags(data, tmp_path, "--motion", "basic", "--sessions", "001"))
+    assert (f"warning: {data['atlas']}: 1 label(s) have no voxel on the BOLD grid: 20 too small for the BOLD grid; "
+            "their columns are 0.0, and 06 does not score them") in capsys.readouterr().err.splitlines()
+    y = output(tmp_path, "001")
+    assert (y[np.isfinite(y).all(1), column(tmp_path, 20)] == 0).all()
+
+
 def test_two_resolutions_of_one_run_are_refused(data, tmp_path):
     run = data["runs"]["001"]
     twin = run["bold"].with_name(run["bold"].name.replace("_desc-preproc", "_res-2_desc-preproc"))
@@ -416,7 +470,8 @@ def test_nan_and_constant_voxels_are_left_out_and_reported(data, tmp_path, capsy
     prep.main(flags(data, tmp_path, "--motion", "basic", "--sessions", "001"))
     err = capsys.readouterr().err
     assert "1 voxel(s) inside the atlas hold NaN and" in err and "are constant over time" in err
-    assert "1 parcel(s) have no usable voxel (0.0 columns): labels 12" in err
+    assert ("1 parcel(s) have no usable voxel (each is NaN or constant: outside the acquired field of view or "
+            "the brain?): labels 12; 0.0 columns, not scored by 06") in err
     y = output(tmp_path, "001")[run["kept"]]
     assert np.isfinite(y).all()
     assert (y[:, column(tmp_path, 12)] == 0).all()

@@ -1,5 +1,6 @@
 """Stage 06: ridge with exact leave-one-out against scikit-learn and brute force, delays, scores, the CLI."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -464,11 +465,77 @@ def test_r_by_subject_shows_only_subjects_made_with_these_flags_and_inputs(tmp_p
     assert subjects_drawn(results) == 1
 
 
+def write_splits(work, split_of=lambda row: row["split"]):
+    """bold/splits.tsv as 02 writes it, from make_work's manifest, with each run's split given by split_of."""
+    manifest = pd.read_csv(work / "bold/manifest.tsv", sep="\t", dtype=str)
+    manifest["split"] = [split_of(row) for _, row in manifest.iterrows()]
+    common.write_tsv(work / "bold/splits.tsv", manifest[["sub", "ses", "task", "run", "split"]])
+
+
+def test_the_split_is_bold_splits_tsv_and_a_subject_without_a_test_run_is_skipped(tmp_path):
+    """bold/splits.tsv is the one split: there sub-02's ses-005 runs are train (whatever the manifest's column
+    says), so sub-02 has no test run: it is skipped with one line, and sub-01 is fitted. With no subject left:
+    one error line."""
+    work = make_work(tmp_path, subjects=("01", "02"), volumes=30)
+    write_splits(work, lambda row: "train" if row["sub"] == "02" and row["split"] == "test" else row["split"])
+    result = run_ridge(work, "--n-permutations", 0)
+    assert result.returncode == 0, result.stderr
+    why = "no test run in the split (its runs: 8 train, 2 validation)"
+    assert f"06_ridge: sub-02: skipped: {why}" in result.stderr.splitlines()
+    assert f"sub-02   skipped: {why}" in result.stdout.splitlines()
+    assert (work / "results/demo/sub-01/summary.json").is_file() and not (work / "results/demo/sub-02").exists()
+    write_splits(work, lambda row: "train")
+    failed = run_ridge(work, "--n-permutations", 0)
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1] == (
+        f"error: {work / 'bold/splits.tsv'}: no subject can be fitted as asked (sub-01: no test run in the split "
+        "(its runs: 10 train)): choose the split with 02's --test-sessions, --test-runs or --splits, or another --cv")
+    # --cv runs needs two training runs to leave one out: a subject with one is skipped the same way
+    write_splits(work, lambda row: row["split"] if row["sub"] == "01" or row["split"] != "train"
+                 or (row["ses"], row["run"]) == ("001", "01") else "validation")   # sub-02: one training run
+    one_run = run_ridge(work, "--n-permutations", 0, "--overwrite")
+    assert one_run.returncode == 0, one_run.stderr
+    assert any(line.startswith("06_ridge: sub-02: skipped: one training run: --cv runs leaves one out")
+               for line in one_run.stderr.splitlines()), one_run.stderr
+
+
+def test_a_model_trained_on_a_test_run_is_refused(tmp_path):
+    """06 finds the models behind the features in their records (05's lists the GPT and the VQ-VAE, whose
+    records list the repetitions they trained on): one that trained on a test run's stimuli is refused in one
+    line, done results or not, unless --allow-trained-on-test; a training run is fine."""
+    work = make_work(tmp_path, volumes=30)
+    write_splits(work)
+    ckpt = work / "gpt/m/ckpt.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    for path in (work / "features/demo/layer_a").rglob("*.npy"):
+        common.write_record(path, {"stage": "05_extract", "settings": {},
+                                   "inputs": {"gpt/m/ckpt.pt": common.hash_file(ckpt), "timeline": {}}})
+
+    def trained_on(rep):
+        common.write_record(ckpt, {"stage": "04_train_gpt", "settings": {}, "inputs": {},
+                                   "training_repetitions": [rep]})
+    trained_on(dict(frames_path="frames/a.npy", sub="01", ses="003", task="airstriker", run="02"))
+    assert run_ridge(work, "--n-permutations", 0).returncode == 0
+    refusal = (f"error: {work / 'gpt/m/ckpt.json'}: trained on the stimuli of test run "
+               f"sub-01_ses-005_task-airstriker_run-02 of sub-01 ({work / 'bold/splits.tsv'}): train it without "
+               "them (03 and 04 follow that file), or pass --allow-trained-on-test")
+    for rep in (dict(frames_path="frames/a.npy", sub="01", ses="005", task="airstriker", run="02"),
+                # an older 04's record: the run is read from the name of the frames file
+                dict(frames_path="frames/sub-01/ses-005/sub-01_ses-005_task-airstriker_run-02_rep-01.npy")):
+        trained_on(rep)
+        refused = run_ridge(work, "--n-permutations", 0)
+        assert refused.returncode == 2 and refused.stderr.strip() == refusal
+    allowed = run_ridge(work, "--n-permutations", 0, "--allow-trained-on-test")
+    assert allowed.returncode == 0 and "done already" in allowed.stdout
+
+
 def test_random_split_fir_pca_and_run_cv(tmp_path):
     work = make_work(tmp_path)
     result = run_ridge(work, "--split", "random", "--test-size", "0.2", "--delays", 2, 3, 4, "--pca", 20,
                        "--cv", "runs", "--n-permutations", 0)
     assert result.returncode == 0, result.stderr
+    # nothing was tested: the table does not say "0/12 significant"
+    assert re.search(r"^sub-01 .* not tested   $", result.stdout, re.M) and "/12" not in result.stdout
     summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
     n_samples = 10 * (60 - 4)  # every run, samples from TR 4 (largest delay) on
     assert summary["n_test_samples"] == round(0.2 * n_samples)

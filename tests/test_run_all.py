@@ -7,6 +7,7 @@ that the whole pipeline runs in about two minutes on 2 cores.
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,55 @@ def test_run_all_again_skips_every_stage(pipeline):
     assert again.returncode == 0, again.stderr[-2000:]
     assert outputs() == before
     assert "is complete" in again.stdout    # 03 and 04 report their finished runs
+
+
+def stage_calls(tmp_path, **env):
+    """run_all.sh with a stand-in for python that records, for each stage it starts, its command line and
+    the thread settings it gets, and runs nothing (`python -c`, run_all.sh's own questions, goes through).
+    Returns {script: (arguments, OMP_NUM_THREADS, OMP_WAIT_POLICY)}."""
+    log, fake = tmp_path / "calls.tsv", tmp_path / "python"
+    tmp_path.mkdir(exist_ok=True)
+    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = -c ]; then exec "{sys.executable}" "$@"; fi\n'
+                    f'printf "%s\\t%s\\t%s\\n" "$*" "${{OMP_NUM_THREADS:-}}" "${{OMP_WAIT_POLICY:-}}" >> "{log}"\n')
+    fake.chmod(0o755)
+    outside = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "SLURM_"))}
+    result = subprocess.run(["bash", "run_all.sh"], cwd=REPO, capture_output=True, text=True,
+                            env={**outside, "WORK": str(tmp_path / "work"), "PYTHON": str(fake), **env})
+    assert result.returncode == 0, result.stderr
+    calls = [line.split("\t") for line in log.read_text().splitlines()]
+    return {args.split()[0]: (args.split()[1:], threads, policy) for args, threads, policy in calls}
+
+
+def test_run_all_shares_the_cpus_it_was_given_and_threads_wait_asleep(tmp_path):
+    """WORKERS follows the CPUs the job may use (SLURM's --cpus-per-task 1 here), each stage divides them
+    between its processes unless THREADS says otherwise, and idle OpenMP threads sleep (spinning ones made
+    03 and 04 6-15x slower on a shared machine)."""
+    calls = stage_calls(tmp_path, SLURM_CPUS_PER_TASK="1")
+    for script in ("01_render_frames.py", "02_prep_fmri.py"):
+        arguments, threads, policy = calls[script]
+        assert arguments[arguments.index("--workers") + 1] == "1" and threads == "" and policy == "PASSIVE"
+    calls = stage_calls(tmp_path / "threads", THREADS="1")
+    assert {threads for _, threads, _ in calls.values()} == {"1"}
+
+
+def test_your_own_data_small_preset_first_then_the_papers(tmp_path):
+    """The README's "Your own data" command runs the small CPU preset on real data (tiny models, 64 px, the
+    demo's penalty grid, results/small, no ground truth), on the one subject it names; without PRESET, real
+    data gets the paper's configuration."""
+    readme = (REPO / "README.md").read_text()
+    own = readme[readme.index("\n## Your own data\n"):readme.index("\n## Real data and a cluster\n")]
+    command = own[own.index("```bash\n") + 8:own.index("\n```", own.index("```bash"))].replace("\\\n", "")
+    settings = dict(word.split("=", 1) for word in shlex.split(command) if "=" in word and word[0].isupper())
+    calls = stage_calls(tmp_path / "small", **{**settings, "DATA": str(tmp_path / "data")})
+    assert calls["01_render_frames.py"][0][-2:] == ["--subjects", "01"]
+    assert "--resolution 64" in " ".join(calls["01_render_frames.py"][0])
+    assert {"--n-hiddens", "--device"} <= set(calls["03_train_vqvae.py"][0])
+    assert calls["04_train_gpt.py"][0][calls["04_train_gpt.py"][0].index("--name") + 1] == "small"
+    ridge = " ".join(calls["06_ridge.py"][0])
+    assert "--alphas 1e2" in ridge and "--ground-truth" not in ridge
+    paper = stage_calls(tmp_path / "paper", DATA=str(tmp_path / "data"), ATLAS="atlas.nii.gz")
+    assert paper["03_train_vqvae.py"][0] == ["--work", str(tmp_path / "paper/work"), "--resume"]
+    assert "--resolution 128" in " ".join(paper["01_render_frames.py"][0])
 
 
 def test_run_all_stops_at_the_first_failing_stage(tmp_path):

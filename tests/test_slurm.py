@@ -10,6 +10,7 @@ tests are skipped with the reason, and under CI=true that is a failure.
 """
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -101,8 +102,10 @@ def free_port_pair():
     raise AssertionError("no two consecutive free ports")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def local_cluster(state, **node):
+    """Start slurm/local_cluster.sh's SLURM with its state in `state` and the node's `node` settings
+    (LOCAL_CLUSTER_CPUS=...); yields a Cluster, and stops it afterwards. Skips (fails under CI) where it
+    cannot run."""
     reason = None
     if os.geteuid() != 0:
         reason = "needs root: slurmd and munged run as root"
@@ -112,15 +115,26 @@ def cluster(tmp_path_factory):
         if os.environ.get("CI") == "true":
             pytest.fail(f"the SLURM tests cannot run under CI: {reason}")
         pytest.skip(reason)
-    state = tmp_path_factory.mktemp("slurm")
     env = dict(os.environ, LOCAL_CLUSTER_DIR=str(state), LOCAL_CLUSTER_PORT=str(free_port_pair()),
-               LOCAL_CLUSTER_GRACE_S="30")
+               LOCAL_CLUSTER_GRACE_S="30", **node)
     started = subprocess.run(["bash", "slurm/local_cluster.sh", "start"], cwd=REPO, env=env, capture_output=True,
                              text=True)
     assert started.returncode == 0, started.stdout + started.stderr
     print(started.stdout.splitlines()[0])       # the SLURM version, in the test log
     yield Cluster(dict(env, SLURM_CONF=str(state / "slurm.conf"), OMP_NUM_THREADS="1"))
     subprocess.run(["bash", "slurm/local_cluster.sh", "stop"], cwd=REPO, env=env, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from local_cluster(tmp_path_factory.mktemp("slurm"))
+
+
+@pytest.fixture
+def small_cluster(tmp_path):
+    """A second SLURM beside `cluster`, whose node is small: 4 CPUs, 16 GB, 1 GPU."""
+    yield from local_cluster(tmp_path / "slurm", LOCAL_CLUSTER_CPUS="4", LOCAL_CLUSTER_MEMORY_MB="16384",
+                             LOCAL_CLUSTER_GPUS="1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,6 +325,39 @@ def test_a_signal_at_any_moment_requeues_or_completes_and_loses_nothing(moments,
         assert "04_train_gpt: interrupted at step 11 of 30 by SIGTERM" in text, text[-3000:]
 
 
+def test_the_templates_and_the_sweep_fit_a_small_node_and_follow_account_and_partition(small_cluster):
+    """Their default resources fit a node of 4 CPUs, 16 GB and 1 GPU (not 16 or 32 CPUs, 4 GPUs, all the
+    memory); every job of the sweep goes to the account and the partition that sbatch's SBATCH_ACCOUNT and
+    SBATCH_PARTITION name (its jobs are submitted held, then cancelled: none runs)."""
+    for template in ("cpu_stage", "gpu_stage"):
+        tried = small_cluster.command("sbatch", "--test-only", f"slurm/{template}.sbatch", "06_ridge.py", "--help",
+                                      check=False)
+        assert tried.returncode == 0 and "to start at" in tried.stderr, tried.stderr
+    env = dict(small_cluster.env, SBATCH_ACCOUNT="lab", SBATCH_PARTITION="urgent", SBATCH_HOLD="1")
+    submitted = subprocess.run(["bash", "slurm/submit_sweep.sh", "--work", "w", "--demo", "--experiments", "heads"],
+                               cwd=REPO, env=env, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    ids = re.findall(r"\b\d+\b", submitted.stdout[submitted.stdout.index("sacct -j"):].split("--format")[0])
+    assert len(ids) > 4
+    jobs = [small_cluster.job(i) for i in ids]
+    small_cluster.command("scancel", *ids)
+    assert {(job["Account"], job["Partition"]) for job in jobs} == {("lab", "urgent")}
+
+
+def test_the_readme_local_cluster_example_runs_after_the_demo(cluster, pipeline, tmp_path):
+    """The README's sbatch command for the local cluster, on a copy of what run_all.sh made (the reduced demo
+    here), trains its GPT beside the demo's."""
+    readme = (REPO / "README.md").read_text().replace("\\\n", "")
+    line = next(line for line in readme.splitlines() if line.startswith("sbatch ") and "--work work " in line)
+    work = tmp_path / "work"
+    for folder in ("frames", "bold", "vqvae", "gpt/codes"):
+        shutil.copytree(pipeline[0] / folder, work / folder)
+    job = cluster.sbatch("--output", tmp_path / "job.out", *shlex.split(line.replace("--work work ", f"--work {work} "))[1:])
+    info = cluster.wait(job, timeout=600)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    assert common.read_record(work / "gpt" / "cluster-try" / "ckpt.json")["complete"]
+
+
 def chain_ids(submit_output):
     """{configuration: (train, extract, ridge) job ids} and the figures job id, from submit_sweep.sh."""
     chains = {name: tuple(None if i == "none" else int(i) for i in ids) for name, *ids in
@@ -328,7 +375,7 @@ def test_the_sweep_runs_as_job_chains_and_a_failed_chain_is_named_not_hidden(clu
         shutil.copytree(pipeline[0] / folder, work / folder)
     command = ["bash", "slurm/submit_sweep.sh", "--work", str(work), "--demo", "--experiments", "hidden",
                "--values", "6", "12", "24", "--train-args", "--max-steps 10",
-               "--ridge-args", "--device cpu --n-permutations 20", "--n-boot", "20"]
+               "--ridge-args", "--n-permutations 20", "--n-boot", "20"]   # 06's device: the node's (CPU)
     env = dict(cluster.env, GPUS_PER_TRAIN_JOB="1", SBATCH_OUTPUT=str(tmp_path / "%x-%j.out"))
     damaged = work / "gpt" / "h24-l2-a2-fall-fp32" / "ckpt.pt"
     damaged.parent.mkdir(parents=True)

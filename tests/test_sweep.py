@@ -272,7 +272,7 @@ def test_slurm_templates_parse_and_submit_chain_dry_run():
     sbatch = [line for line in result.stdout.splitlines() if line.startswith("sbatch")]
     assert "--dependency afterok:1001 --kill-on-invalid-dep=yes " in sbatch[1]
     assert "--dependency afterok:1002 --kill-on-invalid-dep=yes " in sbatch[2]
-    assert "06_ridge.py --device cuda --work w" in sbatch[2]      # before the user's flags: theirs win
+    assert "06_ridge.py --work w" in sbatch[2] and "--device" not in sbatch[2]   # the node's: gpu_stage.sbatch
     # afterany: the figures job runs even when a chain failed, and names what is missing
     assert sbatch[-1].startswith("sbatch --parsable --job-name sweep-figures --dependency afterany:1003:1006:1009:1012")
     assert "04_train_gpt.py" in sbatch[0] and "--resume" in sbatch[0]

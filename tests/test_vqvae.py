@@ -531,6 +531,28 @@ def last_error_line(result):
     return result.stderr.strip().splitlines()[-1]
 
 
+def test_training_leaves_out_the_test_runs_of_bold_splits_tsv(tmp_path):
+    """03 (and 04: the same common.training_repetitions) follows 02's bold/splits.tsv: its test run, ses-002
+    here (not the default 005), is never read; the record lists the repetitions trained on (06 checks them
+    against the test runs); a --test-sessions that disagrees with the file is refused."""
+    sessions = ("001", "002", "003", "005", "006")
+    work = make_frames_work(tmp_path, sessions=sessions)
+    common.write_tsv(work / "bold/splits.tsv", [dict(sub="01", ses=ses, task="shinobi", run="01",
+                                                     split="test" if ses == "002" else "train") for ses in sessions])
+    # A broken array in the test run proves it is never read.
+    np.save(work / "frames/sub-01/ses-002/sub-01_ses-002_task-shinobi_run-01_level-1_rep-01.npy",
+            np.zeros((80, 16, 16, 3), np.uint8))
+    run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--max-steps", "2", "--val-reps", "1")
+    trained = common.read_record(work / "vqvae/ckpt.json")["training_repetitions"]
+    assert [(rep["ses"], rep["task"], rep["run"]) for rep in trained] == [
+        ("001", "shinobi", "01"), ("003", "shinobi", "01"), ("005", "shinobi", "01")]   # 006: validation
+    line = last_error_line(run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, "--test-sessions", "005",
+                                      check=False))
+    assert line == (f"error: --test-sessions 005: {work / 'bold/splits.tsv'} makes run "
+                    "sub-01_ses-002_task-shinobi_run-01 test: leave the flag out to follow the file, or remake "
+                    "the file with 02's split flags")
+
+
 def test_missing_manifest(tmp_path):
     result = run_script("03_train_vqvae.py", "--work", tmp_path, *TINY_FLAGS, check=False)
     assert last_error_line(result) == f"error: {tmp_path / 'frames/manifest.tsv'}: file not found"
@@ -555,7 +577,7 @@ def test_listed_frames_file_missing(tmp_path):
 def test_repetitions_too_short_for_a_clip(tmp_path):
     work = make_frames_work(tmp_path, n_frames=20)      # a clip of 8 frames at step 4 spans 29 frames
     line = last_error_line(run_script("03_train_vqvae.py", "--work", work, *TINY_FLAGS, check=False))
-    assert line == (f"error: {work / 'frames/manifest.tsv'}: no ok repetition outside test sessions ['005'] "
+    assert line == (f"error: {work / 'frames/manifest.tsv'}: no ok repetition outside the test runs "
                     "and the --val-reps 2 held out has the 29 frames one clip needs")
 
 
