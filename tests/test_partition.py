@@ -239,9 +239,9 @@ def test_a_set_that_re_encodes_another_has_no_false_unique_part():
     """B re-encodes A through more features and holds nothing beyond it. The test of its unique part
     (test-TR blocks plus a delete-a-run jackknife of the fits) stays calibrated there: p < 0.05 in at
     most 5% of the parcels, and at FDR q = 0.05 a false discovery in at most 1 of 12 datasets (over 40
-    others: 2.0% and none). Testing the test TRs alone (blocks, without the training runs' variance)
-    gave 6.3% and false discoveries in 13 of those 40 datasets; the circular-shift null it replaces,
-    in every dataset (21% of the parcels below p = 0.05)."""
+    others, benchmarks/bench_unique_test.py: 1.5% and none). Testing the test TRs alone (blocks,
+    without the training runs' variance) gave false discoveries in 2 and 13 of two draws of 40
+    datasets; the circular-shift null it replaces, in every dataset (12 of these 12)."""
     results = unique_tests_of_b(range(12))
     p = np.concatenate([p for p, _ in results])
     with_discovery = sum(significant.any() for _, significant in results)
