@@ -1,4 +1,4 @@
-"""Stage 06 speed: closed-form leave-one-out ridge (06_ridge.fit_ridge_loo) against scikit-learn's RidgeCV.
+"""Stage 06 speed: closed-form leave-one-out ridge (ridge_fast.fit_ridge_loo) against scikit-learn's RidgeCV.
 
     python benchmarks/bench_ridge.py                                  # n=4000, p=20000, 1095 targets (minutes)
     python benchmarks/bench_ridge.py --n 1000 --p 5000                # a quick look
@@ -16,7 +16,6 @@ LAPACK (factorizations, eigendecompositions) slows down many times; the header p
 of torch and of each BLAS library loaded.
 """
 import argparse
-import importlib.util
 import os
 import platform
 import sys
@@ -30,14 +29,10 @@ from threadpoolctl import threadpool_info, threadpool_limits
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
+import ridge_fast  # noqa: E402
+from paper import encoding  # noqa: E402
+
 PAPER_SCALE = dict(n=15313, p=147456, targets=1095, n_test=1513)  # paper Table 1, sub-01; 576 x 256 features
-
-
-def load_stage(filename):
-    spec = importlib.util.spec_from_file_location(filename.split(".")[0].replace("0", "s0", 1), REPO / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_data(n, p, n_targets, n_test, rank, dtype, seed=0):
@@ -73,7 +68,6 @@ def main():
     args = parser.parse_args()
     if args.paper_scale:
         vars(args).update(PAPER_SCALE, skip_sklearn=True)
-    ridge = load_stage("06_ridge.py")
     if args.threads:  # on a shared machine, multi-threaded LAPACK can be many times slower than one thread
         threadpool_limits(args.threads)
         torch.set_num_threads(args.threads)
@@ -94,10 +88,10 @@ def main():
           f"{blas_threads}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
     if args.device == "cuda":  # warm up the CUDA context and kernels outside the timing
-        ridge.fit_ridge_loo(X[:64, :256], Y[:64, :8], X_test[:8, :256], args.alphas, device="cuda", dtype=dtype)
+        ridge_fast.fit_ridge_loo(X[:64, :256], Y[:64, :8], X_test[:8, :256], args.alphas, device="cuda", dtype=dtype)
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fit = ridge.fit_ridge_loo(X, Y, X_test, args.alphas, device=args.device, dtype=dtype)
+    fit = ridge_fast.fit_ridge_loo(X, Y, X_test, args.alphas, device=args.device, dtype=dtype)
     if args.device == "cuda":
         torch.cuda.synchronize()
     ours = time.perf_counter() - start
@@ -107,7 +101,7 @@ def main():
               f"{rss_after_gb - rss_before_gb:.1f} GB)")
     if args.device == "cuda":
         memory += f"; CUDA {torch.cuda.max_memory_allocated() / 1e9:.1f} GB allocated at most"
-    r = ridge.pearson_r(Y_test, fit["test_prediction"])
+    r = encoding.pearson_r(Y_test, fit["test_prediction"])
     rows = [(f"06_ridge {fit['mode']} {fit['solver']} ({args.device}, {str(dtype).split('.')[1]} products)", ours)]
     phases = {"products": "Gram matrices (train, test rows)" if fit["mode"] == "dual" else "centered X",
               "selection": f"alpha selection ({len(args.alphas)} alphas)", "prediction": "fit and test prediction"}

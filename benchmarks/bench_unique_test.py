@@ -22,16 +22,18 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+import partition  # noqa: E402
+import significance  # noqa: E402
 import test_partition as design_of  # noqa: E402  (the datasets the suite tests, one definition)
 
-ridge = design_of.ridge
+
 
 
 def circular_shift_p(y, full, reduced, test_run, rng, n_permutations=1000):
     """The former test: R^2(all) - R^2(all but B) against both predictions shifted in time."""
-    sources = ridge.shift_sources(test_run, n_permutations, rng)
-    observed = ridge.r2_score(y, full) - ridge.r2_score(y, reduced)
-    null = np.stack([ridge.r2_score(y, full[s]) - ridge.r2_score(y, reduced[s]) for s in sources])
+    sources = significance.shift_sources(test_run, n_permutations, rng)
+    observed = partition.r2_score(y, full) - partition.r2_score(y, reduced)
+    null = np.stack([partition.r2_score(y, full[s]) - partition.r2_score(y, reduced[s]) for s in sources])
     return (1 + (null >= observed).sum(axis=0)) / (1 + len(null))
 
 
@@ -39,14 +41,14 @@ def p_values_of(seed, strength, rng):
     """{test: p-values (P,) of B's unique part} on one dataset."""
     design = design_of.reencoded_design(seed, strength)
     args = design_of.WideArgs
-    fit, parts = ridge.partition_variance(design, args)
+    fit, parts = partition.partition_variance(design, args)
     test_run = np.array([g for g, _ in design.test_ids])
     deleted = parts["deleted_run_errors"]
     blocks_only = np.zeros_like(deleted)                   # no variance over training samples
     reduced = parts["reduced_prediction"]
-    return {"06 (blocks + jackknife)": ridge.unique_p_values(design.Y_test, fit["test_prediction"],
+    return {"06 (blocks + jackknife)": partition.unique_p_values(design.Y_test, fit["test_prediction"],
                                                              reduced, test_run, deleted)[1],
-            "test-TR blocks alone": ridge.unique_p_values(design.Y_test, fit["test_prediction"],
+            "test-TR blocks alone": partition.unique_p_values(design.Y_test, fit["test_prediction"],
                                                           reduced, test_run, blocks_only)[1],
             "circular shifts (former)": circular_shift_p(design.Y_test, fit["test_prediction"],
                                                          reduced[1], test_run, rng)}
@@ -70,7 +72,7 @@ def main():
             for test, p_values in p_values_of(seed, strength, np.random.default_rng(seed)).items():
                 results.setdefault(test, []).append(p_values)
         for test, p_values in results.items():
-            found = [ridge.fdr_mask(p, 0.05).sum() for p in p_values]
+            found = [significance.fdr_mask(p, 0.05).sum() for p in p_values]
             print(f"{strength:>17g} {test:<26} {np.mean(np.concatenate(p_values) < 0.05):>9.3f} "
                   f"{sum(f > 0 for f in found):>9d} of {len(found):<4d} {np.mean(found):>19.2f}")
     print(f"({time.time() - start:.0f} s)")

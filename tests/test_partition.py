@@ -5,7 +5,10 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge, RidgeCV
 
+import partition
+import ridge_fast
 from conftest import load_stage
+from paper import encoding
 
 ridge = load_stage("06_ridge.py")
 ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -14,18 +17,18 @@ GRID = (-1.0, 0.0, 1.0)
 
 def grams(sets_train, sets_test):
     """The centered Gram matrices of each set, stacked: (S, n, n), (S, m, n)."""
-    pairs = [ridge._centered_gram(X, X_test, "cpu", torch.float64, 4096, 1024) for X, X_test in
+    pairs = [ridge_fast.centered_gram(X, X_test, "cpu", torch.float64, 4096, 1024) for X, X_test in
              zip(sets_train, sets_test)]
     return torch.stack([K for K, _ in pairs]), torch.stack([K_test for _, K_test in pairs])
 
 
 def test_band_candidates_cover_every_subset_and_ratio():
-    candidates = ridge.band_candidates(2, GRID)
+    candidates = partition.band_candidates(2, GRID)
     # A alone, B alone, and B at 10^u times A for u in the grid
     expected = {(1.0, 0.0), (0.0, 1.0), (1 / 1.1, 0.1 / 1.1), (0.5, 0.5), (1 / 11, 10 / 11)}
     assert {tuple(np.round(c, 9)) for c in candidates} == {tuple(np.round(e, 9)) for e in expected}
     assert np.allclose(candidates.sum(axis=1), 1)
-    assert len(ridge.band_candidates(3, GRID)) == 3 + 3 * 3 + 9   # subsets of 1, 2 and 3 sets on
+    assert len(partition.band_candidates(3, GRID)) == 3 + 3 * 3 + 9   # subsets of 1, 2 and 3 sets on
 
 
 @pytest.mark.parametrize("p", [60, 12], ids=["wide", "tall"])
@@ -34,8 +37,8 @@ def test_banded_ridge_with_one_set_is_the_plain_ridge(p):
     X, X_test = rng.normal(size=(40, p)) + 2, rng.normal(size=(9, p)) + 2
     Y = X @ rng.normal(size=(p, 7)) / np.sqrt(p) + rng.normal(size=(40, 7)) * np.logspace(-1, 1, 7)
     K, K_test = grams([X], [X_test])
-    banded = ridge.fit_banded_ridge(K, K_test, Y, ALPHAS, ridge.band_candidates(1, GRID))
-    plain = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS)
+    banded = partition.fit_banded_ridge(K, K_test, Y, ALPHAS, partition.band_candidates(1, GRID))
+    plain = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS)
     np.testing.assert_array_equal(banded["alpha"], plain["alpha"])
     np.testing.assert_allclose(banded["test_prediction"], plain["test_prediction"], rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(banded["train_fit"], plain["train_fit"], rtol=1e-7, atol=1e-9)
@@ -49,9 +52,9 @@ def test_banded_ridge_equals_a_brute_force_grid_of_scikit_learn():
     A, B = rng.normal(size=(n + m, 30)), rng.normal(size=(n + m, 8)) + 1
     Y = (A[:, :3] @ rng.normal(size=(3, 6)) * np.r_[1, 1, 1, 0, 0, 0] + B[:, :2] @ rng.normal(size=(2, 6))
          * np.r_[0, 0, 1, 1, 0, 0] + rng.normal(size=(n + m, 6)))[:n]
-    candidates = ridge.band_candidates(2, GRID)
+    candidates = partition.band_candidates(2, GRID)
     K, K_test = grams([A[:n], B[:n]], [A[n:], B[n:]])
-    ours = ridge.fit_banded_ridge(K, K_test, Y, ALPHAS, candidates)
+    ours = partition.fit_banded_ridge(K, K_test, Y, ALPHAS, candidates)
 
     errors, predictions = [], []
     for w in candidates:
@@ -99,8 +102,8 @@ def synthetic_design(seed, n_train=400, run_length=150, per_kind=25):
 
 def test_variance_partition_recovers_known_parts():
     design, kinds = synthetic_design(seed=2)
-    fit, parts = ridge.partition_variance(design, Args)
-    parts |= ridge.unique_significance(Args, design, fit, parts)
+    fit, parts = partition.partition_variance(design, Args)
+    parts |= partition.unique_significance(Args, design, fit, parts)
     truth = {  # (unique A, unique B, shared, A alone, B alone) per kind, true R^2 = 0.5
         "A": (0.5, 0, 0, 0.5, 0), "B": (0, 0.5, 0, 0, 0.5), "shared": (0, 0, 0.5, 0.5, 0.5), "none": (0, 0, 0, 0, 0)}
     for kind, expected in truth.items():
@@ -126,8 +129,8 @@ def test_the_unique_part_of_a_set_that_carries_nothing_is_significant_at_most_at
     p_values = {0: [], 1: []}
     for seed in range(4):
         design, kinds = synthetic_design(seed=10 + seed, per_kind=30)
-        fit, parts = ridge.partition_variance(design, Args)
-        unique_p = ridge.unique_significance(Args, design, fit, parts)["unique_p"]
+        fit, parts = partition.partition_variance(design, Args)
+        unique_p = partition.unique_significance(Args, design, fit, parts)["unique_p"]
         for s, where in nothing_unique.items():
             p_values[s].append(unique_p[s, np.isin(kinds, where)])
     for s in (0, 1):
@@ -216,7 +219,7 @@ def reencoded_design(seed, own_signal=0.0, train_runs=(80,) * 8, test_runs=(200,
                           [(g, 0) for g in run[train]], [(g, 0) for g in run[test]], runs=[], groups=run[train],
                           n_constant=0)
     for X, X_test in zip(design.X_train, design.X_test):
-        ridge.standardize(X, X_test)
+        encoding.standardize(X, X_test)
     return design
 
 
@@ -229,8 +232,8 @@ def unique_tests_of_b(seeds, own_signal=0.0):
     results = []
     for seed in seeds:
         design = reencoded_design(seed, own_signal)
-        fit, parts = ridge.partition_variance(design, WideArgs)
-        tests = ridge.unique_significance(WideArgs, design, fit, parts)
+        fit, parts = partition.partition_variance(design, WideArgs)
+        tests = partition.unique_significance(WideArgs, design, fit, parts)
         results.append((tests["unique_p"][1], tests["unique_significant"][1]))
     return results
 
@@ -266,8 +269,8 @@ def test_deleted_run_errors_equal_refitting_without_each_run():
     A, B = rng.normal(size=(n + m, 25)) + 1, rng.normal(size=(n + m, 9))
     Y = A[:, :3] @ rng.normal(size=(3, 5)) + B[:, :2] @ rng.normal(size=(2, 5)) + rng.normal(size=(n + m, 5))
     K, K_test = grams([A[:n], B[:n]], [A[n:], B[n:]])
-    fit = ridge.fit_banded_ridge(K, K_test, Y[:n], ALPHAS, ridge.band_candidates(2, GRID), runs)
-    errors = ridge.deleted_run_errors(K, K_test, Y[:n], Y[n:], fit, runs)
+    fit = partition.fit_banded_ridge(K, K_test, Y[:n], ALPHAS, partition.band_candidates(2, GRID), runs)
+    errors = partition.deleted_run_errors(K, K_test, Y[:n], Y[n:], fit, runs)
     for j in range(Y.shape[1]):
         w = fit["weights"][j]
         scaled = np.hstack([np.sqrt(w[0]) * A, np.sqrt(w[1]) * B])

@@ -16,8 +16,11 @@ from sklearn.linear_model import Ridge, RidgeCV
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common
+import ridge_fast
+import significance
 from common import bids_entities, run_stem  # noqa: E402
 from conftest import load_stage, needs_namespaces, run_confined  # noqa: E402
+from paper import encoding
 
 ridge = load_stage("06_ridge.py")
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -45,7 +48,7 @@ SOLVER_IDS = ["wide-dual-cholesky", "wide-dual-eigh", "tall-primal"]
 def test_matches_sklearn_ridgecv(n, p, solver):
     X, Y, X_test = regression_data(n, p, n_targets=12)
     # blocks of features, Gram rows and targets that divide nothing evenly
-    fit = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, feature_chunk=7, row_block=9, parcel_batch=5,
+    fit = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS, feature_chunk=7, row_block=9, parcel_batch=5,
                               solver="auto" if solver == "svd" else solver)
     assert fit["mode"] == ("dual" if p > n else "primal") and fit["solver"] == solver
     assert set(fit["seconds"]) == {"products", "selection", "prediction"}
@@ -59,13 +62,33 @@ def test_matches_sklearn_ridgecv(n, p, solver):
     np.testing.assert_allclose(fit["train_fit"], reference.predict(X), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("n, p", [(40, 120), (80, 12)], ids=["wide", "tall"])
+def test_the_papers_solver_matches_sklearn_and_the_fast_one(n, p):
+    """paper/encoding.py's ridge (one eigendecomposition in torch, the clearest form) chooses scikit-learn's
+    alphas with its leave-one-out errors, and equals ridge_fast's solvers leaving runs out too."""
+    X, Y, X_test = regression_data(n, p, n_targets=12)
+    as_tensors = [torch.as_tensor(a) for a in (X, Y, X_test)]
+    fit = {k: v.numpy() for k, v in encoding.ridge_loo(*as_tensors, ALPHAS).items()}
+    reference = RidgeCV(alphas=ALPHAS, alpha_per_target=True, store_cv_results=True).fit(X, Y)
+    np.testing.assert_array_equal(fit["alpha"], reference.alpha_)
+    np.testing.assert_allclose(fit["cv_error"], reference.cv_results_.mean(axis=0).T, rtol=1e-9)
+    np.testing.assert_allclose(fit["test_prediction"], reference.predict(X_test), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fit["train_fit"], reference.predict(X), rtol=1e-6, atol=1e-9)
+    runs = np.repeat([0, 1, 2, -1], [10, 12, n - 30, 8])          # the last 8 rows never left out
+    by_run = {k: v.numpy() for k, v in encoding.ridge_loo(*as_tensors, ALPHAS, runs, relative=True).items()}
+    fast = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS, groups=runs, relative=True)
+    np.testing.assert_allclose(by_run["alpha_grid"], fast["alpha_grid"], rtol=1e-10)
+    np.testing.assert_allclose(by_run["cv_error"], fast["cv_error"], rtol=1e-8)
+    np.testing.assert_allclose(by_run["test_prediction"], fast["test_prediction"], rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("n, p, solver", [(18, 30, "cholesky"), (18, 30, "eigh"), (25, 6, "svd")], ids=SOLVER_IDS)
 def test_leave_one_out_and_leave_one_run_out_match_refitting(n, p, solver):
     X, Y, X_test = regression_data(n, p, n_targets=3, seed=1)
     runs = np.repeat([0, 1, 2], [6, 7, n - 13])
     choice = "auto" if solver == "svd" else solver
-    loo = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, solver=choice)
-    by_run = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, groups=runs, solver=choice)
+    loo = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS, solver=choice)
+    by_run = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS, groups=runs, solver=choice)
     assert loo["solver"] == by_run["solver"] == solver
     for a, alpha in enumerate(ALPHAS):
         held_one = np.empty_like(Y)
@@ -88,8 +111,8 @@ def test_a_relative_grid_multiplies_the_mean_nonzero_eigenvalue(n, p):
     Xc = X - X.mean(axis=0)
     eigenvalues = np.linalg.eigvalsh(Xc @ Xc.T)
     scale = eigenvalues[eigenvalues > 1e-8 * eigenvalues.max()].mean()
-    relative = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, relative=True)
-    absolute = ridge.fit_ridge_loo(X, Y, X_test, [a * scale for a in ALPHAS])
+    relative = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS, relative=True)
+    absolute = ridge_fast.fit_ridge_loo(X, Y, X_test, [a * scale for a in ALPHAS])
     np.testing.assert_allclose(relative["alpha_grid"], np.array(ALPHAS) * scale, rtol=1e-10)
     np.testing.assert_allclose(relative["alpha"], absolute["alpha"], rtol=1e-10)
     np.testing.assert_allclose(relative["test_prediction"], absolute["test_prediction"], rtol=1e-8)
@@ -100,7 +123,7 @@ def test_the_default_grid_is_wide_and_the_papers_is_one_flag_away():
     every parcel with signal sits on its top edge and predicts worse than with the default grid, whose
     choices lie inside it."""
     assert ridge.parse_args(["--name", "x"]).alphas == ["wide"]
-    assert ridge.penalty_grid(ridge.parse_args(["--name", "x", "--alphas", "paper"]).alphas) == (
+    assert ridge_fast.penalty_grid(ridge.parse_args(["--name", "x", "--alphas", "paper"]).alphas) == (
         (0.1, 1.0, 100.0), False)
     rng = np.random.default_rng(4)
     n, m, p = 200, 200, 3000
@@ -108,11 +131,11 @@ def test_the_default_grid_is_wide_and_the_papers_is_one_flag_away():
     X = latent @ rng.normal(size=(5, p)) + 3 * rng.normal(size=(n + m, p))
     X = (X - X[:n].mean(axis=0)) / X[:n].std(axis=0)
     Y = latent @ rng.normal(size=(5, 6)) + 3 * rng.normal(size=(n + m, 6))
-    wide = ridge.fit_ridge_loo(X[:n], Y[:n], X[n:], *ridge.penalty_grid(["wide"])[:1], relative=True)
-    paper = ridge.fit_ridge_loo(X[:n], Y[:n], X[n:], ridge.PAPER_ALPHAS)
-    r_wide, r_paper = ridge.pearson_r(Y[n:], wide["test_prediction"]), ridge.pearson_r(Y[n:], paper["test_prediction"])
+    wide = ridge_fast.fit_ridge_loo(X[:n], Y[:n], X[n:], *ridge_fast.penalty_grid(["wide"])[:1], relative=True)
+    paper = ridge_fast.fit_ridge_loo(X[:n], Y[:n], X[n:], encoding.PAPER_ALPHAS)
+    r_wide, r_paper = encoding.pearson_r(Y[n:], wide["test_prediction"]), encoding.pearson_r(Y[n:], paper["test_prediction"])
     assert (paper["alpha_index"] == 2).all()                                     # the paper's top edge
-    assert ((wide["alpha_index"] > 0) & (wide["alpha_index"] < len(ridge.WIDE_GRID) - 1)).all()
+    assert ((wide["alpha_index"] > 0) & (wide["alpha_index"] < len(ridge_fast.WIDE_GRID) - 1)).all()
     assert (r_wide > r_paper).all() and (r_wide - r_paper).mean() > 0.02, (r_wide, r_paper)
 
 
@@ -136,8 +159,8 @@ def test_leave_one_run_out_estimates_the_error_that_leave_one_out_underestimates
     Y = X[:, :3] @ rng.normal(size=(3, 8)) * 0.3 + autocorrelated(8)
     train = np.arange(runs * length) < 8 * length
     group = np.repeat(np.arange(runs), length)[train]
-    loo = ridge.fit_ridge_loo(X[train], Y[train], X[~train], ridge.WIDE_GRID, relative=True)
-    by_run = ridge.fit_ridge_loo(X[train], Y[train], X[~train], ridge.WIDE_GRID, groups=group, relative=True)
+    loo = ridge_fast.fit_ridge_loo(X[train], Y[train], X[~train], ridge_fast.WIDE_GRID, relative=True)
+    by_run = ridge_fast.fit_ridge_loo(X[train], Y[train], X[~train], ridge_fast.WIDE_GRID, groups=group, relative=True)
     for fit, name in ((loo, "loo"), (by_run, "runs")):
         true_error = ((Y[~train] - fit["test_prediction"]) ** 2).mean(axis=0)
         estimate = fit["cv_error"][fit["alpha_index"], np.arange(8)]
@@ -150,15 +173,15 @@ def test_leave_one_run_out_estimates_the_error_that_leave_one_out_underestimates
 
 
 def test_dual_solver_choice_and_cholesky_fallback(monkeypatch):
-    assert ridge._dual_solver(4000, 1095, 3) == "cholesky"  # the paper's grid: 3 factorizations
-    assert ridge._dual_solver(4000, 1095, 40) == "eigh"  # one decomposition serves a long grid
+    assert ridge_fast._dual_solver(4000, 1095, 3) == "cholesky"  # the paper's grid: 3 factorizations
+    assert ridge_fast._dual_solver(4000, 1095, 40) == "eigh"  # one decomposition serves a long grid
     X, Y, X_test = regression_data(40, 120, n_targets=12)
-    eigh = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, solver="eigh")
+    eigh = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS, solver="eigh")
 
     def not_positive_definite(K, alpha, shift):  # as when an alpha is below the rounding errors of K
         raise np.linalg.LinAlgError("not positive definite")
-    monkeypatch.setattr(ridge, "_inverse_cholesky_factor", not_positive_definite)
-    fallback = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, solver="cholesky")
+    monkeypatch.setattr(ridge_fast, "_inverse_cholesky_factor", not_positive_definite)
+    fallback = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS, solver="cholesky")
     assert fallback["solver"] == "eigh"
     np.testing.assert_array_equal(fallback["alpha"], eigh["alpha"])
     np.testing.assert_array_equal(fallback["test_prediction"], eigh["test_prediction"])
@@ -167,8 +190,8 @@ def test_dual_solver_choice_and_cholesky_fallback(monkeypatch):
 def test_float32_products_choose_the_same_alphas():
     """The CUDA path (float32 products, float64 decomposition), run here on the CPU."""
     X, Y, X_test = regression_data(40, 120, n_targets=12)
-    exact = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS)
-    single = ridge.fit_ridge_loo(X.astype(np.float32), Y, X_test.astype(np.float32), ALPHAS, dtype=torch.float32,
+    exact = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS)
+    single = ridge_fast.fit_ridge_loo(X.astype(np.float32), Y, X_test.astype(np.float32), ALPHAS, dtype=torch.float32,
                                  feature_chunk=50)
     np.testing.assert_array_equal(single["alpha"], exact["alpha"])
     np.testing.assert_allclose(single["test_prediction"], exact["test_prediction"], rtol=1e-3, atol=1e-3)
@@ -179,9 +202,9 @@ def test_float32_products_choose_the_same_alphas():
 def test_cuda_matches_the_cpu(n, p, solver):
     """On a GPU: float64 products equal the CPU's closely, float32 products choose the same alphas."""
     X, Y, X_test = regression_data(n, p, n_targets=12)
-    cpu = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, solver=solver)
-    double = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS, device="cuda", solver=solver)
-    single = ridge.fit_ridge_loo(X.astype(np.float32), Y, X_test.astype(np.float32), ALPHAS, device="cuda",
+    cpu = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS, solver=solver)
+    double = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS, device="cuda", solver=solver)
+    single = ridge_fast.fit_ridge_loo(X.astype(np.float32), Y, X_test.astype(np.float32), ALPHAS, device="cuda",
                                  dtype=torch.float32, solver=solver)
     assert double["solver"] == single["solver"] == cpu["solver"] == solver
     np.testing.assert_array_equal(double["alpha"], cpu["alpha"])
@@ -193,9 +216,9 @@ def test_cuda_matches_the_cpu(n, p, solver):
 def test_constant_target_gives_nan_r_not_a_crash():
     X, Y, X_test = regression_data(30, 50, n_targets=3)
     Y[:, 1] = 2.5
-    fit = ridge.fit_ridge_loo(X, Y, X_test, ALPHAS)
+    fit = ridge_fast.fit_ridge_loo(X, Y, X_test, ALPHAS)
     np.testing.assert_allclose(fit["test_prediction"][:, 1], 2.5)
-    r = ridge.pearson_r(np.random.default_rng(0).normal(size=(15, 3)), fit["test_prediction"])
+    r = encoding.pearson_r(np.random.default_rng(0).normal(size=(15, 3)), fit["test_prediction"])
     assert np.isnan(r[1]) and np.isfinite(r[[0, 2]]).all()
 
 
@@ -204,22 +227,22 @@ def test_pearson_r_matches_scipy():
     a, b = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
     b[:, 0] += 2 * a[:, 0]
     expected = [pearsonr(a[:, j], b[:, j])[0] for j in range(4)]
-    np.testing.assert_allclose(ridge.pearson_r(a, b), expected, rtol=1e-12)
+    np.testing.assert_allclose(encoding.pearson_r(a, b), expected, rtol=1e-12)
 
 
 def test_circular_shift_null_is_the_shifted_prediction():
     rng = np.random.default_rng(4)
     prediction, y_test = rng.normal(size=(12, 3)), rng.normal(size=(12, 3))   # one test run of 12 samples
     run = np.full(12, 7)
-    exact = ridge.circular_shift_null(y_test, prediction, run, 100, rng)
-    expected = [ridge.pearson_r(y_test, np.roll(prediction, -k, axis=0)) for k in range(1, 12)]
+    exact = significance.circular_shift_null(y_test, prediction, run, 100, rng)
+    expected = [encoding.pearson_r(y_test, np.roll(prediction, -k, axis=0)) for k in range(1, 12)]
     np.testing.assert_allclose(exact, expected)  # 11 shifts besides 0 <= 100 permutations: all of them, once
-    sampled = ridge.circular_shift_null(y_test, prediction, run, 5, rng)
+    sampled = significance.circular_shift_null(y_test, prediction, run, 5, rng)
     assert sampled.shape == (5, 3)
-    assert all(np.isclose(row, [ridge.pearson_r(y_test, prediction)] + expected).all(axis=1).any()
+    assert all(np.isclose(row, [encoding.pearson_r(y_test, prediction)] + expected).all(axis=1).any()
                for row in sampled)
     with pytest.raises(ValueError, match="contiguous"):    # samples of a run must not be interleaved
-        ridge.circular_shift_null(y_test, prediction, np.tile([0, 1], 6), 100, rng)
+        significance.circular_shift_null(y_test, prediction, np.tile([0, 1], 6), 100, rng)
 
 
 def test_enumerated_null_is_the_whole_group_of_shifts_of_two_runs():
@@ -228,12 +251,12 @@ def test_enumerated_null_is_the_whole_group_of_shifts_of_two_runs():
     rng = np.random.default_rng(5)
     run = np.repeat([0, 1], [3, 4])
     prediction, y = rng.normal(size=(7, 6)), rng.normal(size=(7, 6))
-    null = ridge.circular_shift_null(y, prediction, run, 1000, rng)
-    group = [ridge.pearson_r(y, np.r_[np.roll(prediction[:3], -a, axis=0), np.roll(prediction[3:], -b, axis=0)])
+    null = significance.circular_shift_null(y, prediction, run, 1000, rng)
+    group = [encoding.pearson_r(y, np.r_[np.roll(prediction[:3], -a, axis=0), np.roll(prediction[3:], -b, axis=0)])
              for a in range(3) for b in range(4)]                     # brute force; (0, 0) first
     np.testing.assert_allclose(null, group[1:])
-    r = ridge.pearson_r(y, prediction)
-    p, _, _ = ridge.permutation_p_values(r, null, 0.05)
+    r = encoding.pearson_r(y, prediction)
+    p, _, _ = significance.permutation_p_values(r, null, 0.05)
     np.testing.assert_allclose(p, (np.array(group) >= r - 1e-12).mean(axis=0))
 
 
@@ -249,8 +272,8 @@ def test_circular_shift_p_values_are_calibrated_without_signal():
         prediction[:, t] = 0.9 * prediction[:, t - 1] + innovations[:, t] if t else innovations[:, t]
     prediction = prediction.reshape(-1, n_parcels)
     y = rng.normal(size=prediction.shape)
-    null = ridge.circular_shift_null(y, prediction, np.repeat([0, 1], n_trs), 200, np.random.default_rng(1))
-    p, _, _ = ridge.permutation_p_values(ridge.pearson_r(y, prediction), null, 0.05)
+    null = significance.circular_shift_null(y, prediction, np.repeat([0, 1], n_trs), 200, np.random.default_rng(1))
+    p, _, _ = significance.permutation_p_values(encoding.pearson_r(y, prediction), null, 0.05)
     assert 0.035 < (p < 0.05).mean() < 0.065 and (p < 0.01).mean() < 0.02
 
 
@@ -265,14 +288,14 @@ def test_principal_components_are_those_of_the_centred_training_features():
     reference = PCA(3).fit(X[:150])
     for ours, theirs in ((train, reference.transform(X[:150])), (test, reference.transform(X[150:]))):
         # the same projections up to sign and a constant offset (the intercept's)
-        cosines = np.abs(ridge.pearson_r(ours, theirs))
+        cosines = np.abs(encoding.pearson_r(ours, theirs))
         np.testing.assert_allclose(cosines, 1.0, atol=1e-3)
 
 
 def test_permutation_p_values_and_fdr():
     r = np.array([0.9, 0.0, np.nan])
     null = np.random.default_rng(0).normal(0, 0.1, size=(199, 3))
-    p, q, significant = ridge.permutation_p_values(r, null, 0.05)
+    p, q, significant = significance.permutation_p_values(r, null, 0.05)
     assert p[0] == 1 / 200 and 0.2 < p[1] < 0.8 and np.isnan(p[2])
     assert significant.tolist() == [True, False, False]
 
@@ -286,7 +309,7 @@ def test_a_warning_when_too_few_shifts_let_no_parcel_pass_fdr(capsys, n_permutat
     from types import SimpleNamespace
     args = SimpleNamespace(n_permutations=n_permutations, fdr=0.05)
     test_run = np.repeat(np.arange(len(run_lengths)), run_lengths)
-    n_null = len(ridge.shift_sources(test_run, n_permutations, np.random.default_rng(0)))
+    n_null = len(significance.shift_sources(test_run, n_permutations, np.random.default_rng(0)))
     ridge.warn_if_too_few_shifts(args, "01", n_null, "parcel's r", np.zeros(40, bool))
     message = capsys.readouterr().err
     assert (warned in message) if warned else message == ""
@@ -299,8 +322,8 @@ def test_a_warning_when_too_few_shifts_let_no_parcel_pass_fdr(capsys, n_permutat
             p[:k] = 1 / (n_null + 1)
             null = np.zeros((n_null, 40))
             r = np.where(np.arange(40) < k, 1.0, -1.0)    # beats every null r, or none
-            np.testing.assert_allclose(ridge.permutation_p_values(r, null, 0.05)[0], p)
-            assert ridge.permutation_p_values(r, null, 0.05)[2][:max(k, 1)].all() == passes
+            np.testing.assert_allclose(significance.permutation_p_values(r, null, 0.05)[0], p)
+            assert significance.permutation_p_values(r, null, 0.05)[2][:max(k, 1)].all() == passes
     ridge.warn_if_too_few_shifts(args, "01", n_null, "parcel's r", np.eye(40, dtype=bool)[0])
     assert capsys.readouterr().err == ""                 # a parcel passed: nothing to say
 
@@ -364,7 +387,7 @@ def test_delays_never_cross_run_boundaries(tmp_path):
     for run in runs:
         assert run["rows"].tolist() == list(range(3, 12))  # t >= max delay, and volume 0 (NaN) is gone
     ids = [(g, k) for g in range(2) for k in range(9)]
-    X = ridge.delayed_design(runs, ids, [1, 3])  # (18, 2 * D)
+    X = encoding.delayed_design(runs, ids, [1, 3])  # (18, 2 * D)
     for i, (g, k) in enumerate(ids):
         t = runs[g]["rows"][k]
         np.testing.assert_array_equal(X[i, :N_FEATURES], runs[g]["features"][0][t - 1])
