@@ -159,6 +159,12 @@ def test_fused_attention_equals_explicit_softmax_in_fp64(causal):
     assert not torch.allclose(attention(q, k, v), out)
 
 
+def authors_layer_norm(x, g, b):
+    """VideoGPT's LayerNorm as their code writes it."""
+    centered = x - x.mean(-1, keepdim=True)
+    return centered * (1e-5 + centered.square().mean(-1, keepdim=True).rsqrt()) * g + b
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.02, 0.005])   # unit variance; the start token; codebook scale
 def test_layer_norm_is_the_authors_formula_not_torchs(scale):
     """Against VideoGPT's formula written out in float64 numpy: (x - mu) * (1e-5 + 1 / sqrt(var)) * g + b."""
@@ -177,6 +183,61 @@ def test_layer_norm_is_the_authors_formula_not_torchs(scale):
     assert relative > (1e-3 if scale < 0.1 else 5e-6), relative
     # mixed precision: computed in fp32, returned in the input's dtype
     assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+def authors_block_outputs(model, x, cond):
+    """The MLP output of every block (post_fc_dp in eval mode) in float64, the blocks written out from the
+    authors' code: their LayerNorm, multi-head attention with an explicit softmax (and causal mask), their
+    GeLU2 x * sigmoid(1.702 x). x, cond: (B, t, h, w, embedding_dim) codebook vectors. The conditioning and
+    input layers before the blocks are the model's own (in float32)."""
+    with torch.no_grad():
+        cond = model.cond_pos_embd(model.resnet(cond.movedim(-1, 1)).movedim(1, -1)).flatten(1, 3).double()
+        x = model.attn_stack.pos_embd(model.attn_stack.right_shift(model.fc_in(x))).flatten(1, 3).double()
+    p = {name: t.detach().double() for name, t in model.named_parameters()}
+    heads = model.config["heads"]
+
+    def linear(h, name, bias=True):
+        return h @ p[f"{name}.weight"].T + (p[f"{name}.bias"] if bias else 0)
+
+    def attention(h, context, name, causal):                                      # (B, L, width) each
+        q, k, v = (linear(t, f"{name}.{w}", bias=False).unflatten(-1, (heads, -1)).transpose(1, 2)
+                   for t, w in [(h, "w_qs"), (context, "w_ks"), (context, "w_vs")])   # (B, heads, L, d)
+        return linear(explicit_attention(q, k, v, causal).transpose(1, 2).flatten(2), f"{name}.fc")
+
+    def norm(h, name):
+        return authors_layer_norm(h, p[f"{name}.g"], p[f"{name}.b"])
+
+    outputs = []
+    for i in range(model.config["layers"]):
+        block = f"attn_stack.attn_nets.{i}"
+        h = norm(x, f"{block}.pre_attn_norm")
+        x = x + attention(h, h, f"{block}.attn", causal=True)
+        x = x + attention(norm(x, f"{block}.pre_enc_norm"), cond, f"{block}.enc_attn", causal=False)
+        a = linear(norm(x, f"{block}.pre_fc_norm"), f"{block}.fc_block.0")
+        outputs.append(linear(a * torch.sigmoid(1.702 * a), f"{block}.fc_block.2"))
+        x = x + outputs[-1]
+    return outputs
+
+
+def test_layer_4_equals_the_authors_forward_pass():
+    """The paper's layer (block 4's MLP output) against the authors' blocks written out in float64, at the
+    paper's widths of conditioning (240: 60-wide value heads in the cross-attention, padded to 64 for fused
+    attention) and narrow q, k heads (48 / 4 = 12, padded to 16), on codebook-scale inputs where VideoGPT's
+    LayerNorm is far from torch's."""
+    torch.manual_seed(7)
+    model = common.GPTPrior(latent_shape=(4, 8, 8), embedding_dim=16, n_codes=64, hidden_dim=48, heads=4,
+                            layers=5, cond_dim=240).eval()
+    codebook = 0.05 * torch.randn(64, 16)
+    x, cond = (F.embedding(torch.randint(0, 64, (2, 4, 8, 8)), codebook) for _ in range(2))
+    outputs = {}
+    model.get_submodule(common.PAPER_LAYER).register_forward_hook(
+        lambda module, inputs, output: outputs.__setitem__("ours", output))
+    with torch.no_grad():
+        model(x, cond)
+    ours = outputs["ours"].flatten(1, 3).double()                               # (B, L, hidden)
+    theirs = authors_block_outputs(model, x, cond)[4]
+    relative = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+    assert relative < 1e-5, relative
 
 
 def test_tiny_config_overfits_a_few_samples():
