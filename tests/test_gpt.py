@@ -167,22 +167,34 @@ def authors_layer_norm(x, g, b):
 
 @pytest.mark.parametrize("scale", [1.0, 0.02, 0.005])   # unit variance; the start token; codebook scale
 def test_layer_norm_is_the_authors_formula_not_torchs(scale):
-    """Against VideoGPT's formula written out in float64 numpy: (x - mu) * (1e-5 + 1 / sqrt(var)) * g + b."""
+    """Against VideoGPT's formula in float64, (x - mu) * (1e-5 + 1 / sqrt(var)) * g + b, forward and backward
+    (ours is torch's fused LayerNorm rescaled, with a backward of its own)."""
     torch.manual_seed(0)
     norm = common.GPTLayerNorm(576)
     torch.nn.init.normal_(norm.g), torch.nn.init.normal_(norm.b)
-    x = torch.randn(3, 10, 576) * scale + 0.1 * scale
-    xs, g, b = x.double().numpy(), norm.g.detach().double().numpy(), norm.b.detach().double().numpy()
-    centered = xs - xs.mean(-1, keepdims=True)
-    authors = centered * (1e-5 + 1 / np.sqrt((centered ** 2).mean(-1, keepdims=True))) * g + b
-    ours = norm(x).detach().double().numpy()
-    np.testing.assert_allclose(ours, authors, rtol=1e-5, atol=1e-6)
+    x = (torch.randn(3, 10, 576) * scale + 0.1 * scale).requires_grad_()
+    x64, g64, b64 = (t.detach().double().requires_grad_() for t in (x, norm.g, norm.b))
+    authors = authors_layer_norm(x64, g64, b64)
+    ours = norm(x)
+    torch.testing.assert_close(ours.double(), authors, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(ours)
+    expected = torch.autograd.grad(authors, (x64, g64, b64), grad.double())
+    for name, got, want in zip("xgb", torch.autograd.grad(ours, (x, norm.g, norm.b), grad), expected):
+        relative = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert relative < 1e-5, (name, relative)
     # and not torch's LayerNorm, from which it differs most where the variance is small
-    torchs = F.layer_norm(x, (576,), norm.g, norm.b, eps=1e-5).detach().double().numpy()
-    relative = np.abs(torchs - authors).max() / np.abs(authors).max()
+    torchs = F.layer_norm(x64, (576,), g64, b64, eps=1e-5)
+    relative = ((torchs - authors).abs().max() / authors.abs().max()).item()
     assert relative > (1e-3 if scale < 0.1 else 5e-6), relative
     # mixed precision: computed in fp32, returned in the input's dtype
     assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_layer_norm_gradient_passes_gradcheck():
+    """The hand-written backward, checked by finite differences in float64."""
+    torch.manual_seed(1)
+    x, g, b = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in [(2, 3, 16), (16,), (16,)])
+    assert torch.autograd.gradcheck(common._VideoGPTLayerNorm.apply, (0.1 * x.detach().requires_grad_(), g, b))
 
 
 def authors_block_outputs(model, x, cond):
