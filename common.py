@@ -544,20 +544,33 @@ class AddBroadcastPosEmbed(nn.Module):
         return x + torch.cat(tables, dim=-1)                     # (B, *shape, dim)
 
 
+def _pad_head_width(t):                                          # (..., d) -> (..., 8 ceil(d / 8))
+    return F.pad(t, (0, -t.shape[-1] % 8)) if t.shape[-1] % 8 else t
+
+
 class FullAttention(nn.Module):
     """softmax(q k^T / sqrt(d)) v over all (t, h, w) positions, causal or not, with dropout on the
     attention weights while training. Its own module so its output, (B, heads, t, h, w, d), can be
-    hooked as `...attn.attn` (paper Table 4)."""
+    hooked as `...attn.attn` (paper Table 4).
+
+    CUDA's fused kernels take head widths that are multiples of 8 (in bf16 and fp16; flash also
+    wants q, k and v equally wide): the cross-attention's value heads, 240 / 4 = 60 wide, would
+    take the unfused math path, several times the kernels and memory traffic. Zero channels
+    appended to q and k leave q k^T as it is, and appended to v they only add output channels, cut
+    off here: so every width is padded at run time (the weights are untouched) and the memory-
+    efficient kernel takes the cross-attention."""
 
     def __init__(self, shape, causal, attn_dropout):
         super().__init__()
         self.shape, self.causal, self.attn_dropout = tuple(shape), causal, attn_dropout
 
     def forward(self, q, k, v):                                  # (B, heads, L, d) each
-        out = F.scaled_dot_product_attention(q, k, v,
+        d_k, d_v = q.shape[-1], v.shape[-1]
+        out = F.scaled_dot_product_attention(*map(_pad_head_width, (q, k, v)),
                                              dropout_p=self.attn_dropout if self.training else 0.0,
-                                             is_causal=self.causal)             # (B, heads, L, d_v)
-        return out.unflatten(2, self.shape)                      # (B, heads, t, h, w, d_v)
+                                             is_causal=self.causal,
+                                             scale=1 / math.sqrt(d_k))         # (B, heads, L, d_v')
+        return out[..., :d_v].unflatten(2, self.shape)           # (B, heads, t, h, w, d_v)
 
 
 class GPTAttention(nn.Module):

@@ -148,13 +148,19 @@ def explicit_attention(q, k, v, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_fused_attention_equals_explicit_softmax_in_fp64(causal):
+@pytest.mark.parametrize("d_k, d_v", [(16, 12), (12, 60)])   # widths padded to a multiple of 8
+def test_fused_attention_equals_explicit_softmax_in_fp64(causal, d_k, d_v):
     torch.manual_seed(2)
     attention = common.FullAttention((4, 8, 8), causal=causal, attn_dropout=0.3).eval()
-    q, k, v = (torch.randn(2, 4, 256, d, dtype=torch.float64) for d in (16, 16, 12))
+    q, k, v = (torch.randn(2, 4, 256, d, dtype=torch.float64, requires_grad=True) for d in (d_k, d_k, d_v))
     out = attention(q, k, v)                                                       # (B, heads, t, h, w, d)
     expected = explicit_attention(q, k, v, causal).unflatten(2, (4, 8, 8))
+    assert out.shape == (2, 4, 4, 8, 8, d_v)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad),
+                            torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
     attention.train()                                   # attention dropout is active while training
     assert not torch.allclose(attention(q, k, v), out)
 
