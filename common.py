@@ -500,10 +500,12 @@ class GPTLayerNorm(nn.Module):
 
 
 class GeLU2(nn.Module):
-    """The GELU approximation x * sigmoid(1.702 x) of VideoGPT's MLP."""
+    """The GELU approximation x * sigmoid(1.702 x) of VideoGPT's MLP, written silu(1.702 x) / 1.702
+    (silu(z) = z sigmoid(z)): on CUDA 3 kernels forward and 3 backward, where the product takes 3
+    and 5 (its backward has two branches and a sum)."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        return F.silu(1.702 * x) / 1.702
 
 
 class RightShift(nn.Module):
