@@ -445,8 +445,10 @@ class VQVAE(nn.Module):
 # clip. Module and parameter names are VideoGPT's (wilson1yan/VideoGPT, as modified by the paper's
 # authors), so their Lightning checkpoints load with strict key matching and the paper's layer names
 # (attn_stack.attn_nets.4.post_fc_dp, Table 4) can be hooked. Differences from their code, all
-# numerically equivalent: fused attention (F.scaled_dot_product_attention) instead of an explicit
-# softmax with a stored causal mask, and activation checkpointing off by default.
+# numerically equivalent, for speed: fused attention (F.scaled_dot_product_attention, head widths
+# padded to fit its kernels) instead of an explicit softmax with a stored causal mask, their
+# LayerNorm and GeLU2 through torch's fused kernels, a tensor that several Linear layers read cast
+# once under autocast, and activation checkpointing off by default.
 # --------------------------------------------------------------------------------------------------
 GPT_COND_DIM = 240   # width of the conditioning features
                      # (the authors' ResidualBlock(embedding_dim, 240))
@@ -608,6 +610,18 @@ class GPTAttention(nn.Module):
         return self.fc(out)                                      # (B, t, h, w, dim_q)
 
 
+def autocast_input(x):
+    """`x` as autocast would cast it for a matmul (the same `x` outside autocast): once for all the
+    Linear layers that read it, where autocast casts it again for each. The forward pass's numbers
+    do not change; the readers' gradients are summed in that precision instead of fp32, which leaves
+    the gradients' error against fp32 training as it was (benchmarks/README.md)."""
+    device = x.device.type                                       # (meta tensors have no autocast)
+    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and x.dtype == torch.float32):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class AttentionBlock(nn.Module):
     """One transformer block: pre-norm causal self-attention, cross-attention to the conditioning
     features, MLP (x4, GeLU2); dropout on each residual branch. Attention-weight dropout applies to
@@ -637,7 +651,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x, cond):                                  # (B, t, h, w, hidden),
                                                                  # (B, t, h, w, cond_dim)
-        h = self.pre_attn_norm(x)
+        h = autocast_input(self.pre_attn_norm(x))                # q, k and v read it
         x = x + self.post_attn_dp(self._run(self.attn, h, h))
         h = self.pre_enc_norm(x)
         x = x + self.post_enc_dp(self._run(self.enc_attn, h, cond))
@@ -660,6 +674,7 @@ class AttentionStack(nn.Module):
 
     def forward(self, x, cond):                                  # (B, t, h, w, hidden)
         x = self.pos_embd(self.right_shift(x))
+        cond = autocast_input(cond)                              # every block's k and v read it
         for block in self.attn_nets:
             x = block(x, cond)
         return x

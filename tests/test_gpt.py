@@ -275,6 +275,24 @@ def test_tiny_config_overfits_a_few_samples():
     assert losses[-1] < 0.01 * losses[0]
 
 
+def test_casting_once_under_autocast_changes_no_number_of_the_forward_pass(monkeypatch):
+    """A tensor that several Linear layers read (the self-attention's normalised input, the conditioning) is cast
+    once under autocast, where autocast casts it for each reader: the logits are autocast's own, bit for bit."""
+    torch.manual_seed(8)
+    model = common.GPTPrior(**TINY_GPT).eval()
+    torch.nn.init.normal_(model.fc_out.weight)
+    x, cond = torch.randn(2, 2, 4, 4, 4, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        once = model(x, cond)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        other = model(x, cond)                                              # another cast is seen
+    monkeypatch.setattr(common, "autocast_input", lambda t: t)              # autocast casts for each reader
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        each = model(x, cond)
+    assert once.dtype == torch.bfloat16 and torch.equal(once, each)
+    assert not torch.equal(other.bfloat16(), once)
+
+
 # --------------------------------------------------------------------------------------------------
 # Data: cached codes, --train-frames
 # --------------------------------------------------------------------------------------------------
