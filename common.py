@@ -33,7 +33,7 @@ import signal
 import socket
 import sys
 import types
-from argparse import Namespace
+from argparse import BooleanOptionalAction, Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1625,7 +1625,9 @@ RUN_FLAGS = {
                    help="TF32 matmuls and convolutions in fp32 (Ampere and later)"),
     "--channels-last": dict(action="store_true", help="channels_last_3d memory format"),
     "--cudnn-benchmark": dict(action="store_true", help="let cuDNN pick the fastest kernels"),
-    "--compile": dict(action="store_true", help="torch.compile the model"),
+    "--compile": dict(action=BooleanOptionalAction, default=None,
+                      help="torch.compile the model (default: on CUDA, off on the CPU, where "
+                           "compiling takes longer than a short run saves)"),
     "--log-every": dict(type=int, default=100,
                         help="steps between log.csv rows (default %(default)s)"),
     "--val-every": dict(type=int, default=1000,
@@ -1744,14 +1746,21 @@ def run_training(train, args, run, preemption):
 
 
 def wrap_for_training(model, args, ctx, **ddp_options):
-    """The model the training loop calls: under DDP with several processes, compiled with --compile.
-    The checkpoints save the model itself, unwrapped."""
+    """The model the training loop calls: under DDP with several processes, compiled where
+    compiles(--compile). The checkpoints save the model itself, unwrapped."""
     if ctx.world_size > 1:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_options)
-    if args.compile:
+    if compiles(args.compile, ctx.device):
         model = torch.compile(model)
     return model
+
+
+def compiles(flag, device):
+    """Whether --compile (True), --no-compile (False) or neither (None) compiles the model on
+    `device`: by default on CUDA, where eager mode launches a kernel per elementwise operation and
+    torch.compile fuses them (fewer launches, less memory traffic), and not on the CPU."""
+    return device.type == "cuda" if flag is None else flag
 
 
 def split_validation(reps, val_reps, path):

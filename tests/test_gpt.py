@@ -293,6 +293,33 @@ def test_casting_once_under_autocast_changes_no_number_of_the_forward_pass(monke
     assert not torch.equal(other.bfloat16(), once)
 
 
+def test_compiled_model_gives_the_eager_loss_and_gradients():
+    """torch.compile (04's default on CUDA) computes what eager mode does, here with inductor's CPU kernels: the
+    loss and every gradient, VideoGPT's LayerNorm (a backward of its own) and padded attention heads included.
+    One block, to keep the compilation short (about a minute on 2 busy cores)."""
+    torch.manual_seed(9)
+    model = common.GPTPrior(**{**TINY_GPT, "layers": 1, "cond_dim": 12}, dropout=0.0, attn_dropout=0.0)
+    torch.nn.init.normal_(model.fc_out.weight)
+    codebook = torch.randn(32, 8)
+    cond, target = torch.randint(0, 32, (2, 3, 4, 4, 4))
+    losses, grads = [], []
+    for step_model in (model, torch.compile(model)):
+        model.zero_grad()
+        losses.append(gpt_stage.gpt_loss(step_model, codebook, cond, target))
+        losses[-1].backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_is_the_default_on_cuda_only():
+    for flags, on_cpu, on_cuda in [([], False, True), (["--compile"], True, True), (["--no-compile"], False, False)]:
+        flag = gpt_stage.parse_args(flags).compile
+        assert (common.compiles(flag, torch.device("cpu")), common.compiles(flag, torch.device("cuda"))) == \
+            (on_cpu, on_cuda), flags
+
+
 # --------------------------------------------------------------------------------------------------
 # Data: cached codes, --train-frames
 # --------------------------------------------------------------------------------------------------
