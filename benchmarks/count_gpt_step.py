@@ -95,21 +95,22 @@ def cuda_attention_backend(q, k, v, dropout_p, is_causal):
     """The backend of torch's CUDA scaled_dot_product_attention on an H100 for dense q, k, v
     (B, heads, L, d) without a mask, in its priority order: cuDNN (preferred on sm90 with recent
     cuDNN), flash, memory-efficient, math. The checks are sdp_utils.cpp's that can fail here."""
-    d_qk, d_v = q.shape[-1], v.shape[-1]
+    d_qk, d_k, d_v = q.shape[-1], k.shape[-1], v.shape[-1]
     half = q.dtype in (torch.float16, torch.bfloat16)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    heads, d = q.shape[1], q.shape[-1]
-    cudnn_layout = all(t.stride()[1:] == (t.shape[-1], heads * t.shape[-1], 1) for t in (q, k, v))
-    cudnn_backward = not grad or (d_qk <= 128 and d_v <= 128) or (d_qk, d_v) in ((192, 128),
-                                                                              (256, 256))
-    if (half and float(dropout_p * 16).is_integer() and d % 8 == 0 and d_v % 8 == 0 and d <= 256
-            and d_v <= 256 and cudnn_backward and cudnn_layout and k.shape[-2] > 1):
+    # cuDNN: dropout in steps of 1/16, widths multiples of 8 up to 256 (backward: 128, or 192 with
+    # 128, or 256 with 256), q, k and v laid out (B, L, heads, d)
+    cudnn_widths = d_qk % 8 == 0 and d_v % 8 == 0 and d_qk <= 256 and d_v <= 256 and (
+        not grad or (d_qk <= 128 and d_v <= 128) or (d_qk, d_v) in ((192, 128), (256, 256)))
+    cudnn_layout = all(t.stride()[1:] == (t.shape[-1], t.shape[1] * t.shape[-1], 1)
+                       for t in (q, k, v))
+    if half and (dropout_p * 16).is_integer() and cudnn_widths and cudnn_layout:
         return "cudnn"
-    if half and d_qk == k.shape[-1] == d_v <= 256 and not (is_causal and
-                                                          q.shape[-2] != k.shape[-2]):
+    # flash: equal widths up to 256 (it pads them to a multiple of 8 itself), square if causal
+    if half and d_qk == d_k == d_v <= 256 and not (is_causal and q.shape[-2] != k.shape[-2]):
         return "flash"
-    alignment = 8 if half else 4          # minimum_gemm_alignment on sm80 and later
-    if d_qk == k.shape[-1] and d_qk % alignment == 0 and d_v % alignment == 0:
+    alignment = 8 if half else 4          # memory-efficient: minimum_gemm_alignment from sm80 on
+    if d_qk == d_k and d_qk % alignment == 0 and d_v % alignment == 0:
         return "efficient"
     return "math"
 
@@ -209,6 +210,8 @@ def launches(func, name, args):
     """CUDA kernel launches of one aten op."""
     if name.startswith(("_foreach_", "_fused_")):
         lists = [a for a in args if isinstance(a, (list, tuple)) and tensors_in(a)]
+        if name.startswith("_fused_"):
+            lists = lists[:-1]                        # the step counts ride along
         return multi_tensor_launches(lists) + (name == "_foreach_norm")   # + norm's cleanup
     if name == "convolution_backward":
         return sum(args[-1])                          # grad input, weight, bias as asked

@@ -320,6 +320,36 @@ def test_compile_is_the_default_on_cuda_only():
             (on_cpu, on_cuda), flags
 
 
+def test_step_counter_takes_cudas_attention_backends_and_books_every_op():
+    """benchmarks/count_gpt_step.py, which counts the GPT step's CUDA kernels on the CPU: the attention backend
+    CUDA takes for the paper's head widths, multi-tensor launches, and a counted step of a small model whose
+    kernels all land in a module's row, with no op that CUDA's autocast would cast and the CPU's does not."""
+    count = load_stage("benchmarks/count_gpt_step.py")
+
+    def backend(d_v, dtype=torch.bfloat16, dropout=0.0, causal=False, d_qk=144):
+        q, v = (torch.empty(2, 256, 4, d, dtype=dtype, requires_grad=True).transpose(1, 2)
+                for d in (d_qk, d_v))                                          # (B, heads, L, d), training
+        return count.cuda_attention_backend(q, q, v, dropout, causal)
+    assert backend(144, dropout=0.3, causal=True) == "flash"             # the self-attention
+    assert (backend(60), backend(64)) == ("math", "efficient")           # the cross-attention, padded or not
+    assert (backend(60, torch.float32), backend(144, torch.float32)) == ("efficient", "efficient")
+    assert (backend(64, d_qk=64), backend(64, d_qk=64, dropout=0.3)) == ("cudnn", "flash")
+    ones = [torch.empty(1)] * 111
+    assert count.multi_tensor_launches([ones]) == 2 and count.multi_tensor_launches([ones] * 2) == 2
+    assert count.multi_tensor_launches([[torch.empty(320 * count.CHUNK + 1)]]) == 2
+
+    step, backends = count.count_train_step(Namespace(batch_size=2, precision="bf16", hidden_dim=48, layers=1,
+                                                      heads=4))
+    assert sorted(b for b, _, _ in backends) == ["efficient", "flash"]
+    rows = count.module_rows(step)
+    known = [row for _, row in count.GROUPS] + ["GPTPrior.forward", "loss: embeddings, cross-entropy",
+                                                "optimizer: clipping, Adam", "total"]
+    assert set(rows) <= set(known) and rows["optimizer: clipping, Adam"]["kernels"] > 0
+    assert rows["total"]["kernels"] == sum(row["kernels"] for name, row in rows.items() if name != "total")
+    assert rows["VideoGPT's LayerNorm"]["kernels forward"] == 4 * 4                 # 4 calls, 4 kernels each
+    assert not step.autocast_differs
+
+
 # --------------------------------------------------------------------------------------------------
 # Data: cached codes, --train-frames
 # --------------------------------------------------------------------------------------------------
