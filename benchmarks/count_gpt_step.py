@@ -206,7 +206,7 @@ def category(name, args, out):
     return "reduction" if name in REDUCTIONS else "elementwise"
 
 
-def launches(func, name, args):
+def launches(name, args):
     """CUDA kernel launches of one aten op."""
     if name.startswith(("_foreach_", "_fused_")):
         lists = [a for a in args if isinstance(a, (list, tuple)) and tensors_in(a)]
@@ -258,23 +258,23 @@ class KernelCounter(TorchDispatchMode):
             return out
         if name in ALLOCATIONS:
             return out
-        n = launches(func, name, args)
+        n = launches(name, args)
         row["kernels"] += n
         self.ops[name] += n
-        inputs = [t for t in tensors_in(list(args) + list((kwargs or {}).values()))]
+        inputs = tensors_in(list(args) + list((kwargs or {}).values()))
         nbytes = sum(map(unique_bytes, inputs + tensors_in(out)))
         kind = "optimizer" if self.phase == "optimizer" else category(name, inputs, out)
         self.op_bytes[name] += nbytes
         row[kind] += nbytes
-        self.check_autocast(func, inputs)
+        self.check_autocast(func, name, inputs)
         return out
 
-    def check_autocast(self, func, inputs):
+    def check_autocast(self, func, name, inputs):
         """Book an op that CUDA's autocast would cast (to fp32, or promoted) and the CPU's runs
         on its lower-precision inputs: there the model of CUDA's dispatch is wrong."""
         low = torch.get_autocast_dtype("cpu")
         if (self.phase == "forward" and torch.is_autocast_enabled("cpu")
-                and func._schema.name.split("::")[1] not in LOWER_PRECISION_ON_CUDA
+                and name not in LOWER_PRECISION_ON_CUDA
                 and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "AutocastCUDA")
                 and not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "AutocastCPU")
                 and any(t.dtype == low for t in inputs)):
