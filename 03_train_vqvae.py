@@ -1,7 +1,7 @@
 """03 — Train VideoGPT's VQ-VAE on 16-frame gameplay clips (paper section 2.3.1.1).
 
     python 03_train_vqvae.py --work work                               # paper configuration
-    python 03_train_vqvae.py --work work --precision bf16 --channels-last --compile
+    python 03_train_vqvae.py --work work --precision bf16 --channels-last  # GPU: compiled
     python 03_train_vqvae.py --work work --resume                      # continue an interrupted run
     torchrun --nproc-per-node 4 03_train_vqvae.py --work work --resume  # 4 GPUs, one node
     sbatch --nodes 2 slurm/gpu_stage.sbatch \\

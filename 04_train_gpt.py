@@ -1,7 +1,7 @@
 """04 — Train VideoGPT's conditioned GPT prior on cached VQ-VAE codes (paper sections 2.3.1.2, 2.4, 3).
 
     python 04_train_gpt.py --work work                                 # paper config (Table 2)
-    python 04_train_gpt.py --work work --precision bf16 --compile      # fast path on a GPU
+    python 04_train_gpt.py --work work --precision bf16                # GPU: compiled by default
     python 04_train_gpt.py --work work --train-frames 100000 --epochs 100   # data size (2.4.1)
     python 04_train_gpt.py --work work --hidden-dim 255                # model-size sweep (2.4.2)
     python 04_train_gpt.py --work work --layers 4 --heads 8 --name my-run

@@ -34,7 +34,7 @@ import signal
 import socket
 import sys
 import types
-from argparse import Namespace
+from argparse import BooleanOptionalAction, Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -446,11 +446,39 @@ class VQVAE(nn.Module):
 # clip. Module and parameter names are VideoGPT's (wilson1yan/VideoGPT, as modified by the paper's
 # authors), so their Lightning checkpoints load with strict key matching and the paper's layer names
 # (attn_stack.attn_nets.4.post_fc_dp, Table 4) can be hooked. Differences from their code, all
-# numerically equivalent: fused attention (F.scaled_dot_product_attention) instead of an explicit
-# softmax with a stored causal mask, and activation checkpointing off by default.
+# numerically equivalent, for speed: fused attention (F.scaled_dot_product_attention, head widths
+# padded to fit its kernels) instead of an explicit softmax with a stored causal mask, their
+# LayerNorm and GeLU2 through torch's fused kernels, a tensor that several Linear layers read cast
+# once under autocast, and activation checkpointing off by default.
 # --------------------------------------------------------------------------------------------------
 GPT_COND_DIM = 240   # width of the conditioning features
                      # (the authors' ResidualBlock(embedding_dim, 240))
+
+
+class _VideoGPTLayerNorm(torch.autograd.Function):
+    """GPTLayerNorm's formula through torch's fused LayerNorm kernels. With c = x - mean, r = 1/std
+    and s = r + 1e-5, VideoGPT's y = c s g + b is torch's LayerNorm without epsilon, z = c r g,
+    scaled per row: y = b + k z with k = s / r. Its gradient for x, with u = dy g,
+        s (u - mean(u)) - r^3 c mean(u c),
+    is what torch's LayerNorm backward computes, rho (u' - mean(u')) - rho^3 c mean(u' c), from
+    u' = alpha dy g and the inverse std rho, when rho alpha = s and rho^3 alpha = r^3:
+    alpha = k^1.5, rho = r / sqrt(k). Its gradient for g, sum(alpha dy c rho) = sum(dy c s), is then
+    exact too. On CUDA: 4 kernels forward and 7 backward, where autograd through the formula took
+    9 and 20."""
+
+    @staticmethod
+    def forward(ctx, x, g, b):                                   # (..., D) float32, (D,), (D,)
+        z, mean, rstd = torch.native_layer_norm(x, g.shape, g, None, 0.0)   # mean, rstd: (..., 1)
+        k = (rstd + 1e-5) / rstd
+        ctx.save_for_backward(x, g, mean, rstd, k)
+        return torch.addcmul(b, z, k)
+
+    @staticmethod
+    def backward(ctx, dy):                                       # (..., D)
+        x, g, mean, rstd, k = ctx.saved_tensors
+        dx, dg, _ = torch.ops.aten.native_layer_norm_backward(
+            dy * k.pow(1.5), x, g.shape, mean, rstd * k.rsqrt(), g, None, [True, True, False])
+        return dx, dg, dy.flatten(0, -2).sum(0)
 
 
 class GPTLayerNorm(nn.Module):
@@ -462,7 +490,8 @@ class GPTLayerNorm(nn.Module):
     (6.8e-3 relative for the start token, std 0.02; 1.5e-2 at codebook scale), and the authors'
     checkpoints were trained with this formula: their layer attn_stack.attn_nets.4.post_fc_dp then
     matches their own forward pass to float32 rounding. Parameters are named `g` and `b` like
-    theirs."""
+    theirs. Computed by _VideoGPTLayerNorm, a handful of kernels where the formula op by op takes
+    thirty (the GPT has 25 of these)."""
 
     def __init__(self, dim):
         super().__init__()
@@ -470,17 +499,16 @@ class GPTLayerNorm(nn.Module):
         self.b = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):                                        # (..., dim)
-        x_float = x.float()
-        centered = x_float - x_float.mean(dim=-1, keepdim=True)
-        variance = centered.square().mean(dim=-1, keepdim=True)  # (..., 1), biased as VideoGPT's
-        return (centered * (1e-5 + variance.rsqrt()) * self.g + self.b).type_as(x)
+        return _VideoGPTLayerNorm.apply(x.float(), self.g, self.b).type_as(x)
 
 
 class GeLU2(nn.Module):
-    """The GELU approximation x * sigmoid(1.702 x) of VideoGPT's MLP."""
+    """The GELU approximation x * sigmoid(1.702 x) of VideoGPT's MLP, written silu(1.702 x) / 1.702
+    (silu(z) = z sigmoid(z)): on CUDA 3 kernels forward and 3 backward, where the product takes 3
+    and 5 (its backward has two branches and a sum)."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        return F.silu(1.702 * x) / 1.702
 
 
 class RightShift(nn.Module):
@@ -521,20 +549,33 @@ class AddBroadcastPosEmbed(nn.Module):
         return x + torch.cat(tables, dim=-1)                     # (B, *shape, dim)
 
 
+def _pad_head_width(t):                                          # (..., d) -> (..., 8 ceil(d / 8))
+    return F.pad(t, (0, -t.shape[-1] % 8)) if t.shape[-1] % 8 else t
+
+
 class FullAttention(nn.Module):
     """softmax(q k^T / sqrt(d)) v over all (t, h, w) positions, causal or not, with dropout on the
     attention weights while training. Its own module so its output, (B, heads, t, h, w, d), can be
-    hooked as `...attn.attn` (paper Table 4)."""
+    hooked as `...attn.attn` (paper Table 4).
+
+    CUDA's fused kernels take head widths that are multiples of 8 (in bf16 and fp16; flash also
+    wants q, k and v equally wide): the cross-attention's value heads, 240 / 4 = 60 wide, would
+    take the unfused math path, several times the kernels and memory traffic. Zero channels
+    appended to q and k leave q k^T as it is, and appended to v they only add output channels, cut
+    off here: so every width is padded at run time (the weights are untouched) and the memory-
+    efficient kernel takes the cross-attention."""
 
     def __init__(self, shape, causal, attn_dropout):
         super().__init__()
         self.shape, self.causal, self.attn_dropout = tuple(shape), causal, attn_dropout
 
     def forward(self, q, k, v):                                  # (B, heads, L, d) each
-        out = F.scaled_dot_product_attention(q, k, v,
+        d_k, d_v = q.shape[-1], v.shape[-1]
+        out = F.scaled_dot_product_attention(*map(_pad_head_width, (q, k, v)),
                                              dropout_p=self.attn_dropout if self.training else 0.0,
-                                             is_causal=self.causal)             # (B, heads, L, d_v)
-        return out.unflatten(2, self.shape)                      # (B, heads, t, h, w, d_v)
+                                             is_causal=self.causal,
+                                             scale=1 / math.sqrt(d_k))         # (B, heads, L, d_v')
+        return out[..., :d_v].unflatten(2, self.shape)           # (B, heads, t, h, w, d_v)
 
 
 class GPTAttention(nn.Module):
@@ -570,6 +611,18 @@ class GPTAttention(nn.Module):
         return self.fc(out)                                      # (B, t, h, w, dim_q)
 
 
+def autocast_input(x):
+    """`x` as autocast would cast it for a matmul (the same `x` outside autocast): once for all the
+    Linear layers that read it, where autocast casts it again for each. The forward pass's numbers
+    do not change; the readers' gradients are summed in that precision instead of fp32, which leaves
+    the gradients' error against fp32 training as it was (benchmarks/README.md)."""
+    device = x.device.type                                       # (meta tensors have no autocast)
+    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and x.dtype == torch.float32):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class AttentionBlock(nn.Module):
     """One transformer block: pre-norm causal self-attention, cross-attention to the conditioning
     features, MLP (x4, GeLU2); dropout on each residual branch. Attention-weight dropout applies to
@@ -599,7 +652,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x, cond):                                  # (B, t, h, w, hidden),
                                                                  # (B, t, h, w, cond_dim)
-        h = self.pre_attn_norm(x)
+        h = autocast_input(self.pre_attn_norm(x))                # q, k and v read it
         x = x + self.post_attn_dp(self._run(self.attn, h, h))
         h = self.pre_enc_norm(x)
         x = x + self.post_enc_dp(self._run(self.enc_attn, h, cond))
@@ -622,6 +675,7 @@ class AttentionStack(nn.Module):
 
     def forward(self, x, cond):                                  # (B, t, h, w, hidden)
         x = self.pos_embd(self.right_shift(x))
+        cond = autocast_input(cond)                              # every block's k and v read it
         for block in self.attn_nets:
             x = block(x, cond)
         return x
@@ -1704,7 +1758,9 @@ RUN_FLAGS = {
                    help="TF32 matmuls and convolutions in fp32 (Ampere and later)"),
     "--channels-last": dict(action="store_true", help="channels_last_3d memory format"),
     "--cudnn-benchmark": dict(action="store_true", help="let cuDNN pick the fastest kernels"),
-    "--compile": dict(action="store_true", help="torch.compile the model"),
+    "--compile": dict(action=BooleanOptionalAction, default=None,
+                      help="torch.compile the model (default: on CUDA, off on the CPU, where "
+                           "compiling takes longer than a short run saves)"),
     "--log-every": dict(type=int, default=100,
                         help="steps between log.csv rows (default %(default)s)"),
     "--val-every": dict(type=int, default=1000,
@@ -1828,14 +1884,21 @@ def run_training(train, args, run, preemption):
 
 
 def wrap_for_training(model, args, ctx, **ddp_options):
-    """The model the training loop calls: under DDP with several processes, compiled with --compile.
-    The checkpoints save the model itself, unwrapped."""
+    """The model the training loop calls: under DDP with several processes, compiled where
+    compiles(--compile). The checkpoints save the model itself, unwrapped."""
     if ctx.world_size > 1:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_options)
-    if args.compile:
+    if compiles(args.compile, ctx.device):
         model = torch.compile(model)
     return model
+
+
+def compiles(flag, device):
+    """Whether --compile (True), --no-compile (False) or neither (None) compiles the model on
+    `device`: by default on CUDA, where eager mode launches a kernel per elementwise operation and
+    torch.compile fuses them (fewer launches, less memory traffic), and not on the CPU."""
+    return device.type == "cuda" if flag is None else flag
 
 
 def split_validation(reps, val_reps, path):

@@ -148,35 +148,114 @@ def explicit_attention(q, k, v, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_fused_attention_equals_explicit_softmax_in_fp64(causal):
+@pytest.mark.parametrize("d_k, d_v", [(16, 12), (12, 60)])   # widths padded to a multiple of 8
+def test_fused_attention_equals_explicit_softmax_in_fp64(causal, d_k, d_v):
     torch.manual_seed(2)
     attention = common.FullAttention((4, 8, 8), causal=causal, attn_dropout=0.3).eval()
-    q, k, v = (torch.randn(2, 4, 256, d, dtype=torch.float64) for d in (16, 16, 12))
+    q, k, v = (torch.randn(2, 4, 256, d, dtype=torch.float64, requires_grad=True) for d in (d_k, d_k, d_v))
     out = attention(q, k, v)                                                       # (B, heads, t, h, w, d)
     expected = explicit_attention(q, k, v, causal).unflatten(2, (4, 8, 8))
+    assert out.shape == (2, 4, 4, 8, 8, d_v)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), grad),
+                            torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
     attention.train()                                   # attention dropout is active while training
     assert not torch.allclose(attention(q, k, v), out)
 
 
+def authors_layer_norm(x, g, b):
+    """VideoGPT's LayerNorm as their code writes it."""
+    centered = x - x.mean(-1, keepdim=True)
+    return centered * (1e-5 + centered.square().mean(-1, keepdim=True).rsqrt()) * g + b
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.02, 0.005])   # unit variance; the start token; codebook scale
 def test_layer_norm_is_the_authors_formula_not_torchs(scale):
-    """Against VideoGPT's formula written out in float64 numpy: (x - mu) * (1e-5 + 1 / sqrt(var)) * g + b."""
+    """Against VideoGPT's formula in float64, (x - mu) * (1e-5 + 1 / sqrt(var)) * g + b, forward and backward
+    (ours is torch's fused LayerNorm rescaled, with a backward of its own)."""
     torch.manual_seed(0)
     norm = common.GPTLayerNorm(576)
     torch.nn.init.normal_(norm.g), torch.nn.init.normal_(norm.b)
-    x = torch.randn(3, 10, 576) * scale + 0.1 * scale
-    xs, g, b = x.double().numpy(), norm.g.detach().double().numpy(), norm.b.detach().double().numpy()
-    centered = xs - xs.mean(-1, keepdims=True)
-    authors = centered * (1e-5 + 1 / np.sqrt((centered ** 2).mean(-1, keepdims=True))) * g + b
-    ours = norm(x).detach().double().numpy()
-    np.testing.assert_allclose(ours, authors, rtol=1e-5, atol=1e-6)
+    x = (torch.randn(3, 10, 576) * scale + 0.1 * scale).requires_grad_()
+    x64, g64, b64 = (t.detach().double().requires_grad_() for t in (x, norm.g, norm.b))
+    authors = authors_layer_norm(x64, g64, b64)
+    ours = norm(x)
+    torch.testing.assert_close(ours.double(), authors, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(ours)
+    expected = torch.autograd.grad(authors, (x64, g64, b64), grad.double())
+    for name, got, want in zip("xgb", torch.autograd.grad(ours, (x, norm.g, norm.b), grad), expected):
+        relative = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert relative < 1e-5, (name, relative)
     # and not torch's LayerNorm, from which it differs most where the variance is small
-    torchs = F.layer_norm(x, (576,), norm.g, norm.b, eps=1e-5).detach().double().numpy()
-    relative = np.abs(torchs - authors).max() / np.abs(authors).max()
+    torchs = F.layer_norm(x64, (576,), g64, b64, eps=1e-5)
+    relative = ((torchs - authors).abs().max() / authors.abs().max()).item()
     assert relative > (1e-3 if scale < 0.1 else 5e-6), relative
     # mixed precision: computed in fp32, returned in the input's dtype
     assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_layer_norm_gradient_passes_gradcheck():
+    """The hand-written backward, checked by finite differences in float64."""
+    torch.manual_seed(1)
+    x, g, b = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in [(2, 3, 16), (16,), (16,)])
+    assert torch.autograd.gradcheck(common._VideoGPTLayerNorm.apply, (0.1 * x.detach().requires_grad_(), g, b))
+
+
+def authors_block_outputs(model, x, cond):
+    """The MLP output of every block (post_fc_dp in eval mode) in float64, the blocks written out from the
+    authors' code: their LayerNorm, multi-head attention with an explicit softmax (and causal mask), their
+    GeLU2 x * sigmoid(1.702 x). x, cond: (B, t, h, w, embedding_dim) codebook vectors. The conditioning and
+    input layers before the blocks are the model's own (in float32)."""
+    with torch.no_grad():
+        cond = model.cond_pos_embd(model.resnet(cond.movedim(-1, 1)).movedim(1, -1)).flatten(1, 3).double()
+        x = model.attn_stack.pos_embd(model.attn_stack.right_shift(model.fc_in(x))).flatten(1, 3).double()
+    p = {name: t.detach().double() for name, t in model.named_parameters()}
+    heads = model.config["heads"]
+
+    def linear(h, name, bias=True):
+        return h @ p[f"{name}.weight"].T + (p[f"{name}.bias"] if bias else 0)
+
+    def attention(h, context, name, causal):                                      # (B, L, width) each
+        q, k, v = (linear(t, f"{name}.{w}", bias=False).unflatten(-1, (heads, -1)).transpose(1, 2)
+                   for t, w in [(h, "w_qs"), (context, "w_ks"), (context, "w_vs")])   # (B, heads, L, d)
+        return linear(explicit_attention(q, k, v, causal).transpose(1, 2).flatten(2), f"{name}.fc")
+
+    def norm(h, name):
+        return authors_layer_norm(h, p[f"{name}.g"], p[f"{name}.b"])
+
+    outputs = []
+    for i in range(model.config["layers"]):
+        block = f"attn_stack.attn_nets.{i}"
+        h = norm(x, f"{block}.pre_attn_norm")
+        x = x + attention(h, h, f"{block}.attn", causal=True)
+        x = x + attention(norm(x, f"{block}.pre_enc_norm"), cond, f"{block}.enc_attn", causal=False)
+        a = linear(norm(x, f"{block}.pre_fc_norm"), f"{block}.fc_block.0")
+        outputs.append(linear(a * torch.sigmoid(1.702 * a), f"{block}.fc_block.2"))
+        x = x + outputs[-1]
+    return outputs
+
+
+def test_layer_4_equals_the_authors_forward_pass():
+    """The paper's layer (block 4's MLP output) against the authors' blocks written out in float64, at the
+    paper's widths of conditioning (240: 60-wide value heads in the cross-attention, padded to 64 for fused
+    attention) and narrow q, k heads (48 / 4 = 12, padded to 16), on codebook-scale inputs where VideoGPT's
+    LayerNorm is far from torch's."""
+    torch.manual_seed(7)
+    model = common.GPTPrior(latent_shape=(4, 8, 8), embedding_dim=16, n_codes=64, hidden_dim=48, heads=4,
+                            layers=5, cond_dim=240).eval()
+    codebook = 0.05 * torch.randn(64, 16)
+    x, cond = (F.embedding(torch.randint(0, 64, (2, 4, 8, 8)), codebook) for _ in range(2))
+    outputs = {}
+    model.get_submodule(common.PAPER_LAYER).register_forward_hook(
+        lambda module, inputs, output: outputs.__setitem__("ours", output))
+    with torch.no_grad():
+        model(x, cond)
+    ours = outputs["ours"].flatten(1, 3).double()                               # (B, L, hidden)
+    theirs = authors_block_outputs(model, x, cond)[4]
+    relative = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+    assert relative < 1e-5, relative
 
 
 def test_tiny_config_overfits_a_few_samples():
@@ -194,6 +273,81 @@ def test_tiny_config_overfits_a_few_samples():
         losses.append(loss.item())
     assert abs(losses[0] - np.log(32)) < 1e-5            # zero-initialised fc_out: uniform predictions
     assert losses[-1] < 0.01 * losses[0]
+
+
+def test_casting_once_under_autocast_changes_no_number_of_the_forward_pass(monkeypatch):
+    """A tensor that several Linear layers read (the self-attention's normalised input, the conditioning) is cast
+    once under autocast, where autocast casts it for each reader: the logits are autocast's own, bit for bit."""
+    torch.manual_seed(8)
+    model = common.GPTPrior(**TINY_GPT).eval()
+    torch.nn.init.normal_(model.fc_out.weight)
+    x, cond = torch.randn(2, 2, 4, 4, 4, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        once = model(x, cond)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        other = model(x, cond)                                              # another cast is seen
+    monkeypatch.setattr(common, "autocast_input", lambda t: t)              # autocast casts for each reader
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        each = model(x, cond)
+    assert once.dtype == torch.bfloat16 and torch.equal(once, each)
+    assert not torch.equal(other.bfloat16(), once)
+
+
+def test_compiled_model_gives_the_eager_loss_and_gradients():
+    """torch.compile (04's default on CUDA) computes what eager mode does, here with inductor's CPU kernels: the
+    loss and every gradient, VideoGPT's LayerNorm (a backward of its own) and padded attention heads included.
+    One block, to keep the compilation short (about a minute on 2 busy cores)."""
+    torch.manual_seed(9)
+    model = common.GPTPrior(**{**TINY_GPT, "layers": 1, "cond_dim": 12}, dropout=0.0, attn_dropout=0.0)
+    torch.nn.init.normal_(model.fc_out.weight)
+    codebook = torch.randn(32, 8)
+    cond, target = torch.randint(0, 32, (2, 3, 4, 4, 4))
+    losses, grads = [], []
+    for step_model in (model, torch.compile(model)):
+        model.zero_grad()
+        losses.append(gpt_stage.gpt_loss(step_model, codebook, cond, target))
+        losses[-1].backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_is_the_default_on_cuda_only():
+    for flags, on_cpu, on_cuda in [([], False, True), (["--compile"], True, True), (["--no-compile"], False, False)]:
+        flag = gpt_stage.parse_args(flags).compile
+        assert (common.compiles(flag, torch.device("cpu")), common.compiles(flag, torch.device("cuda"))) == \
+            (on_cpu, on_cuda), flags
+
+
+def test_step_counter_takes_cudas_attention_backends_and_books_every_op():
+    """benchmarks/count_gpt_step.py, which counts the GPT step's CUDA kernels on the CPU: the attention backend
+    CUDA takes for the paper's head widths, multi-tensor launches, and a counted step of a small model whose
+    kernels all land in a module's row, with no op that CUDA's autocast would cast and the CPU's does not."""
+    count = load_stage("benchmarks/count_gpt_step.py")
+
+    def backend(d_v, dtype=torch.bfloat16, dropout=0.0, causal=False, d_qk=144):
+        q, v = (torch.empty(2, 256, 4, d, dtype=dtype, requires_grad=True).transpose(1, 2)
+                for d in (d_qk, d_v))                                          # (B, heads, L, d), training
+        return count.cuda_attention_backend(q, q, v, dropout, causal)
+    assert backend(144, dropout=0.3, causal=True) == "flash"             # the self-attention
+    assert (backend(60), backend(64)) == ("math", "efficient")           # the cross-attention, padded or not
+    assert (backend(60, torch.float32), backend(144, torch.float32)) == ("efficient", "efficient")
+    assert (backend(64, d_qk=64), backend(64, d_qk=64, dropout=0.3)) == ("cudnn", "flash")
+    ones = [torch.empty(1)] * 111
+    assert count.multi_tensor_launches([ones]) == 2 and count.multi_tensor_launches([ones] * 2) == 2
+    assert count.multi_tensor_launches([[torch.empty(320 * count.CHUNK + 1)]]) == 2
+
+    step, backends = count.count_train_step(Namespace(batch_size=2, precision="bf16", hidden_dim=48, layers=1,
+                                                      heads=4))
+    assert sorted(b for b, _, _ in backends) == ["efficient", "flash"]
+    rows = count.module_rows(step)
+    known = [row for _, row in count.GROUPS] + ["GPTPrior.forward", "loss: embeddings, cross-entropy",
+                                                "optimizer: clipping, Adam", "total"]
+    assert set(rows) <= set(known) and rows["optimizer: clipping, Adam"]["kernels"] > 0
+    assert rows["total"]["kernels"] == sum(row["kernels"] for name, row in rows.items() if name != "total")
+    assert rows["VideoGPT's LayerNorm"]["kernels forward"] == 4 * 4                 # 4 calls, 4 kernels each
+    assert not step.autocast_differs
 
 
 # --------------------------------------------------------------------------------------------------

@@ -174,6 +174,17 @@ def test_loss_and_codebook_flags_reach_the_model():
         vqvae_stage.model_config(vqvae_stage.parse_args(["--ema-decay", "1"]))
 
 
+def test_compile_is_the_default_on_cuda_only():
+    """03's --compile: compiled by default on CUDA, not on the CPU; --compile and --no-compile decide."""
+    model, cpu = common.VQVAE(**TINY), common.DistContext(0, 0, 1, torch.device("cpu"))
+    for flags, on_cpu, on_cuda in [([], False, True), (["--compile"], True, True), (["--no-compile"], False, False)]:
+        args = vqvae_stage.parse_args(flags)
+        assert (common.compiles(args.compile, torch.device("cpu")),
+                common.compiles(args.compile, torch.device("cuda"))) == (on_cpu, on_cuda), flags
+        wrapped = common.wrap_for_training(model, args, cpu)
+        assert (wrapped is not model) == on_cpu and isinstance(wrapped, torch.nn.Module), flags
+
+
 def test_dead_code_is_restarted_from_encoder_outputs():
     codebook = small_codebook()
     codebook.N[3] = 0.5            # after one step without use: 0.495 < 1, so code 3 is dead
