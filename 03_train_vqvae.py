@@ -27,7 +27,7 @@ Output (<work>/vqvae/):
     recon.png   validation clips (rows: original, reconstruction) at the end of training
 
 Loss (VideoGPT): MSE(x, x_hat) / 0.06 + beta x commitment (eq. 1); the codebook follows an EMA
-(eqs. 3-6, common.Codebook). Adam(3e-4, betas 0.9/0.999), cosine annealing to 0 over --max-steps
+(eqs. 3-6, Codebook). Adam(3e-4, betas 0.9/0.999), cosine annealing to 0 over --max-steps
 (eq. 2; the authors' code kept 3e-4 constant: --lr-schedule constant). --batch-size counts the clips
 of one optimizer step over all processes; BatchNorm statistics stay per process
 (over --batch-size / N clips with N processes), as in VideoGPT without Lightning's --sync_batchnorm,
@@ -50,6 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
+from paper.vqvae import Codebook, VQVAE, VQVAE_PAPER_CONFIG, video_from_uint8
 from common import DEFAULT_WORK, InputError, run_main
 
 STAGE = "03_train_vqvae"
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
     data = p.add_argument_group("data")
     common.add_split_flags(data)
-    paper = common.VQVAE_PAPER_CONFIG
+    paper = VQVAE_PAPER_CONFIG
     model = p.add_argument_group("model (the authors' configuration by default: "
                                  "Table 2(a)'s parameter counts)")
     model.add_argument("--resolution", type=int, default=paper["resolution"],
@@ -221,7 +222,7 @@ class Interval:
 def start_state(args, run, ctx):
     """A new VQ-VAE with its optimizer and loss scaler; when resuming, the checkpoint's weights,
     step and random generators."""
-    model = common.VQVAE(**run.model_config, beta=args.beta,
+    model = VQVAE(**run.model_config, beta=args.beta,
                          ema_decay=args.ema_decay).to(ctx.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -310,7 +311,7 @@ def plan_run(args):
 
 def model_config(args):
     """The VQVAE keywords of the flags, after checking they describe a valid model."""
-    config = {name: getattr(args, name) for name in common.VQVAE_PAPER_CONFIG}
+    config = {name: getattr(args, name) for name in VQVAE_PAPER_CONFIG}
     config["downsample"] = tuple(args.downsample)
     size = (args.sequence_length, args.resolution, args.resolution)
     for d, s, axis in zip(args.downsample, size, "THW"):
@@ -417,7 +418,7 @@ class ClipSampler:
 def to_model_input(clips, device, channels_last):
     """uint8 clips (B, T, H, W, 3) on the host -> the VQ-VAE's input (B, 3, T, H, W) on `device`:
     the uint8 batch travels, the scaling to [-0.5, 0.5] runs on the device."""
-    x = common.video_from_uint8(clips.to(device, non_blocking=True))
+    x = video_from_uint8(clips.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last_3d if channels_last
                         else torch.contiguous_format)
 

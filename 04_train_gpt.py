@@ -68,6 +68,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+from paper.gpt import GPT_COND_DIM, GPTPrior, gpt_loss
+from paper.vqvae import video_from_uint8
 from common import DEFAULT_WORK, InputError, run_main
 
 STAGE = "04_train_gpt"
@@ -111,7 +113,7 @@ def parse_args(argv=None):
                        help="attention blocks (paper sweep: 1, 2, 4, 8, 16)")
     model.add_argument("--heads", type=int, default=4,
                        help="attention heads (paper sweep: 1, 2, 4, 8)")
-    model.add_argument("--cond-dim", type=int, default=common.GPT_COND_DIM,
+    model.add_argument("--cond-dim", type=int, default=GPT_COND_DIM,
                        help="width of the conditioning features "
                             "(the authors' fixed 240; small for tiny tests)")
     model.add_argument("--dropout", type=float, default=0.2,
@@ -249,16 +251,6 @@ def optimizer_step(model, state, codebook, cond, target, lr, args):
     return loss.detach()
 
 
-def gpt_loss(model, codebook, cond_codes, target_codes):
-    """Paper eq. 7: mean cross-entropy of the target clip's codes (B, t, h, w), each predicted from
-    the codes before it (causal attention) and from the conditioning clip's codes (cross-attention).
-    The GPT reads codebook vectors, codes (B, t, h, w) -> (B, t, h, w, D),
-    as the authors' emb_cond model does."""
-    logits = model(F.embedding(target_codes, codebook),
-                   F.embedding(cond_codes, codebook))                    # (B, t, h, w, K)
-    return F.cross_entropy(logits.flatten(0, -2).float(), target_codes.flatten().long())
-
-
 # --------------------------------------------------------------------------------------------------
 # Training state: what changes step by step, what a checkpoint saves, what a log row reports
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +283,7 @@ class TrainState:
 def start_state(args, run, ctx, codebook):
     """A new model with its optimizer and loss scaler, from --init-from's weights or a fresh draw,
     then the checkpoint's weights, step, log interval and random generators when resuming."""
-    model = common.GPTPrior(**run.model_config, checkpoint_activations=args.checkpoint_activations)
+    model = GPTPrior(**run.model_config, checkpoint_activations=args.checkpoint_activations)
     model = model.to(ctx.device)
     if args.init_from and run.checkpoint is None:
         load_initial_weights(model, args.init_from, run.model_config, codebook)
@@ -408,7 +400,7 @@ def plan_run(args):
     data = GPTData(vqvae, vqvae_path, sha256(vqvae_path), train_reps, used, val_reps,
                    [sha256(p) for p in frames_paths], n_samples, max_steps)
     with torch.device("meta"):   # the model's size, without its memory
-        n_parameters = sum(p.numel() for p in common.GPTPrior(**config).parameters())
+        n_parameters = sum(p.numel() for p in GPTPrior(**config).parameters())
     # the record says which frames this data size means, repetition by repetition, and (for 07's
     # scaling laws) the model's size and the compute of one training sample
     subset = [{**common.repetition_record(r), "frames_used": n,
@@ -617,7 +609,7 @@ def encode_repetition(vqvae, frames, frame_step, device, batch=ENCODE_BATCH):
     for i in range(0, n_clips, batch):
         start_clips = range(i, min(i + batch, n_clips))
         clips = clips_of_frames(frames, start_clips, sequence_length, frame_step)  # (B, T, H, W, 3)
-        video = common.video_from_uint8(torch.as_tensor(clips).to(device))
+        video = video_from_uint8(torch.as_tensor(clips).to(device))
         codes.append(vqvae.encode(video).cpu())                                  # (B, t, h, w)
     return torch.cat(codes) if codes else torch.zeros((0, *vqvae.latent_shape), dtype=torch.long)
 
@@ -717,7 +709,7 @@ def train_flops_per_sample(config):
     """FLOPs of one training sample (forward + backward), counted by torch on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        model = common.GPTPrior(**config)
+        model = GPTPrior(**config)
         x = torch.zeros(1, *config["latent_shape"], config["embedding_dim"])
         targets = torch.zeros(1, *config["latent_shape"], dtype=torch.long)
     with FlopCounterMode(display=False) as counter:

@@ -64,7 +64,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import DEFAULT_WORK, GAMEPLAY_HZ, PAPER_LAYER, InputError, read_tsv, run_main, run_stem
+from paper.vqvae import video_from_uint8
+from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, read_tsv, run_main, run_stem
+from paper.gpt import PAPER_LAYER
 
 STAGE = "05_extract"
 BLOCK_OUTPUT = "post_fc_dp"                 # --layer last = attn_stack.attn_nets.<L-1>.post_fc_dp
@@ -549,7 +551,7 @@ def encode_windows(vqvae, clips):
     trained the GPT on codes computed that way. Two encoder calls rather than one of 2B clips, so
     that a hooked VQ-VAE module sees B samples per call: its features are (B, 2, ...), conditioning
     clip then target clip."""
-    video = common.video_from_uint8(clips)                # (B, 3, window, H, W) in [-0.5, 0.5]
+    video = video_from_uint8(clips)                # (B, 3, window, H, W) in [-0.5, 0.5]
     half = video.shape[2] // 2
     return vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])
 

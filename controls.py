@@ -5,7 +5,7 @@ appendix A's comparison of the modules of one block. 07_sweep.py plans and repor
 import torch
 
 from paper.experiments import feature_layer
-from common import GPTPrior
+from paper.gpt import GPTPrior
 
 CONTROLS_CLAIM = ("(not the paper's: the paper reports trained models only) The score comes from "
                   "what the GPT learned: the trained model beats its untrained copy, its VQ-VAE "

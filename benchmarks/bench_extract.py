@@ -25,6 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
+from paper.gpt import GPTPrior
+from paper.vqvae import VQVAE
 
 
 def load_stage(filename):
@@ -56,8 +58,8 @@ def main():
 
     # --- the paper's models (random weights), hooked at the paper's layer ---------------------------
     torch.manual_seed(0)
-    model = common.GPTPrior().eval()
-    model.vqvae = common.VQVAE().eval()
+    model = GPTPrior().eval()
+    model.vqvae = VQVAE().eval()
     model.to(device)
     latent, layer = model.vqvae.latent_shape, extract.PAPER_LAYER
     frame_shape = (model.vqvae.config["resolution"],) * 2 + (3,)

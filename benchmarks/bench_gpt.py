@@ -24,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
+from paper.gpt import GPTPrior, GPT_COND_DIM
 
 _spec = importlib.util.spec_from_file_location("stage04", REPO / "04_train_gpt.py")
 stage04 = importlib.util.module_from_spec(_spec)
@@ -52,9 +53,9 @@ def parse_args():
 def bench(args, device, batch_size, precision, fp8=False):
     """(clips/s, peak memory GB) of the training step."""
     config = dict(latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024, hidden_dim=args.hidden_dim,
-                  heads=args.heads, layers=args.layers, dropout=0.2, attn_dropout=0.3, cond_dim=common.GPT_COND_DIM)
+                  heads=args.heads, layers=args.layers, dropout=0.2, attn_dropout=0.3, cond_dim=GPT_COND_DIM)
     torch.manual_seed(0)
-    model = common.GPTPrior(**config, checkpoint_activations=args.checkpoint_activations).to(device).train()
+    model = GPTPrior(**config, checkpoint_activations=args.checkpoint_activations).to(device).train()
     if fp8:
         from torchao.float8 import convert_to_float8_training
         convert_to_float8_training(model, module_filter_fn=lambda m, name: "fc_out" not in name)

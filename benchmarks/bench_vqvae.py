@@ -20,9 +20,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from paper.vqvae import SamePadConvTranspose3d, VQVAE, VQVAE_PAPER_CONFIG
 
 CONFIGS = {
-    "paper": common.VQVAE_PAPER_CONFIG,
+    "paper": VQVAE_PAPER_CONFIG,
     "tiny": dict(resolution=32, sequence_length=8, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
                  embedding_dim=8, n_codes=32),
 }
@@ -59,7 +60,7 @@ def useful_flops(model, run):
         return hook
 
     hooks = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
-             if isinstance(module, common.SamePadConvTranspose3d) and module.pad_input is not None]
+             if isinstance(module, SamePadConvTranspose3d) and module.pad_input is not None]
     counter = FlopCounterMode(display=False)
     try:
         with counter:
@@ -77,7 +78,7 @@ def useful_flops(model, run):
 
 def flops_per_clip(config, device, batch_size):
     """Useful FLOPs of one training step (forward + backward) divided by the batch size, in fp32."""
-    model = common.VQVAE(**config).to(device)
+    model = VQVAE(**config).to(device)
     x = torch.rand(batch_size, 3, config["sequence_length"], config["resolution"], config["resolution"],
                    device=device) - 0.5
 
@@ -90,7 +91,7 @@ def flops_per_clip(config, device, batch_size):
 def time_steps(config, device, precision, args):
     """(clips/s, peak memory GB or None) of the training step."""
     torch.manual_seed(0)
-    model = common.VQVAE(**config).to(device)
+    model = VQVAE(**config).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, betas=(0.9, 0.999), fused=device.type == "cuda")

@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
+from paper.gpt import GPTPrior, GPT_COND_DIM
 
 _spec = importlib.util.spec_from_file_location("stage04", REPO / "04_train_gpt.py")
 stage04 = importlib.util.module_from_spec(_spec)
@@ -324,10 +325,10 @@ def count_train_step(args):
     step took)."""
     config = dict(latent_shape=(4, 8, 8), embedding_dim=128, n_codes=1024,
                   hidden_dim=args.hidden_dim, heads=args.heads, layers=args.layers, dropout=0.2,
-                  attn_dropout=0.3, cond_dim=common.GPT_COND_DIM)
+                  attn_dropout=0.3, cond_dim=GPT_COND_DIM)
     backends = Counter()
     with FakeTensorMode(), cuda_dispatch(backends):
-        model = common.GPTPrior(**config).train()
+        model = GPTPrior(**config).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, betas=stage04.ADAM_BETAS,
                                      fused=True)                 # as 04 on CUDA
         state = Namespace(optimizer=optimizer,

@@ -3,7 +3,7 @@ what the paper concluded from each (section 3).
 
 07_sweep.py runs every configuration as 04 -> 05 -> 06 and judges each claim from the scores.
 """
-from common import PAPER_LAYER   # (until the models move to paper/)
+from paper.gpt import PAPER_LAYER
 
 
 # The reference trains on every training frame (--train-frames 0, "all"): the paper's 6M are more

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import common
+from paper.gpt import GPTPrior
+from paper.vqvae import VQVAE
 from conftest import load_stage, needs_namespaces, run_confined, run_script
 
 extract = load_stage("05_extract.py")
@@ -224,7 +226,7 @@ def checkpoints(tmp_path_factory):
     the authors' Lightning format (`state_dict` with `vqvae.*` keys + `hyper_parameters`)."""
     folder = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    vqvae, gpt = common.VQVAE(**TINY_VQVAE).eval(), common.GPTPrior(**TINY_GPT).eval()
+    vqvae, gpt = VQVAE(**TINY_VQVAE).eval(), GPTPrior(**TINY_GPT).eval()
     # An untrained codebook maps every clip to one code: take the codes from the encoder outputs of
     # time-coded clips (as VideoGPT's first batch does), so that different windows get different codes.
     clips = np.stack([time_coded_frames(rep, 600)[start::37][:4] for rep in (1, 3) for start in range(0, 400, 25)])
@@ -413,7 +415,7 @@ def test_codes_are_computed_in_fp32_whatever_the_precision():
     runs in reduced precision. Here bf16 autocast of the encoder flips a good share of the codes, and
     VQVAE.encode (used by 04's code cache and by 05) is immune to it, and to the caller's TF32 setting."""
     torch.manual_seed(0)
-    vqvae = common.VQVAE(**{**TINY_VQVAE, "n_codes": 256}).eval()
+    vqvae = VQVAE(**{**TINY_VQVAE, "n_codes": 256}).eval()
     clips = torch.randint(0, 256, (16, WINDOW, RES, RES, 3), dtype=torch.uint8)
     video = clips.permute(0, 4, 1, 2, 3).float() / 255 - 0.5                   # (B, 3, window, H, W)
     half = WINDOW // 2

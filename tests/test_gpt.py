@@ -1,4 +1,4 @@
-"""Stage 04 and common.GPTPrior: the conditioned GPT prior (paper 2.3.1.2), its code cache and training."""
+"""Stage 04 and GPTPrior: the conditioned GPT prior (paper 2.3.1.2), its code cache and training."""
 import math
 import os
 import shutil
@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from conftest import REPO, load_stage
 
 import common
+import paper.gpt
+from paper.gpt import FullAttention, GPTLayerNorm, GPTPrior, PAPER_LAYER, _VideoGPTLayerNorm
+from paper.vqvae import VQVAE
 
 gpt_stage = load_stage("04_train_gpt.py")
 
@@ -52,7 +55,7 @@ def work(tmp_path_factory):
     rows.insert(2, dict(rows[0], rep="03", n_frames=None, frames_path=None, status="failed", error="boom"))
     common.write_tsv(work / "frames" / "manifest.tsv", rows)
     torch.manual_seed(0)
-    vqvae = common.VQVAE(**TINY_VQVAE)
+    vqvae = VQVAE(**TINY_VQVAE)
     common.save_checkpoint(work / "vqvae" / "ckpt.pt", dict(model=vqvae.state_dict(), model_config=vqvae.config))
     return work
 
@@ -74,7 +77,7 @@ def read_log(work, name):
 # The model
 # --------------------------------------------------------------------------------------------------
 def test_parameter_counts_match_table_2b():
-    model = common.GPTPrior()                      # the paper's configuration is the default
+    model = GPTPrior()                      # the paper's configuration is the default
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 40_324_768
     assert round(counts["resnet"] / 1e5) == 24                  # 2.4 M
@@ -97,11 +100,11 @@ def test_state_dict_keys_are_the_authors():
     expected |= {f"cond_pos_embd.emb.d_{i}" for i in range(3)} | {f"attn_stack.pos_embd.emb.d_{i}" for i in range(3)}
     expected |= {"fc_in.weight", "attn_stack.right_shift.sos", "norm.g", "norm.b", "fc_out.weight"}
     expected |= {f"attn_stack.attn_nets.{i}.{k}" for i in range(2) for k in block}
-    assert set(common.GPTPrior(**TINY_GPT).state_dict()) == expected
+    assert set(GPTPrior(**TINY_GPT).state_dict()) == expected
 
 
 def test_hooks_on_every_block_name_give_table_4_shapes():
-    model = common.GPTPrior().eval()
+    model = GPTPrior().eval()
     table4 = {"pre_attn_norm": 576, "post_attn_dp": 576, "attn.w_qs": 576, "attn.w_ks": 576, "attn.w_vs": 576,
               "attn.fc": 576, "pre_enc_norm": 576, "post_enc_dp": 576, "enc_attn.w_qs": 576, "enc_attn.w_ks": 576,
               "enc_attn.w_vs": 240, "enc_attn.fc": 576, "pre_fc_norm": 576, "post_fc_dp": 576, "fc_block": 576,
@@ -121,7 +124,7 @@ def test_hooks_on_every_block_name_give_table_4_shapes():
 
 def test_changing_a_later_target_code_never_changes_earlier_logits():
     torch.manual_seed(1)
-    model = common.GPTPrior(**TINY_GPT).eval()
+    model = GPTPrior(**TINY_GPT).eval()
     torch.nn.init.normal_(model.fc_out.weight)           # zero-initialised: every logit would be 0
     codebook = torch.randn(32, 8)
     target = torch.randint(0, 32, (2, 4, 4, 4))
@@ -151,7 +154,7 @@ def explicit_attention(q, k, v, causal):
 @pytest.mark.parametrize("d_k, d_v", [(16, 12), (12, 60)])   # widths padded to a multiple of 8
 def test_fused_attention_equals_explicit_softmax_in_fp64(causal, d_k, d_v):
     torch.manual_seed(2)
-    attention = common.FullAttention((4, 8, 8), causal=causal, attn_dropout=0.3).eval()
+    attention = FullAttention((4, 8, 8), causal=causal, attn_dropout=0.3).eval()
     q, k, v = (torch.randn(2, 4, 256, d, dtype=torch.float64, requires_grad=True) for d in (d_k, d_k, d_v))
     out = attention(q, k, v)                                                       # (B, heads, t, h, w, d)
     expected = explicit_attention(q, k, v, causal).unflatten(2, (4, 8, 8))
@@ -176,7 +179,7 @@ def test_layer_norm_is_the_authors_formula_not_torchs(scale):
     """Against VideoGPT's formula in float64, (x - mu) * (1e-5 + 1 / sqrt(var)) * g + b, forward and backward
     (ours is torch's fused LayerNorm rescaled, with a backward of its own)."""
     torch.manual_seed(0)
-    norm = common.GPTLayerNorm(576)
+    norm = GPTLayerNorm(576)
     torch.nn.init.normal_(norm.g), torch.nn.init.normal_(norm.b)
     x = (torch.randn(3, 10, 576) * scale + 0.1 * scale).requires_grad_()
     x64, g64, b64 = (t.detach().double().requires_grad_() for t in (x, norm.g, norm.b))
@@ -200,7 +203,7 @@ def test_layer_norm_gradient_passes_gradcheck():
     """The hand-written backward, checked by finite differences in float64."""
     torch.manual_seed(1)
     x, g, b = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in [(2, 3, 16), (16,), (16,)])
-    assert torch.autograd.gradcheck(common._VideoGPTLayerNorm.apply, (0.1 * x.detach().requires_grad_(), g, b))
+    assert torch.autograd.gradcheck(_VideoGPTLayerNorm.apply, (0.1 * x.detach().requires_grad_(), g, b))
 
 
 def authors_block_outputs(model, x, cond):
@@ -243,12 +246,12 @@ def test_layer_4_equals_the_authors_forward_pass():
     attention) and narrow q, k heads (48 / 4 = 12, padded to 16), on codebook-scale inputs where VideoGPT's
     LayerNorm is far from torch's."""
     torch.manual_seed(7)
-    model = common.GPTPrior(latent_shape=(4, 8, 8), embedding_dim=16, n_codes=64, hidden_dim=48, heads=4,
+    model = GPTPrior(latent_shape=(4, 8, 8), embedding_dim=16, n_codes=64, hidden_dim=48, heads=4,
                             layers=5, cond_dim=240).eval()
     codebook = 0.05 * torch.randn(64, 16)
     x, cond = (F.embedding(torch.randint(0, 64, (2, 4, 8, 8)), codebook) for _ in range(2))
     outputs = {}
-    model.get_submodule(common.PAPER_LAYER).register_forward_hook(
+    model.get_submodule(PAPER_LAYER).register_forward_hook(
         lambda module, inputs, output: outputs.__setitem__("ours", output))
     with torch.no_grad():
         model(x, cond)
@@ -260,7 +263,7 @@ def test_layer_4_equals_the_authors_forward_pass():
 
 def test_tiny_config_overfits_a_few_samples():
     torch.manual_seed(3)
-    model = common.GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
+    model = GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
     codebook = torch.randn(32, 8)
     cond, target = torch.randint(0, 32, (2, 4, 4, 4, 4))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -279,14 +282,14 @@ def test_casting_once_under_autocast_changes_no_number_of_the_forward_pass(monke
     """A tensor that several Linear layers read (the self-attention's normalised input, the conditioning) is cast
     once under autocast, where autocast casts it for each reader: the logits are autocast's own, bit for bit."""
     torch.manual_seed(8)
-    model = common.GPTPrior(**TINY_GPT).eval()
+    model = GPTPrior(**TINY_GPT).eval()
     torch.nn.init.normal_(model.fc_out.weight)
     x, cond = torch.randn(2, 2, 4, 4, 4, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         once = model(x, cond)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         other = model(x, cond)                                              # another cast is seen
-    monkeypatch.setattr(common, "autocast_input", lambda t: t)              # autocast casts for each reader
+    monkeypatch.setattr(paper.gpt, "autocast_input", lambda t: t)              # autocast casts for each reader
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         each = model(x, cond)
     assert once.dtype == torch.bfloat16 and torch.equal(once, each)
@@ -298,7 +301,7 @@ def test_compiled_model_gives_the_eager_loss_and_gradients():
     loss and every gradient, VideoGPT's LayerNorm (a backward of its own) and padded attention heads included.
     One block, to keep the compilation short (about a minute on 2 busy cores)."""
     torch.manual_seed(9)
-    model = common.GPTPrior(**{**TINY_GPT, "layers": 1, "cond_dim": 12}, dropout=0.0, attn_dropout=0.0)
+    model = GPTPrior(**{**TINY_GPT, "layers": 1, "cond_dim": 12}, dropout=0.0, attn_dropout=0.0)
     torch.nn.init.normal_(model.fc_out.weight)
     codebook = torch.randn(32, 8)
     cond, target = torch.randint(0, 32, (2, 3, 4, 4, 4))
@@ -355,8 +358,8 @@ def test_step_counter_takes_cudas_attention_backends_and_books_every_op():
 # --------------------------------------------------------------------------------------------------
 def test_cached_code_loss_equals_on_the_fly_encoding():
     torch.manual_seed(4)
-    vqvae = common.VQVAE(**TINY_VQVAE).eval()
-    model = common.GPTPrior(**TINY_GPT).eval()
+    vqvae = VQVAE(**TINY_VQVAE).eval()
+    model = GPTPrior(**TINY_GPT).eval()
     torch.nn.init.normal_(model.fc_out.weight)
     frames = np.random.default_rng(4).integers(0, 256, (200, RES, RES, 3), dtype=np.uint8)   # 3 clips
     codes = gpt_stage.encode_repetition(vqvae, frames, 4, torch.device("cpu"), batch=2)
@@ -543,8 +546,8 @@ def test_a_folder_held_by_another_run_is_refused_until_that_run_dies(work, tmp_p
 
 def test_authors_lightning_checkpoint_loads_strictly_and_initialises_training(work, tmp_path):
     torch.manual_seed(5)
-    theirs = common.GPTPrior(**TINY_GPT)
-    state = {f"vqvae.{k}": v for k, v in common.VQVAE(**TINY_VQVAE).state_dict().items()}
+    theirs = GPTPrior(**TINY_GPT)
+    state = {f"vqvae.{k}": v for k, v in VQVAE(**TINY_VQVAE).state_dict().items()}
     state.update(theirs.state_dict())
     for i in range(2):                                   # the authors' FullAttention keeps its causal mask
         state[f"attn_stack.attn_nets.{i}.attn.attn.mask"] = torch.tril(torch.ones(64, 64))
@@ -555,7 +558,7 @@ def test_authors_lightning_checkpoint_loads_strictly_and_initialises_training(wo
     config, gpt_state, extra = common.load_gpt_checkpoint(path)
     assert config == {**theirs.config}
     model = common.build_gpt(config, gpt_state, path)    # strict: every key used, none missing
-    assert set(extra["vqvae_state"]) == set(common.VQVAE(**TINY_VQVAE).state_dict())
+    assert set(extra["vqvae_state"]) == set(VQVAE(**TINY_VQVAE).state_dict())
     x = torch.randn(2, 4, 4, 4, 8)
     assert torch.equal(model.eval()(x, x), theirs.eval()(x, x))
 
@@ -595,7 +598,7 @@ def test_truncated_frames_are_named(work, tmp_path):
 
 
 def test_frames_of_another_resolution_are_refused(work, tmp_path):
-    vqvae = common.VQVAE(**{**TINY_VQVAE, "resolution": 32})
+    vqvae = VQVAE(**{**TINY_VQVAE, "resolution": 32})
     path = tmp_path / "vqvae32.pt"
     common.save_checkpoint(path, dict(model=vqvae.state_dict(), model_config=vqvae.config))
     with pytest.raises(common.InputError) as error:
@@ -607,8 +610,8 @@ def test_frames_of_another_resolution_are_refused(work, tmp_path):
 
 def test_activation_checkpointing_changes_nothing_but_memory():
     torch.manual_seed(6)
-    plain = common.GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
-    recomputed = common.GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0, checkpoint_activations=True)
+    plain = GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
+    recomputed = GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0, checkpoint_activations=True)
     recomputed.load_state_dict(plain.state_dict())
     torch.nn.init.normal_(plain.fc_out.weight), recomputed.fc_out.weight.data.copy_(plain.fc_out.weight)
     codebook = torch.randn(32, 8)
@@ -655,7 +658,7 @@ def test_ranks_share_the_code_cache_whatever_the_order_they_look_in(work, tmp_pa
     waiting = Collective()
     reps = common.training_repetitions(work, ["005"])
     digests = [common.file_sha256(work / r["frames_path"]) for r in reps]
-    vqvae = common.VQVAE(**TINY_VQVAE).eval()
+    vqvae = VQVAE(**TINY_VQVAE).eval()
     cache, args = tmp_path / "codes", Namespace(frame_step=4)
     with pytest.raises(AtBarrier):
         gpt_stage.cached_codes(work, reps, digests, vqvae, cache, args,

@@ -16,6 +16,7 @@ from sklearn.linear_model import Ridge, RidgeCV
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common
+from paper.gpt import PAPER_LAYER
 import ridge_fast
 import significance
 from common import bids_entities, run_stem  # noqa: E402
@@ -829,12 +830,12 @@ def test_several_layer_folders_need_layer_even_with_the_papers(tmp_path):
     """A layer extracted later beside the paper's (run_all.sh with EXTRACT_ARGS="--layer ...") must not be
     passed over for the paper's without a word: 06 asks which."""
     root = tmp_path / "features" / "demo"
-    for layer in (common.PAPER_LAYER, "attn_stack.attn_nets.7.post_fc_dp"):
+    for layer in (PAPER_LAYER, "attn_stack.attn_nets.7.post_fc_dp"):
         (root / layer).mkdir(parents=True)
     with pytest.raises(common.InputError, match="holds layers .*; choose one with --layer"):
         ridge.find_layer(root, None)
     assert ridge.find_layer(root, "attn_stack.attn_nets.7.post_fc_dp") == "attn_stack.attn_nets.7.post_fc_dp"
-    (root / common.PAPER_LAYER).rmdir()
+    (root / PAPER_LAYER).rmdir()
     assert ridge.find_layer(root, None) == "attn_stack.attn_nets.7.post_fc_dp"   # the only one: no question
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import common
+from paper.vqvae import VQVAE
 from conftest import REPO
 
 PAUSE_POINTS = str(REPO / "tests" / "pause_points")
@@ -164,7 +165,7 @@ def gpt_work(work):
     """Frames and a tiny random VQ-VAE (16 px, a 4 x 4 x 4 code grid) saved as stage 03 saves it."""
     frames_work(work, n_reps=6, n_frames=300, resolution=16)
     torch.manual_seed(0)
-    vqvae = common.VQVAE(resolution=16, sequence_length=16, n_hiddens=16, n_res_layers=1, downsample=(4, 4, 4),
+    vqvae = VQVAE(resolution=16, sequence_length=16, n_hiddens=16, n_res_layers=1, downsample=(4, 4, 4),
                          embedding_dim=8, n_codes=32)
     common.save_checkpoint(work / "vqvae" / "ckpt.pt", dict(model=vqvae.state_dict(), model_config=vqvae.config))
     return work

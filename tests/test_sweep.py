@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import common
+from paper.vqvae import VQVAE, video_from_uint8
 import controls as beyond_paper
 import scaling_laws
 import significance
@@ -540,12 +541,12 @@ def save_vqvae(work):
     manifest = common.read_tsv(work / "frames" / "manifest.tsv")
     frames = [work / path for path in manifest.loc[manifest["status"] == "ok", "frames_path"]]
     torch.manual_seed(0)
-    vqvae = common.VQVAE(resolution=32, sequence_length=16, n_hiddens=16, n_res_layers=1, downsample=(4, 4, 4),
+    vqvae = VQVAE(resolution=32, sequence_length=16, n_hiddens=16, n_res_layers=1, downsample=(4, 4, 4),
                          embedding_dim=16, n_codes=64).eval()
     clips = np.stack([rep[start:start + 64:4] for rep in map(np.load, frames)           # (B, 16, 32, 32, 3)
                       for start in range(0, len(rep) - 64, 300)])
     with torch.no_grad():
-        z = vqvae.pre_vq_conv(vqvae.encoder(common.video_from_uint8(torch.from_numpy(clips))))
+        z = vqvae.pre_vq_conv(vqvae.encoder(video_from_uint8(torch.from_numpy(clips))))
         z = z.movedim(1, -1).reshape(-1, 16)                                   # (B x 4 x 8 x 8, 16)
         chosen = z[torch.randperm(len(z))[:64]]
         vqvae.codebook.embeddings.copy_(chosen + 0.01 * torch.randn_like(chosen))

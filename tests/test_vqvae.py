@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import REPO, load_stage, needs_namespaces, run_confined, run_script
 
 import common
+from paper.vqvae import AxialAttention, Codebook, DATA_VARIANCE, RESTART_BELOW, SamePadConv3d, SamePadConvTranspose3d, VQVAE, VQVAE_PAPER_CONFIG
 
 vqvae_stage = load_stage("03_train_vqvae.py")
 TINY = dict(resolution=32, sequence_length=8, n_hiddens=16, n_res_layers=1, downsample=(2, 4, 4),
@@ -66,7 +67,7 @@ def read_log(work):
 # Model
 # --------------------------------------------------------------------------------------------------
 def test_paper_config_parameter_counts_equal_table_2a():
-    model = common.VQVAE(**common.VQVAE_PAPER_CONFIG)
+    model = VQVAE(**VQVAE_PAPER_CONFIG)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert round(count(model.encoder) / 1e6, 1) == 18.7
     assert round(count(model.decoder) / 1e6, 1) == 17.1
@@ -83,13 +84,13 @@ def test_same_pad_convs_keep_shapes_and_match_videogpt_padding(kernel, stride):
     x = torch.randn(2, 3, 8, 12, 16)                                     # (B, C, T, H, W)
     # VideoGPT's form, written out: pad k - s per axis (odd element in front), last axis first for F.pad.
     pad = sum([((kernel - s) // 2 + (kernel - s) % 2, (kernel - s) // 2) for s in strides[::-1]], ())
-    conv = common.SamePadConv3d(3, 5, kernel, stride=stride)
+    conv = SamePadConv3d(3, 5, kernel, stride=stride)
     out = conv(x)
     assert out.shape == (2, 5, *(n // s for n, s in zip(x.shape[2:], strides)))
     reference = F.conv3d(F.pad(x, pad), conv.conv.weight, conv.conv.bias, stride=strides)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
-    convt = common.SamePadConvTranspose3d(3, 5, kernel, stride=stride)
+    convt = SamePadConvTranspose3d(3, 5, kernel, stride=stride)
     out = convt(x)
     assert out.shape == (2, 5, *(n * s for n, s in zip(x.shape[2:], strides)))
     reference = F.conv_transpose3d(F.pad(x, pad), convt.convt.weight, convt.convt.bias, stride=strides,
@@ -100,7 +101,7 @@ def test_same_pad_convs_keep_shapes_and_match_videogpt_padding(kernel, stride):
 @pytest.mark.parametrize("axis", [1, 2, 3])
 def test_axial_attention_equals_brute_force(axis):
     torch.manual_seed(0)
-    attn = common.AxialAttention(8, n_head=2, axial_dim=axis)
+    attn = AxialAttention(8, n_head=2, axial_dim=axis)
     x = torch.randn(2, 3, 4, 5, 8)                                       # (B, T, H, W, C)
     q, k, v = attn.w_qs(x), attn.w_ks(x), attn.w_vs(x)
     expected = torch.zeros_like(x)
@@ -117,7 +118,7 @@ def test_axial_attention_equals_brute_force(axis):
 
 def small_codebook():
     """4 codes in 2-D, trained state (no first-batch init), counts set by hand."""
-    codebook = common.Codebook(4, 2)
+    codebook = Codebook(4, 2)
     codebook._need_init = False
     codebook.embeddings.copy_(torch.tensor([[0., 0.], [1., 0.], [0., 1.], [5., 5.]]))
     codebook.z_avg.copy_(codebook.embeddings * 2)
@@ -154,10 +155,10 @@ def test_loss_and_codebook_flags_reach_the_model():
     """03's flags for the constants of paper eqs. 1 and 3-4 (beta, EMA decay): one EMA step at decay 0.5,
     beta 0.5, by hand; and the smoothing epsilon at another value than VideoGPT's, through the model's keyword."""
     args = vqvae_stage.parse_args(["--beta", "0.5", "--ema-decay", "0.5"])
-    model = common.VQVAE(embedding_dim=2, n_codes=4, n_hiddens=16, n_res_layers=1, resolution=16,
+    model = VQVAE(embedding_dim=2, n_codes=4, n_hiddens=16, n_res_layers=1, resolution=16,
                          sequence_length=4, downsample=(2, 4, 4), beta=args.beta, ema_decay=args.ema_decay,
                          ema_epsilon=0.1)
-    assert model.data_variance == common.DATA_VARIANCE and model.codebook.restart_below == common.RESTART_BELOW
+    assert model.data_variance == DATA_VARIANCE and model.codebook.restart_below == RESTART_BELOW
     codebook = small_codebook()
     codebook.beta, codebook.decay, codebook.epsilon = (model.codebook.beta, model.codebook.decay,
                                                        model.codebook.epsilon)
@@ -176,7 +177,7 @@ def test_loss_and_codebook_flags_reach_the_model():
 
 def test_compile_is_the_default_on_cuda_only():
     """03's --compile: compiled by default on CUDA, not on the CPU; --compile and --no-compile decide."""
-    model, cpu = common.VQVAE(**TINY), common.DistContext(0, 0, 1, torch.device("cpu"))
+    model, cpu = VQVAE(**TINY), common.DistContext(0, 0, 1, torch.device("cpu"))
     for flags, on_cpu, on_cuda in [([], False, True), (["--compile"], True, True), (["--no-compile"], False, False)]:
         args = vqvae_stage.parse_args(flags)
         assert (common.compiles(args.compile, torch.device("cpu")),
@@ -210,7 +211,7 @@ def test_codebook_runs_in_fp32_under_autocast():
 def test_tiny_config_overfits_a_few_clips():
     torch.manual_seed(0)
     work = make_frames_work_in_memory()
-    model = common.VQVAE(**TINY)
+    model = VQVAE(**TINY)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     x = torch.from_numpy(work).permute(0, 4, 1, 2, 3).float() / 255 - 0.5   # (2, 3, 8, 32, 32)
     losses = []
@@ -252,7 +253,7 @@ VIDEOGPT_KEYS = {
 
 
 def test_module_and_buffer_names_are_videogpt_names():
-    state = common.VQVAE(**TINY).state_dict()
+    state = VQVAE(**TINY).state_dict()
     for key, shape in VIDEOGPT_KEYS.items():
         assert key in state, key
         assert tuple(state[key].shape) == shape, key
@@ -265,7 +266,7 @@ def lightning_state(model, prefix=""):
 
 def test_lightning_vqvae_checkpoint_loads_strictly_without_pytorch_lightning(tmp_path, monkeypatch):
     torch.manual_seed(1)
-    source = common.VQVAE(**TINY)
+    source = VQVAE(**TINY)
     source.codebook.N.fill_(3.0)
     # A class of a package that is not installed when loading (like pytorch_lightning's callbacks).
     (tmp_path / "fake_lightning.py").write_text("class ModelCheckpoint:\n    def __init__(self):\n"
@@ -297,7 +298,7 @@ def test_lightning_vqvae_checkpoint_loads_strictly_without_pytorch_lightning(tmp
 
 
 def test_authors_gpt_checkpoint_gives_its_vqvae(tmp_path):
-    source = common.VQVAE(**TINY)
+    source = VQVAE(**TINY)
     state = lightning_state(source, prefix="vqvae.")
     # The GPT's own weights; its position embeddings have one row per latent position (t, h, w).
     state.update({"attn_stack.pos_embd.emb.d_0": torch.zeros(4, 4), "attn_stack.pos_embd.emb.d_1": torch.zeros(8, 4),
@@ -310,7 +311,7 @@ def test_authors_gpt_checkpoint_gives_its_vqvae(tmp_path):
 
 
 def test_checkpoint_with_wrong_weights_fails_with_one_line(tmp_path):
-    state = lightning_state(common.VQVAE(**TINY))
+    state = lightning_state(VQVAE(**TINY))
     del state["decoder.convts.1.convt.bias"]
     args = Namespace(**TINY)
     torch.save({"state_dict": state, "hyper_parameters": {"args": args}}, tmp_path / "bad.ckpt")
@@ -488,10 +489,11 @@ TORCHRUN_WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {repo!r})
     import common
+    from paper.vqvae import VQVAE
 
     def check(ctx):
         common.seed_everything(0, ctx.rank)
-        model = torch.nn.parallel.DistributedDataParallel(common.VQVAE(**{tiny!r}), forward_sync_buffers=False)
+        model = torch.nn.parallel.DistributedDataParallel(VQVAE(**{tiny!r}), forward_sync_buffers=False)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         for step in range(2):
             x = torch.rand(2, 3, 8, 32, 32) - 0.5          # different clips on each rank (seed + rank)
@@ -629,7 +631,7 @@ def test_benchmark_counts_no_flops_on_the_decoders_zero_padding():
     costs what the same transposed convolution costs on the unpadded input, forward and backward."""
     bench = load_stage("benchmarks/bench_vqvae.py")
     from torch.utils.flop_counter import FlopCounterMode
-    layer = common.SamePadConvTranspose3d(6, 3, 4, stride=(1, 2, 2))
+    layer = SamePadConvTranspose3d(6, 3, 4, stride=(1, 2, 2))
     assert layer.pad_input is not None
     x = torch.randn(2, 6, 5, 7, 7, requires_grad=True)                     # (B, C, T, H, W)
 
