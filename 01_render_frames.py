@@ -229,6 +229,9 @@ def render_video(rep, out, resolution, settings, inputs):
     tmp = common.temporary_path(out)
     try:
         try:
+            short = too_short(rep, video_frames.read_timeline(rep["bk2"]).n_ticks / GAMEPLAY_HZ)
+            if short:   # said before any frame is written
+                raise InputError(short)
             frames, timeline = video_frames.decode_on_timeline(rep["bk2"], resolution, squash,
                                                                out_path=tmp, final=out)
         except InputError as err:
@@ -251,18 +254,25 @@ def check_duration(row):
     1 s; a video shorter than events.tsv's duration (by over VIDEO_SHORT_S) fails: the run would
     show black where the events say the movie plays."""
     expected = row.get("duration_s")
-    lasts = row["n_frames"] / GAMEPLAY_HZ if row["status"] == "ok" else np.nan
-    if (video_frames.is_video(row["bk2"]) and pd.notna(expected)
-            and lasts < expected - VIDEO_SHORT_S):
-        return dict(row, status="failed", frames_path=np.nan,
-                    error=f"{row['bk2']}: the video lasts {lasts:.2f} s, shorter than the "
-                          f"{expected:.2f} s of {row.get('source', 'events.tsv')}")
+    short = row["status"] == "ok" and too_short(row, row["n_frames"] / GAMEPLAY_HZ)
+    if short:
+        return dict(row, status="failed", frames_path=np.nan, error=short)
     if (row["status"] == "ok" and pd.notna(expected)
             and abs(row["n_frames"] / GAMEPLAY_HZ - expected) > 1.0):
         row["error"] = (f"warning: {row['n_frames']} frames = "
                         f"{row['n_frames'] / GAMEPLAY_HZ:.1f} s, "
                         f"events.tsv says duration_bk2 = {expected:.1f} s")
     return row
+
+
+def too_short(rep, lasts):
+    """What is wrong with a video that lasts `lasts` seconds, shorter than the duration its
+    events.tsv gives (by over VIDEO_SHORT_S), or None."""
+    expected = rep.get("duration_s")
+    if video_frames.is_video(rep["bk2"]) and pd.notna(expected) and lasts < expected - VIDEO_SHORT_S:
+        return (f"{rep['bk2']}: the video lasts {lasts:.2f} s, shorter than the {expected:.2f} s "
+                f"of {rep.get('source', 'events.tsv')}")
+    return None
 
 
 def plan_repetition(rep, work, resolution, overwrite):

@@ -120,8 +120,7 @@ def record_videos(args, root, visual_properties, seed_for):
         for frame in frames:
             row, luminance = visual_properties(frame, luminance)
             rows.append(row)
-        pts = np.arange(n_frames) * 1001           # in 1/30000 s: the frames' nominal times
-        ticks = video_frames.first_ticks(pts, Fraction(1, 30000), FPS)
+        ticks = video_frames.first_ticks(n_frames, FPS)
         per_tick = np.repeat(np.stack(rows), np.diff(ticks), axis=0)
         props[str(root / path)] = np.c_[per_tick, np.zeros((len(per_tick), 1), np.float32)]
     return props

@@ -1,9 +1,11 @@
 """Video stimuli (CNeuroMod Friends, movie10, the Algonauts 2025 release): decode a video file with
 PyAV and place its frames on the run's 60 Hz timeline, the clock a replay's frames already run on.
 
-Frame j of a video is shown from its presentation time t_j = (pts_j - pts_0) x time_base seconds
-after the video starts until t_(j+1) (the last frame for one frame duration, 1 / fps). 01 stores the
-frame shown at each 1/60 s tick from the video's start: tick k holds frame j when
+Frame j of a video is shown from its presentation time t_j = j / fps seconds after the video
+starts until t_(j+1) (the last frame for one frame duration). The file's own times,
+(pts_j - pts_0) x time_base, must agree (within a quarter of a frame: containers round them,
+Matroska to the millisecond, which would otherwise move a frame that starts on a tick by one tick).
+01 stores the frame shown at each 1/60 s tick from the video's start: tick k holds frame j when
 t_j <= k / 60 < t_(j+1), so a 29.97 fps frame fills 2 ticks, now and then 3 (docs/CONTRACT.md, "Time
 conventions"). Every stage after 01 then reads movies and replays alike: a clip at 15 Hz is every
 4th tick, the frame shown at that time.
@@ -13,7 +15,6 @@ than a quarter of a frame (a dropped or repeated frame, a variable rate) is an I
 unreadable, empty or truncated file and an unknown codec. Each frame is decoded in one thread
 (01 runs one worker per CPU) and squashed by the caller's function, the game's.
 """
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -78,9 +79,8 @@ def open_video(path):
         raise InputError(f"{path}: no video stream")
     stream = container.streams.video[0]
     if stream.codec_context is None:
-        tag = stream.codec_tag or "unknown"
         container.close()
-        raise InputError(f"{path}: unknown video codec ({tag!r}): FFmpeg in PyAV cannot decode it")
+        raise InputError(f"{path}: unknown video codec: the FFmpeg in PyAV has no decoder for it")
     stream.codec_context.thread_count = 1   # one worker per CPU: no threads of its own
     return container, stream
 
@@ -104,8 +104,8 @@ def read_timeline(path):
         raise InputError(f"{path}: the video stream holds no frame")
     if not fps or not time_base:
         raise InputError(f"{path}: the video stream has no frame rate or time base")
-    timeline = VideoTimeline(Fraction(fps), first_ticks(pts, time_base, Fraction(fps)), width,
-                             height, codec)
+    timeline = VideoTimeline(Fraction(fps), first_ticks(len(pts), Fraction(fps)), width, height,
+                             codec)
     check_constant_rate(path, pts, time_base, timeline.fps)
     if header_s is not None and header_s > timeline.duration_s + TRUNCATION_TOLERANCE_S:
         raise InputError(f"{path}: truncated: its header says {header_s:.2f} s, its frames last "
@@ -114,15 +114,12 @@ def read_timeline(path):
     return timeline
 
 
-def first_ticks(pts, time_base, fps):
-    """int64 (n + 1,): the first 60 Hz tick at or after each frame's presentation time
-    ceil(t_j x 60), then the tick where the last frame ends, ceil((t_(n-1) + 1 / fps) x 60), in
-    exact integer arithmetic (pts in time_base units)."""
-    relative = np.asarray(pts, np.int64) - pts[0]
-    numerator = relative * time_base.numerator * GAMEPLAY_HZ
-    ticks = -(-numerator // time_base.denominator)                       # ceil, exactly
-    end = math.ceil((Fraction(int(relative[-1])) * time_base + 1 / fps) * GAMEPLAY_HZ)
-    return np.append(ticks, end).astype(np.int64)
+def first_ticks(n_frames, fps):
+    """int64 (n_frames + 1,): the first 60 Hz tick at or after each frame's presentation time,
+    ceil(j x 60 / fps), then the tick where the last frame ends, ceil(n_frames x 60 / fps), in exact
+    integer arithmetic (fps a Fraction)."""
+    numerator = np.arange(n_frames + 1, dtype=np.int64) * (GAMEPLAY_HZ * fps.denominator)
+    return -(-numerator // fps.numerator)                                 # ceil, exactly
 
 
 def check_constant_rate(path, pts, time_base, fps):
@@ -131,7 +128,7 @@ def check_constant_rate(path, pts, time_base, fps):
     seconds = (np.asarray(pts, np.float64) - pts[0]) * float(time_base)
     stray = np.abs(seconds * float(fps) - np.arange(len(pts)))
     if stray.max() > RATE_TOLERANCE_FRAMES:
-        j = int(np.argmax(stray))
+        j = int(np.argmax(stray > RATE_TOLERANCE_FRAMES))   # the first
         raise InputError(f"{path}: variable frame rate: frame {j} is shown at {seconds[j]:.4f} s, "
                          f"not {j / float(fps):.4f} s as {float(fps):.3f} fps says (a dropped or "
                          "repeated frame?); re-encode it at a constant rate")
