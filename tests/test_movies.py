@@ -271,6 +271,7 @@ def movie_work(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["bids", "algonauts"])
 def test_movie_demo_planted_parcels_recovered(movie_work, tmp_path, layout):
     work = tmp_path / layout
+    work.mkdir()
     (work / "frames").symlink_to(movie_work / "frames")
     prep = (["--fmriprep", movie_work / "demo/derivatives/fmriprep",
              "--atlas", movie_work / "demo/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz"]
@@ -298,3 +299,14 @@ def test_movie_demo_layouts(movie_work):
     assert np.allclose(frames["fps"], 30000 / 1001) and (frames["n_frames"] == 3600).all()
     truth = json.loads((root / "ground_truth.json").read_text())
     assert truth["planted_buttons"] == {} and truth["stimuli"] == "movie"
+
+
+def test_sweep_controls_without_buttons_for_a_movie(movie_work):
+    """07's controls on movie frames: no button control, a partition with low-level vision alone."""
+    result = run_script("07_sweep.py", "--work", movie_work, "--demo", "--experiments", "controls",
+                        "--dry-run", "--jobs-tsv")
+    jobs = {line.split("\t")[0]: line.split("\t") for line in result.stdout.splitlines()}
+    assert "buttons" not in jobs and "lowlevel" in jobs
+    assert set(jobs) >= {"h24-l2-a2-fall-fp32+lowlevel", "h24-l2-a2-fall-fp32-untrained+lowlevel"}
+    partition = jobs["h24-l2-a2-fall-fp32+lowlevel"]
+    assert " --with lowlevel " in partition[3] + " " and partition[4] == "h24-l2-a2-fall-fp32,lowlevel"
