@@ -3,6 +3,7 @@
     python 01_render_frames.py --work work                          # the demo: <work>/demo
     python 01_render_frames.py --work work --bids /data/shinobi --resolution 64 --workers 8
     python 01_render_frames.py --work work --bk2 a.bk2 b.bk2    # explicit replays, no events.tsv
+    python 01_render_frames.py --work work --algonauts /data/algonauts_2025.competitors   # movies
     sbatch slurm/cpu_stage.sbatch \
         01_render_frames.py --work work --bids /data/shinobi    # SLURM, CPU only
 
@@ -25,6 +26,11 @@ state and one input that stable-retro's reset() consumes; frame i (0-based) is t
 emulator has applied the (i+1)-th recorded input, and row i of the buttons array is that input. A
 bk2 of K movie steps gives N = K - 1 frames, so a replay recorded for n env.step() calls gives
 exactly those n screens and the n actions passed to env.step().
+
+Videos (an events.tsv stim_file ending in .mkv, .mp4, .mov, .avi or .webm; --algonauts ROOT: the
+video of every run of the Algonauts 2025 release, algonauts.py) are decoded with PyAV instead
+(video_frames.py): each frame squashed as a screen is, stored at every 60 Hz tick where it is shown,
+once per video in frames/videos/<its path>.npy; no buttons. A bad video is a failed row.
 
 Bad input never stops the batch: a corrupt bk2, a missing replay, a game whose ROM is not imported
 are recorded in the manifest (status failed/missing, with the reason) and reported; the exit status

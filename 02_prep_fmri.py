@@ -4,6 +4,7 @@
     python 02_prep_fmri.py --work work --fmriprep /data/shinobi/derivatives/fmriprep \\
         --atlas MIST_ATOM.nii.gz --task shinobi --subjects 01 02 --workers 8
     python 02_prep_fmri.py --work work --confounds motion high_pass wm_csf --fwhm 6 --overwrite
+    python 02_prep_fmri.py --work work --algonauts /data/algonauts_2025.competitors
     sbatch --cpus-per-task 8 slurm/cpu_stage.sbatch 02_prep_fmri.py --work work --fmriprep DIR \\
         --atlas ATLAS
 
@@ -31,6 +32,9 @@ Outputs (docs/CONTRACT.md), all written atomically:
     <work>/bold/labels.tsv     column label name n_voxels (column of the .npy -> atlas label value)
     <work>/bold/atlas.nii.gz   the atlas as used: resampled (nearest neighbour) to the BOLD grid
     <work>/bold/prep.json      the settings used; a re-run with other settings needs --overwrite
+
+--algonauts ROOT reads the Algonauts 2025 release instead (algonauts.py): its .h5 parcel time series
+as they are, each subject's atlas, split by task (--test-tasks, default Friends season 6).
 
 Voxels inside the atlas that hold NaN or are constant over time (outside the brain in fMRIPrep's MNI
 outputs, dropout) are left out of their parcel's mean and reported; NaN values are set to 0 before
