@@ -544,8 +544,8 @@ def write_fmriprep(root, run, bold, confounds, n_cosines, brain, tr):
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine),
              deriv / f"{prefix}_desc-brain_mask.nii.gz")
     (deriv / f"{prefix}_desc-preproc_bold.json").write_text(
-        json.dumps({"RepetitionTime": tr, "TaskName": run.get("task", TASK), "SkullStripped": False},
-                   indent=1))
+        json.dumps({"RepetitionTime": tr, "TaskName": run.get("task", TASK),
+                    "SkullStripped": False}, indent=1))
     write_tsv(deriv / f"{stem}_desc-confounds_timeseries.tsv", confounds.round(8))
     (deriv / f"{stem}_desc-confounds_timeseries.json").write_text(json.dumps(
         {f"cosine{k:02d}": {"Method": "Discrete cosine basis", "Cutoff": 128.0}

@@ -275,7 +275,8 @@ def too_short(rep, lasts):
     """What is wrong with a video that lasts `lasts` seconds, shorter than the duration its
     events.tsv gives (by over VIDEO_SHORT_S), or None."""
     expected = rep.get("duration_s")
-    if video_frames.is_video(rep["bk2"]) and pd.notna(expected) and lasts < expected - VIDEO_SHORT_S:
+    if (video_frames.is_video(rep["bk2"]) and pd.notna(expected)
+            and lasts < expected - VIDEO_SHORT_S):
         return (f"{rep['bk2']}: the video lasts {lasts:.2f} s, shorter than the {expected:.2f} s "
                 f"of {rep.get('source', 'events.tsv')}")
     return None

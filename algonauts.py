@@ -13,8 +13,8 @@ The layout read (the public algonauts_2025.competitors repository, its README an
         parcel labels 1 ... P, column j of every dataset being the j-th label
     stimuli/movies/friends/s<season>/friends_<chunk>.mkv, stimuli/movies/movie10/<movie>/<chunk>.mkv
 
-A run is (sub, ses, task = the chunk, run); its video is the one file under stimuli/movies whose stem
-is the chunk, or <the .h5's task>_<chunk>. The video starts with the run's first volume.
+A run is (sub, ses, task = the chunk, run); its video is the one file under stimuli/movies whose
+stem is the chunk, or <the .h5's task>_<chunk>. The video starts with the run's first volume.
 """
 import re
 from pathlib import Path

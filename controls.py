@@ -34,7 +34,8 @@ def stimuli_have_buttons(work):
     if not path.is_file():
         return True
     frames = read_tsv(path, required=("status",))
-    return "buttons_path" in frames and frames.loc[frames["status"] == "ok", "buttons_path"].notna().any()
+    ok = frames[frames["status"] == "ok"]
+    return "buttons_path" in ok and ok["buttons_path"].notna().any()
 
 
 def appendix_layers(config):

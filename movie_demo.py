@@ -1,5 +1,5 @@
-"""The movie demo of 00_make_demo.py (--stimuli movie): short synthetic "Friends" chunks written with
-PyAV, watched by every subject, in the two layouts the pipeline reads.
+"""The movie demo of 00_make_demo.py (--stimuli movie): short synthetic "Friends" chunks written
+with PyAV, watched by every subject, in the two layouts the pipeline reads.
 
     <root>/stimuli/movies/friends/s<season>/friends_s<SS>e01<part>.mkv   29.97 fps H.264 videos,
         one per chunk (parts a and b of one episode per season): each screen quadrant has a
