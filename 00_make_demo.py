@@ -54,6 +54,7 @@ from nilearn.glm.first_level import glover_hrf
 from sklearn.cluster import KMeans
 
 import common
+import movie_demo
 from common import (DEFAULT_WORK, GAMEPLAY_HZ, InputError, run_folder, run_main, run_stem,
                     write_tsv)
 
@@ -77,6 +78,14 @@ def parse_args():
     p.add_argument("--work", default=DEFAULT_WORK, help="working directory (default: work)")
     p.add_argument("--out", default=None, help="dataset root (default: <work>/demo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stimuli", choices=("game", "movie"), default="game",
+                   help="game: replays of Airstriker (the paper's kind of data); movie: synthetic "
+                        "29.97 fps videos of 'Friends' chunks, in the CNeuroMod BIDS layout and "
+                        "the Algonauts 2025 one (<out>/algonauts; movie_demo.py)")
+    p.add_argument("--seasons", type=int, default=6,
+                   help="--stimuli movie: seasons of 2 chunks each (s01e01a, s01e01b ...), every "
+                        "subject watching all, --runs per session; --rep-seconds is a chunk's "
+                        "length (default 60 s)")
     p.add_argument("--subjects", type=int, default=2)
     p.add_argument("--sessions", type=int, nargs="+", default=None,
                    help="sessions per subject (default 5), or one number per subject (3 1: sub-02 "
@@ -86,13 +95,15 @@ def parse_args():
                    help="BIDS without a session level: sub-XX/func/sub-XX_task-..._run-NN_...")
     p.add_argument("--runs", type=int, default=2, help="runs per session")
     p.add_argument("--reps", type=int, default=3, help="level repetitions per run")
-    p.add_argument("--rep-seconds", type=float, default=20.0,
-                   help="gameplay per repetition (a repetition ends earlier if the game ends)")
+    p.add_argument("--rep-seconds", type=float, default=None,
+                   help="gameplay per repetition (default 20; a repetition ends earlier if the "
+                        "game ends)")
     p.add_argument("--tr", type=float, default=1.49, help="repetition time in seconds")
     p.add_argument("--parcels", type=int, default=40, help="parcels in the demo atlas")
     p.add_argument("--planted", type=int, default=10, help="parcels that carry a visual property")
-    p.add_argument("--planted-buttons", type=int, default=1,
-                   help="other parcels, which follow the player's presses of B (fire)")
+    p.add_argument("--planted-buttons", type=int, default=None,
+                   help="other parcels, which follow the player's presses of B (fire) (default "
+                        "1; 0 for --stimuli movie)")
     p.add_argument("--parcel-outside-fov", action="store_true",
                    help="one more atlas parcel, below the BOLD field of view (as the cerebellum of "
                         "a scan that stops above it): it has no voxel on the BOLD grid")
@@ -396,6 +407,39 @@ def write_demo(args, root):
     (root / "ground_truth.json").write_text(json.dumps(truth, indent=1))
 
 
+def write_movie_demo(args, root):
+    """--stimuli movie (movie_demo.py): the videos, then, as write_demo, every run's events.tsv,
+    ground-truth signals and fMRIPrep outputs, and the same runs in the Algonauts layout."""
+    runs = movie_demo.plan_runs(args, seed_for)
+    props = movie_demo.record_videos(args, root, visual_properties, seed_for)
+    brain = make_brain(args.parcels, args.seed)
+    planted, _ = choose_planted(args)
+    write_atlas(root, brain, args.parcels, args.parcel_outside_fov)
+    subjects = sorted({run["sub"] for run in runs})
+    gains = {sub: {label: np.random.default_rng(seed_for(args.seed, "gain", sub, label))
+                   .uniform(1.0, 1.5) for label in planted} for sub in subjects}
+    (root / "ground_truth").mkdir()
+    series = []
+    for run in runs:
+        reps = [dict(rep, props=props[str(root / rep["bk2"])]) for rep in run["reps"]]
+        movie_demo.write_events(root, run, reps)
+        signals = write_signals(root, run, reps, args.tr)                          # (T, 9)
+        bold, confounds, n_cosines = synthesize_run(args, run, signals, brain, planted,
+                                                    gains[run["sub"]])
+        write_fmriprep(root, run, bold, confounds, n_cosines, brain, args.tr)
+        series.append((run, movie_demo.parcel_series(bold, confounds, brain[2], args.parcels)))
+    movie_demo.write_algonauts(root, series, brain)
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "Movie demo (synthetic fMRI, synthetic 'Friends' videos)", "BIDSVersion": "1.9.0",
+         "DatasetType": "raw", "GeneratedBy": [{"Name": "00_make_demo.py --stimuli movie"}]},
+        indent=1))
+    truth = dict(ground_truth(args, planted, {}, gains, None, subjects), stimuli="movie",
+                 task="one per chunk: s01e01a ...",
+                 videos=sorted(movie_demo.video_path(c) for c in movie_demo.chunks(args.seasons)))
+    del truth["game"]
+    (root / "ground_truth.json").write_text(json.dumps(truth, indent=1))
+
+
 def record_replays(runs, root, workers):
     """Record every repetition to its .bk2 under root, in `workers` processes (the slow part:
     ~1,500 emulator steps/s per process). Returns {bk2 path: properties (n_frames, 9)}."""
@@ -500,7 +544,8 @@ def write_fmriprep(root, run, bold, confounds, n_cosines, brain, tr):
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine),
              deriv / f"{prefix}_desc-brain_mask.nii.gz")
     (deriv / f"{prefix}_desc-preproc_bold.json").write_text(
-        json.dumps({"RepetitionTime": tr, "TaskName": TASK, "SkullStripped": False}, indent=1))
+        json.dumps({"RepetitionTime": tr, "TaskName": run.get("task", TASK),
+                    "SkullStripped": False}, indent=1))
     write_tsv(deriv / f"{stem}_desc-confounds_timeseries.tsv", confounds.round(8))
     (deriv / f"{stem}_desc-confounds_timeseries.json").write_text(json.dumps(
         {f"cosine{k:02d}": {"Method": "Discrete cosine basis", "Cutoff": 128.0}
@@ -544,7 +589,17 @@ def ground_truth(args, planted, planted_buttons, gains, missing_bk2, subjects):
 
 def check_flags(args):
     """The flags, after checking the values argparse cannot (InputError otherwise), with --sessions
-    filled in: 5, or 1 without a session level."""
+    filled in: 5, or 1 without a session level; the defaults of --stimuli movie."""
+    movie = args.stimuli == "movie"
+    args.rep_seconds = args.rep_seconds or (60.0 if movie else 20.0)
+    args.planted_buttons = (0 if movie else 1) if args.planted_buttons is None else \
+        args.planted_buttons
+    if movie and (args.planted_buttons or args.no_sessions or args.sessions):
+        raise InputError("--stimuli movie: a movie has no buttons (--planted-buttons 0), and "
+                         "every subject watches every chunk, --runs per session (no --sessions, "
+                         "--no-sessions)")
+    if args.seasons < 1:
+        raise InputError(f"--seasons {args.seasons}: must be at least 1")
     if args.planted > args.parcels:
         raise InputError(f"--planted {args.planted} is more than --parcels {args.parcels}")
     if not 0 <= args.planted_buttons <= args.parcels - args.planted:
@@ -573,6 +628,9 @@ def demo_settings(args):
                  "planted", "planted_buttons")}
     settings.update({f"--{k.replace('_', '-')}": True for k in ("parcel_outside_fov", "no_sessions")
                      if getattr(args, k)})
+    if args.stimuli == "movie":
+        settings.update({"--stimuli": "movie", "--seasons": args.seasons})
+        del settings["--reps"], settings["--sessions"]
     if len(args.sessions) == 1:
         settings["--sessions"] = args.sessions[0]
     return settings
@@ -597,7 +655,7 @@ def main():
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        write_demo(args, tmp)
+        (write_movie_demo if args.stimuli == "movie" else write_demo)(args, tmp)
         common.write_json(tmp / "demo.json", {"stage": "00_make_demo", "settings": settings})
         if root.exists():
             shutil.rmtree(root)
@@ -605,8 +663,9 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     truth = json.loads((root / "ground_truth.json").read_text())
-    n_bk2 = len(list(root.glob("sub-*/**/gamelogs/*.bk2")))
-    print(f"demo written to {root}: {len(truth['subjects'])} subject(s), {n_bk2} replays, "
+    n_bk2 = len(list(root.glob("sub-*/**/gamelogs/*.bk2")) + list(root.glob("stimuli/**/*.mkv")))
+    print(f"demo written to {root}: {len(truth['subjects'])} subject(s), {n_bk2} "
+          f"{'videos' if args.stimuli == 'movie' else 'replays'}, "
           f"{len(truth['planted'])} planted parcels of {args.parcels} "
           f"(+ {len(truth['planted_buttons'])} following the button presses)")
 

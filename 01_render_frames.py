@@ -3,6 +3,7 @@
     python 01_render_frames.py --work work                          # the demo: <work>/demo
     python 01_render_frames.py --work work --bids /data/shinobi --resolution 64 --workers 8
     python 01_render_frames.py --work work --bk2 a.bk2 b.bk2    # explicit replays, no events.tsv
+    python 01_render_frames.py --work work --algonauts /data/algonauts_2025.competitors   # movies
     sbatch slurm/cpu_stage.sbatch \
         01_render_frames.py --work work --bids /data/shinobi    # SLURM, CPU only
 
@@ -26,6 +27,11 @@ emulator has applied the (i+1)-th recorded input, and row i of the buttons array
 bk2 of K movie steps gives N = K - 1 frames, so a replay recorded for n env.step() calls gives
 exactly those n screens and the n actions passed to env.step().
 
+Videos (an events.tsv stim_file ending in .mkv, .mp4, .mov, .avi or .webm; --algonauts ROOT: the
+video of every run of the Algonauts 2025 release, algonauts.py) are decoded with PyAV instead
+(video_frames.py): each frame squashed as a screen is, stored at every 60 Hz tick where it is shown,
+once per video in frames/videos/<its path>.npy; no buttons. A bad video is a failed row.
+
 Bad input never stops the batch: a corrupt bk2, a missing replay, a game whose ROM is not imported
 are recorded in the manifest (status failed/missing, with the reason) and reported; the exit status
 is 1 if any replay failed, unless --allow-missing. "Missing file" rows of events.tsv (lost replays,
@@ -46,6 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
+import video_frames
 from common import (DEFAULT_WORK, GAMEPLAY_HZ, InputError, bids_entities, read_tsv, run_main,
                     write_tsv)
 
@@ -54,6 +61,7 @@ MISSING = "Missing file"
 MANIFEST_COLUMNS = ["sub", "ses", "task", "run", "level", "rep", "bk2", "onset_s", "duration_s",
                     "n_frames", "fps", "frames_path", "buttons_path", "status", "error"]
 BUTTONS_SUFFIX = ".buttons.npy"   # <bk2 stem>.buttons.npy beside the frames, in <bk2 stem>.json
+VIDEO_SHORT_S = 0.5   # a video shorter than its events.tsv duration by more: a failed row
 
 
 def parse_args():
@@ -64,6 +72,9 @@ def parse_args():
                    help="BIDS root with events.tsv and bk2 files (default: <work>/demo)")
     p.add_argument("--bk2", nargs="+", default=None,
                    help="replay these .bk2 files instead of a BIDS root")
+    p.add_argument("--algonauts", metavar="ROOT", default=None,
+                   help="the Algonauts 2025 release (its fmri/ and stimuli/movies/): decode the "
+                        "video of every run its .h5 files hold, instead of a BIDS root")
     p.add_argument("--subjects", nargs="+", default=None,
                    help="only these subject labels, e.g. 01 02")
     p.add_argument("--resolution", type=int, default=128,
@@ -183,9 +194,11 @@ def replay(bk2_path, resolution, out_path=None, final=None):
 
 def render_repetition(task):
     """Worker: render one repetition to its .npy and its inputs to .buttons.npy (each atomically),
-    then the record of both. Returns the manifest row."""
+    then the record of both; a video's frames alone (render_video). Returns the manifest row."""
     rep, out, resolution, settings, inputs = task
     out = Path(out)
+    if video_frames.is_video(rep["bk2"]):
+        return render_video(rep, out, resolution, settings, inputs)
     buttons = buttons_path_for(out)
     row = dict(rep, n_frames=np.nan, fps=GAMEPLAY_HZ, frames_path=str(out),
                buttons_path=str(buttons), status="ok", error=np.nan)
@@ -212,16 +225,61 @@ def render_repetition(task):
     return check_duration(row)
 
 
+def render_video(rep, out, resolution, settings, inputs):
+    """Worker: decode one video onto the run's 60 Hz timeline (video_frames: the frame shown at
+    every 1/60 s tick, each squashed as a replay's screen) into its .npy atomically, then its
+    record. A bad video is a failed row. Returns the manifest row, `fps` the video's own rate."""
+    row = dict(rep, n_frames=np.nan, fps=np.nan, frames_path=str(out), buttons_path=np.nan,
+               status="ok", error=np.nan)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = common.temporary_path(out)
+    try:
+        try:
+            short = too_short(rep, video_frames.read_timeline(rep["bk2"]).n_ticks / GAMEPLAY_HZ)
+            if short:   # said before any frame is written
+                raise InputError(short)
+            frames, timeline = video_frames.decode_on_timeline(rep["bk2"], resolution, squash,
+                                                               out_path=tmp, final=out)
+        except InputError as err:
+            return dict(row, status="failed", error=str(err), frames_path=np.nan)
+        row.update(n_frames=len(frames), fps=float(timeline.fps))
+        del frames                  # closes the memory map
+        os.replace(tmp, out)
+        details = dict(n_frames=row["n_frames"], bk2=rep["bk2"], fps=row["fps"],
+                       frame_rate=str(timeline.fps), video_frames=timeline.n_frames,
+                       video_size=[timeline.width, timeline.height], codec=timeline.codec,
+                       av=version("av"))
+        common.write_record(out, common.new_record(STAGE, settings, inputs, out, **details))
+    finally:
+        tmp.unlink(missing_ok=True)
+    return check_duration(row)
+
+
 def check_duration(row):
     """Flag a rendered repetition whose length disagrees with events.tsv's duration_bk2 by over
-    1 s."""
+    1 s; a video shorter than events.tsv's duration (by over VIDEO_SHORT_S) fails: the run would
+    show black where the events say the movie plays."""
     expected = row.get("duration_s")
+    short = row["status"] == "ok" and too_short(row, row["n_frames"] / GAMEPLAY_HZ)
+    if short:
+        return dict(row, status="failed", frames_path=np.nan, error=short)
     if (row["status"] == "ok" and pd.notna(expected)
             and abs(row["n_frames"] / GAMEPLAY_HZ - expected) > 1.0):
         row["error"] = (f"warning: {row['n_frames']} frames = "
                         f"{row['n_frames'] / GAMEPLAY_HZ:.1f} s, "
                         f"events.tsv says duration_bk2 = {expected:.1f} s")
     return row
+
+
+def too_short(rep, lasts):
+    """What is wrong with a video that lasts `lasts` seconds, shorter than the duration its
+    events.tsv gives (by over VIDEO_SHORT_S), or None."""
+    expected = rep.get("duration_s")
+    if (video_frames.is_video(rep["bk2"]) and pd.notna(expected)
+            and lasts < expected - VIDEO_SHORT_S):
+        return (f"{rep['bk2']}: the video lasts {lasts:.2f} s, shorter than the {expected:.2f} s "
+                f"of {rep.get('source', 'events.tsv')}")
+    return None
 
 
 def plan_repetition(rep, work, resolution, overwrite):
@@ -241,6 +299,10 @@ def plan_repetition(rep, work, resolution, overwrite):
         inputs["bk2"] = common.fingerprint(rep["bk2"], (record or {}).get("inputs", {}).get("bk2"))
     if common.is_up_to_date(out, record, STAGE, settings, inputs, overwrite,
                             say=lambda line: tqdm.write(line)):
+        if video_frames.is_video(rep["bk2"]):   # no inputs: a movie has no buttons
+            return "row", check_duration(dict(rep, n_frames=record["n_frames"], fps=record["fps"],
+                                              frames_path=str(out), buttons_path=np.nan,
+                                              status="ok", error=np.nan))
         buttons = buttons_path_for(out)
         if buttons.name in record.get("outputs", {}):   # is_up_to_date checked that file too
             return "row", check_duration(dict(rep, n_frames=record["n_frames"], fps=GAMEPLAY_HZ,
@@ -261,6 +323,8 @@ def main():
         raise InputError(f"--resolution {args.resolution}: must be at least 8")
     if args.bk2:
         reps = repetitions_from_files(args.bk2)
+    elif args.algonauts:
+        reps = repetitions_from_algonauts(args.algonauts, args.subjects)
     else:
         root = Path(args.bids) if args.bids else work / "demo"
         if not root.is_dir():
@@ -271,7 +335,8 @@ def main():
     common.remove_stale_temporaries(work / "frames")
     # Every repetition is planned before any is rendered: a flag that disagrees with earlier frames
     # stops the stage here, with nothing written.
-    plans = [plan_repetition(rep, work, args.resolution, args.overwrite) for rep in reps]
+    plans = once_per_output([plan_repetition(rep, work, args.resolution, args.overwrite)
+                             for rep in reps])
     tasks = [plan for kind, plan in plans if kind == "render"]
     workers = max(1, min(args.workers, len(tasks)))
     print(f"{STAGE}: {len(reps)} repetitions, {len(tasks)} to render at {args.resolution} px, "
@@ -289,6 +354,19 @@ def main():
         sys.exit(common.EXIT_SOME_FAILED)
 
 
+def once_per_output(plans):
+    """The plans with a repetition whose frames another one renders (one video shown in several
+    runs: subjects, repeated movies) as ("same", (rep, output)): render_all copies that row."""
+    rendering = set()
+    for k, (kind, plan) in enumerate(plans):
+        if kind == "render":
+            rep, out = plan[0], plan[1]
+            if out in rendering:
+                plans[k] = ("same", (rep, out))
+            rendering.add(out)
+    return plans
+
+
 def render_all(plans, tasks, workers):
     """The manifest row of every planned repetition, in order: the rows planned as they are, the
     `tasks` rendered by `workers` processes (a progress bar of frames; failures and warnings are
@@ -297,7 +375,7 @@ def render_all(plans, tasks, workers):
     durations = [rep["duration_s"] for rep, *_ in tasks]
     expected = (round(GAMEPLAY_HZ * sum(durations)) if durations and all(pd.notna(durations))
                 else None)
-    rows, n_rendered = [], 0
+    rows, n_rendered, rendered_rows = [], 0, {}
     with ProcessPoolExecutor(max_workers=workers, initializer=common.limit_threads,
                              initargs=(workers,)) as pool, \
             tqdm(total=expected, unit="frame", unit_scale=True, desc="render", file=sys.stderr,
@@ -307,7 +385,13 @@ def render_all(plans, tasks, workers):
             if kind == "row":
                 rows.append(plan)
                 continue
+            if kind == "same":   # the frames another repetition rendered, and their status
+                rep, out = plan
+                rows.append(check_duration(dict(rep, **{k: rendered_rows[out][k] for k in (
+                    "n_frames", "fps", "frames_path", "buttons_path", "status", "error")})))
+                continue
             row = next(rendered)
+            rendered_rows[plan[1]] = row
             rows.append(row)
             n_rendered += 1
             bar.update(0 if pd.isna(row["n_frames"]) else int(row["n_frames"]))
@@ -358,7 +442,7 @@ def repetitions_from_bids(root, subjects):
         events = events[events["stim_file"].notna()]  # other event types have no replay
         for k, (_, row) in enumerate(events.iterrows(), start=1):
             stim = str(row["stim_file"])
-            if stim != MISSING and not stim.endswith(".bk2"):
+            if stim != MISSING and not stim.endswith(".bk2") and not video_frames.is_video(stim):
                 continue
             if pd.isna(row["onset"]):   # 05 could not place this repetition on the run's timeline
                 raise InputError(f"{events_path}: row {k} ({Path(stim).name}) has onset n/a; "
@@ -372,6 +456,7 @@ def repetitions_from_bids(root, subjects):
                 "run": run.get("run"), "level": row.get("level", names.get("level")),
                 "rep": names.get("rep", f"{k:02d}"), "bk2": str(bk2) if bk2 else MISSING,
                 "onset_s": row["onset"], "duration_s": duration,
+                "video_key": video_key(bk2, root) if bk2 and video_frames.is_video(bk2) else None,
             })
     if subjects and not reps:
         raise InputError(f"{root}: no events.tsv for subject(s) {', '.join(subjects)}")
@@ -387,6 +472,26 @@ def resolve_stim_file(stim, root, events_path):
     return next((c for c in candidates if c.is_file()), root / stim)
 
 
+def video_key(path, root):
+    """What names a video's frames: its path in the dataset root (else the absolute path), so that
+    every run that shows it reads one copy and two videos never share one."""
+    path = Path(path).absolute()
+    inside = path.is_relative_to(Path(root).absolute())
+    return str(path.relative_to(Path(root).absolute() if inside else path.anchor))
+
+
+def repetitions_from_algonauts(root, subjects):
+    """One repetition per run of the Algonauts 2025 release (algonauts.find_runs): its video, from
+    the run's first volume (the challenge's convention)."""
+    import algonauts
+
+    return [{"source": f"{run['h5']} dataset {run['key']}", "sub": run["sub"], "ses": run["ses"],
+             "task": run["task"], "run": run["run"], "level": None, "rep": "01",
+             "bk2": str(run["video"]), "onset_s": 0.0, "duration_s": np.nan,
+             "video_key": video_key(run["video"], root)}
+            for run in algonauts.find_runs(Path(root), subjects, with_videos=True)]
+
+
 def repetitions_from_files(paths):
     reps = []
     for path in paths:
@@ -398,6 +503,10 @@ def repetitions_from_files(paths):
 
 
 def frames_path_for(rep, work):
+    """frames/<sub>/<ses>/<bk2 stem>.npy; a video's frames once for every run that shows it,
+    frames/videos/<its path in the dataset, without suffix>.npy."""
+    if rep.get("video_key"):
+        return work / "frames" / "videos" / Path(rep["video_key"]).with_suffix(".npy")
     sub = f"sub-{rep['sub']}" if rep["sub"] else "sub-unknown"
     ses = f"ses-{rep['ses']}" if rep["ses"] else "ses-unknown"
     return work / "frames" / sub / ses / f"{Path(rep['bk2']).name.split('.')[0]}.npy"

@@ -4,6 +4,7 @@
     python 02_prep_fmri.py --work work --fmriprep /data/shinobi/derivatives/fmriprep \\
         --atlas MIST_ATOM.nii.gz --task shinobi --subjects 01 02 --workers 8
     python 02_prep_fmri.py --work work --confounds motion high_pass wm_csf --fwhm 6 --overwrite
+    python 02_prep_fmri.py --work work --algonauts /data/algonauts_2025.competitors
     sbatch --cpus-per-task 8 slurm/cpu_stage.sbatch 02_prep_fmri.py --work work --fmriprep DIR \\
         --atlas ATLAS
 
@@ -32,11 +33,15 @@ Outputs (docs/CONTRACT.md), all written atomically:
     <work>/bold/atlas.nii.gz   the atlas as used: resampled (nearest neighbour) to the BOLD grid
     <work>/bold/prep.json      the settings used; a re-run with other settings needs --overwrite
 
+--algonauts ROOT reads the Algonauts 2025 release instead (algonauts.py): its .h5 parcel time series
+as they are, each subject's atlas, split by task (--test-tasks, default Friends season 6).
+
 Voxels inside the atlas that hold NaN or are constant over time (outside the brain in fMRIPrep's MNI
 outputs, dropout) are left out of their parcel's mean and reported; NaN values are set to 0 before
 smoothing. Runs whose .npy exists are skipped unless --overwrite.
 """
 import argparse
+import fnmatch
 import json
 import sys
 import warnings
@@ -52,6 +57,7 @@ from nilearn.interfaces.fmriprep import load_confounds
 from nilearn.maskers import NiftiLabelsMasker
 from tqdm import tqdm
 
+import algonauts
 import common
 from common import (DEFAULT_WORK, InputError, atomic_path, bids_entities, read_tsv, run_main,
                     save_npy, write_tsv)
@@ -91,6 +97,13 @@ def parse_args(argv=None):
     p.add_argument("--fwhm", type=float, default=8.0,
                    help="Gaussian smoothing FWHM in mm, 0 for none (paper: 8)")
     p.add_argument("--workers", type=int, default=1, help="runs processed in parallel (processes)")
+    p.add_argument("--algonauts", metavar="ROOT", default=None,
+                   help="read the Algonauts 2025 release instead of fMRIPrep outputs: its .h5 "
+                        "parcel time series and each subject's atlas, as released (--fmriprep, "
+                        "--atlas, --space, --confounds, --motion and --fwhm do not apply)")
+    p.add_argument("--tr", type=float, default=algonauts.TR_S,
+                   help=f"with --algonauts: the repetition time (default {algonauts.TR_S}, "
+                        "CNeuroMod's; the .h5 files do not hold it)")
     p.add_argument("--overwrite", action="store_true", help="recompute runs whose outputs exist")
     add_split_arguments(p)
     args = p.parse_args(argv)
@@ -246,6 +259,9 @@ def main(argv=None):
     settings = {"--space": args.space, "--confounds": args.confounds, "--motion": args.motion,
                 "--fwhm": args.fwhm}
     common.remove_stale_temporaries(out_dir)
+    if args.algonauts:
+        prepare_algonauts(args, work, out_dir)
+        return
 
     # --- every input is checked before the long part, so that bad input fails fast ---
     runs = find_runs(fmriprep, args.space, args.task, args.subjects, args.sessions)
@@ -274,7 +290,60 @@ def main(argv=None):
           f"{len(jobs)} to do")
     for note in process_runs(jobs, args.workers):
         print(f"warning: {note}", file=sys.stderr)
-    write_splits(out_dir, write_manifest(out_dir, work, runs, images, trs, labels, splits), rule)
+    n_volumes = {stem: image.shape[3] for stem, image in images.items()}
+    write_splits(out_dir, write_manifest(out_dir, work, runs, n_volumes, trs, labels, splits), rule)
+
+
+def prepare_algonauts(args, work, out_dir):
+    """--algonauts: bold/ from the release's parcel time series as they are (parcellated, z-scored
+    per run by its own preprocessing; algonauts.py reads them), its first subject's atlas as
+    bold/atlas.nii.gz (each subject's in bold/sub-XX/atlas.nii.gz), split by task (Friends season
+    6 test by default). Every input is checked before anything is written."""
+    root = Path(args.algonauts)
+    settings = {"--algonauts": "release as is", "--tr": args.tr}
+    runs = algonauts.find_runs(root, args.subjects, args.task)
+    rule, splits = plan_splits(args, runs_to_split(out_dir, work, runs), out_dir)
+    check_splits_file(out_dir, splits, args)
+    atlases = {sub: algonauts.subject_atlas(root, sub) for sub in sorted({r["sub"] for r in runs})}
+    first = next(iter(atlases.values()))
+    atlas, labels, names = load_atlas(first)
+    for sub, path in atlases.items():
+        if not np.array_equal(load_atlas(path)[1], labels):
+            raise InputError(f"{path}: not the parcels of {first} (each subject's atlas must "
+                             "label the same parcels)")
+        algonauts.check_columns([r for r in runs if r["sub"] == sub], labels, path)
+    atlas_sha256 = common.file_sha256(first)
+    check_settings(out_dir, settings, first, atlas_sha256, args.overwrite)
+    todo = algonauts.runs_to_write(runs, [output_path(work, run) for run in runs], STAGE,
+                                   settings, args.overwrite, say=tqdm.write)
+    for run, _, _ in todo:   # every value checked before any is written
+        algonauts.read_run(run)
+    grid = np.asarray(atlas.dataobj)
+    common.write_json(out_dir / "prep.json", {
+        "stage": STAGE, "settings": settings, "algonauts": str(root.resolve()),
+        "atlas": str(first.resolve()), "atlas_sha256": atlas_sha256,
+        "source": "the release's parcel time series, copied as float32"})
+    write_tsv(out_dir / "labels.tsv", {"column": np.arange(len(labels)), "label": labels,
+                                       "name": names if names is not None else [None] * len(labels),
+                                       "n_voxels": [(grid == label).sum() for label in labels]})
+    for sub, path in [(None, first), *atlases.items()]:   # rewritten only when another
+        target = out_dir / ("" if sub is None else f"sub-{sub}") / "atlas.nii.gz"   # (06 reads it)
+        image = load_atlas(path)[0]
+        if not (target.is_file() and same_image(common.load_nifti(target), image)):
+            with atomic_path(target) as tmp:
+                nib.save(image, tmp)
+    for run, out, inputs in tqdm(todo, desc="runs", unit="run", disable=not todo):
+        algonauts.write_run(run, out, STAGE, settings, inputs, args.tr)
+    n_volumes = {run["stem"]: run["n_volumes"] for run in runs}
+    write_splits(out_dir, write_manifest(out_dir, work, runs, n_volumes,
+                                         {run["stem"]: args.tr for run in runs}, labels, splits),
+                 rule)
+
+
+def same_image(a, b):
+    """Whether two NIfTI images hold the same voxels on the same grid."""
+    return (a.shape == b.shape and np.allclose(a.affine, b.affine)
+            and np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)))
 
 
 def read_headers(runs):
@@ -438,11 +507,11 @@ def write_shared_outputs(out_dir, args, fmriprep, atlas_path, atlas_sha256, sett
         nib.save(nib.Nifti1Image(atlas_grid, affine), tmp)
 
 
-def write_manifest(out_dir, work, runs, images, trs, labels, splits):
+def write_manifest(out_dir, work, runs, n_volumes, trs, labels, splits):
     """bold/manifest.tsv: this batch's runs, plus the runs of earlier calls (other --subjects), with
     the split of each (`splits`: plan_splits'). Returns it (a DataFrame)."""
     manifest_path = out_dir / "manifest.tsv"
-    rows = [manifest_row(run, work, images[run["stem"]].shape[3], trs[run["stem"]], labels)
+    rows = [manifest_row(run, work, n_volumes[run["stem"]], trs[run["stem"]], labels)
             for run in runs]
     rows += earlier_rows(manifest_path, work, [row["bold_path"] for row in rows])
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("bold_path")
@@ -461,6 +530,10 @@ def write_manifest(out_dir, work, runs, images, trs, labels, splits):
 # --------------------------------------------------------------------------------------------------
 SPLIT_DEFAULTS = {"test": common.DEFAULT_TEST_SESSIONS,
                   "validation": common.DEFAULT_VALIDATION_SESSIONS}
+# --algonauts: Friends seasons 1-5 (and movie10) train, season 6 test, as the challenge held out a
+# season (its 7th, whose fMRI is not released)
+ALGONAUTS_SPLIT = {"test": ("s06e*",), "validation": ()}
+SPLIT_ENTITY = {"sessions": "ses", "runs": "run", "tasks": "task"}
 
 
 def add_split_arguments(parser):
@@ -476,6 +549,11 @@ def add_split_arguments(parser):
         group.add_argument(f"--{role}-runs", nargs="*", default=None, type=common.run_flag,
                            help=f"run labels of the {role} split, in every session (e.g. 03; "
                                 "no value: none)")
+    for role in ("test", "validation"):
+        group.add_argument(f"--{role}-tasks", nargs="*", default=None, metavar="PATTERN",
+                           help=f"task labels of the {role} split, shell patterns (movies: "
+                                f"'s06e*' for Friends season 6, 'wolf*'; default with --algonauts"
+                                f": {' '.join(ALGONAUTS_SPLIT[role]) or 'none'})")
     group.add_argument("--splits", metavar="TSV",
                        help="the split of every run from a file: columns sub ses task run split "
                             "(train, validation or test), e.g. an edited copy of bold/splits.tsv")
@@ -484,7 +562,7 @@ def add_split_arguments(parser):
 def split_flags(args):
     """{flag: value} of the split flags given on the command line."""
     values = {"--splits": args.splits}
-    for kind in ("sessions", "runs"):
+    for kind in SPLIT_ENTITY:
         for role in ("test", "validation"):
             values[f"--{role}-{kind}"] = getattr(args, f"{role}_{kind}")
     return {flag: value for flag, value in values.items() if value is not None}
@@ -512,12 +590,14 @@ def split_rule(args):
     role by run or by session (the default), e.g. {"--test-sessions": ["005"], ...}."""
     if args.splits is not None:
         return {"--splits": str(Path(args.splits).resolve())}
-    kind = "runs" if args.test_runs is not None or args.validation_runs is not None else "sessions"
+    given_kinds = [kind for kind in SPLIT_ENTITY if any(
+        getattr(args, f"{role}_{kind}") is not None for role in ("test", "validation"))]
+    kind = given_kinds[0] if given_kinds else "tasks" if args.algonauts else "sessions"
+    defaults = {"sessions": SPLIT_DEFAULTS, "tasks": ALGONAUTS_SPLIT}.get(kind, {})
     rule = {}
     for role in ("test", "validation"):
         given = getattr(args, f"{role}_{kind}")
-        default = SPLIT_DEFAULTS[role] if kind == "sessions" else ()
-        rule[f"--{role}-{kind}"] = list(default if given is None else given)
+        rule[f"--{role}-{kind}"] = list(defaults.get(role, ()) if given is None else given)
     return rule
 
 
@@ -540,9 +620,9 @@ def plan_splits(args, runs, out_dir):
     else:
         for flag, labels in rule.items():
             role, kind = flag[2:].split("-")
-            entity = new["ses" if kind == "sessions" else "run"]
+            entity = new[SPLIT_ENTITY[kind]]
             check_labels_exist(flag, labels, entity, explicit=flag in given)
-            chosen = entity.map(common.bids_label).isin(set(map(common.bids_label, labels)))
+            chosen = entity.map(lambda value: any(label_matches(label, value) for label in labels))
             split[chosen[chosen].index] = role
         split = split.fillna("train")
     for role in ("train", "test"):
@@ -556,12 +636,14 @@ def check_labels_exist(flag, labels, found, explicit):
     """A label of --{role}-{kind} that names none of the runs (`found`: their labels of that
     entity) is an InputError when `explicit`, else (a default) a warning for test, a note for
     validation."""
-    present = set(found.map(common.bids_label))
-    missing = [label for label in labels if common.bids_label(label) not in present]
+    missing = [label for label in labels
+               if not any(label_matches(label, value) for value in found)]
     if not missing or found.empty:
         return
     entity = flag.split("-")[-1][:-1]
-    found_text = ", ".join(sorted(set(found.dropna()))) or "none"
+    values = sorted(set(found.dropna()))
+    found_text = ", ".join(values[:12]) + (f" ... ({len(values)})" if len(values) > 12 else "") \
+        or "none"
     message = (f"{flag} {' '.join(missing)}{'' if explicit else ' (the default)'}: no run has "
                f"that {entity} ({entity}s found: {found_text})")
     if explicit:
@@ -571,6 +653,13 @@ def check_labels_exist(flag, labels, found, explicit):
         return
     print(f"warning: {message}: every run is train or validation, and 06 finds no test run; "
           "choose them with --test-sessions, --test-runs or --splits", file=sys.stderr)
+
+
+def label_matches(label, value):
+    """Whether a split flag's label names a run's: as common.bids_label compares them ('005' is
+    'ses-005' and 5), or as a shell pattern ('s06e*', for --*-tasks)."""
+    return (common.bids_label(label) == common.bids_label(value)
+            or fnmatch.fnmatchcase(str(value), str(label)))
 
 
 def split_from_file(path, runs):

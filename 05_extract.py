@@ -64,9 +64,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from paper.vqvae import video_from_uint8
+import video_frames
 from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, read_tsv, run_main, run_stem
 from paper.gpt import PAPER_LAYER
+from paper.vqvae import video_from_uint8
 
 STAGE = "05_extract"
 BLOCK_OUTPUT = "post_fc_dp"                 # --layer last = attn_stack.attn_nets.<L-1>.post_fc_dp
@@ -454,6 +455,10 @@ def button_alignment(window, frame_step):
 def recorded_buttons(frames_tsv, rep, where, n_frames, work):
     """{"buttons_path", "buttons" (the column names)} of a rendered repetition (a row of the frames
     manifest), checked against its n_frames frames; InputError saying to re-run 01 when missing."""
+    if video_frames.is_video(rep.get("bk2", "")):
+        raise InputError(f"{where} is a video ({rep['bk2']}): a movie has no buttons, so "
+                         f"--features buttons has nothing to read (--features lowlevel and the "
+                         f"models' features do)")
     again = "re-run 01_render_frames.py with the flags it was run with to record them"
     if "buttons_path" not in rep.index:
         raise InputError(f"{frames_tsv}: no buttons_path column (frames rendered by an older "

@@ -73,7 +73,7 @@ import pandas as pd
 import common
 import sweep_report
 from common import DEFAULT_WORK, InputError, read_tsv, run_main
-from controls import EXTRA_EXPERIMENTS, PARTITION_WITH, appendix_layers
+from controls import EXTRA_EXPERIMENTS, appendix_layers, partition_with
 from paper.experiments import EXPERIMENTS, PAPER_CONFIG, feature_layer
 from significance import bootstrap_scores
 
@@ -268,10 +268,12 @@ def plan(args):
             add(rows, "untrained", name + "-untrained", job(base, layer, "untrained"))
             add(rows, "VQ-VAE alone", name + "-vqvae", job(base, "vqvae.codebook", "vqvae"))
             add(rows, "low-level", "lowlevel", job(base, "lowlevel", "lowlevel"))
-            add(rows, "button presses", "buttons", job(base, "buttons", "buttons"))
+            others = partition_with(args.work)   # no buttons in a movie
+            if "buttons" in others:
+                add(rows, "button presses", "buttons", job(base, "buttons", "buttons"))
             for model in (name, name + "-untrained"):   # beyond low-level vision and the buttons
-                jobs[f"{model}+{'+'.join(PARTITION_WITH)}"] = job(
-                    base, layer, "partition", model, needs=(model, *PARTITION_WITH))
+                jobs[f"{model}+{'+'.join(others)}"] = job(base, layer, "partition", model,
+                                                          needs=(model, *others))
         elif experiment == "appendix":
             layers, features = appendix_layers(base), config_name(base) + "-appendix"
             for layer in layers:
@@ -338,7 +340,7 @@ def commands(args, name, spec):
         cmds.append(extract + demo(DEMO_EXTRACT_ARGS) + shlex.split(args.extract_args))
     ridge = ["06_ridge.py", "--work", work, "--name", spec["features"], "--layer", spec["layer"]]
     if spec["kind"] == "partition":
-        ridge += ["--with", *PARTITION_WITH]
+        ridge += ["--with", *spec["needs"][1:]]
     elif name != spec["features"]:
         ridge += ["--results-name", name]
     cmds.append(ridge + demo(DEMO_RIDGE_ARGS) + shlex.split(args.ridge_args))

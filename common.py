@@ -630,12 +630,17 @@ def held_out_runs(work, frames, test_sessions):
 def training_repetitions(work, test_sessions):
     """The repetitions 03 and 04 train on: rows (dicts) of frames/manifest.tsv with status ok
     outside the encoding test runs (held_out_runs: the models must not see them), in manifest
-    order."""
+    order. Frames shown in several runs (a movie every subject watched) are trained on once, and
+    not at all when a test run shows them."""
     manifest_path = Path(work) / "frames" / "manifest.tsv"
     manifest = read_tsv(manifest_path, required=(*RUN_ENTITIES, "status", "frames_path",
                                                  "n_frames"))
     held_out = held_out_runs(work, manifest, test_sessions)
-    rows = manifest[(manifest["status"] == "ok") & ~manifest.apply(run_key, axis=1).isin(held_out)]
+    in_test = manifest.apply(run_key, axis=1).isin(held_out)
+    test_frames = set(manifest.loc[in_test, "frames_path"].dropna())
+    rows = manifest[(manifest["status"] == "ok") & ~in_test
+                    & ~manifest["frames_path"].isin(test_frames)]
+    rows = rows.drop_duplicates("frames_path")
     if rows.empty:
         raise InputError(f"{manifest_path}: no repetition with status ok outside the "
                          f"{len(held_out)} test run(s)")

@@ -1,9 +1,12 @@
 """Beyond the paper's sweeps: controls for what the GPT learned (its untrained copy, its VQ-VAE
-alone, low-level vision, the button presses, and the variance they share with the GPT), and
-appendix A's comparison of the modules of one block. 07_sweep.py plans and reports them.
+alone, low-level vision, the button presses of game replays, and the variance they share with the
+GPT), and appendix A's comparison of the modules of one block. 07_sweep.py plans and reports them.
 """
+from pathlib import Path
+
 import torch
 
+from common import read_tsv
 from paper.experiments import feature_layer
 from paper.gpt import GPTPrior
 
@@ -17,9 +20,22 @@ EXTRA_EXPERIMENTS = {"controls": ("control", None, "beyond the paper"),
                      "appendix": ("module", None, "Figure 7, appendix A")}
 
 
-# The controls' variance partition: the GPT's features fitted with these (06 --with), in jobs of
-# their own
-PARTITION_WITH = ("lowlevel", "buttons")
+def partition_with(work):
+    """The feature sets the controls' variance partition fits with the GPT's (06 --with, in jobs of
+    their own), and the model-free controls: low-level vision, and the button presses when the
+    stimuli are replays whose inputs 01 recorded (a movie has no buttons)."""
+    return ("lowlevel", "buttons") if stimuli_have_buttons(work) else ("lowlevel",)
+
+
+def stimuli_have_buttons(work):
+    """Whether frames/manifest.tsv lists a rendered repetition with its inputs; before 01 has run,
+    the paper's data (replays) are assumed."""
+    path = Path(work) / "frames" / "manifest.tsv"
+    if not path.is_file():
+        return True
+    frames = read_tsv(path, required=("status",))
+    ok = frames[frames["status"] == "ok"]
+    return "buttons_path" in ok and ok["buttons_path"].notna().any()
 
 
 def appendix_layers(config):

@@ -6,12 +6,18 @@
 #   PRESET=small DATA=/data/mygame ATLAS=atlas.nii.gz bash run_all.sh    # your data, tiny CPU models first
 #   WORK=/scratch/me/shinobi DATA=/data/shinobi ATLAS=/data/atlas/MIST_ATOM.nii.gz bash run_all.sh
 #   GPT_ARGS="--precision bf16 --compile" RIDGE_ARGS="--device cuda" DATA=... ATLAS=... bash run_all.sh
+#   STIMULI=movie bash run_all.sh                     # the movie demo (videos, CNeuroMod BIDS layout)
+#   STIMULI=movie LAYOUT=algonauts bash run_all.sh    # the same runs in the Algonauts 2025 layout
+#   ALGONAUTS=/data/algonauts_2025.competitors bash run_all.sh   # the Algonauts 2025 release
 #
 # Variables:
 #   WORK        working directory (default: work)
 #   DATA        BIDS root with events.tsv + .bk2 files (default: the demo, made by 00_make_demo.py)
 #   FMRIPREP    fMRIPrep derivatives (default: DATA/derivatives/fmriprep)
 #   ATLAS       integer labels NIfTI (required for real data; the demo ships its own)
+#   ALGONAUTS   the Algonauts 2025 release (fmri/*.h5, atlases, stimuli/movies): read instead of DATA
+#   STIMULI     the demo's: game (replays, the default) or movie (videos, no buttons)
+#   LAYOUT      with STIMULI=movie: bids (default) or algonauts (the demo's copy in that layout)
 #   PRESET      small: tiny models on CPU, the demo's (default on the demo); paper: the paper's
 #               configurations (default with DATA)
 #   RESOLUTION  frame size (default: 64 with PRESET=small, 128 = the paper otherwise)
@@ -44,11 +50,21 @@ fi
 # Threads that wait for work sleep instead of spinning: on a machine shared with other work, spinning
 # OpenMP threads made 03 and 04 3-7x slower (benchmarks/README.md).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-if [ -z "${DATA:-}" ]; then
+STIMULI=${STIMULI:-game}
+if [ -z "${DATA:-}" ] && [ -z "${ALGONAUTS:-}" ]; then
   DEMO=1
   DATA=$WORK/demo
   PRESET=${PRESET:-small}
   ATLAS=${ATLAS:-$DATA/atlas/tpl-MNI152NLin2009cAsym_res-06_atlas-demo_dseg.nii.gz}
+  if [ "$STIMULI" = movie ]; then   # 12 chunks of 'Friends' seasons 1-6: season 6 is the test
+    PRESET_DEMO="--stimuli movie" PRESET_PREP="--test-tasks s06e01a s06e01b"
+    if [ "${LAYOUT:-bids}" = algonauts ]; then
+      ALGONAUTS=$DATA/algonauts PRESET_PREP=""   # --algonauts tests Friends season 6 by default
+    fi
+  fi
+elif [ -n "${ALGONAUTS:-}" ]; then
+  DEMO=0
+  PRESET=${PRESET:-paper}
 else
   DEMO=0
   PRESET=${PRESET:-paper}
@@ -57,7 +73,8 @@ else
     exit 2
   fi
 fi
-FMRIPREP=${FMRIPREP:-$DATA/derivatives/fmriprep}
+FMRIPREP=${FMRIPREP:-${DATA:-}/derivatives/fmriprep}
+PRESET_DEMO=${PRESET_DEMO:-} PRESET_PREP=${PRESET_PREP:-}
 case "$PRESET" in
   small)
     RESOLUTION=${RESOLUTION:-64}
@@ -157,13 +174,19 @@ progress_of() {
 # shellcheck disable=SC2086  # the *_ARGS variables are lists of flags: word splitting is intended
 {
 if [ "$DEMO" = 1 ]; then
-  stage 00_make_demo 00_make_demo.py --work "$WORK" --workers "$WORKERS" ${DEMO_ARGS:-}
+  stage 00_make_demo 00_make_demo.py --work "$WORK" --workers "$WORKERS" $PRESET_DEMO ${DEMO_ARGS:-}
 fi
-# The demo has one "Missing file" row by design; real datasets have many: they are reported, not fatal.
-stage 01_render_frames 01_render_frames.py --work "$WORK" --bids "$DATA" --resolution "$RESOLUTION" \
-  --workers "$WORKERS" ${RENDER_ARGS:-}
-stage 02_prep_fmri 02_prep_fmri.py --work "$WORK" --fmriprep "$FMRIPREP" --atlas "$ATLAS" \
-  --workers "$WORKERS" ${PREP_ARGS:-}
+if [ -n "${ALGONAUTS:-}" ]; then   # the release's .h5 parcel time series and the videos of their runs
+  stage 01_render_frames 01_render_frames.py --work "$WORK" --algonauts "$ALGONAUTS" \
+    --resolution "$RESOLUTION" --workers "$WORKERS" ${RENDER_ARGS:-}
+  stage 02_prep_fmri 02_prep_fmri.py --work "$WORK" --algonauts "$ALGONAUTS" $PRESET_PREP ${PREP_ARGS:-}
+else
+  # The demo has one "Missing file" row by design; real datasets have many: reported, not fatal.
+  stage 01_render_frames 01_render_frames.py --work "$WORK" --bids "$DATA" --resolution "$RESOLUTION" \
+    --workers "$WORKERS" ${RENDER_ARGS:-}
+  stage 02_prep_fmri 02_prep_fmri.py --work "$WORK" --fmriprep "$FMRIPREP" --atlas "$ATLAS" \
+    --workers "$WORKERS" $PRESET_PREP ${PREP_ARGS:-}
+fi
 stage 03_train_vqvae 03_train_vqvae.py --work "$WORK" --resume $PRESET_VQVAE ${VQVAE_ARGS:-}
 stage 04_train_gpt 04_train_gpt.py --work "$WORK" --name "$NAME" --resume $PRESET_GPT ${GPT_ARGS:-}
 stage 05_extract 05_extract.py --work "$WORK" --ckpt "$WORK/gpt/$NAME/ckpt.pt" --name "$NAME" \

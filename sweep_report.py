@@ -138,13 +138,16 @@ def precision_table(done, subs, figures):
 
 def partition_section(args, partitions, subs, figures):
     """The report's lines on the variance partition of the trained GPT's features with low-level
-    vision and the button presses (06 --with, jobs "<model>+lowlevel+buttons"): per subject the
+    vision and the button presses (06 --with, jobs "<model>+lowlevel+buttons"; low-level vision
+    alone for movies, "<model>+lowlevel"): per subject the
     parts, where the GPT's unique part lies, and whether training changes it. partitions: the runs
     of the trained and the untrained model's partitions (None: not finished)."""
     trained, untrained = partitions
-    lines = ["### What the GPT explains beyond low-level vision and button presses", "",
-             "Banded ridge of the GPT's features with low-level vision and the button presses (06 "
-             "--with lowlevel buttons; a penalty per feature set), test R^2 per parcel; the unique "
+    sets = jobs_sets(partitions)
+    others = " and ".join(SET_WORDS.get(name, name) for name in sets)
+    lines = [f"### What the GPT explains beyond {others}", "",
+             f"Banded ridge of the GPT's features with {others} (06 --with {' '.join(sets)}; a "
+             "penalty per feature set), test R^2 per parcel; the unique "
              "part of a set is R^2(all sets) - R^2(all but it), tested per parcel by 06 (a t-test "
              "whose variance adds the test TRs' and the training runs', FDR q < 0.05). A mean over "
              "parcels is given with the parcels where its part is significant, not with an "
@@ -164,6 +167,16 @@ def partition_section(args, partitions, subs, figures):
     if args.ground_truth:
         lines += planted_partition(trained, args)
     return lines
+
+
+SET_WORDS = {"lowlevel": "low-level vision", "buttons": "button presses"}
+
+
+def jobs_sets(partitions):
+    """The feature sets fitted with the GPT's in the controls' partitions (buttons only for game
+    replays): those of the first finished one, else the defaults'."""
+    finished = [run for run in partitions if run is not None]
+    return finished[0]["sets"][1:] if finished else ["lowlevel", "buttons"]
 
 
 def partition_table(run, subs):
