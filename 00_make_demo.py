@@ -54,8 +54,9 @@ from nilearn.glm.first_level import glover_hrf
 from sklearn.cluster import KMeans
 
 import common
+from paper.alignment import GAMEPLAY_HZ
 import movie_demo
-from common import (DEFAULT_WORK, GAMEPLAY_HZ, InputError, run_folder, run_main, run_stem,
+from common import (DEFAULT_WORK, InputError, run_folder, run_main, run_stem,
                     write_tsv)
 
 GAME = "Airstriker-Genesis-v0"

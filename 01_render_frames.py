@@ -52,8 +52,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import common
+from paper.alignment import GAMEPLAY_HZ
 import video_frames
-from common import (DEFAULT_WORK, GAMEPLAY_HZ, InputError, bids_entities, read_tsv, run_main,
+from common import (DEFAULT_WORK, InputError, bids_entities, read_tsv, run_main,
                     write_tsv)
 
 STAGE = "01_render_frames"

@@ -101,8 +101,9 @@ def parse_args(argv=None):
                        help="cosine annealing to 0 over --max-steps (the paper, eq. 2) "
                             "or constant (the authors' code)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
-                       help="fp32, or mixed precision: fp16 (with loss scaling) or bf16")
+    train.add_argument("--precision", default="auto", choices=("auto", *common.PRECISIONS),
+                       help="fp32, or mixed precision: fp16 (with loss scaling) or bf16; auto: "
+                            f"{common.GPU_PRECISION} on a GPU, fp32 on the CPU")
     common.add_run_flags(p, ["--device", "--workers", "--tf32", "--channels-last",
                              "--cudnn-benchmark", "--compile", "--log-every", "--val-every",
                              "--val-clips", "--ckpt-every", "--resume", "--overwrite"],
@@ -298,6 +299,9 @@ def plan_run(args):
     config = model_config(args)
     paths, train_arrays, val_arrays, train_reps = read_frames(work, args)
     settings = common.settings_of(args)
+    # what auto means on this device (a run of the same precision is the same run, however asked)
+    settings["--precision"] = common.resolved_precision(args.precision,
+                                                        common.choose_device(args.device))
     inputs = common.input_fingerprints(work, paths)
     checkpoint, _ = common.checkpoint_to_resume(out_dir / "ckpt.pt", STAGE, settings, inputs,
                                                 args.resume, args.overwrite)

@@ -139,9 +139,10 @@ def parse_args(argv=None):
     train.add_argument("--init-from",
                        help="initial weights: a ckpt.pt of this stage "
                             "or an authors' Lightning .ckpt")
-    train.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
+    train.add_argument("--precision", default="auto", choices=("auto", *common.PRECISIONS),
                        help="fp16: autocast + GradScaler (the paper's mixed precision); "
-                            "bf16: autocast")
+                            f"bf16: autocast; auto: {common.GPU_PRECISION} on a GPU, fp32 on the "
+                            "CPU")
     train.add_argument("--seed", type=int, default=0)
     common.add_run_flags(p, ["--device", "--tf32", "--compile", "--log-every", "--val-every",
                              "--val-samples", "--ckpt-every", "--resume", "--overwrite",
@@ -388,8 +389,10 @@ def plan_run(args):
     n_samples = sum(max(0, n // span - 1) for n in used)    # (clip j, clip j + 1) pairs
     max_steps = training_steps(args, n_samples)
     settings = common.settings_of(args, common.NOT_RECORDED | {"vqvae", "init_from", "epochs"})
-    # the budget as steps (a run with --epochs is the same run as one with the steps it gives)
+    # the budget as steps (a run with --epochs is the same run as one with the steps it gives), the
+    # precision as auto makes it on this device
     settings["--max-steps"] = max_steps
+    settings["--precision"] = precision_of(args)
     if args.epochs is not None:
         settings["--epochs"] = args.epochs
     inputs = common.input_fingerprints(work, [vqvae_path, *frames_paths,
@@ -426,7 +429,12 @@ def run_name(args):
         return args.name
     return (f"h{args.hidden_dim}-l{args.layers}-a{args.heads}"
             + (f"-f{args.train_frames}" if args.train_frames else "")
-            + (f"-{args.precision}" if args.precision != "fp32" else ""))
+            + (f"-{precision_of(args)}" if precision_of(args) != "fp32" else ""))
+
+
+def precision_of(args):
+    """--precision on --device: fp32, fp16 or bf16 (auto made one of them)."""
+    return common.resolved_precision(args.precision, common.choose_device(args.device))
 
 
 def warn_if_vqvae_saw_validation(work, vqvae_path, val_reps):
@@ -724,7 +732,8 @@ def peak_tflops(args, device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    precision = "tf32" if args.precision == "fp32" and args.tf32 else args.precision
+    precision = common.resolved_precision(args.precision, device)
+    precision = "tf32" if precision == "fp32" and args.tf32 else precision
     for key, peaks in PEAK_TFLOPS.items():      # "H100 PCIe" is listed before "H100"
         if key in name:
             return peaks[precision]

@@ -51,7 +51,6 @@ again):
 import argparse
 import contextlib
 import difflib
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -60,21 +59,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-import video_frames
-from common import DEFAULT_WORK, GAMEPLAY_HZ, InputError, read_tsv, run_main, run_stem
+from common import DEFAULT_WORK, InputError, read_tsv, run_main, run_stem
+from control_features import (LOWLEVEL_GRID, button_alignment, button_rows, lowlevel_rows,
+                              recorded_buttons, same_buttons)
+from paper.alignment import (GAMEPLAY_HZ, LayerRecorder, gather_frames, read_windows,
+                             repetition_start, window_frame_indices)
 from paper.gpt import PAPER_LAYER
-from paper.vqvae import video_from_uint8
 
 STAGE = "05_extract"
 BLOCK_OUTPUT = "post_fc_dp"                 # --layer last = attn_stack.attn_nets.<L-1>.post_fc_dp
 FRAMES_COLUMNS = ("sub", "ses", "task", "run", "rep", "onset_s", "n_frames", "frames_path",
                   "status")
 BOLD_COLUMNS = ("sub", "ses", "task", "run", "n_volumes", "tr_s")
-AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}   # --precision: its dtype
 
 
 def parse_args(argv=None):
@@ -108,10 +107,10 @@ def parse_args(argv=None):
                    help="60 Hz frames per clip frame "
                         "(default: the GPT's training value, else 4: clips at 15 Hz)")
     p.add_argument("--batch-size", type=int, default=32, help="TR windows per forward pass")
-    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                   help="autocast dtype of the GPT's forward pass "
-                        "(auto: fp16 on GPU, as the paper, fp32 on CPU); "
-                        "the VQ-VAE always encodes in fp32, as 04 did")
+    p.add_argument("--precision", choices=("auto", *common.PRECISIONS), default="auto",
+                   help="autocast of the GPT's forward pass (auto: "
+                        f"{common.GPU_PRECISION} on a GPU, fp32 on the CPU, as 03 and 04); the "
+                        "VQ-VAE always encodes in fp32, as 04 did")
     p.add_argument("--device", default="auto",
                    help="cuda, cpu, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--workers", type=int, default=None,
@@ -125,45 +124,6 @@ def parse_args(argv=None):
                    help="use a GPT or VQ-VAE whose training was interrupted (refused by default)")
     p.add_argument("--overwrite", action="store_true", help="recompute features that already exist")
     return p.parse_args(argv)
-
-
-# --------------------------------------------------------------------------------------------------
-# Alignment (docs/CONTRACT.md, "Time conventions"): which 60 Hz frame each slot of each TR's window
-# shows
-# --------------------------------------------------------------------------------------------------
-def window_frame_indices(n_volumes, tr_s, window, frame_step, fps=GAMEPLAY_HZ):
-    """(n_volumes, window) int64: the run-timeline index (60 Hz frames from the first volume) of
-    each frame of each TR's window. Row t ends with e_t = ceil((t + 1) x TR x fps) - 1, the last
-    frame shown before the end of TR t, and steps back frame_step frames at a time. Negative =
-    before the run."""
-    # round() first: 1.49 x 60 x 100 is 8940.000000000002 in floating point, whose ceil would be
-    # one too many
-    volume_ends = np.round(np.arange(1, n_volumes + 1) * tr_s * fps, 6)      # (T,) in frames
-    ends = np.ceil(volume_ends).astype(np.int64) - 1                                      # (T,)
-    steps = frame_step * np.arange(-(window - 1), 1)                                 # (window,)
-    return ends[:, None] + steps[None, :]                                         # (T, window)
-
-
-def repetition_start(onset_s, fps=GAMEPLAY_HZ):
-    """Timeline index of a repetition's first frame: its onset rounded to the nearest 60 Hz
-    frame."""
-    return int(math.floor(onset_s * fps + 0.5))
-
-
-def gather_frames(indices, repetitions, frame_shape, open_frames, path_key="frames_path"):
-    """uint8 (*indices.shape, H, W, 3): the frame shown at each timeline index, black where none is.
-
-    repetitions: list of dicts with `start` (timeline index of frame 0), `n_frames`, `frames_path`
-    (None for a black repetition), in onset order. open_frames(path) gives the (N, H, W, 3) array.
-    With path_key="buttons_path" and frame_shape (B,): the recorded inputs, 0 where none is."""
-    out = np.zeros((*indices.shape, *frame_shape), np.uint8)                # (..., H, W, 3)
-    for rep in repetitions:
-        if rep.get(path_key) is None:
-            continue
-        inside = (indices >= rep["start"]) & (indices < rep["start"] + rep["n_frames"])
-        if inside.any():
-            out[inside] = open_frames(rep[path_key])[indices[inside] - rep["start"]]
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,7 +144,7 @@ def main(argv=None):
     else:
         model, info = load_model(ckpt, args.vqvae, work, device, args.allow_unfinished)
     if args.list_layers:   # with a model only: check_flags refused it for the others
-        list_layers(model, info, device, AUTOCAST[precision])
+        list_layers(model, info, device, precision)
         return
 
     # --- plan: which runs still need features -----------------------------------------------------
@@ -243,27 +203,18 @@ def check_flags(args):
 
 
 def choose_device(args):
-    """(torch.device, precision) of --device and --precision: auto is cuda when available, and fp16
-    on a GPU (as the paper), fp32 on the CPU. A device torch does not know or see: InputError."""
-    try:
-        device = torch.device(args.device if args.device != "auto"
-                              else ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise InputError(f"--device {args.device}: not a torch device "
-                         "(cpu, cuda, cuda:1 ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: torch sees no CUDA device")
-    precision = (args.precision if args.precision != "auto"
-                 else ("fp16" if device.type == "cuda" else "fp32"))
-    return device, precision
+    """(torch.device, precision) of --device and --precision (common's choices: auto is a GPU when
+    torch sees one, and on it mixed precision)."""
+    device = common.choose_device(args.device)
+    return device, common.resolved_precision(args.precision, device)
 
 
-def list_layers(model, info, device, autocast_dtype):
+def list_layers(model, info, device, precision):
     """--list-layers: every module of the model, with its output for one (black) window."""
     names = [n for n, _ in model.named_modules() if n]
     black = torch.zeros((1, info["window"], *info["frame_shape"]), dtype=torch.uint8)
     with LayerRecorder(model, names) as recorder:
-        run_model(model, black, device, autocast_dtype)
+        run_model(model, black, device, precision)
     modules = dict(model.named_modules())
     print(f"{'module':<48} {'type':<28} output shape for one window")
     for n in names:
@@ -351,7 +302,7 @@ def extract(args, extractor, todo):
                     features = {"lowlevel": (rows, tuple(rows.shape[1:]))}
                 else:
                     features = layer_rows(model, clips, recorder, args.pool, info["latent_shape"],
-                                          device, AUTOCAST[extractor.precision])
+                                          device, extractor.precision)
                 write_batch(writers, features, run_index, t, args.dtype, extractor.precision)
                 for r in run_index.numpy():
                     rows_left[r] -= 1
@@ -376,32 +327,6 @@ def write_batch(writers, features, run_index, t, dtype, precision):
             writers[r].write(layer, t.numpy()[mine], rows[mine], activation_shape)
 
 
-def write_button_features(extractor, todo, dtype):
-    """--features buttons: every row of each run to do at once, from its repetitions' inputs."""
-    n_buttons = len(extractor.info["config"]["buttons"])
-    for run, paths, records in todo:
-        rows = button_rows(run, extractor.info["window"], extractor.frame_step, n_buttons)
-        write_rows(run, paths, rows, (2, rows.shape[1] // 2), dtype, records)
-
-
-# --------------------------------------------------------------------------------------------------
-# The low-level vision control (--features lowlevel): what the windows show, without any model
-# --------------------------------------------------------------------------------------------------
-LOWLEVEL_GRID = 8   # the screen as 8 x 8 regions
-
-
-def lowlevel_rows(clips, grid=LOWLEVEL_GRID):
-    """Model-free features of windows uint8 (B, window, H, W, 3): the luminance of every frame on a
-    grid x grid of screen regions (mean gray level in [0, 1]), then the motion energy of each region
-    (mean absolute difference of consecutive frames over the window).
-    Returns float32 (B, window * grid^2 + grid^2)."""
-    gray = clips.float().mean(dim=-1) / 255.0                              # (B, window, H, W)
-    luminance = F.adaptive_avg_pool2d(gray, grid)                    # (B, window, grid, grid)
-    change = (gray[:, 1:] - gray[:, :-1]).abs()                        # (B, window - 1, H, W)
-    motion = F.adaptive_avg_pool2d(change, grid)                 # (B, window - 1, grid, grid)
-    return torch.cat([luminance.flatten(1), motion.mean(dim=1).flatten(1)], dim=1)
-
-
 def model_free_info(work, features):
     """What the alignment needs without a model (--features lowlevel or buttons): the frames' shape
     (from the first rendered repetition), the window of the paper's GPT (2 x 16 frames) and its
@@ -416,86 +341,6 @@ def model_free_info(work, features):
     config = {"features": features, **({"grid": LOWLEVEL_GRID} if features == "lowlevel" else {})}
     return dict(format="none", vqvae_path=None, config=config, n_layers=0, latent_shape=None,
                 frame_shape=tuple(shape[1:]), window=2 * 16, frame_step=4)
-
-
-# --------------------------------------------------------------------------------------------------
-# The player's inputs (--features buttons): what the hands did over each window, without any model
-# --------------------------------------------------------------------------------------------------
-def button_rows(run, window, frame_step, n_buttons):
-    """float32 (n_volumes, 2 x B), B = n_buttons: for each button the fraction of the window's 60 Hz
-    frames during which it is held, then for each button its number of presses there.
-
-    The window of TR t is the span of every other feature set's clip window: the window x frame_step
-    (128) 60 Hz frames ending with e_t = ceil((t + 1) x TR x 60) - 1, the 4 frames each clip frame
-    stands for. A press is a frame where the button is held and was not in the frame before: it
-    counts in the window that holds that frame, even as the window's first frame (the frame before
-    is read too), and a button held since before the window is not pressed in it. Windows of
-    consecutive TRs overlap (2.13 s > 1.49 s): a press lies in one or two of them. No input (0)
-    where no repetition is, as the screen is black there: held in a repetition's frame 0 is a press.
-    """
-    span = window * frame_step
-    # (T, 1 + span): the frame before each window, then the window
-    indices = window_frame_indices(run["n_volumes"], run["tr_s"], span + 1, 1)
-    keys = gather_frames(indices, run["repetitions"], (n_buttons,), common.load_npy,
-                         path_key="buttons_path").astype(bool)                  # (T, 1 + span, B)
-    held = keys[:, 1:]                                                           # (T, span, B)
-    presses = held & ~keys[:, :-1]
-    return np.concatenate([held.mean(1), presses.sum(1)], axis=1).astype(np.float32)
-
-
-def button_alignment(window, frame_step):
-    """The record's `alignment` of --features buttons."""
-    return (f"row t: the inputs of the {window * frame_step} 60 Hz frames ending with frame "
-            f"ceil((t+1) x TR x 60) - 1 of the run's timeline (the span of the {window}-frame "
-            f"window, every {frame_step}th frame, of the other feature sets); for each button the "
-            f"fraction of them it is held, then for each button its presses (held, and not in the "
-            f"frame before); repetition frame i at round(onset_s x 60) + i, no input elsewhere")
-
-
-def recorded_buttons(frames_tsv, rep, where, n_frames, work):
-    """{"buttons_path", "buttons" (the column names)} of a rendered repetition (a row of the frames
-    manifest), checked against its n_frames frames; InputError saying to re-run 01 when missing."""
-    if video_frames.is_video(rep.get("bk2", "")):
-        raise InputError(f"{where} is a video ({rep['bk2']}): a movie has no buttons, so "
-                         f"--features buttons has nothing to read (--features lowlevel and the "
-                         f"models' features do)")
-    again = "re-run 01_render_frames.py with the flags it was run with to record them"
-    if "buttons_path" not in rep.index:
-        raise InputError(f"{frames_tsv}: no buttons_path column (frames rendered by an older "
-                         f"01_render_frames.py, without the player's inputs): {again}")
-    if pd.isna(rep["buttons_path"]):
-        raise InputError(f"{where} was rendered without the player's inputs (an older "
-                         f"01_render_frames.py): {again}")
-    path = work / str(rep["buttons_path"])
-    redo = "re-render it with 01_render_frames.py --overwrite"
-    buttons = common.load_npy(path, advice=redo)
-    names = (common.read_record(common.record_path(path)) or {}).get("buttons")
-    if names is None:
-        raise InputError(f"{path}: its record {common.record_path(path)} does not name the buttons "
-                         f"({redo})")
-    if buttons.shape != (n_frames, len(names)):
-        raise InputError(f"{path}: inputs of shape {buttons.shape}, not one row per frame "
-                         f"({n_frames}) and one column per button its record names ({len(names)}); "
-                         f"{redo}")
-    # held or not: anything else (a float array, NaN) would be counted as presses all the same
-    if buttons.dtype.kind not in "biu":
-        raise InputError(f"{path}: {buttons.dtype} inputs, not integers 0 or 1 (held or not); "
-                         f"{redo}")
-    if not np.isin(buttons, (0, 1)).all():
-        raise InputError(f"{path}: inputs other than 0 and 1 (held or not); {redo}")
-    return {"buttons_path": str(path), "buttons": names}
-
-
-def same_buttons(runs, frames_tsv):
-    """The button names of every repetition placed (a list), which must be the same everywhere:
-    they name the feature columns. Games of consoles with other buttons are an InputError."""
-    seen = {tuple(rep["buttons"]) for run in runs for rep in run["repetitions"]
-            if rep.get("buttons")}
-    if len(seen) > 1:
-        sets = " | ".join(" ".join(map(str, names)) for names in sorted(seen, key=str))
-        raise InputError(f"{frames_tsv}: repetitions with different buttons ({sets}): extract them "
-                         f"separately (--subjects) or render one game")
-    return list(next(iter(seen), []))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -548,42 +393,18 @@ def load_model(path, vqvae_path, work, device, allow_unfinished=False):
     return gpt, info
 
 
-def encode_windows(vqvae, clips):
-    """VQ-VAE codes of each window's conditioning clip (first half) and target clip (second half):
-    (B, t, h, w) long each, from uint8 clips (B, window, H, W, 3).
-
-    Always in exact fp32 (VQVAE.encode sees to it), whatever --precision says for the GPT: 04
-    trained the GPT on codes computed that way. Two encoder calls rather than one of 2B clips, so
-    that a hooked VQ-VAE module sees B samples per call: its features are (B, 2, ...), conditioning
-    clip then target clip."""
-    video = video_from_uint8(clips)                # (B, 3, window, H, W) in [-0.5, 0.5]
-    half = video.shape[2] // 2
-    return vqvae.encode(video[:, :, :half]), vqvae.encode(video[:, :, half:])
-
-
-def read_windows(model, clips):
-    """Run the model on uint8 clips (B, window, H, W, 3) as it was trained (paper 2.3.1.2): the
-    first half of each window is the conditioning clip, the second half the target clip; each goes
-    through the frozen VQ-VAE to codes, whose codebook vectors the GPT reads. Returns the logits
-    (B, t, h, w, n_codes)."""
-    cond_codes, target_codes = encode_windows(model.vqvae, clips)   # (B, t, h, w) each
-    lookup = model.vqvae.codebook.dictionary_lookup                  # codes -> (B, t, h, w, D)
-    return model(lookup(target_codes), lookup(cond_codes))
-
-
-def run_model(model, clips, device, autocast_dtype):
-    """read_windows under no_grad, with the GPT under autocast to autocast_dtype (None = fp32) on
+def run_model(model, clips, device, precision):
+    """read_windows under no_grad, with the GPT under the autocast of `precision` (fp32: none) on
     the model's device."""
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype,
-                                         enabled=autocast_dtype is not None):
+    with torch.no_grad(), common.autocast(device, precision):
         read_windows(model, clips.to(device, non_blocking=True))
 
 
-def layer_rows(model, clips, recorder, pool, latent_shape, device, autocast_dtype):
+def layer_rows(model, clips, recorder, pool, latent_shape, device, precision):
     """{layer: (B, D) float32 tensor on the device, and the per-sample activation shape} for clips
     uint8 (B, window, H, W, 3): one forward pass, every hooked layer at once."""
     recorder.clear()
-    run_model(model, clips, device, autocast_dtype)
+    run_model(model, clips, device, precision)
     rows = {}
     for layer, calls in recorder.outputs.items():
         activation = per_sample_activation(layer, calls, len(clips)).float()   # (B, ...)
@@ -614,70 +435,6 @@ def resolve_layers(model, names, n_layers):
         hint = f"closest: {', '.join(close)}" if close else "see --list-layers"
         raise InputError(f"--layer {name}: no such module in the checkpoint's model ({hint})")
     return list(dict.fromkeys(resolved))
-
-
-class LayerRecorder:
-    """Forward hooks on named modules; `outputs[name]` lists what each call returned, detached.
-
-    A module that runs several times per sample (the VQ-VAE's, once per clip) is recorded every
-    time.
-    Use as a context manager so that the hooks are removed however the block ends."""
-
-    def __init__(self, model, names):
-        modules = dict(model.named_modules())
-        self.outputs = {name: [] for name in names}
-        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
-
-    def _hook(self, name):
-        def record(module, inputs, output):
-            if isinstance(output, dict) and "embeddings" in output:
-                # the VQ-VAE's codebook returns a dict: its quantised vectors (B, D, t, h, w) are
-                # what the GPT reads (the VQ-VAE-alone control: --layer vqvae.codebook)
-                output = output["embeddings"]
-            self.outputs[name].append(output.detach() if torch.is_tensor(output) else output)
-        return record
-
-    def clear(self):
-        for calls in self.outputs.values():
-            calls.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-
-def per_sample_activation(name, calls, batch_size):
-    """The recorded calls of one module as one tensor (B, ...); several calls are stacked on
-    axis 1."""
-    if not calls:
-        raise InputError(f"--layer {name}: this module does not run when the model reads a clip")
-    if not all(torch.is_tensor(c) for c in calls):
-        raise InputError(f"--layer {name}: returns {type(calls[0]).__name__}, not a tensor; "
-                         "hook one of its submodules")
-    if any(c.shape[0] != batch_size for c in calls):
-        raise InputError(f"--layer {name}: output of shape {tuple(calls[0].shape)} does not have "
-                         f"one row per sample (batch {batch_size}); "
-                         f"hook the module that contains it")
-    return calls[0] if len(calls) == 1 else torch.stack(calls, dim=1)
-
-
-def pool_activation(activation, pool, latent_shape, name):
-    """(B, ...) -> (B, D). 'space'/'time' average the latent axes (H', W') or T', found as the
-    right-most run of axes equal to latent_shape = (T', H', W') (channels-last or
-    channels-first)."""
-    if pool != "none":
-        shape = tuple(activation.shape)
-        starts = [a for a in range(1, len(shape) - 2) if shape[a:a + 3] == tuple(latent_shape)]
-        if not starts:
-            raise InputError(f"--pool {pool}: the output of {name} has shape {shape[1:]} per "
-                             f"sample, without the latent (T', H', W') = {tuple(latent_shape)} "
-                             f"axes to pool over")
-        a = starts[-1]
-        activation = activation.mean(dim=(a + 1, a + 2) if pool == "space" else (a,))
-    return activation.reshape(activation.shape[0], -1)                            # (B, D)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -857,3 +614,42 @@ class RunWriter:
 
 if __name__ == "__main__":
     run_main(main)
+
+
+def write_button_features(extractor, todo, dtype):
+    """--features buttons: every row of each run to do at once, from its repetitions' inputs."""
+    n_buttons = len(extractor.info["config"]["buttons"])
+    for run, paths, records in todo:
+        rows = button_rows(run, extractor.info["window"], extractor.frame_step, n_buttons)
+        write_rows(run, paths, rows, (2, rows.shape[1] // 2), dtype, records)
+
+
+def per_sample_activation(name, calls, batch_size):
+    """The recorded calls of one module as one tensor (B, ...); several calls are stacked on
+    axis 1."""
+    if not calls:
+        raise InputError(f"--layer {name}: this module does not run when the model reads a clip")
+    if not all(torch.is_tensor(c) for c in calls):
+        raise InputError(f"--layer {name}: returns {type(calls[0]).__name__}, not a tensor; "
+                         "hook one of its submodules")
+    if any(c.shape[0] != batch_size for c in calls):
+        raise InputError(f"--layer {name}: output of shape {tuple(calls[0].shape)} does not have "
+                         f"one row per sample (batch {batch_size}); "
+                         f"hook the module that contains it")
+    return calls[0] if len(calls) == 1 else torch.stack(calls, dim=1)
+
+
+def pool_activation(activation, pool, latent_shape, name):
+    """(B, ...) -> (B, D). 'space'/'time' average the latent axes (H', W') or T', found as the
+    right-most run of axes equal to latent_shape = (T', H', W') (channels-last or
+    channels-first)."""
+    if pool != "none":
+        shape = tuple(activation.shape)
+        starts = [a for a in range(1, len(shape) - 2) if shape[a:a + 3] == tuple(latent_shape)]
+        if not starts:
+            raise InputError(f"--pool {pool}: the output of {name} has shape {shape[1:]} per "
+                             f"sample, without the latent (T', H', W') = {tuple(latent_shape)} "
+                             f"axes to pool over")
+        a = starts[-1]
+        activation = activation.mean(dim=(a + 1, a + 2) if pool == "space" else (a,))
+    return activation.reshape(activation.shape[0], -1)                            # (B, D)

@@ -85,8 +85,7 @@ def parse_args(argv=None):
         p.error("--alphas must be > 0")
     if not 0 < args.test_size < 1:
         p.error("--test-size must be between 0 and 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible to torch")
+    common.choose_device(args.device)   # a GPU torch cannot see: one line
     if args.with_sets and args.pca:
         raise InputError("--pca with --with: project each feature set yourself (05 --pool), "
                          "or fit one set")

@@ -42,18 +42,22 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from paper.gpt import GPTPrior
 from paper.vqvae import VQVAE
 
-# The stage scripts start with a digit, so they cannot be imported by name; tests load them with
-# importlib. Everything here is importable as `import common`.
-
 DEFAULT_WORK = "work"
-# CNeuroMod convention: a bk2 holds one input per 60 Hz emulator step, and stage 01 renders every
-# step (the Genesis really runs at 59.92 Hz; the data treat it as 60).
-GAMEPLAY_HZ = 60
+
+
+def load_stage(filename):
+    """Import a stage script of this repository as a module (tests and benchmarks call its
+    functions): its name starts with a digit, so `import` cannot name it."""
+    import importlib.util
+    path = Path(__file__).resolve().parent / filename
+    spec = importlib.util.spec_from_file_location("stage_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # --------------------------------------------------------------------------------------------------
@@ -948,6 +952,22 @@ class DistContext:
         return self.rank == 0
 
 
+def choose_device(flag):
+    """--device as a torch.device: auto (a GPU when torch sees one), cpu, cuda or cuda:N. The one
+    place every stage decides it; a device torch does not know or see is an InputError."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise InputError(f"--device {flag}: not a torch device (auto, cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {flag}: torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {flag}: expected auto, cpu or cuda")
+    return device
+
+
 def setup_distributed(device="auto"):
     """Join the process group that RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
     describe (set by `torchrun`, or by slurm/gpu_stage.sbatch for the processes srun starts), if
@@ -959,17 +979,10 @@ def setup_distributed(device="auto"):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: torch sees no CUDA device")
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
-    elif device == "cpu":
-        torch_device = torch.device("cpu")
-    else:
-        raise InputError(f"--device {device}: expected auto, cuda or cpu")
+    torch_device = choose_device(device)
+    if torch_device.type == "cuda":
+        torch_device = torch.device("cuda", local_rank)      # one GPU per process on the node
+        torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
     return DistContext(rank, local_rank, world_size, torch_device)
@@ -1330,8 +1343,23 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6    # Linux: KiB -> GB
 
 
+# --precision, the same in 03, 04 and 05. Mixed precision is autocast (torch.amp) around the model;
+# the model keeps its own float32 islands whatever it says (the VQ-VAE's encoding, its codebook, the
+# GPT's LayerNorm: paper/). auto is GPU_PRECISION on a GPU (bf16: float32's exponent range, so no
+# loss scaling; the paper found 16-bit training did not change the brain scores) and fp32 on the CPU.
+GPU_PRECISION = "bf16"
+
+
+def resolved_precision(flag, device):
+    """--precision on `device` (a torch.device): fp32, fp16 or bf16, auto made one of them."""
+    if flag == "auto":
+        return GPU_PRECISION if device.type == "cuda" else "fp32"
+    return flag
+
+
 def autocast(device, precision):
-    """The autocast context of --precision: fp32 (none), fp16 or bf16 (torch.amp)."""
+    """The autocast context of --precision on `device`: none for fp32, else torch.amp's."""
+    precision = resolved_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
@@ -1341,4 +1369,5 @@ def autocast(device, precision):
 def grad_scaler(device, precision):
     """A GradScaler, active for fp16 only
     (bf16 has fp32's exponent range and needs no loss scaling)."""
-    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+    return torch.amp.GradScaler(device.type,
+                                enabled=resolved_precision(precision, device) == "fp16")

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 import common
-from common import GAMEPLAY_HZ, InputError
+from paper.alignment import GAMEPLAY_HZ
+from common import InputError
 
 VIDEO_SUFFIXES = (".mkv", ".mp4", ".mov", ".avi", ".webm")
 # A frame may stray this far (in frames) from j / fps: containers round presentation times (the

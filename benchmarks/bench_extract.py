@@ -11,7 +11,6 @@ TR), rows are cast to float16 and copied to the host, as the stage does. "model 
 pass on windows already on the device; "end to end" includes gathering the frames.
 """
 import argparse
-import importlib.util
 import platform
 import sys
 import tempfile
@@ -25,15 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import common  # noqa: E402
-from paper.gpt import GPTPrior
+from common import load_stage  # noqa: E402
+from paper import alignment  # noqa: E402
+from paper.gpt import PAPER_LAYER, GPTPrior
 from paper.vqvae import VQVAE
-
-
-def load_stage(filename):
-    spec = importlib.util.spec_from_file_location(filename.split(".")[0].replace("0", "s0", 1), REPO / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main():
@@ -45,7 +39,7 @@ def main():
     parser.add_argument("--workers", type=int, default=None, help="frame-gathering processes (default 4 GPU, 0 CPU)")
     args = parser.parse_args()
     extract = load_stage("05_extract.py")
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.choose_device(args.device)
     gpu = device.type == "cuda"
     precisions = args.precisions or (["fp32", "fp16", "bf16"] if gpu else ["fp32"])
     batch_size = args.batch_size or (32 if gpu else 2)
@@ -61,7 +55,7 @@ def main():
     model = GPTPrior().eval()
     model.vqvae = VQVAE().eval()
     model.to(device)
-    latent, layer = model.vqvae.latent_shape, extract.PAPER_LAYER
+    latent, layer = model.vqvae.latent_shape, PAPER_LAYER
     frame_shape = (model.vqvae.config["resolution"],) * 2 + (3,)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,23 +71,22 @@ def main():
         run = dict(sub="01", ses="001", task="bench", run="01", stem="bench", n_volumes=n_trs, tr_s=tr_s,
                    repetitions=[dict(rep="1", status="ok", onset_s=0.0, start=0, n_frames=n_frames,
                                      frames_path=str(path))],
-                   windows=extract.window_frame_indices(n_trs, tr_s, 32, 4))
+                   windows=alignment.window_frame_indices(n_trs, tr_s, 32, 4))
         dataset = extract.TRWindows([run], frame_shape)
 
         one = dataset[0][0][None]                                        # (1, 32, H, W, 3)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            extract.read_windows(model, one.to(device))
+            alignment.read_windows(model, one.to(device))
         gflop_per_tr = counter.get_total_flops() / 1e9
 
         rows = []
-        with extract.LayerRecorder(model, [layer]) as recorder:
+        with alignment.LayerRecorder(model, [layer]) as recorder:
             for precision in precisions:
-                dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
                 loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                                      pin_memory=gpu)
 
                 def step(clips):
-                    out = extract.layer_rows(model, clips, recorder, "none", latent, device, dtype)
+                    out = extract.layer_rows(model, clips, recorder, "none", latent, device, precision)
                     return out[layer][0].to(torch.float16).cpu()        # (B, 147456), as the stage writes
 
                 warm = next(iter(loader))[0]

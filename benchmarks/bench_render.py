@@ -7,7 +7,6 @@ Target: >= 1,000 frames/s per worker at 128 px. "emulator only" is the same repl
 the resize, the floor that rendering cannot beat.
 """
 import argparse
-import importlib.util
 import platform
 import sys
 import tempfile
@@ -17,13 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def load_stage(filename):
-    spec = importlib.util.spec_from_file_location(filename.split(".")[0], REPO / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from common import load_stage  # noqa: E402
 
 
 def main():

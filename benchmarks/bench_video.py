@@ -10,7 +10,6 @@ say what 01 on a full Friends season (about 24 episodes of 22 minutes, 29.97 fps
 and writes (60 Hz frames, uint8).
 """
 import argparse
-import importlib.util
 import platform
 import sys
 import tempfile
@@ -22,14 +21,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import load_stage  # noqa: E402
 SEASON_S = 24 * 22 * 60
-
-
-def load_stage(filename):
-    spec = importlib.util.spec_from_file_location(filename.split(".")[0], REPO / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_sitcom_like(path, seconds, bitrate):

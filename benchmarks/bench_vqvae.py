@@ -127,8 +127,7 @@ def time_steps(config, device, precision, args):
 
 def main():
     args = parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = common.choose_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         torch.backends.cudnn.benchmark = args.cudnn_benchmark

@@ -1,5 +1,4 @@
 """Shared fixtures: a small demo dataset made once per test session, the stage scripts as modules."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import load_stage  # noqa: E402,F401  (tests import it from here)
 
 # Small enough to make in ~10 s on 2 cores, big enough for a planted signal to be measurable:
 # 1 subject x 5 sessions (ses-004 validation, ses-005 test) x 1 run x 2 repetitions of 15 s.
@@ -22,14 +22,6 @@ def run_script(script, *args, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def load_stage(filename):
-    """Import a stage script (its name starts with a digit) as a module."""
-    spec = importlib.util.spec_from_file_location(filename.split(".")[0].replace("0", "s0", 1), REPO / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def processes_running(script, work):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+from paper import alignment
 from paper.gpt import GPTPrior
 from paper.vqvae import VQVAE
 from conftest import load_stage, needs_namespaces, run_confined, run_script
@@ -137,13 +138,13 @@ def test_alignment_landmarks_by_hand(synthetic):
 
 
 def test_window_indices_formula():
-    idx = extract.window_frame_indices(3, TR, 32, 4)
+    idx = alignment.window_frame_indices(3, TR, 32, 4)
     assert idx.shape == (3, 32)
     assert idx[:, -1].tolist() == [89, 178, 268]  # ceil(89.4 t) - 1
     assert (np.diff(idx, axis=1) == 4).all()
     # A TR end exactly on a 60 Hz frame boundary: 1.5 s = frame 90 begins then, so the window ends at 89.
-    assert extract.window_frame_indices(2, 1.5, 32, 4)[:, -1].tolist() == [89, 179]
-    assert extract.repetition_start(3.508) == 210 and extract.repetition_start(3.4916) == 209
+    assert alignment.window_frame_indices(2, 1.5, 32, 4)[:, -1].tolist() == [89, 179]
+    assert alignment.repetition_start(3.508) == 210 and alignment.repetition_start(3.4916) == 209
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def test_recorder_sees_what_the_module_computes():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))
     x = torch.randn(4, 5)
-    with extract.LayerRecorder(model, ["1"]) as recorder:
+    with alignment.LayerRecorder(model, ["1"]) as recorder:
         model(x)
         model(x)
     # After the block the hook is gone: a third call records nothing.
@@ -435,7 +436,7 @@ def test_codes_are_computed_in_fp32_whatever_the_precision():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 naive = unguarded(video[:, :, :half])
                 seen.clear()
-                cond, target = extract.encode_windows(vqvae, clips)
+                cond, target = alignment.encode_windows(vqvae, clips)
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)  # restored
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -683,3 +683,21 @@ def test_a_vqvae_that_trained_on_a_gpt_validation_repetition_is_said(work, tmp_p
         gpt_stage.plan_run(gpt_stage.parse_args(flags))
         out = capsys.readouterr().out
         assert ("trained on 1 of the 2 validation repetitions (its --val-reps 1" in out) is warned, out
+
+
+def test_one_precision_and_device_chooser_for_03_04_05():
+    """--precision auto is bf16 on a GPU and fp32 on the CPU in 03, 04 and 05 alike, and the records
+    hold what it resolved to: a run made before auto existed, with the former default fp32 on the CPU,
+    is the same run."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [common.resolved_precision(flag, cpu) for flag in ("auto", "fp16", "fp32")] == ["fp32", "fp16", "fp32"]
+    assert common.resolved_precision("auto", gpu) == common.GPU_PRECISION == "bf16"
+    assert not common.grad_scaler(cpu, "auto").is_enabled() and common.grad_scaler(cpu, "fp16").is_enabled()
+    assert common.choose_device("cpu") == cpu and common.choose_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(common.InputError, match="--device tpu: not a torch device"):
+        common.choose_device("tpu")
+    vqvae_stage, extract_stage = load_stage("03_train_vqvae.py"), load_stage("05_extract.py")
+    for parse in (vqvae_stage.parse_args, gpt_stage.parse_args):
+        assert parse(["--device", "cpu"]).precision == "auto"
+    assert extract_stage.choose_device(extract_stage.parse_args(["--ckpt", "x", "--device", "cpu"]))[1] == "fp32"
+    assert gpt_stage.precision_of(gpt_stage.parse_args(["--device", "cpu"])) == "fp32"
