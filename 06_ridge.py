@@ -56,10 +56,13 @@ import torch
 
 import common
 from brain_maps import plot_subjects, write_r_map
+from ground_truth import planted_recovery, read_planted_labels
 from paper.encoding import delayed_design, pearson_r, ridge_loo, split_samples, standardize
 from partition import (BAND_GRID, PARTITION_FILES, band_ratio, partition_summary,
                        partition_variance, unique_significance, write_partition)
-from ridge_fast import SOLVER_TEXT, fit_ridge_loo, penalty_grid, products_dtype
+from ridge_fast import (PENALTY_SELECTION, SOLVER_TEXT, alpha_value, fit_ridge_loo, grid_text,
+                        held_out_groups, penalty_grid, products_dtype,
+                        warn_if_alphas_at_grid_edge)
 from significance import circular_shift_null, permutation_p_values
 from common import (DEFAULT_WORK, InputError, load_npy, read_tsv, run_main, run_stem,
                     save_npy)
@@ -101,16 +104,6 @@ def parse_args(argv=None):
                          "training TRs, whose fit leaks into their r): pass --n-permutations 0, "
                          "or use --split session")
     return args
-
-
-def alpha_value(text):
-    """One token of --alphas: a grid's name (wide, paper) or a penalty."""
-    if text in ("wide", "paper"):
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: wide, paper or a number") from None
 
 
 def argument_parser():
@@ -262,8 +255,8 @@ def read_stage_inputs(args, work):
     manifest = read_tsv(manifest_path, required=("sub", "ses", "task", "run", "split", "bold_path"))
     manifest["split"] = split_of_runs(work, manifest)
     labels, atlas_path, off_grid = read_parcels(work)
-    planted_labels = common.read_planted_labels(args.ground_truth) if args.ground_truth else None
-    other_signal = (common.read_planted_labels(args.ground_truth, "planted_buttons")
+    planted_labels = read_planted_labels(args.ground_truth) if args.ground_truth else None
+    other_signal = (read_planted_labels(args.ground_truth, "planted_buttons")
                     if args.ground_truth else set())
     named = ([(args.name, args.layer)]
              + [tuple(f"{spec}:".split(":")[:2]) for spec in args.with_sets])
@@ -622,33 +615,6 @@ def subject_design(args, sub, files, labels, rng):
     return Design(X_train, X_test, Y_train, Y_test, train_ids, test_ids, runs, groups, n_constant)
 
 
-def held_out_groups(args, sub, runs, train_ids):
-    """What --cv leaves out to choose the penalty, as fit_ridge_loo's groups (n,): each training
-    run in turn (runs), the validation runs (validation; the other rows -1, never left out), or
-    None (loo: each sample)."""
-    run_of_row = np.array([g for g, _ in train_ids])
-    if args.cv == "runs":
-        if len(np.unique(run_of_row)) < 2:
-            raise InputError(f"--cv runs: sub-{sub} has only one training run (--cv loo chooses "
-                             "the penalty by leave-one-out instead)")
-        return run_of_row
-    if args.cv == "validation":
-        is_validation = np.array([runs[g]["split"] == "validation" for g in run_of_row])
-        if not is_validation.any() or is_validation.all():
-            raise InputError(f"--cv validation: sub-{sub} has {int(is_validation.sum())} samples "
-                             f"in validation runs and {int((~is_validation).sum())} in training "
-                             "runs: both are needed")
-        return np.where(is_validation, 0, -1)
-    return None
-
-
-PENALTY_SELECTION = {
-    "runs": "leave-one-run-out over the training runs (mean squared error)",
-    "validation": "the error on the validation runs of the model fitted on the training runs; "
-                  "the final model then fits both",
-    "loo": "exact leave-one-out over the training samples (the paper's)"}
-
-
 def without_constant_features(sub, files, X_train, X_test):
     """With several feature sets (--with), each set's design without its columns that are constant
     over the training samples, said in a warning. A set constant everywhere is an InputError: the
@@ -688,26 +654,6 @@ def significance(args, design, prediction, r, rng):
                   "median_r_95": float(np.quantile(np.nanmedian(null, axis=1), 0.95)),
                   "n_permutations": len(null)}
     return p_values, significant, {"n_permutations": len(null), "levels": levels}
-
-
-def warn_if_alphas_at_grid_edge(args, sub, alpha_index, significant, all_constant):
-    """Parcels without signal rightly take the largest penalty, whatever the grid. When every parcel
-    sits on an edge of the grid, or a parcel with signal (significant) does, its best penalty
-    probably lies outside the grid: say which --alphas to add. alpha_index (P,): each parcel's
-    penalty, as its index in the grid."""
-    n_alphas = len(penalty_grid(args.alphas)[0])
-    if n_alphas < 2 or all_constant:
-        return
-    for edge, side, direction in ((n_alphas - 1, "largest", "larger"),
-                                  (0, "smallest", "smaller")):
-        on_edge = alpha_index == edge
-        if on_edge.all():
-            print(f"{STAGE}: warning: sub-{sub}: every parcel chose the {side} alpha of the "
-                  f"grid: add {direction} --alphas", file=sys.stderr)
-        elif (on_edge & significant).any():
-            print(f"{STAGE}: warning: sub-{sub}: {int((on_edge & significant).sum())} significant "
-                  f"parcel(s) chose the {side} alpha of the grid: add {direction} --alphas",
-                  file=sys.stderr)
 
 
 def warn_if_too_few_shifts(args, sub, n_null, what, significant):
@@ -767,18 +713,6 @@ def subject_summary(args, sub, r, significant, null, fit, design, files, record,
         "seconds": round(time.time() - start, 1),
         "settings": settings, "inputs": inputs,
     }
-
-
-def grid_text(args, fit):
-    """The penalty grid in words (summary.json): its values, and what they are relative to."""
-    values, relative = penalty_grid(args.alphas)
-    text = ", ".join(f"{v:.3g}" for v in values)
-    if not relative:
-        return text
-    if "alpha_grid" in fit:   # one feature set: one scale
-        scale = float(fit["alpha_grid"][0] / values[0])
-        return f"{text} times the features' mean eigenvalue {scale:.4g}"
-    return f"{text} times the mean eigenvalue of each weighting of the sets' kernels"
 
 
 def standardization_text(args, n_constant):
@@ -912,32 +846,6 @@ def principal_components(X_train, X_test, k, device, seed):
 # --------------------------------------------------------------------------------------------------
 # Outputs: brain map, figures, the demo's ground truth, the summary
 # --------------------------------------------------------------------------------------------------
-
-
-def planted_recovery(r, significant, labels, planted_labels, other_signal=frozenset()):
-    """How the planted parcels of a synthetic dataset score against its noise parcels.
-
-    r (P,) test r, significant (P,) bool, labels: the atlas label of each of the P columns;
-    other_signal: labels planted on something else (the demo's button parcel), neither planted here
-    nor noise, and so are the parcels without an r (no data: not scored). The planted parcels are
-    recovered when a planted parcel beats a noise parcel in at least 80% of the (planted, noise)
-    pairs, i.e. the area under the ROC curve of r as a detector of planted parcels is >= 0.8.
-    """
-    is_planted = np.array([label in planted_labels for label in labels])
-    is_noise = (~is_planted & np.array([label not in other_signal for label in labels])
-                & ~np.isnan(r))
-    r_planted, r_noise = r[is_planted], r[is_noise]
-    beats = (float(np.mean(r_planted[:, None] > r_noise[None, :]))
-             if len(r_planted) and len(r_noise) else float("nan"))
-    return {"planted_columns": np.flatnonzero(is_planted).tolist(),
-            "planted_r_median": float(np.nanmedian(r_planted)),
-            "noise_r_median": float(np.nanmedian(r_noise)),
-            "noise_r_max": float(np.nanmax(r_noise)),
-            "planted_significant": int(significant[is_planted].sum()),
-            "n_planted": int(is_planted.sum()),
-            "noise_significant": int(significant[is_noise].sum()),
-            "n_noise": int(is_noise.sum()),
-            "planted_beats_noise": beats, "recovered": bool(beats >= 0.8)}
 
 
 def print_summary(results_dir, subjects, skipped):

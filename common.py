@@ -509,22 +509,6 @@ def nifti_data(image, path, dtype=np.float32):
                          f"{str(err).splitlines()[0] or type(err).__name__})") from None
 
 
-def read_planted_labels(path, key="planted"):
-    """The atlas labels that carry a planted signal in 00_make_demo.py's ground_truth.json: a set of
-    ints (06 reports their recovery, 07 compares the controls on them). key "planted": the visual
-    parcels; "planted_buttons": those of the button presses (none in a demo made before them)."""
-    path = Path(path)
-    try:
-        truth = json.loads(path.read_text())
-        planted = truth[key] if key == "planted" else truth.get(key, {})
-        return {int(label) for label in planted}
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise InputError(f"{path}: not a ground truth file (expected JSON with a 'planted' object "
-                         f"of atlas labels, as 00_make_demo.py writes)") from None
-
-
 # --------------------------------------------------------------------------------------------------
 # BIDS names (sub-01_ses-002_task-shinobi_run-03_level-1_rep-02.bk2 -> {"sub": "01", ...}),
 # the split of the fMRI runs (bold/splits.tsv), the frames manifest

@@ -8,6 +8,8 @@ trtri, trmm: half the multiply-adds of general products), one Cholesky factoriza
 the alphas are few and one eigendecomposition when they are many, the primal SVD when n >= p, and
 float32 products on a GPU. The algebra is paper/encoding.py's; the solvers' notes say what differs.
 """
+import argparse
+import sys
 import time
 
 import numpy as np
@@ -15,6 +17,7 @@ import scipy.linalg
 import torch
 from scipy.linalg import blas, lapack
 
+from common import InputError
 from paper.encoding import PAPER_ALPHAS
 
 
@@ -418,3 +421,72 @@ def products_dtype(device):
     """The dtype of the products of X (fit_ridge_loo) on `device`: float32 on a GPU, float64 on the
     CPU."""
     return torch.float32 if device == "cuda" else torch.float64
+
+
+def alpha_value(text):
+    """One token of --alphas: a grid's name (wide, paper) or a penalty."""
+    if text in ("wide", "paper"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: wide, paper or a number") from None
+
+
+def held_out_groups(args, sub, runs, train_ids):
+    """What --cv leaves out to choose the penalty, as fit_ridge_loo's groups (n,): each training
+    run in turn (runs), the validation runs (validation; the other rows -1, never left out), or
+    None (loo: each sample)."""
+    run_of_row = np.array([g for g, _ in train_ids])
+    if args.cv == "runs":
+        if len(np.unique(run_of_row)) < 2:
+            raise InputError(f"--cv runs: sub-{sub} has only one training run (--cv loo chooses "
+                             "the penalty by leave-one-out instead)")
+        return run_of_row
+    if args.cv == "validation":
+        is_validation = np.array([runs[g]["split"] == "validation" for g in run_of_row])
+        if not is_validation.any() or is_validation.all():
+            raise InputError(f"--cv validation: sub-{sub} has {int(is_validation.sum())} samples "
+                             f"in validation runs and {int((~is_validation).sum())} in training "
+                             "runs: both are needed")
+        return np.where(is_validation, 0, -1)
+    return None
+
+
+PENALTY_SELECTION = {
+    "runs": "leave-one-run-out over the training runs (mean squared error)",
+    "validation": "the error on the validation runs of the model fitted on the training runs; "
+                  "the final model then fits both",
+    "loo": "exact leave-one-out over the training samples (the paper's)"}
+
+
+def warn_if_alphas_at_grid_edge(args, sub, alpha_index, significant, all_constant):
+    """Parcels without signal rightly take the largest penalty, whatever the grid. When every parcel
+    sits on an edge of the grid, or a parcel with signal (significant) does, its best penalty
+    probably lies outside the grid: say which --alphas to add. alpha_index (P,): each parcel's
+    penalty, as its index in the grid."""
+    n_alphas = len(penalty_grid(args.alphas)[0])
+    if n_alphas < 2 or all_constant:
+        return
+    for edge, side, direction in ((n_alphas - 1, "largest", "larger"),
+                                  (0, "smallest", "smaller")):
+        on_edge = alpha_index == edge
+        if on_edge.all():
+            print(f"06_ridge: warning: sub-{sub}: every parcel chose the {side} alpha of the "
+                  f"grid: add {direction} --alphas", file=sys.stderr)
+        elif (on_edge & significant).any():
+            print(f"06_ridge: warning: sub-{sub}: {int((on_edge & significant).sum())} significant "
+                  f"parcel(s) chose the {side} alpha of the grid: add {direction} --alphas",
+                  file=sys.stderr)
+
+
+def grid_text(args, fit):
+    """The penalty grid in words (summary.json): its values, and what they are relative to."""
+    values, relative = penalty_grid(args.alphas)
+    text = ", ".join(f"{v:.3g}" for v in values)
+    if not relative:
+        return text
+    if "alpha_grid" in fit:   # one feature set: one scale
+        scale = float(fit["alpha_grid"][0] / values[0])
+        return f"{text} times the features' mean eigenvalue {scale:.4g}"
+    return f"{text} times the mean eigenvalue of each weighting of the sets' kernels"

@@ -15,6 +15,7 @@ import numpy as np
 import common
 from common import InputError, read_tsv
 from controls import CONTROLS_CLAIM, EXTRA_EXPERIMENTS
+from ground_truth import read_planted_labels
 from paper.experiments import CLAIM_KIND, CLAIMS, EXPERIMENTS, SCALE_KNOBS
 from scaling_laws import (bootstrap_fits, fit_log_linear, omitted_fits, slope_permutation_test)
 from significance import (BLOCK_TRS, brain_score, interval_word, mean_interval,
@@ -238,12 +239,12 @@ def planted_partition(run, args):
                          f"in {int(significant[:, k].sum())} of {significant[:, k].size})"
                          for k, name in enumerate(names))
 
-    visual = np.flatnonzero(labels.isin(common.read_planted_labels(args.ground_truth)).to_numpy())
+    visual = np.flatnonzero(labels.isin(read_planted_labels(args.ground_truth)).to_numpy())
     if len(visual):
         lines += [f"On the {len(visual)} planted visual parcels, mean R^2 of each set alone: "
                   f"{alone(visual)}; mean unique R^2 (parcels x subjects where 06 finds it): "
                   f"{unique(visual)}.", ""]
-    planted_buttons = common.read_planted_labels(args.ground_truth, "planted_buttons")
+    planted_buttons = read_planted_labels(args.ground_truth, "planted_buttons")
     buttons = np.flatnonzero(labels.isin(planted_buttons).to_numpy())
     if len(buttons):
         alone = ", ".join(f"{name} {np.nanmean(part['r2_alone'][:, k, buttons]):+.3f}"
@@ -511,7 +512,7 @@ def planted_comparison(runs, args):
     """The controls on a synthetic dataset's planted parcels only: mean r over them and the
     subjects, and the trained model minus its untrained copy there (paired bootstrap over the
     planted parcels)."""
-    planted = common.read_planted_labels(args.ground_truth)
+    planted = read_planted_labels(args.ground_truth)
     labels_path = Path(args.work) / "bold" / "labels.tsv"
     labels = read_tsv(labels_path, required=("column", "label")).sort_values("column")
     planted_columns = labels["label"].astype(int).isin(planted).to_numpy()

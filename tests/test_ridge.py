@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO))
 import common
 from paper.gpt import PAPER_LAYER
 import ridge_fast
+import ground_truth
 import significance
 from common import bids_entities, run_stem  # noqa: E402
 from conftest import load_stage, needs_namespaces, run_confined  # noqa: E402
@@ -718,7 +719,7 @@ def test_script_equals_scikit_learn_on_the_delayed_features(tmp_path, standardiz
         assert r[j] == pytest.approx(pearsonr(Y["test"][:, j], prediction)[0], abs=1e-5)
     summary = json.loads((work / "results/demo/sub-01/summary.json").read_text())
     assert summary["standardization"].startswith("features z-scored" if standardize else "features as 05 wrote them")
-    assert summary["penalty_selection"] == ridge.PENALTY_SELECTION[cv]
+    assert summary["penalty_selection"] == ridge_fast.PENALTY_SELECTION[cv]
 
 
 def test_significant_parcels_on_the_edge_of_the_grid_are_reported(tmp_path):
@@ -752,17 +753,17 @@ def test_planted_recovery_against_hand_counts():
     r = np.array([0.5, 0.1, 0.3, -0.2, 0.4, 0.35])
     significant = np.array([True, False, False, False, True, False])
     labels = [1, 2, 3, 4, 5, 6]
-    truth = ridge.planted_recovery(r, significant, labels, planted_labels={1, 5, 6})
+    truth = ground_truth.planted_recovery(r, significant, labels, planted_labels={1, 5, 6})
     # planted r 0.5, 0.4, 0.35 against noise 0.1, 0.3, -0.2: all 9 pairs won
     assert truth["planted_columns"] == [0, 4, 5] and truth["planted_beats_noise"] == 1.0 and truth["recovered"]
     assert truth["planted_r_median"] == pytest.approx(0.4) and truth["noise_r_max"] == pytest.approx(0.3)
     assert (truth["planted_significant"], truth["noise_significant"]) == (2, 0)
-    swapped = ridge.planted_recovery(r, significant, labels, planted_labels={2, 3, 4})
+    swapped = ground_truth.planted_recovery(r, significant, labels, planted_labels={2, 3, 4})
     assert swapped["planted_beats_noise"] == 0.0 and not swapped["recovered"]
-    mixed = ridge.planted_recovery(r, significant, labels, planted_labels={1, 2})   # 0.5 wins 4, 0.1 wins 1
+    mixed = ground_truth.planted_recovery(r, significant, labels, planted_labels={1, 2})   # 0.5 wins 4, 0.1 wins 1
     assert mixed["planted_beats_noise"] == pytest.approx(5 / 8) and not mixed["recovered"]
     # a parcel planted on something else (the demo's button presses) is not noise either
-    other = ridge.planted_recovery(r, significant, labels, planted_labels={1, 5}, other_signal={6})
+    other = ground_truth.planted_recovery(r, significant, labels, planted_labels={1, 5}, other_signal={6})
     assert other["n_noise"] == 3 and other["noise_r_max"] == pytest.approx(0.3)
     assert (other["noise_significant"], other["planted_beats_noise"]) == (0, 1.0)
 
