@@ -314,6 +314,14 @@ def extract(args, extractor, todo):
             writer.discard()
 
 
+def write_button_features(extractor, todo, dtype):
+    """--features buttons: every row of each run to do at once, from its repetitions' inputs."""
+    n_buttons = len(extractor.info["config"]["buttons"])
+    for run, paths, records in todo:
+        rows = button_rows(run, extractor.info["window"], extractor.frame_step, n_buttons)
+        write_rows(run, paths, rows, (2, rows.shape[1] // 2), dtype, records)
+
+
 def write_batch(writers, features, run_index, t, dtype, precision):
     """Every layer's rows of a batch into the writers of their runs, as `dtype`: features
     {layer: ((B, D) rows, activation shape)}; run_index and t (B,) the run and TR of each row."""
@@ -416,6 +424,37 @@ def layer_rows(model, clips, recorder, pool, latent_shape, device, precision):
 # --------------------------------------------------------------------------------------------------
 # Hooks: record what any named module outputs during a forward pass
 # --------------------------------------------------------------------------------------------------
+def per_sample_activation(name, calls, batch_size):
+    """The recorded calls of one module as one tensor (B, ...); several calls are stacked on
+    axis 1."""
+    if not calls:
+        raise InputError(f"--layer {name}: this module does not run when the model reads a clip")
+    if not all(torch.is_tensor(c) for c in calls):
+        raise InputError(f"--layer {name}: returns {type(calls[0]).__name__}, not a tensor; "
+                         "hook one of its submodules")
+    if any(c.shape[0] != batch_size for c in calls):
+        raise InputError(f"--layer {name}: output of shape {tuple(calls[0].shape)} does not have "
+                         f"one row per sample (batch {batch_size}); "
+                         f"hook the module that contains it")
+    return calls[0] if len(calls) == 1 else torch.stack(calls, dim=1)
+
+
+def pool_activation(activation, pool, latent_shape, name):
+    """(B, ...) -> (B, D). 'space'/'time' average the latent axes (H', W') or T', found as the
+    right-most run of axes equal to latent_shape = (T', H', W') (channels-last or
+    channels-first)."""
+    if pool != "none":
+        shape = tuple(activation.shape)
+        starts = [a for a in range(1, len(shape) - 2) if shape[a:a + 3] == tuple(latent_shape)]
+        if not starts:
+            raise InputError(f"--pool {pool}: the output of {name} has shape {shape[1:]} per "
+                             f"sample, without the latent (T', H', W') = {tuple(latent_shape)} "
+                             f"axes to pool over")
+        a = starts[-1]
+        activation = activation.mean(dim=(a + 1, a + 2) if pool == "space" else (a,))
+    return activation.reshape(activation.shape[0], -1)                            # (B, D)
+
+
 def resolve_layers(model, names, n_layers):
     """Check every --layer against the model's modules; 'last' becomes the last block's output."""
     modules = dict(model.named_modules())
@@ -614,42 +653,3 @@ class RunWriter:
 
 if __name__ == "__main__":
     run_main(main)
-
-
-def write_button_features(extractor, todo, dtype):
-    """--features buttons: every row of each run to do at once, from its repetitions' inputs."""
-    n_buttons = len(extractor.info["config"]["buttons"])
-    for run, paths, records in todo:
-        rows = button_rows(run, extractor.info["window"], extractor.frame_step, n_buttons)
-        write_rows(run, paths, rows, (2, rows.shape[1] // 2), dtype, records)
-
-
-def per_sample_activation(name, calls, batch_size):
-    """The recorded calls of one module as one tensor (B, ...); several calls are stacked on
-    axis 1."""
-    if not calls:
-        raise InputError(f"--layer {name}: this module does not run when the model reads a clip")
-    if not all(torch.is_tensor(c) for c in calls):
-        raise InputError(f"--layer {name}: returns {type(calls[0]).__name__}, not a tensor; "
-                         "hook one of its submodules")
-    if any(c.shape[0] != batch_size for c in calls):
-        raise InputError(f"--layer {name}: output of shape {tuple(calls[0].shape)} does not have "
-                         f"one row per sample (batch {batch_size}); "
-                         f"hook the module that contains it")
-    return calls[0] if len(calls) == 1 else torch.stack(calls, dim=1)
-
-
-def pool_activation(activation, pool, latent_shape, name):
-    """(B, ...) -> (B, D). 'space'/'time' average the latent axes (H', W') or T', found as the
-    right-most run of axes equal to latent_shape = (T', H', W') (channels-last or
-    channels-first)."""
-    if pool != "none":
-        shape = tuple(activation.shape)
-        starts = [a for a in range(1, len(shape) - 2) if shape[a:a + 3] == tuple(latent_shape)]
-        if not starts:
-            raise InputError(f"--pool {pool}: the output of {name} has shape {shape[1:]} per "
-                             f"sample, without the latent (T', H', W') = {tuple(latent_shape)} "
-                             f"axes to pool over")
-        a = starts[-1]
-        activation = activation.mean(dim=(a + 1, a + 2) if pool == "space" else (a,))
-    return activation.reshape(activation.shape[0], -1)                            # (B, D)
