@@ -22,9 +22,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-import common
 import video_frames
 from common import run_folder, run_stem, write_tsv
+from paper.alignment import GAMEPLAY_HZ
 
 FPS = Fraction(30000, 1001)    # NTSC, as Friends
 SIZE = (64, 96)                # (height, width): not square, so that 01 squashes it
@@ -129,7 +129,7 @@ def record_videos(args, root, visual_properties, seed_for):
 def write_events(root, run, reps):
     """The run's events.tsv: one row, its video from the first volume."""
     rep = reps[0]
-    duration = len(rep["props"]) / common.GAMEPLAY_HZ
+    duration = len(rep["props"]) / GAMEPLAY_HZ
     func = root / run_folder(run["sub"], run["ses"]) / "func"
     func.mkdir(parents=True, exist_ok=True)
     write_tsv(func / f"{run['stem']}_events.tsv",

@@ -331,7 +331,7 @@ def synthetic_sweep(work, slope=0.08, seed=0):
     (work / "demo").mkdir()   # as 00_make_demo.py writes it: the parcels with signal are labels 1-4
     common.write_json(work / "demo/ground_truth.json", {"planted": {str(label): "x" for label in range(1, 5)}})
     args = type("Args", (), dict(demo=True, experiments=[*sweep.DEMO_EXPERIMENTS, *beyond_paper.EXTRA_EXPERIMENTS],
-                                 values=None, seeds=1, data_epochs=None, subset_order="authors"))()
+                                 values=None, seeds=1, data_epochs=None, subset_order="authors", work=str(work)))()
     _, jobs = sweep.plan(args)
     # the controls fall short of the trained model; in block 1 (the demo's last), post_fc_dp encodes best
     gains = {"untrained": 0.3, "vqvae": 0.5, "lowlevel": 0.8, "buttons": 0.2}
