@@ -331,7 +331,7 @@ def count_train_step(args):
         model = GPTPrior(**config).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, betas=stage04.ADAM_BETAS,
                                      fused=True)                 # as 04 on CUDA
-        state = Namespace(optimizer=optimizer,
+        state = Namespace(model=model, optimizer=optimizer,
                           scaler=common.grad_scaler(torch.device("cpu"), args.precision))
         codebook = torch.randn(config["n_codes"], config["embedding_dim"])
         cond, target = torch.randint(0, config["n_codes"],

@@ -27,8 +27,9 @@ PAPER_LAYER = "attn_stack.attn_nets.4.post_fc_dp"
 # (attn_stack.attn_nets.4.post_fc_dp, Table 4) can be hooked. Differences from their code, all
 # numerically equivalent, for speed: fused attention (F.scaled_dot_product_attention, head widths
 # padded to fit its kernels) instead of an explicit softmax with a stored causal mask, their
-# LayerNorm and GeLU2 through torch's fused kernels, a tensor that several Linear layers read cast
-# once under autocast, and activation checkpointing off by default.
+# LayerNorm and GeLU2 through torch's fused kernels (each LayerNorm writing its output in the
+# matmuls' dtype under autocast), a tensor that several Linear layers read cast once under
+# autocast, and activation checkpointing off by default.
 # --------------------------------------------------------------------------------------------------
 GPT_COND_DIM = 240   # width of the conditioning features
                      # (the authors' ResidualBlock(embedding_dim, 240))
@@ -43,21 +44,22 @@ class _VideoGPTLayerNorm(torch.autograd.Function):
     u' = alpha dy g and the inverse std rho, when rho alpha = s and rho^3 alpha = r^3:
     alpha = k^1.5, rho = r / sqrt(k). Its gradient for g, sum(alpha dy c rho) = sum(dy c s), is then
     exact too. On CUDA: 4 kernels forward and 7 backward, where autograd through the formula took
-    9 and 20."""
+    9 and 20. y is computed in float32 and written in out_dtype: under autocast the matmuls' dtype,
+    the cast they would make of it, in the same kernel (and its gradient's in the backward's)."""
 
     @staticmethod
-    def forward(ctx, x, g, b):                                   # (..., D) float32, (D,), (D,)
+    def forward(ctx, x, g, b, out_dtype):                        # (..., D) float32, (D,), (D,)
         z, mean, rstd = torch.native_layer_norm(x, g.shape, g, None, 0.0)   # mean, rstd: (..., 1)
         k = (rstd + 1e-5) / rstd
         ctx.save_for_backward(x, g, mean, rstd, k)
-        return torch.addcmul(b, z, k)
+        return torch.addcmul(b, z, k, out=torch.empty_like(z, dtype=out_dtype))
 
     @staticmethod
-    def backward(ctx, dy):                                       # (..., D)
+    def backward(ctx, dy):                                       # (..., D), out_dtype
         x, g, mean, rstd, k = ctx.saved_tensors
         dx, dg, _ = torch.ops.aten.native_layer_norm_backward(
             dy * k.pow(1.5), x, g.shape, mean, rstd * k.rsqrt(), g, None, [True, True, False])
-        return dx, dg, dy.flatten(0, -2).sum(0)
+        return dx, dg, dy.flatten(0, -2).sum(0, dtype=torch.float32), None
 
 
 class GPTLayerNorm(nn.Module):
@@ -78,7 +80,9 @@ class GPTLayerNorm(nn.Module):
         self.b = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):                                        # (..., dim)
-        return _VideoGPTLayerNorm.apply(x.float(), self.g, self.b).type_as(x)
+        # Every GPTLayerNorm feeds Linear layers only: under autocast, its output in their dtype
+        out_dtype = autocast_dtype(x.device) or x.dtype
+        return _VideoGPTLayerNorm.apply(x.float(), self.g, self.b, out_dtype)
 
 
 class GeLU2(nn.Module):
@@ -190,16 +194,21 @@ class GPTAttention(nn.Module):
         return self.fc(out)                                      # (B, t, h, w, dim_q)
 
 
+def autocast_dtype(device):
+    """The dtype autocast casts matmul inputs to on `device`, or None outside autocast."""
+    device = device.type                                         # (meta tensors have no autocast)
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def autocast_input(x):
     """`x` as autocast would cast it for a matmul (the same `x` outside autocast): once for all the
     Linear layers that read it, where autocast casts it again for each. The forward pass's numbers
     do not change; the readers' gradients are summed in that precision instead of fp32, which leaves
     the gradients' error against fp32 training as it was (benchmarks/README.md)."""
-    device = x.device.type                                       # (meta tensors have no autocast)
-    if (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-            and x.dtype == torch.float32):
-        return x.to(torch.get_autocast_dtype(device))
-    return x
+    dtype = autocast_dtype(x.device)
+    return x.to(dtype) if dtype is not None and x.dtype == torch.float32 else x
 
 
 class AttentionBlock(nn.Module):
@@ -231,7 +240,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x, cond):                                  # (B, t, h, w, hidden),
                                                                  # (B, t, h, w, cond_dim)
-        h = autocast_input(self.pre_attn_norm(x))                # q, k and v read it
+        h = self.pre_attn_norm(x)          # q, k and v read it (in their dtype under autocast)
         x = x + self.post_attn_dp(self._run(self.attn, h, h))
         h = self.pre_enc_norm(x)
         x = x + self.post_enc_dp(self._run(self.enc_attn, h, cond))

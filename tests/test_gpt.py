@@ -203,7 +203,9 @@ def test_layer_norm_gradient_passes_gradcheck():
     """The hand-written backward, checked by finite differences in float64."""
     torch.manual_seed(1)
     x, g, b = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in [(2, 3, 16), (16,), (16,)])
-    assert torch.autograd.gradcheck(_VideoGPTLayerNorm.apply, (0.1 * x.detach().requires_grad_(), g, b))
+    def norm(x, g, b):
+        return _VideoGPTLayerNorm.apply(x, g, b, torch.float64)
+    assert torch.autograd.gradcheck(norm, (0.1 * x.detach().requires_grad_(), g, b))
 
 
 def authors_block_outputs(model, x, cond):
@@ -321,6 +323,36 @@ def test_compile_is_the_default_on_cuda_only():
         flag = gpt_stage.parse_args(flags).compile
         assert (common.compiles(flag, torch.device("cpu")), common.compiles(flag, torch.device("cuda"))) == \
             (on_cpu, on_cuda), flags
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_cast_once_and_norms_written_in_the_matmul_dtype_change_no_number_of_a_step(monkeypatch, dtype):
+    """04's eager step under autocast casts the Linear and Conv3d weights in one kernel per step
+    (with_weights_cast_once), and each VideoGPT LayerNorm writes its output in the matmuls' dtype, where
+    autocast cast each weight and each norm's fp32 output on its own: the loss and every gradient are
+    autocast's, bit for bit."""
+    torch.manual_seed(10)
+    model = GPTPrior(**TINY_GPT, dropout=0.0, attn_dropout=0.0)
+    torch.nn.init.normal_(model.fc_out.weight)
+    codebook = torch.randn(32, 8)
+    cond, target = torch.randint(0, 32, (2, 3, 4, 4, 4))
+
+    def step(forward):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype):
+            loss = gpt_stage.gpt_loss(forward(), codebook, cond, target)
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    loss, grads = step(lambda: gpt_stage.with_weights_cast_once(model))
+    assert loss.dtype == torch.float32 and {g.dtype for g in grads.values()} == {torch.float32}
+    fp32_norm = paper.gpt.GPTLayerNorm.forward     # before: a norm's output in fp32, cast (once) after it
+    monkeypatch.setattr(paper.gpt.GPTLayerNorm, "forward", lambda self, x: paper.gpt.autocast_input(
+        paper.gpt._VideoGPTLayerNorm.apply(x.float(), self.g, self.b, torch.float32)))
+    reference_loss, reference_grads = step(lambda: model)           # autocast casts every weight
+    monkeypatch.setattr(paper.gpt.GPTLayerNorm, "forward", fp32_norm)
+    assert torch.equal(loss, reference_loss)
+    assert [name for name in grads if not torch.equal(grads[name], reference_grads[name])] == []
 
 
 def test_step_counter_takes_cudas_attention_backends_and_books_every_op():
