@@ -52,7 +52,7 @@ def make_data(n, p, n_targets, n_test, rank, dtype, seed=0):
     return X[:n], Y[:n], X[n:], Y[n:]
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=4000, help="training samples")
     parser.add_argument("--p", type=int, default=20000, help="features")
@@ -66,18 +66,10 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of both solvers (torch and numpy's BLAS); default: the libraries' own")
     args = parser.parse_args()
-    if args.paper_scale:
-        vars(args).update(PAPER_SCALE, skip_sklearn=True)
-    if args.threads:  # on a shared machine, multi-threaded LAPACK can be many times slower than one thread
-        threadpool_limits(args.threads)
-        torch.set_num_threads(args.threads)
-    dtype = torch.float32 if args.device == "cuda" else torch.float64
-    # float32 features, as 05 writes them, except when scikit-learn must see the same float64 data (it
-    # computes in the dtype of X)
-    X, Y, X_test, Y_test = make_data(args.n, args.p, args.targets, args.n_test, args.rank,
-                                     np.float32 if args.device == "cuda" or args.skip_sklearn else np.float64)
-    data_gb = (X.nbytes + X_test.nbytes + Y.nbytes + Y_test.nbytes) / 1e9
-    rss_before_gb = common.peak_memory_gb(torch.device("cpu"))  # the process's peak RSS so far
+    return argparse.Namespace(**{**vars(args), **PAPER_SCALE, "skip_sklearn": True}) if args.paper_scale else args
+
+
+def print_header(args):
     # 06_ridge runs its CPU products and factorizations in scipy's OpenBLAS, a few in torch (MKL); scikit-learn
     # runs in numpy's and scipy's OpenBLAS: the header shows each library's thread count
     blas_threads = ", ".join(f"{info['internal_api']} in {Path(info['filepath']).parent.name} {info['num_threads']}"
@@ -87,6 +79,10 @@ def main():
           f"targets={args.targets} test={args.n_test} alphas={args.alphas}; threads: torch {torch.get_num_threads()}, "
           f"{blas_threads}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
+
+def time_ours(args, X, Y, X_test, dtype, data_gb):
+    """(06's fit, its seconds, a line on its peak memory)."""
+    rss_before_gb = common.peak_memory_gb(torch.device("cpu"))  # the process's peak RSS so far
     if args.device == "cuda":  # warm up the CUDA context and kernels outside the timing
         ridge_fast.fit_ridge_loo(X[:64, :256], Y[:64, :8], X_test[:8, :256], args.alphas, device="cuda", dtype=dtype)
         torch.cuda.synchronize()
@@ -94,13 +90,29 @@ def main():
     fit = ridge_fast.fit_ridge_loo(X, Y, X_test, args.alphas, device=args.device, dtype=dtype)
     if args.device == "cuda":
         torch.cuda.synchronize()
-    ours = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     # the peak RSS only grows: what the fit added above the data's own peak is its working memory
     rss_after_gb = common.peak_memory_gb(torch.device("cpu"))
     memory = (f"peak memory: process {rss_after_gb:.1f} GB (data {data_gb:.1f} GB; the fit raised the peak by "
               f"{rss_after_gb - rss_before_gb:.1f} GB)")
     if args.device == "cuda":
         memory += f"; CUDA {torch.cuda.max_memory_allocated() / 1e9:.1f} GB allocated at most"
+    return fit, seconds, memory
+
+
+def main():
+    args = parse_args()
+    if args.threads:  # on a shared machine, multi-threaded LAPACK can be many times slower than one thread
+        threadpool_limits(args.threads)
+        torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.device == "cuda" else torch.float64
+    # float32 features, as 05 writes them, except when scikit-learn must see the same float64 data (it
+    # computes in the dtype of X)
+    X, Y, X_test, Y_test = make_data(args.n, args.p, args.targets, args.n_test, args.rank,
+                                     np.float32 if args.device == "cuda" or args.skip_sklearn else np.float64)
+    data_gb = (X.nbytes + X_test.nbytes + Y.nbytes + Y_test.nbytes) / 1e9
+    print_header(args)
+    fit, ours, memory = time_ours(args, X, Y, X_test, dtype, data_gb)
     r = encoding.pearson_r(Y_test, fit["test_prediction"])
     rows = [(f"06_ridge {fit['mode']} {fit['solver']} ({args.device}, {str(dtype).split('.')[1]} products)", ours)]
     phases = {"products": "Gram matrices (train, test rows)" if fit["mode"] == "dual" else "centered X",
