@@ -89,6 +89,19 @@ def test_run_all_shares_the_cpus_it_was_given_and_threads_wait_asleep(tmp_path):
     assert {threads for _, threads, _ in calls.values()} == {"1"}
 
 
+def test_the_demos_short_runs_get_the_six_motion_parameters_and_real_data_params24(tmp_path):
+    """The demo's runs have 51 kept volumes: Params24 + cosines would take half their degrees of freedom
+    (02 warned), so run_all.sh gives its 02 --motion basic; your own data and the Algonauts release keep
+    02's defaults (that release is cleaned already)."""
+    def prep(name, **env):
+        return " ".join(stage_calls(tmp_path / name, **env)["02_prep_fmri.py"][0])
+    assert "--motion basic" in prep("game")
+    movie = prep("movie", STIMULI="movie")
+    assert "--motion basic" in movie and "--test-tasks s06e01a s06e01b" in movie
+    assert "--motion" not in prep("algonauts", STIMULI="movie", LAYOUT="algonauts")
+    assert "--motion" not in prep("own", DATA=str(tmp_path / "data"), ATLAS="atlas.nii.gz")
+
+
 def test_your_own_data_small_preset_first_then_the_papers(tmp_path):
     """The README's "Your own data" command runs the small CPU preset on real data (tiny models, 64 px, the
     demo's penalty grid, results/small, no ground truth), on the one subject it names; without PRESET, real
