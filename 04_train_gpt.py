@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from paper.gpt import GPT_COND_DIM, GPTPrior, gpt_loss
+from paper.gpt import GPT_COND_DIM, GPTPrior, autocast_dtype, gpt_loss
 from paper.vqvae import video_from_uint8
 from common import DEFAULT_WORK, InputError, run_main
 
@@ -241,8 +241,9 @@ def optimizer_step(model, state, codebook, cond, target, lr, args):
     the loss (a 0-d tensor, not synchronised)."""
     common.set_lr(state.optimizer, lr)
     with common.autocast(cond.device, args.precision):
-        eager = model is state.model and torch.is_autocast_enabled(cond.device.type)
-        forward = with_weights_cast_once(model) if eager else model   # one process: see there
+        dtype = autocast_dtype(cond.device)          # None in fp32
+        eager = model is state.model and dtype is not None
+        forward = with_weights_cast_once(model, dtype) if eager else model   # one process: see there
         loss = gpt_loss(forward, codebook, cond, target)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
@@ -274,13 +275,12 @@ class _CastOnce(torch.autograd.Function):
                                                              grads)))
 
 
-def with_weights_cast_once(model):
+def with_weights_cast_once(model, dtype):
     """model as a function of (x, cond) whose Linear and Conv3d weights and biases, the parameters
     autocast casts for its matmuls, are cast once per step (_CastOnce) instead of one kernel each.
     Only for an eager model in one process: torch.compile fuses the casts itself, and under DDP
     every gradient would arrive at the end of the backward pass, too late to overlap the
     all-reduce with it."""
-    dtype = torch.get_autocast_dtype(next(model.parameters()).device.type)
     params = {f"{name}.{kind}": getattr(module, kind) for name, module in model.named_modules()
               if isinstance(module, (torch.nn.Linear, torch.nn.Conv3d))
               for kind in ("weight", "bias") if getattr(module, kind) is not None}

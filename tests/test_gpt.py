@@ -344,7 +344,7 @@ def test_weights_cast_once_and_norms_written_in_the_matmul_dtype_change_no_numbe
         loss.backward()
         return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
-    loss, grads = step(lambda: gpt_stage.with_weights_cast_once(model))
+    loss, grads = step(lambda: gpt_stage.with_weights_cast_once(model, dtype))
     assert loss.dtype == torch.float32 and {g.dtype for g in grads.values()} == {torch.float32}
     fp32_norm = paper.gpt.GPTLayerNorm.forward     # before: a norm's output in fp32, cast (once) after it
     monkeypatch.setattr(paper.gpt.GPTLayerNorm, "forward", lambda self, x: paper.gpt.autocast_input(
