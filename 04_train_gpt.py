@@ -196,7 +196,8 @@ def train(args, run, ctx, preemption):
     # (n_codes, D), ...
     codebook, train_samples, val_samples = code_samples(args, run, ctx, preemption)
     state = start_state(args, run, ctx, codebook)
-    model = common.wrap_for_training(state.model, args, ctx)
+    # the GPT's only buffers are constants (its LayerNorms' k_powers): nothing to sync each step
+    model = common.wrap_for_training(state.model, args, ctx, forward_sync_buffers=False)
     log = (common.CSVLog(run.out_dir / "log.csv", LOG_FIELDS, resume_step=state.step)
            if ctx.is_main else None)
     max_steps = run.data.max_steps
