@@ -213,8 +213,8 @@ def test_layer_norm_gradient_passes_gradcheck():
 def test_layer_norm_gradient_is_as_accurate_as_autograd_through_the_formula(scale, shift):
     """In float32, the x-gradient's error against the formula's in float64 is within 1.5 times that of
     autograd through the formula in float32 (1.04-1.43 at these scales). Powers of a k = 1 + 1e-5 std
-    rounded to float32 (before: k^1.5 and k^-0.5 of the rounded k) made it 1.8-2.8 times: an error the
-    same on a whole row, which training amplified into the demo's logged losses (1.1e-5 relative)."""
+    rounded to float32 (before: k^1.5 and k^-0.5 of the rounded k) made it 1.8-2.8 times at three of
+    them: an error the same on a whole row, which training amplified into the demo's losses (1.6e-5)."""
     torch.manual_seed(0)
     norm = GPTLayerNorm(576)
     with torch.no_grad():
@@ -408,7 +408,7 @@ def test_step_counter_takes_cudas_attention_backends_and_books_every_op():
                                                 "optimizer: clipping, Adam", "total"]
     assert set(rows) <= set(known) and rows["optimizer: clipping, Adam"]["kernels"] > 0
     assert rows["total"]["kernels"] == sum(row["kernels"] for name, row in rows.items() if name != "total")
-    assert rows["VideoGPT's LayerNorm"]["kernels forward"] == 4 * 6                 # 4 calls, 6 kernels each
+    assert rows["VideoGPT's LayerNorm"]["kernels forward"] == 4 * 5                 # 4 calls, 5 kernels each
     assert not step.autocast_differs
 
 
