@@ -972,9 +972,14 @@ def setup_distributed(device="auto"):
     return DistContext(rank, local_rank, world_size, torch_device)
 
 
-def teardown_distributed():
-    """Leave the process group (if one was started)."""
+def teardown_distributed(wait_for_all=False):
+    """Leave the process group (if one was started); after a run that ended well on this process,
+    `wait_for_all` first waits until every process has ended its run."""
     if dist.is_initialized():
+        if wait_for_all:
+            # rank 0 still writing the last checkpoint while another rank closes its connections
+            # can abort that rank in gloo's threads
+            dist.barrier()
         # Collect first: reference cycles (autograd graphs, DDP's reducer) can keep gloo work
         # objects alive until interpreter exit, where freeing them aborts the process ("terminate
         # called without an active exception").
@@ -1181,8 +1186,10 @@ def run_training(train, args, run, preemption):
         if run.checkpoint is None:
             start_over(run.ckpt_path, ctx)
         train(args, run, ctx, preemption)
-    finally:
-        teardown_distributed()
+    except BaseException:
+        teardown_distributed()   # no waiting: the other processes may never get here
+        raise
+    teardown_distributed(wait_for_all=True)
 
 
 def wrap_for_training(model, args, ctx, **ddp_options):

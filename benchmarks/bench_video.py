@@ -1,11 +1,13 @@
 """Stage 01 on videos: frames decoded and squashed per second by one worker (one process, one
-decoding thread), on a video like CNeuroMod's Friends chunks (720 x 480 H.264 at 29.97 fps).
+decoding thread), on a video like CNeuroMod's Friends chunks (720 x 480 H.264 at 29.97 fps, encoded
+by libx264 at 5,000 kbit/s: the `b=5000k` of the cut scripts in courtois-neuromod/friends.stimuli).
 
     python benchmarks/bench_video.py                  # writes a 30 s video, then times it
     python benchmarks/bench_video.py --seconds 60 --bitrate 5000000
 
 Target: >= 1,000 video frames/s per worker at 128 px. "decode only" is the floor that 01 cannot
-beat; "decode + RGB" adds the conversion every frame needs before it is squashed. The last lines
+beat; "decode + RGB" adds the conversion every frame needs before it is squashed. H.264 decoding
+time grows with the bitrate (--bitrate 1500000 for a lighter stream). The last lines
 say what 01 on a full Friends season (about 24 episodes of 22 minutes, 29.97 fps) takes per worker
 and writes (60 Hz frames, uint8).
 """
@@ -79,7 +81,8 @@ def decode_loop(path, convert):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the timed video")
-    parser.add_argument("--bitrate", type=int, default=5_000_000, help="H.264 bits/s (Friends: 5M)")
+    parser.add_argument("--bitrate", type=int, default=5_000_000,
+                        help="H.264 bits/s (default: the Friends chunks' 5M)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
     args = parser.parse_args()
     import video_frames

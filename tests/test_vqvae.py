@@ -512,7 +512,7 @@ TORCHRUN_WORKER = textwrap.dedent("""
 
     ctx = common.setup_distributed("cpu")
     check(ctx)   # in a function: the DDP module is gone before its process group (gloo aborts otherwise)
-    common.teardown_distributed()
+    common.teardown_distributed(wait_for_all=True)
 """)
 
 
