@@ -62,7 +62,9 @@ import argparse
 import functools
 import importlib.util
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -392,6 +394,36 @@ def finished(work, name, subs):
     return all((folder / f"sub-{s}" / "summary.json").is_file() for s in subs)
 
 
+def run_stage(argv):
+    """Run one stage in a process group of its own and wait for it; returns (its exit status, the
+    name of the first signal 07 got meanwhile, or None). SIGINT and SIGTERM to 07 (Ctrl-C reaches
+    07's group only) are passed to the stage, which stops where it is safe (04 saves a checkpoint
+    and exits 75), and 07 waits for it, as run_all.sh does: subprocess.run would kill the stage
+    a quarter of a second after a Ctrl-C, before its checkpoint."""
+    stage = subprocess.Popen(argv, start_new_session=True)
+    received = []
+
+    def pass_on(signum, frame):
+        received.append(signal.Signals(signum).name)
+        print(f"07_sweep: {received[-1]}: passed to {Path(argv[1]).name} (pid {stage.pid}); "
+              "waiting for it to stop", file=sys.stderr, flush=True)
+        stage.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, pass_on)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = stage.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:   # what the stage left running (a pool's workers) stops with it
+        try:
+            os.killpg(stage.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    return status, (received[0] if received else None)
+
+
 def run_jobs(args, jobs):
     subjects(args.work)   # bold/manifest.tsv must exist: stage 02 has run
     vqvae = Path(args.work) / "vqvae" / "ckpt.pt"
@@ -409,11 +441,15 @@ def run_jobs(args, jobs):
         for cmd in commands(args, name, spec):
             print(f"[{i}/{len(jobs)}] {name}: python {shlex.join(cmd)}", flush=True)
             # the script from this repository, its paths as given (relative to the current folder)
-            status = subprocess.run([sys.executable, str(REPO / cmd[0]), *cmd[1:]]).returncode
+            status, signalled = run_stage([sys.executable, str(REPO / cmd[0]), *cmd[1:]])
             if status == common.EXIT_INTERRUPTED:
                 print(f"07_sweep: {cmd[0]} of configuration {name} was interrupted: re-run to "
                       "resume", file=sys.stderr)
                 sys.exit(status)
+            if signalled:   # it stopped, or it had finished before the signal reached it
+                print(f"07_sweep: {signalled}: stopped after {cmd[0]} of configuration {name} "
+                      f"(exit {status}): re-run to go on", file=sys.stderr)
+                sys.exit(status or 128 + signal.Signals[signalled])
             if status != 0:
                 raise InputError(f"{cmd[0]} failed for configuration {name} (exit {status}; its "
                                  "message is above)")

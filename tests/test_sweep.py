@@ -4,7 +4,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -675,3 +678,43 @@ def ridge_r(y, prediction):
     """Pearson r of each column (P,)."""
     y, prediction = y - y.mean(axis=0), prediction - prediction.mean(axis=0)
     return (y * prediction).sum(axis=0) / np.sqrt((y ** 2).sum(axis=0) * (prediction ** 2).sum(axis=0))
+
+
+FAKE_STAGE = """import os, signal, sys, time
+def stop(signum, frame):
+    time.sleep(1.0)                                        # a checkpoint being written
+    with open(sys.argv[1] + "/stopped", "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    sys.exit(75)
+signal.signal(signal.SIGINT, stop)
+open(sys.argv[1] + "/pid", "w").write(str(os.getpid()))
+while True:
+    time.sleep(0.05)
+"""
+SWEEP_RUNNING_A_STAGE = """import sys
+sys.path.insert(0, {repo!r})
+from common import load_stage
+print(*load_stage("07_sweep.py").run_stage([sys.executable, {fake!r}, {folder!r}]))
+"""
+
+
+def test_ctrl_c_during_a_sweep_reaches_its_stage_once_and_waits_for_the_checkpoint(tmp_path):
+    """Ctrl-C signals the terminal's foreground process group, 07's. 07 ran each stage with
+    subprocess.run, which killed it a quarter of a second later, before 04 had saved its checkpoint
+    (its last steps lost). Now the stage runs in a group of its own, 07 passes the signal on and waits;
+    a stand-in stage takes a second to stop."""
+    fake = tmp_path / "fake_stage.py"
+    fake.write_text(FAKE_STAGE)
+    sweep_process = subprocess.Popen(
+        [sys.executable, "-c", SWEEP_RUNNING_A_STAGE.format(repo=str(REPO), fake=str(fake), folder=str(tmp_path))],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "pid").is_file() or not (tmp_path / "pid").read_text():
+        assert time.time() < deadline and sweep_process.poll() is None, sweep_process.stderr.read()
+        time.sleep(0.02)
+    stage_pid = int((tmp_path / "pid").read_text())
+    os.killpg(sweep_process.pid, signal.SIGINT)                  # what the terminal does on Ctrl-C
+    out, err = sweep_process.communicate(timeout=60)
+    assert out.split() == ["75", "SIGINT"]                     # the stage's status, and the signal
+    assert (tmp_path / "stopped").read_text() == "SIGINT\n"     # once, and it finished stopping
+    assert err.splitlines() == [f"07_sweep: SIGINT: passed to fake_stage.py (pid {stage_pid}); waiting for it to stop"]
