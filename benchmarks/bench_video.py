@@ -6,10 +6,11 @@ by libx264 at 5,000 kbit/s: the `b=5000k` of the cut scripts in courtois-neuromo
     python benchmarks/bench_video.py --seconds 60 --bitrate 5000000
 
 Target: >= 1,000 video frames/s per worker at 128 px. "decode only" is the floor that 01 cannot
-beat; "decode + RGB" adds the conversion every frame needs before it is squashed. H.264 decoding
-time grows with the bitrate (--bitrate 1500000 for a lighter stream). The last lines
-say what 01 on a full Friends season (about 24 episodes of 22 minutes, 29.97 fps) takes per worker
-and writes (60 Hz frames, uint8).
+beat; "decode + RGB" adds the conversion every frame needs before it is squashed; "decode, N thr"
+is one stream decoded by FFmpeg's frame threads on all N CPUs of the job (01 uses one per worker
+instead). H.264 decoding time grows with the bitrate (--bitrate 1500000 for a lighter stream).
+The last lines say what 01 on a full Friends season (about 24 episodes of 22 minutes, 29.97 fps)
+takes per worker and writes (60 Hz frames, uint8).
 """
 import argparse
 import platform
@@ -23,7 +24,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from common import load_stage  # noqa: E402
+import common  # noqa: E402
 SEASON_S = 24 * 22 * 60
 
 
@@ -65,10 +66,12 @@ def rate(fn, repeats):
     return best
 
 
-def decode_loop(path, convert):
+def decode_loop(path, convert, threads=1):
     import video_frames
 
     container, stream = video_frames.open_video(path)
+    if threads > 1:   # FFmpeg's frame threads: what one stream gets from several CPUs
+        stream.codec_context.thread_count, stream.codec_context.thread_type = threads, "FRAME"
     with container:
         n = 0
         for frame in container.decode(stream):
@@ -86,19 +89,24 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
     args = parser.parse_args()
     import video_frames
-    render = load_stage("01_render_frames.py")
+    render = common.load_stage("01_render_frames.py")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sitcom.mkv"
         n = write_sitcom_like(path, args.seconds, args.bitrate)
         rows = [("decode only", rate(lambda: decode_loop(path, False), args.repeats)),
                 ("decode + RGB", rate(lambda: decode_loop(path, True), args.repeats))]
+        threads = common.available_cpus()
+        if threads > 1:
+            rows.append((f"decode, {threads} thr", rate(
+                lambda: decode_loop(path, False, threads), args.repeats)))
         for resolution in (64, 128):
             decode = video_frames.decode_on_timeline
             rows.append((f"01, {resolution} px", rate(
                 lambda: decode(path, resolution, render.squash)[1].n_frames, args.repeats)))
     print(f"# bench_video: {platform.processor() or platform.machine()}, python "
-          f"{platform.python_version()}, 1 process, 1 decoding thread, best of {args.repeats}; "
+          f"{platform.python_version()}, 1 process, 1 decoding thread (but 'thr'), best of "
+          f"{args.repeats}; "
           f"{n} frames of 720 x 480 H.264 at 29.97 fps, {args.bitrate / 1e6:g} Mbit/s")
     print(f"{'case':<16} {'frames/s':>10}")
     for name, frames_per_s in rows:
