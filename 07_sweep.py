@@ -400,18 +400,21 @@ def run_stage(argv):
     07's group only) are passed to the stage, which stops where it is safe (04 saves a checkpoint
     and exits 75), and 07 waits for it, as run_all.sh does: subprocess.run would kill the stage
     a quarter of a second after a Ctrl-C, before its checkpoint."""
-    stage = subprocess.Popen(argv, start_new_session=True)
-    received = []
+    received, stage = [], None
 
     def pass_on(signum, frame):
         received.append(signal.Signals(signum).name)
-        print(f"07_sweep: {received[-1]}: passed to {Path(argv[1]).name} (pid {stage.pid}); "
-              "waiting for it to stop", file=sys.stderr, flush=True)
-        stage.send_signal(signum)
+        if stage is not None:   # else: passed on as soon as the stage has started
+            print(f"07_sweep: {received[-1]}: passed to {Path(argv[1]).name} (pid {stage.pid}); "
+                  "waiting for it to stop", file=sys.stderr, flush=True)
+            stage.send_signal(signum)
 
     previous = {signum: signal.signal(signum, pass_on)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
+        stage = subprocess.Popen(argv, start_new_session=True)
+        if received:
+            pass_on(signal.Signals[received.pop()], None)
         status = stage.wait()
     finally:
         for signum, handler in previous.items():
