@@ -60,7 +60,7 @@ if [ -z "${DATA:-}" ] && [ -z "${ALGONAUTS:-}" ]; then
   # would take half their degrees of freedom, and 02 would warn. The 6 motion parameters instead.
   PRESET_PREP="--motion basic"
   if [ "$STIMULI" = movie ]; then   # 12 chunks of 'Friends' seasons 1-6: season 6 is the test
-    PRESET_DEMO="--stimuli movie" PRESET_PREP="--motion basic --test-tasks s06e01a s06e01b"
+    PRESET_DEMO="--stimuli movie" PRESET_PREP="$PRESET_PREP --test-tasks s06e01a s06e01b"
     if [ "${LAYOUT:-bids}" = algonauts ]; then
       ALGONAUTS=$DATA/algonauts PRESET_PREP=""   # --algonauts tests Friends season 6 by default
     fi

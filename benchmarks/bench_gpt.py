@@ -13,7 +13,6 @@ measured 80.5 / 87.9 / 101.8 clips/s (fp32 / fp16 / bf16, batch 16) and 186 clip
 one H100 80GB; the target is >= 4,000 clips/s in bf16 on that card.
 """
 import argparse
-from argparse import Namespace
 import importlib.util
 import resource
 import sys
@@ -68,8 +67,8 @@ def bench(args, device, batch_size, precision, fp8=False):
 
     # 04's step (eager in one process: the weights cast once per step); torchao's fp8 layers cast
     # their own weights, so there the step sees no unwrapped model to cast for
-    state = Namespace(model=None if fp8 else model, optimizer=optimizer, scaler=scaler)
-    step_args = Namespace(precision=precision, grad_clip=1.0)
+    state = argparse.Namespace(model=None if fp8 else model, optimizer=optimizer, scaler=scaler)
+    step_args = argparse.Namespace(precision=precision, grad_clip=1.0)
 
     def step():
         stage04.optimizer_step(step_model, state, codebook, codes[0], codes[1], 3e-4, step_args)

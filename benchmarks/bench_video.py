@@ -105,9 +105,9 @@ def main():
             rows.append((f"01, {resolution} px", rate(
                 lambda: decode(path, resolution, render.squash)[1].n_frames, args.repeats)))
     print(f"# bench_video: {platform.processor() or platform.machine()}, python "
-          f"{platform.python_version()}, 1 process, 1 decoding thread (but 'thr'), best of "
-          f"{args.repeats}; "
-          f"{n} frames of 720 x 480 H.264 at 29.97 fps, {args.bitrate / 1e6:g} Mbit/s")
+          f"{platform.python_version()}, 1 process, 1 decoding thread (but 'thr'), "
+          f"best of {args.repeats}; {n} frames of 720 x 480 H.264 at 29.97 fps, "
+          f"{args.bitrate / 1e6:g} Mbit/s")
     print(f"{'case':<16} {'frames/s':>10}")
     for name, frames_per_s in rows:
         print(f"{name:<16} {frames_per_s:>10.0f}")
